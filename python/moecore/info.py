@@ -1,0 +1,60 @@
+"""What this installation of moecore has to work with: build, CPU, numpy, GPU, MPI.
+
+Library code for ``moecore info``; every probe is guarded so a broken optional dependency is
+reported, never raised.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from moecore._core import build_info
+
+
+def _cupy_status() -> dict[str, Any]:
+    if importlib.util.find_spec("cupy") is None:
+        return {"available": False, "reason": "cupy is not installed (pip install moecore[gpu])"}
+    try:
+        import cupy  # noqa: PLC0415 - optional, imported only to probe
+
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # a CuPy without a driver raises CUDARuntimeError and friends
+        return {"available": False, "reason": f"cupy is installed but no GPU: {exc}"}
+    return {"available": count > 0, "version": cupy.__version__, "devices": count}
+
+
+def _mpi_status() -> dict[str, Any]:
+    if importlib.util.find_spec("mpi4py") is None:
+        return {"available": False, "reason": "mpi4py is not installed (pip install moecore[mpi])"}
+    try:
+        import mpi4py  # noqa: PLC0415 - optional, imported only to probe
+
+        mpi4py.rc.initialize = False  # probing must not start an MPI job
+        from mpi4py import MPI  # noqa: PLC0415
+
+        library = MPI.Get_library_version().strip().splitlines()[0]
+    except Exception as exc:  # a missing libmpi surfaces as ImportError/RuntimeError
+        return {"available": False, "reason": f"mpi4py is installed but MPI is not: {exc}"}
+    return {"available": True, "mpi4py": mpi4py.__version__, "library": library}
+
+
+def collect() -> dict[str, Any]:
+    """Returns everything ``moecore info`` prints, as a plain dict."""
+    build = build_info()
+    return {
+        "moecore": build["version"],
+        "build_profile": build["profile"],
+        "target": f"{build['target_arch']}-{build['target_os']}",
+        "cpu_features": list(build["cpu_features"]),
+        "cpu_count": os.cpu_count(),
+        "rayon_threads": build["rayon_threads"],
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cupy": _cupy_status(),
+        "mpi": _mpi_status(),
+    }

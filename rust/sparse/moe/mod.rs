@@ -1,0 +1,1 @@
+//! MoE kernels: routing, permute into expert-contiguous order, grouped matmul, unpermute.
