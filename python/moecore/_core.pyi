@@ -8,3 +8,18 @@ class CorruptPayload(ValueError): ...
 class InternalError(RuntimeError): ...
 
 def build_info() -> dict[str, Any]: ...
+
+# -- optim ----------------------------------------------------------------------------------
+def adamw_step(
+    params: list[Any],
+    grads: list[Any],
+    exp_avgs: list[Any],
+    exp_avg_sqs: list[Any],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None: ...

@@ -1,0 +1,22 @@
+"""Layers with PyTorch's ``nn.Module`` semantics."""
+
+from __future__ import annotations
+
+from moecore.nn.attention import Attention
+from moecore.nn.containers import ModuleList, Sequential
+from moecore.nn.layers import Dropout, Embedding, LayerNorm, Linear, RMSNorm
+from moecore.nn.module import Module
+from moecore.nn.parameter import Parameter
+
+__all__ = [
+    "Attention",
+    "Dropout",
+    "Embedding",
+    "LayerNorm",
+    "Linear",
+    "Module",
+    "ModuleList",
+    "Parameter",
+    "RMSNorm",
+    "Sequential",
+]

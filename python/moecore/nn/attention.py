@@ -1,0 +1,51 @@
+"""Multi-head causal self-attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moecore import ops
+from moecore.autograd.tensor import Tensor
+from moecore.nn.layers import Dropout, Linear
+from moecore.nn.module import Module
+
+
+class Attention(Module):
+    """Causal multi-head self-attention: a packed q/k/v projection, one fused attention op,
+    and an output projection.
+
+    Args:
+        d_model: model width (divisible by ``n_heads``).
+        n_heads: number of heads.
+        bias: learn biases in the projections.
+        dropout: dropout on the output projection.
+        causal: mask future positions.
+
+    Shape:
+        ``[batch, T, d_model]`` → same.
+
+    Examples:
+        >>> Attention(16, 4)(moecore.randn(2, 5, 16)).shape
+        (2, 5, 16)
+    """
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = False, dropout: float = 0.0, causal: bool = True, dtype: Any = np.float32) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_heads, self.causal = d_model, n_heads, causal
+        self.qkv = Linear(d_model, 3 * d_model, bias=bias, dtype=dtype)
+        self.proj = Linear(d_model, d_model, bias=bias, dtype=dtype)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attends each position to itself and the positions before it."""
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"Attention expects [batch, T, {self.d_model}], got {x.shape}")
+        h = ops.packed_attention(self.qkv(x), self.n_heads, causal=self.causal)
+        return self.dropout(self.proj(h))
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}"

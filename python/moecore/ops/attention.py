@@ -1,0 +1,86 @@
+"""Multi-head scaled dot-product attention as one op (forward and backward fused)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from moecore.autograd.function import Context, Function
+from moecore.autograd.tensor import Tensor
+from moecore.backend import xp_of
+
+
+class Attention(Function):
+    """``softmax(q kᵀ · scale + causal mask) v`` over ``[batch, heads, T, head_dim]``."""
+
+    @staticmethod
+    def forward(ctx: Context, q: Any, k: Any, v: Any, causal: bool = True) -> Any:
+        if not (q.shape == k.shape == v.shape) or q.ndim != 4:
+            raise ValueError(
+                f"attention expects q, k, v of one shape [B, H, T, D], got "
+                f"{q.shape}, {k.shape}, {v.shape}"
+            )
+        xp = xp_of(q)
+        scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+        s = q @ k.swapaxes(-1, -2)
+        s *= scale
+        if causal:
+            t = q.shape[2]
+            s[..., xp.triu(xp.ones((t, t), dtype=bool), k=1)] = -xp.inf
+        s -= s.max(axis=-1, keepdims=True)
+        xp.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        ctx.save_for_backward(q, k, v, s)
+        ctx.scale = scale
+        return s @ v
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        q, k, v, p = ctx.saved_tensors
+        dv = p.swapaxes(-1, -2) @ g
+        dp = g @ v.swapaxes(-1, -2)
+        # dS = P ∘ (dP − rowsum(dP ∘ P)), computed in place in dp.
+        dp -= (dp * p).sum(axis=-1, keepdims=True)
+        dp *= p
+        dp *= ctx.scale
+        dq = dp @ k
+        dk = dp.swapaxes(-1, -2) @ q
+        return dq, dk, dv
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    """Attention over ``[batch, heads, T, head_dim]`` inputs, causal by default."""
+    return Attention.apply(q, k, v, causal=causal)
+
+
+class PackedCausalAttention(Function):
+    """Attention from a packed projection ``qkv [B, T, 3·D]`` to ``out [B, T, D]``: the
+    head split and merge happen inside the op, as strided views, not as extra tape nodes."""
+
+    @staticmethod
+    def forward(ctx: Context, qkv: Any, n_heads: int, causal: bool = True) -> Any:
+        b, t, three_d = qkv.shape
+        if three_d % (3 * n_heads):
+            raise ValueError(f"qkv last dimension {three_d} is not 3 × heads ({n_heads}) × head_dim")
+        d = three_d // 3
+        heads = qkv.reshape(b, t, 3, n_heads, d // n_heads).transpose(2, 0, 3, 1, 4)
+        q, k, v = heads[0], heads[1], heads[2]
+        out = Attention.forward(ctx, q, k, v, causal=causal)
+        ctx.dims = (b, t, n_heads, d)
+        return out.transpose(0, 2, 1, 3).reshape(b, t, d)
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        b, t, h, d = ctx.dims
+        g4 = g.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)
+        dq, dk, dv = Attention.backward(ctx, g4)
+        dqkv = xp_of(g).empty((b, t, 3, h, d // h), dtype=g.dtype)
+        packed = dqkv.transpose(2, 0, 3, 1, 4)
+        packed[0], packed[1], packed[2] = dq, dk, dv
+        return dqkv.reshape(b, t, 3 * d), None
+
+
+def packed_attention(qkv: Tensor, n_heads: int, causal: bool = True) -> Tensor:
+    """Multi-head attention from a packed ``[B, T, 3·D]`` projection (q, k, v concatenated
+    along the last axis, each split into ``n_heads`` heads) to ``[B, T, D]``."""
+    return PackedCausalAttention.apply(qkv, n_heads, causal=causal)

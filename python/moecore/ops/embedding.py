@@ -1,0 +1,39 @@
+"""Embedding lookup (a row gather) and its scatter-add backward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moecore.autograd.function import Context, Function
+from moecore.autograd.tensor import Tensor
+from moecore.backend import xp_of
+
+
+class EmbeddingFn(Function):
+    @staticmethod
+    def forward(ctx: Context, ids: Any, weight: Any) -> Any:
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+            raise ValueError(
+                f"embedding: ids must lie in [0, {weight.shape[0]}), got range "
+                f"[{int(ids.min())}, {int(ids.max())}]"
+            )
+        ctx.save_for_backward(ids)
+        ctx.weight_shape = weight.shape
+        ctx.dtype = weight.dtype
+        return weight[ids]
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        (ids,) = ctx.saved_tensors
+        xp = xp_of(g)
+        gw = xp.zeros(ctx.weight_shape, dtype=ctx.dtype)
+        xp.add.at(gw, ids.reshape(-1), g.reshape(-1, ctx.weight_shape[1]))
+        return None, gw
+
+
+def embedding(ids: Any, weight: Tensor) -> Tensor:
+    """Rows of ``weight [V, d]`` at integer ``ids [...]`` → ``[..., d]``."""
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    return EmbeddingFn.apply(ids, weight)

@@ -1,0 +1,72 @@
+"""Matrix products: batched ``matmul`` and the fused affine map ``linear``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moecore.autograd.function import Context, Function
+from moecore.autograd.tensor import Tensor
+from moecore.ops._util import unbroadcast
+
+
+def _swap_last(x: Any) -> Any:
+    return x.swapaxes(-1, -2)
+
+
+class MatMul(Function):
+    """``a @ b`` for arrays of at least two dimensions, leading dimensions broadcast."""
+
+    @staticmethod
+    def forward(ctx: Context, a: Any, b: Any) -> Any:
+        if a.ndim < 2 or b.ndim < 2:
+            raise ValueError(
+                f"matmul needs inputs with at least 2 dimensions, got {a.shape} and {b.shape}"
+            )
+        if a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align")
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        a, b = ctx.saved_tensors
+        na, nb = ctx.needs_input_grad
+        ga = unbroadcast(g @ _swap_last(b), a.shape) if na else None
+        gb = unbroadcast(_swap_last(a) @ g, b.shape) if nb else None
+        return ga, gb
+
+
+class Linear(Function):
+    """``x @ w.T + bias`` over the last axis of ``x``: one GEMM however many leading axes."""
+
+    @staticmethod
+    def forward(ctx: Context, x: Any, w: Any, bias: Any = None) -> Any:
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {w.shape[1]}")
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ w.T
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x2, w)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        x2, w = ctx.saved_tensors
+        nx, nw, nb = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = (g2 @ w).reshape(ctx.x_shape) if nx else None
+        gw = g2.T @ x2 if nw else None
+        gb = g2.sum(axis=0) if nb else None
+        return gx, gw, gb
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Matrix product with broadcasting over leading dimensions."""
+    return MatMul.apply(a, b)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` (weight ``[out, in]``, as in PyTorch)."""
+    return Linear.apply(x, weight, bias)

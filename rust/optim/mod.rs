@@ -1,0 +1,3 @@
+//! Fused optimizer updates over many parameter tensors in one call.
+
+pub mod adamw;

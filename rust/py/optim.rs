@@ -1,0 +1,92 @@
+//! Bindings of the fused optimizer kernels.
+
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::optim::adamw::{adamw_step as adamw_core, AdamW, AdamWError, Slot};
+
+use super::gil::detached;
+
+impl From<AdamWError> for PyErr {
+    fn from(e: AdamWError) -> PyErr {
+        PyValueError::new_err(format!("adamw_step: {e}"))
+    }
+}
+
+fn writable<'py>(
+    arrays: &[Bound<'py, PyArrayDyn<f32>>],
+    what: &str,
+) -> PyResult<Vec<PyReadwriteArrayDyn<'py, f32>>> {
+    arrays
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.try_readwrite().map_err(|e| {
+                PyValueError::new_err(format!(
+                    "adamw_step: {what}[{i}] is not writable or aliases another array: {e}"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// One AdamW step over every (param, grad, exp_avg, exp_avg_sq) quadruple, in place, in one
+/// parallel pass with the GIL released. All arrays float32 and C-contiguous.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step))]
+pub fn adamw_step(
+    py: Python<'_>,
+    params: Vec<Bound<'_, PyArrayDyn<f32>>>,
+    grads: Vec<PyReadonlyArrayDyn<'_, f32>>,
+    exp_avgs: Vec<Bound<'_, PyArrayDyn<f32>>>,
+    exp_avg_sqs: Vec<Bound<'_, PyArrayDyn<f32>>>,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    step: u64,
+) -> PyResult<()> {
+    let n = params.len();
+    if grads.len() != n || exp_avgs.len() != n || exp_avg_sqs.len() != n {
+        return Err(PyValueError::new_err(format!(
+            "adamw_step: got {n} params, {} grads, {} exp_avgs, {} exp_avg_sqs; all must match",
+            grads.len(),
+            exp_avgs.len(),
+            exp_avg_sqs.len()
+        )));
+    }
+    let mut p = writable(&params, "params")?;
+    let mut m = writable(&exp_avgs, "exp_avgs")?;
+    let mut v = writable(&exp_avg_sqs, "exp_avg_sqs")?;
+    let mut slots = Vec::with_capacity(n);
+    for (i, (((p, g), m), v)) in p
+        .iter_mut()
+        .zip(&grads)
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+        .enumerate()
+    {
+        let contiguous = |what: &str| {
+            PyValueError::new_err(format!("adamw_step: {what}[{i}] must be C-contiguous"))
+        };
+        slots.push(Slot {
+            param: p.as_slice_mut().map_err(|_| contiguous("params"))?,
+            grad: g.as_slice().map_err(|_| contiguous("grads"))?,
+            exp_avg: m.as_slice_mut().map_err(|_| contiguous("exp_avgs"))?,
+            exp_avg_sq: v.as_slice_mut().map_err(|_| contiguous("exp_avg_sqs"))?,
+        });
+    }
+    let hp = AdamW {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
+    };
+    detached(py, "adamw_step", || adamw_core(&hp, &mut slots))??;
+    Ok(())
+}
