@@ -74,7 +74,7 @@ def test_backward_checks_the_shapes_functions_return():
             return g[:1]
 
     x = t64(3)
-    with pytest.raises(RuntimeError, match="Broken.backward returned a gradient of shape"):
+    with pytest.raises(RuntimeError, match=r"Broken\.backward returned a gradient of shape"):
         Broken.apply(x).sum().backward()
 
 

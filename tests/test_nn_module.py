@@ -24,7 +24,7 @@ def test_registration_and_dotted_names():
     b = Block()
     names = [n for n, _ in b.named_parameters()]
     assert names == ["norm.weight", "norm.bias", "ff.0.weight", "ff.0.bias", "ff.1.weight"]
-    assert list(b.state_dict()) == names + ["steps"]
+    assert list(b.state_dict()) == [*names, "steps"]
     assert [type(m).__name__ for m in b.modules()][:3] == ["Block", "LayerNorm", "Sequential"]
     b.ff = nn.Linear(4, 4)  # reassigning replaces the registration
     assert "ff.weight" in b.state_dict() and "ff.0.weight" not in b.state_dict()
@@ -41,7 +41,9 @@ def test_state_dict_round_trip_and_strict_errors():
     sd = dict(a.state_dict())
     sd.pop("norm.bias")
     sd["extra.weight"] = np.zeros(1)
-    with pytest.raises(KeyError, match=r"missing keys \['norm.bias'\], unexpected keys \['extra.weight'\]"):
+    with pytest.raises(
+        KeyError, match=r"missing keys \['norm.bias'\], unexpected keys \['extra.weight'\]"
+    ):
         b.load_state_dict(sd)
     missing, unexpected = b.load_state_dict(sd, strict=False)
     assert missing == ["norm.bias"] and unexpected == ["extra.weight"]
@@ -85,10 +87,12 @@ def test_apply_and_repr():
 def test_linear_matches_numpy_and_module_list():
     lin = nn.Linear(3, 2)
     x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
-    np.testing.assert_allclose(lin(mc.Tensor(x)).data, x @ lin.weight.data.T + lin.bias.data, rtol=1e-6)
+    np.testing.assert_allclose(
+        lin(mc.Tensor(x)).data, x @ lin.weight.data.T + lin.bias.data, rtol=1e-6
+    )
     ml = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
     assert len(ml) == 3 and len(list(ml.parameters())) == 6
-    assert list(ml.state_dict())[0] == "0.weight"
+    assert next(iter(ml.state_dict())) == "0.weight"
 
 
 def test_attention_module_checks_shapes():

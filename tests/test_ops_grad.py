@@ -55,7 +55,10 @@ def t64(*shape, grad=True, positive=False):
         (lambda x: ops.layer_norm(x, None, None), [(4, 5)]),
         (lambda x, w: ops.rms_norm(x, w), [(2, 3, 6), (6,)]),
         (lambda q, k, v: ops.scaled_dot_product_attention(q, k, v), [(2, 2, 5, 3)] * 3),
-        (lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, causal=False), [(1, 2, 4, 3)] * 3),
+        (
+            lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, causal=False),
+            [(1, 2, 4, 3)] * 3,
+        ),
         (lambda x: ops.packed_attention(x, 3), [(2, 4, 18)]),
     ],
 )

@@ -59,7 +59,9 @@ def gradcheck(
     def loss_value() -> float:
         with no_grad():
             return float(
-                sum(np.sum(_to_numpy(o.data) * r) for o, r in zip(_outputs(fn, inputs), projections))
+                sum(
+                    np.sum(_to_numpy(o.data) * r) for o, r in zip(_outputs(fn, inputs), projections)
+                )
             )
 
     for t in checked:

@@ -251,21 +251,27 @@ def _shape(shape: Sequence[int] | tuple[Sequence[int]]) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)  # type: ignore[arg-type]
 
 
-def zeros(*shape: Any, dtype: Any = np.float32, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+def zeros(
+    *shape: Any, dtype: Any = np.float32, device: str = "cpu", requires_grad: bool = False
+) -> Tensor:
     """A tensor of zeros."""
     from moecore.backend import xp_for
 
     return Tensor(xp_for(device).zeros(_shape(shape), dtype=dtype), requires_grad=requires_grad)
 
 
-def ones(*shape: Any, dtype: Any = np.float32, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+def ones(
+    *shape: Any, dtype: Any = np.float32, device: str = "cpu", requires_grad: bool = False
+) -> Tensor:
     """A tensor of ones."""
     from moecore.backend import xp_for
 
     return Tensor(xp_for(device).ones(_shape(shape), dtype=dtype), requires_grad=requires_grad)
 
 
-def randn(*shape: Any, dtype: Any = np.float32, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+def randn(
+    *shape: Any, dtype: Any = np.float32, device: str = "cpu", requires_grad: bool = False
+) -> Tensor:
     """A tensor of standard normal samples from the default generator (see ``manual_seed``)."""
     from moecore.autograd.random import generator
 

@@ -31,7 +31,15 @@ class Attention(Module):
         (2, 5, 16)
     """
 
-    def __init__(self, d_model: int, n_heads: int, bias: bool = False, dropout: float = 0.0, causal: bool = True, dtype: Any = np.float32) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        bias: bool = False,
+        dropout: float = 0.0,
+        causal: bool = True,
+        dtype: Any = np.float32,
+    ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")

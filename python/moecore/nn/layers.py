@@ -30,11 +30,17 @@ class Linear(Module):
         (3, 2)
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: Any = np.float32) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, dtype: Any = np.float32
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = Parameter(init.fan_in_uniform((out_features, in_features), in_features, dtype))
-        bias_param = Parameter(init.fan_in_uniform((out_features,), in_features, dtype)) if bias else None
+        self.weight = Parameter(
+            init.fan_in_uniform((out_features, in_features), in_features, dtype)
+        )
+        bias_param = (
+            Parameter(init.fan_in_uniform((out_features,), in_features, dtype)) if bias else None
+        )
         self.register_parameter("bias", bias_param)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -42,7 +48,8 @@ class Linear(Module):
         return ops.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        has_bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={has_bias}"
 
 
 class Embedding(Module):
@@ -61,7 +68,9 @@ class Embedding(Module):
         (1, 2, 3)
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, std: float = 1.0, dtype: Any = np.float32) -> None:
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, std: float = 1.0, dtype: Any = np.float32
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = Parameter(init.normal((num_embeddings, embedding_dim), std, dtype))
@@ -90,7 +99,13 @@ class LayerNorm(Module):
         (2, 8)
     """
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True, dtype: Any = np.float32) -> None:
+    def __init__(
+        self,
+        normalized_shape: int,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        dtype: Any = np.float32,
+    ) -> None:
         super().__init__()
         self.normalized_shape, self.eps = normalized_shape, eps
         if elementwise_affine:

@@ -103,7 +103,9 @@ class Module:
         """The direct sub-modules."""
         yield from (m for m in self._modules.values() if m is not None)
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True
+    ) -> Iterator[tuple[str, Parameter]]:
         """Every parameter with its dotted name; a shared parameter appears once."""
         seen: set[int] = set()
         modules = self.named_modules(prefix) if recurse else iter([(prefix, self)])
@@ -141,7 +143,9 @@ class Module:
                     out[key] = b.data if isinstance(b, Tensor) else b
         return out
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
+    def load_state_dict(
+        self, state: Mapping[str, Any], strict: bool = True
+    ) -> tuple[list[str], list[str]]:
         """Copies ``state`` into this module's parameters and buffers, in place.
 
         With ``strict``, missing and unexpected keys raise a ``KeyError`` listing all of
@@ -151,9 +155,7 @@ class Module:
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
-            raise KeyError(
-                f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}"
-            )
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
         problems = []
         for key, target in own.items():
             if key not in state:
@@ -230,7 +232,9 @@ class Module:
         return ""
 
     def __repr__(self) -> str:
-        lines = [f"  ({name}): " + repr(m).replace("\n", "\n  ") for name, m in self._modules.items()]
+        lines = [
+            f"  ({name}): " + repr(m).replace("\n", "\n  ") for name, m in self._modules.items()
+        ]
         extra = self.extra_repr()
         if not lines:
             return f"{type(self).__name__}({extra})"

@@ -61,7 +61,9 @@ class PackedCausalAttention(Function):
     def forward(ctx: Context, qkv: Any, n_heads: int, causal: bool = True) -> Any:
         b, t, three_d = qkv.shape
         if three_d % (3 * n_heads):
-            raise ValueError(f"qkv last dimension {three_d} is not 3 × heads ({n_heads}) × head_dim")
+            raise ValueError(
+                f"qkv last dimension {three_d} is not 3 × heads ({n_heads}) × head_dim"
+            )
         d = three_d // 3
         heads = qkv.reshape(b, t, 3, n_heads, d // n_heads).transpose(2, 0, 3, 1, 4)
         q, k, v = heads[0], heads[1], heads[2]

@@ -19,14 +19,14 @@ class CrossEntropy(Function):
         z = logits.reshape(-1, vocab)
         t = targets.reshape(-1)
         if t.shape[0] != z.shape[0]:
-            raise ValueError(
-                f"cross_entropy: {z.shape[0]} rows of logits but {t.shape[0]} targets"
-            )
+            raise ValueError(f"cross_entropy: {z.shape[0]} rows of logits but {t.shape[0]} targets")
         if t.dtype.kind not in "iu":
             raise TypeError(f"cross_entropy: targets must be integers, got {t.dtype}")
         keep = t != ignore_index
         if t.size and (bool((t[keep] < 0).any()) or bool((t[keep] >= vocab).any())):
-            raise ValueError(f"cross_entropy: targets must lie in [0, {vocab}) or be {ignore_index}")
+            raise ValueError(
+                f"cross_entropy: targets must lie in [0, {vocab}) or be {ignore_index}"
+            )
         safe = xp.where(keep, t, 0)
         m = z.max(axis=1, keepdims=True)
         e = xp.exp(z - m)

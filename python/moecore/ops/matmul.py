@@ -42,7 +42,9 @@ class Linear(Function):
     @staticmethod
     def forward(ctx: Context, x: Any, w: Any, bias: Any = None) -> Any:
         if x.shape[-1] != w.shape[1]:
-            raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {w.shape[1]}")
+            raise ValueError(
+                f"linear: input has {x.shape[-1]} features, weight expects {w.shape[1]}"
+            )
         x2 = x.reshape(-1, x.shape[-1])
         y = x2 @ w.T
         if bias is not None:

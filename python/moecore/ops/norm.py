@@ -35,8 +35,14 @@ class LayerNormFn(Function):
         if ctx.needs_input_grad[0]:
             gh = g * weight if weight is not None else g
             n = xhat.shape[-1]
-            gx = rstd / n * (
-                n * gh - gh.sum(axis=-1, keepdims=True) - xhat * (gh * xhat).sum(axis=-1, keepdims=True)
+            gx = (
+                rstd
+                / n
+                * (
+                    n * gh
+                    - gh.sum(axis=-1, keepdims=True)
+                    - xhat * (gh * xhat).sum(axis=-1, keepdims=True)
+                )
             )
         return gx, gw, gb
 
@@ -45,7 +51,9 @@ class RMSNormFn(Function):
     @staticmethod
     def forward(ctx: Context, x: Any, weight: Any, eps: float = 1e-6) -> Any:
         xp = xp_of(x)
-        rrms = (1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)).astype(x.dtype, copy=False)
+        rrms = (1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)).astype(
+            x.dtype, copy=False
+        )
         xhat = x * rrms
         ctx.save_for_backward(xhat, rrms, weight)
         return xhat * weight if weight is not None else xhat

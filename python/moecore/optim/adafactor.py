@@ -45,7 +45,9 @@ class Adafactor(Optimizer):
         relative_step: bool = True,
     ) -> None:
         if lr is not None and relative_step:
-            raise ValueError("Adafactor: pass lr=None with relative_step=True, or relative_step=False")
+            raise ValueError(
+                "Adafactor: pass lr=None with relative_step=True, or relative_step=False"
+            )
         if lr is None and not relative_step:
             raise ValueError("Adafactor: relative_step=False needs a learning rate")
         super().__init__(

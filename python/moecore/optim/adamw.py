@@ -51,7 +51,9 @@ class AdamW(Optimizer):
                 raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
         if eps <= 0:
             raise ValueError(f"AdamW: eps must be positive, got {eps}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        super().__init__(
+            params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        )
 
     def step(self) -> None:
         """One update of every parameter that has a gradient."""
@@ -61,7 +63,9 @@ class AdamW(Optimizer):
                 st = self.state_for(p)
                 if not st:
                     xp = xp_of(p.data)
-                    st.update(step=0, exp_avg=xp.zeros_like(p.data), exp_avg_sq=xp.zeros_like(p.data))
+                    st.update(
+                        step=0, exp_avg=xp.zeros_like(p.data), exp_avg_sq=xp.zeros_like(p.data)
+                    )
                 st["step"] += 1
                 if _fusable(p):
                     fused.setdefault(st["step"], []).append(p)
@@ -93,5 +97,5 @@ class AdamW(Optimizer):
         m += (1 - beta1) * g
         v *= beta2
         v += (1 - beta2) * g * g
-        denom = (v ** 0.5) / (1 - beta2**t) ** 0.5 + eps
+        denom = (v**0.5) / (1 - beta2**t) ** 0.5 + eps
         p.data -= (lr / (1 - beta1**t)) * m / denom

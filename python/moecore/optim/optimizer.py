@@ -41,9 +41,13 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__} got a parameter group with no parameters")
             for p in g["params"]:
                 if not isinstance(p, Tensor) or not p.requires_grad:
-                    raise TypeError(f"{type(self).__name__} can only optimize tensors that require grad")
+                    raise TypeError(
+                        f"{type(self).__name__} can only optimize tensors that require grad"
+                    )
                 if id(p) in seen:
-                    raise ValueError(f"{type(self).__name__}: a parameter appears in more than one group")
+                    raise ValueError(
+                        f"{type(self).__name__}: a parameter appears in more than one group"
+                    )
                 seen.add(id(p))
             self._check_hyper(g, f"param group {len(self.param_groups)}")
             self.param_groups.append(g)
@@ -100,7 +104,8 @@ class Optimizer:
             raise KeyError("optimizer state_dict needs 'state' and 'param_groups'")
         if len(groups) != len(self.param_groups):
             raise ValueError(
-                f"optimizer state has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}"
+                f"optimizer state has {len(groups)} parameter groups, "
+                f"this optimizer {len(self.param_groups)}"
             )
         params = [p for g in self.param_groups for p in g["params"]]
         for saved, own in zip(groups, self.param_groups):
@@ -113,10 +118,14 @@ class Optimizer:
         for key, entry in saved_state.items():
             i = int(key)
             if not 0 <= i < len(params):
-                raise ValueError(f"optimizer state refers to parameter {i}; there are {len(params)}")
+                raise ValueError(
+                    f"optimizer state refers to parameter {i}; there are {len(params)}"
+                )
             unknown = set(entry) - set(self.state_keys)
             if unknown:
-                raise KeyError(f"{type(self).__name__}: unknown state keys {sorted(unknown)} for parameter {i}")
+                raise KeyError(
+                    f"{type(self).__name__}: unknown state keys {sorted(unknown)} for parameter {i}"
+                )
             p = params[i]
             restored = {}
             for k, v in entry.items():

@@ -29,7 +29,9 @@ def linear(step: int, base_lr: float, warmup: int, total: int, min_lr: float = 0
     return base_lr + (min_lr - base_lr) * progress
 
 
-def constant(step: int, base_lr: float, warmup: int = 0, total: int = 0, min_lr: float = 0.0) -> float:
+def constant(
+    step: int, base_lr: float, warmup: int = 0, total: int = 0, min_lr: float = 0.0
+) -> float:
     """Linear warm-up (if any), then ``base_lr``."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
@@ -85,7 +87,11 @@ class LRScheduler:
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's position and settings."""
-        return {"last_step": self.last_step, "base_lrs": list(self.base_lrs), "min_lrs": list(self.min_lrs)}
+        return {
+            "last_step": self.last_step,
+            "base_lrs": list(self.base_lrs),
+            "min_lrs": list(self.min_lrs),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`'s output."""

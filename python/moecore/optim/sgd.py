@@ -37,13 +37,24 @@ class SGD(Optimizer):
             raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening 0")
         super().__init__(
             params,
-            {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay, "nesterov": nesterov},
+            {
+                "lr": lr,
+                "momentum": momentum,
+                "dampening": dampening,
+                "weight_decay": weight_decay,
+                "nesterov": nesterov,
+            },
         )
 
     def step(self) -> None:
         """One update of every parameter that has a gradient."""
         for group in self.param_groups:
-            lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
+            lr, mom, damp, wd = (
+                group["lr"],
+                group["momentum"],
+                group["dampening"],
+                group["weight_decay"],
+            )
             for p in self.params_with_grad(group):
                 g = p.grad
                 if wd:
