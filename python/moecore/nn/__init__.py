@@ -6,6 +6,7 @@ from moecore.nn.attention import Attention
 from moecore.nn.containers import ModuleList, Sequential
 from moecore.nn.layers import Dropout, Embedding, LayerNorm, Linear, RMSNorm
 from moecore.nn.module import Module
+from moecore.nn.moe import MoE, update_router_biases
 from moecore.nn.parameter import Parameter
 
 __all__ = [
@@ -14,9 +15,11 @@ __all__ = [
     "Embedding",
     "LayerNorm",
     "Linear",
+    "MoE",
     "Module",
     "ModuleList",
     "Parameter",
     "RMSNorm",
     "Sequential",
+    "update_router_biases",
 ]

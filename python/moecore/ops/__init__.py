@@ -27,6 +27,7 @@ from moecore.ops.elementwise import (
 )
 from moecore.ops.embedding import embedding
 from moecore.ops.loss import cross_entropy
+from moecore.ops.moe import moe
 from moecore.ops.matmul import linear, matmul
 from moecore.ops.norm import layer_norm, rms_norm
 from moecore.ops.reduce import max, mean, sum
@@ -59,6 +60,7 @@ __all__ = [
     "matmul",
     "max",
     "mean",
+    "moe",
     "mul",
     "neg",
     "permute",

@@ -1,0 +1,174 @@
+"""``MoE``: a routed Mixture-of-Experts feed-forward layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moecore import ops
+from moecore.autograd.tensor import Tensor
+from moecore.backend import xp_of
+from moecore.nn import init
+from moecore.nn.layers import Linear
+from moecore.nn.module import Module
+from moecore.nn.parameter import Parameter
+from moecore.ops.moe import ACTIVATIONS, moe
+
+
+def routing_summary(tokens_per_expert: Any) -> dict[str, Any]:
+    """min / max / coefficient of variation / dead experts of a per-expert token count."""
+    counts = np.asarray(tokens_per_expert, dtype=np.float64)
+    mean = counts.mean() if counts.size else 0.0
+    return {
+        "min": int(counts.min()) if counts.size else 0,
+        "max": int(counts.max()) if counts.size else 0,
+        "cv": float(counts.std() / mean) if mean > 0 else 0.0,
+        "dead": int((counts == 0).sum()),
+    }
+
+
+class MoE(Module):
+    """Mixture-of-Experts feed-forward layer: a router sends each token to ``top_k`` of
+    ``n_experts`` expert FFNs and sums their outputs weighted by the routing scores.
+
+    Args:
+        d_model: input and output width.
+        d_ff: hidden width of each expert.
+        n_experts: number of routed experts.
+        top_k: experts per token.
+        score: ``"softmax"`` or ``"sigmoid"`` router scores (router math in float32).
+        capacity_factor: None for dropless; else each expert takes at most
+            ``ceil(capacity_factor · tokens · top_k / n_experts)`` tokens, dropping the
+            lowest-weighted assignments.
+        aux_loss: coefficient α of the Switch load-balancing loss α·E·Σ fᵢ·Pᵢ.
+        z_loss: coefficient of the router z-loss (mean squared log-sum-exp of the logits).
+        bias_update_rate: γ of DeepSeek-V3 aux-loss-free balancing; after each optimizer
+            step, :meth:`update_bias` moves bᵢ by γ·sign(mean(c) − cᵢ); the bias changes
+            which experts are chosen, never the weights.
+        n_shared_experts: experts every token always goes through (DeepSeek-MoE).
+        n_groups, topk_groups: group-limited routing (DeepSeek-V3).
+        activation: ``"gelu"`` (tanh approximation), ``"swiglu"`` or ``"relu"``.
+
+    Both auxiliary losses reach the router through the op's backward: nothing has to be
+    added to the caller's loss. Each forward in training records ``last_stats``.
+
+    Shape:
+        ``[..., d_model]`` → ``[..., d_model]``.
+
+    Examples:
+        >>> layer = MoE(16, 32, n_experts=4, top_k=2)
+        >>> layer(moecore.randn(2, 5, 16)).shape
+        (2, 5, 16)
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        n_experts: int,
+        top_k: int = 2,
+        score: str = "softmax",
+        capacity_factor: float | None = None,
+        aux_loss: float = 0.01,
+        z_loss: float = 0.0,
+        bias_update_rate: float = 0.0,
+        n_shared_experts: int = 0,
+        n_groups: int | None = None,
+        topk_groups: int | None = None,
+        activation: str = "gelu",
+        dtype: Any = np.float32,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if n_experts < 1:
+            problems.append(f"n_experts must be ≥ 1, got {n_experts}")
+        if not 1 <= top_k <= max(n_experts, 1):
+            problems.append(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        if score not in ("softmax", "sigmoid"):
+            problems.append(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        if activation not in ACTIVATIONS:
+            problems.append(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            problems.append(f"capacity_factor must be positive or None, got {capacity_factor}")
+        if (n_groups is None) != (topk_groups is None):
+            problems.append("n_groups and topk_groups go together")
+        elif n_groups is not None and (n_experts % n_groups or not 1 <= topk_groups <= n_groups):
+            problems.append(f"n_groups={n_groups} must divide n_experts and topk_groups ≤ n_groups")
+        if problems:
+            raise ValueError("MoE: " + "; ".join(problems))
+        self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
+        self.score, self.capacity_factor, self.activation = score, capacity_factor, activation
+        self.aux_loss, self.z_loss, self.bias_update_rate = aux_loss, z_loss, bias_update_rate
+        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.n_shared_experts = n_shared_experts
+        gate = 2 if activation == "swiglu" else 1
+        self.router = Parameter(init.fan_in_uniform((n_experts, d_model), d_model, dtype))
+        self.w1 = Parameter(init.fan_in_uniform((n_experts, d_model, gate * d_ff), d_model, dtype))
+        self.w2 = Parameter(init.fan_in_uniform((n_experts, d_ff, d_model), d_ff, dtype))
+        if n_shared_experts:
+            hidden = n_shared_experts * d_ff
+            # n shared experts summed equal one FFN with their hidden units side by side.
+            self.shared_in = Linear(d_model, gate * hidden, bias=False, dtype=dtype)
+            self.shared_out = Linear(hidden, d_model, bias=False, dtype=dtype)
+        self.register_buffer("expert_bias", np.zeros(n_experts, np.float32))
+        self.last_stats: dict[str, Any] = {}
+        self._load_since_update = np.zeros(n_experts, np.int64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Routes the tokens of ``x`` to their experts and combines the outputs."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE expects [..., {self.d_model}], got {x.shape}")
+        stats: dict[str, Any] = {}
+        bias = self.expert_bias if self.bias_update_rate else None
+        y = moe(
+            x,
+            self.router,
+            self.w1,
+            self.w2,
+            k=self.top_k,
+            score=self.score,
+            bias=bias,
+            n_groups=self.n_groups,
+            topk_groups=self.topk_groups,
+            capacity_factor=self.capacity_factor,
+            activation=self.activation,
+            aux_loss=self.aux_loss if self.training else 0.0,
+            z_loss=self.z_loss if self.training else 0.0,
+            stats=stats,
+        )
+        if self.n_shared_experts:
+            h = self.shared_in(x)
+            h = ops.swiglu(h) if self.activation == "swiglu" else (ops.gelu(h) if self.activation == "gelu" else h.relu())
+            y = y + self.shared_out(h)
+        load = np.asarray(stats["tokens_per_expert"] if xp_of(x.data) is np else stats["tokens_per_expert"].get())
+        stats.update(routing_summary(load))
+        self.last_stats = stats
+        if self.training:
+            self._load_since_update += load
+        return y
+
+    def update_bias(self, load: Any = None) -> None:
+        """DeepSeek-V3 aux-loss-free balancing: bᵢ += γ·sign(mean(c) − cᵢ) with ``c`` the
+        tokens per expert since the last update (or ``load``, e.g. summed over ranks)."""
+        if not self.bias_update_rate:
+            return
+        c = np.asarray(self._load_since_update if load is None else load, dtype=np.float64)
+        step = self.bias_update_rate * np.sign(c.mean() - c)
+        self.expert_bias += step.astype(self.expert_bias.dtype)
+        self._load_since_update[...] = 0
+
+    def extra_repr(self) -> str:
+        cap = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
+        return (
+            f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, "
+            f"top_k={self.top_k}, score={self.score}, {cap}, activation={self.activation}, "
+            f"shared={self.n_shared_experts}"
+        )
+
+
+def update_router_biases(model: Module) -> None:
+    """Calls :meth:`MoE.update_bias` on every MoE layer of ``model`` (after optimizer steps)."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.update_bias()

@@ -1,0 +1,199 @@
+"""The MoE layer as one op: route → permute → grouped expert FFN → unpermute, with the
+load-balancing and z-loss gradients injected in backward (Megatron-Core's way), so a caller
+never has to add the auxiliary losses to its own loss."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from moecore.autograd.function import Context, Function
+from moecore.autograd.tensor import Tensor
+from moecore.backend import xp_of
+from moecore.kernels import moe_kernels_for
+from moecore.ops.activation import gelu_backward, gelu_forward
+
+ACTIVATIONS = ("gelu", "swiglu", "relu")
+
+_aux_loss_scale = 1.0
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    """Scales the injected auxiliary-loss gradients as the main loss is scaled (e.g.
+    ``1/accumulation_steps`` when micro-batch losses are divided by it)."""
+    global _aux_loss_scale
+    _aux_loss_scale = float(scale)
+
+
+def _activate(h: Any, activation: str) -> tuple[Any, Any]:
+    xp = xp_of(h)
+    if activation == "gelu":
+        return gelu_forward(h, "tanh")
+    if activation == "relu":
+        return h * (h > 0), None
+    half = h.shape[1] // 2
+    a, b = h[:, :half], h[:, half:]
+    s = (0.5 * (1 + xp.tanh(0.5 * a))).astype(h.dtype, copy=False)
+    return a * s * b, s
+
+
+def _activate_backward(g: Any, h: Any, saved: Any, activation: str) -> Any:
+    xp = xp_of(h)
+    if activation == "gelu":
+        return gelu_backward(g, h, saved, "tanh").astype(h.dtype, copy=False)
+    if activation == "relu":
+        return g * (h > 0)
+    half = h.shape[1] // 2
+    a, b, s = h[:, :half], h[:, half:], saved
+    return xp.concatenate([g * b * s * (1 + a * (1 - s)), g * a * s], axis=1)
+
+
+def _aux_terms(
+    logits: Any, probs: Any, idx: Any, score: str, aux_coef: float, z_coef: float
+) -> tuple[float, float, Any]:
+    """Switch load-balancing loss α·E·Σ fᵢ·Pᵢ and router z-loss β·mean(logsumexp²), and the
+    gradient of their sum w.r.t. the logits (fᵢ, the dispatch fractions, are constants)."""
+    xp = xp_of(logits)
+    t, e = probs.shape
+    d_logits = xp.zeros_like(logits)
+    aux = z = 0.0
+    if t == 0:
+        return aux, z, d_logits
+    if aux_coef:
+        f = xp.bincount(idx.reshape(-1), minlength=e).astype(logits.dtype) / (t * idx.shape[1])
+        if score == "softmax":
+            p = probs
+        else:
+            p = probs / probs.sum(axis=1, keepdims=True)
+        aux = float(aux_coef * e * (f * p.mean(axis=0)).sum())
+        c = (aux_coef * e / t) * f  # dL/dp[t, i] for every token
+        if score == "softmax":
+            d_logits += p * (c - (p * c).sum(axis=1, keepdims=True))
+        else:
+            s_sum = probs.sum(axis=1, keepdims=True)
+            d_s = (c - (c * p).sum(axis=1, keepdims=True)) / s_sum
+            d_logits += d_s * probs * (1 - probs)
+    if z_coef:
+        m = logits.max(axis=1, keepdims=True)
+        ex = xp.exp(logits - m)
+        total = ex.sum(axis=1, keepdims=True)
+        lse = m + xp.log(total)
+        z = float(z_coef * (lse * lse).mean())
+        d_logits += (2 * z_coef / t) * lse * (ex / total)
+    return aux, z, d_logits
+
+
+class MoEFunction(Function):
+    @staticmethod
+    def forward(
+        ctx: Context,
+        x: Any,
+        router_w: Any,
+        w1: Any,
+        w2: Any,
+        *,
+        k: int,
+        score: str,
+        bias: Any,
+        n_groups: int | None,
+        topk_groups: int | None,
+        capacity_factor: float | None,
+        activation: str,
+        aux_loss: float,
+        z_loss: float,
+        stats: dict[str, Any] | None,
+    ) -> Any:
+        lead, d = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, d)
+        t, e = x2.shape[0], router_w.shape[0]
+        kern = moe_kernels_for(x2, router_w, w1, w2)
+        logits = x2 @ router_w.T
+        normalize = k > 1
+        r_bias = None if bias is None else bias.astype(logits.dtype, copy=False)
+        idx, weights, probs = kern.route(logits, k, score, r_bias, n_groups, topk_groups, normalize)
+        capacity = None
+        if capacity_factor is not None:
+            capacity = max(1, math.ceil(capacity_factor * t * k / e))
+        x_sorted, order, counts = kern.permute(x2, idx, e, capacity, weights if capacity else None)
+        h = kern.grouped_matmul(x_sorted, counts, w1)
+        a, act_saved = _activate(h, activation)
+        y_sorted = kern.grouped_matmul(a, counts, w2)
+        y = kern.unpermute(y_sorted, order, weights)
+        aux, z, d_logits_aux = _aux_terms(logits, probs, idx, score, aux_loss, z_loss)
+        if stats is not None:
+            xp = xp_of(x2)
+            stats.update(
+                # what the router asked for (before any capacity drop), and what was computed
+                tokens_per_expert=xp.bincount(idx.reshape(-1), minlength=e).astype("int64"),
+                kept_per_expert=xp.asarray(counts).astype("int64"),
+                dropped=int(t * k - int(counts.sum())),
+                aux_loss=aux,
+                z_loss=z,
+                tokens=t,
+            )
+        ctx.save_for_backward(x2, router_w, w1, w2, idx, weights, probs, x_sorted, order, counts, h, act_saved, a, y_sorted)
+        ctx.meta = (lead, d, k, score, normalize, activation, kern)
+        ctx.d_logits_aux = d_logits_aux
+        return y.reshape(*lead, w2.shape[2])
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        (x2, router_w, w1, w2, idx, weights, probs, x_sorted, order, counts, h, act_saved, a, y_sorted) = ctx.saved_tensors
+        lead, d, k, score, normalize, activation, kern = ctx.meta
+        t = x2.shape[0]
+        g2 = g.reshape(t, -1)
+        if not g2.flags.c_contiguous:
+            g2 = g2.copy()
+        d_y_sorted, d_weights = kern.unpermute_backward(g2, y_sorted, order, weights)
+        d_a = kern.grouped_matmul_dx(d_y_sorted, counts, w2)
+        d_w2 = kern.grouped_matmul_dw(a, d_y_sorted, counts)
+        d_h = _activate_backward(d_a, h, act_saved, activation)
+        d_x_sorted = kern.grouped_matmul_dx(d_h, counts, w1)
+        d_w1 = kern.grouped_matmul_dw(x_sorted, d_h, counts)
+        d_x = kern.permute_backward(d_x_sorted, order, t, k)
+        d_logits = kern.route_backward(d_weights, idx, probs, score, normalize)
+        d_logits += (ctx.d_logits_aux * _aux_loss_scale).astype(d_logits.dtype, copy=False)
+        d_x += d_logits @ router_w
+        d_router = d_logits.T @ x2
+        return d_x.reshape(*lead, d), d_router, d_w1, d_w2
+
+
+def moe(
+    x: Tensor,
+    router_w: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    k: int = 2,
+    score: str = "softmax",
+    bias: Any = None,
+    n_groups: int | None = None,
+    topk_groups: int | None = None,
+    capacity_factor: float | None = None,
+    activation: str = "gelu",
+    aux_loss: float = 0.0,
+    z_loss: float = 0.0,
+    stats: dict[str, Any] | None = None,
+) -> Tensor:
+    """A routed-experts layer on ``x [..., d]``: router ``[E, d]``, experts ``w1 [E, d, h]``
+    (``[E, d, 2h]`` for SwiGLU) and ``w2 [E, h, d_out]``. Dropless unless
+    ``capacity_factor`` is given; weights renormalised over the ``k`` chosen experts when
+    ``k > 1``. ``aux_loss``/``z_loss`` coefficients add their gradients in backward; their
+    values and the routing counts go to ``stats`` when a dict is given."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return MoEFunction.apply(
+        x,
+        router_w,
+        w1,
+        w2,
+        k=k,
+        score=score,
+        bias=bias,
+        n_groups=n_groups,
+        topk_groups=topk_groups,
+        capacity_factor=capacity_factor,
+        activation=activation,
+        aux_loss=aux_loss,
+        z_loss=z_loss,
+        stats=stats,
+    )
