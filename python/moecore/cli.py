@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -40,17 +42,126 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    print(f"moecore: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from moecore.data import DataError
+    from moecore.train import CheckpointError, ConfigError, Trainer, TrainingDiverged, build_config, parse_overrides
+
+    try:
+        overrides: dict[str, Any] = parse_overrides(args.set or [])
+        if args.data is not None:
+            overrides["data"] = args.data
+        if args.vocab is not None:
+            overrides["vocab"] = args.vocab
+        if args.resume:
+            trainer = Trainer.resume(Path(args.resume), overrides=overrides)
+        else:
+            config = build_config(args.preset, args.config, overrides)
+            out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+            if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+                return _fail(f"{out} already holds a run; use --resume {out} or another --out")
+            trainer = Trainer(config, out)
+        result = trainer.train()
+    except (ConfigError, DataError, CheckpointError) as exc:
+        return _fail(str(exc))
+    except TrainingDiverged as exc:
+        print(f"moecore: {exc}", file=sys.stderr)
+        return 3
+    status = "interrupted" if result.interrupted else "finished"
+    val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"{status} after {result.steps_done} steps in {result.seconds:.0f} s: loss {result.final_loss:.4f}{val}")
+    return 0
+
+
+def _load_run(run: str) -> Any:
+    from moecore.train import checkpoint
+    from moecore.train.config import config_from_dict
+    from moecore.train.trainer import build_model
+
+    groups, state = checkpoint.load(checkpoint.latest(Path(run)))
+    config = config_from_dict(state["config"])
+    model = build_model(config)
+    model.load_state_dict(groups["model"])
+    return model, config, state
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from moecore.train import CheckpointError, ConfigError
+    from moecore.train.generate import generate
+
+    try:
+        model, _, _ = _load_run(args.run)
+        text = generate(model, args.prompt.encode(), args.tokens, args.temperature, args.top_k, args.seed)
+    except (CheckpointError, ConfigError, ValueError) as exc:
+        return _fail(str(exc))
+    sys.stdout.write(args.prompt + text.decode("utf-8", errors="replace") + "\n")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from moecore.data import DataError
+    from moecore.train import CheckpointError, ConfigError, Trainer
+
+    try:
+        trainer = Trainer.resume(Path(args.run))
+        loss = trainer.evaluate()
+    except (CheckpointError, ConfigError, DataError) as exc:
+        return _fail(str(exc))
+    print(json.dumps({"step": trainer.step, "val_loss": loss, "val_ppl_per_byte": float(2.718281828459045**loss)}))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from moecore.train.report import report
+
+    metrics = Path(args.run) / "metrics.jsonl"
+    if not metrics.is_file():
+        return _fail(f"{metrics} does not exist")
+    text, png = report(Path(args.run))
+    print(text)
+    print(f"plot written to {png}" if png else "(install matplotlib for a PNG plot)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``moecore``, one sub-command per job."""
-    parser = argparse.ArgumentParser(
-        prog="moecore", description="Mixture-of-Experts training with a Rust core."
-    )
+    parser = argparse.ArgumentParser(prog="moecore", description="Mixture-of-Experts training with a Rust core.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = sub.add_parser(
-        "info", help="show the build, CPU features, numpy, GPU and MPI availability"
-    )
+
+    train = sub.add_parser("train", help="train an MoE language model (default: preset moe-small on the built-in corpus)")
+    train.add_argument("--preset", default="moe-small", help="named configuration to start from (moe-small, moe-tiny)")
+    train.add_argument("--config", help="TOML run configuration (applied over the preset)")
+    train.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override configuration keys, e.g. steps=50 batch_size=8")
+    train.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR exactly")
+    train.add_argument("--data", help="a text file, a folder of text files, or a .bin/.npy of uint16 token ids")
+    train.add_argument("--vocab", type=int, help="vocabulary size of .bin/.npy token data")
+    train.set_defaults(handler=_cmd_train)
+
+    gen = sub.add_parser("generate", help="sample text from a trained run")
+    gen.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory (its newest checkpoint is used)")
+    gen.add_argument("--prompt", default="def ", help="text to continue")
+    gen.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.set_defaults(handler=_cmd_generate)
+
+    ev = sub.add_parser("eval", help="validation loss of a run's newest checkpoint")
+    ev.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory")
+    ev.set_defaults(handler=_cmd_eval)
+
+    rep = sub.add_parser("report", help="summary of a run (and a PNG with matplotlib)")
+    rep.add_argument("run", metavar="RUN_DIR", help="run directory")
+    rep.set_defaults(handler=_cmd_report)
+
+    info = sub.add_parser("info", help="show the build, CPU features, numpy, GPU and MPI availability")
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
-    info.set_defaults(run=_cmd_info)
+    info.set_defaults(handler=_cmd_info)
     return parser
 
 
@@ -58,10 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``moecore`` with ``argv`` (default: ``sys.argv[1:]``) and returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "run", None) is None:
+    if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    return int(args.run(args))
+    return int(args.handler(args))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import numpy as np
 from moecore import ops
 from moecore.autograd.tensor import Tensor
 from moecore.nn.layers import Dropout, Linear
+from moecore.ops.attention import rope_tables
 from moecore.nn.module import Module
 
 
@@ -22,6 +23,8 @@ class Attention(Module):
         bias: learn biases in the projections.
         dropout: dropout on the output projection.
         causal: mask future positions.
+        rope: rotary position embeddings on q and k (RoFormer), for up to ``max_len`` positions.
+        max_len: longest sequence the rotary tables cover.
 
     Shape:
         ``[batch, T, d_model]`` → same.
@@ -47,13 +50,16 @@ class Attention(Module):
         self.qkv = Linear(d_model, 3 * d_model, bias=bias, dtype=dtype)
         self.proj = Linear(d_model, d_model, bias=bias, dtype=dtype)
         self.dropout = Dropout(dropout)
+        self.rope = rope_tables(max_len, d_model // n_heads) if rope else None
 
     def forward(self, x: Tensor) -> Tensor:
         """Attends each position to itself and the positions before it."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Attention expects [batch, T, {self.d_model}], got {x.shape}")
-        h = ops.packed_attention(self.qkv(x), self.n_heads, causal=self.causal)
+        if self.rope is not None and x.shape[1] > self.rope[0].shape[0]:
+            raise ValueError(f"sequence of {x.shape[1]} exceeds the rotary tables ({self.rope[0].shape[0]})")
+        h = ops.packed_attention(self.qkv(x), self.n_heads, causal=self.causal, rope=self.rope)
         return self.dropout(self.proj(h))
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}"
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, rope={self.rope is not None}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
 from moecore.backend import xp_of
@@ -53,12 +55,41 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     return Attention.apply(q, k, v, causal=causal)
 
 
+def rope_tables(
+    seq_len: int, head_dim: int, base: float = 10000.0, dtype: Any = np.float32
+) -> tuple[Any, Any]:
+    """cos and sin tables ``[seq_len, head_dim]`` of rotary position embeddings (RoFormer),
+    in the rotate-half layout (the two halves of each head share a frequency)."""
+    inv = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(seq_len, dtype=np.float64), inv)
+    angles = np.concatenate([angles, angles], axis=1)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def _rotate_half(x: Any, sign: int = 1) -> Any:
+    half = x.shape[-1] // 2
+    return xp_of(x).concatenate([-sign * x[..., half:], sign * x[..., :half]], axis=-1)
+
+
+def apply_rope(x: Any, cos: Any, sin: Any) -> Any:
+    """Rotates ``x [..., T, head_dim]`` by the position angles of the tables."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rope_backward(g: Any, cos: Any, sin: Any) -> Any:
+    # The rotation's transpose: rotate_half's transpose is rotate_half with the sign flipped.
+    return g * cos + _rotate_half(g * sin, sign=-1)
+
+
 class PackedCausalAttention(Function):
-    """Attention from a packed projection ``qkv [B, T, 3·D]`` to ``out [B, T, D]``: the
-    head split and merge happen inside the op, as strided views, not as extra tape nodes."""
+    """Attention from a packed projection ``qkv [B, T, 3·D]`` to ``out [B, T, D]``: the head
+    split and merge (and rotary embeddings, if given) happen inside the op, as strided views,
+    not as extra tape nodes."""
 
     @staticmethod
-    def forward(ctx: Context, qkv: Any, n_heads: int, causal: bool = True) -> Any:
+    def forward(
+        ctx: Context, qkv: Any, n_heads: int, causal: bool = True, rope: Any = None
+    ) -> Any:
         b, t, three_d = qkv.shape
         if three_d % (3 * n_heads):
             raise ValueError(
@@ -67,6 +98,11 @@ class PackedCausalAttention(Function):
         d = three_d // 3
         heads = qkv.reshape(b, t, 3, n_heads, d // n_heads).transpose(2, 0, 3, 1, 4)
         q, k, v = heads[0], heads[1], heads[2]
+        ctx.rope = None
+        if rope is not None:
+            cos, sin = (a[:t].astype(qkv.dtype, copy=False) for a in rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            ctx.rope = (cos, sin)
         out = Attention.forward(ctx, q, k, v, causal=causal)
         ctx.dims = (b, t, n_heads, d)
         return out.transpose(0, 2, 1, 3).reshape(b, t, d)
@@ -76,13 +112,16 @@ class PackedCausalAttention(Function):
         b, t, h, d = ctx.dims
         g4 = g.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)
         dq, dk, dv = Attention.backward(ctx, g4)
+        if ctx.rope is not None:
+            dq, dk = (_rope_backward(x, *ctx.rope) for x in (dq, dk))
         dqkv = xp_of(g).empty((b, t, 3, h, d // h), dtype=g.dtype)
         packed = dqkv.transpose(2, 0, 3, 1, 4)
         packed[0], packed[1], packed[2] = dq, dk, dv
         return dqkv.reshape(b, t, 3 * d), None
 
 
-def packed_attention(qkv: Tensor, n_heads: int, causal: bool = True) -> Tensor:
+def packed_attention(qkv: Tensor, n_heads: int, causal: bool = True, rope: Any = None) -> Tensor:
     """Multi-head attention from a packed ``[B, T, 3·D]`` projection (q, k, v concatenated
-    along the last axis, each split into ``n_heads`` heads) to ``[B, T, D]``."""
-    return PackedCausalAttention.apply(qkv, n_heads, causal=causal)
+    along the last axis, each split into ``n_heads`` heads) to ``[B, T, D]``; ``rope`` is an
+    optional (cos, sin) pair from :func:`rope_tables` applied to q and k."""
+    return PackedCausalAttention.apply(qkv, n_heads, causal=causal, rope=rope)

@@ -1,0 +1,124 @@
+"""``MoETransformer``: a decoder-only language model with MoE feed-forward layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moecore import nn, ops
+from moecore.autograd.tensor import Tensor
+from moecore.models.config import ModelConfig
+from moecore.nn import init
+
+
+class DenseFFN(nn.Module):
+    """The dense feed-forward block: Linear → activation → Linear (no biases)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
+        super().__init__()
+        gate = 2 if activation == "swiglu" else 1
+        self.activation = activation
+        self.up = nn.Linear(d_model, gate * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Applies the block to the last axis."""
+        h = self.up(x)
+        if self.activation == "swiglu":
+            h = ops.swiglu(h)
+        elif self.activation == "gelu":
+            h = ops.gelu(h)
+        else:
+            h = h.relu()
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool) -> None:
+        super().__init__()
+        norm = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
+        self.norm1 = norm(cfg.d_model)
+        self.attn = nn.Attention(cfg.d_model, cfg.n_heads, dropout=cfg.dropout, rope=cfg.position == "rope", max_len=cfg.seq_len)
+        self.norm2 = norm(cfg.d_model)
+        if moe:
+            self.ffn: nn.Module = nn.MoE(
+                cfg.d_model,
+                cfg.d_ff,
+                cfg.n_experts,
+                top_k=cfg.top_k,
+                score=cfg.score,
+                capacity_factor=cfg.capacity_factor or None,
+                aux_loss=cfg.aux_loss,
+                z_loss=cfg.z_loss,
+                bias_update_rate=cfg.bias_update_rate,
+                n_shared_experts=cfg.n_shared_experts,
+                activation=cfg.activation,
+            )
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff, cfg.activation)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """One block."""
+        x = x + self.attn(self.norm1(x))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only transformer: token (+ learned position) embeddings, ``n_layers`` pre-norm
+    blocks with causal attention and MoE (or dense) FFNs, a final norm, and an output layer
+    tied to the token embedding.
+
+    Args:
+        config: a :class:`ModelConfig`.
+
+    Shape:
+        token ids ``[batch, T]`` (T ≤ seq_len) → logits ``[batch, T, vocab_size]``; with
+        ``targets`` the mean cross-entropy (a scalar Tensor).
+
+    Examples:
+        >>> model = MoETransformer(ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16))
+        >>> model(np.zeros((2, 16), np.int64)).shape
+        (2, 16, 256)
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model, std=0.02)
+        if config.position == "learned":
+            self.pos_emb = nn.Parameter(init.normal((config.seq_len, config.d_model), 0.02))
+        self.blocks = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.n_layers))
+        norm = nn.LayerNorm if config.norm == "layernorm" else nn.RMSNorm
+        self.norm = norm(config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, ids: Any, targets: Any = None) -> Tensor:
+        """Logits for every position, or the mean cross-entropy against ``targets``."""
+        ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[1] > self.config.seq_len:
+            raise ValueError(f"ids must be [batch, T ≤ {self.config.seq_len}], got {ids.shape}")
+        x = self.tok_emb(ids)
+        if self.config.position == "learned":
+            x = x + self.pos_emb[: ids.shape[1]]
+        x = self.drop(x)
+        for block in self.blocks:
+            if self.config.activation_checkpointing and self.training:
+                x = ops.checkpoint(block, x)
+            else:
+                x = block(x)
+        logits = ops.linear(self.norm(x), self.tok_emb.weight)
+        if targets is None:
+            return logits
+        return ops.cross_entropy(logits, np.asarray(targets))
+
+    def moe_layers(self) -> list[nn.MoE]:
+        """The MoE layers, in depth order."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, nn.MoE)]
+
+    def num_parameters(self) -> int:
+        """Number of learnable scalars (the tied output layer counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,243 @@
+"""The run configuration: one flat set of keys, from presets, a TOML file and ``--set``
+overrides, validated as a whole before anything starts (every problem listed at once)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The run configuration has unknown keys, wrong types or impossible values."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid run configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a training run (model, optimizer, schedule, data, checkpoints)."""
+
+    # model
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 256
+    n_experts: int = 8
+    top_k: int = 2
+    d_ff: int = 512
+    dense_d_ff: int = 1024
+    activation: str = "gelu"
+    score: str = "softmax"
+    capacity_factor: float = 0.0  # 0 means dropless
+    aux_loss: float = 0.01
+    z_loss: float = 0.0
+    bias_update_rate: float = 0.0
+    n_shared_experts: int = 0
+    moe_every: int = 1
+    first_dense_layers: int = 0
+    norm: str = "layernorm"
+    position: str = "learned"
+    dropout: float = 0.0
+    # optimizer and schedule
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    decay_steps: int = 600
+    min_lr: float = 1e-4
+    clip: float = 1.0
+    # training
+    steps: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 0
+    dtype: str = "float32"
+    activation_checkpointing: bool = False
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    spike_factor: float = 3.0
+    # data
+    data: str = ""
+    vocab: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a plain dict (for JSON and TOML)."""
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The README's default run: 4 layers of 8 experts, top-2, on the built-in corpus.
+    "moe-small": {},
+    # A few seconds on a laptop: for tests and smoke runs.
+    "moe-tiny": {
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 2,
+        "seq_len": 64,
+        "n_experts": 4,
+        "d_ff": 64,
+        "dense_d_ff": 128,
+        "batch_size": 4,
+        "steps": 20,
+        "warmup_steps": 5,
+        "decay_steps": 20,
+        "eval_every": 10,
+        "eval_batches": 2,
+        "checkpoint_every": 10,
+    },
+}
+
+_TYPES: dict[str, type] = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in fields(RunConfig)}
+_CHOICES = {
+    "activation": ("gelu", "swiglu", "relu"),
+    "score": ("softmax", "sigmoid"),
+    "norm": ("layernorm", "rmsnorm"),
+    "position": ("learned", "rope"),
+    "schedule": ("cosine", "linear", "constant"),
+    "dtype": ("float32",),
+}
+
+
+def _coerce(key: str, value: Any, problems: list[str]) -> Any:
+    kind = _TYPES[key]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{key}: expected {kind.__name__}, got {value!r}")
+    return None
+
+
+def _check_values(c: RunConfig) -> list[str]:
+    p: list[str] = []
+    positive = [
+        "vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "n_experts", "top_k",
+        "d_ff", "dense_d_ff", "moe_every", "steps", "batch_size", "grad_accum",
+        "eval_batches", "keep_checkpoints", "max_bad_steps",
+    ]
+    for key in positive:
+        if getattr(c, key) < 1:
+            p.append(f"{key} must be ≥ 1, got {getattr(c, key)}")
+    for key in ("eval_every", "checkpoint_every", "warmup_steps", "decay_steps", "first_dense_layers", "n_shared_experts", "vocab", "seed"):
+        if getattr(c, key) < 0:
+            p.append(f"{key} must be ≥ 0, got {getattr(c, key)}")
+    for key, options in _CHOICES.items():
+        if getattr(c, key) not in options:
+            p.append(f"{key} must be one of {list(options)}, got {getattr(c, key)!r}")
+    if c.n_heads >= 1 and c.d_model % c.n_heads:
+        p.append(f"n_heads ({c.n_heads}) must divide d_model ({c.d_model})")
+    elif c.position == "rope" and (c.d_model // max(c.n_heads, 1)) % 2:
+        p.append("position 'rope' needs an even head dimension (d_model / n_heads)")
+    if c.top_k > c.n_experts:
+        p.append(f"top_k ({c.top_k}) must not exceed n_experts ({c.n_experts})")
+    for key in ("lr", "min_lr", "weight_decay", "aux_loss", "z_loss", "bias_update_rate", "capacity_factor"):
+        if getattr(c, key) < 0:
+            p.append(f"{key} must be ≥ 0, got {getattr(c, key)}")
+    for key in ("beta1", "beta2", "dropout"):
+        if not 0 <= getattr(c, key) < 1:
+            p.append(f"{key} must be in [0, 1), got {getattr(c, key)}")
+    if c.eps <= 0 or c.clip <= 0 or c.spike_factor <= 1:
+        p.append(f"eps and clip must be > 0 and spike_factor > 1, got {c.eps}, {c.clip}, {c.spike_factor}")
+    if c.min_lr > c.lr:
+        p.append(f"min_lr ({c.min_lr}) must not exceed lr ({c.lr})")
+    if c.first_dense_layers > c.n_layers:
+        p.append(f"first_dense_layers ({c.first_dense_layers}) exceeds n_layers ({c.n_layers})")
+    if c.data.endswith((".bin", ".npy")) and c.vocab < 1:
+        p.append(f"data {c.data} holds token ids: set vocab to the vocabulary size")
+    return p
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["steps=50", "lr=3e-4"]`` → ``{"steps": "50", "lr": "3e-4"}``."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--set expects key=value, got {pair!r}"])
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_config(
+    preset: str | None = "moe-small",
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Preset, then TOML file, then overrides; raises :class:`ConfigError` listing every
+    unknown key, wrong type and impossible value."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError([f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}"])
+        values.update(PRESETS[preset])
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if file is not None:
+        try:
+            with open(file, "rb") as fh:
+                loaded = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError([f"config file {file} does not exist"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"config file {file} is not valid TOML: {exc}"]) from None
+        flat: dict[str, Any] = {}
+        for key, value in loaded.items():
+            # Sections ([model], [train] …) are allowed for readability; keys stay flat.
+            if isinstance(value, dict):
+                flat.update(value)
+            else:
+                flat[key] = value
+        layers.append((str(file), flat))
+    if overrides:
+        layers.append(("--set", dict(overrides)))
+    for source, entries in layers:
+        for key, value in entries.items():
+            if key not in _TYPES:
+                problems.append(f"unknown key {key!r} (from {source})")
+                continue
+            coerced = _coerce(key, value, problems)
+            if coerced is not None:
+                values[key] = coerced
+    config = RunConfig(**values)
+    problems.extend(_check_values(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from a saved dict (e.g. a checkpoint's)."""
+    return build_config(preset=None, overrides=values)

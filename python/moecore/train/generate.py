@@ -1,0 +1,43 @@
+"""Sampling text from a trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import moecore
+from moecore.models import MoETransformer
+
+
+def generate(
+    model: MoETransformer,
+    prompt: bytes,
+    tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> bytes:
+    """Continues ``prompt`` by ``tokens`` bytes, sampling from the model's softmax at
+    ``temperature`` (0 = greedy), optionally among the ``top_k`` most likely tokens."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+    rng = np.random.default_rng(seed)
+    ids = list(prompt) or [10]
+    window = model.config.seq_len
+    model.eval()
+    with moecore.no_grad():
+        for _ in range(tokens):
+            context = np.array([ids[-window:]], dtype=np.int64)
+            logits = model(context).data[0, -1].astype(np.float64)
+            if temperature == 0:
+                ids.append(int(np.argmax(logits)))
+                continue
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.size:
+                cut = np.partition(logits, -top_k)[-top_k]
+                logits = np.where(logits >= cut, logits, -np.inf)
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            ids.append(int(rng.choice(p.size, p=p)))
+    return bytes(i if i < 256 else 63 for i in ids[len(prompt) :])

@@ -1,0 +1,93 @@
+"""The safetensors format (8-byte little-endian header length, a JSON header, raw
+little-endian tensor bytes), written and read with numpy alone, so PyTorch users can load
+moecore weights with ``safetensors.torch.load_file`` and moecore needs no extra package."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import IO, Any
+
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_CODES_BY_STR = {v.str: k for k, v in _DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file is truncated, corrupt, or holds something numpy cannot read."""
+
+
+def write(fh: IO[bytes], tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes ``tensors`` (name → numpy array) to the open binary file ``fh``."""
+    header: dict[str, Any] = {}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        code = _CODES_BY_STR.get(a.dtype.str)
+        if code is None:
+            raise SafetensorsError(f"tensor {name!r}: dtype {a.dtype} cannot be stored")
+        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
+    fh.write(struct.pack("<Q", len(blob)))
+    fh.write(blob)
+    for a in arrays:
+        fh.write(memoryview(a.reshape(-1)).cast("B"))
+
+
+def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Reads a safetensors file → (tensors, metadata); raises :class:`SafetensorsError`
+    naming the file and the problem."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 8:
+        raise SafetensorsError(f"{path}: truncated ({len(data)} bytes, no header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise SafetensorsError(f"{path}: header length {n} exceeds the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", {}) or {}
+    body = memoryview(data)[8 + n :]
+    out = {}
+    for name, entry in header.items():
+        try:
+            dt = _DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            start, end = (int(v) for v in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed entry ({exc})") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= start <= end <= len(body) or end - start != count * dt.itemsize:
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} claims bytes [{start}, {end}) for shape {shape} "
+                f"{entry['dtype']}, but the data section has {len(body)} bytes"
+            )
+        out[name] = np.frombuffer(body[start:end], dtype=dt).reshape(shape).copy()
+    return out, metadata

@@ -1,0 +1,244 @@
+"""``Trainer``: trains a :class:`MoETransformer` from a :class:`RunConfig`, with evaluation,
+metrics, anomaly detection, checkpoints and bit-exact resumption."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+import moecore
+from moecore import nn, optim
+from moecore.autograd.random import get_rng_state, set_rng_state
+from moecore.data import Corpus, load_corpus, train_batch, val_batches
+from moecore.models import ModelConfig, MoETransformer
+from moecore.nn.moe import routing_summary
+from moecore.ops.moe import set_aux_loss_scale
+from moecore.train import checkpoint
+from moecore.train.config import RunConfig, config_from_dict
+from moecore.train.metrics import MetricsLog
+from moecore.train.monitor import Monitor
+from moecore.train.progress import Progress
+
+
+@dataclass
+class TrainResult:
+    """What a call to :meth:`Trainer.train` did."""
+
+    steps_done: int
+    final_loss: float
+    val_loss: float | None
+    interrupted: bool
+    seconds: float
+    run_dir: Path
+
+
+def build_model(config: RunConfig) -> MoETransformer:
+    """The model of a run, initialised from the run's seed."""
+    moecore.manual_seed(config.seed)
+    return MoETransformer(ModelConfig.from_run(config))
+
+
+def build_optimizer(model: nn.Module, config: RunConfig) -> optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases), as GPT-2 does."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+class Trainer:
+    """Runs the training loop of a run directory.
+
+    Args:
+        config: the run configuration (validated).
+        run_dir: where metrics and checkpoints go (created).
+        corpus: the data; loaded from ``config.data`` when None.
+        out: where progress goes (a terminal gets one live line).
+    """
+
+    def __init__(self, config: RunConfig, run_dir: Path, corpus: Corpus | None = None, out: TextIO | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.out = out or sys.stdout
+        self.corpus = corpus if corpus is not None else load_corpus(config.data or None, config.vocab or None)
+        if self.corpus.vocab_size > config.vocab_size:
+            raise ValueError(f"the data has vocabulary {self.corpus.vocab_size} but vocab_size is {config.vocab_size}")
+        self.corpus.check_length(config.seq_len)
+        self.model = build_model(config)
+        self.optimizer = build_optimizer(self.model, config)
+        self.schedule = optim.LRScheduler(
+            self.optimizer, config.schedule, warmup=config.warmup_steps, total=config.decay_steps, min_lr=config.min_lr
+        )
+        self.monitor = Monitor(config.spike_factor, config.max_bad_steps)
+        self.step = 0
+        self._metrics_offset: int | None = None
+        self._val = val_batches(self.corpus.val, config.seq_len, config.batch_size, config.eval_batches)
+        self.last_val: float | None = None
+
+    # -- persistence ---------------------------------------------------------------------
+    @classmethod
+    def resume(cls, run_dir: Path, out: TextIO | None = None, overrides: dict[str, Any] | None = None) -> Trainer:
+        """A trainer continuing the newest checkpoint of ``run_dir`` exactly where it was."""
+        groups, state = checkpoint.load(checkpoint.latest(run_dir))
+        values = dict(state["config"])
+        values.update(overrides or {})
+        trainer = cls(config_from_dict(values), run_dir, out=out)
+        trainer._restore(groups, state)
+        return trainer
+
+    def _restore(self, groups: dict[str, dict[str, np.ndarray]], state: dict[str, Any]) -> None:
+        self.model.load_state_dict(groups["model"], strict=True)
+        saved_opt = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+        for key, value in groups.get("optimizer", {}).items():
+            index, name = key.split(".", 1)
+            saved_opt["state"].setdefault(int(index), {})[name] = value
+        for index, scalars in state["optimizer"]["scalars"].items():
+            saved_opt["state"].setdefault(int(index), {}).update(scalars)
+        self.optimizer.load_state_dict(saved_opt)
+        self.schedule.load_state_dict(state["schedule"])
+        self.monitor.load_state_dict(state["monitor"])
+        for layer, load in zip(self.model.moe_layers(), state.get("moe_load", [])):
+            layer._load_since_update[...] = load
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self._metrics_offset = int(state["metrics_offset"])
+        self.last_val = state.get("last_val")
+
+    def save_checkpoint(self, metrics: MetricsLog) -> Path:
+        """Writes a checkpoint of the current step (atomically)."""
+        metrics.sync()
+        opt_state = self.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for index, entry in opt_state["state"].items():
+            for name, value in entry.items():
+                if isinstance(value, np.ndarray):
+                    tensors[f"{index}.{name}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[name] = value
+        groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
+        state = {
+            "config": self.config.to_dict(),
+            "optimizer": {"param_groups": groups, "scalars": scalars},
+            "schedule": self.schedule.state_dict(),
+            "monitor": self.monitor.state_dict(),
+            "moe_load": [layer._load_since_update.tolist() for layer in self.model.moe_layers()],
+            "rng": get_rng_state(),
+            "metrics_offset": metrics.offset,
+            "last_val": self.last_val,
+            "corpus": {"name": self.corpus.name, "sha256": self.corpus.digest},
+            "moecore_version": moecore.__version__,
+        }
+        return checkpoint.save(
+            self.run_dir, self.step, {"model": dict(self.model.state_dict()), "optimizer": tensors}, state, self.config.keep_checkpoints
+        )
+
+    # -- the loop ------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with moecore.no_grad():
+                losses = [self.model(x, y).item() for x, y in self._val]
+        finally:
+            self.model.train(was_training)
+        return float(np.mean(losses))
+
+    def _train_step(self) -> dict[str, Any]:
+        cfg = self.config
+        accum = cfg.grad_accum
+        set_aux_loss_scale(1.0 / accum)
+        total_loss = 0.0
+        loads = [np.zeros(cfg.n_experts, np.int64) for _ in self.model.moe_layers()]
+        dropped = 0
+        for micro in range(accum):
+            x, y = train_batch(self.corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, self.step, micro)
+            loss = self.model(x, y)
+            total_loss += loss.item() / accum
+            (loss * (1.0 / accum) if accum > 1 else loss).backward()
+            for i, layer in enumerate(self.model.moe_layers()):
+                loads[i] += layer.last_stats["tokens_per_expert"]
+                dropped += layer.last_stats["dropped"]
+        params = list(self.model.parameters())
+        grad_norm = optim.clip_grad_norm_(params, cfg.clip)
+        flags = self.monitor.observe(total_loss, grad_norm)
+        if not flags["skipped"]:
+            self.optimizer.step()
+            nn.update_router_biases(self.model)
+        self.optimizer.zero_grad()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.schedule.step()
+        self.step += 1
+        cvs = [routing_summary(load)["cv"] for load in loads]
+        return {
+            "step": self.step,
+            "loss": total_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "expert_load": [load.tolist() for load in loads],
+            "load_cv": cvs,
+            "dropped": dropped,
+            **flags,
+        }
+
+    def train(self) -> TrainResult:
+        """Trains until ``config.steps`` (from wherever the run is); Ctrl-C saves a checkpoint
+        and returns with ``interrupted=True``."""
+        cfg = self.config
+        progress = Progress(cfg.steps, self.out)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self._metrics_offset)
+        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        if self.step == 0:
+            progress.message(f"data   {self.corpus.describe()}")
+            progress.message(
+                f"model  {self.model.num_parameters():,} parameters, {cfg.n_layers} layers, "
+                f"{cfg.n_experts} experts top-{cfg.top_k}; run dir {self.run_dir}"
+            )
+        else:
+            progress.message(f"resuming {self.run_dir} at step {self.step}")
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        start = time.perf_counter()
+        first_step = self.step
+        record: dict[str, Any] = {"loss": float("nan")}
+        interrupted = False
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                record = self._train_step()
+                dt = time.perf_counter() - t0
+                record["tokens_per_s"] = tokens_per_step / dt
+                record["seconds"] = time.perf_counter() - start
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    self.last_val = self.evaluate()
+                    record["val_loss"] = self.last_val
+                metrics.write(record)
+                note = "skipped (non-finite)" if record["skipped"] else ("loss spike" if record["spike"] else "")
+                done = self.step - first_step
+                eta = (time.perf_counter() - start) / max(done, 1) * (cfg.steps - self.step)
+                progress.update(
+                    self.step, record["loss"], record["tokens_per_s"], record["lr"],
+                    float(np.mean(record["load_cv"])) if record["load_cv"] else 0.0, eta,
+                    record.get("val_loss"), note,
+                )
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint(metrics)
+        except KeyboardInterrupt:
+            interrupted = True
+            progress.message(f"interrupted at step {self.step}: saving a checkpoint")
+        except BaseException:
+            metrics.close()
+            raise
+        if self.step > first_step or interrupted:
+            path = self.save_checkpoint(metrics)
+            progress.close()
+            progress.message(f"checkpoint {path}")
+        metrics.close()
+        return TrainResult(self.step, float(record["loss"]), self.last_val, interrupted, time.perf_counter() - start, self.run_dir)
