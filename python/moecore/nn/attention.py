@@ -41,6 +41,8 @@ class Attention(Module):
         bias: bool = False,
         dropout: float = 0.0,
         causal: bool = True,
+        rope: bool = False,
+        max_len: int = 2048,
         dtype: Any = np.float32,
     ) -> None:
         super().__init__()

@@ -12,6 +12,12 @@ from moecore.autograd.tensor import Tensor
 from moecore.backend import xp_of
 
 
+def _t(x: Any) -> Any:
+    """The transpose of the last two axes, made contiguous: numpy's batched matmul falls
+    back to a slow non-BLAS loop on strided operands (25× slower here)."""
+    return xp_of(x).ascontiguousarray(x.swapaxes(-1, -2))
+
+
 class Attention(Function):
     """``softmax(q kᵀ · scale + causal mask) v`` over ``[batch, heads, T, head_dim]``."""
 
@@ -23,8 +29,11 @@ class Attention(Function):
                 f"{q.shape}, {k.shape}, {v.shape}"
             )
         xp = xp_of(q)
+        # Strided views (heads split out of a packed projection) would make numpy's batched
+        # matmul skip BLAS; one contiguous copy each is far cheaper.
+        q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
         scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-        s = q @ k.swapaxes(-1, -2)
+        s = q @ _t(k)
         s *= scale
         if causal:
             t = q.shape[2]
@@ -39,14 +48,15 @@ class Attention(Function):
     @staticmethod
     def backward(ctx: Context, g: Any) -> Any:
         q, k, v, p = ctx.saved_tensors
-        dv = p.swapaxes(-1, -2) @ g
-        dp = g @ v.swapaxes(-1, -2)
+        g = xp_of(g).ascontiguousarray(g)
+        dv = _t(p) @ g
+        dp = g @ _t(v)
         # dS = P ∘ (dP − rowsum(dP ∘ P)), computed in place in dp.
         dp -= (dp * p).sum(axis=-1, keepdims=True)
         dp *= p
         dp *= ctx.scale
         dq = dp @ k
-        dk = dp.swapaxes(-1, -2) @ q
+        dk = _t(dp) @ q
         return dq, dk, dv
 
 

@@ -6,11 +6,15 @@ from typing import Any
 
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
+from moecore.backend import xp_of
 from moecore.ops._util import unbroadcast
 
 
 def _swap_last(x: Any) -> Any:
-    return x.swapaxes(-1, -2)
+    # A 2-D transpose is free (BLAS takes a flag); stacked ones must be contiguous, or
+    # numpy's batched matmul falls back to a slow non-BLAS loop.
+    t = x.swapaxes(-1, -2)
+    return t if x.ndim == 2 else xp_of(x).ascontiguousarray(t)
 
 
 class MatMul(Function):

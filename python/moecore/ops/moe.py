@@ -108,6 +108,11 @@ class MoEFunction(Function):
         t, e = x2.shape[0], router_w.shape[0]
         kern = moe_kernels_for(x2, router_w, w1, w2)
         logits = x2 @ router_w.T
+        xp = xp_of(x2)
+        if not bool(xp.isfinite(logits).all()):
+            # Route somewhere so the step completes; the NaN/Inf still reaches the output
+            # through the token values, and the trainer skips the step on its loss.
+            logits = xp.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
         normalize = k > 1
         r_bias = None if bias is None else bias.astype(logits.dtype, copy=False)
         idx, weights, probs = kern.route(logits, k, score, r_bias, n_groups, topk_groups, normalize)
@@ -121,7 +126,6 @@ class MoEFunction(Function):
         y = kern.unpermute(y_sorted, order, weights)
         aux, z, d_logits_aux = _aux_terms(logits, probs, idx, score, aux_loss, z_loss)
         if stats is not None:
-            xp = xp_of(x2)
             stats.update(
                 # what the router asked for (before any capacity drop), and what was computed
                 tokens_per_expert=xp.bincount(idx.reshape(-1), minlength=e).astype("int64"),

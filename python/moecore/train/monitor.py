@@ -28,17 +28,11 @@ class Monitor:
     seen: int = 0
 
     def observe(self, loss: float, grad_norm: float) -> dict[str, Any]:
-        """Judges one step; returns flags for the metrics record. Raises
-        :class:`TrainingDiverged` when the run must stop."""
+        """Judges one step; returns flags for the metrics record (``skipped``: do not apply
+        this update; ``spike``: the loss jumped)."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.bad_in_a_row += 1
             self.skipped += 1
-            if self.bad_in_a_row >= self.max_bad_steps:
-                raise TrainingDiverged(
-                    f"stopping: {self.bad_in_a_row} consecutive steps had a non-finite loss or "
-                    f"gradient (loss {loss}, grad norm {grad_norm}); lower the learning rate "
-                    "or check the data"
-                )
             return {"skipped": True, "spike": False}
         self.bad_in_a_row = 0
         self.seen += 1
@@ -47,6 +41,15 @@ class Monitor:
             self.spikes += 1
         self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
         return {"skipped": False, "spike": bool(spike)}
+
+    def check(self, loss: float, grad_norm: float) -> None:
+        """Raises :class:`TrainingDiverged` once ``max_bad_steps`` steps in a row were bad."""
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise TrainingDiverged(
+                f"stopping: {self.bad_in_a_row} consecutive steps had a non-finite loss or "
+                f"gradient (last loss {loss}, grad norm {grad_norm}); lower the learning rate "
+                "or check the data"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """For checkpoints."""

@@ -228,6 +228,7 @@ class Trainer:
                     float(np.mean(record["load_cv"])) if record["load_cv"] else 0.0, eta,
                     record.get("val_loss"), note,
                 )
+                self.monitor.check(record["loss"], record["grad_norm"])
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint(metrics)
         except KeyboardInterrupt:
