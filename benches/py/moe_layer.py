@@ -1,0 +1,150 @@
+"""One MoE layer (forward + backward) and one attention op: moecore against PyTorch eager.
+
+MoE: 4096 tokens, d_model 256, 8 experts, top-2, expert hidden 512, GELU (tanh), Switch aux
+loss 0.01. PyTorch versions written here: a per-expert loop (index_select / index_add_) and a
+sort-gather-scatter "grouped" version. Attention: 4 heads, T = 256, batch 16, causal,
+against ``torch.nn.functional.scaled_dot_product_attention``.
+
+Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_layer.py
+(torch from PyPI, for the benchmark only; without it the torch columns are skipped).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import blas_info, median_time, table, try_torch, write_results  # noqa: E402
+
+import moecore as mc  # noqa: E402
+from moecore import ops  # noqa: E402
+
+T, D, E, K, H = 4096, 256, 8, 2, 512
+B, NH, S, HD = 16, 4, 256, 64
+
+
+def moecore_layer(x, router, w1, w2, dy):
+    def run():
+        for p in (x, router, w1, w2):
+            p.grad = None
+        y = ops.moe(x, router, w1, w2, k=K, aux_loss=0.01)
+        y.backward(dy)
+        return y
+
+    return run
+
+
+def torch_layers(torch, x, router, w1, w2, dy):
+    f = torch.nn.functional
+
+    def route(xx):
+        probs = torch.softmax(xx @ router.T, dim=-1)
+        w, idx = torch.topk(probs, K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        frac = torch.bincount(idx.flatten(), minlength=E).to(xx.dtype) / (T * K)
+        aux = 0.01 * E * (frac * probs.mean(0)).sum()
+        return w, idx, aux
+
+    def loop():
+        for p in (x, router, w1, w2):
+            p.grad = None
+        w, idx, aux = route(x)
+        y = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            h = f.gelu(x.index_select(0, tok) @ w1[e], approximate="tanh") @ w2[e]
+            y = y.index_add(0, tok, h * w[tok, slot].unsqueeze(1))
+        ((y * dy).sum() + aux).backward()
+        return y
+
+    def grouped():
+        for p in (x, router, w1, w2):
+            p.grad = None
+        w, idx, aux = route(x)
+        flat = idx.flatten()
+        order = torch.argsort(flat, stable=True)
+        tok = order // K
+        xs = x.index_select(0, tok)
+        counts = torch.bincount(flat, minlength=E).tolist()
+        outs = [f.gelu(chunk @ w1[e], approximate="tanh") @ w2[e] for e, chunk in enumerate(xs.split(counts)) if chunk.shape[0] or True]
+        ys = torch.cat(outs) * w.flatten()[order].unsqueeze(1)
+        y = torch.zeros_like(x).index_add(0, tok, ys)
+        ((y * dy).sum() + aux).backward()
+        return y
+
+    return loop, grouped
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    xa = rng.standard_normal((T, D)).astype(np.float32)
+    ra = (rng.standard_normal((E, D)) / 16).astype(np.float32)
+    w1a = (rng.standard_normal((E, D, H)) / 16).astype(np.float32)
+    w2a = (rng.standard_normal((E, H, D)) / 22).astype(np.float32)
+    dya = rng.standard_normal((T, D)).astype(np.float32)
+    params = [mc.Tensor(a.copy(), requires_grad=True) for a in (xa, ra, w1a, w2a)]
+    ours = moecore_layer(*params, dya)
+    y_ours = ours().data.copy()
+    grads_ours = [p.grad.copy() for p in params]
+    rows, result = [], {"blas": blas_info(), "moe": {}, "attention": {}}
+    t_ours = median_time(ours)
+    rows.append(["moecore ops.moe", f"{t_ours * 1e3:.1f}", "1.00"])
+    result["moe"]["moecore_ms"] = t_ours * 1e3
+    torch = try_torch()
+    if torch is not None:
+        torch.set_num_threads(2)
+        tp = [torch.tensor(a.copy(), requires_grad=True) for a in (xa, ra, w1a, w2a)]
+        loop, grouped = torch_layers(torch, *tp, torch.tensor(dya))
+        for name, fn in (("torch per-expert loop", loop), ("torch sort-gather-scatter", grouped)):
+            y = fn().detach().numpy()
+            np.testing.assert_allclose(y, y_ours, rtol=2e-3, atol=2e-3)
+            for g_ours, p in zip(grads_ours, tp):
+                np.testing.assert_allclose(p.grad.numpy(), g_ours, rtol=2e-2, atol=2e-3)
+            t = median_time(fn)
+            rows.append([name, f"{t * 1e3:.1f}", f"{t / t_ours:.2f}"])
+            result["moe"][name] = t * 1e3
+    print(f"BLAS: {result['blas']}")
+    print(f"\nMoE layer fwd+bwd: T={T} d={D} E={E} k={K} hidden={H}")
+    print(table(rows, ["implementation", "median ms", "time / moecore"]))
+
+    q, k, v = (rng.standard_normal((B, NH, S, HD)).astype(np.float32) for _ in range(3))
+    g = rng.standard_normal((B, NH, S, HD)).astype(np.float32)
+    qt = [mc.Tensor(a.copy(), requires_grad=True) for a in (q, k, v)]
+
+    def ours_att():
+        for p in qt:
+            p.grad = None
+        out = ops.scaled_dot_product_attention(*qt)
+        out.backward(g)
+        return out
+
+    out_ours = ours_att().data.copy()
+    t_att = median_time(ours_att)
+    rows = [["moecore attention", f"{t_att * 1e3:.1f}", "1.00"]]
+    result["attention"]["moecore_ms"] = t_att * 1e3
+    if torch is not None:
+        tq = [torch.tensor(a.copy(), requires_grad=True) for a in (q, k, v)]
+        tg = torch.tensor(g)
+
+        def torch_att():
+            for p in tq:
+                p.grad = None
+            out = torch.nn.functional.scaled_dot_product_attention(*tq, is_causal=True)
+            out.backward(tg)
+            return out
+
+        np.testing.assert_allclose(torch_att().detach().numpy(), out_ours, rtol=1e-3, atol=1e-4)
+        t = median_time(torch_att)
+        rows.append(["torch sdpa (causal)", f"{t * 1e3:.1f}", f"{t / t_att:.2f}"])
+        result["attention"]["torch_sdpa_ms"] = t * 1e3
+    print(f"\nattention fwd+bwd: batch {B}, heads {NH}, T {S}, head dim {HD}")
+    print(table(rows, ["implementation", "median ms", "time / moecore"]))
+    print(f"\nwritten {write_results('moe_layer', result)}")
+
+
+if __name__ == "__main__":
+    main()
