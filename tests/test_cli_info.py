@@ -4,9 +4,8 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-
 import moecore
+import numpy as np
 from moecore.cli import main
 
 

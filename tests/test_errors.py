@@ -1,7 +1,6 @@
 """The exception classes subclass the builtins users already catch."""
 
 import pytest
-
 from moecore import errors
 
 

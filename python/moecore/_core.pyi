@@ -3,6 +3,21 @@
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from typing_extensions import final
+
+__all__ = [
+    "BsrPattern",
+    "CorruptPayload",
+    "InternalError",
+    "PoolMisuse",
+    "PoolOutOfMemory",
+    "bsr_kernel_isa",
+    "bsr_linear",
+    "bsr_linear_dw",
+    "bsr_linear_dx",
+    "build_info",
+]
 
 class PoolMisuse(ValueError): ...
 class PoolOutOfMemory(MemoryError): ...
@@ -65,3 +80,34 @@ def moe_grouped_matmul_dx(dy: np.ndarray, counts: np.ndarray, w: np.ndarray) -> 
 def moe_grouped_matmul_dw(
     x_sorted: np.ndarray, dy: np.ndarray, counts: np.ndarray
 ) -> np.ndarray: ...
+# ---- block-sparse matmul (rust/py/sparse.rs) ----
+
+@final
+class BsrPattern:
+    def __new__(
+        cls,
+        shape: tuple[int, int],
+        block: int,
+        indptr: npt.NDArray[np.int64],
+        indices: npt.NDArray[np.int64],
+    ) -> BsrPattern: ...
+    @property
+    def shape(self) -> tuple[int, int]: ...
+    @property
+    def block(self) -> int: ...
+    @property
+    def nnzb(self) -> int: ...
+
+def bsr_linear(
+    x: npt.NDArray[np.float32],
+    pattern: BsrPattern,
+    data: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]: ...
+def bsr_linear_dx(
+    dy: npt.NDArray[np.float32], pattern: BsrPattern, data: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]: ...
+def bsr_linear_dw(
+    dy: npt.NDArray[np.float32], x: npt.NDArray[np.float32], pattern: BsrPattern
+) -> npt.NDArray[np.float32]: ...
+def bsr_kernel_isa() -> str: ...

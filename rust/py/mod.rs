@@ -10,6 +10,7 @@ mod gil;
 mod info;
 mod moe;
 mod optim;
+mod sparse;
 
 #[pyo3::pymodule]
 mod _core {
@@ -24,4 +25,6 @@ mod _core {
     };
     #[pymodule_export]
     use super::optim::adamw_step;
+    #[pymodule_export]
+    use super::sparse::{bsr_kernel_isa, bsr_linear, bsr_linear_dw, bsr_linear_dx, PyBsrPattern};
 }
