@@ -4,8 +4,9 @@ import json
 import subprocess
 import sys
 
-import moecore
 import numpy as np
+
+import moecore
 from moecore.cli import main
 
 

@@ -1,6 +1,7 @@
 """The exception classes subclass the builtins users already catch."""
 
 import pytest
+
 from moecore import errors
 
 

@@ -34,7 +34,12 @@ def naive_moe(x, router, w1, w2, k, score="softmax", bias=None, capacity=None, a
     keep = np.ones((t, k), bool)
     if capacity is not None:
         for ex in range(e):
-            users = [(weights[r, j], -(r * k + j), r, j) for r in range(t) for j in range(k) if chosen[r][j] == ex]
+            users = [
+                (weights[r, j], -(r * k + j), r, j)
+                for r in range(t)
+                for j in range(k)
+                if chosen[r][j] == ex
+            ]
             users.sort(reverse=True)
             for _, _, r, j in users[capacity:]:
                 keep[r, j] = False
@@ -83,14 +88,23 @@ def test_moe_op_matches_naive_loop(dtype, e, k, score, activation, capacity_fact
     x, router, w1, w2 = layer_inputs(t, d, e, h, gate, dtype)
     stats = {}
     y = ops.moe(
-        mc.Tensor(x), mc.Tensor(router), mc.Tensor(w1), mc.Tensor(w2),
-        k=k, score=score, activation=activation, capacity_factor=capacity_factor, stats=stats,
+        mc.Tensor(x),
+        mc.Tensor(router),
+        mc.Tensor(w1),
+        mc.Tensor(w2),
+        k=k,
+        score=score,
+        activation=activation,
+        capacity_factor=capacity_factor,
+        stats=stats,
     )
     cap = None if capacity_factor is None else max(1, math.ceil(capacity_factor * t * k / e))
     ref, chosen, keep = naive_moe(x, router, w1, w2, k, score, None, cap, activation)
     tol = 1e-4 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(y.data, ref, rtol=tol, atol=tol)
-    np.testing.assert_array_equal(stats["tokens_per_expert"], np.bincount(chosen.ravel(), minlength=e))
+    np.testing.assert_array_equal(
+        stats["tokens_per_expert"], np.bincount(chosen.ravel(), minlength=e)
+    )
     assert stats["dropped"] == int((~keep).sum())
 
 
@@ -126,7 +140,17 @@ def test_aux_and_z_loss_gradients_are_injected(score):
     def aux_value(x_, router_):
         stats = {}
         with mc.no_grad():
-            ops.moe(mc.Tensor(x_), mc.Tensor(router_), mc.Tensor(w1), mc.Tensor(w2), k=2, score=score, aux_loss=0.3, z_loss=0.05, stats=stats)
+            ops.moe(
+                mc.Tensor(x_),
+                mc.Tensor(router_),
+                mc.Tensor(w1),
+                mc.Tensor(w2),
+                k=2,
+                score=score,
+                aux_loss=0.3,
+                z_loss=0.05,
+                stats=stats,
+            )
         return stats["aux_loss"] + stats["z_loss"]
 
     rt = mc.Tensor(router.copy(), requires_grad=True)
@@ -148,7 +172,16 @@ def test_aux_and_z_loss_gradients_are_injected(score):
 def test_aux_loss_values_match_the_switch_formula():
     x, router, w1, w2 = layer_inputs(32, 8, 4, 6, dtype=np.float64, seed=3)
     stats = {}
-    ops.moe(mc.Tensor(x), mc.Tensor(router), mc.Tensor(w1), mc.Tensor(w2), k=2, aux_loss=0.01, z_loss=0.001, stats=stats)
+    ops.moe(
+        mc.Tensor(x),
+        mc.Tensor(router),
+        mc.Tensor(w1),
+        mc.Tensor(w2),
+        k=2,
+        aux_loss=0.01,
+        z_loss=0.001,
+        stats=stats,
+    )
     logits = x @ router.T
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)

@@ -50,10 +50,23 @@ def test_tiny_run_trains_and_loss_falls(tmp_path, corpus):
     assert last < first - 0.5, (first, last)
     assert result.val_loss is not None and result.val_loss < records[0]["loss"]
     r = records[-1]
-    for key in ("loss", "lr", "tokens_per_s", "grad_norm", "expert_load", "load_cv", "dropped", "seconds"):
+    for key in (
+        "loss",
+        "lr",
+        "tokens_per_s",
+        "grad_norm",
+        "expert_load",
+        "load_cv",
+        "dropped",
+        "seconds",
+    ):
         assert key in r
     assert len(r["expert_load"]) == 2 and sum(r["expert_load"][0]) == 4 * 32 * 2
-    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == ["step_00000020", "step_00000030", "step_00000040"]
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [
+        "step_00000020",
+        "step_00000030",
+        "step_00000040",
+    ]
 
 
 def test_resume_equals_uninterrupted(tmp_path, corpus):
@@ -93,7 +106,14 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, corpus)
     cmd = [sys.executable, "-m", "moecore.cli", "train", "--resume", str(out), "--set", "steps=12"]
     log = tmp_path / "killed.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 120
         pending = out / "checkpoints"
         while time.time() < deadline and not list(pending.glob(".step_00000012.tmp-*/state.json")):
@@ -107,7 +127,9 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, corpus)
     assert state["step"] == 10 and "model" in groups
     resumed = Trainer.resume(out, out=io.StringIO(), overrides={"steps": 12})
     assert resumed.train().steps_done == 12
-    assert not list((out / "checkpoints").glob(".step_*"))  # the killed writer's temporary is cleaned
+    assert not list(
+        (out / "checkpoints").glob(".step_*")
+    )  # the killed writer's temporary is cleaned
 
 
 def test_corrupt_checkpoint_names_the_file(tmp_path, corpus):
@@ -126,7 +148,9 @@ def test_corrupt_checkpoint_names_the_file(tmp_path, corpus):
 
 def test_config_validation_lists_every_problem(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('[model]\nd_model = 100\nn_heads = 3\ntop_k = 9\nbogus = 1\n[train]\nlr = "fast"\n')
+    toml.write_text(
+        '[model]\nd_model = 100\nn_heads = 3\ntop_k = 9\nbogus = 1\n[train]\nlr = "fast"\n'
+    )
     with pytest.raises(ConfigError) as info:
         build_config("moe-small", toml)
     problems = info.value.problems
@@ -134,7 +158,9 @@ def test_config_validation_lists_every_problem(tmp_path):
     assert any("lr: expected float, got 'fast'" in p for p in problems)
     assert any("n_heads (3) must divide d_model (100)" in p for p in problems)
     assert any("top_k (9) must not exceed n_experts (8)" in p for p in problems)
-    config = build_config("moe-small", overrides={"steps": "50", "batch_size": "8", "eval_every": "25"})
+    config = build_config(
+        "moe-small", overrides={"steps": "50", "batch_size": "8", "eval_every": "25"}
+    )
     assert (config.steps, config.batch_size, config.eval_every) == (50, 8, 25)
     with pytest.raises(ConfigError, match="unknown preset"):
         build_config("moe-huge")
@@ -143,9 +169,31 @@ def test_config_validation_lists_every_problem(tmp_path):
 def test_moe_small_preset_is_what_the_issue_says():
     c = build_config("moe-small")
     assert (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.seq_len) == (256, 256, 4, 4, 256)
-    assert (c.n_experts, c.top_k, c.d_ff, c.activation, c.capacity_factor, c.aux_loss) == (8, 2, 512, "gelu", 0.0, 0.01)
-    assert (c.lr, c.beta1, c.beta2, c.weight_decay, c.warmup_steps, c.decay_steps, c.min_lr) == (1e-3, 0.9, 0.95, 0.1, 50, 600, 1e-4)
-    assert (c.clip, c.batch_size, c.dtype, c.seed, c.norm, c.score) == (1.0, 16, "float32", 0, "layernorm", "softmax")
+    assert (c.n_experts, c.top_k, c.d_ff, c.activation, c.capacity_factor, c.aux_loss) == (
+        8,
+        2,
+        512,
+        "gelu",
+        0.0,
+        0.01,
+    )
+    assert (c.lr, c.beta1, c.beta2, c.weight_decay, c.warmup_steps, c.decay_steps, c.min_lr) == (
+        1e-3,
+        0.9,
+        0.95,
+        0.1,
+        50,
+        600,
+        1e-4,
+    )
+    assert (c.clip, c.batch_size, c.dtype, c.seed, c.norm, c.score) == (
+        1.0,
+        16,
+        "float32",
+        0,
+        "layernorm",
+        "softmax",
+    )
 
 
 def test_data_errors(tmp_path):
@@ -170,20 +218,57 @@ def test_builtin_corpus_follows_the_rules():
     assert c.vocab_size == 256 and c.files > 100 and len(c.tokens) > 1_000_000
     assert len(c.val) == len(c.tokens) - int(len(c.tokens) * 0.95)
     root = Path(os.__file__).parent
-    assert bytes(c.tokens[:200].astype(np.uint8)) == sorted(
-        (p for p in root.rglob("*.py") if not {"site-packages", "test", "tests", "idle_test"} & set(p.relative_to(root).parts[:-1])),
-        key=str,
-    )[0].read_bytes()[:200]
+    assert (
+        bytes(c.tokens[:200].astype(np.uint8))
+        == sorted(
+            (
+                p
+                for p in root.rglob("*.py")
+                if not {"site-packages", "test", "tests", "idle_test"}
+                & set(p.relative_to(root).parts[:-1])
+            ),
+            key=str,
+        )[0].read_bytes()[:200]
+    )
 
 
 def test_cli_train_generate_eval_report(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--preset", "moe-tiny", "--data", str(corpus), "--out", str(out), "--set", "steps=4", "eval_every=2", "seq_len=32"])
+    code = main(
+        [
+            "train",
+            "--preset",
+            "moe-tiny",
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            "--set",
+            "steps=4",
+            "eval_every=2",
+            "seq_len=32",
+        ]
+    )
     assert code == 0
     assert "finished after 4 steps" in capsys.readouterr().out
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
-    assert main(["generate", "--run", str(out), "--prompt", "def ", "--tokens", "20", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--run",
+                str(out),
+                "--prompt",
+                "def ",
+                "--tokens",
+                "20",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert text.startswith("def ") and len(text) >= 4
     assert main(["eval", "--run", str(out)]) == 0
@@ -200,7 +285,9 @@ def test_cli_train_generate_eval_report(tmp_path, corpus, capsys):
 def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path, corpus):
     from moecore.train import TrainingDiverged
 
-    trainer = Trainer(tiny(corpus, steps=10, max_bad_steps=3, eval_every=0), tmp_path / "run", out=io.StringIO())
+    trainer = Trainer(
+        tiny(corpus, steps=10, max_bad_steps=3, eval_every=0), tmp_path / "run", out=io.StringIO()
+    )
     trainer.model.tok_emb.weight.data[:] = np.nan
     with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
         trainer.train()

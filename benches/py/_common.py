@@ -28,7 +28,11 @@ def blas_info() -> str:
     try:
         from threadpoolctl import threadpool_info
 
-        libs = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)" for i in threadpool_info() if i.get("user_api") == "blas"]
+        libs = [
+            f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)"
+            for i in threadpool_info()
+            if i.get("user_api") == "blas"
+        ]
         text = "; ".join(libs) or "no BLAS found by threadpoolctl"
     except ImportError:
         text = "threadpoolctl not installed"

@@ -16,10 +16,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import blas_info, median_time, table, try_torch, write_results  # noqa: E402
+from _common import blas_info, median_time, table, try_torch, write_results
 
-import moecore as mc  # noqa: E402
-from moecore import ops  # noqa: E402
+import moecore as mc
+from moecore import ops
 
 T, D, E, K, H = 4096, 256, 8, 2, 512
 B, NH, S, HD = 16, 4, 256, 64
@@ -70,7 +70,11 @@ def torch_layers(torch, x, router, w1, w2, dy):
         tok = order // K
         xs = x.index_select(0, tok)
         counts = torch.bincount(flat, minlength=E).tolist()
-        outs = [f.gelu(chunk @ w1[e], approximate="tanh") @ w2[e] for e, chunk in enumerate(xs.split(counts)) if chunk.shape[0] or True]
+        outs = [
+            f.gelu(chunk @ w1[e], approximate="tanh") @ w2[e]
+            for e, chunk in enumerate(xs.split(counts))
+            if chunk.shape[0] or True
+        ]
         ys = torch.cat(outs) * w.flatten()[order].unsqueeze(1)
         y = torch.zeros_like(x).index_add(0, tok, ys)
         ((y * dy).sum() + aux).backward()

@@ -1,10 +1,9 @@
 """Type stubs for the Rust extension ``moecore._core`` (hand-written; checked by stubtest)."""
 
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import final
 
 __all__ = [
     "BsrPattern",
@@ -40,6 +39,7 @@ def adamw_step(
     weight_decay: float,
     step: int,
 ) -> None: ...
+
 # MoE kernels (rust/py/moe.rs); documented in moecore.moe_kernels.
 
 def moe_route(
@@ -80,6 +80,7 @@ def moe_grouped_matmul_dx(dy: np.ndarray, counts: np.ndarray, w: np.ndarray) -> 
 def moe_grouped_matmul_dw(
     x_sorted: np.ndarray, dy: np.ndarray, counts: np.ndarray
 ) -> np.ndarray: ...
+
 # ---- block-sparse matmul (rust/py/sparse.rs) ----
 
 @final

@@ -49,7 +49,14 @@ def _fail(message: str) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from moecore.data import DataError
-    from moecore.train import CheckpointError, ConfigError, Trainer, TrainingDiverged, build_config, parse_overrides
+    from moecore.train import (
+        CheckpointError,
+        ConfigError,
+        Trainer,
+        TrainingDiverged,
+        build_config,
+        parse_overrides,
+    )
 
     try:
         overrides: dict[str, Any] = parse_overrides(args.set or [])
@@ -73,7 +80,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 3
     status = "interrupted" if result.interrupted else "finished"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"{status} after {result.steps_done} steps in {result.seconds:.0f} s: loss {result.final_loss:.4f}{val}")
+    print(
+        f"{status} after {result.steps_done} steps in {result.seconds:.0f} s: loss {result.final_loss:.4f}{val}"
+    )
     return 0
 
 
@@ -95,7 +104,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         model, _, _ = _load_run(args.run)
-        text = generate(model, args.prompt.encode(), args.tokens, args.temperature, args.top_k, args.seed)
+        text = generate(
+            model, args.prompt.encode(), args.tokens, args.temperature, args.top_k, args.seed
+        )
     except (CheckpointError, ConfigError, ValueError) as exc:
         return _fail(str(exc))
     sys.stdout.write(args.prompt + text.decode("utf-8", errors="replace") + "\n")
@@ -111,7 +122,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         loss = trainer.evaluate()
     except (CheckpointError, ConfigError, DataError) as exc:
         return _fail(str(exc))
-    print(json.dumps({"step": trainer.step, "val_loss": loss, "val_ppl_per_byte": float(2.718281828459045**loss)}))
+    print(
+        json.dumps(
+            {
+                "step": trainer.step,
+                "val_loss": loss,
+                "val_ppl_per_byte": float(2.718281828459045**loss),
+            }
+        )
+    )
     return 0
 
 
@@ -129,24 +148,49 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``moecore``, one sub-command per job."""
-    parser = argparse.ArgumentParser(prog="moecore", description="Mixture-of-Experts training with a Rust core.")
+    parser = argparse.ArgumentParser(
+        prog="moecore", description="Mixture-of-Experts training with a Rust core."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train an MoE language model (default: preset moe-small on the built-in corpus)")
-    train.add_argument("--preset", default="moe-small", help="named configuration to start from (moe-small, moe-tiny)")
+    train = sub.add_parser(
+        "train",
+        help="train an MoE language model (default: preset moe-small on the built-in corpus)",
+    )
+    train.add_argument(
+        "--preset",
+        default="moe-small",
+        help="named configuration to start from (moe-small, moe-tiny)",
+    )
     train.add_argument("--config", help="TOML run configuration (applied over the preset)")
-    train.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override configuration keys, e.g. steps=50 batch_size=8")
+    train.add_argument(
+        "--set",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="override configuration keys, e.g. steps=50 batch_size=8",
+    )
     train.add_argument("--out", help="run directory (default runs/<timestamp>)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR exactly")
-    train.add_argument("--data", help="a text file, a folder of text files, or a .bin/.npy of uint16 token ids")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR exactly"
+    )
+    train.add_argument(
+        "--data", help="a text file, a folder of text files, or a .bin/.npy of uint16 token ids"
+    )
     train.add_argument("--vocab", type=int, help="vocabulary size of .bin/.npy token data")
     train.set_defaults(handler=_cmd_train)
 
     gen = sub.add_parser("generate", help="sample text from a trained run")
-    gen.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory (its newest checkpoint is used)")
+    gen.add_argument(
+        "--run",
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory (its newest checkpoint is used)",
+    )
     gen.add_argument("--prompt", default="def ", help="text to continue")
     gen.add_argument("--tokens", type=int, default=200, help="bytes to generate")
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    gen.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)"
+    )
     gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.set_defaults(handler=_cmd_generate)
@@ -159,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run", metavar="RUN_DIR", help="run directory")
     rep.set_defaults(handler=_cmd_report)
 
-    info = sub.add_parser("info", help="show the build, CPU features, numpy, GPU and MPI availability")
+    info = sub.add_parser(
+        "info", help="show the build, CPU features, numpy, GPU and MPI availability"
+    )
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
     info.set_defaults(handler=_cmd_info)
     return parser

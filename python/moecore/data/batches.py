@@ -18,11 +18,15 @@ def train_batch(
     return windows(tokens, starts, seq_len)
 
 
-def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def val_batches(
+    tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n_batches`` fixed batches of windows spread evenly over ``tokens``."""
     count = max(1, n_batches * batch_size)
     starts = np.linspace(0, len(tokens) - seq_len - 1, num=count).astype(np.int64)
-    return [windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, count, batch_size)]
+    return [
+        windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, count, batch_size)
+    ]
 
 
 def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -93,7 +93,9 @@ def _text_files(path: Path) -> list[Path]:
     return [p for p in files if not any(part.startswith(".") for part in p.relative_to(path).parts)]
 
 
-def load_corpus(path: str | os.PathLike[str] | None = None, vocab_size: int | None = None) -> Corpus:
+def load_corpus(
+    path: str | os.PathLike[str] | None = None, vocab_size: int | None = None
+) -> Corpus:
     """The built-in corpus (``path`` None), a text file or folder of text files (bytes as
     tokens, vocab 256), or a ``.bin``/``.npy`` file of uint16 ids (needs ``vocab_size``)."""
     if path is None or str(path) == "":
@@ -111,11 +113,17 @@ def load_corpus(path: str | os.PathLike[str] | None = None, vocab_size: int | No
         if vocab_size is None:
             raise DataError(f"{p} holds token ids: give the vocabulary size (--vocab N)")
         try:
-            ids = np.load(p, allow_pickle=False) if p.suffix == ".npy" else np.fromfile(p, dtype=np.uint16)
+            ids = (
+                np.load(p, allow_pickle=False)
+                if p.suffix == ".npy"
+                else np.fromfile(p, dtype=np.uint16)
+            )
         except (ValueError, OSError) as exc:
             raise DataError(f"cannot read token ids from {p}: {exc}") from exc
         if ids.dtype != np.uint16 or ids.ndim != 1:
-            raise DataError(f"{p} must hold a 1-D array of uint16 token ids, got {ids.dtype} {ids.shape}")
+            raise DataError(
+                f"{p} must hold a 1-D array of uint16 token ids, got {ids.dtype} {ids.shape}"
+            )
         if ids.size == 0:
             raise DataError(f"{p} is empty")
         if int(ids.max()) >= vocab_size:

@@ -47,7 +47,9 @@ def route(
     weights = xp.take_along_axis(probs, idx, axis=1)
     if normalize:
         total = weights.sum(axis=1, keepdims=True)
-        weights = xp.where(total > 0, weights / xp.where(total > 0, total, 1), 0).astype(probs.dtype)
+        weights = xp.where(total > 0, weights / xp.where(total > 0, total, 1), 0).astype(
+            probs.dtype
+        )
     return idx, weights, probs
 
 
@@ -62,7 +64,9 @@ def route_backward(
         total = raw.sum(axis=1, keepdims=True)
         safe = xp.where(total > 0, total, 1)
         w = raw / safe
-        d_raw = xp.where(total > 0, (d_weights - (d_weights * w).sum(axis=1, keepdims=True)) / safe, 0)
+        d_raw = xp.where(
+            total > 0, (d_weights - (d_weights * w).sum(axis=1, keepdims=True)) / safe, 0
+        )
     d_probs = xp.zeros_like(probs)
     xp.put_along_axis(d_probs, expert_idx, d_raw.astype(probs.dtype, copy=False), axis=1)
     if score == "softmax":
@@ -99,7 +103,9 @@ def permute(
     rows = int(padded.sum())
     order = xp.full(rows, -1, dtype=xp.int32)
     starts = xp.concatenate([xp.zeros(1, dtype=padded.dtype), xp.cumsum(padded)[:-1]])
-    real_starts = xp.concatenate([xp.zeros(1, dtype=real_counts.dtype), xp.cumsum(real_counts)[:-1]])
+    real_starts = xp.concatenate(
+        [xp.zeros(1, dtype=real_counts.dtype), xp.cumsum(real_counts)[:-1]]
+    )
     sorted_experts = chosen[xp.argsort(chosen, kind="stable")]
     position = starts[sorted_experts] + (xp.arange(order_real.size) - real_starts[sorted_experts])
     order[position] = order_real
@@ -110,7 +116,11 @@ def permute(
 
 
 def unpermute(
-    y_sorted: Any, order: Any, weights: Any = None, n_tokens: int | None = None, k: int | None = None
+    y_sorted: Any,
+    order: Any,
+    weights: Any = None,
+    n_tokens: int | None = None,
+    k: int | None = None,
 ) -> Any:
     """See :func:`moecore.moe_kernels.unpermute`."""
     xp = xp_of(y_sorted)

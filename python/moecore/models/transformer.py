@@ -41,7 +41,13 @@ class Block(nn.Module):
         super().__init__()
         norm = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
         self.norm1 = norm(cfg.d_model)
-        self.attn = nn.Attention(cfg.d_model, cfg.n_heads, dropout=cfg.dropout, rope=cfg.position == "rope", max_len=cfg.seq_len)
+        self.attn = nn.Attention(
+            cfg.d_model,
+            cfg.n_heads,
+            dropout=cfg.dropout,
+            rope=cfg.position == "rope",
+            max_len=cfg.seq_len,
+        )
         self.norm2 = norm(cfg.d_model)
         if moe:
             self.ffn: nn.Module = nn.MoE(
@@ -91,7 +97,9 @@ class MoETransformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model, std=0.02)
         if config.position == "learned":
             self.pos_emb = nn.Parameter(init.normal((config.seq_len, config.d_model), 0.02))
-        self.blocks = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(
+            Block(config, config.is_moe_layer(i)) for i in range(config.n_layers)
+        )
         norm = nn.LayerNorm if config.norm == "layernorm" else nn.RMSNorm
         self.norm = norm(config.d_model)
         self.drop = nn.Dropout(config.dropout)

@@ -8,9 +8,11 @@ from moecore.nn.layers import Dropout, Embedding, LayerNorm, Linear, RMSNorm
 from moecore.nn.module import Module
 from moecore.nn.moe import MoE, update_router_biases
 from moecore.nn.parameter import Parameter
+from moecore.nn.sparse import BlockSparseLinear
 
 __all__ = [
     "Attention",
+    "BlockSparseLinear",
     "Dropout",
     "Embedding",
     "LayerNorm",

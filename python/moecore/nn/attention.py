@@ -9,8 +9,8 @@ import numpy as np
 from moecore import ops
 from moecore.autograd.tensor import Tensor
 from moecore.nn.layers import Dropout, Linear
-from moecore.ops.attention import rope_tables
 from moecore.nn.module import Module
+from moecore.ops.attention import rope_tables
 
 
 class Attention(Module):
@@ -59,7 +59,9 @@ class Attention(Module):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Attention expects [batch, T, {self.d_model}], got {x.shape}")
         if self.rope is not None and x.shape[1] > self.rope[0].shape[0]:
-            raise ValueError(f"sequence of {x.shape[1]} exceeds the rotary tables ({self.rope[0].shape[0]})")
+            raise ValueError(
+                f"sequence of {x.shape[1]} exceeds the rotary tables ({self.rope[0].shape[0]})"
+            )
         h = ops.packed_attention(self.qkv(x), self.n_heads, causal=self.causal, rope=self.rope)
         return self.dropout(self.proj(h))
 

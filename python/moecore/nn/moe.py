@@ -139,9 +139,15 @@ class MoE(Module):
         )
         if self.n_shared_experts:
             h = self.shared_in(x)
-            h = ops.swiglu(h) if self.activation == "swiglu" else (ops.gelu(h) if self.activation == "gelu" else h.relu())
+            h = (
+                ops.swiglu(h)
+                if self.activation == "swiglu"
+                else (ops.gelu(h) if self.activation == "gelu" else h.relu())
+            )
             y = y + self.shared_out(h)
-        load = np.asarray(stats["tokens_per_expert"] if xp_of(x.data) is np else stats["tokens_per_expert"].get())
+        load = np.asarray(
+            stats["tokens_per_expert"] if xp_of(x.data) is np else stats["tokens_per_expert"].get()
+        )
         stats.update(routing_summary(load))
         self.last_stats = stats
         if self.training:
@@ -159,7 +165,11 @@ class MoE(Module):
         self._load_since_update[...] = 0
 
     def extra_repr(self) -> str:
-        cap = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
+        cap = (
+            "dropless"
+            if self.capacity_factor is None
+            else f"capacity_factor={self.capacity_factor}"
+        )
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, "
             f"top_k={self.top_k}, score={self.score}, {cap}, activation={self.activation}, "

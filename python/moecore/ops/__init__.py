@@ -27,16 +27,18 @@ from moecore.ops.elementwise import (
 )
 from moecore.ops.embedding import embedding
 from moecore.ops.loss import cross_entropy
-from moecore.ops.moe import moe
 from moecore.ops.matmul import linear, matmul
+from moecore.ops.moe import moe
 from moecore.ops.norm import layer_norm, rms_norm
 from moecore.ops.reduce import max, mean, sum
 from moecore.ops.shape import concat, getitem, permute, reshape, stack, transpose
+from moecore.ops.sparse import block_sparse_linear
 
 _tensor_methods.install()
 
 __all__ = [
     "add",
+    "block_sparse_linear",
     "cast",
     "checkpoint",
     "concat",

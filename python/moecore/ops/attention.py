@@ -97,9 +97,7 @@ class PackedCausalAttention(Function):
     not as extra tape nodes."""
 
     @staticmethod
-    def forward(
-        ctx: Context, qkv: Any, n_heads: int, causal: bool = True, rope: Any = None
-    ) -> Any:
+    def forward(ctx: Context, qkv: Any, n_heads: int, causal: bool = True, rope: Any = None) -> Any:
         b, t, three_d = qkv.shape
         if three_d % (3 * n_heads):
             raise ValueError(

@@ -135,14 +135,44 @@ class MoEFunction(Function):
                 z_loss=z,
                 tokens=t,
             )
-        ctx.save_for_backward(x2, router_w, w1, w2, idx, weights, probs, x_sorted, order, counts, h, act_saved, a, y_sorted)
+        ctx.save_for_backward(
+            x2,
+            router_w,
+            w1,
+            w2,
+            idx,
+            weights,
+            probs,
+            x_sorted,
+            order,
+            counts,
+            h,
+            act_saved,
+            a,
+            y_sorted,
+        )
         ctx.meta = (lead, d, k, score, normalize, activation, kern)
         ctx.d_logits_aux = d_logits_aux
         return y.reshape(*lead, w2.shape[2])
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> Any:
-        (x2, router_w, w1, w2, idx, weights, probs, x_sorted, order, counts, h, act_saved, a, y_sorted) = ctx.saved_tensors
+        (
+            x2,
+            router_w,
+            w1,
+            w2,
+            idx,
+            weights,
+            probs,
+            x_sorted,
+            order,
+            counts,
+            h,
+            act_saved,
+            a,
+            y_sorted,
+        ) = ctx.saved_tensors
         lead, d, k, score, normalize, activation, kern = ctx.meta
         t = x2.shape[0]
         g2 = g.reshape(t, -1)

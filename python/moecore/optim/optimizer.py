@@ -68,6 +68,16 @@ class Optimizer:
         """The state dict of parameter ``p`` (created empty on first use)."""
         return self.state.setdefault(id(p), {})
 
+    def reindex_state(self, p: Tensor, keep: Any) -> None:
+        """Keeps only the entries ``keep`` (along the first axis) of ``p``'s state arrays,
+        after ``p`` itself was cut the same way (block pruning)."""
+        st = self.state.get(id(p))
+        if not st:
+            return
+        for key, value in st.items():
+            if hasattr(value, "shape") and value.ndim and value.shape[0] != p.shape[0]:
+                st[key] = value[keep].copy()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears every parameter's gradient (drops it, or zeroes it in place)."""
         for group in self.param_groups:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from moecore.train.checkpoint import CheckpointError
 from moecore.train.config import PRESETS, ConfigError, RunConfig, build_config, parse_overrides
 from moecore.train.monitor import TrainingDiverged
-from moecore.train.trainer import TrainResult, Trainer, build_model, build_optimizer
+from moecore.train.trainer import Trainer, TrainResult, build_model, build_optimizer
 
 __all__ = [
     "PRESETS",

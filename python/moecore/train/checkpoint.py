@@ -55,7 +55,11 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -76,7 +80,10 @@ def save(
         shutil.rmtree(tmp)
     tmp.mkdir()
     for name, tensors in groups.items():
-        _write_file(tmp / f"{name}.safetensors", lambda fh, t=tensors: safetensors.write(fh, t, {"format": "pt"}))
+        _write_file(
+            tmp / f"{name}.safetensors",
+            lambda fh, t=tensors: safetensors.write(fh, t, {"format": "pt"}),
+        )
     meta = {"format_version": FORMAT_VERSION, "step": step, "files": sorted(groups), **state}
     _write_file(tmp / "state.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
     _fsync_dir(tmp)

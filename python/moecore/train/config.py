@@ -100,7 +100,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-_TYPES: dict[str, type] = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in fields(RunConfig)}
+_TYPES: dict[str, type] = {
+    f.name: typing.get_type_hints(RunConfig)[f.name] for f in fields(RunConfig)
+}
 _CHOICES = {
     "activation": ("gelu", "swiglu", "relu"),
     "score": ("softmax", "sigmoid"),
@@ -144,14 +146,36 @@ def _coerce(key: str, value: Any, problems: list[str]) -> Any:
 def _check_values(c: RunConfig) -> list[str]:
     p: list[str] = []
     positive = [
-        "vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "n_experts", "top_k",
-        "d_ff", "dense_d_ff", "moe_every", "steps", "batch_size", "grad_accum",
-        "eval_batches", "keep_checkpoints", "max_bad_steps",
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "seq_len",
+        "n_experts",
+        "top_k",
+        "d_ff",
+        "dense_d_ff",
+        "moe_every",
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "eval_batches",
+        "keep_checkpoints",
+        "max_bad_steps",
     ]
     for key in positive:
         if getattr(c, key) < 1:
             p.append(f"{key} must be ≥ 1, got {getattr(c, key)}")
-    for key in ("eval_every", "checkpoint_every", "warmup_steps", "decay_steps", "first_dense_layers", "n_shared_experts", "vocab", "seed"):
+    for key in (
+        "eval_every",
+        "checkpoint_every",
+        "warmup_steps",
+        "decay_steps",
+        "first_dense_layers",
+        "n_shared_experts",
+        "vocab",
+        "seed",
+    ):
         if getattr(c, key) < 0:
             p.append(f"{key} must be ≥ 0, got {getattr(c, key)}")
     for key, options in _CHOICES.items():
@@ -163,14 +187,24 @@ def _check_values(c: RunConfig) -> list[str]:
         p.append("position 'rope' needs an even head dimension (d_model / n_heads)")
     if c.top_k > c.n_experts:
         p.append(f"top_k ({c.top_k}) must not exceed n_experts ({c.n_experts})")
-    for key in ("lr", "min_lr", "weight_decay", "aux_loss", "z_loss", "bias_update_rate", "capacity_factor"):
+    for key in (
+        "lr",
+        "min_lr",
+        "weight_decay",
+        "aux_loss",
+        "z_loss",
+        "bias_update_rate",
+        "capacity_factor",
+    ):
         if getattr(c, key) < 0:
             p.append(f"{key} must be ≥ 0, got {getattr(c, key)}")
     for key in ("beta1", "beta2", "dropout"):
         if not 0 <= getattr(c, key) < 1:
             p.append(f"{key} must be in [0, 1), got {getattr(c, key)}")
     if c.eps <= 0 or c.clip <= 0 or c.spike_factor <= 1:
-        p.append(f"eps and clip must be > 0 and spike_factor > 1, got {c.eps}, {c.clip}, {c.spike_factor}")
+        p.append(
+            f"eps and clip must be > 0 and spike_factor > 1, got {c.eps}, {c.clip}, {c.spike_factor}"
+        )
     if c.min_lr > c.lr:
         p.append(f"min_lr ({c.min_lr}) must not exceed lr ({c.lr})")
     if c.first_dense_layers > c.n_layers:

@@ -33,7 +33,7 @@ class MetricsLog:
         if resume_offset is not None and self.path.exists():
             with open(self.path, "r+b") as fh:
                 fh.truncate(resume_offset)
-        self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open for the whole run
+        self._fh = open(self.path, "ab")
 
     @property
     def offset(self) -> int:

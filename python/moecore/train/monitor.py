@@ -36,7 +36,9 @@ class Monitor:
             return {"skipped": True, "spike": False}
         self.bad_in_a_row = 0
         self.seen += 1
-        spike = self.ema is not None and self.seen > self.warmup and loss > self.spike_factor * self.ema
+        spike = (
+            self.ema is not None and self.seen > self.warmup and loss > self.spike_factor * self.ema
+        )
         if spike:
             self.spikes += 1
         self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss

@@ -21,7 +21,17 @@ class Progress:
         self.live = bool(getattr(self.out, "isatty", lambda: False)())
         self.every = every
 
-    def update(self, step: int, loss: float, tokens_per_s: float, lr: float, cv: float, eta_s: float, val: float | None = None, note: str = "") -> None:
+    def update(
+        self,
+        step: int,
+        loss: float,
+        tokens_per_s: float,
+        lr: float,
+        cv: float,
+        eta_s: float,
+        val: float | None = None,
+        note: str = "",
+    ) -> None:
         """Shows one step (every step on a TTY; every ``every`` steps otherwise)."""
         text = (
             f"step {step:>5}/{self.total}  loss {loss:7.4f}  "

@@ -21,7 +21,9 @@ def summarize(records: list[dict[str, Any]]) -> str:
     lines = [
         f"steps      {records[-1]['step']} ({sum(bool(r.get('skipped')) for r in records)} skipped, "
         f"{sum(bool(r.get('spike')) for r in records)} loss spikes)",
-        f"loss       first {losses[0]:.4f}  last {losses[-1]:.4f}  best {min(losses):.4f}" if losses else "loss       -",
+        f"loss       first {losses[0]:.4f}  last {losses[-1]:.4f}  best {min(losses):.4f}"
+        if losses
+        else "loss       -",
         "val loss   " + ("  ".join(f"{s}: {v:.4f}" for s, v in vals[-6:]) if vals else "-"),
         f"speed      {speed:,.0f} tokens/s (median)",
     ]

@@ -32,7 +32,9 @@ class SafetensorsError(ValueError):
     """A safetensors file is truncated, corrupt, or holds something numpy cannot read."""
 
 
-def write(fh: IO[bytes], tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+def write(
+    fh: IO[bytes], tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
     """Writes ``tensors`` (name → numpy array) to the open binary file ``fh``."""
     header: dict[str, Any] = {}
     offset = 0
@@ -44,7 +46,11 @@ def write(fh: IO[bytes], tensors: dict[str, np.ndarray], metadata: dict[str, str
         code = _CODES_BY_STR.get(a.dtype.str)
         if code is None:
             raise SafetensorsError(f"tensor {name!r}: dtype {a.dtype} cannot be stored")
-        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": code,
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         arrays.append(a)
     if metadata:
@@ -82,7 +88,9 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             shape = tuple(int(s) for s in entry["shape"])
             start, end = (int(v) for v in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed entry ({exc})") from None
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} has a malformed entry ({exc})"
+            ) from None
         count = int(np.prod(shape, dtype=np.int64))
         if not 0 <= start <= end <= len(body) or end - start != count * dt.itemsize:
             raise SafetensorsError(

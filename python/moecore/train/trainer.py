@@ -64,28 +64,46 @@ class Trainer:
         out: where progress goes (a terminal gets one live line).
     """
 
-    def __init__(self, config: RunConfig, run_dir: Path, corpus: Corpus | None = None, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        corpus: Corpus | None = None,
+        out: TextIO | None = None,
+    ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.out = out or sys.stdout
-        self.corpus = corpus if corpus is not None else load_corpus(config.data or None, config.vocab or None)
+        self.corpus = (
+            corpus if corpus is not None else load_corpus(config.data or None, config.vocab or None)
+        )
         if self.corpus.vocab_size > config.vocab_size:
-            raise ValueError(f"the data has vocabulary {self.corpus.vocab_size} but vocab_size is {config.vocab_size}")
+            raise ValueError(
+                f"the data has vocabulary {self.corpus.vocab_size} but vocab_size is {config.vocab_size}"
+            )
         self.corpus.check_length(config.seq_len)
         self.model = build_model(config)
         self.optimizer = build_optimizer(self.model, config)
         self.schedule = optim.LRScheduler(
-            self.optimizer, config.schedule, warmup=config.warmup_steps, total=config.decay_steps, min_lr=config.min_lr
+            self.optimizer,
+            config.schedule,
+            warmup=config.warmup_steps,
+            total=config.decay_steps,
+            min_lr=config.min_lr,
         )
         self.monitor = Monitor(config.spike_factor, config.max_bad_steps)
         self.step = 0
         self._metrics_offset: int | None = None
-        self._val = val_batches(self.corpus.val, config.seq_len, config.batch_size, config.eval_batches)
+        self._val = val_batches(
+            self.corpus.val, config.seq_len, config.batch_size, config.eval_batches
+        )
         self.last_val: float | None = None
 
     # -- persistence ---------------------------------------------------------------------
     @classmethod
-    def resume(cls, run_dir: Path, out: TextIO | None = None, overrides: dict[str, Any] | None = None) -> Trainer:
+    def resume(
+        cls, run_dir: Path, out: TextIO | None = None, overrides: dict[str, Any] | None = None
+    ) -> Trainer:
         """A trainer continuing the newest checkpoint of ``run_dir`` exactly where it was."""
         groups, state = checkpoint.load(checkpoint.latest(run_dir))
         values = dict(state["config"])
@@ -137,7 +155,11 @@ class Trainer:
             "moecore_version": moecore.__version__,
         }
         return checkpoint.save(
-            self.run_dir, self.step, {"model": dict(self.model.state_dict()), "optimizer": tensors}, state, self.config.keep_checkpoints
+            self.run_dir,
+            self.step,
+            {"model": dict(self.model.state_dict()), "optimizer": tensors},
+            state,
+            self.config.keep_checkpoints,
         )
 
     # -- the loop ------------------------------------------------------------------------
@@ -160,7 +182,9 @@ class Trainer:
         loads = [np.zeros(cfg.n_experts, np.int64) for _ in self.model.moe_layers()]
         dropped = 0
         for micro in range(accum):
-            x, y = train_batch(self.corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, self.step, micro)
+            x, y = train_batch(
+                self.corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, self.step, micro
+            )
             loss = self.model(x, y)
             total_loss += loss.item() / accum
             (loss * (1.0 / accum) if accum > 1 else loss).backward()
@@ -220,16 +244,29 @@ class Trainer:
                     self.last_val = self.evaluate()
                     record["val_loss"] = self.last_val
                 metrics.write(record)
-                note = "skipped (non-finite)" if record["skipped"] else ("loss spike" if record["spike"] else "")
+                note = (
+                    "skipped (non-finite)"
+                    if record["skipped"]
+                    else ("loss spike" if record["spike"] else "")
+                )
                 done = self.step - first_step
                 eta = (time.perf_counter() - start) / max(done, 1) * (cfg.steps - self.step)
                 progress.update(
-                    self.step, record["loss"], record["tokens_per_s"], record["lr"],
-                    float(np.mean(record["load_cv"])) if record["load_cv"] else 0.0, eta,
-                    record.get("val_loss"), note,
+                    self.step,
+                    record["loss"],
+                    record["tokens_per_s"],
+                    record["lr"],
+                    float(np.mean(record["load_cv"])) if record["load_cv"] else 0.0,
+                    eta,
+                    record.get("val_loss"),
+                    note,
                 )
                 self.monitor.check(record["loss"], record["grad_norm"])
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                if (
+                    cfg.checkpoint_every
+                    and self.step % cfg.checkpoint_every == 0
+                    and self.step < cfg.steps
+                ):
                     self.save_checkpoint(metrics)
         except KeyboardInterrupt:
             interrupted = True
@@ -242,4 +279,11 @@ class Trainer:
             progress.close()
             progress.message(f"checkpoint {path}")
         metrics.close()
-        return TrainResult(self.step, float(record["loss"]), self.last_val, interrupted, time.perf_counter() - start, self.run_dir)
+        return TrainResult(
+            self.step,
+            float(record["loss"]),
+            self.last_val,
+            interrupted,
+            time.perf_counter() - start,
+            self.run_dir,
+        )
