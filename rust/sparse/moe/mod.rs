@@ -1,1 +1,35 @@
 //! MoE kernels: routing, permute into expert-contiguous order, grouped matmul, unpermute.
+//!
+//! The semantics follow Megatron-Core / MegaBlocks (and DeepSeek-V3 for the biased and
+//! group-limited routing):
+//!
+//! - [`route`]: softmax or sigmoid scores, top-k choice on `scores + bias` (ties to the lower
+//!   expert index), weights from the unbiased scores, optionally renormalised over the k;
+//!   [`route_backward`] is the gradient of those weights with respect to the logits.
+//! - [`permute`]: the `T·k` assignments grouped by expert (expert 0 first, stable in the flat
+//!   assignment index `t·k + j`), with optional capacity dropping and zero-row padding;
+//!   `order[r]` names the assignment row `r` came from (`-1` for padding).
+//! - [`unpermute`]: the weighted sum of each token's rows back into `[T, d]`, and its
+//!   backward [`unpermute_backward`]; [`permute_backward`] is `unpermute` with unit weights.
+//! - [`grouped_matmul`] and its backward forms [`grouped_matmul_dx`], [`grouped_matmul_dw`]:
+//!   each expert's contiguous block of rows times that expert's weight matrix.
+//!
+//! Every function validates its inputs (shapes, index ranges, consistency of `order` and
+//! `counts`) before touching memory and reports a [`MoeError`] naming the argument, the
+//! expected and the actual value. All work is parallel over rows with rayon; no atomics.
+
+mod alloc;
+mod error;
+mod gemm_f32;
+mod grouped;
+mod matrix;
+mod permute;
+mod route;
+mod unpermute;
+
+pub use error::MoeError;
+pub use grouped::{grouped_matmul, grouped_matmul_dw, grouped_matmul_dx, MatrixStack};
+pub use matrix::Matrix;
+pub use permute::{permute, permute_order, PermuteOptions, Permuted};
+pub use route::{route, route_backward, RouteOptions, Routing, Score};
+pub use unpermute::{permute_backward, unpermute, unpermute_backward, UnpermuteGrads};

@@ -1,0 +1,425 @@
+//! Grouped matmul: each expert's contiguous block of rows times that expert's matrix, and the
+//! two backward forms.
+//!
+//! The work is cut into tiles (an expert and a block of output rows) of roughly equal cost and
+//! spread over rayon's threads; each tile is one single-threaded GEMM writing its own
+//! contiguous piece of the output, so no locks and no atomics. Experts with no rows make no
+//! tile at all.
+
+use rayon::prelude::*;
+
+use super::alloc::zeroed;
+use super::error::{shape_str, MoeError};
+use super::gemm_f32::{matmul, Strided};
+use super::matrix::Matrix;
+
+/// A stack of `n` row-major `rows × cols` matrices (`[E, d_in, d_out]` expert weights).
+#[derive(Debug, Clone, Copy)]
+pub struct MatrixStack<'a> {
+    data: &'a [f32],
+    n: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> MatrixStack<'a> {
+    /// Views `data` as `[n, rows, cols]`; `arg` names the argument if the lengths disagree.
+    pub fn new(
+        arg: &'static str,
+        data: &'a [f32],
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, MoeError> {
+        match n.checked_mul(rows).and_then(|x| x.checked_mul(cols)) {
+            Some(len) if len == data.len() => Ok(Self {
+                data,
+                n,
+                rows,
+                cols,
+            }),
+            _ => Err(MoeError::shape(
+                arg,
+                shape_str(&[n, rows, cols]),
+                format!("{} elements", data.len()),
+            )),
+        }
+    }
+
+    fn matrix(&self, i: usize) -> &'a [f32] {
+        let size = self.rows * self.cols;
+        &self.data[i * size..(i + 1) * size]
+    }
+}
+
+/// GEMM work (multiply-adds) a tile should carry at least, so per-call overhead (packing the
+/// right operand) stays a few percent.
+const MIN_TILE_WORK: usize = 1 << 24;
+
+/// Tiles per thread to aim for, so uneven experts still balance.
+const TILES_PER_THREAD: usize = 2;
+
+/// One unit of work: rows `[start, start + len)` of the output of expert `expert`.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    expert: usize,
+    start: usize,
+    len: usize,
+}
+
+/// Splits each expert's `sizes[e]` output rows into tiles of about equal work, where one
+/// output row costs `row_work` multiply-adds for expert e (`row_work(e)`).
+fn tiles(sizes: &[usize], row_work: impl Fn(usize) -> usize) -> Vec<Tile> {
+    let total: usize = sizes
+        .iter()
+        .enumerate()
+        .map(|(e, &n)| n.saturating_mul(row_work(e)))
+        .sum();
+    let target =
+        (total / (rayon::current_num_threads() * TILES_PER_THREAD).max(1)).max(MIN_TILE_WORK);
+    let mut out = Vec::new();
+    for (expert, &n) in sizes.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let per_row = row_work(expert).max(1);
+        let pieces = (n.saturating_mul(per_row) / target).clamp(1, n);
+        // Round the tile height to a multiple of 16 rows (the micro-kernel's register block)
+        // when the expert is tall enough.
+        let mut height = n.div_ceil(pieces);
+        if n >= 32 {
+            height = height.div_ceil(16) * 16;
+        }
+        let mut start = 0;
+        while start < n {
+            let len = height.min(n - start);
+            out.push(Tile { expert, start, len });
+            start += len;
+        }
+    }
+    out
+}
+
+/// Splits `buf` (concatenated row-major blocks of `cols` columns) into one mutable piece per
+/// tile, where tile rows are offset by `base[tile.expert]`. Tiles must come in increasing,
+/// non-overlapping row order, as [`tiles`] makes them.
+fn split_by_tiles<'b>(
+    mut buf: &'b mut [f32],
+    tiles: &[Tile],
+    base: &[usize],
+    cols: usize,
+) -> Vec<(Tile, &'b mut [f32])> {
+    let mut pos = 0;
+    let mut out = Vec::with_capacity(tiles.len());
+    for &tile in tiles {
+        let begin = (base[tile.expert] + tile.start) * cols;
+        let (_, rest) = std::mem::take(&mut buf).split_at_mut(begin - pos);
+        let (piece, rest) = rest.split_at_mut(tile.len * cols);
+        out.push((tile, piece));
+        buf = rest;
+        pos = begin + tile.len * cols;
+    }
+    out
+}
+
+/// Row offsets of each expert's block: `[0, c0, c0 + c1, …, R]`, after checking `counts`
+/// (`E` non-negative entries summing to `rows`).
+fn offsets(
+    counts: &[i32],
+    n_experts: usize,
+    rows: usize,
+    rows_of: &str,
+) -> Result<Vec<usize>, MoeError> {
+    if counts.len() != n_experts {
+        return Err(MoeError::shape(
+            "counts",
+            format!("[{n_experts}] (experts in w)"),
+            format!("[{}]", counts.len()),
+        ));
+    }
+    let mut off = Vec::with_capacity(n_experts + 1);
+    let mut sum = 0usize;
+    off.push(0);
+    for (e, &c) in counts.iter().enumerate() {
+        if c < 0 {
+            return Err(MoeError::entry(
+                "counts",
+                &[e],
+                "a non-negative row count",
+                c,
+            ));
+        }
+        sum = sum.saturating_add(c as usize);
+        off.push(sum);
+    }
+    if sum != rows {
+        return Err(MoeError::value(
+            "counts",
+            format!("entries summing to R = {rows} (rows of {rows_of})"),
+            format!("entries summing to {sum}"),
+        ));
+    }
+    Ok(off)
+}
+
+/// `out[R, d_out]`: the rows of expert e in `x_sorted` (`[R, d_in]`, blocks given by
+/// `counts`) times `w[e]` (`w`: `[E, d_in, d_out]`).
+pub fn grouped_matmul(
+    x_sorted: Matrix<'_, f32>,
+    counts: &[i32],
+    w: MatrixStack<'_>,
+) -> Result<Vec<f32>, MoeError> {
+    x_sorted
+        .expect_shape("x_sorted", x_sorted.rows(), w.rows)
+        .map_err(|_| {
+            MoeError::shape(
+                "x_sorted",
+                format!("[R, {}] (d_in of w)", w.rows),
+                x_sorted.shape(),
+            )
+        })?;
+    let off = offsets(counts, w.n, x_sorted.rows(), "x_sorted")?;
+    let (d_in, d_out) = (w.rows, w.cols);
+    let mut out = zeroed("out", x_sorted.rows().saturating_mul(d_out))?;
+    let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
+    let work = tiles(&sizes, |_| d_in * d_out);
+    split_by_tiles(&mut out, &work, &off, d_out)
+        .into_par_iter()
+        .for_each(|(tile, dst)| {
+            let row0 = off[tile.expert] + tile.start;
+            matmul(
+                tile.len,
+                d_out,
+                d_in,
+                dst,
+                d_out,
+                Strided {
+                    data: &x_sorted.data()[row0 * d_in..],
+                    rs: d_in,
+                    cs: 1,
+                },
+                Strided {
+                    data: w.matrix(tile.expert),
+                    rs: d_out,
+                    cs: 1,
+                },
+            );
+        });
+    Ok(out)
+}
+
+/// `dx[R, d_in]`: the rows of expert e in `dy` (`[R, d_out]`) times `w[e]ᵀ`.
+pub fn grouped_matmul_dx(
+    dy: Matrix<'_, f32>,
+    counts: &[i32],
+    w: MatrixStack<'_>,
+) -> Result<Vec<f32>, MoeError> {
+    if dy.cols() != w.cols {
+        return Err(MoeError::shape(
+            "dy",
+            format!("[R, {}] (d_out of w)", w.cols),
+            dy.shape(),
+        ));
+    }
+    let off = offsets(counts, w.n, dy.rows(), "dy")?;
+    let (d_in, d_out) = (w.rows, w.cols);
+    let mut dx = zeroed("dx", dy.rows().saturating_mul(d_in))?;
+    let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
+    let work = tiles(&sizes, |_| d_in * d_out);
+    split_by_tiles(&mut dx, &work, &off, d_in)
+        .into_par_iter()
+        .for_each(|(tile, dst)| {
+            let row0 = off[tile.expert] + tile.start;
+            matmul(
+                tile.len,
+                d_in,
+                d_out,
+                dst,
+                d_in,
+                Strided {
+                    data: &dy.data()[row0 * d_out..],
+                    rs: d_out,
+                    cs: 1,
+                },
+                // w[e]ᵀ: element (i, j) of the [d_out, d_in] transpose is w[e][j, i].
+                Strided {
+                    data: w.matrix(tile.expert),
+                    rs: 1,
+                    cs: d_out,
+                },
+            );
+        });
+    Ok(dx)
+}
+
+/// `dw[E, d_in, d_out]`: `x_eᵀ · dy_e` per expert (rows of expert e in `x_sorted` `[R, d_in]`
+/// and `dy` `[R, d_out]`), zeros for experts with no rows.
+pub fn grouped_matmul_dw(
+    x_sorted: Matrix<'_, f32>,
+    dy: Matrix<'_, f32>,
+    counts: &[i32],
+) -> Result<Vec<f32>, MoeError> {
+    let (rows, d_in, d_out) = (x_sorted.rows(), x_sorted.cols(), dy.cols());
+    if dy.rows() != rows {
+        return Err(MoeError::shape(
+            "dy",
+            format!("[{rows}, d_out] (R = rows of x_sorted)"),
+            dy.shape(),
+        ));
+    }
+    let e = counts.len();
+    let off = offsets(counts, e, rows, "x_sorted")?;
+    let mut dw = zeroed("dw", e.saturating_mul(d_in).saturating_mul(d_out))?;
+    // Tiles over the d_in rows of each expert's [d_in, d_out] gradient; a row costs n_e · d_out.
+    let sizes: Vec<usize> = (0..e)
+        .map(|x| if off[x + 1] > off[x] { d_in } else { 0 })
+        .collect();
+    let base: Vec<usize> = (0..e).map(|x| x * d_in).collect();
+    let work = tiles(&sizes, |x| (off[x + 1] - off[x]) * d_out);
+    split_by_tiles(&mut dw, &work, &base, d_out)
+        .into_par_iter()
+        .for_each(|(tile, dst)| {
+            let (r0, n_e) = (off[tile.expert], off[tile.expert + 1] - off[tile.expert]);
+            matmul(
+                tile.len,
+                d_out,
+                n_e,
+                dst,
+                d_out,
+                // x_eᵀ restricted to d_in rows [start, start + len): element (i, r) is
+                // x_sorted[r0 + r, start + i].
+                Strided {
+                    data: &x_sorted.data()[r0 * d_in + tile.start..],
+                    rs: 1,
+                    cs: d_in,
+                },
+                Strided {
+                    data: &dy.data()[r0 * d_out..],
+                    rs: d_out,
+                    cs: 1,
+                },
+            );
+        });
+    Ok(dw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ref_forward(x: &[f32], counts: &[i32], w: &[f32], d_in: usize, d_out: usize) -> Vec<f64> {
+        let mut out = Vec::new();
+        let mut row = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            for _ in 0..c {
+                for j in 0..d_out {
+                    out.push(
+                        (0..d_in)
+                            .map(|i| {
+                                f64::from(x[row * d_in + i])
+                                    * f64::from(w[(e * d_in + i) * d_out + j])
+                            })
+                            .sum(),
+                    );
+                }
+                row += 1;
+            }
+        }
+        out
+    }
+
+    fn close(a: &[f32], b: &[f64], tol: f64) {
+        assert_eq!(a.len(), b.len());
+        for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (f64::from(x) - y).abs() <= tol * (1.0 + y.abs()),
+                "{i}: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn forward_and_backward_match_naive_with_empty_experts() {
+        let (d_in, d_out) = (13, 7);
+        let counts = [5, 0, 40, 1, 0];
+        let r: usize = counts.iter().map(|&c| c as usize).sum();
+        let x: Vec<f32> = (0..r * d_in)
+            .map(|i| ((i * 31 % 17) as f32) / 8.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..counts.len() * d_in * d_out)
+            .map(|i| ((i * 7 % 19) as f32) / 9.0 - 1.0)
+            .collect();
+        let xs = Matrix::new("x", &x, r, d_in).unwrap();
+        let ws = MatrixStack::new("w", &w, counts.len(), d_in, d_out).unwrap();
+        let y = grouped_matmul(xs, &counts, ws).unwrap();
+        close(&y, &ref_forward(&x, &counts, &w, d_in, d_out), 1e-5);
+
+        let dy: Vec<f32> = (0..r * d_out)
+            .map(|i| ((i * 11 % 23) as f32) / 10.0 - 1.0)
+            .collect();
+        let dym = Matrix::new("dy", &dy, r, d_out).unwrap();
+        // dx = dy · wᵀ is the forward with the transposed stack.
+        let mut wt = vec![0.0f32; w.len()];
+        for e in 0..counts.len() {
+            for i in 0..d_in {
+                for j in 0..d_out {
+                    wt[(e * d_out + j) * d_in + i] = w[(e * d_in + i) * d_out + j];
+                }
+            }
+        }
+        let dx = grouped_matmul_dx(dym, &counts, ws).unwrap();
+        close(&dx, &ref_forward(&dy, &counts, &wt, d_out, d_in), 1e-5);
+
+        let dw = grouped_matmul_dw(xs, dym, &counts).unwrap();
+        let mut row = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            for i in 0..d_in {
+                for j in 0..d_out {
+                    let want: f64 = (row..row + c as usize)
+                        .map(|q| f64::from(x[q * d_in + i]) * f64::from(dy[q * d_out + j]))
+                        .sum();
+                    let got = dw[(e * d_in + i) * d_out + j];
+                    assert!(
+                        (f64::from(got) - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{e} {i} {j}"
+                    );
+                }
+            }
+            row += c as usize;
+        }
+    }
+
+    #[test]
+    fn tiles_cover_every_row_once() {
+        for sizes in [vec![0usize, 3, 0], vec![1000, 1, 4097], vec![]] {
+            let t = tiles(&sizes, |_| 1 << 16);
+            for (e, &n) in sizes.iter().enumerate() {
+                let mut covered = 0;
+                for tile in t.iter().filter(|t| t.expert == e) {
+                    assert_eq!(tile.start, covered);
+                    covered += tile.len;
+                }
+                assert_eq!(covered, n);
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_inconsistent_counts() {
+        let x = [0.0f32; 6];
+        let w = [0.0f32; 4];
+        let xs = Matrix::new("x", &x, 3, 2).unwrap();
+        let ws = MatrixStack::new("w", &w, 2, 2, 1).unwrap();
+        let err = grouped_matmul(xs, &[2, 2], ws).unwrap_err();
+        assert_eq!(err.to_string(), "counts: expected entries summing to R = 3 (rows of x_sorted), got entries summing to 4");
+        let err = grouped_matmul(xs, &[4, -1], ws).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "counts[1]: expected a non-negative row count, got -1"
+        );
+        let err = grouped_matmul(xs, &[3], ws).unwrap_err();
+        assert!(matches!(err, MoeError::Shape { arg: "counts", .. }));
+        let err = grouped_matmul_dw(xs, Matrix::new("dy", &x, 2, 3).unwrap(), &[3]).unwrap_err();
+        assert!(matches!(err, MoeError::Shape { arg: "dy", .. }));
+    }
+}

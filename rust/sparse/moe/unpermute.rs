@@ -1,0 +1,249 @@
+//! Unpermute: each token's rows weighted and summed back into `[T, d]`, and its backward.
+//!
+//! Threads own their outputs: every token gathers its (at most k) rows through an inverse
+//! index of `order`, so nothing is scattered and no atomics are needed.
+
+use rayon::prelude::*;
+
+use super::alloc::zeroed;
+use super::error::MoeError;
+use super::matrix::Matrix;
+use super::permute::{gather_rows, rows_per_task};
+
+/// What [`unpermute_backward`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnpermuteGrads {
+    /// `[R, d]`: `weights[t, j] · dy[t]` for the row of assignment `t·k + j`, 0 on padding.
+    pub d_y_sorted: Vec<f32>,
+    /// `[T, k]`: `dy[t] · y_sorted[r]` for the row r of assignment `t·k + j`, 0 if dropped.
+    pub d_weights: Vec<f32>,
+}
+
+/// `y[t] = Σ_j weights[t, j] · y_sorted[r]` over the rows `r` with `order[r] = t·k + j`
+/// (weight 1 when `weights` is `None`); padding rows (`-1`) and dropped assignments add
+/// nothing. `order` must name each assignment at most once.
+pub fn unpermute(
+    y_sorted: Matrix<'_, f32>,
+    order: &[i32],
+    weights: Option<Matrix<'_, f32>>,
+    n_tokens: usize,
+    k: usize,
+) -> Result<Vec<f32>, MoeError> {
+    let inverse = inverse_order(order, y_sorted.rows(), n_tokens, k)?;
+    if let Some(w) = weights {
+        w.expect_shape("weights", n_tokens, k)?;
+    }
+    let d = y_sorted.cols();
+    let mut y = zeroed("y", n_tokens.saturating_mul(d))?;
+    if d == 0 {
+        return Ok(y);
+    }
+    y.par_chunks_mut(d)
+        .zip(inverse.par_chunks(k))
+        .enumerate()
+        .with_min_len(rows_per_task(d))
+        .for_each(|(t, (out, rows))| {
+            for (j, &r) in rows.iter().enumerate() {
+                if r < 0 {
+                    continue;
+                }
+                let w = weights.map_or(1.0, |w| w.data()[t * k + j]);
+                axpy(w, y_sorted.row(r as usize), out);
+            }
+        });
+    Ok(y)
+}
+
+/// The backward of `permute` with respect to `x`: `dx[t] = Σ_j dx_sorted[row of t·k + j]`,
+/// i.e. [`unpermute`] with unit weights.
+pub fn permute_backward(
+    dx_sorted: Matrix<'_, f32>,
+    order: &[i32],
+    n_tokens: usize,
+    k: usize,
+) -> Result<Vec<f32>, MoeError> {
+    unpermute(dx_sorted, order, None, n_tokens, k)
+}
+
+/// The backward of [`unpermute`] for `dy` (`[T, d]`): the gradients of `y_sorted` and of
+/// `weights` (`[T, k]`).
+pub fn unpermute_backward(
+    dy: Matrix<'_, f32>,
+    y_sorted: Matrix<'_, f32>,
+    order: &[i32],
+    weights: Matrix<'_, f32>,
+) -> Result<UnpermuteGrads, MoeError> {
+    let (t, k, d) = (weights.rows(), weights.cols(), y_sorted.cols());
+    dy.expect_shape("dy", t, d)?;
+    let inverse = inverse_order(order, y_sorted.rows(), t, k)?;
+    let mut d_y_sorted = zeroed("d_y_sorted", y_sorted.rows().saturating_mul(d))?;
+    gather_rows(dy, order, k, Some(weights.data()), &mut d_y_sorted);
+    let mut d_weights = zeroed("d_weights", t * k)?;
+    if d > 0 {
+        d_weights
+            .par_chunks_mut(k)
+            .zip(inverse.par_chunks(k))
+            .enumerate()
+            .with_min_len(rows_per_task(d * k))
+            .for_each(|(tok, (dw, rows))| {
+                for (g, &r) in dw.iter_mut().zip(rows) {
+                    if r >= 0 {
+                        *g = dot(dy.row(tok), y_sorted.row(r as usize));
+                    }
+                }
+            });
+    }
+    Ok(UnpermuteGrads {
+        d_y_sorted,
+        d_weights,
+    })
+}
+
+/// `inverse[t·k + j]` = the row of `order` holding assignment `t·k + j`, or -1 if none.
+///
+/// Validates `order` (`n_rows` entries, each in `[-1, T·k)`, no assignment twice), which is
+/// what makes every later index in bounds.
+pub(crate) fn inverse_order(
+    order: &[i32],
+    n_rows: usize,
+    n_tokens: usize,
+    k: usize,
+) -> Result<Vec<i32>, MoeError> {
+    if order.len() != n_rows {
+        return Err(MoeError::shape(
+            "order",
+            format!("[{n_rows}] (one entry per sorted row)"),
+            format!("[{}]", order.len()),
+        ));
+    }
+    if k == 0 {
+        return Err(MoeError::value("k", "an integer >= 1", 0));
+    }
+    let tk = n_tokens
+        .checked_mul(k)
+        .filter(|&tk| i32::try_from(tk).is_ok())
+        .ok_or_else(|| {
+            MoeError::value(
+                "n_tokens",
+                "n_tokens * k below 2^31 (order is int32)",
+                format!("{n_tokens} * {k}"),
+            )
+        })?;
+    if i32::try_from(n_rows).is_err() {
+        return Err(MoeError::shape(
+            "order",
+            "fewer than 2^31 rows",
+            format!("[{n_rows}]"),
+        ));
+    }
+    let mut inverse = vec![-1i32; tk];
+    for (r, &o) in order.iter().enumerate() {
+        if o == -1 {
+            continue;
+        }
+        if o < -1 || o as usize >= tk {
+            return Err(MoeError::entry(
+                "order",
+                &[r],
+                format!("-1 (padding) or an assignment index in [0, n_tokens * k = {tk})"),
+                o,
+            ));
+        }
+        let slot = &mut inverse[o as usize];
+        if *slot >= 0 {
+            return Err(MoeError::entry(
+                "order",
+                &[r],
+                format!(
+                    "each assignment at most once, but row {} already holds it",
+                    *slot
+                ),
+                o,
+            ));
+        }
+        // r < n_rows < 2^31, checked above.
+        *slot = r as i32;
+    }
+    Ok(inverse)
+}
+
+#[inline]
+fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+    for (a, &b) in y.iter_mut().zip(x) {
+        *a += w * b;
+    }
+}
+
+/// A dot product with eight independent partial sums, so the compiler can vectorise it
+/// (a single running sum would pin the order of the additions).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_sum_by_hand() {
+        // T = 2, k = 2, d = 2; rows: a(t0,j1) pad b(t1,j0) c(t0,j0); t1,j1 dropped.
+        let y_sorted = [1.0f32, 2.0, 9.0, 9.0, 3.0, 4.0, 5.0, 6.0];
+        let order = [1, -1, 2, 0];
+        let w = [0.5f32, 0.25, 2.0, 7.0];
+        let ys = Matrix::new("y_sorted", &y_sorted, 4, 2).unwrap();
+        let wm = Matrix::new("weights", &w, 2, 2).unwrap();
+        let y = unpermute(ys, &order, Some(wm), 2, 2).unwrap();
+        assert_eq!(
+            y,
+            vec![0.5 * 5.0 + 0.25 * 1.0, 0.5 * 6.0 + 0.25 * 2.0, 6.0, 8.0]
+        );
+        let dy = [1.0f32, -1.0, 2.0, 0.5];
+        let g = unpermute_backward(Matrix::new("dy", &dy, 2, 2).unwrap(), ys, &order, wm).unwrap();
+        assert_eq!(
+            g.d_y_sorted,
+            vec![0.25, -0.25, 0.0, 0.0, 4.0, 1.0, 0.5, -0.5]
+        );
+        assert_eq!(g.d_weights, vec![5.0 - 6.0, 1.0 - 2.0, 6.0 + 2.0, 0.0]);
+    }
+
+    #[test]
+    fn rejects_out_of_range_and_duplicate_order() {
+        let ys = [0.0f32; 3];
+        let ym = Matrix::new("y_sorted", &ys, 3, 1).unwrap();
+        let err = unpermute(ym, &[0, 4, -1], None, 2, 2).unwrap_err();
+        assert!(err.to_string().starts_with("order[1]: expected -1 (padding) or an assignment index in [0, n_tokens * k = 4), got 4"), "{err}");
+        let err = unpermute(ym, &[0, -2, -1], None, 2, 2).unwrap_err();
+        assert!(err.to_string().starts_with("order[1]"), "{err}");
+        let err = unpermute(ym, &[3, 1, 3], None, 2, 2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "order[2]: expected each assignment at most once, but row 0 already holds it, got 3"
+        );
+        let err = unpermute(ym, &[0, 1], None, 2, 2).unwrap_err();
+        assert!(matches!(err, MoeError::Shape { arg: "order", .. }));
+    }
+
+    #[test]
+    fn dot_matches_naive_on_odd_lengths() {
+        for n in [0usize, 1, 7, 8, 9, 31] {
+            let a: Vec<f32> = (0..n).map(|i| i as f32 - 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
+            let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert_eq!(dot(&a, &b), naive);
+        }
+    }
+}
