@@ -8,6 +8,7 @@ mod errors;
 #[allow(dead_code)] // used by every binding module as they land
 mod gil;
 mod info;
+mod moe;
 
 #[pyo3::pymodule]
 mod _core {
@@ -15,4 +16,10 @@ mod _core {
     use super::errors::{CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory};
     #[pymodule_export]
     use super::info::build_info;
+    #[pymodule_export]
+    use super::moe::{
+        moe_grouped_matmul, moe_grouped_matmul_dw, moe_grouped_matmul_dx, moe_permute,
+        moe_permute_backward, moe_route, moe_route_backward, moe_unpermute,
+        moe_unpermute_backward,
+    };
 }

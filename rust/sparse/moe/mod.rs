@@ -24,6 +24,8 @@ mod gemm_f32;
 mod grouped;
 mod matrix;
 mod permute;
+#[cfg(test)]
+mod proptests;
 mod route;
 mod unpermute;
 
