@@ -19,7 +19,6 @@ mod _core {
     #[pymodule_export]
     use super::moe::{
         moe_grouped_matmul, moe_grouped_matmul_dw, moe_grouped_matmul_dx, moe_permute,
-        moe_permute_backward, moe_route, moe_route_backward, moe_unpermute,
-        moe_unpermute_backward,
+        moe_permute_backward, moe_route, moe_route_backward, moe_unpermute, moe_unpermute_backward,
     };
 }

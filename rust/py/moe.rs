@@ -117,9 +117,11 @@ fn out2<'py, T: Element>(
     rows: usize,
     cols: usize,
 ) -> PyResult<Bound<'py, PyArray2<T>>> {
-    Ok(Array2::from_shape_vec((rows, cols).into_shape_with_order(), v)
-        .map_err(internal(what))?
-        .into_pyarray(py))
+    Ok(
+        Array2::from_shape_vec((rows, cols).into_shape_with_order(), v)
+            .map_err(internal(what))?
+            .into_pyarray(py),
+    )
 }
 
 type F32Array2<'py> = Bound<'py, PyArray2<f32>>;
@@ -283,8 +285,20 @@ pub fn moe_unpermute_backward<'py>(
         kernels::unpermute_backward(dym, ym, om, wm)
     })??;
     Ok((
-        out2(py, "moe_unpermute_backward", g.d_y_sorted, ym.rows(), ym.cols())?,
-        out2(py, "moe_unpermute_backward", g.d_weights, wm.rows(), wm.cols())?,
+        out2(
+            py,
+            "moe_unpermute_backward",
+            g.d_y_sorted,
+            ym.rows(),
+            ym.cols(),
+        )?,
+        out2(
+            py,
+            "moe_unpermute_backward",
+            g.d_weights,
+            wm.rows(),
+            wm.cols(),
+        )?,
     ))
 }
 
@@ -304,7 +318,11 @@ pub fn moe_grouped_matmul<'py>(
 ) -> PyResult<F32Array2<'py>> {
     let (x, c) = (f32_2d("x_sorted", x_sorted)?, i32_1d("counts", counts)?);
     let w = borrow::<f32, Ix3>("w", "float32", w)?;
-    let (xm, cm, wm) = (matrix("x_sorted", &x)?, data("counts", &c)?, stack("w", &w)?);
+    let (xm, cm, wm) = (
+        matrix("x_sorted", &x)?,
+        data("counts", &c)?,
+        stack("w", &w)?,
+    );
     let y = detached(py, "moe_grouped_matmul", || {
         kernels::grouped_matmul(xm, cm, wm)
     })??;
@@ -338,7 +356,11 @@ pub fn moe_grouped_matmul_dw<'py>(
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let (x, dy) = (f32_2d("x_sorted", x_sorted)?, f32_2d("dy", dy)?);
     let c = i32_1d("counts", counts)?;
-    let (xm, dym, cm) = (matrix("x_sorted", &x)?, matrix("dy", &dy)?, data("counts", &c)?);
+    let (xm, dym, cm) = (
+        matrix("x_sorted", &x)?,
+        matrix("dy", &dy)?,
+        data("counts", &c)?,
+    );
     let dw = detached(py, "moe_grouped_matmul_dw", || {
         kernels::grouped_matmul_dw(xm, dym, cm)
     })??;

@@ -4,6 +4,7 @@
 //! input (a huge `pad_to`, a wide `w`) must instead become an error the caller can catch.
 
 use std::alloc::{alloc_zeroed, Layout};
+use std::mem::MaybeUninit;
 
 use super::error::MoeError;
 
@@ -32,6 +33,56 @@ pub(crate) fn zeroed<T: ZeroBits>(what: &'static str, len: usize) -> Result<Vec<
     // the layout `Vec<T>` uses for capacity `len`; all `len` elements are initialised, as
     // zero bits are a valid `T` (`ZeroBits`).
     Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
+/// A vector of `len` elements written by `fill`, without zeroing them first (for outputs
+/// the kernel overwrites completely: a memset of a large reused buffer costs as much as the
+/// gather itself). [`MoeError::OutOfMemory`] naming `what` if it cannot be allocated.
+///
+/// # Safety
+/// `fill` must initialise every element of the slice it is given (it may panic: the
+/// vector is then dropped with length 0, leaking nothing and reading nothing).
+pub(crate) unsafe fn filled<T: ZeroBits>(
+    what: &'static str,
+    len: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<T>]),
+) -> Result<Vec<T>, MoeError> {
+    let mut v: Vec<T> = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| MoeError::OutOfMemory {
+            what,
+            bytes: len.saturating_mul(size_of::<T>()),
+        })?;
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: capacity >= len (reserved above) and the caller guarantees `fill` initialised
+    // all `len` elements.
+    unsafe { v.set_len(len) };
+    Ok(v)
+}
+
+/// Writes `src` into `dst` (same length), element by element (the compiler turns it into a
+/// vectorised copy).
+#[inline]
+pub(crate) fn write_copy(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
+    }
+}
+
+/// Writes `w · src` into `dst`.
+#[inline]
+pub(crate) fn write_scaled(dst: &mut [MaybeUninit<f32>], w: f32, src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(w * s);
+    }
+}
+
+/// Writes zeros into `dst`.
+#[inline]
+pub(crate) fn write_zeros<T: ZeroBits + Default>(dst: &mut [MaybeUninit<T>]) {
+    for d in dst {
+        d.write(T::default());
+    }
 }
 
 #[cfg(test)]
