@@ -104,4 +104,21 @@ mod tests {
             }
         ));
     }
+
+    #[test]
+    fn filled_buffers_hold_what_fill_wrote() {
+        let src = [1.0f32, 2.0, 3.0, 4.0, 5.0];
+        // SAFETY: the closure writes all 5 elements.
+        let v: Vec<f32> = unsafe { filled("x", 5, |s| write_scaled(s, 2.0, &src)) }.unwrap();
+        assert_eq!(v, vec![2.0, 4.0, 6.0, 8.0, 10.0]);
+        // SAFETY: the closure writes all 3 elements.
+        let z: Vec<i32> = unsafe { filled("x", 3, write_zeros) }.unwrap();
+        assert_eq!(z, vec![0, 0, 0]);
+        // SAFETY: the closure writes all 2 elements.
+        let c: Vec<f32> = unsafe { filled("x", 2, |s| write_copy(s, &src[..2])) }.unwrap();
+        assert_eq!(c, vec![1.0, 2.0]);
+        // SAFETY: never called: the reservation fails first.
+        let err = unsafe { filled::<f32>("y", usize::MAX / 2, |_| unreachable!()) }.unwrap_err();
+        assert!(matches!(err, MoeError::OutOfMemory { what: "y", .. }));
+    }
 }
