@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import test_moe_kernels_ref as ref
+
 from moecore import moe_kernels as mk
 
 RNG = np.random.default_rng(1234)

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+
 from moecore import moe_kernels as mk
 
 F32 = np.float32

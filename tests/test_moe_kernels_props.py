@@ -6,6 +6,7 @@ import numpy as np
 import test_moe_kernels_ref as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moecore import moe_kernels as mk
 
 SETTINGS = settings(max_examples=150, deadline=None)

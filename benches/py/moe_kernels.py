@@ -248,7 +248,7 @@ def main() -> int:
         t_idx, t_w, _ = peers_t["route"]()
         np.testing.assert_array_equal(t_idx.numpy(), idx)
         check("torch.route", t_w, w_route, 1e-5, 1e-6)
-        t_xs, t_order, _ = peers_t["permute"]()
+        t_xs, _, _ = peers_t["permute"]()
         np.testing.assert_array_equal(t_xs.numpy(), xs)
         check("torch.unpermute", peers_t["unpermute"](), y, 1e-5, 1e-5)
         check(
@@ -322,7 +322,8 @@ def main() -> int:
     print(f"BLAS: {blas}")
     print(f"torch: {torch.__version__ if torch is not None else 'not importable (skipped)'}")
     print(
-        f"shapes: T={T} d={D} E={E} k={K} hidden={H}, rows R={xs.shape[0]}, counts={counts.tolist()}"
+        f"shapes: T={T} d={D} E={E} k={K} hidden={H}, "
+        f"rows R={xs.shape[0]}, counts={counts.tolist()}"
     )
     print(f"{args.rounds} rounds, medians; ratio = peer time / moecore time\n")
     header = f"{'operation':<20} {'implementation':<24} {'median ms':>10} {'ratio':>8}"
