@@ -4,6 +4,7 @@
 //! input (a huge `pad_to`, a wide `w`) must instead become an error the caller can catch.
 
 use std::alloc::{alloc_zeroed, Layout};
+use std::mem::MaybeUninit;
 
 use super::error::MoeError;
 
@@ -34,6 +35,56 @@ pub(crate) fn zeroed<T: ZeroBits>(what: &'static str, len: usize) -> Result<Vec<
     Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
+/// A vector of `len` elements written by `fill`, without zeroing them first (for outputs
+/// the kernel overwrites completely: a memset of a large reused buffer costs as much as the
+/// gather itself). [`MoeError::OutOfMemory`] naming `what` if it cannot be allocated.
+///
+/// # Safety
+/// `fill` must initialise every element of the slice it is given (it may panic: the
+/// vector is then dropped with length 0, leaking nothing and reading nothing).
+pub(crate) unsafe fn filled<T: ZeroBits>(
+    what: &'static str,
+    len: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<T>]),
+) -> Result<Vec<T>, MoeError> {
+    let mut v: Vec<T> = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| MoeError::OutOfMemory {
+            what,
+            bytes: len.saturating_mul(size_of::<T>()),
+        })?;
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: capacity >= len (reserved above) and the caller guarantees `fill` initialised
+    // all `len` elements.
+    unsafe { v.set_len(len) };
+    Ok(v)
+}
+
+/// Writes `src` into `dst` (same length), element by element (the compiler turns it into a
+/// vectorised copy).
+#[inline]
+pub(crate) fn write_copy(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
+    }
+}
+
+/// Writes `w · src` into `dst`.
+#[inline]
+pub(crate) fn write_scaled(dst: &mut [MaybeUninit<f32>], w: f32, src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(w * s);
+    }
+}
+
+/// Writes zeros into `dst`.
+#[inline]
+pub(crate) fn write_zeros<T: ZeroBits + Default>(dst: &mut [MaybeUninit<T>]) {
+    for d in dst {
+        d.write(T::default());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +103,22 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn filled_buffers_hold_what_fill_wrote() {
+        let src = [1.0f32, 2.0, 3.0, 4.0, 5.0];
+        // SAFETY: the closure writes all 5 elements.
+        let v: Vec<f32> = unsafe { filled("x", 5, |s| write_scaled(s, 2.0, &src)) }.unwrap();
+        assert_eq!(v, vec![2.0, 4.0, 6.0, 8.0, 10.0]);
+        // SAFETY: the closure writes all 3 elements.
+        let z: Vec<i32> = unsafe { filled("x", 3, write_zeros) }.unwrap();
+        assert_eq!(z, vec![0, 0, 0]);
+        // SAFETY: the closure writes all 2 elements.
+        let c: Vec<f32> = unsafe { filled("x", 2, |s| write_copy(s, &src[..2])) }.unwrap();
+        assert_eq!(c, vec![1.0, 2.0]);
+        // SAFETY: never called: the reservation fails first.
+        let err = unsafe { filled::<f32>("y", usize::MAX / 2, |_| unreachable!()) }.unwrap_err();
+        assert!(matches!(err, MoeError::OutOfMemory { what: "y", .. }));
     }
 }

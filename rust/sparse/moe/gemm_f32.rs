@@ -4,8 +4,8 @@
 //! the CPU (x86-64-v4 with the `x86-v4` feature, i.e. AVX-512 here), takes arbitrary row and
 //! column strides (so transposed operands need no copy), and measured within a few percent
 //! of OpenBLAS per core on the benchmark shapes; `matrixmultiply` has no AVX-512 kernel and
-//! measured ~25% slower. Parallelism is ours (tiles over experts and rows, see `grouped`),
-//! so each call here runs single-threaded.
+//! measured ~25% slower. The caller says whether a call may use rayon's threads (one big
+//! expert at a time) or must stay on its thread (small experts side by side, see `grouped`).
 
 /// A strided read-only operand: element `(i, j)` lives at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -31,18 +31,18 @@ impl Strided<'_> {
     }
 }
 
-/// `dst[m × n] (row-major, row stride dst_rs) = lhs[m × k] · rhs[k × n]`, single-threaded.
+/// With `(m, n, k)` = the shape: `dst[m × n] (row-major, row stride dst_rs) = lhs[m × k] · rhs[k × n]`, on rayon's threads
+/// when `threaded` (gemm still stays on one thread for small products), else on this one.
 ///
 /// Panics (an internal bug, caught at the Python boundary) if an operand is too short for
 /// the shape; callers validate user input before getting here.
 pub(crate) fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
     lhs: Strided<'_>,
     rhs: Strided<'_>,
+    threaded: bool,
 ) {
     let dst_view = Strided {
         data: dst,
@@ -85,7 +85,11 @@ pub(crate) fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if threaded {
+                gemm::Parallelism::Rayon(0)
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
@@ -138,7 +142,7 @@ mod tests {
             ),
         ] {
             let mut c = vec![f32::NAN; m * n];
-            matmul(m, n, k, &mut c, n, a_view, b_view);
+            matmul((m, n, k), &mut c, n, a_view, b_view, true);
             assert_eq!(
                 c,
                 naive(m, n, k, a_view, b_view),
@@ -155,7 +159,7 @@ mod tests {
             rs: 0,
             cs: 0,
         };
-        matmul(2, 3, 0, &mut c, 3, e, e);
+        matmul((2, 3, 0), &mut c, 3, e, e, false);
         assert_eq!(c, vec![0.0; 6]);
     }
 
@@ -166,9 +170,7 @@ mod tests {
         let b = [1.0f32; 6];
         let mut c = [0.0f32; 4];
         matmul(
-            2,
-            2,
-            3,
+            (2, 2, 3),
             &mut c,
             2,
             Strided {
@@ -181,6 +183,7 @@ mod tests {
                 rs: 2,
                 cs: 1,
             },
+            false,
         );
     }
 }

@@ -1,17 +1,18 @@
 //! Grouped matmul: each expert's contiguous block of rows times that expert's matrix, and the
 //! two backward forms.
 //!
-//! The work is cut into tiles (an expert and a block of output rows) of roughly equal cost and
-//! spread over rayon's threads; each tile is one single-threaded GEMM writing its own
-//! contiguous piece of the output, so no locks and no atomics. Experts with no rows make no
-//! tile at all.
-
-use rayon::prelude::*;
+//! The work is cut into tiles, each one GEMM writing its own contiguous piece of the output
+//! (no locks, no atomics; experts with no rows make no tile at all). An expert with a lot of
+//! work is one "solo" tile, run alone with gemm's own threading (measured faster than running
+//! big experts side by side, one thread each, in `benches/moe.rs`); smaller experts become
+//! tiles of about equal cost that run side by side on rayon's threads, one thread each, so
+//! many small experts still use every core.
 
 use super::alloc::zeroed;
 use super::error::{shape_str, MoeError};
 use super::gemm_f32::{matmul, Strided};
 use super::matrix::Matrix;
+use super::par::run;
 
 /// A stack of `n` row-major `rows × cols` matrices (`[E, d_in, d_out]` expert weights).
 #[derive(Debug, Clone, Copy)]
@@ -56,15 +57,21 @@ impl<'a> MatrixStack<'a> {
 /// right operand) stays a few percent.
 const MIN_TILE_WORK: usize = 1 << 24;
 
+/// An expert with at least this much GEMM work (multiply-adds) is a solo tile: it runs alone,
+/// threaded inside gemm (e.g. 256 rows of 256 × 512).
+const SOLO_WORK: usize = 1 << 25;
+
 /// Tiles per thread to aim for, so uneven experts still balance.
 const TILES_PER_THREAD: usize = 2;
 
-/// One unit of work: rows `[start, start + len)` of the output of expert `expert`.
+/// One unit of work: rows `[start, start + len)` of the output of expert `expert`; `solo`
+/// tiles (a whole big expert) run one at a time with gemm's threading.
 #[derive(Debug, Clone, Copy)]
 struct Tile {
     expert: usize,
     start: usize,
     len: usize,
+    solo: bool,
 }
 
 /// Splits each expert's `sizes[e]` output rows into tiles of about equal work, where one
@@ -83,6 +90,15 @@ fn tiles(sizes: &[usize], row_work: impl Fn(usize) -> usize) -> Vec<Tile> {
             continue;
         }
         let per_row = row_work(expert).max(1);
+        if n.saturating_mul(per_row) >= SOLO_WORK {
+            out.push(Tile {
+                expert,
+                start: 0,
+                len: n,
+                solo: true,
+            });
+            continue;
+        }
         let pieces = (n.saturating_mul(per_row) / target).clamp(1, n);
         // Round the tile height to a multiple of 16 rows (the micro-kernel's register block)
         // when the expert is tall enough.
@@ -93,7 +109,12 @@ fn tiles(sizes: &[usize], row_work: impl Fn(usize) -> usize) -> Vec<Tile> {
         let mut start = 0;
         while start < n {
             let len = height.min(n - start);
-            out.push(Tile { expert, start, len });
+            out.push(Tile {
+                expert,
+                start,
+                len,
+                solo: false,
+            });
             start += len;
         }
     }
@@ -120,6 +141,16 @@ fn split_by_tiles<'b>(
         pos = begin + tile.len * cols;
     }
     out
+}
+
+/// Runs `gemm(tile, piece, threaded)` for every tile: the solo ones one after the other
+/// (threaded inside), then the rest side by side on rayon's threads.
+fn execute(pieces: Vec<(Tile, &mut [f32])>, gemm: impl Fn(Tile, &mut [f32], bool) + Sync + Send) {
+    let (solo, shared): (Vec<_>, Vec<_>) = pieces.into_iter().partition(|(t, _)| t.solo);
+    for (tile, dst) in solo {
+        gemm(tile, dst, true);
+    }
+    run(shared, |_, (tile, dst)| gemm(tile, dst, false));
 }
 
 /// Row offsets of each expert's block: `[0, c0, c0 + c1, …, R]`, after checking `counts`
@@ -183,14 +214,12 @@ pub fn grouped_matmul(
     let mut out = zeroed("out", x_sorted.rows().saturating_mul(d_out))?;
     let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
     let work = tiles(&sizes, |_| d_in * d_out);
-    split_by_tiles(&mut out, &work, &off, d_out)
-        .into_par_iter()
-        .for_each(|(tile, dst)| {
+    execute(
+        split_by_tiles(&mut out, &work, &off, d_out),
+        |tile, dst, threaded| {
             let row0 = off[tile.expert] + tile.start;
             matmul(
-                tile.len,
-                d_out,
-                d_in,
+                (tile.len, d_out, d_in),
                 dst,
                 d_out,
                 Strided {
@@ -203,8 +232,10 @@ pub fn grouped_matmul(
                     rs: d_out,
                     cs: 1,
                 },
+                threaded,
             );
-        });
+        },
+    );
     Ok(out)
 }
 
@@ -226,14 +257,12 @@ pub fn grouped_matmul_dx(
     let mut dx = zeroed("dx", dy.rows().saturating_mul(d_in))?;
     let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
     let work = tiles(&sizes, |_| d_in * d_out);
-    split_by_tiles(&mut dx, &work, &off, d_in)
-        .into_par_iter()
-        .for_each(|(tile, dst)| {
+    execute(
+        split_by_tiles(&mut dx, &work, &off, d_in),
+        |tile, dst, threaded| {
             let row0 = off[tile.expert] + tile.start;
             matmul(
-                tile.len,
-                d_in,
-                d_out,
+                (tile.len, d_in, d_out),
                 dst,
                 d_in,
                 Strided {
@@ -247,8 +276,10 @@ pub fn grouped_matmul_dx(
                     rs: 1,
                     cs: d_out,
                 },
+                threaded,
             );
-        });
+        },
+    );
     Ok(dx)
 }
 
@@ -276,14 +307,12 @@ pub fn grouped_matmul_dw(
         .collect();
     let base: Vec<usize> = (0..e).map(|x| x * d_in).collect();
     let work = tiles(&sizes, |x| (off[x + 1] - off[x]) * d_out);
-    split_by_tiles(&mut dw, &work, &base, d_out)
-        .into_par_iter()
-        .for_each(|(tile, dst)| {
+    execute(
+        split_by_tiles(&mut dw, &work, &base, d_out),
+        |tile, dst, threaded| {
             let (r0, n_e) = (off[tile.expert], off[tile.expert + 1] - off[tile.expert]);
             matmul(
-                tile.len,
-                d_out,
-                n_e,
+                (tile.len, d_out, n_e),
                 dst,
                 d_out,
                 // x_eᵀ restricted to d_in rows [start, start + len): element (i, r) is
@@ -298,8 +327,10 @@ pub fn grouped_matmul_dw(
                     rs: d_out,
                     cs: 1,
                 },
+                threaded,
             );
-        });
+        },
+    );
     Ok(dw)
 }
 

@@ -22,7 +22,9 @@ mod alloc;
 mod error;
 mod gemm_f32;
 mod grouped;
+mod math;
 mod matrix;
+mod par;
 mod permute;
 #[cfg(test)]
 mod proptests;

@@ -1,17 +1,13 @@
 //! Permute: the `T·k` (token, slot) assignments grouped by expert, with capacity dropping
 //! and zero-row padding, and the rows of `x` gathered into that order.
 
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
-use super::alloc::zeroed;
+use super::alloc::{filled, write_copy, write_scaled, write_zeros, zeroed};
 use super::error::MoeError;
 use super::matrix::Matrix;
+use super::par::{rows_per_block, run};
 use super::route::check_expert_idx;
-
-/// Rows per rayon task for row gathers: a task should move at least a few hundred KiB.
-pub(crate) fn rows_per_task(d: usize) -> usize {
-    (16 * 1024 / d.max(1)).clamp(1, 1024)
-}
 
 /// The knobs of [`permute`].
 #[derive(Debug, Clone, Copy)]
@@ -57,9 +53,7 @@ pub fn permute(
     opts: &PermuteOptions<'_>,
 ) -> Result<Permuted, MoeError> {
     let (order, counts) = permute_order(expert_idx, x.rows(), opts)?;
-    let k = expert_idx.cols();
-    let mut x_sorted = zeroed("x_sorted", order.len().saturating_mul(x.cols()))?;
-    gather_rows(x, &order, k, None, &mut x_sorted);
+    let x_sorted = gather_rows("x_sorted", x, &order, expert_idx.cols(), None)?;
     Ok(Permuted {
         x_sorted,
         order,
@@ -189,41 +183,44 @@ pub fn permute_order(
     Ok((order, counts))
 }
 
-/// `out[r] = scale[order[r]] · x[order[r] / k]` for every row `r` (scale 1 when `None`);
-/// rows with `order[r] < 0` are left as they are (zeros in a fresh buffer).
+/// A new `[order.len(), d]` matrix whose row `r` is `scale[order[r]] · x[order[r] / k]`
+/// (scale 1 when `None`), or zeros where `order[r] < 0`. `what` names it if it cannot be
+/// allocated.
 ///
-/// `order` must hold values in `[-1, x.rows() · k)` (validated by the callers) and `out` must
-/// be `order.len() × x.cols()`.
+/// `order` must hold values in `[-1, x.rows() · k)` (validated by the callers; a violation
+/// panics on a bounds check, it cannot read out of bounds).
 pub(crate) fn gather_rows(
+    what: &'static str,
     x: Matrix<'_, f32>,
     order: &[i32],
     k: usize,
     scale: Option<&[f32]>,
-    out: &mut [f32],
-) {
+) -> Result<Vec<f32>, MoeError> {
     let d = x.cols();
-    if d == 0 {
-        return;
-    }
-    assert_eq!(out.len(), order.len() * d, "gather_rows: output shape");
-    out.par_chunks_mut(d)
-        .zip(order.par_iter())
-        .with_min_len(rows_per_task(d))
-        .for_each(|(dst, &o)| {
-            if o < 0 {
-                return;
-            }
-            let src = x.row(o as usize / k);
-            match scale {
-                None => dst.copy_from_slice(src),
-                Some(s) => {
-                    let w = s[o as usize];
-                    for (a, &b) in dst.iter_mut().zip(src) {
-                        *a = w * b;
-                    }
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        if d == 0 {
+            return;
+        }
+        let rows = rows_per_block(order.len(), d * 4 * 2);
+        let blocks: Vec<_> = out.chunks_mut(rows * d).zip(order.chunks(rows)).collect();
+        run(blocks, |_, (dst, ord)| {
+            for (row, &o) in dst.chunks_mut(d).zip(ord) {
+                if o < 0 {
+                    write_zeros(row);
+                    continue;
+                }
+                let src = x.row(o as usize / k);
+                match scale {
+                    None => write_copy(row, src),
+                    Some(s) => write_scaled(row, s[o as usize], src),
                 }
             }
         });
+    };
+    // SAFETY: `out` has order.len() · d elements; its blocks of `rows · d` pair up with
+    // `order`'s blocks of `rows` entries, and every d-wide row of every block is written
+    // (copied, scaled or zeroed). With d == 0 there is nothing to write.
+    unsafe { filled(what, order.len().saturating_mul(d), fill) }
 }
 
 #[cfg(test)]

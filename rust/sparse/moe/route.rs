@@ -3,13 +3,10 @@
 
 use std::str::FromStr;
 
-use rayon::prelude::*;
-
 use super::error::MoeError;
+use super::math::exp_nonpositive_slice;
 use super::matrix::Matrix;
-
-/// Rows per rayon task: below this, splitting costs more than the work.
-const MIN_ROWS_PER_TASK: usize = 64;
+use super::par::{rows_per_block, run};
 
 /// How logits become probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +100,12 @@ pub fn route(
             return Err(MoeError::entry("bias", &[i], "a finite value", b[i]));
         }
     }
-    if let Some(i) = logits.data().par_iter().position_first(|v| !v.is_finite()) {
+    // A branch-free pass (it vectorises) first; the position only when something is wrong.
+    let all_finite = logits.data().iter().fold(true, |ok, v| ok & v.is_finite());
+    if let Some(i) = (!all_finite)
+        .then(|| logits.data().iter().position(|v| !v.is_finite()))
+        .flatten()
+    {
         return Err(MoeError::entry(
             "logits",
             &[i / e, i % e],
@@ -118,20 +120,26 @@ pub fn route(
         weights: vec![0.0; t * k],
         probs: vec![0.0; t * e],
     };
-    out.probs
-        .par_chunks_mut(e)
-        .zip(out.expert_idx.par_chunks_mut(k))
-        .zip(out.weights.par_chunks_mut(k))
-        .enumerate()
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each_init(
-            || RowScratch::new(e),
-            |scratch, (row, ((probs, idx), weights))| {
-                let x = logits.row(row);
-                scores(x, opts.score, probs);
-                route_row(probs, bias, groups, opts, scratch, idx, weights);
-            },
-        );
+    let rows = rows_per_block(t, e * 4 * 4);
+    let blocks: Vec<_> = out
+        .probs
+        .chunks_mut(rows * e)
+        .zip(out.expert_idx.chunks_mut(rows * k))
+        .zip(out.weights.chunks_mut(rows * k))
+        .collect();
+    run(blocks, |block, ((probs, idx), weights)| {
+        let first = block * rows;
+        let x = &logits.data()[first * e..first * e + probs.len()];
+        scores(x, e, opts.score, probs);
+        let mut scratch = RowScratch::new(e);
+        for ((p, i), w) in probs
+            .chunks(e)
+            .zip(idx.chunks_mut(k))
+            .zip(weights.chunks_mut(k))
+        {
+            route_row(p, bias, groups, opts, &mut scratch, i, w);
+        }
+    });
     Ok(out)
 }
 
@@ -177,35 +185,42 @@ fn check_groups(opts: &RouteOptions, e: usize) -> Result<Option<(usize, usize)>,
     }
 }
 
-/// Softmax (max-subtracted) or sigmoid (sign-split, so exp never overflows) of one row.
-fn scores(x: &[f32], score: Score, probs: &mut [f32]) {
+/// Softmax (max-subtracted) or sigmoid (of `-|x|`, so exp never overflows) of the rows of
+/// `x` (`e` wide), into `probs`; the exponentials run over the whole block at once so they
+/// vectorise.
+fn scores(x: &[f32], e: usize, score: Score, probs: &mut [f32]) {
     match score {
         Score::Softmax => {
-            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for (p, &v) in probs.iter_mut().zip(x) {
-                *p = (v - m).exp();
-                sum += *p;
+            for (p, row) in probs.chunks_mut(e).zip(x.chunks(e)) {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for (pp, &v) in p.iter_mut().zip(row) {
+                    *pp = v - m;
+                }
             }
-            // sum >= 1: the maximum contributes exp(0).
-            for p in probs.iter_mut() {
-                *p /= sum;
+            exp_nonpositive_slice(probs);
+            for p in probs.chunks_mut(e) {
+                // sum >= 1: the maximum contributes e^0.
+                let sum: f32 = p.iter().sum();
+                for pp in p.iter_mut() {
+                    *pp /= sum;
+                }
             }
         }
         Score::Sigmoid => {
             for (p, &v) in probs.iter_mut().zip(x) {
-                *p = if v >= 0.0 {
-                    1.0 / (1.0 + (-v).exp())
-                } else {
-                    let z = v.exp();
-                    z / (1.0 + z)
-                };
+                *p = -v.abs();
+            }
+            exp_nonpositive_slice(probs);
+            for (p, &v) in probs.iter_mut().zip(x) {
+                // z = e^-|v|: sigmoid(v) = 1 / (1 + z) for v >= 0, z / (1 + z) below.
+                let z = *p;
+                *p = if v >= 0.0 { 1.0 } else { z } / (1.0 + z);
             }
         }
     }
 }
 
-/// Per-thread buffers of [`route_row`], allocated once per rayon task.
+/// Buffers of [`route_row`], allocated once per block of rows.
 struct RowScratch {
     choice: Vec<f32>,
     allowed: Vec<bool>,
@@ -326,59 +341,83 @@ pub fn route_backward(
     check_expert_idx(expert_idx, e)?;
 
     let mut d_logits = vec![0.0f32; t * e];
-    d_logits
-        .par_chunks_mut(e)
-        .enumerate()
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each(|(row, dl)| {
-            let (g, idx, p) = (d_weights.row(row), expert_idx.row(row), probs.row(row));
-            // dl holds dL/dprobs first, then is turned into dL/dlogits in place.
-            if normalize {
-                let sum: f64 = idx.iter().map(|&i| f64::from(p[i as usize])).sum();
-                if sum > 0.0 {
-                    // w_j = p_j / S  =>  dL/dp_j = (g_j - sum_i g_i w_i) / S
-                    let gw: f64 = g
-                        .iter()
-                        .zip(idx)
-                        .map(|(&gj, &i)| f64::from(gj) * f64::from(p[i as usize]) / sum)
-                        .sum();
-                    for (&gj, &i) in g.iter().zip(idx) {
-                        dl[i as usize] += ((f64::from(gj) - gw) / sum) as f32;
-                    }
-                }
-            } else {
-                for (&gj, &i) in g.iter().zip(idx) {
-                    dl[i as usize] += gj;
-                }
-            }
-            match score {
-                Score::Softmax => {
-                    let dot: f64 = dl
-                        .iter()
-                        .zip(p)
-                        .map(|(&d, &pp)| f64::from(d) * f64::from(pp))
-                        .sum();
-                    for (d, &pp) in dl.iter_mut().zip(p) {
-                        *d = (f64::from(pp) * (f64::from(*d) - dot)) as f32;
-                    }
-                }
-                Score::Sigmoid => {
-                    for (d, &pp) in dl.iter_mut().zip(p) {
-                        *d *= pp * (1.0 - pp);
-                    }
-                }
-            }
-        });
+    let rows = rows_per_block(t, e * 4 * 3);
+    run(d_logits.chunks_mut(rows * e).collect(), |block, out| {
+        for (i, dl) in out.chunks_mut(e).enumerate() {
+            let row = block * rows + i;
+            route_backward_row(
+                d_weights.row(row),
+                expert_idx.row(row),
+                probs.row(row),
+                score,
+                normalize,
+                dl,
+            );
+        }
+    });
     Ok(d_logits)
+}
+
+/// [`route_backward`] for one token: `g` `[k]`, `idx` `[k]`, `p` `[E]` into `dl` `[E]`
+/// (zeros on entry).
+fn route_backward_row(
+    g: &[f32],
+    idx: &[i32],
+    p: &[f32],
+    score: Score,
+    normalize: bool,
+    dl: &mut [f32],
+) {
+    // dl holds dL/dprobs first, then is turned into dL/dlogits in place.
+    if normalize {
+        let sum: f64 = idx.iter().map(|&i| f64::from(p[i as usize])).sum();
+        if sum > 0.0 {
+            // w_j = p_j / S  =>  dL/dp_j = (g_j - sum_i g_i w_i) / S
+            let gw: f64 = g
+                .iter()
+                .zip(idx)
+                .map(|(&gj, &i)| f64::from(gj) * f64::from(p[i as usize]) / sum)
+                .sum();
+            for (&gj, &i) in g.iter().zip(idx) {
+                dl[i as usize] += ((f64::from(gj) - gw) / sum) as f32;
+            }
+        }
+    } else {
+        for (&gj, &i) in g.iter().zip(idx) {
+            dl[i as usize] += gj;
+        }
+    }
+    match score {
+        Score::Softmax => {
+            let dot: f64 = dl
+                .iter()
+                .zip(p)
+                .map(|(&d, &pp)| f64::from(d) * f64::from(pp))
+                .sum();
+            for (d, &pp) in dl.iter_mut().zip(p) {
+                *d = (f64::from(pp) * (f64::from(*d) - dot)) as f32;
+            }
+        }
+        Score::Sigmoid => {
+            for (d, &pp) in dl.iter_mut().zip(p) {
+                *d *= pp * (1.0 - pp);
+            }
+        }
+    }
 }
 
 /// Errors unless every entry of `expert_idx` is in `[0, e)`.
 pub(crate) fn check_expert_idx(expert_idx: Matrix<'_, i32>, e: usize) -> Result<(), MoeError> {
     let k = expert_idx.cols().max(1);
-    match expert_idx
+    // Branch-free pass first (it vectorises); the position only when something is wrong.
+    let in_range = |i: i32| (i as u32 as usize) < e;
+    let all_ok = expert_idx
         .data()
-        .par_iter()
-        .position_first(|&i| i < 0 || i as usize >= e)
+        .iter()
+        .fold(true, |ok, &i| ok & in_range(i));
+    match (!all_ok)
+        .then(|| expert_idx.data().iter().position(|&i| !in_range(i)))
+        .flatten()
     {
         None => Ok(()),
         Some(pos) => Err(MoeError::entry(

@@ -3,12 +3,13 @@
 //! Threads own their outputs: every token gathers its (at most k) rows through an inverse
 //! index of `order`, so nothing is scattered and no atomics are needed.
 
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
-use super::alloc::zeroed;
+use super::alloc::{filled, write_scaled, write_zeros, zeroed};
 use super::error::MoeError;
 use super::matrix::Matrix;
-use super::permute::{gather_rows, rows_per_task};
+use super::par::{rows_per_block, run};
+use super::permute::gather_rows;
 
 /// What [`unpermute_backward`] returns.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,24 +35,55 @@ pub fn unpermute(
         w.expect_shape("weights", n_tokens, k)?;
     }
     let d = y_sorted.cols();
-    let mut y = zeroed("y", n_tokens.saturating_mul(d))?;
-    if d == 0 {
-        return Ok(y);
-    }
-    y.par_chunks_mut(d)
-        .zip(inverse.par_chunks(k))
-        .enumerate()
-        .with_min_len(rows_per_task(d))
-        .for_each(|(t, (out, rows))| {
-            for (j, &r) in rows.iter().enumerate() {
-                if r < 0 {
-                    continue;
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        if d == 0 {
+            return;
+        }
+        let rows = rows_per_block(n_tokens, d * 4 * (k + 1));
+        let blocks: Vec<_> = out
+            .chunks_mut(rows * d)
+            .zip(inverse.chunks(rows * k))
+            .collect();
+        run(blocks, |block, (dst, inv)| {
+            for (i, (row, slots)) in dst.chunks_mut(d).zip(inv.chunks(k)).enumerate() {
+                let first = (block * rows + i) * k;
+                let weight = |j: usize| weights.map_or(1.0, |w| w.data()[first + j]);
+                let mut kept = slots
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &r)| r >= 0)
+                    .map(|(j, &r)| (weight(j), y_sorted.row(r as usize)));
+                match (kept.next(), kept.next()) {
+                    (None, _) => write_zeros(row),
+                    (Some((w0, a)), None) => write_scaled(row, w0, a),
+                    (Some((w0, a)), Some((w1, b))) => {
+                        for ((o, &x0), &x1) in row.iter_mut().zip(a).zip(b) {
+                            o.write(w0 * x0 + w1 * x1);
+                        }
+                        // SAFETY: every element of `row` was written just above.
+                        let row = unsafe { assume_init_mut(row) };
+                        for (w, src) in kept {
+                            axpy(w, src, row);
+                        }
+                    }
                 }
-                let w = weights.map_or(1.0, |w| w.data()[t * k + j]);
-                axpy(w, y_sorted.row(r as usize), out);
             }
         });
-    Ok(y)
+    };
+    // SAFETY: `out` has n_tokens · d elements in blocks of `rows` tokens, paired with the
+    // blocks of `inverse` (k slots per token); every token's row is written by one of the
+    // three arms (zeros, one scaled row, or a sum of at least two). d == 0: nothing to write.
+    unsafe { filled("y", n_tokens.saturating_mul(d), fill) }
+}
+
+/// `&mut [f32]` view of a slice whose elements have all been written.
+///
+/// # Safety
+/// Every element of `s` must be initialised.
+unsafe fn assume_init_mut(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: MaybeUninit<f32> has the layout of f32 and the caller guarantees every element
+    // is initialised; the new slice borrows `s` mutably, so nothing else can alias it.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
 }
 
 /// The backward of `permute` with respect to `x`: `dx[t] = Σ_j dx_sorted[row of t·k + j]`,
@@ -76,22 +108,24 @@ pub fn unpermute_backward(
     let (t, k, d) = (weights.rows(), weights.cols(), y_sorted.cols());
     dy.expect_shape("dy", t, d)?;
     let inverse = inverse_order(order, y_sorted.rows(), t, k)?;
-    let mut d_y_sorted = zeroed("d_y_sorted", y_sorted.rows().saturating_mul(d))?;
-    gather_rows(dy, order, k, Some(weights.data()), &mut d_y_sorted);
+    let d_y_sorted = gather_rows("d_y_sorted", dy, order, k, Some(weights.data()))?;
     let mut d_weights = zeroed("d_weights", t * k)?;
     if d > 0 {
-        d_weights
-            .par_chunks_mut(k)
-            .zip(inverse.par_chunks(k))
-            .enumerate()
-            .with_min_len(rows_per_task(d * k))
-            .for_each(|(tok, (dw, rows))| {
-                for (g, &r) in dw.iter_mut().zip(rows) {
+        let rows = rows_per_block(t, d * 4 * (k + 1));
+        let blocks: Vec<_> = d_weights
+            .chunks_mut(rows * k)
+            .zip(inverse.chunks(rows * k))
+            .collect();
+        run(blocks, |block, (dw, inv)| {
+            for (i, (g, slots)) in dw.chunks_mut(k).zip(inv.chunks(k)).enumerate() {
+                let tok = block * rows + i;
+                for (gj, &r) in g.iter_mut().zip(slots) {
                     if r >= 0 {
-                        *g = dot(dy.row(tok), y_sorted.row(r as usize));
+                        *gj = dot(dy.row(tok), y_sorted.row(r as usize));
                     }
                 }
-            });
+            }
+        });
     }
     Ok(UnpermuteGrads {
         d_y_sorted,

@@ -1,0 +1,64 @@
+//! A branch-free `exp` for the router's scores, written so loops over it vectorise.
+//!
+//! `f32::exp` calls libm once per element; the router exponentiates `T · E` values, and a
+//! polynomial the compiler can run four or more lanes at a time is several times faster at
+//! the same accuracy (about 1 ulp on the range it is used on).
+
+/// `e^x` for `x <= 0`: `x = n·ln2 + r` with `|r| <= ln2/2`, `e^r` from a degree-7 Taylor-like
+/// minimax polynomial (the classic Cephes `expf` coefficients; the last rounds to 0.5 in f32), `2^n` built in the exponent
+/// bits. Below -87 (where `e^x` is under 1.7e-38) it returns 0.
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so n·LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
+    const SHIFTER: f32 = 12_582_912.0;
+    let underflow = x < -87.0;
+    let xc = x.max(-87.0);
+    let t = xc * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e_r = p * (r * r) + r + 1.0;
+    // n is in [-126, 0], so n + 127 is a valid (normal) biased exponent.
+    let n_int = t.to_bits() as i32 - SHIFTER.to_bits() as i32;
+    let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
+    if underflow {
+        0.0
+    } else {
+        e_r * two_n
+    }
+}
+
+/// `out[i] = e^(x[i])` for every `x[i] <= 0`.
+pub(crate) fn exp_nonpositive_slice(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = exp_nonpositive(*v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_to_a_few_ulp_on_its_range() {
+        let mut worst = 0.0f64;
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let got = f64::from(exp_nonpositive(x));
+            let want = f64::from(x).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x -= 0.000_37;
+        }
+        assert!(worst < 3.0e-7, "worst relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-1000.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+}

@@ -1,0 +1,69 @@
+//! When and how to split a kernel's rows over rayon's threads.
+//!
+//! Rayon runs work submitted from a foreign thread (Python's) on its pool while the caller
+//! waits, so each parallel call pays a wake-up: small inputs stay on the calling thread.
+
+use rayon::prelude::*;
+
+/// Bytes a kernel must touch before splitting it over threads pays.
+const PARALLEL_MIN_BYTES: usize = 256 * 1024;
+
+/// Blocks per thread, so a slow (or descheduled) thread can be covered by the others.
+const BLOCKS_PER_THREAD: usize = 4;
+
+/// How many rows each block gets when `rows` rows of `row_bytes` bytes each are processed:
+/// all of them (one block, run on the calling thread) when the whole job is small.
+pub(crate) fn rows_per_block(rows: usize, row_bytes: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || rows.saturating_mul(row_bytes) < PARALLEL_MIN_BYTES {
+        return rows.max(1);
+    }
+    let min_rows = (PARALLEL_MIN_BYTES / 8 / row_bytes.max(1)).max(1);
+    rows.div_ceil(threads * BLOCKS_PER_THREAD).max(min_rows)
+}
+
+/// Calls `body(block_index, item)` for every item: on rayon's threads if there is more than
+/// one item, else on the calling thread.
+pub(crate) fn run<I: Send>(items: Vec<I>, body: impl Fn(usize, I) + Sync + Send) {
+    if items.len() > 1 {
+        items
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(i, item)| body(i, item));
+    } else {
+        items
+            .into_iter()
+            .enumerate()
+            .for_each(|(i, item)| body(i, item));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_jobs_are_one_block_and_large_ones_split() {
+        assert_eq!(rows_per_block(0, 1024), 1);
+        assert_eq!(rows_per_block(10, 1024), 10);
+        let rows = 8192;
+        let per = rows_per_block(rows, 1024);
+        if rayon::current_num_threads() > 1 {
+            assert!(per < rows && per >= 1);
+        } else {
+            assert_eq!(per, rows);
+        }
+    }
+
+    #[test]
+    fn run_visits_every_item_once() {
+        let mut v = vec![0u32; 100];
+        let items: Vec<&mut [u32]> = v.chunks_mut(7).collect();
+        run(items, |i, chunk| {
+            chunk.iter_mut().for_each(|x| *x += i as u32 + 1)
+        });
+        for (i, x) in v.iter().enumerate() {
+            assert_eq!(*x, (i / 7) as u32 + 1);
+        }
+    }
+}
