@@ -4,6 +4,8 @@
 //! own; `py` (feature `python`) holds the thin PyO3 bindings.
 
 pub mod cpu;
+pub mod fused;
+mod linalg;
 pub mod optim;
 pub mod sparse;
 

@@ -115,35 +115,38 @@ def main() -> None:
     print(f"\nMoE layer fwd+bwd: T={T} d={D} E={E} k={K} hidden={H}")
     print(table(rows, ["implementation", "median ms", "time / moecore"]))
 
-    q, k, v = (rng.standard_normal((B, NH, S, HD)).astype(np.float32) for _ in range(3))
-    g = rng.standard_normal((B, NH, S, HD)).astype(np.float32)
-    qt = [mc.Tensor(a.copy(), requires_grad=True) for a in (q, k, v)]
+    # Attention as a model runs it: from the packed q/k/v projection [B, T, 3·D] to [B, T, D].
+    qkv = rng.standard_normal((B, S, 3 * NH * HD)).astype(np.float32)
+    g = rng.standard_normal((B, S, NH * HD)).astype(np.float32)
+    qt = mc.Tensor(qkv.copy(), requires_grad=True)
 
     def ours_att():
-        for p in qt:
-            p.grad = None
-        out = ops.scaled_dot_product_attention(*qt)
+        qt.grad = None
+        out = ops.packed_attention(qt, NH)
         out.backward(g)
         return out
 
     out_ours = ours_att().data.copy()
+    grad_ours = qt.grad.copy()
     t_att = median_time(ours_att)
-    rows = [["moecore attention", f"{t_att * 1e3:.1f}", "1.00"]]
+    rows = [["moecore ops.packed_attention", f"{t_att * 1e3:.1f}", "1.00"]]
     result["attention"]["moecore_ms"] = t_att * 1e3
     if torch is not None:
-        tq = [torch.tensor(a.copy(), requires_grad=True) for a in (q, k, v)]
+        tq = torch.tensor(qkv.copy(), requires_grad=True)
         tg = torch.tensor(g)
 
         def torch_att():
-            for p in tq:
-                p.grad = None
-            out = torch.nn.functional.scaled_dot_product_attention(*tq, is_causal=True)
+            tq.grad = None
+            q, k, v = tq.view(B, S, 3, NH, HD).permute(2, 0, 3, 1, 4)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = out.transpose(1, 2).reshape(B, S, NH * HD)
             out.backward(tg)
             return out
 
         np.testing.assert_allclose(torch_att().detach().numpy(), out_ours, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(tq.grad.numpy(), grad_ours, rtol=1e-2, atol=1e-3)
         t = median_time(torch_att)
-        rows.append(["torch sdpa (causal)", f"{t * 1e3:.1f}", f"{t / t_att:.2f}"])
+        rows.append(["torch sdpa (causal, same packing)", f"{t * 1e3:.1f}", f"{t / t_att:.2f}"])
         result["attention"]["torch_sdpa_ms"] = t * 1e3
     print(f"\nattention fwd+bwd: batch {B}, heads {NH}, T {S}, head dim {HD}")
     print(table(rows, ["implementation", "median ms", "time / moecore"]))

@@ -5,19 +5,6 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = [
-    "BsrPattern",
-    "CorruptPayload",
-    "InternalError",
-    "PoolMisuse",
-    "PoolOutOfMemory",
-    "bsr_kernel_isa",
-    "bsr_linear",
-    "bsr_linear_dw",
-    "bsr_linear_dx",
-    "build_info",
-]
-
 class PoolMisuse(ValueError): ...
 class PoolOutOfMemory(MemoryError): ...
 class CorruptPayload(ValueError): ...
@@ -112,3 +99,13 @@ def bsr_linear_dw(
     dy: npt.NDArray[np.float32], x: npt.NDArray[np.float32], pattern: BsrPattern
 ) -> npt.NDArray[np.float32]: ...
 def bsr_kernel_isa() -> str: ...
+
+# -- fused dense kernels (rust/py/fused.rs) ---------------------------------------------------
+def fused_attention_forward(
+    qkv: np.ndarray, heads: int, causal: bool
+) -> tuple[np.ndarray, np.ndarray]: ...
+def fused_attention_backward(
+    qkv: np.ndarray, probs: np.ndarray, d_out: np.ndarray, heads: int, causal: bool
+) -> np.ndarray: ...
+def fused_gelu(x: np.ndarray) -> np.ndarray: ...
+def fused_gelu_backward(g: np.ndarray, x: np.ndarray) -> np.ndarray: ...

@@ -5,6 +5,7 @@
 //! function, and map the module's error enum to the exceptions defined in [`errors`].
 
 mod errors;
+mod fused;
 #[allow(dead_code)] // used by every binding module as they land
 mod gil;
 mod info;
@@ -16,6 +17,10 @@ mod sparse;
 mod _core {
     #[pymodule_export]
     use super::errors::{CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory};
+    #[pymodule_export]
+    use super::fused::{
+        fused_attention_backward, fused_attention_forward, fused_gelu, fused_gelu_backward,
+    };
     #[pymodule_export]
     use super::info::build_info;
     #[pymodule_export]

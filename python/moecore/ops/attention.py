@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from moecore import _core
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
 from moecore.backend import xp_of
@@ -92,38 +93,71 @@ def _rope_backward(g: Any, cos: Any, sin: Any) -> Any:
     return g * cos + _rotate_half(g * sin, sign=-1)
 
 
+def _fast(a: Any) -> bool:
+    return isinstance(a, np.ndarray) and a.dtype == np.float32
+
+
 class PackedCausalAttention(Function):
     """Attention from a packed projection ``qkv [B, T, 3·D]`` to ``out [B, T, D]``: the head
-    split and merge (and rotary embeddings, if given) happen inside the op, as strided views,
-    not as extra tape nodes."""
+    split and merge (and rotary embeddings, if given) happen inside the op, not as extra tape
+    nodes. float32 CPU arrays run the fused Rust kernel (heads read in place by strides);
+    other dtypes and devices run the array-module version."""
 
     @staticmethod
-    def forward(ctx: Context, qkv: Any, n_heads: int, causal: bool = True, rope: Any = None) -> Any:
+    def forward(
+        ctx: Context, qkv: Any, n_heads: int, causal: bool = True, rope: Any = None
+    ) -> Any:
         b, t, three_d = qkv.shape
         if three_d % (3 * n_heads):
             raise ValueError(
                 f"qkv last dimension {three_d} is not 3 × heads ({n_heads}) × head_dim"
             )
         d = three_d // 3
-        heads = qkv.reshape(b, t, 3, n_heads, d // n_heads).transpose(2, 0, 3, 1, 4)
-        q, k, v = heads[0], heads[1], heads[2]
+        hd = d // n_heads
+        ctx.dims, ctx.causal, ctx.fast = (b, t, n_heads, d), causal, _fast(qkv)
         ctx.rope = None
         if rope is not None:
             cos, sin = (a[:t].astype(qkv.dtype, copy=False) for a in rope)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             ctx.rope = (cos, sin)
+        if ctx.fast:
+            src = np.ascontiguousarray(qkv)
+            if ctx.rope is not None:
+                src = src.copy()
+                heads = src.reshape(b, t, 3, n_heads, hd)
+                c, s_ = ctx.rope[0][:, None, :], ctx.rope[1][:, None, :]
+                heads[:, :, 0] = apply_rope(heads[:, :, 0], c, s_)
+                heads[:, :, 1] = apply_rope(heads[:, :, 1], c, s_)
+            out, probs = _core.fused_attention_forward(src, n_heads, causal)
+            ctx.save_for_backward(src, probs)
+            return out.transpose(0, 2, 1, 3).reshape(b, t, d)
+        heads = qkv.reshape(b, t, 3, n_heads, hd).transpose(2, 0, 3, 1, 4)
+        q, k, v = heads[0], heads[1], heads[2]
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         out = Attention.forward(ctx, q, k, v, causal=causal)
-        ctx.dims = (b, t, n_heads, d)
         return out.transpose(0, 2, 1, 3).reshape(b, t, d)
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> Any:
         b, t, h, d = ctx.dims
-        g4 = g.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)
+        hd = d // h
+        if ctx.fast:
+            src, probs = ctx.saved_tensors
+            d_out = np.ascontiguousarray(g.reshape(b, t, h, hd).transpose(0, 2, 1, 3))
+            d_heads = _core.fused_attention_backward(src, probs, d_out, h, ctx.causal)
+            # [B, H, 3, T, D] → [B, T, 3, H, D]
+            packed = d_heads.transpose(0, 3, 2, 1, 4)
+            if ctx.rope is not None:
+                c, s_ = ctx.rope[0][:, None, :], ctx.rope[1][:, None, :]
+                packed = np.ascontiguousarray(packed)
+                packed[:, :, 0] = _rope_backward(packed[:, :, 0], c, s_)
+                packed[:, :, 1] = _rope_backward(packed[:, :, 1], c, s_)
+            return packed.reshape(b, t, 3 * d), None
+        g4 = g.reshape(b, t, h, hd).transpose(0, 2, 1, 3)
         dq, dk, dv = Attention.backward(ctx, g4)
         if ctx.rope is not None:
             dq, dk = (_rope_backward(x, *ctx.rope) for x in (dq, dk))
-        dqkv = xp_of(g).empty((b, t, 3, h, d // h), dtype=g.dtype)
+        dqkv = xp_of(g).empty((b, t, 3, h, hd), dtype=g.dtype)
         packed = dqkv.transpose(2, 0, 3, 1, 4)
         packed[0], packed[1], packed[2] = dq, dk, dv
         return dqkv.reshape(b, t, 3 * d), None

@@ -10,9 +10,9 @@
 
 use super::alloc::zeroed;
 use super::error::{shape_str, MoeError};
-use super::gemm_f32::{matmul, Strided};
 use super::matrix::Matrix;
 use super::par::run;
+use crate::linalg::gemm::{matmul, Strided};
 
 /// A stack of `n` row-major `rows × cols` matrices (`[E, d_in, d_out]` expert weights).
 #[derive(Debug, Clone, Copy)]

@@ -20,9 +20,7 @@
 
 mod alloc;
 mod error;
-mod gemm_f32;
 mod grouped;
-mod math;
 mod matrix;
 mod par;
 mod permute;

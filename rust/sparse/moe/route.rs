@@ -4,9 +4,9 @@
 use std::str::FromStr;
 
 use super::error::MoeError;
-use super::math::exp_nonpositive_slice;
 use super::matrix::Matrix;
 use super::par::{rows_per_block, run};
+use crate::linalg::fastmath::exp_nonpositive_slice;
 
 /// How logits become probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +158,7 @@ fn check_groups(opts: &RouteOptions, e: usize) -> Result<Option<(usize, usize)>,
             "None",
         )),
         (Some(g), Some(tg)) => {
-            if g == 0 || e % g != 0 {
+            if g == 0 || !e.is_multiple_of(g) {
                 return Err(MoeError::value(
                     "n_groups",
                     format!("a divisor of E = {e}"),

@@ -1,0 +1,4 @@
+//! Dense linear algebra and fast math shared by the kernels (MoE, fused attention, GELU).
+
+pub(crate) mod fastmath;
+pub(crate) mod gemm;
