@@ -4,6 +4,7 @@
 //! own; `py` (feature `python`) holds the thin PyO3 bindings.
 
 pub mod cpu;
+pub mod pool;
 pub mod sparse;
 
 #[cfg(feature = "python")]
