@@ -5,9 +5,9 @@
 //! function, and map the module's error enum to the exceptions defined in [`errors`].
 
 mod errors;
-#[allow(dead_code)] // used by every binding module as they land
 mod gil;
 mod info;
+mod pool;
 
 #[pyo3::pymodule]
 mod _core {
@@ -15,4 +15,6 @@ mod _core {
     use super::errors::{CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory};
     #[pymodule_export]
     use super::info::build_info;
+    #[pymodule_export]
+    use super::pool::{pool_random_trace, pool_replay, PoolBlock, PoolCore};
 }
