@@ -127,7 +127,7 @@ def replay(trace: Iterable[Sequence[Any]]) -> dict[str, Any]:
         ValueError: a malformed event, a free of an id that is not live, an alloc of an id
             that is live; the message names the event's index.
     """
-    return _core.pool_replay([tuple(ev) for ev in trace])
+    return _core.pool_replay(trace)
 
 
 def random_trace(

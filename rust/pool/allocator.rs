@@ -78,11 +78,21 @@ pub enum SegmentKind {
 }
 
 impl SegmentKind {
+    #[inline]
     fn index(self) -> usize {
         match self {
             SegmentKind::Small => 0,
             SegmentKind::Large => 1,
             SegmentKind::Arena => 2,
+        }
+    }
+
+    #[inline]
+    fn from_index(i: u8) -> Self {
+        match i {
+            0 => SegmentKind::Small,
+            1 => SegmentKind::Large,
+            _ => SegmentKind::Arena,
         }
     }
 
@@ -102,8 +112,8 @@ struct Segment {
     /// For arenas, what the caller registered (before alignment to 512 B).
     registered: (usize, usize),
     first: u32,
-    /// Position in `Pool::wholly_free`, or `NIL`.
-    wholly_free_pos: u32,
+    /// The segment is one free block (counted in `FreeCounts`).
+    wholly_free: bool,
 }
 
 /// The free lists of one stream, one TLSF index per segment kind.
@@ -114,6 +124,10 @@ struct StreamLists {
 }
 
 impl StreamLists {
+    // Out of line and cold: building the 12 KiB table on the stack would otherwise give every
+    // `malloc` a frame that needs stack probing.
+    #[cold]
+    #[inline(never)]
     fn new(stream: u64) -> Box<Self> {
         Box::new(Self {
             stream,
@@ -144,7 +158,6 @@ pub struct Pool {
     live: AddrMap,
     streams: Vec<Box<StreamLists>>,
     last_stream: (u64, u32),
-    wholly_free: Vec<u32>,
     pending: Vec<u32>,
     counts: [FreeCounts; 3],
     stats: Stats,
@@ -180,7 +193,6 @@ impl Pool {
             live: AddrMap::default(),
             streams: vec![StreamLists::new(RESERVED_STREAM)],
             last_stream: (RESERVED_STREAM, SYNCED),
-            wholly_free: Vec::new(),
             pending: Vec::new(),
             counts: [FreeCounts::default(); 3],
             stats: Stats::default(),
@@ -283,14 +295,14 @@ impl Pool {
     pub fn synchronize(&mut self) {
         self.stats.num_sync_all_streams += 1;
         for b in std::mem::take(&mut self.pending) {
-            let (size, seg) = {
+            let (size, kind) = {
                 let blk = self.blocks.get_mut(b);
                 blk.state = BlockState::Free;
                 blk.used_elsewhere = false;
                 blk.slot = SYNCED;
-                (blk.size, blk.segment)
+                (blk.size, SegmentKind::from_index(blk.kind))
             };
-            let pool = self.segment(seg).kind.stat_pool();
+            let pool = kind.stat_pool();
             self.stats.active.sub(pool, 1);
             self.stats.active_bytes.sub(pool, size as u64);
             self.link_free(b);
@@ -499,7 +511,7 @@ impl Pool {
         let allocated = self.stats.allocated_bytes.all().current + rounded as u64;
         let reserved = self.stats.reserved_bytes.all().current + seg_size as u64;
         let budget = (allocated as f64 * self.policy.cache_ratio).min(u64::MAX as f64) as u64;
-        if reserved > budget && !self.wholly_free.is_empty() {
+        if reserved > budget && self.any_wholly_free() {
             self.release_cached((reserved - budget) as usize);
         }
         let mut retried = false;
@@ -515,7 +527,7 @@ impl Pool {
             if let Some(base) = base {
                 break base;
             }
-            if !retried && !self.wholly_free.is_empty() {
+            if !retried && self.any_wholly_free() {
                 retried = true;
                 self.stats.num_alloc_retries += 1;
                 self.release_cached(usize::MAX);
@@ -552,52 +564,55 @@ impl Pool {
     /// Hands out free block `b` for a request of `rounded` bytes on `slot`, splitting off the
     /// rest when it is worth keeping; returns the address.
     fn take(&mut self, b: u32, rounded: usize, requested: usize, slot: u32, handle: bool) -> usize {
-        self.unlink_free(b);
-        let (addr, size, seg, prev_slot) = {
+        let (addr, size, seg, prev_slot, kind_index) = {
             let blk = self.blocks.get(b);
-            (blk.addr, blk.size, blk.segment, blk.slot)
+            (blk.addr, blk.size, blk.segment, blk.slot, blk.kind)
         };
-        let kind = self.segment(seg).kind;
+        let kind = SegmentKind::from_index(kind_index);
         let rest = size - rounded;
         let split = match kind {
             SegmentKind::Large => rest > LARGE_SPLIT_MIN,
             SegmentKind::Small | SegmentKind::Arena => rest >= GRANULE,
         };
-        let size = if split {
+        let (b, addr, size) = if split {
+            // Carve the request from the end of the free block: the free part keeps its
+            // place (and, nearly always, its size class) in the free lists, so no list is
+            // touched, and freeing the request later grows it back in place.
             let next = self.blocks.get(b).next_phys;
-            let r = self.blocks.insert(Block {
-                addr: addr + rounded,
-                size: rest,
-                requested: 0,
+            let a_addr = addr + rest;
+            let a = self.blocks.insert(Block {
+                addr: a_addr,
+                size: rounded,
+                requested,
                 segment: seg,
+                kind: kind_index,
                 prev_phys: b,
                 next_phys: next,
                 prev_free: NIL,
                 next_free: NIL,
-                // The remainder stays with the stream (or synchronized state) it had.
-                slot: prev_slot,
-                state: BlockState::Free,
+                slot,
+                state: BlockState::Allocated,
                 used_elsewhere: false,
-                handle_owned: false,
+                handle_owned: handle,
             });
             if next != NIL {
-                self.blocks.get_mut(next).prev_phys = r;
+                self.blocks.get_mut(next).prev_phys = a;
             }
-            self.blocks.get_mut(b).next_phys = r;
-            self.link_free(r);
-            rounded
+            self.blocks.get_mut(b).next_phys = a;
+            // The free remainder stays with the stream (or synchronized state) it had.
+            debug_assert_eq!(self.blocks.get(b).slot, prev_slot);
+            self.resize_free(b, rest);
+            (a, a_addr, rounded)
         } else {
-            size
-        };
-        {
+            self.unlink_free(b);
             let blk = self.blocks.get_mut(b);
-            blk.size = size;
             blk.requested = requested;
             blk.slot = slot;
             blk.state = BlockState::Allocated;
             blk.used_elsewhere = false;
             blk.handle_owned = handle;
-        }
+            (b, addr, size)
+        };
         self.refresh_wholly_free(seg);
         self.live.insert(addr, b);
         let pool = kind.stat_pool();
@@ -614,24 +629,25 @@ impl Pool {
     // ---- free ---------------------------------------------------------------------------
 
     fn deallocate(&mut self, address: usize, handle: bool) -> Result<(), PoolError> {
-        let Some(&b) = self.live.get(&address) else {
+        let Some(b) = self.live.remove(&address) else {
             return Err(self.diagnose(address));
         };
-        let (size, requested, seg, owned, elsewhere) = {
+        let (size, requested, seg, kind, owned, elsewhere) = {
             let blk = self.blocks.get(b);
             (
                 blk.size,
                 blk.requested,
                 blk.segment,
+                SegmentKind::from_index(blk.kind),
                 blk.handle_owned,
                 blk.used_elsewhere,
             )
         };
         if owned && !handle {
+            self.live.insert(address, b);
             return Err(PoolError::OwnedByArray { address });
         }
-        self.live.remove(&address);
-        let pool = self.segment(seg).kind.stat_pool();
+        let pool = kind.stat_pool();
         let st = &mut self.stats;
         st.allocation.sub(pool, 1);
         st.allocated_bytes.sub(pool, size as u64);
@@ -647,21 +663,28 @@ impl Pool {
         st.active_bytes.sub(pool, size as u64);
         let slot = self.blocks.get(b).slot;
         self.blocks.get_mut(b).state = BlockState::Free;
-        let prev = self.blocks.get(b).prev_phys;
-        let b = if prev != NIL && self.mergeable(prev, slot) {
-            self.unlink_free(prev);
-            self.absorb_next(prev);
-            prev
-        } else {
-            b
-        };
         let next = self.blocks.get(b).next_phys;
         if next != NIL && self.mergeable(next, slot) {
             self.unlink_free(next);
             self.absorb_next(b);
         }
-        self.blocks.get_mut(b).slot = slot;
-        self.link_free(b);
+        let prev = self.blocks.get(b).prev_phys;
+        if prev != NIL && self.mergeable(prev, slot) {
+            if self.blocks.get(prev).slot == slot {
+                // The free block before stays in its list and grows in place.
+                let grown = self.blocks.get(prev).size + self.blocks.get(b).size;
+                self.unchain_next(prev);
+                self.resize_free(prev, grown);
+            } else {
+                // A synchronized neighbour joins this stream's block (the stricter rule).
+                self.unlink_free(prev);
+                self.absorb_next(prev);
+                self.blocks.get_mut(prev).slot = slot;
+                self.link_free(prev);
+            }
+        } else {
+            self.link_free(b);
+        }
         self.refresh_wholly_free(seg);
         self.update_inactive_split(pool);
         Ok(())
@@ -674,22 +697,28 @@ impl Pool {
         blk.state == BlockState::Free && (blk.slot == slot || blk.slot == SYNCED)
     }
 
-    /// Merges `b`'s physical successor (already unlinked from its free list) into `b`.
+    /// Merges `b`'s physical successor (not in any free list) into `b` (not in any free
+    /// list either: its size changes).
     fn absorb_next(&mut self, b: u32) {
+        let n_size = self.unchain_next(b);
+        self.blocks.get_mut(b).size += n_size;
+    }
+
+    /// Removes `b`'s physical successor (not in any free list) from the chain and the slab,
+    /// leaving `b`'s size to the caller; returns the successor's size.
+    #[inline]
+    fn unchain_next(&mut self, b: u32) -> usize {
         let n = self.blocks.get(b).next_phys;
         let (n_size, n_next) = {
             let nb = self.blocks.get(n);
             (nb.size, nb.next_phys)
         };
-        {
-            let blk = self.blocks.get_mut(b);
-            blk.size += n_size;
-            blk.next_phys = n_next;
-        }
+        self.blocks.get_mut(b).next_phys = n_next;
         if n_next != NIL {
             self.blocks.get_mut(n_next).prev_phys = b;
         }
         self.blocks.remove(n);
+        n_size
     }
 
     /// Why `address` cannot be freed: a double free, not a block start, or foreign.
@@ -765,6 +794,7 @@ impl Pool {
             size,
             requested: 0,
             segment: s,
+            kind: kind.index() as u8,
             prev_phys: NIL,
             next_phys: NIL,
             prev_free: NIL,
@@ -780,7 +810,7 @@ impl Pool {
             kind,
             registered,
             first: b,
-            wholly_free_pos: NIL,
+            wholly_free: false,
         });
         self.segment_at.insert(base, s);
         let pool = kind.stat_pool();
@@ -820,11 +850,14 @@ impl Pool {
     /// Releases wholly free backing segments, largest first, until at least `want` bytes
     /// were released or none is left; returns the bytes released.
     fn release_cached(&mut self, want: usize) -> usize {
+        // A scan of all segments: this runs when growing or emptying the cache, both of which
+        // cost a call to the backing anyway; keeping a list instead would tax every free.
         let mut candidates: Vec<(usize, u32)> = self
-            .wholly_free
-            .iter()
-            .map(|&s| (self.segment(s).size, s))
-            .filter(|&(_, s)| self.segment(s).kind != SegmentKind::Arena)
+            .segment_at
+            .values()
+            .map(|&s| (self.segment(s), s))
+            .filter(|(seg, _)| seg.wholly_free && seg.kind != SegmentKind::Arena)
+            .map(|(seg, s)| (seg.size, s))
             .collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
         let mut released = 0;
@@ -849,26 +882,26 @@ impl Pool {
         self.set_wholly_free(s, whole);
     }
 
+    #[inline]
     fn set_wholly_free(&mut self, s: u32, whole: bool) {
-        let (pos, size, pool) = {
-            let seg = self.segment(s);
-            (seg.wholly_free_pos, seg.size, seg.kind.stat_pool())
-        };
-        let c = &mut self.counts[pool as usize];
-        if whole && pos == NIL {
-            c.wholly_free_bytes += size as u64;
-            c.wholly_free_segments += 1;
-            self.segment_mut(s).wholly_free_pos = self.wholly_free.len() as u32;
-            self.wholly_free.push(s);
-        } else if !whole && pos != NIL {
-            c.wholly_free_bytes -= size as u64;
-            c.wholly_free_segments -= 1;
-            self.wholly_free.swap_remove(pos as usize);
-            if let Some(&moved) = self.wholly_free.get(pos as usize) {
-                self.segment_mut(moved).wholly_free_pos = pos;
-            }
-            self.segment_mut(s).wholly_free_pos = NIL;
+        let seg = self.segment_mut(s);
+        if seg.wholly_free == whole {
+            return;
         }
+        seg.wholly_free = whole;
+        let (size, pool) = (seg.size as u64, seg.kind.stat_pool());
+        let c = &mut self.counts[pool as usize];
+        if whole {
+            c.wholly_free_bytes += size;
+            c.wholly_free_segments += 1;
+        } else {
+            c.wholly_free_bytes -= size;
+            c.wholly_free_segments -= 1;
+        }
+    }
+
+    fn any_wholly_free(&self) -> bool {
+        self.counts.iter().any(|c| c.wholly_free_segments > 0)
     }
 
     // ---- free lists ---------------------------------------------------------------------
@@ -881,11 +914,10 @@ impl Pool {
     /// Links free block `b` into the lists of its slot and segment kind.
     #[inline]
     fn link_free(&mut self, b: u32) {
-        let (slot, seg, size) = {
+        let (slot, kind, size) = {
             let blk = self.blocks.get(b);
-            (blk.slot, blk.segment, blk.size)
+            (blk.slot, SegmentKind::from_index(blk.kind), blk.size)
         };
-        let kind = self.segment(seg).kind;
         let lists = &mut self.streams[slot as usize].lists[kind.index()];
         lists.insert(self.blocks.as_mut_slice(), b);
         let c = &mut self.counts[kind.stat_pool() as usize];
@@ -893,14 +925,32 @@ impl Pool {
         c.free_blocks += 1;
     }
 
+    /// Changes the size of free (linked) block `b`, moving it to another list only if its
+    /// size class changes.
+    #[inline]
+    fn resize_free(&mut self, b: u32, size: usize) {
+        let (kind, old) = {
+            let blk = self.blocks.get(b);
+            (SegmentKind::from_index(blk.kind), blk.size)
+        };
+        if Tlsf::same_class(old, size) {
+            self.blocks.get_mut(b).size = size;
+            let c = &mut self.counts[kind.stat_pool() as usize];
+            c.free_bytes = c.free_bytes + size as u64 - old as u64;
+        } else {
+            self.unlink_free(b);
+            self.blocks.get_mut(b).size = size;
+            self.link_free(b);
+        }
+    }
+
     /// Unlinks free block `b` from its list.
     #[inline]
     fn unlink_free(&mut self, b: u32) {
-        let (slot, seg, size) = {
+        let (slot, kind, size) = {
             let blk = self.blocks.get(b);
-            (blk.slot, blk.segment, blk.size)
+            (blk.slot, SegmentKind::from_index(blk.kind), blk.size)
         };
-        let kind = self.segment(seg).kind;
         let lists = &mut self.streams[slot as usize].lists[kind.index()];
         lists.remove(self.blocks.as_mut_slice(), b);
         let c = &mut self.counts[kind.stat_pool() as usize];
@@ -911,12 +961,16 @@ impl Pool {
     #[inline]
     fn update_inactive_split(&mut self, pool: StatPool) {
         let c = self.counts[pool as usize];
-        self.stats
-            .inactive_split_bytes
-            .set(pool, c.free_bytes - c.wholly_free_bytes);
-        self.stats
-            .inactive_split
-            .set(pool, c.free_blocks - c.wholly_free_segments);
+        let bytes = c.free_bytes - c.wholly_free_bytes;
+        // Most operations leave it unchanged (e.g. a block taken from and returned to an
+        // otherwise free segment); skip the bookkeeping then.
+        if bytes != self.stats.inactive_split_bytes.pool(pool).current {
+            self.stats.inactive_split_bytes.set(pool, bytes);
+        }
+        let blocks = c.free_blocks - c.wholly_free_segments;
+        if blocks != self.stats.inactive_split.pool(pool).current {
+            self.stats.inactive_split.set(pool, blocks);
+        }
     }
 }
 
@@ -963,19 +1017,14 @@ impl Pool {
             assert_eq!(at, seg.base + seg.size, "blocks must cover the segment");
             let first = self.blocks.get(seg.first);
             let whole = first.state == BlockState::Free && first.size == seg.size;
-            assert_eq!(whole, seg.wholly_free_pos != NIL);
+            assert_eq!(whole, seg.wholly_free);
             if whole {
-                assert_eq!(self.wholly_free[seg.wholly_free_pos as usize], s);
                 let c = &mut counts[seg.kind.stat_pool() as usize];
                 c.wholly_free_bytes += seg.size as u64;
                 c.wholly_free_segments += 1;
             }
         }
         assert_eq!(allocated, self.live.len());
-        assert_eq!(
-            self.wholly_free.len() as u64,
-            counts.iter().map(|c| c.wholly_free_segments).sum::<u64>()
-        );
         for p in [1, 2] {
             let (a, b) = (counts[p], self.counts[p]);
             assert_eq!(

@@ -28,6 +28,9 @@ pub struct Block {
     /// The size the caller asked for (before rounding), for `requested_bytes`.
     pub requested: usize,
     pub segment: u32,
+    /// The segment's kind (`SegmentKind::index`), kept here so the hot paths need not look
+    /// the segment up.
+    pub kind: u8,
     pub prev_phys: u32,
     pub next_phys: u32,
     pub prev_free: u32,

@@ -29,14 +29,6 @@ impl Stat {
         self.freed += n;
     }
 
-    #[inline]
-    fn set(&mut self, n: u64) {
-        if n >= self.current {
-            self.add(n - self.current);
-        } else {
-            self.sub(self.current - n);
-        }
-    }
 }
 
 /// Which pool a block or segment counts in.
@@ -73,12 +65,15 @@ impl StatArray {
         self.0[pool as usize].sub(n);
     }
 
-    /// Sets the current value of one pool (and `all` as the sum of both pools).
+    /// Sets the current value of one pool (`all` moves by the same amount).
     #[inline]
     pub(crate) fn set(&mut self, pool: StatPool, n: u64) {
-        self.0[pool as usize].set(n);
-        let total = self.0[1].current + self.0[2].current;
-        self.0[0].set(total);
+        let cur = self.0[pool as usize].current;
+        if n >= cur {
+            self.add(pool, n - cur);
+        } else {
+            self.sub(pool, cur - n);
+        }
     }
 
     fn reset_peak(&mut self) {

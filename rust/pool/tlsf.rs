@@ -39,7 +39,15 @@ impl Default for Tlsf {
     }
 }
 
-/// The class holding blocks of exactly `granules` granules (rounding down).
+/// The index key of a block size: its number of granules minus one. Sizes that are powers of
+/// two (whole segments, typical requests) then sit at the top of their class, so a whole
+/// segment that lends a little of its end keeps its class and its place in the lists.
+#[inline]
+fn key(size: usize) -> usize {
+    size / GRANULE - 1
+}
+
+/// The class holding keys equal to `granules` (rounding down).
 #[inline]
 fn class_of(granules: usize) -> (usize, usize) {
     if granules < SL_COUNT {
@@ -73,7 +81,7 @@ impl Tlsf {
     /// Whether block `i` is in the list of its class (walks the list).
     #[cfg(test)]
     pub fn contains(&self, blocks: &[Block], i: u32) -> bool {
-        let (fl, sl) = class_of(blocks[i as usize].size / GRANULE);
+        let (fl, sl) = class_of(key(blocks[i as usize].size));
         let mut j = self.heads[fl][sl];
         while j != NIL {
             if j == i {
@@ -84,10 +92,16 @@ impl Tlsf {
         false
     }
 
+    /// Whether blocks of `a` and `b` bytes live in the same list.
+    #[inline]
+    pub fn same_class(a: usize, b: usize) -> bool {
+        class_of(key(a)) == class_of(key(b))
+    }
+
     /// Pushes free block `i` at the head of its class list (LIFO: the most recently freed
     /// block, whose pages are warm, is reused first).
     pub fn insert(&mut self, blocks: &mut [Block], i: u32) {
-        let (fl, sl) = class_of(blocks[i as usize].size / GRANULE);
+        let (fl, sl) = class_of(key(blocks[i as usize].size));
         let head = self.heads[fl][sl];
         {
             let b = &mut blocks[i as usize];
@@ -114,7 +128,7 @@ impl Tlsf {
         if prev != NIL {
             blocks[prev as usize].next_free = next;
         } else {
-            let (fl, sl) = class_of(size / GRANULE);
+            let (fl, sl) = class_of(key(size));
             self.heads[fl][sl] = next;
             if next == NIL {
                 self.sl_bitmap[fl] &= !(1 << sl);
@@ -131,7 +145,7 @@ impl Tlsf {
     /// A free block of at least `size` bytes (a multiple of the granule), close to the
     /// smallest such block; `None` if there is none.
     pub fn find(&self, blocks: &[Block], size: usize) -> Option<u32> {
-        let granules = size / GRANULE;
+        let granules = key(size);
         // The request's own class: blocks within 1/16 of `size`, some of which may fit.
         let (fl, sl) = class_of(granules);
         let mut best = NIL;
@@ -187,6 +201,7 @@ mod tests {
             size,
             requested: 0,
             segment: 0,
+            kind: 0,
             prev_phys: NIL,
             next_phys: NIL,
             prev_free: NIL,
@@ -217,7 +232,7 @@ mod tests {
                 assert!(smallest >= g, "g {g}: class {up:?} holds {smallest}");
             }
         }
-        assert!(class_of(usize::MAX / GRANULE).0 < FL_COUNT);
+        assert!(class_of(key(usize::MAX)).0 < FL_COUNT);
     }
 
     #[test]
@@ -253,14 +268,17 @@ mod tests {
 
     #[test]
     fn own_class_scan_prefers_an_exact_fit() {
-        // Two blocks in the same class: 17 and 18 granules; a request of 18 granules must not
-        // get the 17-granule block, and one of 17 granules should get the exact one.
-        let mut blocks = vec![free_block(18 * 512), free_block(17 * 512)];
+        // Two blocks in the same class: 33 and 34 granules; a request of 34 granules must not
+        // get the 33-granule block, and one of 33 granules should get the exact one.
+        let mut blocks = vec![free_block(34 * 512), free_block(33 * 512)];
+        assert!(Tlsf::same_class(34 * 512, 33 * 512));
         let mut t = Tlsf::default();
         t.insert(&mut blocks, 0);
         t.insert(&mut blocks, 1);
-        assert_eq!(t.find(&blocks, 18 * 512), Some(0));
-        assert_eq!(t.find(&blocks, 17 * 512), Some(1));
-        assert_eq!(t.find(&blocks, 19 * 512), None);
+        assert_eq!(t.find(&blocks, 34 * 512), Some(0));
+        assert_eq!(t.find(&blocks, 33 * 512), Some(1));
+        assert_eq!(t.find(&blocks, 35 * 512), None);
+        // A whole 2 MiB segment and the same less 512 B share a class.
+        assert!(Tlsf::same_class(2 << 20, (2 << 20) - 512));
     }
 }

@@ -13,7 +13,7 @@ use numpy::npyffi::{self, npy_intp, NPY_ARRAY_CARRAY, PY_ARRAY_API};
 use numpy::{PyArrayDescr, PyArrayDescrMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PySequence, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PySequence, PyString};
 
 use super::errors::{InternalError, PoolMisuse, PoolOutOfMemory};
 use super::gil;
@@ -232,13 +232,17 @@ impl PoolCore {
                     descr.str().map(|s| s.to_string()).unwrap_or_default()
                 ))
             })?;
-        let nd = c_int::try_from(dims.len())
-            .map_err(|_| PoolMisuse::new_err("too many dimensions"))?;
+        let nd =
+            c_int::try_from(dims.len()).map_err(|_| PoolMisuse::new_err("too many dimensions"))?;
         let (data, base) = if nbytes == 0 {
             // Nothing to allocate: numpy makes its own empty array.
             (std::ptr::null_mut(), None)
         } else {
-            let addr = gil::guarded("pool.empty", || lock(&self.pool)?.malloc_handle(nbytes, 0).map_err(PyErr::from))??;
+            let addr = gil::guarded("pool.empty", || {
+                lock(&self.pool)?
+                    .malloc_handle(nbytes, 0)
+                    .map_err(PyErr::from)
+            })??;
             // From here on the block owns the allocation: dropping it on any error frees it.
             let block = Bound::new(
                 py,
@@ -470,7 +474,9 @@ impl PoolCore {
         let b = usize::try_from(base)
             .ok()
             .filter(|&b| b != 0)
-            .ok_or_else(|| PoolMisuse::new_err(format!("base must be a valid address, got {base}")))?;
+            .ok_or_else(|| {
+                PoolMisuse::new_err(format!("base must be a valid address, got {base}"))
+            })?;
         gil::guarded("pool.register_arena", || {
             lock(&self.pool)?.register_arena(b, n).map_err(PyErr::from)
         })?
@@ -494,18 +500,26 @@ fn parse_event(index: usize, ev: &Bound<'_, PyAny>) -> PyResult<TraceEvent> {
             ev.repr().map(|r| r.to_string()).unwrap_or_default()
         ))
     };
-    let t = ev.cast::<PyTuple>().map_err(|_| bad())?;
+    if ev.is_instance_of::<PyString>() {
+        return Err(bad());
+    }
+    let t = ev.cast::<PySequence>().map_err(|_| bad())?;
+    let len = t.len().map_err(|_| bad())?;
     let op = t.get_item(0).map_err(|_| bad())?;
-    let op = op.cast::<PyString>().map_err(|_| bad())?.to_cow()?;
+    let op = op
+        .cast::<PyString>()
+        .map_err(|_| bad())?
+        .to_cow()?
+        .into_owned();
     let int = |i: usize| -> PyResult<u64> {
         t.get_item(i)
             .and_then(|v| v.extract::<u64>())
             .map_err(|_| bad())
     };
-    match (op.as_ref(), t.len()) {
+    match (op.as_str(), len) {
         ("alloc", 3 | 4) => {
             let size = usize::try_from(int(2)?).map_err(|_| bad())?;
-            let stream = if t.len() == 4 { int(3)? } else { 0 };
+            let stream = if len == 4 { int(3)? } else { 0 };
             if size == 0 || stream == crate::pool::RESERVED_STREAM {
                 return Err(bad());
             }
