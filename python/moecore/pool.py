@@ -26,9 +26,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from moecore import _core
-from moecore._core import PoolBlock
 
-__all__ = ["ArenaPool", "HostPool", "PoolBlock", "random_trace", "replay"]
+__all__ = ["HANDLER_NAME", "ArenaPool", "HostPool", "random_trace", "replay"]
+
+#: The numpy memory-handler name of pool arrays (``numpy.core.multiarray.get_handler_name``).
+HANDLER_NAME = "moecore_pool"
 
 
 def _check_limit(limit_bytes: int | None) -> int | None:
@@ -50,11 +52,12 @@ class HostPool(_core.PoolCore):
             raises :class:`moecore.errors.PoolOutOfMemory` (a ``MemoryError``) naming the
             request, the allocated and reserved bytes and the limit. ``None``: no limit.
 
-    Arrays from :meth:`empty` and :meth:`zeros` are ordinary C-contiguous numpy arrays whose
-    ``.base`` is a :class:`PoolBlock`; the memory returns to the pool when the array and
-    every view of it are gone (on any thread). Pickling such an array pickles a copy of the
-    data, which is independent of the pool. A zero-size array needs no memory and is a plain
-    numpy array.
+    Arrays from :meth:`empty` and :meth:`zeros` are ordinary C-contiguous numpy arrays that
+    own their data (``flags.owndata``) through a numpy memory handler (NEP 49) named
+    ``"moecore_pool"``: views keep the array alive, and the memory returns to the pool when
+    the array and every view of it are gone, on any thread; the pool itself lives until its
+    last array does. Pickling such an array pickles a copy of the data, which is independent
+    of the pool. A zero-size array needs no memory and is a plain numpy array.
 
     Methods (implemented in Rust):
         ``empty(shape, dtype=None)``, ``zeros(shape, dtype=None)``: arrays (default float64;

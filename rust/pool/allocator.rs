@@ -274,6 +274,13 @@ impl Pool {
         self.deallocate(address, true)
     }
 
+    /// The size the caller asked for when allocating the live block at `address`.
+    pub fn requested_size(&self, address: usize) -> Option<usize> {
+        self.live
+            .get(&address)
+            .map(|&b| self.blocks.get(b).requested)
+    }
+
     /// Records that `stream` uses the allocated block at `address` (besides the stream it
     /// was allocated on): when freed, the block waits for `synchronize()` before reuse.
     pub fn record_stream(&mut self, address: usize, stream: u64) -> Result<(), PoolError> {

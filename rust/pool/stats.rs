@@ -28,7 +28,6 @@ impl Stat {
         self.current -= n;
         self.freed += n;
     }
-
 }
 
 /// Which pool a block or segment counts in.

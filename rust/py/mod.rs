@@ -8,6 +8,7 @@ mod errors;
 mod gil;
 mod info;
 mod pool;
+mod pool_handler;
 
 #[pyo3::pymodule]
 mod _core {
@@ -16,5 +17,5 @@ mod _core {
     #[pymodule_export]
     use super::info::build_info;
     #[pymodule_export]
-    use super::pool::{pool_random_trace, pool_replay, PoolBlock, PoolCore};
+    use super::pool::{pool_random_trace, pool_replay, PoolCore};
 }

@@ -1,10 +1,11 @@
-//! Bindings of the memory pool: `PoolCore` (a pool behind a mutex), `PoolBlock` (one
-//! allocation owned by a numpy array), `pool_replay` and `pool_random_trace`.
+//! Bindings of the memory pool: `PoolCore` (a pool behind a mutex), `pool_replay` and
+//! `pool_random_trace`.
 //!
-//! Arrays made by `PoolCore.empty`/`zeros` are ordinary numpy arrays whose `.base` is a
-//! `PoolBlock`; numpy keeps the base alive as long as the array or any view of it lives, and
-//! the block's `Drop` gives the memory back. Arrays may die on any thread, so the pool sits
-//! behind `Arc<Mutex<..>>`, and every block holds an `Arc` to it: the pool outlives its arrays.
+//! Arrays made by `PoolCore.empty`/`zeros` are ordinary numpy arrays that own their data
+//! through a numpy memory handler backed by the pool (see [`pool_handler`](super::pool_handler)):
+//! views keep them alive, and their death returns the block to the pool, on any thread. The
+//! pool sits behind `Arc<Mutex<..>>` and the handler holds an `Arc` to it, so the pool
+//! outlives its arrays.
 
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,6 +18,7 @@ use pyo3::types::{PyDict, PyList, PySequence, PyString};
 
 use super::errors::{InternalError, PoolMisuse, PoolOutOfMemory};
 use super::gil;
+use super::pool_handler;
 use crate::pool::{
     random_trace, replay, ArenasOnly, BlockState, Pool, PoolError, ReplayReport, TraceEvent,
 };
@@ -87,47 +89,13 @@ fn address(addr: i128) -> usize {
     usize::try_from(addr).unwrap_or(1)
 }
 
-/// One pool allocation owned by numpy arrays (their `.base`); freed when the last one dies.
-#[pyclass(module = "moecore._core", frozen)]
-pub struct PoolBlock {
-    pool: Shared,
-    addr: usize,
-    size: usize,
-}
-
-#[pymethods]
-impl PoolBlock {
-    /// The address of the block.
-    #[getter]
-    fn address(&self) -> usize {
-        self.addr
-    }
-
-    /// The number of bytes the array asked for.
-    #[getter]
-    fn nbytes(&self) -> usize {
-        self.size
-    }
-
-    fn __repr__(&self) -> String {
-        format!("<PoolBlock {} bytes at {:#x}>", self.size, self.addr)
-    }
-}
-
-impl Drop for PoolBlock {
-    fn drop(&mut self) {
-        // Nothing can be raised from here; a poisoned pool has already reported its error.
-        if let Ok(mut pool) = self.pool.lock() {
-            let _ = pool.free_handle(self.addr);
-        }
-    }
-}
-
 /// The pool behind `moecore.pool.HostPool` and `moecore.pool.ArenaPool`.
 #[pyclass(module = "moecore._core", subclass, frozen)]
 pub struct PoolCore {
     pool: Shared,
     host: bool,
+    /// The numpy memory-handler capsule through which arrays give blocks back.
+    handler: Py<PyAny>,
 }
 
 /// Dimensions from an int or a sequence of ints, all non-negative.
@@ -234,68 +202,83 @@ impl PoolCore {
             })?;
         let nd =
             c_int::try_from(dims.len()).map_err(|_| PoolMisuse::new_err("too many dimensions"))?;
-        let (data, base) = if nbytes == 0 {
+        if nbytes == 0 {
             // Nothing to allocate: numpy makes its own empty array.
-            (std::ptr::null_mut(), None)
-        } else {
-            let addr = gil::guarded("pool.empty", || {
-                lock(&self.pool)?
-                    .malloc_handle(nbytes, 0)
-                    .map_err(PyErr::from)
-            })??;
-            // From here on the block owns the allocation: dropping it on any error frees it.
-            let block = Bound::new(
-                py,
-                PoolBlock {
-                    pool: Arc::clone(&self.pool),
-                    addr,
-                    size: nbytes,
-                },
-            )?;
-            if zero {
-                let fill = move || {
-                    // SAFETY: `addr` is a live host block of at least `nbytes` bytes owned by
-                    // `block`, which nothing else can see yet.
-                    unsafe { std::ptr::write_bytes(addr as *mut u8, 0, nbytes) }
-                };
-                if nbytes >= 1 << 20 {
-                    gil::detached(py, "pool.zeros", fill)?;
-                } else {
-                    gil::guarded("pool.zeros", fill)?;
-                }
+            // SAFETY: as below, with null data (numpy allocates).
+            return unsafe { new_ndarray(py, descr, &mut dims, nd, std::ptr::null_mut(), 0) };
+        }
+        let addr = gil::guarded("pool.empty", || {
+            lock(&self.pool)?
+                .malloc_handle(nbytes, 0)
+                .map_err(PyErr::from)
+        })??;
+        let give_back = |e: PyErr| {
+            if let Ok(mut p) = self.pool.lock() {
+                let _ = p.free_handle(addr);
             }
-            (addr as *mut std::ffi::c_void, Some(block))
+            e
         };
-        // SAFETY: `descr` is a valid dtype whose reference `into_dtype_ptr` hands over (the
-        // call steals it); `dims` has `nd` entries; null strides mean C order; `data` is
-        // either null (numpy allocates) or a block of `nbytes` bytes, 512 B aligned, that
-        // stays alive as long as `block`, which becomes the array's base below.
+        if zero {
+            let fill = move || {
+                // SAFETY: `addr` is a live host block of at least `nbytes` bytes that nothing
+                // else can see yet.
+                unsafe { std::ptr::write_bytes(addr as *mut u8, 0, nbytes) }
+            };
+            let filled = if nbytes >= 1 << 20 {
+                gil::detached(py, "pool.zeros", fill)
+            } else {
+                gil::guarded("pool.zeros", fill)
+            };
+            filled.map_err(give_back)?;
+        }
+        // SAFETY: `addr` is a live block of `nbytes` bytes (512 B aligned), just allocated
+        // with `malloc_handle` from the pool behind `self.handler`; the new array is handed
+        // to `adopt` right away and nothing else owns the block.
         unsafe {
-            let arr = PY_ARRAY_API.PyArray_NewFromDescr(
+            let arr = new_ndarray(
                 py,
-                npyffi::get_type_object(py, npyffi::NpyTypes::PyArray_Type),
-                descr.into_dtype_ptr(),
+                descr,
+                &mut dims,
                 nd,
-                dims.as_mut_ptr(),
-                std::ptr::null_mut(),
-                data,
-                if data.is_null() { 0 } else { NPY_ARRAY_CARRAY },
-                std::ptr::null_mut(),
-            );
-            let arr = Bound::from_owned_ptr_or_err(py, arr)?;
-            if let Some(block) = base {
-                // SetBaseObject steals the reference `into_ptr` gives it, even on failure.
-                let rc = PY_ARRAY_API.PyArray_SetBaseObject(
-                    py,
-                    arr.as_ptr().cast::<npyffi::PyArrayObject>(),
-                    block.into_ptr(),
-                );
-                if rc < 0 {
-                    return Err(PyErr::fetch(py));
-                }
-            }
+                addr as *mut std::ffi::c_void,
+                NPY_ARRAY_CARRAY,
+            )
+            .map_err(give_back)?;
+            pool_handler::adopt(&arr, &self.handler);
             Ok(arr)
         }
+    }
+}
+
+/// A C-ordered array of `descr` over `data` (or over memory numpy allocates if null).
+///
+/// # Safety
+/// `dims` has `nd` entries; `data` is null or points to enough memory for the array, valid
+/// for as long as the caller arranges (see `pool_handler::adopt`).
+unsafe fn new_ndarray<'py>(
+    py: Python<'py>,
+    descr: Bound<'py, PyArrayDescr>,
+    dims: &mut [npy_intp],
+    nd: c_int,
+    data: *mut std::ffi::c_void,
+    flags: c_int,
+) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: `into_dtype_ptr` hands over a reference to a valid dtype, which the call
+    // steals; the other arguments are valid by this function's contract; null strides mean
+    // C order; a null `obj` means no subtype initialisation.
+    unsafe {
+        let arr = PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            npyffi::get_type_object(py, npyffi::NpyTypes::PyArray_Type),
+            descr.into_dtype_ptr(),
+            nd,
+            dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            data,
+            flags,
+            std::ptr::null_mut(),
+        );
+        Bound::from_owned_ptr_or_err(py, arr)
     }
 }
 
@@ -305,7 +288,7 @@ impl PoolCore {
     /// registered with `register_arena`), with an optional limit on reserved bytes.
     #[new]
     #[pyo3(signature = (backing = "host", limit_bytes = None))]
-    fn new(backing: &str, limit_bytes: Option<i128>) -> PyResult<Self> {
+    fn new(py: Python<'_>, backing: &str, limit_bytes: Option<i128>) -> PyResult<Self> {
         let limit = match limit_bytes {
             None => None,
             Some(n) if n > 0 => Some(u64::try_from(n).unwrap_or(u64::MAX)),
@@ -324,9 +307,12 @@ impl PoolCore {
                 )))
             }
         };
+        let pool = Arc::new(Mutex::new(pool));
+        let handler = pool_handler::new_capsule(py, &pool)?;
         Ok(Self {
-            pool: Arc::new(Mutex::new(pool)),
+            pool,
             host,
+            handler,
         })
     }
 
