@@ -17,7 +17,7 @@ def _format_status(status: dict[str, Any]) -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from moecore.info import collect  # noqa: PLC0415 - keep `moecore --help` fast
+    from moecore.info import collect  # lazy: keep `moecore --help` fast
 
     facts = collect()
     if args.json:

@@ -20,7 +20,7 @@ def _cupy_status() -> dict[str, Any]:
     if importlib.util.find_spec("cupy") is None:
         return {"available": False, "reason": "cupy is not installed (pip install moecore[gpu])"}
     try:
-        import cupy  # noqa: PLC0415 - optional, imported only to probe
+        import cupy  # optional: imported only to probe
 
         count = int(cupy.cuda.runtime.getDeviceCount())
     except Exception as exc:  # a CuPy without a driver raises CUDARuntimeError and friends
@@ -32,10 +32,10 @@ def _mpi_status() -> dict[str, Any]:
     if importlib.util.find_spec("mpi4py") is None:
         return {"available": False, "reason": "mpi4py is not installed (pip install moecore[mpi])"}
     try:
-        import mpi4py  # noqa: PLC0415 - optional, imported only to probe
+        import mpi4py  # optional: imported only to probe
 
         mpi4py.rc.initialize = False  # probing must not start an MPI job
-        from mpi4py import MPI  # noqa: PLC0415
+        from mpi4py import MPI
 
         library = MPI.Get_library_version().strip().splitlines()[0]
     except Exception as exc:  # a missing libmpi surfaces as ImportError/RuntimeError
