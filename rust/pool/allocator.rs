@@ -523,9 +523,9 @@ impl Pool {
         }
         let mut retried = false;
         let base = loop {
-            let within_limit = self
-                .limit
-                .is_none_or(|l| self.stats.reserved_bytes.all().current + seg_size as u64 <= l);
+            let within_limit = self.limit.map_or(true, |l| {
+                self.stats.reserved_bytes.all().current + seg_size as u64 <= l
+            });
             let base = if within_limit {
                 self.backing.obtain(seg_size)
             } else {

@@ -550,7 +550,7 @@ pub fn pool_replay<'py>(
 
 /// RMM's random-allocation workload as a list of trace tuples (see `moecore.pool`).
 #[pyfunction]
-#[pyo3(signature = (n_allocations, min_size = 1024, max_size = 64 << 20, max_live_bytes = 16000 << 20, seed = 0))]
+#[pyo3(signature = (n_allocations, min_size = 1024, max_size = 67_108_864, max_live_bytes = 16_777_216_000, seed = 0))]
 pub fn pool_random_trace<'py>(
     py: Python<'py>,
     n_allocations: usize,
