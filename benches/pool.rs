@@ -6,13 +6,19 @@
 //!   random live block, sizes 1 KiB…64 MiB, live bytes capped at 16000 MiB, as in RMM's
 //!   `random_allocations` benchmark) on a warm pool. `host` obtains real (untouched) memory;
 //!   `simulated` measures the bookkeeping alone.
+//! - `index/<kind>/<n>`: the free-block index alone, TLSF against an ordered set keyed by
+//!   (size, block) (what an index ordered by (stream, size, address) is within one stream):
+//!   each step takes the best fit for a random request out and puts the block back with
+//!   another random size, with `n` free blocks indexed.
 
 use std::alloc::{alloc, dealloc, Layout};
+use std::collections::BTreeSet;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use _core::pool::{random_trace, Pool, Simulated, TraceEvent};
+use _core::pool::index::{Block, Tlsf};
+use _core::pool::{random_trace, Pool, Simulated, SplitMix64, TraceEvent};
 
 const SIZES: [usize; 8] = [
     512,
@@ -95,5 +101,55 @@ fn random_allocations(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, alloc_free_pair, random_allocations);
+fn index(c: &mut Criterion) {
+    let mut g = c.benchmark_group("index");
+    for n in [1_000usize, 100_000] {
+        let mut rng = SplitMix64::new(n as u64);
+        let granules = |rng: &mut SplitMix64, hi: u64| rng.range(1, hi) as usize * 512;
+        let sizes: Vec<usize> = (0..n).map(|_| granules(&mut rng, 4096)).collect();
+        let requests: Vec<usize> = (0..4096).map(|_| granules(&mut rng, 2048)).collect();
+        let returns: Vec<usize> = (0..4096).map(|_| granules(&mut rng, 4096)).collect();
+
+        let mut blocks: Vec<Block> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| Block::free(i << 22, s))
+            .collect();
+        let mut tlsf = Tlsf::default();
+        for i in 0..n {
+            tlsf.insert(&mut blocks, i as u32);
+        }
+        let mut k = 0usize;
+        g.bench_function(BenchmarkId::new("tlsf", n), |b| {
+            b.iter(|| {
+                k = k.wrapping_add(1);
+                if let Some(i) = tlsf.find(&blocks, black_box(requests[k & 4095])) {
+                    tlsf.remove(&mut blocks, i);
+                    blocks[i as usize].size = returns[k & 4095];
+                    tlsf.insert(&mut blocks, i);
+                }
+            })
+        });
+
+        let mut set: BTreeSet<(usize, u32)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s, i as u32))
+            .collect();
+        let mut k = 0usize;
+        g.bench_function(BenchmarkId::new("ordered_set", n), |b| {
+            b.iter(|| {
+                k = k.wrapping_add(1);
+                let req = black_box(requests[k & 4095]);
+                if let Some(&(s, i)) = set.range((req, 0)..).next() {
+                    set.remove(&(s, i));
+                    set.insert((returns[k & 4095], i));
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, alloc_free_pair, random_allocations, index);
 criterion_main!(benches);

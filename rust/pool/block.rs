@@ -45,6 +45,27 @@ pub struct Block {
     pub handle_owned: bool,
 }
 
+impl Block {
+    /// A free block of `size` bytes at `addr`, linked to nothing (for benchmarks and tests).
+    pub fn free(addr: usize, size: usize) -> Self {
+        Block {
+            addr,
+            size,
+            requested: 0,
+            segment: 0,
+            kind: 0,
+            prev_phys: NIL,
+            next_phys: NIL,
+            prev_free: NIL,
+            next_free: NIL,
+            slot: 0,
+            state: BlockState::Free,
+            used_elsewhere: false,
+            handle_owned: false,
+        }
+    }
+}
+
 /// A slab of blocks with a stack of vacant indices.
 #[derive(Default, Debug)]
 pub struct BlockSlab {

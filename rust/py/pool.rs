@@ -84,9 +84,10 @@ fn stream_id(stream: i128) -> PyResult<u64> {
         })
 }
 
-fn address(addr: i128) -> usize {
-    // A negative or huge address is foreign to every pool; 1 is never a block start.
-    usize::try_from(addr).unwrap_or(1)
+/// An address from a Python int; a negative or oversized one is foreign to every pool.
+fn address(addr: i128) -> PyResult<usize> {
+    usize::try_from(addr)
+        .map_err(|_| PoolMisuse::new_err(format!("address {addr} was not allocated by this pool")))
 }
 
 /// The pool behind `moecore.pool.HostPool` and `moecore.pool.ArenaPool`.
@@ -375,7 +376,7 @@ impl PoolCore {
     /// Frees the block at `address` (from `malloc`). A double free, an address this pool did
     /// not hand out, or the memory of a live array raise `PoolMisuse`.
     fn free(&self, address: i128) -> PyResult<()> {
-        let a = self::address(address);
+        let a = self::address(address)?;
         gil::guarded("pool.free", || {
             lock(&self.pool)?.free(a).map_err(PyErr::from)
         })?
@@ -384,7 +385,7 @@ impl PoolCore {
     /// Records that `stream` also uses the allocated block at `address`: once freed, the
     /// block is not reused until `synchronize()`.
     fn record_stream(&self, address: i128, stream: i128) -> PyResult<()> {
-        let a = self::address(address);
+        let a = self::address(address)?;
         let s = stream_id(stream)?;
         gil::guarded("pool.record_stream", || {
             lock(&self.pool)?.record_stream(a, s).map_err(PyErr::from)
@@ -470,7 +471,7 @@ impl PoolCore {
 
     /// Forgets the arena registered at `base` (it must have no live block).
     fn unregister_arena(&self, base: i128) -> PyResult<()> {
-        let b = self::address(base);
+        let b = self::address(base)?;
         gil::guarded("pool.unregister_arena", || {
             lock(&self.pool)?.unregister_arena(b).map_err(PyErr::from)
         })?
