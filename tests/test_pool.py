@@ -163,6 +163,35 @@ def test_in_place_resize_moves_the_data_within_the_pool():
     assert allocated(pool) == 0
 
 
+def test_many_threads_making_and_dropping_arrays_keep_the_pool_consistent():
+    pool = HostPool()
+    errors = []
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            keep = []
+            for _ in range(500):
+                a = pool.zeros(int(rng.integers(1, 50_000)), np.uint8)
+                assert not a.any()
+                a[...] = 1
+                keep.append(a)
+                if len(keep) > 8:
+                    keep.pop(int(rng.integers(0, len(keep))))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    s = pool.stats()
+    assert s["allocated_bytes.all.current"] == 0
+    assert s["allocation.all.allocated"] == 2000 == s["allocation.all.freed"]
+
+
 def test_zero_size_arrays_need_no_pool_memory():
     pool = HostPool()
     a = pool.empty((0, 5), np.float32)
