@@ -64,8 +64,9 @@ class HostPool(_core.PoolCore):
         dtype must be plain numeric: bool, ints, floats, complex, or ml_dtypes' types).
         ``malloc(nbytes, stream=0, alignment=512) -> int`` and ``free(address)``: the raw
         interface (blocks are 512-byte aligned; an address stays valid until freed or until
-        the pool object and all its arrays are gone, which releases every segment). Freeing twice, freeing an address the pool
-        did not hand out, or freeing the memory of a live array raises
+        the pool object and all its arrays are gone, which releases every segment). Freeing
+        twice, freeing an address the pool did not hand out, or freeing the memory of a live
+        array raises
         :class:`moecore.errors.PoolMisuse` (a ``ValueError``); so do a size that is not
         positive and an alignment that is not a power of two (or is above 512).
         ``record_stream(address, stream)``, ``synchronize()``: stream safety, see the module.
