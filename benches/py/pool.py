@@ -65,12 +65,17 @@ def bench_sizes(quick: bool) -> list[dict]:
         # About 20 ms of work per round, at least one call; 15 alternating rounds.
         one = time_rounds(np.empty, n, 1)
         calls = max(1, min(20_000, int(0.02 / max(one, 1e-7))))
-        rounds = 5 if quick else 15
+        rounds = 5 if quick else 21
         time_rounds(pool.empty, n, calls)  # warm the pool's segment for this size
         t_np, t_pool = [], []
-        for _ in range(rounds):
-            t_np.append(time_rounds(np.empty, n, calls))
-            t_pool.append(time_rounds(pool.empty, n, calls))
+        for r in range(rounds):
+            # Alternate which side goes first, so neither always follows the other.
+            if r % 2:
+                t_pool.append(time_rounds(pool.empty, n, calls))
+                t_np.append(time_rounds(np.empty, n, calls))
+            else:
+                t_np.append(time_rounds(np.empty, n, calls))
+                t_pool.append(time_rounds(pool.empty, n, calls))
         med_np, med_pool = statistics.median(t_np), statistics.median(t_pool)
         rows.append(
             {
@@ -80,6 +85,8 @@ def bench_sizes(quick: bool) -> list[dict]:
                 "numpy_empty_write_s": med_np,
                 "pool_empty_write_s": med_pool,
                 "speedup": med_np / med_pool,
+                "numpy_min_s": min(t_np),
+                "pool_min_s": min(t_pool),
             }
         )
         print(
