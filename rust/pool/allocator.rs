@@ -199,7 +199,8 @@ impl Pool {
         }
     }
 
-    /// A pool of host memory (page-aligned segments), with an optional byte limit.
+    /// A pool of host memory (2 MiB-aligned segments, huge pages advised), with an optional
+    /// byte limit.
     pub fn host(limit: Option<u64>) -> Self {
         Self::new(Box::new(HostBacking::default()), limit)
     }

@@ -285,8 +285,9 @@ unsafe fn new_ndarray<'py>(
 
 #[pymethods]
 impl PoolCore {
-    /// A pool over `backing` ("host": page-aligned host memory; "arenas": only memory
-    /// registered with `register_arena`), with an optional limit on reserved bytes.
+    /// A pool over `backing` ("host": host memory in 2 MiB-aligned segments; "arenas":
+    /// only memory registered with `register_arena`), with an optional limit on reserved
+    /// bytes.
     #[new]
     #[pyo3(signature = (backing = "host", limit_bytes = None))]
     fn new(py: Python<'_>, backing: &str, limit_bytes: Option<i128>) -> PyResult<Self> {
