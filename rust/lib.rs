@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod fused;
 mod linalg;
 pub mod optim;
+pub mod pool;
 pub mod sparse;
 
 #[cfg(feature = "python")]

@@ -6,11 +6,12 @@
 
 mod errors;
 mod fused;
-#[allow(dead_code)] // used by every binding module as they land
 mod gil;
 mod info;
 mod moe;
 mod optim;
+mod pool;
+mod pool_handler;
 mod sparse;
 
 #[pyo3::pymodule]
@@ -30,6 +31,8 @@ mod _core {
     };
     #[pymodule_export]
     use super::optim::adamw_step;
+    #[pymodule_export]
+    use super::pool::{pool_random_trace, pool_replay, PoolCore};
     #[pymodule_export]
     use super::sparse::{bsr_kernel_isa, bsr_linear, bsr_linear_dw, bsr_linear_dx, PyBsrPattern};
 }

@@ -104,9 +104,7 @@ class PackedCausalAttention(Function):
     other dtypes and devices run the array-module version."""
 
     @staticmethod
-    def forward(
-        ctx: Context, qkv: Any, n_heads: int, causal: bool = True, rope: Any = None
-    ) -> Any:
+    def forward(ctx: Context, qkv: Any, n_heads: int, causal: bool = True, rope: Any = None) -> Any:
         b, t, three_d = qkv.shape
         if three_d % (3 * n_heads):
             raise ValueError(

@@ -1,0 +1,154 @@
+"""HostPool.empty + one write against numpy.empty + the same write, and the random trace.
+
+Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/pool.py [--quick]
+
+For each size (4 KiB … 256 MiB) both sides get a buffer, fill it once and drop it, in
+alternating rounds so that machine noise hits both alike; the table reports the median time
+per (get + write + drop) and the ratio numpy / pool (> 1: the pool is faster). numpy.empty
+hands out fresh pages from the OS at large sizes (a page fault per page on first write);
+the pool hands back the warm pages of the previous round. Then RMM's random workload
+(1 KiB … 64 MiB, 16000 MiB live cap) is replayed and its fragmentation reported.
+Results go to benches/results/pool.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_info
+
+from moecore.pool import HostPool, random_trace, replay
+
+KIB, MIB = 1 << 10, 1 << 20
+SIZES = [4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB]
+
+
+def label(n: int) -> str:
+    return f"{n // MIB} MiB" if n >= MIB else f"{n // KIB} KiB"
+
+
+def check_correctness() -> None:
+    pool = HostPool()
+    for n in (4 * KIB, 3 * MIB):
+        a = pool.empty(n, np.uint8)
+        a.fill(7)
+        ref = np.empty(n, np.uint8)
+        ref.fill(7)
+        np.testing.assert_array_equal(a, ref)
+        v = a[::3]
+        del a
+        assert v.sum() == 7 * ((n + 2) // 3)
+        del v
+    assert pool.stats()["allocated_bytes.all.current"] == 0, "arrays did not return memory"
+
+
+def time_rounds(get, n: int, calls: int) -> float:
+    """Seconds per (get + fill + drop), averaged over `calls` back-to-back calls."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        a = get(n, np.uint8)
+        a.fill(1)
+        del a
+    return (time.perf_counter() - t0) / calls
+
+
+def bench_sizes(quick: bool) -> list[dict]:
+    pool = HostPool()
+    rows = []
+    for n in SIZES:
+        # About 20 ms of work per round, at least one call; 15 alternating rounds.
+        one = time_rounds(np.empty, n, 1)
+        calls = max(1, min(20_000, int(0.02 / max(one, 1e-7))))
+        rounds = 5 if quick else 21
+        time_rounds(pool.empty, n, calls)  # warm the pool's segment for this size
+        t_np, t_pool = [], []
+        for r in range(rounds):
+            # Alternate which side goes first, so neither always follows the other.
+            if r % 2:
+                t_pool.append(time_rounds(pool.empty, n, calls))
+                t_np.append(time_rounds(np.empty, n, calls))
+            else:
+                t_np.append(time_rounds(np.empty, n, calls))
+                t_pool.append(time_rounds(pool.empty, n, calls))
+        med_np, med_pool = statistics.median(t_np), statistics.median(t_pool)
+        rows.append(
+            {
+                "size": n,
+                "calls_per_round": calls,
+                "rounds": rounds,
+                "numpy_empty_write_s": med_np,
+                "pool_empty_write_s": med_pool,
+                "speedup": med_np / med_pool,
+                "numpy_min_s": min(t_np),
+                "pool_min_s": min(t_pool),
+            }
+        )
+        print(
+            f"{label(n):>8} {med_np * 1e6:14.2f} {med_pool * 1e6:14.2f} {med_np / med_pool:9.2f}x",
+            flush=True,
+        )
+    assert pool.stats()["allocated_bytes.all.current"] == 0
+    return rows
+
+
+def bench_trace(n_allocations: int) -> dict:
+    trace = random_trace(n_allocations, 1 * KIB, 64 * MIB, 16000 * MIB, seed=0)
+    t0 = time.perf_counter()
+    r = replay(trace)
+    r["seconds"] = time.perf_counter() - t0
+    r["events"] = len(trace)
+    r["n_allocations"] = n_allocations
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, N = 10^4 trace only")
+    args = ap.parse_args()
+
+    check_correctness()
+    blas = [
+        {k: i.get(k) for k in ("internal_api", "version", "threading_layer", "architecture")}
+        for i in threadpool_info()
+    ]
+    print(f"numpy {np.__version__}; BLAS: {blas}")
+    print("\nempty + fill once + drop, median time per call (us)")
+    print(f"{'size':>8} {'numpy.empty':>14} {'HostPool.empty':>14} {'speedup':>10}")
+    rows = bench_sizes(args.quick)
+
+    print("\nRMM random workload replay (1 KiB..64 MiB, 73% alloc, 16000 MiB cap)")
+    print(f"{'N':>8} {'peak alloc MiB':>15} {'peak resv MiB':>14} {'fragm.':>8} {'segments':>9}")
+    traces = []
+    for n in [10_000] if args.quick else [10_000, 100_000]:
+        r = bench_trace(n)
+        traces.append(r)
+        print(
+            f"{n:>8} {r['peak_allocated'] / MIB:15.0f} {r['peak_reserved'] / MIB:14.0f} "
+            f"{r['fragmentation']:8.4f} {r['segments_obtained']:9d}"
+        )
+
+    out = Path(__file__).resolve().parents[1] / "results" / "pool.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "machine": platform.machine(),
+                "numpy": np.__version__,
+                "blas": blas,
+                "empty_write": rows,
+                "random_trace": traces,
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

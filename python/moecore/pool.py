@@ -1,0 +1,161 @@
+"""The memory pool: a caching allocator in the manner of PyTorch's, CuPy's and RMM's.
+
+Requests round up to 512 bytes. Small ones (up to 1 MiB) share 2 MiB segments; larger ones
+get segments of their own (rounded to 2 MiB) that later serve other large requests. Free
+blocks are found by a two-level segregated fit (O(1), within 1/16 of the best fit), split,
+and merged with free neighbours when freed.
+
+Streams work as in PyTorch's caching allocator: a block freed on stream ``s`` is reused
+only by requests on ``s`` until :meth:`HostPool.synchronize` declares all queued work done;
+:meth:`HostPool.record_stream` marks a block as used by another stream too, and once freed
+it is not reused at all until ``synchronize()``. Host arrays use stream 0.
+
+Example::
+
+    from moecore.pool import HostPool
+    pool = HostPool(limit_bytes=1 << 30)
+    x = pool.empty((1024, 1024), "float32")   # an ordinary numpy array
+    y = x[::2]                                # views keep the memory alive too
+    del x, y                                  # ... and now it is back in the pool
+    pool.stats()["allocated_bytes.all.current"]   # 0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from moecore import _core
+
+__all__ = ["HANDLER_NAME", "ArenaPool", "HostPool", "random_trace", "replay"]
+
+#: The numpy memory-handler name of pool arrays (``numpy.core.multiarray.get_handler_name``).
+HANDLER_NAME = "moecore_pool"
+
+
+def _check_limit(limit_bytes: int | None) -> int | None:
+    if limit_bytes is None:
+        return None
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int):
+        raise TypeError(f"limit_bytes must be an int or None, got {type(limit_bytes).__name__}")
+    if limit_bytes <= 0:
+        raise ValueError(f"limit_bytes must be positive or None, got {limit_bytes}")
+    return limit_bytes
+
+
+class HostPool(_core.PoolCore):
+    """A pool of host memory handing out numpy arrays and raw addresses.
+
+    Args:
+        limit_bytes: the most memory the pool may reserve (segments it holds, in use or
+            cached). A request that would exceed it first gives cached segments back, then
+            raises :class:`moecore.errors.PoolOutOfMemory` (a ``MemoryError``) naming the
+            request, the allocated and reserved bytes and the limit. ``None``: no limit.
+
+    Arrays from :meth:`empty` and :meth:`zeros` are ordinary C-contiguous numpy arrays that
+    own their data (``flags.owndata``) through a numpy memory handler (NEP 49) named
+    ``"moecore_pool"``: views keep the array alive, and the memory returns to the pool when
+    the array and every view of it are gone, on any thread; the pool itself lives until its
+    last array does. Pickling such an array pickles a copy of the data, which is independent
+    of the pool. A zero-size array needs no memory and is a plain numpy array.
+
+    Methods (implemented in Rust):
+        ``empty(shape, dtype=None)``, ``zeros(shape, dtype=None)``: arrays (default float64;
+        dtype must be plain numeric: bool, ints, floats, complex, or ml_dtypes' types).
+        ``malloc(nbytes, stream=0, alignment=512) -> int`` and ``free(address)``: the raw
+        interface (blocks are 512-byte aligned; an address stays valid until freed or until
+        the pool object and all its arrays are gone, which releases every segment). Freeing
+        twice, freeing an address the pool did not hand out, or freeing the memory of a live
+        array raises
+        :class:`moecore.errors.PoolMisuse` (a ``ValueError``); so do a size that is not
+        positive and an alignment that is not a power of two (or is above 512).
+        ``record_stream(address, stream)``, ``synchronize()``: stream safety, see the module.
+        ``stats()``: ``torch.cuda.memory_stats()``-style flat keys,
+        ``"<stat>.<pool>.<field>"`` with stat in allocation, segment, active,
+        inactive_split, allocated_bytes, reserved_bytes, active_bytes,
+        inactive_split_bytes, requested_bytes; pool in all, small_pool, large_pool; field
+        in current, peak, allocated, freed; plus num_alloc_retries, num_ooms,
+        num_sync_all_streams, num_device_alloc, num_device_free.
+        ``reset_peak_stats()``, ``empty_cache() -> int`` (bytes given back),
+        ``snapshot()``: a list of segments ``{"address", "size", "kind", "blocks"}``, each
+        block ``{"offset", "size", "requested", "state", "allocated", "stream"}``
+        (``stream`` is None for free blocks any stream may reuse).
+        ``register_arena(base, size)`` / ``unregister_arena(base)``: let the pool carve from
+        host memory you own (it never frees it).
+    """
+
+    def __new__(cls, limit_bytes: int | None = None) -> HostPool:
+        return super().__new__(cls, "host", _check_limit(limit_bytes))
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"HostPool(limit_bytes={self.limit_bytes}, "
+            f"allocated={s['allocated_bytes.all.current']}, "
+            f"reserved={s['reserved_bytes.all.current']})"
+        )
+
+
+class ArenaPool(_core.PoolCore):
+    """A pool that only carves memory registered with ``register_arena(base, size)``.
+
+    This is the pool for memory obtained elsewhere (CuPy device allocations, pinned host
+    buffers): the pool keeps its bookkeeping on the host and never touches, frees or
+    grows the memory itself. ``malloc(nbytes, stream=0)`` returns an address inside an
+    arena or raises :class:`moecore.errors.PoolOutOfMemory` when none fits; ``free``,
+    ``record_stream``, ``synchronize``, ``stats``, ``snapshot``, ``reset_peak_stats`` work as
+    in :class:`HostPool`. ``empty``/``zeros`` are not available (the memory may not be host
+    memory). ``unregister_arena(base)`` hands an arena back once it has no live block.
+
+    Args:
+        limit_bytes: as in :class:`HostPool`.
+    """
+
+    def __new__(cls, limit_bytes: int | None = None) -> ArenaPool:
+        return super().__new__(cls, "arenas", _check_limit(limit_bytes))
+
+
+def replay(trace: Iterable[Sequence[Any]]) -> dict[str, Any]:
+    """Replays an allocation trace on a fresh pool and reports its memory use.
+
+    Args:
+        trace: events ``("alloc", id, size, stream)`` (``stream`` may be omitted: 0) and
+            ``("free", id)``; ids name allocations and may be reused after their free.
+
+    Returns:
+        ``{"allocs", "frees", "peak_allocated", "peak_requested", "peak_reserved",
+        "fragmentation", "final_allocated", "segments_obtained"}`` where fragmentation is
+        ``peak_reserved / peak_allocated`` (None if nothing was allocated). The replay runs
+        over a simulated address space: no memory is touched, so traces of any size replay.
+
+    Raises:
+        ValueError: a malformed event, a free of an id that is not live, an alloc of an id
+            that is live; the message names the event's index.
+    """
+    return _core.pool_replay(trace)
+
+
+def random_trace(
+    n_allocations: int,
+    min_size: int = 1024,
+    max_size: int = 64 << 20,
+    max_live_bytes: int = 16000 << 20,
+    seed: int = 0,
+) -> list[tuple[Any, ...]]:
+    """RMM's random-allocation workload as a trace for :func:`replay`.
+
+    ``2 * n_allocations`` steps; each draws a size uniformly in ``[min_size, max_size]`` and
+    allocates it with probability 0.73 (while fewer than ``n_allocations`` were made and the
+    live bytes stay under ``max_live_bytes``), else frees a uniformly chosen live
+    allocation. What is live at the end is freed. Deterministic for a given ``seed``.
+    """
+    for name, v in [
+        ("n_allocations", n_allocations),
+        ("min_size", min_size),
+        ("max_size", max_size),
+        ("max_live_bytes", max_live_bytes),
+        ("seed", seed),
+    ]:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    return _core.pool_random_trace(n_allocations, min_size, max_size, max_live_bytes, seed)
