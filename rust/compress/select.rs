@@ -1,0 +1,353 @@
+//! Top-k selection by magnitude: exact (histogram + introselect) and sampled (DGC threshold).
+//! See the module docs of [`crate::compress`] for the algorithms and the tie rule.
+
+use super::scan::{
+    first_nonfinite, key, sample_keys, Sweep, BUCKETS, BUCKET_SHIFT, NONFINITE_KEY,
+};
+use super::{CompressError, MAX_N};
+
+/// How to select the k largest-magnitude entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// The exact top-k, O(n): histogram of magnitudes, then introselect among the candidates.
+    Exact,
+    /// Deep Gradient Compression's sampled threshold with adaptive correction.
+    Sampled {
+        /// Seeds the sample's offset; equal seeds give equal results.
+        seed: u64,
+        /// Return exactly k entries (true) or every entry above the corrected threshold,
+        /// between k and ⌈1.3k⌉ of them (false).
+        exact_k: bool,
+    },
+}
+
+/// Correction rounds of the sampled threshold before falling back to the exact method.
+const MAX_ROUNDS: usize = 10;
+
+/// Indices (increasing) of the k entries of `x` with the largest |x|, ties to the lower index.
+/// NaN or ±inf anywhere in `x` is an error.
+pub fn select_topk(x: &[f32], k: usize, method: Method) -> Result<Vec<u32>, CompressError> {
+    let mut sweep = Sweep::Read(x);
+    select_sweep(&mut sweep, k, method, "gradient")
+}
+
+/// Runs the passes of a selection over `sweep`: the first one applies its update (error
+/// feedback), the later ones only read the updated values. `what` names the selected values
+/// in errors. The caller has checked a stateful sweep's gradient for non-finite values, so a
+/// non-finite value found here in that case means the accumulator overflowed.
+pub(crate) fn select_sweep(
+    sweep: &mut Sweep<'_>,
+    k: usize,
+    method: Method,
+    what: &'static str,
+) -> Result<Vec<u32>, CompressError> {
+    let n = sweep.len();
+    if k > n || n > MAX_N {
+        return Err(CompressError::BadK { k, n });
+    }
+    let mut passes = Passes {
+        sweep,
+        updated: false,
+    };
+    if k == 0 {
+        // Nothing is sent, but the state still accumulates; only non-finite values pass.
+        let bad = passes.collect(NONFINITE_KEY, 0.0);
+        return match bad.first() {
+            Some(&i) => Err(nonfinite(what, passes.values(), i)),
+            None => Ok(Vec::new()),
+        };
+    }
+    let candidates = match method {
+        Method::Exact => exact_candidates(&mut passes, k, what)?,
+        Method::Sampled { seed, exact_k } => match sampled_candidates(&mut passes, k, seed, exact_k)
+        {
+            Some(c) => c,
+            None => exact_candidates(&mut passes, k, what)?,
+        },
+    };
+    finish(passes.values(), candidates, k, what)
+}
+
+/// The first pass over a sweep updates its state; every later pass only reads.
+struct Passes<'s, 'a> {
+    sweep: &'s mut Sweep<'a>,
+    updated: bool,
+}
+
+impl Passes<'_, '_> {
+    fn len(&self) -> usize {
+        self.sweep.len()
+    }
+
+    fn values(&self) -> &[f32] {
+        self.sweep.values()
+    }
+
+    fn collect(&mut self, t: i32, expect_fraction: f64) -> Vec<u32> {
+        if self.updated {
+            Sweep::Read(self.sweep.values()).collect(t, expect_fraction)
+        } else {
+            self.updated = true;
+            self.sweep.reborrow().collect(t, expect_fraction)
+        }
+    }
+
+    fn histogram(&mut self) -> Vec<u64> {
+        if self.updated {
+            Sweep::Read(self.sweep.values()).histogram()
+        } else {
+            self.updated = true;
+            self.sweep.reborrow().histogram()
+        }
+    }
+}
+
+fn nonfinite(what: &'static str, values: &[f32], index: u32) -> CompressError {
+    let index = index as usize;
+    CompressError::NonFinite {
+        what,
+        index,
+        value: values.get(index).copied().unwrap_or(f32::NAN),
+    }
+}
+
+/// Exact method: every index whose key is in or above the histogram bucket holding the k-th
+/// largest key (k ≥ 1).
+fn exact_candidates(
+    passes: &mut Passes<'_, '_>,
+    k: usize,
+    what: &'static str,
+) -> Result<Vec<u32>, CompressError> {
+    let hist = passes.histogram();
+    let first_bad_bucket = (NONFINITE_KEY >> BUCKET_SHIFT) as usize;
+    if hist[first_bad_bucket..].iter().any(|&c| c > 0) {
+        let values = passes.values();
+        let i = first_nonfinite(values).unwrap_or(0);
+        return Err(nonfinite(what, values, i as u32));
+    }
+    let (mut bucket, mut at_or_above) = (BUCKETS, 0u64);
+    while bucket > 0 && at_or_above < k as u64 {
+        bucket -= 1;
+        at_or_above += hist[bucket];
+    }
+    let t = (bucket as i32) << BUCKET_SHIFT;
+    let fraction = at_or_above as f64 / passes.len() as f64;
+    Ok(passes.collect(t, fraction))
+}
+
+/// Sampled method: candidates at or above a corrected sample threshold, or `None` when the
+/// exact method should run instead (small n, a non-finite sample, or no success in time).
+fn sampled_candidates(
+    passes: &mut Passes<'_, '_>,
+    k: usize,
+    seed: u64,
+    exact_k: bool,
+) -> Option<Vec<u32>> {
+    let n = passes.len();
+    let sample_size = n.div_ceil(100).max((2 * n).div_ceil(k));
+    if sample_size.saturating_mul(4) > n {
+        return None; // sampling would read most of the array anyway
+    }
+    let mut keys = sample_keys(&passes.sweep.reborrow(), sample_size, seed);
+    if keys.iter().any(|&q| q >= NONFINITE_KEY) {
+        return None; // the exact method reports the first non-finite index
+    }
+    // Aim a little below the sample's k-th quantile (three binomial standard deviations) so
+    // the first pass usually yields enough candidates.
+    let s = keys.len() as f64;
+    let expected = k as f64 * s / n as f64;
+    let rank = (expected + 3.0 * expected.sqrt() + 1.0).ceil() as usize;
+    let mut t = if rank >= keys.len() {
+        0
+    } else {
+        *keys.select_nth_unstable_by(rank - 1, |a, b| b.cmp(a)).1
+    };
+    let fraction = (rank as f64 / s).min(1.0);
+    let cap = if exact_k {
+        usize::MAX
+    } else {
+        (k as f64 * 1.3).ceil() as usize
+    };
+    let mut last = Vec::new();
+    for _ in 0..MAX_ROUNDS {
+        let found = passes.collect(t, fraction);
+        if (k..=cap).contains(&found.len()) {
+            return Some(found);
+        }
+        t = if found.len() < k {
+            scale_key(t, 0.8)
+        } else {
+            scale_key(t, 1.3)
+        };
+        last = found;
+    }
+    (last.len() >= k).then_some(last)
+}
+
+/// The key of `|value(t)| · factor`, for threshold correction.
+fn scale_key(t: i32, factor: f32) -> i32 {
+    key(f32::from_bits(t as u32) * factor)
+}
+
+/// The exact top-k among `candidates` (increasing indices into `values`, at least k of them,
+/// k ≥ 1), kept in increasing order.
+fn finish(
+    values: &[f32],
+    candidates: Vec<u32>,
+    k: usize,
+    what: &'static str,
+) -> Result<Vec<u32>, CompressError> {
+    // Every non-finite value is a candidate (its key is above any finite threshold).
+    if let Some(&i) = candidates
+        .iter()
+        .find(|&&i| key(values[i as usize]) >= NONFINITE_KEY)
+    {
+        return Err(nonfinite(what, values, i));
+    }
+    if candidates.len() == k {
+        return Ok(candidates);
+    }
+    // Rank by (key descending, index ascending) as one u64 so all ranks are distinct; the
+    // k-th largest is the cut, and filtering keeps the increasing order without a sort.
+    let rank = |i: u32| (u64::from(key(values[i as usize]) as u32) << 32) | u64::from(!i);
+    let mut ranks: Vec<u64> = candidates.iter().map(|&i| rank(i)).collect();
+    let cut = *ranks.select_nth_unstable_by(k - 1, |a, b| b.cmp(a)).1;
+    drop(ranks);
+    Ok(candidates.into_iter().filter(|&i| rank(i) >= cut).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Reference: sort by (|x| desc, index asc), take k, sort indices.
+    fn reference(x: &[f32], k: usize) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..x.len() as u32).collect();
+        order.sort_by(|&a, &b| {
+            x[b as usize]
+                .abs()
+                .total_cmp(&x[a as usize].abs())
+                .then(a.cmp(&b))
+        });
+        let mut top: Vec<u32> = order[..k].to_vec();
+        top.sort_unstable();
+        top
+    }
+
+    fn gaussianish(n: usize, seed: u64) -> Vec<f32> {
+        // Sum of uniforms: cheap, bell-shaped, many distinct magnitudes.
+        (0..n as u64)
+            .map(|i| {
+                (0..4)
+                    .map(|j| super::super::rng::uniform(seed, 4 * i + j) - 0.5)
+                    .sum::<f32>()
+            })
+            .collect()
+    }
+
+    const SAMPLED: Method = Method::Sampled {
+        seed: 3,
+        exact_k: true,
+    };
+
+    #[test]
+    fn exact_and_sampled_match_reference_on_many_sizes() {
+        for &n in &[1usize, 2, 3, 15, 16, 17, 100, 1000, 65_536, 65_537, 300_001] {
+            let x = gaussianish(n, n as u64);
+            for &k in &[1usize, 2, n / 3, n / 2, n.saturating_sub(1), n] {
+                if k == 0 || k > n {
+                    continue;
+                }
+                let want = reference(&x, k);
+                assert_eq!(select_topk(&x, k, Method::Exact).unwrap(), want, "exact n={n} k={k}");
+                assert_eq!(select_topk(&x, k, SAMPLED).unwrap(), want, "sampled n={n} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn sampled_path_really_samples_and_matches_exact() {
+        let x = gaussianish(1_000_000, 11);
+        for &k in &[1_000usize, 10_000] {
+            let want = reference(&x, k);
+            assert_eq!(select_topk(&x, k, SAMPLED).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_index() {
+        let x = vec![1.0f32; 10];
+        assert_eq!(select_topk(&x, 3, Method::Exact).unwrap(), vec![0, 1, 2]);
+        let mut y = vec![0.5f32; 200_000];
+        y[7] = -2.0;
+        y[199_999] = 2.0;
+        for m in [Method::Exact, SAMPLED] {
+            assert_eq!(select_topk(&y, 4, m).unwrap(), vec![0, 1, 7, 199_999]);
+        }
+        // -x and x have the same magnitude
+        assert_eq!(select_topk(&[-3.0, 3.0, 1.0], 1, Method::Exact).unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn nonfinite_is_an_error_naming_the_first_index() {
+        let mut x = gaussianish(200_000, 5);
+        x[123_456] = f32::NAN;
+        x[150_000] = f32::INFINITY;
+        for m in [Method::Exact, SAMPLED] {
+            match select_topk(&x, 100, m) {
+                Err(CompressError::NonFinite { index, .. }) => assert_eq!(index, 123_456),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(select_topk(&[f32::NEG_INFINITY], 1, Method::Exact).is_err());
+    }
+
+    #[test]
+    fn bad_k_is_an_error() {
+        assert!(matches!(
+            select_topk(&[1.0, 2.0], 3, Method::Exact),
+            Err(CompressError::BadK { k: 3, n: 2 })
+        ));
+        assert_eq!(select_topk(&[1.0, 2.0], 0, Method::Exact).unwrap(), Vec::<u32>::new());
+        assert_eq!(select_topk(&[], 0, SAMPLED).unwrap(), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn loose_k_stays_within_bounds() {
+        let x = gaussianish(1_000_000, 9);
+        let k = 10_000;
+        let got = select_topk(
+            &x,
+            k,
+            Method::Sampled {
+                seed: 1,
+                exact_k: false,
+            },
+        )
+        .unwrap();
+        assert!(got.len() >= k && got.len() <= 13_000, "{}", got.len());
+        assert!(got.windows(2).all(|w| w[0] < w[1]));
+        // every entry of the exact top-k is included (the threshold is below the k-th)
+        let exact = reference(&x, k);
+        let set: std::collections::HashSet<u32> = got.iter().copied().collect();
+        assert!(exact.iter().all(|i| set.contains(i)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn prop_matches_reference(
+            x in proptest::collection::vec(
+                prop_oneof![-4.0f32..4.0, Just(0.0f32), Just(1.0f32), Just(-1.0f32)], 1..3000),
+            kf in 0.0f64..1.0,
+            seed in any::<u64>(),
+        ) {
+            let k = ((x.len() as f64 * kf) as usize).max(1);
+            let want = reference(&x, k);
+            prop_assert_eq!(select_topk(&x, k, Method::Exact).unwrap(), want.clone());
+            let m = Method::Sampled { seed, exact_k: true };
+            prop_assert_eq!(select_topk(&x, k, m).unwrap(), want);
+        }
+    }
+}
