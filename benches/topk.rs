@@ -64,7 +64,15 @@ fn bench_compress(c: &mut Criterion) {
     });
     let mut residual = vec![0f32; N];
     group.bench_function("sampled_f16_error_feedback", |b| {
-        b.iter(|| compress_topk(black_box(&g), Feedback::Residual(&mut residual), k, method, &enc))
+        b.iter(|| {
+            compress_topk(
+                black_box(&g),
+                Feedback::Residual(&mut residual),
+                k,
+                method,
+                &enc,
+            )
+        })
     });
     group.bench_function("int8_dense", |b| {
         b.iter(|| quantize_int8(black_box(&g), 256, Rounding::Nearest))

@@ -321,7 +321,14 @@ pub(crate) fn encode_checked(
     let (index_section, value_section) =
         out[HEADER_LEN..body_end].split_at_mut(header.index_bytes as usize);
     write_indices(index, indices, index_section);
-    write_values(encoding.values, chunk, values, value_section, rounding, decoded);
+    write_values(
+        encoding.values,
+        chunk,
+        values,
+        value_section,
+        rounding,
+        decoded,
+    );
     let crc = crc32c::crc32c(&out[..body_end]);
     out[body_end..].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
@@ -363,11 +370,11 @@ fn write_values(
     rounding: Rounding,
     decoded: Option<&mut Vec<f32>>,
 ) {
-    let mut sink = decoded.map(|d| {
+    let mut sink = decoded;
+    if let Some(d) = sink.as_mut() {
         d.clear();
         d.reserve(values.len());
-        d
-    });
+    }
     match format {
         ValueFormat::F32 => {
             for (dst, &v) in out.chunks_exact_mut(4).zip(values) {
@@ -436,7 +443,12 @@ pub(crate) fn to_bf16(v: f32) -> bf16 {
 /// Quantizes one chunk of finite values to int8 codes (written to `codes`) and returns its
 /// scale `max|v| / 127`; the decoder reproduces `code · scale`. `first` is the position of
 /// `vals[0]` in the stream, for reproducible stochastic rounding.
-pub(crate) fn quantize_chunk(vals: &[f32], codes: &mut [u8], rounding: Rounding, first: u64) -> f32 {
+pub(crate) fn quantize_chunk(
+    vals: &[f32],
+    codes: &mut [u8],
+    rounding: Rounding,
+    first: u64,
+) -> f32 {
     let max_abs = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = max_abs / 127.0;
     if scale == 0.0 {
@@ -450,7 +462,9 @@ pub(crate) fn quantize_chunk(vals: &[f32], codes: &mut [u8], rounding: Rounding,
         quantize_scaled(vals, codes, rounding, first, |v| v * inv);
     } else {
         let inv = 127.0 / f64::from(max_abs);
-        quantize_scaled(vals, codes, rounding, first, |v| (f64::from(v) * inv) as f32);
+        quantize_scaled(vals, codes, rounding, first, |v| {
+            (f64::from(v) * inv) as f32
+        });
     }
     scale
 }

@@ -199,7 +199,9 @@ fn read_varint(sec: &[u8], k: usize, n: usize) -> Result<Vec<u32>, CompressError
             gap |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 if b == 0 && at - start > 1 {
-                    return Err(corrupt(format!("varint entry {j} is not minimally encoded")));
+                    return Err(corrupt(format!(
+                        "varint entry {j} is not minimally encoded"
+                    )));
                 }
                 break;
             }
@@ -233,7 +235,9 @@ fn read_bitmap(sec: &[u8], k: usize, n: usize) -> Result<Vec<u32>, CompressError
     }
     let set: u64 = sec.iter().map(|b| u64::from(b.count_ones())).sum();
     if set != k as u64 {
-        return Err(corrupt(format!("bitmap has {set} bits set, header says k = {k}")));
+        return Err(corrupt(format!(
+            "bitmap has {set} bits set, header says k = {k}"
+        )));
     }
     let mut out = Vec::with_capacity(k);
     for (byte_at, &b) in sec.iter().enumerate() {
@@ -274,7 +278,10 @@ fn read_values<'a>(
 ) -> Result<Values<'a>, CompressError> {
     let k = header.k as usize;
     let floats: Vec<f32> = match header.values {
-        ValueFormat::F32 => sec.chunks_exact(4).map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect(),
+        ValueFormat::F32 => sec
+            .chunks_exact(4)
+            .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect(),
         ValueFormat::F16 => sec
             .chunks_exact(2)
             .map(|w| f16::from_bits(u16::from_le_bytes([w[0], w[1]])).to_f32())
@@ -326,7 +333,9 @@ fn check_int8(scales: &[f32], codes: &[u8], chunk: usize) -> Result<(), Compress
             return Some(format!("int8 chunk {c} has the unused code -128"));
         }
         if scale == 0.0 && codes.iter().any(|&q| q != 0) {
-            return Some(format!("int8 chunk {c} has a zero scale but non-zero codes"));
+            return Some(format!(
+                "int8 chunk {c} has a zero scale but non-zero codes"
+            ));
         }
         None
     };
@@ -484,4 +493,282 @@ pub fn decompress_sum(
             .for_each(|(t, dst)| add_all(t, dst));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::codec::{encode, Encoding, Rounding, HEADER_LEN};
+    use super::*;
+    use proptest::prelude::*;
+
+    const INDEX: [IndexFormat; 3] = [IndexFormat::Varint, IndexFormat::Bitmap, IndexFormat::Raw];
+    const VALUES: [ValueFormat; 4] = [
+        ValueFormat::F32,
+        ValueFormat::F16,
+        ValueFormat::Bf16,
+        ValueFormat::Int8,
+    ];
+
+    fn enc(index: Option<IndexFormat>, values: ValueFormat, chunk: u32) -> Encoding {
+        Encoding {
+            index,
+            values,
+            chunk,
+        }
+    }
+
+    /// The documented size formula, written out independently of the encoder.
+    fn formula(
+        index: IndexFormat,
+        values: ValueFormat,
+        n: usize,
+        ix: &[u32],
+        chunk: usize,
+    ) -> usize {
+        let k = ix.len();
+        let i = match index {
+            IndexFormat::Varint => {
+                let mut prev: i64 = -1;
+                ix.iter()
+                    .map(|&j| {
+                        let d = (i64::from(j) - prev - 1) as u64;
+                        prev = i64::from(j);
+                        let bits = 64 - d.leading_zeros() as usize;
+                        bits.div_ceil(7).max(1)
+                    })
+                    .sum()
+            }
+            IndexFormat::Bitmap => n.div_ceil(8),
+            IndexFormat::Raw => 4 * k,
+            IndexFormat::Dense => 0,
+        };
+        let v = match values {
+            ValueFormat::F32 => 4 * k,
+            ValueFormat::F16 | ValueFormat::Bf16 => 2 * k,
+            ValueFormat::Int8 => k + 4 * k.div_ceil(chunk),
+        };
+        44 + i + v
+    }
+
+    fn tolerance(format: ValueFormat, v: f32, chunk_max: f32) -> f32 {
+        match format {
+            ValueFormat::F32 => 0.0,
+            ValueFormat::F16 => v.abs() * 2f32.powi(-11) + 2f32.powi(-25),
+            ValueFormat::Bf16 => v.abs() * 2f32.powi(-8),
+            ValueFormat::Int8 => chunk_max / 127.0 * 0.5001,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn prop_round_trip_every_format(
+            n in 1usize..2000,
+            density in 0.0f64..1.0,
+            seed in any::<u64>(),
+            chunk in 1u32..70,
+        ) {
+            let mut ix = Vec::new();
+            let mut vals = Vec::new();
+            for i in 0..n as u32 {
+                let h = super::super::rng::uniform(seed, u64::from(i));
+                if f64::from(h) < density {
+                    ix.push(i);
+                    vals.push((super::super::rng::uniform(seed ^ 1, u64::from(i)) - 0.5) * 100.0);
+                }
+            }
+            let mut formats: Vec<Option<IndexFormat>> = INDEX.iter().copied().map(Some).collect();
+            formats.push(None);
+            if ix.len() == n {
+                formats.push(Some(IndexFormat::Dense));
+            }
+            for index in formats {
+                for values in VALUES {
+                    let e = enc(index, values, chunk);
+                    let mut dec = Vec::new();
+                    let p = encode(n, &ix, &vals, &e, Rounding::Nearest, Some(&mut dec)).unwrap();
+                    let h = parse_header(&p).unwrap();
+                    let chosen = index.unwrap_or(h.index);
+                    prop_assert_eq!(h.index, chosen);
+                    prop_assert_eq!(p.len(), formula(chosen, values, n, &ix, chunk as usize));
+                    if index.is_none() {
+                        for other in INDEX {
+                            prop_assert!(p.len() <= formula(other, values, n, &ix, chunk as usize));
+                        }
+                    }
+                    let d = decode(&p).unwrap();
+                    let (got_ix, got_v) = d.to_sparse();
+                    prop_assert_eq!(&got_ix, &ix);
+                    prop_assert_eq!(&got_v, &dec);
+                    for (c, (vs, ds)) in vals.chunks(chunk as usize).zip(got_v.chunks(chunk as usize)).enumerate() {
+                        let m = vs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        for (&v, &g) in vs.iter().zip(ds) {
+                            prop_assert!((v - g).abs() <= tolerance(values, v, m), "chunk {} {} vs {}", c, v, g);
+                        }
+                    }
+                    // dense writers agree with the sparse view
+                    let mut out = vec![7f32; n];
+                    decompress_into(&p, &mut out, Write::Overwrite).unwrap();
+                    let mut want = vec![0f32; n];
+                    for (&i, &v) in ix.iter().zip(&dec) {
+                        want[i as usize] = v;
+                    }
+                    prop_assert_eq!(&out, &want);
+                    decompress_into(&p, &mut out, Write::Add(-1.0)).unwrap();
+                    prop_assert!(out.iter().all(|&x| x == 0.0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sum_of_payloads_is_the_sum_of_dense() {
+        let n = 200_000; // several parallel tasks
+        let mut want = vec![1f32; n];
+        let mut payloads = Vec::new();
+        for r in 0..5u64 {
+            let ix: Vec<u32> = (0..n as u32)
+                .filter(|i| (i * 7 + r as u32) % 13 == 0)
+                .collect();
+            let vals: Vec<f32> = ix.iter().map(|&i| i as f32 * 0.25 - r as f32).collect();
+            for (&i, &v) in ix.iter().zip(&vals) {
+                want[i as usize] += 0.5 * v;
+            }
+            let index =
+                [IndexFormat::Varint, IndexFormat::Bitmap, IndexFormat::Raw][r as usize % 3];
+            payloads.push(
+                encode(
+                    n,
+                    &ix,
+                    &vals,
+                    &enc(Some(index), ValueFormat::F32, 0),
+                    Rounding::Nearest,
+                    None,
+                )
+                .unwrap(),
+            );
+        }
+        let views: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        let mut out = vec![1f32; n];
+        decompress_sum(&views, &mut out, 0.5).unwrap();
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn sum_touches_nothing_when_one_payload_is_bad() {
+        let good = encode(
+            10,
+            &[1, 2],
+            &[1.0, 2.0],
+            &enc(None, ValueFormat::F32, 0),
+            Rounding::Nearest,
+            None,
+        )
+        .unwrap();
+        let mut bad = good.clone();
+        bad[HEADER_LEN] ^= 1;
+        let mut out = vec![0f32; 10];
+        let err = decompress_sum(&[&good, &bad], &mut out, 1.0).unwrap_err();
+        assert!(
+            err.to_string().contains("payload 1: checksum mismatch"),
+            "{err}"
+        );
+        assert!(out.iter().all(|&x| x == 0.0));
+        let other_n = encode(
+            11,
+            &[1],
+            &[1.0],
+            &enc(None, ValueFormat::F32, 0),
+            Rounding::Nearest,
+            None,
+        )
+        .unwrap();
+        let err = decompress_sum(&[&good, &other_n], &mut out, 1.0).unwrap_err();
+        assert!(
+            err.to_string().contains("payload 1: payload is for n = 11"),
+            "{err}"
+        );
+    }
+
+    fn reseal(p: &mut [u8]) {
+        let end = p.len() - 4;
+        let crc = crc32c::crc32c(&p[..end]);
+        p[end..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    fn message(p: &[u8]) -> String {
+        match decode(p) {
+            Err(CompressError::Corrupt(m)) => m,
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_defect_is_named() {
+        let e = enc(Some(IndexFormat::Varint), ValueFormat::Int8, 4);
+        let p = encode(
+            300,
+            &[0, 5, 200],
+            &[1.0, -2.0, 3.0],
+            &e,
+            Rounding::Nearest,
+            None,
+        )
+        .unwrap();
+        assert!(message(&p[..10]).contains("truncated"));
+        assert!(message(&p[..p.len() - 1]).contains("truncated: header describes"));
+        let mut longer = p.clone();
+        longer.push(0);
+        assert!(message(&longer).contains("oversized"));
+        assert!(message(b"PK\x03\x04 a zip file, not ours").contains("not a moecore payload"));
+        let mut q = p.clone();
+        q[4] = 2;
+        assert!(message(&q).contains("unsupported format version 2"));
+        let mut q = p.clone();
+        q[HEADER_LEN + 1] ^= 0x10;
+        assert!(message(&q).contains("checksum mismatch"));
+        // Defects behind a valid checksum are caught by the content checks.
+        let mut q = p.clone();
+        q[HEADER_LEN + 3] = 0x81; // the last varint runs past its section
+        reseal(&mut q);
+        assert!(message(&q).contains("varint"), "{}", message(&q));
+        let mut q = p.clone();
+        q[HEADER_LEN + 4 + 4 + 1] = 0x80; // code -128
+        reseal(&mut q);
+        assert!(message(&q).contains("-128"));
+        let mut q = p.clone();
+        q[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&(-1.0f32).to_le_bytes());
+        reseal(&mut q);
+        assert!(message(&q).contains("scale"));
+        let mut q = p.clone();
+        q[8..16].copy_from_slice(&100u64.to_le_bytes()); // n = 100 < index 200
+        reseal(&mut q);
+        assert!(message(&q).contains("out of range"));
+        let mut q = p.clone();
+        q[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        reseal(&mut q);
+        assert!(message(&q).contains("larger than the format allows"));
+    }
+
+    #[test]
+    fn lying_header_cannot_force_a_large_output() {
+        // n = 2³² − 1 with nothing sent is a valid 44-byte payload; writing it needs an output
+        // of that size, which the caller supplies (and here does not).
+        let p = encode(
+            MAX_N,
+            &[],
+            &[],
+            &enc(Some(IndexFormat::Varint), ValueFormat::F32, 0),
+            Rounding::Nearest,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.len(), 44);
+        let mut out = vec![0f32; 8];
+        let err = decompress_into(&p, &mut out, Write::Overwrite).unwrap_err();
+        assert!(
+            err.to_string().contains("payload is for n = 4294967295"),
+            "{err}"
+        );
+    }
 }

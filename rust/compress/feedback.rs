@@ -136,3 +136,197 @@ fn reset(sweep: &mut Sweep<'_>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::codec::{IndexFormat, ValueFormat};
+    use super::super::decode::{decompress_into, Write};
+    use super::super::rng::uniform;
+    use super::*;
+
+    fn grad(n: usize, step: u64) -> Vec<f32> {
+        (0..n as u64)
+            .map(|i| (uniform(step, i) - 0.5) * (1.0 + (i % 7) as f32))
+            .collect()
+    }
+
+    fn encoding(values: ValueFormat) -> Encoding {
+        Encoding {
+            index: None,
+            values,
+            chunk: 64,
+        }
+    }
+
+    #[test]
+    fn error_feedback_conserves_mass() {
+        let n = 20_000;
+        let k = 200;
+        for values in [ValueFormat::F32, ValueFormat::F16, ValueFormat::Int8] {
+            let mut r = vec![0f32; n];
+            let mut sent = vec![0f64; n];
+            let mut total = vec![0f64; n];
+            let mut dense = vec![0f32; n];
+            for step in 0..100 {
+                let g = grad(n, step);
+                let method = Method::Sampled {
+                    seed: step,
+                    exact_k: true,
+                };
+                let p = compress_topk(&g, Feedback::Residual(&mut r), k, method, &encoding(values))
+                    .unwrap();
+                decompress_into(&p, &mut dense, Write::Overwrite).unwrap();
+                for i in 0..n {
+                    sent[i] += f64::from(dense[i]);
+                    total[i] += f64::from(g[i]);
+                }
+            }
+            // Each step rounds r + g once in f32: allow 100 roundings of the running size.
+            for i in 0..n {
+                let lhs = sent[i] + f64::from(r[i]);
+                let tol = 100.0 * 6e-8 * (total[i].abs() + 10.0);
+                assert!(
+                    (lhs - total[i]).abs() <= tol,
+                    "{values:?} i={i}: {lhs} vs {}",
+                    total[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn residual_is_the_unsent_accumulation() {
+        let g = vec![3.0f32, -1.0, 0.5, -4.0, 2.0];
+        let mut r = vec![0.5f32, 0.0, 0.0, 0.0, -2.5];
+        let e = Encoding {
+            index: Some(IndexFormat::Raw),
+            values: ValueFormat::F32,
+            chunk: 0,
+        };
+        let p = compress_topk(&g, Feedback::Residual(&mut r), 2, Method::Exact, &e).unwrap();
+        // acc = [3.5, -1, 0.5, -4, -0.5]: sends 0 and 3
+        assert_eq!(r, vec![0.0, -1.0, 0.5, 0.0, -0.5]);
+        let mut out = vec![0f32; 5];
+        decompress_into(&p, &mut out, Write::Overwrite).unwrap();
+        assert_eq!(out, vec![3.5, 0.0, 0.0, -4.0, 0.0]);
+    }
+
+    #[test]
+    fn momentum_correction_matches_its_definition() {
+        let n = 5000;
+        let (k, m) = (50, 0.9f32);
+        let (mut u, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let (mut u_ref, mut v_ref) = (vec![0f32; n], vec![0f32; n]);
+        let e = encoding(ValueFormat::F32);
+        for step in 0..5 {
+            let g = grad(n, 100 + step);
+            for i in 0..n {
+                u_ref[i] = m * u_ref[i] + g[i];
+                v_ref[i] += u_ref[i];
+            }
+            let want = super::super::select::select_topk(&v_ref, k, Method::Exact).unwrap();
+            let fb = Feedback::Momentum {
+                u: &mut u,
+                v: &mut v,
+                m,
+            };
+            let p = compress_topk(&g, fb, k, Method::Exact, &e).unwrap();
+            let mut out = vec![0f32; n];
+            decompress_into(&p, &mut out, Write::Overwrite).unwrap();
+            for &i in &want {
+                assert_eq!(out[i as usize], v_ref[i as usize]);
+                u_ref[i as usize] = 0.0;
+                v_ref[i as usize] = 0.0;
+            }
+            assert_eq!(u, u_ref);
+            assert_eq!(v, v_ref);
+        }
+    }
+
+    #[test]
+    fn nonfinite_gradient_leaves_state_untouched() {
+        let mut g = grad(200_000, 1);
+        g[77_777] = f32::NAN;
+        let mut r: Vec<f32> = (0..200_000).map(|i| i as f32 * 1e-3).collect();
+        let before = r.clone();
+        let err = compress_topk(
+            &g,
+            Feedback::Residual(&mut r),
+            10,
+            Method::Exact,
+            &encoding(ValueFormat::F32),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, CompressError::NonFinite { index: 77_777, .. }),
+            "{err:?}"
+        );
+        assert_eq!(r, before);
+        let err = compress_topk(
+            &g,
+            Feedback::None,
+            10,
+            Method::Sampled {
+                seed: 0,
+                exact_k: true,
+            },
+            &encoding(ValueFormat::F32),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, CompressError::NonFinite { index: 77_777, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn overflowing_state_is_reset_and_reported() {
+        let g = vec![f32::MAX, 1.0, 1.0];
+        let mut r = vec![f32::MAX, 0.5, 0.0];
+        let err = compress_topk(
+            &g,
+            Feedback::Residual(&mut r),
+            1,
+            Method::Exact,
+            &encoding(ValueFormat::F32),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("overflow"), "{err}");
+        assert_eq!(r, vec![0.0; 3]);
+    }
+
+    #[test]
+    fn mismatched_state_and_bad_arguments_are_errors() {
+        let g = vec![1.0f32; 10];
+        let mut r = vec![0f32; 9];
+        let e = encoding(ValueFormat::F32);
+        assert!(matches!(
+            compress_topk(&g, Feedback::Residual(&mut r), 1, Method::Exact, &e),
+            Err(CompressError::LengthMismatch {
+                got: 9,
+                expected: 10,
+                ..
+            })
+        ));
+        let (mut u, mut v) = (vec![0f32; 10], vec![0f32; 10]);
+        let fb = Feedback::Momentum {
+            u: &mut u,
+            v: &mut v,
+            m: f32::NAN,
+        };
+        assert!(compress_topk(&g, fb, 1, Method::Exact, &e).is_err());
+        let bad = Encoding {
+            index: None,
+            values: ValueFormat::Int8,
+            chunk: 0,
+        };
+        assert!(compress_topk(&g, Feedback::None, 1, Method::Exact, &bad).is_err());
+        let dense = Encoding {
+            index: Some(IndexFormat::Dense),
+            values: ValueFormat::F32,
+            chunk: 0,
+        };
+        assert!(compress_topk(&g, Feedback::None, 3, Method::Exact, &dense).is_err());
+        assert!(compress_topk(&g, Feedback::None, 10, Method::Exact, &dense).is_ok());
+    }
+}

@@ -112,3 +112,6 @@ pub enum CompressError {
 pub(crate) fn corrupt(msg: impl Into<String>) -> CompressError {
     CompressError::Corrupt(msg.into())
 }
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -3,7 +3,9 @@
 
 use rayon::prelude::*;
 
-use super::codec::{quantize_chunk, Header, IndexFormat, Rounding, ValueFormat, HEADER_LEN, MAX_CHUNK, TRAILER_LEN};
+use super::codec::{
+    quantize_chunk, Header, IndexFormat, Rounding, ValueFormat, HEADER_LEN, MAX_CHUNK, TRAILER_LEN,
+};
 use super::scan::first_nonfinite;
 use super::{CompressError, MAX_N};
 
@@ -71,4 +73,52 @@ pub fn quantize_int8(x: &[f32], chunk: u32, rounding: Rounding) -> Result<Vec<u8
     let crc = crc32c::crc32c(&out[..body_end]);
     out[body_end..].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::decode::{decode, decompress_into, Write};
+    use super::*;
+
+    #[test]
+    fn dense_int8_round_trips_within_half_a_step() {
+        let n: usize = 300_001; // several parallel tasks and a short last chunk
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0)
+            .collect();
+        for rounding in [Rounding::Nearest, Rounding::Stochastic { seed: 9 }] {
+            let p = quantize_int8(&x, 256, rounding).unwrap();
+            assert_eq!(p.len(), 44 + n + 4 * n.div_ceil(256));
+            let mut out = vec![0f32; n];
+            decompress_into(&p, &mut out, Write::Overwrite).unwrap();
+            for (c, (xs, os)) in x.chunks(256).zip(out.chunks(256)).enumerate() {
+                let step = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                let bound = if rounding == Rounding::Nearest {
+                    0.5
+                } else {
+                    1.0
+                } * step
+                    * 1.001;
+                for (a, b) in xs.iter().zip(os) {
+                    assert!((a - b).abs() <= bound, "chunk {c}: {a} vs {b}");
+                }
+            }
+            let d = decode(&p).unwrap();
+            assert_eq!((d.n(), d.k()), (n, n));
+        }
+        // equal seeds, equal payloads; the parallel split does not matter
+        let a = quantize_int8(&x, 100, Rounding::Stochastic { seed: 1 }).unwrap();
+        let b = quantize_int8(&x, 100, Rounding::Stochastic { seed: 1 }).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn bad_input_is_rejected() {
+        assert!(quantize_int8(&[1.0, f32::INFINITY], 4, Rounding::Nearest).is_err());
+        assert!(quantize_int8(&[1.0], 0, Rounding::Nearest).is_err());
+        let p = quantize_int8(&[], 4, Rounding::Nearest).unwrap();
+        assert_eq!(decode(&p).unwrap().n(), 0);
+        let tiny = quantize_int8(&[1e-42, -1e-44, 0.0], 4, Rounding::Nearest).unwrap();
+        assert!(decode(&tiny).is_ok());
+    }
 }
