@@ -524,9 +524,7 @@ def _check_state(state: object, kind: str) -> None:
     if not isinstance(state, dict) or state.get("kind") != kind:
         raise ValueError(f"not a {kind} state dict")
     if state.get("version") != _STATE_VERSION:
-        raise ValueError(
-            f"{kind} state version {state.get('version')!r} is not {_STATE_VERSION}"
-        )
+        raise ValueError(f"{kind} state version {state.get('version')!r} is not {_STATE_VERSION}")
 
 
 # --- dense int8 ------------------------------------------------------------------------------

@@ -187,16 +187,23 @@ pub fn value_bytes(format: ValueFormat, k: u64, chunk: u32) -> Option<u64> {
     }
 }
 
-/// LEB128 length of `v`.
+/// LEB128 length of `v` (branch-free: gaps of random size would defeat the predictor).
 #[inline]
 pub fn varint_len(v: u32) -> usize {
-    match v {
-        0..=0x7f => 1,
-        0x80..=0x3fff => 2,
-        0x4000..=0x1f_ffff => 3,
-        0x20_0000..=0x0fff_ffff => 4,
-        _ => 5,
-    }
+    let bits = 32 - (v | 1).leading_zeros();
+    bits.div_ceil(7) as usize
+}
+
+/// The LEB128 bytes of `v` in the low `varint_len(v)` bytes of a little-endian word.
+#[inline]
+fn varint_word(v: u32, len: usize) -> u64 {
+    let d = u64::from(v);
+    let spread = (d & 0x7f)
+        | ((d >> 7) & 0x7f) << 8
+        | ((d >> 14) & 0x7f) << 16
+        | ((d >> 21) & 0x7f) << 24
+        | (d >> 28) << 32;
+    spread | (0x80_8080_8080u64 & ((1u64 << (8 * (len - 1))) - 1))
 }
 
 /// The gaps the varint encoding stores: the first index, then each gap minus one.
@@ -318,9 +325,8 @@ pub(crate) fn encode_checked(
     let mut out = vec![0u8; total];
     header.write(&mut out[..HEADER_LEN]);
     let body_end = total - TRAILER_LEN;
-    let (index_section, value_section) =
-        out[HEADER_LEN..body_end].split_at_mut(header.index_bytes as usize);
-    write_indices(index, indices, index_section);
+    write_indices(index, indices, &mut out[HEADER_LEN..body_end]);
+    let value_section = &mut out[HEADER_LEN + header.index_bytes as usize..body_end];
     write_values(
         encoding.values,
         chunk,
@@ -334,18 +340,21 @@ pub(crate) fn encode_checked(
     Ok(out)
 }
 
+/// Writes the index section at the start of `out`, which may extend past the section (the
+/// varint writer stores whole words there; later sections overwrite the spill).
 fn write_indices(format: IndexFormat, indices: &[u32], out: &mut [u8]) {
     match format {
         IndexFormat::Varint => {
             let mut at = 0;
-            for mut d in gaps(indices) {
-                while d >= 0x80 {
-                    out[at] = (d as u8) | 0x80;
-                    d >>= 7;
-                    at += 1;
+            for d in gaps(indices) {
+                let len = varint_len(d);
+                let word = varint_word(d, len).to_le_bytes();
+                if at + 8 <= out.len() {
+                    out[at..at + 8].copy_from_slice(&word);
+                } else {
+                    out[at..at + len].copy_from_slice(&word[..len]);
                 }
-                out[at] = d as u8;
-                at += 1;
+                at += len;
             }
         }
         IndexFormat::Bitmap => {

@@ -2,7 +2,8 @@
 //! parallel sum of many payloads. Nothing is written to the output until every payload
 //! involved has been fully validated.
 
-use half::{bf16, f16};
+use half::slice::HalfFloatSliceExt;
+use half::f16;
 use rayon::prelude::*;
 
 use super::codec::{
@@ -183,30 +184,13 @@ fn read_varint(sec: &[u8], k: usize, n: usize) -> Result<Vec<u32>, CompressError
     let mut at = 0usize;
     let mut next = 0u64; // smallest index the next entry may have
     for j in 0..k {
-        let start = at;
-        let mut gap = 0u64;
-        let mut shift = 0u32;
-        loop {
-            let Some(&b) = sec.get(at) else {
-                return Err(corrupt(format!(
-                    "varint index section ends inside entry {j} of {k}"
-                )));
-            };
-            at += 1;
-            if shift == 28 && b > 0x0f {
-                return Err(corrupt(format!("varint entry {j} does not fit in 32 bits")));
-            }
-            gap |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                if b == 0 && at - start > 1 {
-                    return Err(corrupt(format!(
-                        "varint entry {j} is not minimally encoded"
-                    )));
-                }
-                break;
-            }
-            shift += 7;
+        let (gap, len) = if at + 8 <= sec.len() {
+            varint_fast(&sec[at..at + 8])
+        } else {
+            varint_slow(&sec[at..])
         }
+        .map_err(|what| corrupt(format!("varint entry {j} of {k} {what}")))?;
+        at += len;
         let index = next + gap;
         if index >= n as u64 {
             return Err(corrupt(format!(
@@ -223,6 +207,57 @@ fn read_varint(sec: &[u8], k: usize, n: usize) -> Result<Vec<u32>, CompressError
         )));
     }
     Ok(out)
+}
+
+/// One LEB128 value from a full 8-byte window, without data-dependent branches on the
+/// common path: (value, length) or what is wrong.
+#[inline]
+fn varint_fast(window: &[u8]) -> Result<(u64, usize), &'static str> {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(window);
+    let w = u64::from_le_bytes(w);
+    let stops = !w & 0x80_8080_8080;
+    if stops == 0 {
+        return Err("does not fit in 32 bits");
+    }
+    let len = (stops.trailing_zeros() / 8 + 1) as usize;
+    let data = w & (u64::MAX >> (64 - 8 * len));
+    let last = data >> (8 * (len - 1));
+    if (len > 1 && last == 0) || (len == 5 && last > 0x0f) {
+        return Err(if last == 0 {
+            "is not minimally encoded"
+        } else {
+            "does not fit in 32 bits"
+        });
+    }
+    let v = (data & 0x7f)
+        | ((data >> 8) & 0x7f) << 7
+        | ((data >> 16) & 0x7f) << 14
+        | ((data >> 24) & 0x7f) << 21
+        | ((data >> 32) & 0x7f) << 28;
+    Ok((v, len))
+}
+
+/// One LEB128 value from the last bytes of the section, byte by byte.
+fn varint_slow(rest: &[u8]) -> Result<(u64, usize), &'static str> {
+    let mut v = 0u64;
+    for (i, &b) in rest.iter().enumerate().take(5) {
+        if i == 4 && b > 0x0f {
+            return Err("does not fit in 32 bits");
+        }
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            if b == 0 && i > 0 {
+                return Err("is not minimally encoded");
+            }
+            return Ok((v, i + 1));
+        }
+    }
+    Err(if rest.len() < 5 {
+        "runs past the end of the index section"
+    } else {
+        "does not fit in 32 bits"
+    })
 }
 
 fn read_bitmap(sec: &[u8], k: usize, n: usize) -> Result<Vec<u32>, CompressError> {
@@ -282,13 +317,19 @@ fn read_values<'a>(
             .chunks_exact(4)
             .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]))
             .collect(),
-        ValueFormat::F16 => sec
-            .chunks_exact(2)
-            .map(|w| f16::from_bits(u16::from_le_bytes([w[0], w[1]])).to_f32())
-            .collect(),
+        ValueFormat::F16 => {
+            // Whole-slice conversion uses F16C when the CPU has it (detected once).
+            let halves: Vec<f16> = sec
+                .chunks_exact(2)
+                .map(|w| f16::from_bits(u16::from_le_bytes([w[0], w[1]])))
+                .collect();
+            let mut out = vec![0f32; halves.len()];
+            halves.convert_to_f32_slice(&mut out);
+            out
+        }
         ValueFormat::Bf16 => sec
             .chunks_exact(2)
-            .map(|w| bf16::from_bits(u16::from_le_bytes([w[0], w[1]])).to_f32())
+            .map(|w| f32::from_bits(u32::from(u16::from_le_bytes([w[0], w[1]])) << 16))
             .collect(),
         ValueFormat::Int8 => {
             let chunk = header.chunk as usize;
@@ -432,6 +473,16 @@ fn check_out_len(d: &Decoded<'_>, out: &[f32]) -> Result<(), CompressError> {
     Ok(())
 }
 
+/// Reads one value per cache line of `dst`, in order: a pattern the hardware prefetcher
+/// follows, so the scattered adds that come next hit the cache instead of stalling.
+fn touch(dst: &[f32]) {
+    let mut sum = 0f32;
+    for &x in dst.iter().step_by(16) {
+        sum += x;
+    }
+    std::hint::black_box(sum);
+}
+
 /// Decodes `bytes` into `out` (overwriting or adding), in parallel over `out`.
 pub fn decompress_into(bytes: &[u8], out: &mut [f32], how: Write) -> Result<(), CompressError> {
     let d = decode(bytes)?;
@@ -479,6 +530,7 @@ pub fn decompress_sum(
         })
         .collect::<Result<_, CompressError>>()?;
     let add_all = |t: usize, dst: &mut [f32]| {
+        touch(dst);
         for d in &decoded {
             d.add_range(t * OUT_TASK, dst, scale);
         }
@@ -617,6 +669,18 @@ mod tests {
                     decompress_into(&p, &mut out, Write::Add(-1.0)).unwrap();
                     prop_assert!(out.iter().all(|&x| x == 0.0));
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn prop_fast_and_slow_varint_readers_agree(w in any::<[u8; 8]>()) {
+            let fast = varint_fast(&w);
+            let slow = varint_slow(&w);
+            prop_assert_eq!(fast.is_ok(), slow.is_ok(), "{:?} {:?}", fast, slow);
+            if let (Ok(f), Ok(s)) = (fast, slow) {
+                prop_assert_eq!(f, s);
             }
         }
     }

@@ -89,8 +89,8 @@ pub fn compress_topk(
     } else {
         "gradient"
     };
-    let indices = match select_sweep(&mut sweep, k, method, what) {
-        Ok(ix) => ix,
+    let selected = match select_sweep(&mut sweep, k, method, what) {
+        Ok(c) => c,
         Err(e) => {
             if stateful && matches!(e, CompressError::NonFinite { .. }) {
                 reset(&mut sweep);
@@ -98,8 +98,7 @@ pub fn compress_topk(
             return Err(e);
         }
     };
-    let selected = sweep.values();
-    let values: Vec<f32> = indices.iter().map(|&i| selected[i as usize]).collect();
+    let (indices, values) = (selected.idx, selected.val);
     let mut decoded = Vec::new();
     let payload = encode_checked(
         n,

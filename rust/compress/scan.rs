@@ -45,23 +45,57 @@ pub(crate) trait Sink: Send {
     fn tail(&mut self, base: usize, vals: &[f32]);
 }
 
-/// Collects, in increasing order, the indices whose key is ≥ `t`.
+/// Collects, in increasing order, the indices whose key is ≥ `t`, with their values (so
+/// that finishing the selection never goes back to the large array).
 pub(crate) struct Collect {
     t: i32,
-    pub(crate) out: Vec<u32>,
+    pub(crate) idx: Vec<u32>,
+    pub(crate) val: Vec<f32>,
+}
+
+/// Bit j set iff `key(vals[j]) >= t` (t ≥ 0).
+#[inline(always)]
+fn mask16(vals: &[f32; BLOCK], t: i32) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_and_si128, _mm_castsi128_ps, _mm_cmpgt_epi32, _mm_loadu_si128,
+            _mm_movemask_ps, _mm_set1_epi32,
+        };
+        // SAFETY: SSE2 is in the x86_64 baseline, so these intrinsics are available; each
+        // unaligned load reads floats 4q..4q+4 of the 16-float array `vals`.
+        unsafe {
+            let abs = _mm_set1_epi32(0x7fff_ffff);
+            // keys are ≥ 0 and t ≥ 0, so the signed `key > t − 1` is `key ≥ t`.
+            let below = _mm_set1_epi32(t.wrapping_sub(1));
+            let mut mask = 0u32;
+            for q in 0..BLOCK / 4 {
+                let v = _mm_loadu_si128(vals.as_ptr().add(4 * q).cast::<__m128i>());
+                let hit = _mm_cmpgt_epi32(_mm_and_si128(v, abs), below);
+                mask |= (_mm_movemask_ps(_mm_castsi128_ps(hit)) as u32) << (4 * q);
+            }
+            mask
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut mask = 0u32;
+        for (j, &x) in vals.iter().enumerate() {
+            mask |= u32::from(key(x) >= t) << j;
+        }
+        mask
+    }
 }
 
 impl Sink for Collect {
     #[inline(always)]
     fn block(&mut self, base: usize, vals: &[f32; BLOCK]) {
-        // Branch-free mask first (vectorises), then one branch per 16 values.
-        let mut mask = 0u32;
-        for (j, &x) in vals.iter().enumerate() {
-            mask |= u32::from(key(x) >= self.t) << j;
-        }
+        // Branch-free mask first, then one (well predicted) branch per 16 values.
+        let mut mask = mask16(vals, self.t);
         while mask != 0 {
             let j = mask.trailing_zeros() as usize;
-            self.out.push((base + j) as u32);
+            self.idx.push((base + j) as u32);
+            self.val.push(vals[j]);
             mask &= mask - 1;
         }
     }
@@ -69,7 +103,8 @@ impl Sink for Collect {
     fn tail(&mut self, base: usize, vals: &[f32]) {
         for (j, &x) in vals.iter().enumerate() {
             if key(x) >= self.t {
-                self.out.push((base + j) as u32);
+                self.idx.push((base + j) as u32);
+                self.val.push(x);
             }
         }
     }
@@ -124,16 +159,6 @@ impl Sweep<'_> {
         }
     }
 
-    /// The value the sweep would produce at `i`, without updating anything.
-    #[inline]
-    pub(crate) fn peek(&self, i: usize) -> f32 {
-        match self {
-            Sweep::Read(x) => x[i],
-            Sweep::Accumulate { grad, acc } => acc[i] + grad[i],
-            Sweep::Momentum { grad, u, v, m } => v[i] + (*m * u[i] + grad[i]),
-        }
-    }
-
     /// Runs the sweep (updating the state once) and returns one sink per task, in order.
     fn drive<S: Sink, F: Fn(usize) -> S + Sync>(self, make: F) -> Vec<S> {
         let n = self.len();
@@ -181,13 +206,17 @@ impl Sweep<'_> {
     }
 
     /// Runs the sweep and returns, in increasing order, every index whose updated value has a
-    /// key ≥ `t`. `expect_fraction` sizes the buffers.
-    pub(crate) fn collect(self, t: i32, expect_fraction: f64) -> Vec<u32> {
-        let parts = self.drive(|len| Collect {
-            t,
-            out: Vec::with_capacity((len as f64 * expect_fraction * 1.25) as usize + 64),
+    /// key ≥ `t`, with those values. `expect_fraction` sizes the buffers.
+    pub(crate) fn collect(self, t: i32, expect_fraction: f64) -> Candidates {
+        let parts = self.drive(|len| {
+            let cap = (len as f64 * expect_fraction * 1.25) as usize + 64;
+            Collect {
+                t,
+                idx: Vec::with_capacity(cap),
+                val: Vec::with_capacity(cap),
+            }
         });
-        concat(parts.into_iter().map(|c| c.out))
+        Candidates::from_parts(parts)
     }
 
     /// Runs the sweep and returns the histogram of the updated values' keys.
@@ -205,16 +234,50 @@ impl Sweep<'_> {
     }
 }
 
-fn concat(parts: impl Iterator<Item = Vec<u32>>) -> Vec<u32> {
-    let parts: Vec<Vec<u32>> = parts.collect();
-    if parts.len() == 1 {
-        return parts.into_iter().next().unwrap_or_default();
+/// Entries of a sweep at or above a threshold, increasing, as the per-task lists the sweep
+/// produced (not concatenated: the selection reads them once more and keeps k).
+#[derive(Default)]
+pub(crate) struct Candidates {
+    parts: Vec<Collect>,
+    len: usize,
+}
+
+/// The outcome of a selection: increasing indices and their values.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Selection {
+    pub(crate) idx: Vec<u32>,
+    pub(crate) val: Vec<f32>,
+}
+
+impl Candidates {
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
-    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
-    for p in parts {
-        out.extend_from_slice(&p);
+
+    /// (index, value) pairs in increasing index order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
+        self.parts
+            .iter()
+            .flat_map(|c| c.idx.iter().copied().zip(c.val.iter().copied()))
     }
-    out
+
+    /// The pairs for which `keep` holds, as one [`Selection`].
+    pub(crate) fn select(&self, capacity: usize, keep: impl Fn(u32, f32) -> bool) -> Selection {
+        let mut out = Selection {
+            idx: Vec::with_capacity(capacity),
+            val: Vec::with_capacity(capacity),
+        };
+        for (i, v) in self.iter().filter(|&(i, v)| keep(i, v)) {
+            out.idx.push(i);
+            out.val.push(v);
+        }
+        out
+    }
+
+    fn from_parts(parts: Vec<Collect>) -> Self {
+        let len = parts.iter().map(|c| c.idx.len()).sum();
+        Candidates { parts, len }
+    }
 }
 
 #[inline(always)]
@@ -230,25 +293,19 @@ fn read_task<S: Sink>(x: &[f32], base: usize, sink: &mut S) {
     sink.tail(at, blocks.remainder());
 }
 
+/// Elements updated per sub-block before they are read back for the sink: small enough to
+/// stay in L1, so the update and the selection still make a single pass over memory.
+const SUB: usize = 1024;
+
 #[inline(always)]
 fn accumulate_task<S: Sink>(grad: &[f32], acc: &mut [f32], base: usize, sink: &mut S) {
-    let mut gs = grad.chunks_exact(BLOCK);
-    let mut accs = acc.chunks_exact_mut(BLOCK);
-    let mut at = base;
-    for (g, a) in gs.by_ref().zip(accs.by_ref()) {
-        let mut vals = [0f32; BLOCK];
-        for ((s, a), &g) in vals.iter_mut().zip(a.iter_mut()).zip(g) {
-            *s = *a + g;
-            *a = *s;
+    for (j, (g, a)) in grad.chunks(SUB).zip(acc.chunks_mut(SUB)).enumerate() {
+        // Plain element-wise loops vectorise; the sink then reads the block from L1.
+        for (a, &g) in a.iter_mut().zip(g) {
+            *a += g;
         }
-        sink.block(at, &vals);
-        at += BLOCK;
+        read_task(a, base + j * SUB, sink);
     }
-    let (g, a) = (gs.remainder(), accs.into_remainder());
-    for (a, &g) in a.iter_mut().zip(g) {
-        *a += g;
-    }
-    sink.tail(at, a);
 }
 
 #[inline(always)]
@@ -260,26 +317,17 @@ fn momentum_task<S: Sink>(
     base: usize,
     sink: &mut S,
 ) {
-    let mut gs = grad.chunks_exact(BLOCK);
-    let mut us = u.chunks_exact_mut(BLOCK);
-    let mut vs = v.chunks_exact_mut(BLOCK);
-    let mut at = base;
-    for ((g, u), v) in gs.by_ref().zip(us.by_ref()).zip(vs.by_ref()) {
-        let mut vals = [0f32; BLOCK];
-        for (((s, u), v), &g) in vals.iter_mut().zip(u.iter_mut()).zip(v.iter_mut()).zip(g) {
+    let blocks = grad
+        .chunks(SUB)
+        .zip(u.chunks_mut(SUB))
+        .zip(v.chunks_mut(SUB));
+    for (j, ((g, u), v)) in blocks.enumerate() {
+        for ((u, v), &g) in u.iter_mut().zip(v.iter_mut()).zip(g) {
             *u = m * *u + g;
             *v += *u;
-            *s = *v;
         }
-        sink.block(at, &vals);
-        at += BLOCK;
+        read_task(v, base + j * SUB, sink);
     }
-    let (g, u, v) = (gs.remainder(), us.into_remainder(), vs.into_remainder());
-    for ((u, v), &g) in u.iter_mut().zip(v.iter_mut()).zip(g) {
-        *u = m * *u + g;
-        *v += *u;
-    }
-    sink.tail(at, v);
 }
 
 /// The first index of `x` holding NaN or ±inf, if any (parallel, read-only).
@@ -288,13 +336,11 @@ pub(crate) fn first_nonfinite(x: &[f32]) -> Option<usize> {
         let mut blocks = x.chunks_exact(BLOCK);
         let mut at = base;
         for blk in blocks.by_ref() {
-            // A max over the block vectorises; the exact position is found only on a hit.
-            let worst = blk.iter().fold(0i32, |m, &v| m.max(key(v)));
-            if worst >= NONFINITE_KEY {
-                return blk
-                    .iter()
-                    .position(|&v| key(v) >= NONFINITE_KEY)
-                    .map(|j| at + j);
+            let mut vals = [0f32; BLOCK];
+            vals.copy_from_slice(blk);
+            let bad = mask16(&vals, NONFINITE_KEY);
+            if bad != 0 {
+                return Some(at + bad.trailing_zeros() as usize);
             }
             at += BLOCK;
         }
@@ -312,23 +358,48 @@ pub(crate) fn first_nonfinite(x: &[f32]) -> Option<usize> {
         .find_map_first(|(t, c)| in_task(c, t * TASK))
 }
 
-/// Keys of a strided sample of about `s` values produced by `sweep` (not updating it): blocks
-/// of 16 consecutive entries, one per stride, at an offset drawn from `seed`.
-pub(crate) fn sample_keys(sweep: &Sweep<'_>, s: usize, seed: u64) -> Vec<i32> {
+/// Keys of a strided sample of about `s` values produced by `sweep` (not updating it), into
+/// `out`: blocks of 16 consecutive entries, one per stride, at an offset drawn from `seed`.
+pub(crate) fn sample_keys(sweep: &Sweep<'_>, s: usize, seed: u64, out: &mut Vec<i32>) {
     let n = sweep.len();
     let blocks = s.div_ceil(BLOCK).clamp(1, (n / BLOCK).max(1));
     let stride = n / blocks;
     let span = BLOCK.min(stride);
     let offset = (mix64(seed) % (stride - span + 1) as u64) as usize;
-    let block_keys = |b: usize| {
-        let start = b * stride + offset;
-        (start..start + span).map(|i| key(sweep.peek(i)))
-    };
-    if blocks < 1024 {
-        return (0..blocks).flat_map(block_keys).collect();
+    out.clear();
+    out.resize(blocks * span, 0);
+    // One closure per kind of sweep, so the per-element work is not an enum dispatch.
+    match sweep {
+        Sweep::Read(x) => fill_sample(out, span, stride, offset, |i| x[i]),
+        Sweep::Accumulate { grad, acc } => {
+            fill_sample(out, span, stride, offset, |i| acc[i] + grad[i])
+        }
+        Sweep::Momentum { grad, u, v, m } => {
+            fill_sample(out, span, stride, offset, |i| v[i] + (*m * u[i] + grad[i]))
+        }
     }
-    (0..blocks)
-        .into_par_iter()
-        .flat_map_iter(block_keys)
-        .collect()
+}
+
+fn fill_sample<F: Fn(usize) -> f32 + Sync>(
+    out: &mut [i32],
+    span: usize,
+    stride: usize,
+    offset: usize,
+    value: F,
+) {
+    let fill = |b: usize, dst: &mut [i32]| {
+        let start = b * stride + offset;
+        for (d, i) in dst.iter_mut().zip(start..start + span) {
+            *d = key(value(i));
+        }
+    };
+    if out.len() < 1024 * BLOCK {
+        out.chunks_mut(span)
+            .enumerate()
+            .for_each(|(b, dst)| fill(b, dst));
+    } else {
+        out.par_chunks_mut(span)
+            .enumerate()
+            .for_each(|(b, dst)| fill(b, dst));
+    }
 }

@@ -1,7 +1,12 @@
 //! Top-k selection by magnitude: exact (histogram + introselect) and sampled (DGC threshold).
 //! See the module docs of [`crate::compress`] for the algorithms and the tie rule.
 
-use super::scan::{first_nonfinite, key, sample_keys, Sweep, BUCKETS, BUCKET_SHIFT, NONFINITE_KEY};
+use super::scan::{
+    first_nonfinite, key, sample_keys, Candidates, Selection, Sweep, BUCKETS, BUCKET_SHIFT,
+    NONFINITE_KEY,
+};
+use std::cell::RefCell;
+
 use super::{CompressError, MAX_N};
 
 /// How to select the k largest-magnitude entries.
@@ -26,19 +31,20 @@ const MAX_ROUNDS: usize = 10;
 /// NaN or ±inf anywhere in `x` is an error.
 pub fn select_topk(x: &[f32], k: usize, method: Method) -> Result<Vec<u32>, CompressError> {
     let mut sweep = Sweep::Read(x);
-    select_sweep(&mut sweep, k, method, "gradient")
+    select_sweep(&mut sweep, k, method, "gradient").map(|c| c.idx)
 }
 
 /// Runs the passes of a selection over `sweep`: the first one applies its update (error
 /// feedback), the later ones only read the updated values. `what` names the selected values
 /// in errors. The caller has checked a stateful sweep's gradient for non-finite values, so a
-/// non-finite value found here in that case means the accumulator overflowed.
+/// non-finite value found here in that case means the accumulator overflowed. Returns the
+/// selected indices (increasing) with their values.
 pub(crate) fn select_sweep(
     sweep: &mut Sweep<'_>,
     k: usize,
     method: Method,
     what: &'static str,
-) -> Result<Vec<u32>, CompressError> {
+) -> Result<Selection, CompressError> {
     let n = sweep.len();
     if k > n || n > MAX_N {
         return Err(CompressError::BadK { k, n });
@@ -50,9 +56,13 @@ pub(crate) fn select_sweep(
     if k == 0 {
         // Nothing is sent, but the state still accumulates; only non-finite values pass.
         let bad = passes.collect(NONFINITE_KEY, 0.0);
-        return match bad.first() {
-            Some(&i) => Err(nonfinite(what, passes.values(), i)),
-            None => Ok(Vec::new()),
+        return match bad.iter().next() {
+            Some((index, value)) => Err(CompressError::NonFinite {
+                what,
+                index: index as usize,
+                value,
+            }),
+            None => Ok(Selection::default()),
         };
     }
     let candidates = match method {
@@ -64,7 +74,7 @@ pub(crate) fn select_sweep(
             }
         }
     };
-    finish(passes.values(), candidates, k, what)
+    finish(candidates, k, what)
 }
 
 /// The first pass over a sweep updates its state; every later pass only reads.
@@ -82,7 +92,7 @@ impl Passes<'_, '_> {
         self.sweep.values()
     }
 
-    fn collect(&mut self, t: i32, expect_fraction: f64) -> Vec<u32> {
+    fn collect(&mut self, t: i32, expect_fraction: f64) -> Candidates {
         if self.updated {
             Sweep::Read(self.sweep.values()).collect(t, expect_fraction)
         } else {
@@ -116,7 +126,7 @@ fn exact_candidates(
     passes: &mut Passes<'_, '_>,
     k: usize,
     what: &'static str,
-) -> Result<Vec<u32>, CompressError> {
+) -> Result<Candidates, CompressError> {
     let hist = passes.histogram();
     let first_bad_bucket = (NONFINITE_KEY >> BUCKET_SHIFT) as usize;
     if hist[first_bad_bucket..].iter().any(|&c| c > 0) {
@@ -141,33 +151,37 @@ fn sampled_candidates(
     k: usize,
     seed: u64,
     exact_k: bool,
-) -> Option<Vec<u32>> {
+) -> Option<Candidates> {
     let n = passes.len();
     let sample_size = n.div_ceil(100).max((2 * n).div_ceil(k));
     if sample_size.saturating_mul(4) > n {
         return None; // sampling would read most of the array anyway
     }
-    let mut keys = sample_keys(&passes.sweep.reborrow(), sample_size, seed);
-    if keys.iter().any(|&q| q >= NONFINITE_KEY) {
-        return None; // the exact method reports the first non-finite index
-    }
-    // Aim a little below the sample's k-th quantile (three binomial standard deviations) so
-    // the first pass usually yields enough candidates.
-    let s = keys.len() as f64;
-    let expected = k as f64 * s / n as f64;
-    let rank = (expected + 3.0 * expected.sqrt() + 1.0).ceil() as usize;
-    let mut t = if rank >= keys.len() {
-        0
-    } else {
-        *keys.select_nth_unstable_by(rank - 1, |a, b| b.cmp(a)).1
-    };
+    let (mut t, rank, s) = SAMPLE.with_borrow_mut(|keys| {
+        sample_keys(&passes.sweep.reborrow(), sample_size, seed, keys);
+        if keys.iter().any(|&q| q >= NONFINITE_KEY) {
+            return None; // the exact method reports the first non-finite index
+        }
+        // Aim a little below the sample's k-th quantile (three binomial standard deviations)
+        // so the first pass usually yields enough candidates.
+        let s = keys.len() as f64;
+        let expected = k as f64 * s / n as f64;
+        let rank = (expected + 3.0 * expected.sqrt() + 1.0).ceil() as usize;
+        let t = if rank >= keys.len() {
+            0
+        } else {
+            *keys.select_nth_unstable_by(rank - 1, |a, b| b.cmp(a)).1
+        };
+        release_if_large(keys);
+        Some((t, rank, s))
+    })?;
     let fraction = (rank as f64 / s).min(1.0);
     let cap = if exact_k {
         usize::MAX
     } else {
         (k as f64 * 1.3).ceil() as usize
     };
-    let mut last = Vec::new();
+    let mut last = Candidates::default();
     for _ in 0..MAX_ROUNDS {
         let found = passes.collect(t, fraction);
         if (k..=cap).contains(&found.len()) {
@@ -188,32 +202,74 @@ fn scale_key(t: i32, factor: f32) -> i32 {
     key(f32::from_bits(t as u32) * factor)
 }
 
-/// The exact top-k among `candidates` (increasing indices into `values`, at least k of them,
-/// k ≥ 1), kept in increasing order.
-fn finish(
-    values: &[f32],
-    candidates: Vec<u32>,
-    k: usize,
-    what: &'static str,
-) -> Result<Vec<u32>, CompressError> {
-    // Every non-finite value is a candidate (its key is above any finite threshold).
-    if let Some(&i) = candidates
-        .iter()
-        .find(|&&i| key(values[i as usize]) >= NONFINITE_KEY)
-    {
-        return Err(nonfinite(what, values, i));
+thread_local! {
+    /// Scratch reused across calls on the same thread: large fresh allocations would cost a
+    /// page fault per 4 KiB on every compression step.
+    static SAMPLE: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    static RANKS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Scratch larger than this (elements) is freed after use rather than kept.
+const KEEP_SCRATCH: usize = 1 << 22;
+
+fn release_if_large<T>(v: &mut Vec<T>) {
+    if v.capacity() > KEEP_SCRATCH {
+        *v = Vec::new();
     }
-    if candidates.len() == k {
-        return Ok(candidates);
+}
+
+/// The exact top-k among `candidates` (at least k of them, k ≥ 1), kept in increasing order.
+fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, CompressError> {
+    // Every non-finite value is a candidate (its key is above any finite threshold).
+    if let Some((index, value)) = c.iter().find(|&(_, v)| key(v) >= NONFINITE_KEY) {
+        return Err(CompressError::NonFinite {
+            what,
+            index: index as usize,
+            value,
+        });
+    }
+    if c.len() == k {
+        return Ok(c.select(k, |_, _| true));
     }
     // Rank by (key descending, index ascending) as one u64 so all ranks are distinct; the
     // k-th largest is the cut, and filtering keeps the increasing order without a sort.
-    let rank = |i: u32| (u64::from(key(values[i as usize]) as u32) << 32) | u64::from(!i);
-    let mut ranks: Vec<u64> = candidates.iter().map(|&i| rank(i)).collect();
-    let cut = *ranks.select_nth_unstable_by(k - 1, |a, b| b.cmp(a)).1;
-    drop(ranks);
-    Ok(candidates.into_iter().filter(|&i| rank(i) >= cut).collect())
+    let rank = |i: u32, v: f32| (u64::from(key(v) as u32) << 32) | u64::from(!i);
+    // A histogram of the candidates' keys narrows the cut to one bucket; only that bucket's
+    // ranks go through introselect.
+    let (lo, hi) = c.iter().fold((i32::MAX, 0i32), |(lo, hi), (_, v)| {
+        (lo.min(key(v)), hi.max(key(v)))
+    });
+    let span = (hi - lo) as u32;
+    let shift = (32 - span.leading_zeros()).saturating_sub(CUT_BITS);
+    let bucket = |v: f32| ((key(v) - lo) as u32 >> shift) as usize;
+    let mut counts = vec![0usize; (span >> shift) as usize + 1];
+    for (_, v) in c.iter() {
+        counts[bucket(v)] += 1;
+    }
+    let (mut b, mut above) = (counts.len(), 0usize);
+    while b > 0 && above + counts[b - 1] < k {
+        b -= 1;
+        above += counts[b];
+    }
+    let b = b.saturating_sub(1); // the bucket holding the k-th largest
+    let cut = RANKS.with_borrow_mut(|ranks| {
+        ranks.clear();
+        ranks.extend(
+            c.iter()
+                .filter(|&(_, v)| bucket(v) == b)
+                .map(|(i, v)| rank(i, v)),
+        );
+        let cut = *ranks
+            .select_nth_unstable_by(k - above - 1, |x, y| y.cmp(x))
+            .1;
+        release_if_large(ranks);
+        cut
+    });
+    Ok(c.select(k, |i, v| rank(i, v) >= cut))
 }
+
+/// Bits of the candidate histogram in [`finish`].
+const CUT_BITS: u32 = 12;
 
 #[cfg(test)]
 mod tests {
