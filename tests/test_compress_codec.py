@@ -1,6 +1,8 @@
 """The wire codec: round trips for every index/value format (hypothesis), the documented size
 formula, the checksum, named defects, and a 10^5-payload mutation fuzz."""
 
+import itertools
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -44,7 +46,7 @@ def leb128_len(v: int) -> int:
 def expected_size(index, values, n, ix, chunk):
     """The size formula from the moecore.compress docs: 44 + I + V."""
     k = len(ix)
-    gaps = [int(ix[0])] + [int(b) - int(a) - 1 for a, b in zip(ix[:-1], ix[1:])] if k else []
+    gaps = [int(ix[0])] + [int(b) - int(a) - 1 for a, b in itertools.pairwise(ix)] if k else []
     i_bytes = {
         "varint": sum(leb128_len(d) for d in gaps),
         "bitmap": -(-n // 8),

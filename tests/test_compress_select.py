@@ -59,7 +59,7 @@ def test_all_equal_values_take_the_first_k(method):
 def test_nonfinite_raises_value_error_naming_the_index(method, bad):
     x = np.random.default_rng(0).standard_normal(300_000).astype(np.float32)
     x[123_457] = bad
-    with pytest.raises(ValueError, match="non-finite value .* at index 123457"):
+    with pytest.raises(ValueError, match=r"non-finite value .* at index 123457"):
         _core.compress_select(x, 3000, method=method)
     with pytest.raises(ValueError, match="123457"):
         TopK(0.01, method=method, error_feedback=False).compress(x)

@@ -94,7 +94,7 @@ def test_nan_raises_and_leaves_the_residual_alone():
     before = c.residual("w").copy()
     bad = g.copy()
     bad[4242] = np.nan
-    with pytest.raises(ValueError, match="non-finite value .* at index 4242"):
+    with pytest.raises(ValueError, match=r"non-finite value .* at index 4242"):
         c.compress(bad, name="w")
     np.testing.assert_array_equal(c.residual("w"), before)
 

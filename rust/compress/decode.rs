@@ -2,8 +2,8 @@
 //! parallel sum of many payloads. Nothing is written to the output until every payload
 //! involved has been fully validated.
 
-use half::slice::HalfFloatSliceExt;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::codec::{
