@@ -187,11 +187,13 @@ pub fn value_bytes(format: ValueFormat, k: u64, chunk: u32) -> Option<u64> {
     }
 }
 
-/// LEB128 length of `v` (branch-free: gaps of random size would defeat the predictor).
+/// LEB128 length of `v`, as comparisons that vectorise (no branch, no bit scan).
 #[inline]
 pub fn varint_len(v: u32) -> usize {
-    let bits = 32 - (v | 1).leading_zeros();
-    bits.div_ceil(7) as usize
+    1 + usize::from(v >= 1 << 7)
+        + usize::from(v >= 1 << 14)
+        + usize::from(v >= 1 << 21)
+        + usize::from(v >= 1 << 28)
 }
 
 /// The LEB128 bytes of `v` in the low `varint_len(v)` bytes of a little-endian word.
@@ -206,17 +208,15 @@ fn varint_word(v: u32, len: usize) -> u64 {
     spread | (0x80_8080_8080u64 & ((1u64 << (8 * (len - 1))) - 1))
 }
 
-/// The gaps the varint encoding stores: the first index, then each gap minus one.
+/// The gaps the varint encoding stores: the first index, then each gap minus one. Starting
+/// from "previous = −1" (u32::MAX, wrapping) makes the first gap the first index, with no
+/// special case.
 fn gaps(indices: &[u32]) -> impl Iterator<Item = u32> + '_ {
-    let mut prev: Option<u32> = None;
-    indices.iter().map(move |&i| {
-        let d = match prev {
-            None => i,
-            Some(p) => i - p - 1,
-        };
-        prev = Some(i);
-        d
-    })
+    let previous = std::iter::once(u32::MAX).chain(indices.iter().copied());
+    indices
+        .iter()
+        .zip(previous)
+        .map(|(&i, p)| i.wrapping_sub(p).wrapping_sub(1))
 }
 
 /// Bytes of the index section for `indices` (increasing, < n) in `format`.
@@ -229,10 +229,11 @@ pub fn index_bytes(format: IndexFormat, n: usize, indices: &[u32]) -> usize {
     }
 }
 
-/// The index format `auto` picks: dense when k = n, else the smallest of varint, bitmap, raw.
-pub fn choose_index(n: usize, indices: &[u32]) -> IndexFormat {
+/// The index format `auto` picks and its section size: dense when k = n, else the smallest
+/// of varint, bitmap, raw (in that order on ties).
+pub fn choose_index(n: usize, indices: &[u32]) -> (IndexFormat, usize) {
     if indices.len() == n {
-        return IndexFormat::Dense;
+        return (IndexFormat::Dense, 0);
     }
     let raw = 4 * indices.len();
     let bitmap = n.div_ceil(8);
@@ -240,13 +241,13 @@ pub fn choose_index(n: usize, indices: &[u32]) -> IndexFormat {
     if indices.len() <= raw.min(bitmap) {
         let varint = index_bytes(IndexFormat::Varint, n, indices);
         if varint <= raw.min(bitmap) {
-            return IndexFormat::Varint;
+            return (IndexFormat::Varint, varint);
         }
     }
     if bitmap <= raw {
-        IndexFormat::Bitmap
+        (IndexFormat::Bitmap, bitmap)
     } else {
-        IndexFormat::Raw
+        (IndexFormat::Raw, raw)
     }
 }
 
@@ -304,7 +305,10 @@ pub(crate) fn encode_checked(
     decoded: Option<&mut Vec<f32>>,
 ) -> Result<Vec<u8>, CompressError> {
     let k = indices.len();
-    let index = encoding.index.unwrap_or_else(|| choose_index(n, indices));
+    let (index, section) = match encoding.index {
+        Some(f) => (f, index_bytes(f, n, indices)),
+        None => choose_index(n, indices),
+    };
     let chunk = if encoding.values == ValueFormat::Int8 {
         encoding.chunk
     } else {
@@ -315,7 +319,7 @@ pub(crate) fn encode_checked(
         values: encoding.values,
         n: n as u64,
         k: k as u64,
-        index_bytes: index_bytes(index, n, indices) as u64,
+        index_bytes: section as u64,
         chunk,
     };
     let total = header
@@ -569,15 +573,15 @@ mod tests {
     fn auto_picks_the_smallest() {
         let n = 1000;
         let sparse: Vec<u32> = (0..10).map(|i| i * 97).collect();
-        assert_eq!(choose_index(n, &sparse), IndexFormat::Varint);
+        assert_eq!(choose_index(n, &sparse).0, IndexFormat::Varint);
         let dense: Vec<u32> = (0..600).collect();
-        assert_eq!(choose_index(n, &dense), IndexFormat::Bitmap); // 125 bytes < 600 varint
+        assert_eq!(choose_index(n, &dense).0, IndexFormat::Bitmap); // 125 bytes < 600 varint
         let all: Vec<u32> = (0..1000).collect();
-        assert_eq!(choose_index(n, &all), IndexFormat::Dense);
+        assert_eq!(choose_index(n, &all).0, IndexFormat::Dense);
         let spread = [1_000_000u32, 2_000_000];
-        assert_eq!(choose_index(4_000_000, &spread), IndexFormat::Varint); // 3 + 3 < 8
+        assert_eq!(choose_index(4_000_000, &spread).0, IndexFormat::Varint); // 3 + 3 < 8
         let far = [300_000_000u32, 600_000_000, 900_000_000];
-        assert_eq!(choose_index(1_000_000_000, &far), IndexFormat::Raw); // 5-byte gaps: 15 > 12
+        assert_eq!(choose_index(1_000_000_000, &far).0, IndexFormat::Raw); // 5-byte gaps: 15 > 12
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub(crate) const TASK: usize = 1 << 16;
 pub(crate) const BUCKETS: usize = 2048;
 pub(crate) const BUCKET_SHIFT: u32 = 20;
 const BLOCK: usize = 16;
+/// Consecutive entries per sample run (512 bytes).
+const SAMPLE_RUN: usize = 128;
 
 /// The magnitude key of `x`: its bits with the sign cleared. Orders finite values by |x| and
 /// puts ±inf and every NaN above all finite values.
@@ -90,13 +92,28 @@ fn mask16(vals: &[f32; BLOCK], t: i32) -> u32 {
 impl Sink for Collect {
     #[inline(always)]
     fn block(&mut self, base: usize, vals: &[f32; BLOCK]) {
-        // Branch-free mask first, then one (well predicted) branch per 16 values.
-        let mut mask = mask16(vals, self.t);
-        while mask != 0 {
-            let j = mask.trailing_zeros() as usize;
-            self.idx.push((base + j) as u32);
-            self.val.push(vals[j]);
-            mask &= mask - 1;
+        // Branch-free mask first; most blocks have no hit. A block with hits is compacted
+        // without a branch per hit (hits are random: a branch each would mispredict).
+        let mask = mask16(vals, self.t);
+        if mask == 0 {
+            return;
+        }
+        self.idx.reserve(BLOCK);
+        self.val.reserve(BLOCK);
+        let (len, mut count) = (self.idx.len(), 0usize);
+        let spare_idx = &mut self.idx.spare_capacity_mut()[..BLOCK];
+        let spare_val = &mut self.val.spare_capacity_mut()[..BLOCK];
+        // Every value is written to the next free slot; only hits advance the slot.
+        for (j, &v) in vals.iter().enumerate() {
+            spare_idx[count & (BLOCK - 1)].write((base + j) as u32);
+            spare_val[count & (BLOCK - 1)].write(v);
+            count += ((mask >> j) & 1) as usize;
+        }
+        // SAFETY: `count` ≤ 16 slots past `len` were initialised just above (slot c is
+        // written before count can pass it), within the capacity reserved for 16 more.
+        unsafe {
+            self.idx.set_len(len + count);
+            self.val.set_len(len + count);
         }
     }
 
@@ -254,11 +271,24 @@ impl Candidates {
         self.len
     }
 
-    /// (index, value) pairs in increasing index order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
-        self.parts
-            .iter()
-            .flat_map(|c| c.idx.iter().copied().zip(c.val.iter().copied()))
+    /// Calls `f(index, value)` for every pair, in increasing index order.
+    #[inline]
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u32, f32)) {
+        for c in &self.parts {
+            for (&i, &v) in c.idx.iter().zip(&c.val) {
+                f(i, v);
+            }
+        }
+    }
+
+    /// The first pair for which `bad` holds.
+    pub(crate) fn find(&self, bad: impl Fn(f32) -> bool) -> Option<(u32, f32)> {
+        self.parts.iter().find_map(|c| {
+            c.val
+                .iter()
+                .position(|&v| bad(v))
+                .map(|j| (c.idx[j], c.val[j]))
+        })
     }
 
     /// The pairs for which `keep` holds, as one [`Selection`].
@@ -267,10 +297,12 @@ impl Candidates {
             idx: Vec::with_capacity(capacity),
             val: Vec::with_capacity(capacity),
         };
-        for (i, v) in self.iter().filter(|&(i, v)| keep(i, v)) {
-            out.idx.push(i);
-            out.val.push(v);
-        }
+        self.for_each(|i, v| {
+            if keep(i, v) {
+                out.idx.push(i);
+                out.val.push(v);
+            }
+        });
         out
     }
 
@@ -285,9 +317,11 @@ fn read_task<S: Sink>(x: &[f32], base: usize, sink: &mut S) {
     let mut blocks = x.chunks_exact(BLOCK);
     let mut at = base;
     for blk in blocks.by_ref() {
-        let mut vals = [0f32; BLOCK];
-        vals.copy_from_slice(blk);
-        sink.block(at, &vals);
+        // A view, not a copy (chunks_exact always yields BLOCK elements).
+        match <&[f32; BLOCK]>::try_from(blk) {
+            Ok(vals) => sink.block(at, vals),
+            Err(_) => sink.tail(at, blk),
+        }
         at += BLOCK;
     }
     sink.tail(at, blocks.remainder());
@@ -336,9 +370,10 @@ pub(crate) fn first_nonfinite(x: &[f32]) -> Option<usize> {
         let mut blocks = x.chunks_exact(BLOCK);
         let mut at = base;
         for blk in blocks.by_ref() {
-            let mut vals = [0f32; BLOCK];
-            vals.copy_from_slice(blk);
-            let bad = mask16(&vals, NONFINITE_KEY);
+            let bad = match <&[f32; BLOCK]>::try_from(blk) {
+                Ok(vals) => mask16(vals, NONFINITE_KEY),
+                Err(_) => 0,
+            };
             if bad != 0 {
                 return Some(at + bad.trailing_zeros() as usize);
             }
@@ -359,12 +394,14 @@ pub(crate) fn first_nonfinite(x: &[f32]) -> Option<usize> {
 }
 
 /// Keys of a strided sample of about `s` values produced by `sweep` (not updating it), into
-/// `out`: blocks of 16 consecutive entries, one per stride, at an offset drawn from `seed`.
+/// `out`: runs of [`SAMPLE_RUN`] consecutive entries, one per stride, at an offset drawn from
+/// `seed`. Runs of several cache lines let the prefetcher work; thousands of runs spread over
+/// the whole array still see every region of it.
 pub(crate) fn sample_keys(sweep: &Sweep<'_>, s: usize, seed: u64, out: &mut Vec<i32>) {
     let n = sweep.len();
-    let blocks = s.div_ceil(BLOCK).clamp(1, (n / BLOCK).max(1));
+    let blocks = s.div_ceil(SAMPLE_RUN).clamp(1, (n / SAMPLE_RUN).max(1));
     let stride = n / blocks;
-    let span = BLOCK.min(stride);
+    let span = SAMPLE_RUN.min(stride);
     let offset = (mix64(seed) % (stride - span + 1) as u64) as usize;
     out.clear();
     out.resize(blocks * span, 0);
@@ -393,12 +430,13 @@ fn fill_sample<F: Fn(usize) -> f32 + Sync>(
             *d = key(value(i));
         }
     };
-    if out.len() < 1024 * BLOCK {
+    if out.len() < TASK {
         out.chunks_mut(span)
             .enumerate()
             .for_each(|(b, dst)| fill(b, dst));
     } else {
         out.par_chunks_mut(span)
+            .with_min_len(TASK / span)
             .enumerate()
             .for_each(|(b, dst)| fill(b, dst));
     }

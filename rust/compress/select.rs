@@ -56,7 +56,7 @@ pub(crate) fn select_sweep(
     if k == 0 {
         // Nothing is sent, but the state still accumulates; only non-finite values pass.
         let bad = passes.collect(NONFINITE_KEY, 0.0);
-        return match bad.iter().next() {
+        return match bad.find(|_| true) {
             Some((index, value)) => Err(CompressError::NonFinite {
                 what,
                 index: index as usize,
@@ -170,7 +170,7 @@ fn sampled_candidates(
         let t = if rank >= keys.len() {
             0
         } else {
-            *keys.select_nth_unstable_by(rank - 1, |a, b| b.cmp(a)).1
+            kth_largest(keys, rank)
         };
         release_if_large(keys);
         Some((t, rank, s))
@@ -220,13 +220,20 @@ fn release_if_large<T>(v: &mut Vec<T>) {
 
 /// The exact top-k among `candidates` (at least k of them, k ≥ 1), kept in increasing order.
 fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, CompressError> {
+    let (mut lo, mut hi) = (i32::MAX, 0i32);
+    c.for_each(|_, v| {
+        lo = lo.min(key(v));
+        hi = hi.max(key(v));
+    });
     // Every non-finite value is a candidate (its key is above any finite threshold).
-    if let Some((index, value)) = c.iter().find(|&(_, v)| key(v) >= NONFINITE_KEY) {
-        return Err(CompressError::NonFinite {
-            what,
-            index: index as usize,
-            value,
-        });
+    if hi >= NONFINITE_KEY {
+        if let Some((index, value)) = c.find(|v| key(v) >= NONFINITE_KEY) {
+            return Err(CompressError::NonFinite {
+                what,
+                index: index as usize,
+                value,
+            });
+        }
     }
     if c.len() == k {
         return Ok(c.select(k, |_, _| true));
@@ -236,16 +243,11 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
     let rank = |i: u32, v: f32| (u64::from(key(v) as u32) << 32) | u64::from(!i);
     // A histogram of the candidates' keys narrows the cut to one bucket; only that bucket's
     // ranks go through introselect.
-    let (lo, hi) = c.iter().fold((i32::MAX, 0i32), |(lo, hi), (_, v)| {
-        (lo.min(key(v)), hi.max(key(v)))
-    });
     let span = (hi - lo) as u32;
     let shift = (32 - span.leading_zeros()).saturating_sub(CUT_BITS);
     let bucket = |v: f32| ((key(v) - lo) as u32 >> shift) as usize;
     let mut counts = vec![0usize; (span >> shift) as usize + 1];
-    for (_, v) in c.iter() {
-        counts[bucket(v)] += 1;
-    }
+    c.for_each(|_, v| counts[bucket(v)] += 1);
     let (mut b, mut above) = (counts.len(), 0usize);
     while b > 0 && above + counts[b - 1] < k {
         b -= 1;
@@ -254,11 +256,11 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
     let b = b.saturating_sub(1); // the bucket holding the k-th largest
     let cut = RANKS.with_borrow_mut(|ranks| {
         ranks.clear();
-        ranks.extend(
-            c.iter()
-                .filter(|&(_, v)| bucket(v) == b)
-                .map(|(i, v)| rank(i, v)),
-        );
+        c.for_each(|i, v| {
+            if bucket(v) == b {
+                ranks.push(rank(i, v));
+            }
+        });
         let cut = *ranks
             .select_nth_unstable_by(k - above - 1, |x, y| y.cmp(x))
             .1;
@@ -268,7 +270,34 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
     Ok(c.select(k, |i, v| rank(i, v) >= cut))
 }
 
-/// Bits of the candidate histogram in [`finish`].
+/// The `rank`-th largest (1-based, ≤ len) of non-negative `keys`: a histogram of their top
+/// bits finds the bucket, introselect runs only inside it. Reorders `keys`.
+fn kth_largest(keys: &mut [i32], rank: usize) -> i32 {
+    let hi = keys.iter().fold(0i32, |m, &q| m.max(q)) as u32;
+    let shift = (32 - hi.leading_zeros()).saturating_sub(CUT_BITS);
+    let mut counts = vec![0usize; (hi >> shift) as usize + 1];
+    for &q in keys.iter() {
+        counts[(q as u32 >> shift) as usize] += 1;
+    }
+    let (mut b, mut above) = (counts.len(), 0usize);
+    while b > 0 && above + counts[b - 1] < rank {
+        b -= 1;
+        above += counts[b];
+    }
+    let b = b.saturating_sub(1) as u32;
+    let mut inside = 0;
+    for j in 0..keys.len() {
+        if keys[j] as u32 >> shift == b {
+            keys.swap(inside, j);
+            inside += 1;
+        }
+    }
+    *keys[..inside]
+        .select_nth_unstable_by(rank - above - 1, |x, y| y.cmp(x))
+        .1
+}
+
+/// Bits of the candidate histograms in [`finish`] and [`kth_largest`].
 const CUT_BITS: u32 = 12;
 
 #[cfg(test)]
@@ -367,6 +396,21 @@ mod tests {
             }
         }
         assert!(select_topk(&[f32::NEG_INFINITY], 1, Method::Exact).is_err());
+    }
+
+    #[test]
+    fn kth_largest_matches_sorting() {
+        let mut keys: Vec<i32> = gaussianish(50_000, 4).iter().map(|&v| key(v)).collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        for rank in [1usize, 2, 17, 500, 25_000, 49_999, 50_000] {
+            assert_eq!(
+                kth_largest(&mut keys, rank),
+                sorted[rank - 1],
+                "rank {rank}"
+            );
+        }
+        assert_eq!(kth_largest(&mut [0, 0, 0], 2), 0);
     }
 
     #[test]
