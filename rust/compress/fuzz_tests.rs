@@ -49,16 +49,20 @@ fn reseal(p: &mut [u8]) {
     }
 }
 
-/// Decodes and writes `p` every way; returns whether it was accepted.
-fn exercise(p: &[u8], n: usize) -> bool {
+/// Decodes and writes `p` (and, when `sum`, sums it twice); returns whether it was accepted.
+fn exercise(p: &[u8], n: usize, sum: bool) -> bool {
     let verdict = decode(p).map(|d| d.n());
     let mut out = vec![0f32; n];
     let into = decompress_into(p, &mut out, Write::Add(1.0));
-    let sum = decompress_sum(&[p, p], &mut out, 0.5);
+    let summed = if sum {
+        decompress_sum(&[p, p], &mut out, 0.5)
+    } else {
+        Ok(())
+    };
     for r in [
         verdict.as_ref().err(),
         into.as_ref().err(),
-        sum.as_ref().err(),
+        summed.as_ref().err(),
     ]
     .into_iter()
     .flatten()
@@ -126,7 +130,7 @@ fn hundred_thousand_mutations_only_ever_corrupt() {
                     false
                 }
             };
-            let accepted = exercise(&p, *n);
+            let accepted = exercise(&p, *n, round % 8 == 0);
             total += 1;
             if resealed {
                 resealed_accepted += usize::from(accepted);

@@ -45,6 +45,23 @@ pub(crate) enum Sweep<'a> {
 pub(crate) trait Sink: Send {
     fn block(&mut self, base: usize, vals: &[f32; BLOCK]);
     fn tail(&mut self, base: usize, vals: &[f32]);
+
+    /// Feeds all of `x` (whose first element has index `base`); a sink may override this
+    /// with a whole-run kernel.
+    #[inline(always)]
+    fn run(&mut self, x: &[f32], base: usize) {
+        let mut blocks = x.chunks_exact(BLOCK);
+        let mut at = base;
+        for blk in blocks.by_ref() {
+            // A view, not a copy (chunks_exact always yields BLOCK elements).
+            match <&[f32; BLOCK]>::try_from(blk) {
+                Ok(vals) => self.block(at, vals),
+                Err(_) => self.tail(at, blk),
+            }
+            at += BLOCK;
+        }
+        self.tail(at, blocks.remainder());
+    }
 }
 
 /// Collects, in increasing order, the indices whose key is ≥ `t`, with their values (so
@@ -314,17 +331,7 @@ impl Candidates {
 
 #[inline(always)]
 fn read_task<S: Sink>(x: &[f32], base: usize, sink: &mut S) {
-    let mut blocks = x.chunks_exact(BLOCK);
-    let mut at = base;
-    for blk in blocks.by_ref() {
-        // A view, not a copy (chunks_exact always yields BLOCK elements).
-        match <&[f32; BLOCK]>::try_from(blk) {
-            Ok(vals) => sink.block(at, vals),
-            Err(_) => sink.tail(at, blk),
-        }
-        at += BLOCK;
-    }
-    sink.tail(at, blocks.remainder());
+    sink.run(x, base);
 }
 
 /// Elements updated per sub-block before they are read back for the sink: small enough to
