@@ -68,6 +68,8 @@ pub(crate) trait Sink: Send {
 /// that finishing the selection never goes back to the large array).
 pub(crate) struct Collect {
     t: i32,
+    /// Largest key collected (so the selection need not scan for it).
+    hi: i32,
     pub(crate) idx: Vec<u32>,
     pub(crate) val: Vec<f32>,
 }
@@ -109,34 +111,29 @@ fn mask16(vals: &[f32; BLOCK], t: i32) -> u32 {
 impl Sink for Collect {
     #[inline(always)]
     fn block(&mut self, base: usize, vals: &[f32; BLOCK]) {
-        // Branch-free mask first; most blocks have no hit. A block with hits is compacted
-        // without a branch per hit (hits are random: a branch each would mispredict).
-        let mask = mask16(vals, self.t);
+        // Branch-free mask first; most blocks have no hit, and most blocks with a hit have
+        // exactly one (at ratios ≤ a few %), so that case gets the shortest path.
+        let mut mask = mask16(vals, self.t);
         if mask == 0 {
             return;
         }
-        self.idx.reserve(BLOCK);
-        self.val.reserve(BLOCK);
-        let (len, mut count) = (self.idx.len(), 0usize);
-        let spare_idx = &mut self.idx.spare_capacity_mut()[..BLOCK];
-        let spare_val = &mut self.val.spare_capacity_mut()[..BLOCK];
-        // Every value is written to the next free slot; only hits advance the slot.
-        for (j, &v) in vals.iter().enumerate() {
-            spare_idx[count & (BLOCK - 1)].write((base + j) as u32);
-            spare_val[count & (BLOCK - 1)].write(v);
-            count += ((mask >> j) & 1) as usize;
-        }
-        // SAFETY: `count` ≤ 16 slots past `len` were initialised just above (slot c is
-        // written before count can pass it), within the capacity reserved for 16 more.
-        unsafe {
-            self.idx.set_len(len + count);
-            self.val.set_len(len + count);
+        loop {
+            let j = mask.trailing_zeros() as usize;
+            let v = vals[j & (BLOCK - 1)];
+            self.hi = self.hi.max(key(v));
+            self.idx.push((base + j) as u32);
+            self.val.push(v);
+            mask &= mask - 1;
+            if mask == 0 {
+                return;
+            }
         }
     }
 
     fn tail(&mut self, base: usize, vals: &[f32]) {
         for (j, &x) in vals.iter().enumerate() {
             if key(x) >= self.t {
+                self.hi = self.hi.max(key(x));
                 self.idx.push((base + j) as u32);
                 self.val.push(x);
             }
@@ -246,6 +243,7 @@ impl Sweep<'_> {
             let cap = (len as f64 * expect_fraction * 1.25) as usize + 64;
             Collect {
                 t,
+                hi: 0,
                 idx: Vec::with_capacity(cap),
                 val: Vec::with_capacity(cap),
             }
@@ -268,12 +266,18 @@ impl Sweep<'_> {
     }
 }
 
+/// Below this many candidates the selection's finishing passes run on one thread.
+const PAR_CANDIDATES: usize = 1 << 15;
+
 /// Entries of a sweep at or above a threshold, increasing, as the per-task lists the sweep
 /// produced (not concatenated: the selection reads them once more and keeps k).
 #[derive(Default)]
 pub(crate) struct Candidates {
     parts: Vec<Collect>,
     len: usize,
+    /// Every candidate's key is in `lo..=hi`.
+    pub(crate) lo: i32,
+    pub(crate) hi: i32,
 }
 
 /// The outcome of a selection: increasing indices and their values.
@@ -325,7 +329,72 @@ impl Candidates {
 
     fn from_parts(parts: Vec<Collect>) -> Self {
         let len = parts.iter().map(|c| c.idx.len()).sum();
-        Candidates { parts, len }
+        let lo = parts.first().map_or(0, |c| c.t);
+        let hi = parts.iter().fold(lo, |m, c| m.max(c.hi));
+        Candidates { parts, len, lo, hi }
+    }
+
+    /// Counts of `bucket(value)` over all pairs (buckets < `buckets`), in parallel over parts.
+    pub(crate) fn histogram(
+        &self,
+        buckets: usize,
+        bucket: impl Fn(f32) -> usize + Sync,
+    ) -> Vec<usize> {
+        let count = |acc: Vec<usize>, c: &Collect| {
+            let mut acc = acc;
+            for &v in &c.val {
+                acc[bucket(v)] += 1;
+            }
+            acc
+        };
+        if self.len < PAR_CANDIDATES {
+            return self.parts.iter().fold(vec![0; buckets], count);
+        }
+        self.parts
+            .par_iter()
+            .with_min_len(self.parts.len().div_ceil(4))
+            .fold(|| vec![0; buckets], count)
+            .reduce(
+                || vec![0; buckets],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            )
+    }
+
+    /// Like [`Candidates::select`], in parallel over parts.
+    pub(crate) fn par_select(
+        &self,
+        capacity: usize,
+        keep: impl Fn(u32, f32) -> bool + Sync,
+    ) -> Selection {
+        if self.len < PAR_CANDIDATES {
+            return self.select(capacity, keep);
+        }
+        let pieces: Vec<Selection> = self
+            .parts
+            .par_iter()
+            .map(|c| {
+                let mut out = Selection::default();
+                for (&i, &v) in c.idx.iter().zip(&c.val) {
+                    if keep(i, v) {
+                        out.idx.push(i);
+                        out.val.push(v);
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut out = Selection {
+            idx: Vec::with_capacity(capacity),
+            val: Vec::with_capacity(capacity),
+        };
+        for p in pieces {
+            out.idx.extend_from_slice(&p.idx);
+            out.val.extend_from_slice(&p.val);
+        }
+        out
     }
 }
 

@@ -220,11 +220,7 @@ fn release_if_large<T>(v: &mut Vec<T>) {
 
 /// The exact top-k among `candidates` (at least k of them, k ≥ 1), kept in increasing order.
 fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, CompressError> {
-    let (mut lo, mut hi) = (i32::MAX, 0i32);
-    c.for_each(|_, v| {
-        lo = lo.min(key(v));
-        hi = hi.max(key(v));
-    });
+    let (lo, hi) = (c.lo, c.hi);
     // Every non-finite value is a candidate (its key is above any finite threshold).
     if hi >= NONFINITE_KEY {
         if let Some((index, value)) = c.find(|v| key(v) >= NONFINITE_KEY) {
@@ -246,8 +242,7 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
     let span = (hi - lo) as u32;
     let shift = (32 - span.leading_zeros()).saturating_sub(CUT_BITS);
     let bucket = |v: f32| ((key(v) - lo) as u32 >> shift) as usize;
-    let mut counts = vec![0usize; (span >> shift) as usize + 1];
-    c.for_each(|_, v| counts[bucket(v)] += 1);
+    let counts = c.histogram((span >> shift) as usize + 1, bucket);
     let (mut b, mut above) = (counts.len(), 0usize);
     while b > 0 && above + counts[b - 1] < k {
         b -= 1;
@@ -267,7 +262,7 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
         release_if_large(ranks);
         cut
     });
-    Ok(c.select(k, |i, v| rank(i, v) >= cut))
+    Ok(c.par_select(k, |i, v| rank(i, v) >= cut))
 }
 
 /// The `rank`-th largest (1-based, ≤ len) of non-negative `keys`: a histogram of their top
