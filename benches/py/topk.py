@@ -208,7 +208,7 @@ def main() -> None:
         print(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     results = {"selection": [], "decompress_sum": None}
     for n in [int(x) for x in (1e6, 1e7, 1e8) if x <= args.max_n]:
-        repeats = max(3, args.repeats * 1_000_000 // n) if n > 1_000_000 else args.repeats
+        repeats = max(5, args.repeats * 1_000_000 // n) if n > 1_000_000 else args.repeats
         for ratio in (0.001, 0.01):
             r = bench_selection(n, ratio, repeats, rng)
             results["selection"].append(r)

@@ -49,8 +49,10 @@ impl Feedback<'_> {
 /// - `Momentum { u, v, m }`: `u ← m·u + grad; v ← v + u`, select on `v`, then at the sent
 ///   entries `v[i] ← v[i] − decoded(v[i])` and `u[i] ← 0`.
 ///
-/// `grad` is only read. A non-finite gradient is an error that leaves the state untouched;
-/// if the state itself overflows float32 it is reset to zeros and the error says so.
+/// `grad` is only read. A non-finite gradient is an error that leaves the state as it was
+/// (momentum: checked before the update; error feedback: checked per sub-block during the
+/// update, which is then undone, `r + g − g`, exact but for float32 rounding); if the state
+/// itself overflows float32 it is reset to zeros and the error says so.
 pub fn compress_topk(
     grad: &[f32],
     feedback: Feedback<'_>,
@@ -69,8 +71,9 @@ pub fn compress_topk(
         }
     }
     let stateful = !matches!(feedback, Feedback::None);
-    if stateful {
-        // Checked before the state is touched so that a bad step leaves it as it was.
+    if let Feedback::Momentum { .. } = feedback {
+        // Momentum's update cannot be undone, so the gradient is checked before it starts.
+        // (Error feedback checks each sub-block inside its single pass and undoes.)
         if let Some(index) = first_nonfinite(grad) {
             return Err(CompressError::NonFinite {
                 what: "gradient",
@@ -84,15 +87,11 @@ pub fn compress_topk(
         Feedback::Residual(acc) => Sweep::Accumulate { grad, acc },
         Feedback::Momentum { u, v, m } => Sweep::Momentum { grad, u, v, m },
     };
-    let what = if stateful {
-        "error-feedback accumulator (float32 overflow; the state was reset to zeros)"
-    } else {
-        "gradient"
-    };
+    let what = if stateful { OVERFLOW } else { "gradient" };
     let selected = match select_sweep(&mut sweep, k, method, what) {
         Ok(c) => c,
         Err(e) => {
-            if stateful && matches!(e, CompressError::NonFinite { .. }) {
+            if matches!(e, CompressError::NonFinite { what: OVERFLOW, .. }) {
                 reset(&mut sweep);
             }
             return Err(e);
@@ -124,6 +123,10 @@ pub fn compress_topk(
     }
     Ok(payload)
 }
+
+/// How a non-finite accumulated value (as opposed to a non-finite gradient) is reported.
+const OVERFLOW: &str =
+    "error-feedback accumulator (float32 overflow; the state was reset to zeros)";
 
 fn reset(sweep: &mut Sweep<'_>) {
     match sweep {
@@ -243,7 +246,7 @@ mod tests {
     }
 
     #[test]
-    fn nonfinite_gradient_leaves_state_untouched() {
+    fn nonfinite_gradient_leaves_state_as_it_was() {
         let mut g = grad(200_000, 1);
         g[77_777] = f32::NAN;
         let mut r: Vec<f32> = (0..200_000).map(|i| i as f32 * 1e-3).collect();
@@ -260,7 +263,40 @@ mod tests {
             matches!(err, CompressError::NonFinite { index: 77_777, .. }),
             "{err:?}"
         );
-        assert_eq!(r, before);
+        // Undone as r + g − g: the old residual up to one float32 rounding of r + g.
+        let worst = r
+            .iter()
+            .zip(&before)
+            .zip(&g)
+            .map(|((a, b), g)| {
+                let tol = (b.abs() + g.abs()) * f32::EPSILON;
+                if g.is_finite() && (a - b).abs() <= tol || a == b {
+                    0.0
+                } else {
+                    (a - b).abs()
+                }
+            })
+            .fold(0f32, f32::max);
+        assert_eq!(worst, 0.0);
+        for m in [
+            Method::Exact,
+            Method::Sampled {
+                seed: 1,
+                exact_k: true,
+            },
+        ] {
+            let (mut u, mut v) = (before.clone(), before.clone());
+            let fb = Feedback::Momentum {
+                u: &mut u,
+                v: &mut v,
+                m: 0.9,
+            };
+            assert!(compress_topk(&g, fb, 10, m, &encoding(ValueFormat::F32)).is_err());
+            assert!(
+                u == before && v == before,
+                "momentum state must be untouched"
+            );
+        }
         let err = compress_topk(
             &g,
             Feedback::None,

@@ -9,7 +9,7 @@
 //!   holding the k-th largest, one parallel pass collects the candidates at or above it, and an
 //!   introselect (`select_nth_unstable`) among them finishes: O(n), deterministic.
 //! - [`Method::Sampled`]: Deep Gradient Compression's threshold estimate. A strided sample of
-//!   ≥ max(n/100, 2n/k) entries (blocks of 16 at a seeded offset) gives a threshold a little
+//!   ≥ max(n/100, 2n/k) entries (runs of 128 at a seeded offset) gives a threshold a little
 //!   below the sample's top-k quantile; one pass collects everything at or above it; the
 //!   threshold is corrected (×0.8 when fewer than k passed, ×1.3 when more than ⌈1.3k⌉ passed
 //!   and `exact_k` is off) for at most 10 rounds, then the exact top-k among the candidates is
@@ -23,8 +23,10 @@
 //! value encoding lost (`r[i] ← r[i] − decoded(r[i])`, zero for f32). With DGC momentum
 //! correction the sweep is `u ← m·u + g; v ← v + u`, selection on `v`, and both `u` and `v`
 //! keep only the encoding loss at the sent entries. The gradient is never written nor copied.
-//! A non-finite gradient raises [`CompressError::NonFinite`] before any state changes (a
-//! parallel read-only scan precedes the update when there is state).
+//! A non-finite gradient raises [`CompressError::NonFinite`] and leaves the state as it was:
+//! error feedback checks each 1024-element sub-block of the gradient before adding it (in the
+//! same pass, from L1) and, on NaN/±inf, stops and subtracts what it had added (`r + g − g`:
+//! the old residual up to float32 rounding); momentum checks the whole gradient first.
 //!
 //! # Wire format ([`codec`])
 //! All integers little-endian. A payload is:

@@ -3,6 +3,8 @@
 //! collector or a histogram. Parallel over fixed-size tasks whose results are concatenated in
 //! order, so the outcome never depends on the number of threads.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 use super::rng::mix64;
@@ -172,6 +174,14 @@ impl Sweep<'_> {
         }
     }
 
+    /// The gradient (the array itself for a plain read).
+    pub(crate) fn grad(&self) -> &[f32] {
+        match self {
+            Sweep::Read(x) => x,
+            Sweep::Accumulate { grad, .. } | Sweep::Momentum { grad, .. } => grad,
+        }
+    }
+
     /// The values selection ranks once the sweep has run: `x`, the accumulator, or `v`.
     pub(crate) fn values(&self) -> &[f32] {
         match self {
@@ -191,19 +201,21 @@ impl Sweep<'_> {
     }
 
     /// Runs the sweep (updating the state once) and returns one sink per task, in order.
-    fn drive<S: Sink, F: Fn(usize) -> S + Sync>(self, make: F) -> Vec<S> {
+    ///
+    /// An accumulating sweep checks each sub-block of the gradient for NaN/±inf before adding
+    /// it; on one, every task stops and every sub-block already added is subtracted again
+    /// (`acc + g − g`, the old value up to float32 rounding; sub-blocks holding the bad value
+    /// are never touched), and the result is `Err(first non-finite index of the gradient)`.
+    fn drive<S: Sink, F: Fn(usize) -> S + Sync>(self, make: F) -> Result<Vec<S>, usize> {
         let n = self.len();
-        if n <= TASK {
-            let mut sink = make(n);
-            match self {
-                Sweep::Read(x) => read_task(x, 0, &mut sink),
-                Sweep::Accumulate { grad, acc } => accumulate_task(grad, acc, 0, &mut sink),
-                Sweep::Momentum { grad, u, v, m } => momentum_task(grad, u, v, m, 0, &mut sink),
-            }
-            return vec![sink];
-        }
+        let stop = AtomicBool::new(false);
         match self {
-            Sweep::Read(x) => x
+            Sweep::Read(x) if n <= TASK => {
+                let mut sink = make(n);
+                read_task(x, 0, &mut sink);
+                Ok(vec![sink])
+            }
+            Sweep::Read(x) => Ok(x
                 .par_chunks(TASK)
                 .enumerate()
                 .map(|(t, x)| {
@@ -211,18 +223,42 @@ impl Sweep<'_> {
                     read_task(x, t * TASK, &mut sink);
                     sink
                 })
-                .collect(),
-            Sweep::Accumulate { grad, acc } => acc
-                .par_chunks_mut(TASK)
-                .zip(grad.par_chunks(TASK))
-                .enumerate()
-                .map(|(t, (acc, grad))| {
+                .collect()),
+            Sweep::Accumulate { grad, acc } => {
+                let run = |t: usize, acc: &mut [f32], grad: &[f32]| {
                     let mut sink = make(grad.len());
-                    accumulate_task(grad, acc, t * TASK, &mut sink);
-                    sink
-                })
-                .collect(),
-            Sweep::Momentum { grad, u, v, m } => u
+                    let (done, bad) = accumulate_task(grad, acc, t * TASK, &mut sink, &stop);
+                    (sink, done, bad)
+                };
+                let parts: Vec<(S, usize, bool)> = if n <= TASK {
+                    vec![run(0, acc, grad)]
+                } else {
+                    acc.par_chunks_mut(TASK)
+                        .zip(grad.par_chunks(TASK))
+                        .enumerate()
+                        .map(|(t, (acc, grad))| run(t, acc, grad))
+                        .collect()
+                };
+                if !parts.iter().any(|p| p.2) {
+                    return Ok(parts.into_iter().map(|p| p.0).collect());
+                }
+                let done: Vec<usize> = parts.iter().map(|p| p.1).collect();
+                acc.par_chunks_mut(TASK)
+                    .zip(grad.par_chunks(TASK))
+                    .zip(done.par_iter())
+                    .for_each(|((acc, grad), &done)| {
+                        for (a, &g) in acc[..done].iter_mut().zip(grad) {
+                            *a -= g;
+                        }
+                    });
+                Err(first_nonfinite(grad).unwrap_or(0))
+            }
+            Sweep::Momentum { grad, u, v, m } if n <= TASK => {
+                let mut sink = make(n);
+                momentum_task(grad, u, v, m, 0, &mut sink);
+                Ok(vec![sink])
+            }
+            Sweep::Momentum { grad, u, v, m } => Ok(u
                 .par_chunks_mut(TASK)
                 .zip(v.par_chunks_mut(TASK))
                 .zip(grad.par_chunks(TASK))
@@ -232,13 +268,13 @@ impl Sweep<'_> {
                     momentum_task(grad, u, v, m, t * TASK, &mut sink);
                     sink
                 })
-                .collect(),
+                .collect()),
         }
     }
 
     /// Runs the sweep and returns, in increasing order, every index whose updated value has a
     /// key ≥ `t`, with those values. `expect_fraction` sizes the buffers.
-    pub(crate) fn collect(self, t: i32, expect_fraction: f64) -> Candidates {
+    pub(crate) fn collect(self, t: i32, expect_fraction: f64) -> Result<Candidates, usize> {
         let parts = self.drive(|len| {
             let cap = (len as f64 * expect_fraction * 1.25) as usize + 64;
             Collect {
@@ -247,22 +283,23 @@ impl Sweep<'_> {
                 idx: Vec::with_capacity(cap),
                 val: Vec::with_capacity(cap),
             }
-        });
-        Candidates::from_parts(parts)
+        })?;
+        Ok(Candidates::from_parts(parts))
     }
 
-    /// Runs the sweep and returns the histogram of the updated values' keys.
-    pub(crate) fn histogram(self) -> Vec<u64> {
+    /// Runs the sweep and returns the histogram of the updated values' keys (errors as
+    /// [`Sweep::collect`]).
+    pub(crate) fn histogram(self) -> Result<Vec<u64>, usize> {
         let parts = self.drive(|_| Histogram {
             counts: vec![[0; 4]; BUCKETS],
-        });
+        })?;
         let mut total = vec![0u64; BUCKETS];
         for part in parts {
             for (t, c) in total.iter_mut().zip(&part.counts) {
                 *t += c.iter().map(|&c| u64::from(c)).sum::<u64>();
             }
         }
-        total
+        Ok(total)
     }
 }
 
@@ -407,15 +444,47 @@ fn read_task<S: Sink>(x: &[f32], base: usize, sink: &mut S) {
 /// stay in L1, so the update and the selection still make a single pass over memory.
 const SUB: usize = 1024;
 
+/// Adds `grad` into `acc` sub-block by sub-block, feeding the sums to `sink`, unless a
+/// sub-block of `grad` holds NaN/±inf (then it raises `stop` and returns) or another task
+/// raised `stop`. Returns how many leading elements were added and whether it found one.
 #[inline(always)]
-fn accumulate_task<S: Sink>(grad: &[f32], acc: &mut [f32], base: usize, sink: &mut S) {
+fn accumulate_task<S: Sink>(
+    grad: &[f32],
+    acc: &mut [f32],
+    base: usize,
+    sink: &mut S,
+    stop: &AtomicBool,
+) -> (usize, bool) {
+    let mut done = 0;
     for (j, (g, a)) in grad.chunks(SUB).zip(acc.chunks_mut(SUB)).enumerate() {
+        if stop.load(Ordering::Relaxed) {
+            return (done, false);
+        }
+        if has_nonfinite(g) {
+            stop.store(true, Ordering::Relaxed);
+            return (done, true);
+        }
         // Plain element-wise loops vectorise; the sink then reads the block from L1.
         for (a, &g) in a.iter_mut().zip(g) {
             *a += g;
         }
         read_task(a, base + j * SUB, sink);
+        done += g.len();
     }
+    (done, false)
+}
+
+/// Whether `x` holds NaN or ±inf (branch-free over blocks of 16).
+#[inline(always)]
+fn has_nonfinite(x: &[f32]) -> bool {
+    let mut blocks = x.chunks_exact(BLOCK);
+    let mut any = 0u32;
+    for blk in blocks.by_ref() {
+        if let Ok(vals) = <&[f32; BLOCK]>::try_from(blk) {
+            any |= mask16(vals, NONFINITE_KEY);
+        }
+    }
+    any != 0 || blocks.remainder().iter().any(|&v| key(v) >= NONFINITE_KEY)
 }
 
 #[inline(always)]

@@ -55,7 +55,7 @@ pub(crate) fn select_sweep(
     };
     if k == 0 {
         // Nothing is sent, but the state still accumulates; only non-finite values pass.
-        let bad = passes.collect(NONFINITE_KEY, 0.0);
+        let bad = passes.collect(NONFINITE_KEY, 0.0)?;
         return match bad.find(|_| true) {
             Some((index, value)) => Err(CompressError::NonFinite {
                 what,
@@ -68,7 +68,7 @@ pub(crate) fn select_sweep(
     let candidates = match method {
         Method::Exact => exact_candidates(&mut passes, k, what)?,
         Method::Sampled { seed, exact_k } => {
-            match sampled_candidates(&mut passes, k, seed, exact_k) {
+            match sampled_candidates(&mut passes, k, seed, exact_k)? {
                 Some(c) => c,
                 None => exact_candidates(&mut passes, k, what)?,
             }
@@ -92,21 +92,35 @@ impl Passes<'_, '_> {
         self.sweep.values()
     }
 
-    fn collect(&mut self, t: i32, expect_fraction: f64) -> Candidates {
+    fn collect(&mut self, t: i32, expect_fraction: f64) -> Result<Candidates, CompressError> {
         if self.updated {
-            Sweep::Read(self.sweep.values()).collect(t, expect_fraction)
-        } else {
-            self.updated = true;
-            self.sweep.reborrow().collect(t, expect_fraction)
+            return Ok(Sweep::Read(self.sweep.values())
+                .collect(t, expect_fraction)
+                .unwrap_or_default());
         }
+        self.updated = true;
+        let found = self.sweep.reborrow().collect(t, expect_fraction);
+        found.map_err(|i| self.bad_gradient(i))
     }
 
-    fn histogram(&mut self) -> Vec<u64> {
+    fn histogram(&mut self) -> Result<Vec<u64>, CompressError> {
         if self.updated {
-            Sweep::Read(self.sweep.values()).histogram()
-        } else {
-            self.updated = true;
-            self.sweep.reborrow().histogram()
+            return Ok(Sweep::Read(self.sweep.values())
+                .histogram()
+                .unwrap_or_default());
+        }
+        self.updated = true;
+        let found = self.sweep.reborrow().histogram();
+        found.map_err(|i| self.bad_gradient(i))
+    }
+
+    /// The error for a non-finite gradient found (and undone) by the first pass.
+    fn bad_gradient(&mut self, index: usize) -> CompressError {
+        self.updated = false; // the update was rolled back
+        CompressError::NonFinite {
+            what: "gradient",
+            index,
+            value: self.sweep.grad().get(index).copied().unwrap_or(f32::NAN),
         }
     }
 }
@@ -127,7 +141,7 @@ fn exact_candidates(
     k: usize,
     what: &'static str,
 ) -> Result<Candidates, CompressError> {
-    let hist = passes.histogram();
+    let hist = passes.histogram()?;
     let first_bad_bucket = (NONFINITE_KEY >> BUCKET_SHIFT) as usize;
     if hist[first_bad_bucket..].iter().any(|&c| c > 0) {
         let values = passes.values();
@@ -141,7 +155,7 @@ fn exact_candidates(
     }
     let t = (bucket as i32) << BUCKET_SHIFT;
     let fraction = at_or_above as f64 / passes.len() as f64;
-    Ok(passes.collect(t, fraction))
+    passes.collect(t, fraction)
 }
 
 /// Sampled method: candidates at or above a corrected sample threshold, or `None` when the
@@ -151,13 +165,13 @@ fn sampled_candidates(
     k: usize,
     seed: u64,
     exact_k: bool,
-) -> Option<Candidates> {
+) -> Result<Option<Candidates>, CompressError> {
     let n = passes.len();
     let sample_size = n.div_ceil(100).max((2 * n).div_ceil(k));
     if sample_size.saturating_mul(4) > n {
-        return None; // sampling would read most of the array anyway
+        return Ok(None); // sampling would read most of the array anyway
     }
-    let (mut t, rank, s) = SAMPLE.with_borrow_mut(|keys| {
+    let sampled = SAMPLE.with_borrow_mut(|keys| {
         sample_keys(&passes.sweep.reborrow(), sample_size, seed, keys);
         if keys.iter().any(|&q| q >= NONFINITE_KEY) {
             return None; // the exact method reports the first non-finite index
@@ -174,7 +188,10 @@ fn sampled_candidates(
         };
         release_if_large(keys);
         Some((t, rank, s))
-    })?;
+    });
+    let Some((mut t, rank, s)) = sampled else {
+        return Ok(None);
+    };
     let fraction = (rank as f64 / s).min(1.0);
     let cap = if exact_k {
         usize::MAX
@@ -183,9 +200,9 @@ fn sampled_candidates(
     };
     let mut last = Candidates::default();
     for _ in 0..MAX_ROUNDS {
-        let found = passes.collect(t, fraction);
+        let found = passes.collect(t, fraction)?;
         if (k..=cap).contains(&found.len()) {
-            return Some(found);
+            return Ok(Some(found));
         }
         t = if found.len() < k {
             scale_key(t, 0.8)
@@ -194,7 +211,7 @@ fn sampled_candidates(
         };
         last = found;
     }
-    (last.len() >= k).then_some(last)
+    Ok((last.len() >= k).then_some(last))
 }
 
 /// The key of `|value(t)| · factor`, for threshold correction.
