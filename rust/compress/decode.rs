@@ -318,13 +318,17 @@ fn read_values<'a>(
             .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]))
             .collect(),
         ValueFormat::F16 => {
-            // Whole-slice conversion uses F16C when the CPU has it (detected once).
-            let halves: Vec<f16> = sec
-                .chunks_exact(2)
-                .map(|w| f16::from_bits(u16::from_le_bytes([w[0], w[1]])))
-                .collect();
-            let mut out = vec![0f32; halves.len()];
-            halves.convert_to_f32_slice(&mut out);
+            // Slice conversion uses F16C when the CPU has it; a small staging buffer turns the
+            // unaligned little-endian bytes into halves first.
+            let mut out = vec![0f32; k];
+            let mut halves = [f16::ZERO; 1024];
+            for (src, dst) in sec.chunks(2 * 1024).zip(out.chunks_mut(1024)) {
+                let staged = &mut halves[..dst.len()];
+                for (h, w) in staged.iter_mut().zip(src.chunks_exact(2)) {
+                    *h = f16::from_bits(u16::from_le_bytes([w[0], w[1]]));
+                }
+                staged.convert_to_f32_slice(dst);
+            }
             out
         }
         ValueFormat::Bf16 => sec
