@@ -4,6 +4,7 @@
 //! [`gil::detached`] (which also keeps panics from reaching Python), call the pure-Rust
 //! function, and map the module's error enum to the exceptions defined in [`errors`].
 
+mod compress;
 mod errors;
 mod fused;
 mod gil;
@@ -16,6 +17,11 @@ mod sparse;
 
 #[pyo3::pymodule]
 mod _core {
+    #[pymodule_export]
+    use super::compress::{
+        compress_decode, compress_decompress, compress_decompress_into, compress_decompress_sum,
+        compress_encode, compress_header, compress_int8, compress_select, compress_topk,
+    };
     #[pymodule_export]
     use super::errors::{CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory};
     #[pymodule_export]

@@ -1,0 +1,596 @@
+"""Gradient compression: top-k sparsification with error feedback, and 8-bit quantization.
+
+The work happens in moecore's Rust core (multithreaded, GIL released, no copy of the
+gradient); this module holds the per-tensor state and checks arguments. In the habit of
+Horovod and GRACE::
+
+    from moecore.compress import TopK
+    c = TopK(ratio=0.01, method="sampled", error_feedback=True, values="f16")
+    payload, ctx = c.compress(grad, name="layer3.w")  # payload: a numpy uint8 array
+    dense = c.decompress(payload, ctx)                 # ctx never has to leave the rank
+    c.decompress_sum([p0, p1, p2], out=buf, scale=1 / 3)
+
+**Inputs.** Gradients are numpy ``float32`` C-contiguous arrays of any shape, or any CPU
+object exporting DLPack (e.g. a PyTorch CPU tensor), used in place through
+``numpy.from_dlpack``. A wrong dtype raises ``TypeError``; a non-contiguous array, NaN or
+±inf in the gradient, or a bad argument raises ``ValueError`` (state is left as it was). A
+CuPy array raises ``NotImplementedError`` until the GPU path lands.
+
+**Selection.** ``method="exact"`` sends the k largest magnitudes (ties to the lower index);
+``"sampled"`` (default) estimates the threshold from a strided sample as in Deep Gradient
+Compression, corrects it, and then takes the exact top-k among the candidates, so it returns
+the same k entries as ``"exact"`` whenever the correction succeeds (it always returns exactly
+k unless ``exact_k=False``). ``k = max(1, floor(ratio * n + 1/2))``.
+
+**Error feedback.** With ``error_feedback=True`` each ``name`` keeps a residual ``r``:
+``r <- r + grad``, selection on ``r``, and the sent entries keep only what the value encoding
+lost. With ``momentum=m`` (DGC momentum correction) it keeps ``u <- m*u + grad``,
+``v <- v + u``, selects on ``v`` and clears both where sent. ``state_dict()`` /
+``load_state_dict()`` carry this state through checkpoints.
+
+**Wire format.** A 40-byte header (magic ``b"MoEC"``, version, index and value encodings, n,
+k, index-section length, int8 chunk), the index section, the values, and a CRC32C of
+everything before it. Its size in bytes is ``44 + I + V`` with ``I`` = the sum over sent
+indices of the LEB128 length of each gap minus one (``"varint"``), ``ceil(n/8)``
+(``"bitmap"``), ``4k`` (``"raw"``) or ``0`` (``"dense"``, k = n), and ``V`` = ``4k`` (f32),
+``2k`` (f16, bf16) or ``k + 4*ceil(k/chunk)`` (int8). ``index="auto"`` picks the smallest.
+f16 and bf16 saturate at their largest finite value instead of overflowing. Decoding checks
+everything and raises :class:`moecore.errors.CorruptPayload` (a ``ValueError``) naming what
+is wrong; it never allocates more than the payload length or the caller's output implies.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moecore import _core
+from moecore.errors import CorruptPayload
+
+__all__ = [
+    "Context",
+    "Int8",
+    "TopK",
+    "decompress",
+    "decompress_add",
+    "decompress_sum",
+    "payload_info",
+    "warmup_ratios",
+]
+
+METHODS = ("sampled", "exact")
+INDEX_ENCODINGS = ("auto", "varint", "bitmap", "raw", "dense")
+VALUE_ENCODINGS = ("f32", "f16", "bf16", "int8")
+MAX_CHUNK = 1 << 24
+#: Largest output ``decompress`` allocates from a payload's header alone (no ctx, no out).
+DEFAULT_MAX_ELEMENTS = 1 << 28
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Context:
+    """What decompression needs besides the payload: the gradient's shape (and, for
+    diagnostics, the tensor's name and how many entries were sent). It never has to leave
+    the rank."""
+
+    shape: tuple[int, ...]
+    name: str | None
+    k: int
+
+    @property
+    def size(self) -> int:
+        """Number of elements of the dense gradient."""
+        return math.prod(self.shape)
+
+
+# --- argument conversion --------------------------------------------------------------------
+
+
+def _is_cupy(obj: object) -> bool:
+    # By module name, so that cupy is never imported here.
+    return (type(obj).__module__ or "").split(".")[0] in ("cupy", "cupyx")
+
+
+def _as_array(obj: Any, what: str) -> np.ndarray:
+    """A numpy view of ``obj`` (numpy array or CPU DLPack exporter), never a copy."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if _is_cupy(obj):
+        raise NotImplementedError(
+            f"{what} is a CuPy array: the GPU top-k path is not available in this build yet; "
+            "pass a numpy array (cupy.asnumpy) meanwhile"
+        )
+    if hasattr(obj, "__dlpack__"):
+        try:
+            return np.from_dlpack(obj)
+        except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+            raise TypeError(
+                f"{what}: could not view {type(obj).__name__} through DLPack on the CPU "
+                f"(only CPU exporters work; a tensor that requires grad needs .detach()): {exc}"
+            ) from exc
+    raise TypeError(
+        f"{what} must be a numpy float32 array or a CPU object exporting DLPack, "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _as_float32(obj: Any, what: str, *, writable: bool = False) -> np.ndarray:
+    arr = _as_array(obj, what)
+    if arr.dtype != np.float32:
+        raise TypeError(f"{what} must have dtype float32, got {arr.dtype}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(
+            f"{what} must be C-contiguous (shape {arr.shape}, strides {arr.strides}); "
+            f"pass numpy.ascontiguousarray({what})"
+        )
+    if writable and not arr.flags.writeable:
+        raise ValueError(f"{what} is read-only")
+    return arr
+
+
+def _as_payload(obj: Any, what: str = "payload") -> np.ndarray:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return np.frombuffer(obj, dtype=np.uint8)
+    if not isinstance(obj, np.ndarray):
+        raise TypeError(f"{what} must be a numpy uint8 array or bytes, got {type(obj).__name__}")
+    if obj.dtype != np.uint8 or obj.ndim != 1:
+        raise TypeError(
+            f"{what} must be a 1-D uint8 array, got dtype {obj.dtype} with shape {obj.shape}"
+        )
+    return np.ascontiguousarray(obj)
+
+
+def _check_choice(what: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_fraction(what: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a float in (0, 1], got {type(value).__name__}")
+    if not 0.0 < float(value) <= 1.0:  # also rejects NaN
+        raise ValueError(f"{what} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_int(what: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    if not lo <= int(value) <= hi:
+        raise ValueError(f"{what} must be in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
+def _stream_seed(seed: int, name: str | None, step: int) -> int:
+    """A per-(name, step) seed that is the same in every process (unlike ``hash``)."""
+    tag = zlib.crc32(b"\x00" if name is None else name.encode("utf-8"))
+    return (seed * 0x9E3779B97F4A7C15 + tag * 0x100000001B3 + step) % (1 << 64)
+
+
+# --- decoding (shared by every compressor: payloads describe themselves) ---------------------
+
+
+def payload_info(payload: Any) -> dict[str, Any]:
+    """The header of ``payload`` (version, index and value encodings, n, k, section sizes),
+    after checking the header and total length; :func:`decompress` also checks the CRC and
+    the contents."""
+    return dict(_core.compress_header(_as_payload(payload)))
+
+
+def decompress(
+    payload: Any,
+    ctx: Context | None = None,
+    out: Any = None,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> np.ndarray:
+    """The dense gradient a payload carries (zeros where nothing was sent).
+
+    Args:
+        payload: a payload from ``compress`` (numpy uint8 array or bytes).
+        ctx: the context ``compress`` returned; gives the shape (and must match the payload).
+        out: a float32 array (or CPU DLPack object) to overwrite instead of allocating.
+        max_elements: without ``ctx`` or ``out``, the largest n a header may ask to allocate.
+
+    Returns:
+        ``out`` if given, else a new float32 array of ``ctx.shape`` (flat without ``ctx``).
+
+    Raises:
+        CorruptPayload: the payload is damaged, foreign, or does not match ``ctx``/``out``.
+    """
+    p = _as_payload(payload)
+    if out is not None:
+        dst = _as_float32(out, "out", writable=True)
+        if ctx is not None and ctx.size != dst.size:
+            raise ValueError(f"out has {dst.size} elements, ctx describes {ctx.size}")
+        _core.compress_decompress_into(p, dst.reshape(-1), add=False)
+        return dst if isinstance(out, np.ndarray) else out
+    if ctx is not None:
+        return _core.compress_decompress(p, ctx.size).reshape(ctx.shape)
+    n = int(_core.compress_header(p)["n"])
+    if n > max_elements:
+        raise CorruptPayload(
+            f"header claims n = {n} elements, more than max_elements = {max_elements}; "
+            "pass ctx or out (or a larger max_elements) if the payload is trusted"
+        )
+    return _core.compress_decompress(p, n)
+
+
+def decompress_add(payload: Any, out: Any, scale: float = 1.0) -> Any:
+    """``out += scale * dense(payload)`` in place (``out`` float32 of the payload's size);
+    returns ``out``. Nothing is written unless the payload is valid."""
+    dst = _as_float32(out, "out", writable=True)
+    _core.compress_decompress_into(_as_payload(payload), dst.reshape(-1), add=True, scale=scale)
+    return out
+
+
+def decompress_sum(payloads: Iterable[Any], out: Any, scale: float = 1.0) -> Any:
+    """``out += scale * sum(dense(p) for p in payloads)`` in place, in parallel over ``out``:
+    the all-gather path of data parallelism. Every payload is validated before ``out`` is
+    touched; the result does not depend on the number of threads. Returns ``out``."""
+    dst = _as_float32(out, "out", writable=True)
+    ps = [_as_payload(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
+    _core.compress_decompress_sum(ps, dst.reshape(-1), scale=scale)
+    return out
+
+
+class _Decoding:
+    """The decoding methods every compressor offers (payloads describe themselves)."""
+
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+
+    def decompress(self, payload: Any, ctx: Context | None = None, out: Any = None) -> np.ndarray:
+        """The dense gradient of ``payload``; see :func:`moecore.compress.decompress`."""
+        return decompress(payload, ctx, out, max_elements=self.max_elements)
+
+    def decompress_add(
+        self, payload: Any, out: Any, scale: float = 1.0, ctx: Context | None = None
+    ) -> Any:
+        """``out += scale * dense(payload)``; see :func:`moecore.compress.decompress_add`."""
+        if ctx is not None and ctx.size != _as_float32(out, "out").size:
+            raise ValueError(f"out has {np.size(out)} elements, ctx describes {ctx.size}")
+        return decompress_add(payload, out, scale)
+
+    def decompress_sum(self, payloads: Iterable[Any], out: Any, scale: float = 1.0) -> Any:
+        """``out += scale * sum of payloads``; see :func:`moecore.compress.decompress_sum`."""
+        return decompress_sum(payloads, out, scale)
+
+
+# --- top-k -----------------------------------------------------------------------------------
+
+
+def warmup_ratios(ratio: float, start: float = 0.25, factor: float = 4.0) -> list[float]:
+    """DGC's exponential sparsity warm-up: densities ``start, start/factor, ...`` while above
+    ``ratio``, then ``ratio``. ``warmup_ratios(0.001)`` is ``[0.25, 0.0625, 0.015625,
+    0.00390625, 0.001]``, i.e. 75% -> 93.75% -> 98.4% -> 99.6% -> 99.9% sparsity."""
+    ratio = _check_fraction("ratio", ratio)
+    start = _check_fraction("start", start)
+    if not factor > 1.0:
+        raise ValueError(f"factor must be > 1, got {factor}")
+    out = []
+    d = start
+    while d > ratio:
+        out.append(d)
+        d /= factor
+    out.append(ratio)
+    return out
+
+
+@dataclass
+class _Slot:
+    shape: tuple[int, ...]
+    calls: int = 0
+    residual: np.ndarray | None = None
+    velocity: np.ndarray | None = None
+    accumulator: np.ndarray | None = None
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        named = {
+            "residual": self.residual,
+            "velocity": self.velocity,
+            "accumulator": self.accumulator,
+        }
+        return {k: v for k, v in named.items() if v is not None}
+
+
+class TopK(_Decoding):
+    """Top-k sparsification with error feedback (Deep Gradient Compression style).
+
+    Args:
+        ratio: fraction of entries sent, in (0, 1]; ``k = max(1, floor(ratio*n + 1/2))``.
+        method: ``"sampled"`` (DGC threshold estimate, default) or ``"exact"``.
+        error_feedback: keep a residual per ``name`` and add it to the next gradient.
+        momentum: DGC momentum correction factor in [0, 1) (needs ``error_feedback``), or None.
+        values: value encoding: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"int8"``.
+        index: index encoding: ``"auto"`` (smallest), ``"varint"``, ``"bitmap"``, ``"raw"``,
+            ``"dense"`` (only when every element is sent).
+        chunk: values per int8 scale.
+        exact_k: with ``"sampled"``, send exactly k entries (else between k and 1.3k).
+        seed: seeds the sample positions; equal seeds give equal payloads.
+        warmup_steps: calls per warm-up stage (0: no warm-up). Stage densities are
+            :func:`warmup_ratios` ``(ratio, warmup_start)``; each ``name`` counts its own calls.
+        warmup_start: density of the first warm-up stage.
+        max_elements: largest n ``decompress`` allocates from a header alone.
+
+    Attributes:
+        allreduce_compatible: False: sparse payloads cannot be summed by an all-reduce;
+            all-gather them and use :meth:`decompress_sum`.
+
+    Examples:
+        >>> import numpy as np
+        >>> c = TopK(ratio=0.25, error_feedback=False, method="exact")
+        >>> p, ctx = c.compress(np.array([0.1, -3.0, 0.2, 2.0], dtype=np.float32))
+        >>> c.decompress(p, ctx).tolist()
+        [0.0, -3.0, 0.0, 0.0]
+    """
+
+    allreduce_compatible = False
+
+    def __init__(
+        self,
+        ratio: float = 0.01,
+        *,
+        method: str = "sampled",
+        error_feedback: bool = True,
+        momentum: float | None = None,
+        values: str = "f32",
+        index: str = "auto",
+        chunk: int = 256,
+        exact_k: bool = True,
+        seed: int = 0,
+        warmup_steps: int = 0,
+        warmup_start: float = 0.25,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+    ) -> None:
+        self.ratio = _check_fraction("ratio", ratio)
+        self.method = _check_choice("method", method, METHODS)
+        self.values = _check_choice("values", values, VALUE_ENCODINGS)
+        self.index = _check_choice("index", index, INDEX_ENCODINGS)
+        self.chunk = _check_int("chunk", chunk, 1, MAX_CHUNK)
+        self.error_feedback = bool(error_feedback)
+        if momentum is not None:
+            if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+                raise ValueError(f"momentum must be a float in [0, 1) or None, got {momentum!r}")
+            if not self.error_feedback:
+                raise ValueError("momentum correction needs error_feedback=True")
+            momentum = float(momentum)
+        self.momentum = momentum
+        self.exact_k = bool(exact_k)
+        self.seed = _check_int("seed", seed, 0, (1 << 64) - 1)
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0, 1 << 62)
+        self.warmup_start = _check_fraction("warmup_start", warmup_start)
+        self._stages = warmup_ratios(self.ratio, self.warmup_start) if self.warmup_steps else []
+        self.max_elements = _check_int("max_elements", max_elements, 0, 1 << 62)
+        self._slots: dict[str | None, _Slot] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"TopK(ratio={self.ratio}, method={self.method!r}, "
+            f"error_feedback={self.error_feedback}, momentum={self.momentum}, "
+            f"values={self.values!r}, index={self.index!r})"
+        )
+
+    def ratio_at(self, step: int) -> float:
+        """The density used at a name's ``step``-th call (0-based), warm-up included."""
+        if self.warmup_steps and step // self.warmup_steps < len(self._stages):
+            return self._stages[step // self.warmup_steps]
+        return self.ratio
+
+    @staticmethod
+    def k_for(n: int, ratio: float) -> int:
+        """Entries sent from n at ``ratio``: ``max(1, floor(ratio*n + 1/2))``, at most n."""
+        return 0 if n == 0 else min(n, max(1, math.floor(ratio * n + 0.5)))
+
+    def compress(self, grad: Any, name: str | None = None) -> tuple[np.ndarray, Context]:
+        """Compresses ``grad`` (float32, any shape; numpy or CPU DLPack) without copying it.
+
+        With error feedback, ``name`` identifies the tensor whose residual is used and
+        updated in place; a name must keep its shape (``reset(name)`` forgets it).
+
+        Returns:
+            ``(payload, ctx)``: the payload (numpy uint8 array) and its :class:`Context`.
+
+        Raises:
+            TypeError: not float32 / not an array.
+            ValueError: non-contiguous, NaN or inf in ``grad``, or ``name``'s shape changed.
+        """
+        arr = _as_float32(grad, "grad")
+        flat = arr.reshape(-1)
+        shape = tuple(arr.shape)
+        slot = self._slots.get(name)
+        if slot is not None and self.error_feedback and slot.shape != shape:
+            raise ValueError(
+                f"tensor {name!r} was compressed with shape {slot.shape}, now {shape}; "
+                f"use another name or call reset({name!r}) first"
+            )
+        if slot is None:
+            slot = _Slot(shape)
+        n = flat.size
+        if self.error_feedback:
+            if self.momentum is None and slot.residual is None:
+                slot.residual = np.zeros(n, dtype=np.float32)
+            if self.momentum is not None and slot.velocity is None:
+                slot.velocity = np.zeros(n, dtype=np.float32)
+                slot.accumulator = np.zeros(n, dtype=np.float32)
+        k = self.k_for(n, self.ratio_at(slot.calls))
+        payload = _core.compress_topk(
+            flat,
+            k,
+            method=self.method,
+            seed=_stream_seed(self.seed, name, slot.calls),
+            exact_k=self.exact_k,
+            index=self.index,
+            values=self.values,
+            chunk=self.chunk,
+            residual=slot.residual,
+            velocity=slot.velocity,
+            accumulator=slot.accumulator,
+            momentum=self.momentum or 0.0,
+        )
+        slot.shape = shape
+        slot.calls += 1
+        self._slots[name] = slot
+        return payload, Context(shape=shape, name=name, k=int(_core.compress_header(payload)["k"]))
+
+    def residual(self, name: str | None = None) -> np.ndarray | None:
+        """The error-feedback memory of ``name`` (the residual, or with momentum correction
+        the accumulator ``v``), shaped like the gradient; a view, not a copy."""
+        slot = self._slots.get(name)
+        if slot is None:
+            return None
+        buf = slot.accumulator if self.momentum is not None else slot.residual
+        return None if buf is None else buf.reshape(slot.shape)
+
+    def reset(self, name: str | None = None) -> None:
+        """Forgets the state of ``name`` (its residual, shape and warm-up count)."""
+        self._slots.pop(name, None)
+
+    def clear(self) -> None:
+        """Forgets the state of every name."""
+        self._slots.clear()
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "ratio": self.ratio,
+            "method": self.method,
+            "error_feedback": self.error_feedback,
+            "momentum": self.momentum,
+            "values": self.values,
+            "index": self.index,
+            "chunk": self.chunk,
+            "exact_k": self.exact_k,
+            "seed": self.seed,
+            "warmup_steps": self.warmup_steps,
+            "warmup_start": self.warmup_start,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-exactly: the config, and per name its shape, call
+        count and error-feedback buffers (copies, float32)."""
+        return {
+            "version": _STATE_VERSION,
+            "kind": "TopK",
+            "config": self._config(),
+            "slots": [
+                {
+                    "name": name,
+                    "shape": list(slot.shape),
+                    "calls": slot.calls,
+                    **{k: v.copy() for k, v in slot.buffers().items()},
+                }
+                for name, slot in self._slots.items()
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved. The error-feedback mode must match this
+        compressor's (the buffers are different); other settings are taken from ``self``."""
+        _check_state(state, "TopK")
+        cfg = state["config"]
+        if bool(cfg.get("error_feedback")) != self.error_feedback or (
+            cfg.get("momentum") is None
+        ) != (self.momentum is None):
+            raise ValueError(
+                "state was saved with error_feedback="
+                f"{cfg.get('error_feedback')}, momentum={cfg.get('momentum')}; this compressor "
+                f"has error_feedback={self.error_feedback}, momentum={self.momentum}"
+            )
+        wanted = []
+        if self.error_feedback:
+            wanted = ["residual"] if self.momentum is None else ["velocity", "accumulator"]
+        slots: dict[str | None, _Slot] = {}
+        for i, entry in enumerate(state["slots"]):
+            shape = tuple(int(d) for d in entry["shape"])
+            slot = _Slot(shape, calls=_check_int(f"slots[{i}].calls", entry["calls"], 0, 1 << 62))
+            for key in wanted:
+                buf = np.asarray(entry.get(key))
+                if buf.dtype != np.float32 or buf.size != math.prod(shape):
+                    raise ValueError(
+                        f"slots[{i}].{key} must be float32 with {math.prod(shape)} elements, "
+                        f"got {buf.dtype} with {buf.size}"
+                    )
+                setattr(slot, key, np.array(buf, dtype=np.float32).reshape(-1))
+            slots[entry["name"]] = slot
+        self._slots = slots
+
+
+def _check_state(state: object, kind: str) -> None:
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        raise ValueError(f"not a {kind} state dict")
+    if state.get("version") != _STATE_VERSION:
+        raise ValueError(f"{kind} state version {state.get('version')!r} is not {_STATE_VERSION}")
+
+
+# --- dense int8 ------------------------------------------------------------------------------
+
+
+class Int8(_Decoding):
+    """Dense 8-bit quantization: every element as an int8 code, one float32 scale
+    (``max|x| / 127``) per ``chunk`` elements; payload size ``44 + n + 4*ceil(n/chunk)``.
+
+    Args:
+        chunk: elements per scale.
+        stochastic: round up or down at random in proportion (unbiased) instead of to the
+            nearest; reproducible from ``seed``, the name and the call count.
+        seed: seeds stochastic rounding.
+        max_elements: largest n ``decompress`` allocates from a header alone.
+
+    Attributes:
+        allreduce_compatible: False: each payload has its own scales, so int8 codes from
+            different ranks cannot be summed element-wise; use :meth:`decompress_sum`.
+    """
+
+    allreduce_compatible = False
+
+    def __init__(
+        self,
+        chunk: int = 256,
+        *,
+        stochastic: bool = False,
+        seed: int = 0,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+    ) -> None:
+        self.chunk = _check_int("chunk", chunk, 1, MAX_CHUNK)
+        self.stochastic = bool(stochastic)
+        self.seed = _check_int("seed", seed, 0, (1 << 64) - 1)
+        self.max_elements = _check_int("max_elements", max_elements, 0, 1 << 62)
+        self._calls: dict[str | None, int] = {}
+
+    def __repr__(self) -> str:
+        return f"Int8(chunk={self.chunk}, stochastic={self.stochastic})"
+
+    def compress(self, grad: Any, name: str | None = None) -> tuple[np.ndarray, Context]:
+        """Quantizes ``grad`` (float32, any shape; numpy or CPU DLPack) without copying it.
+        Raises like :meth:`TopK.compress`."""
+        arr = _as_float32(grad, "grad")
+        calls = self._calls.get(name, 0)
+        payload = _core.compress_int8(
+            arr.reshape(-1),
+            chunk=self.chunk,
+            stochastic=self.stochastic,
+            seed=_stream_seed(self.seed, name, calls),
+        )
+        self._calls[name] = calls + 1
+        return payload, Context(shape=tuple(arr.shape), name=name, k=arr.size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The config and each name's call count (which seeds stochastic rounding)."""
+        return {
+            "version": _STATE_VERSION,
+            "kind": "Int8",
+            "config": {"chunk": self.chunk, "stochastic": self.stochastic, "seed": self.seed},
+            "calls": [{"name": k, "calls": v} for k, v in self._calls.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved."""
+        _check_state(state, "Int8")
+        self._calls = {
+            e["name"]: _check_int("calls", e["calls"], 0, 1 << 62) for e in state["calls"]
+        }
