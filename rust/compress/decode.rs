@@ -261,7 +261,7 @@ fn varint_slow(rest: &[u8]) -> Result<(u64, usize), &'static str> {
 }
 
 fn read_bitmap(sec: &[u8], k: usize, n: usize) -> Result<Vec<u32>, CompressError> {
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         if let Some(&last) = sec.last() {
             if last >> (n % 8) != 0 {
                 return Err(corrupt("bitmap has bits set beyond n"));
@@ -696,7 +696,7 @@ mod tests {
         let mut payloads = Vec::new();
         for r in 0..5u64 {
             let ix: Vec<u32> = (0..n as u32)
-                .filter(|i| (i * 7 + r as u32) % 13 == 0)
+                .filter(|i| (i * 7 + r as u32).is_multiple_of(13))
                 .collect();
             let vals: Vec<f32> = ix.iter().map(|&i| i as f32 * 0.25 - r as f32).collect();
             for (&i, &v) in ix.iter().zip(&vals) {

@@ -13,7 +13,7 @@ fn seeds() -> Vec<(usize, Vec<u8>)> {
     let mut out = Vec::new();
     for (t, n) in [1usize, 9, 64, 257, 1000].into_iter().enumerate() {
         let ix: Vec<u32> = (0..n as u32)
-            .filter(|i| mix64(u64::from(*i) ^ t as u64) % 5 == 0)
+            .filter(|i| mix64(u64::from(*i) ^ t as u64).is_multiple_of(5))
             .collect();
         let vals: Vec<f32> = ix.iter().map(|&i| (i as f32 - 100.0) * 0.37).collect();
         for index in [IndexFormat::Varint, IndexFormat::Bitmap, IndexFormat::Raw] {

@@ -524,9 +524,9 @@ impl Pool {
         }
         let mut retried = false;
         let base = loop {
-            let within_limit = self.limit.map_or(true, |l| {
-                self.stats.reserved_bytes.all().current + seg_size as u64 <= l
-            });
+            let within_limit = self
+                .limit
+                .is_none_or(|l| self.stats.reserved_bytes.all().current + seg_size as u64 <= l);
             let base = if within_limit {
                 self.backing.obtain(seg_size)
             } else {
@@ -746,7 +746,7 @@ impl Pool {
             }
             if blk.addr < address && address < blk.addr + blk.size {
                 // Inside a free block that absorbed an earlier, freed block start.
-                return if blk.state == BlockState::Free && address % GRANULE == 0 {
+                return if blk.state == BlockState::Free && address.is_multiple_of(GRANULE) {
                     PoolError::DoubleFree { address }
                 } else {
                     PoolError::NotBlockStart { address }

@@ -103,7 +103,7 @@ fn advise_huge_pages(ptr: *mut u8, size: usize) {
     }
     /// `MADV_HUGEPAGE` on Linux (asm-generic value, used by x86_64 and aarch64).
     const MADV_HUGEPAGE: c_int = 14;
-    if (ptr as usize) % 4096 == 0 {
+    if (ptr as usize).is_multiple_of(4096) {
         // SAFETY: `ptr..ptr + size` is a page-aligned region we own; MADV_HUGEPAGE only
         // changes how the kernel backs it. Failure (e.g. THP disabled) is harmless: ignored.
         unsafe { madvise(ptr.cast::<c_void>(), size, MADV_HUGEPAGE) };
