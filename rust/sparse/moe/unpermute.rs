@@ -8,7 +8,7 @@ use std::mem::MaybeUninit;
 use super::alloc::{filled, write_scaled, write_zeros, zeroed};
 use super::error::MoeError;
 use super::matrix::Matrix;
-use super::par::{rows_per_block, run};
+use super::par::{rows_per_block, run, MEMORY_BOUND};
 use super::permute::gather_rows;
 
 /// What [`unpermute_backward`] returns.
@@ -39,7 +39,7 @@ pub fn unpermute(
         if d == 0 {
             return;
         }
-        let rows = rows_per_block(n_tokens, d * 4 * (k + 1));
+        let rows = rows_per_block(n_tokens, d * 4 * (k + 1), MEMORY_BOUND);
         let blocks: Vec<_> = out
             .chunks_mut(rows * d)
             .zip(inverse.chunks(rows * k))
@@ -111,7 +111,7 @@ pub fn unpermute_backward(
     let d_y_sorted = gather_rows("d_y_sorted", dy, order, k, Some(weights.data()))?;
     let mut d_weights = zeroed("d_weights", t * k)?;
     if d > 0 {
-        let rows = rows_per_block(t, d * 4 * (k + 1));
+        let rows = rows_per_block(t, d * 4 * (k + 1), MEMORY_BOUND);
         let blocks: Vec<_> = d_weights
             .chunks_mut(rows * k)
             .zip(inverse.chunks(rows * k))
