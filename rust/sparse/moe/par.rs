@@ -7,14 +7,16 @@ use rayon::prelude::*;
 
 /// Bytes a compute-bound kernel (routing: exponentials, top-k) must touch before splitting it
 /// over threads pays.
-pub(crate) const COMPUTE_BOUND: usize = 256 * 1024;
+///
+/// Unit tests use tiny thresholds so their small inputs go through the split code paths too.
+pub(crate) const COMPUTE_BOUND: usize = if cfg!(test) { 64 } else { 256 * 1024 };
 
 /// Bytes a memory-bound kernel (the row gathers of permute / unpermute) must move before a
 /// second thread pays. Measured on the 2-core machine this was tuned on, at the benchmark
 /// shape (12 MiB moved): a second thread gained at most ~10% when the machine was idle and
 /// cost up to 2x when it was busy (rayon waits for a descheduled worker), so gathers stay on
-/// the calling thread below this.
-pub(crate) const MEMORY_BOUND: usize = 64 * 1024 * 1024;
+/// the calling thread below this (tiny in unit tests, as above).
+pub(crate) const MEMORY_BOUND: usize = if cfg!(test) { 64 } else { 64 * 1024 * 1024 };
 
 /// Blocks per thread, so a slow (or descheduled) thread can be covered by the others.
 const BLOCKS_PER_THREAD: usize = 4;
@@ -53,11 +55,12 @@ mod tests {
 
     #[test]
     fn small_jobs_are_one_block_and_large_ones_split() {
-        assert_eq!(rows_per_block(0, 1024, COMPUTE_BOUND), 1);
-        assert_eq!(rows_per_block(10, 1024, COMPUTE_BOUND), 10);
-        assert_eq!(rows_per_block(8192, 1024, MEMORY_BOUND), 8192);
+        let big = 64 << 20;
+        assert_eq!(rows_per_block(0, 1024, big), 1);
+        assert_eq!(rows_per_block(10, 1024, big), 10);
+        assert_eq!(rows_per_block(8192, 1024, big), 8192);
         let rows = 8192;
-        let per = rows_per_block(rows, 1024, COMPUTE_BOUND);
+        let per = rows_per_block(rows, 1024, 1024);
         if rayon::current_num_threads() > 1 {
             assert!(per < rows && per >= 1);
         } else {
