@@ -16,7 +16,9 @@
 //!
 //! Every function validates its inputs (shapes, index ranges, consistency of `order` and
 //! `counts`) before touching memory and reports a [`MoeError`] naming the argument, the
-//! expected and the actual value. All work is parallel over rows with rayon; no atomics.
+//! expected and the actual value. Work is split over rows on rayon's threads where that was
+//! measured to pay (routing, grouped matmul; the memory-bound gathers only for large inputs,
+//! see `par`), each thread owning its outputs: no atomics.
 
 mod alloc;
 mod error;

@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 use super::alloc::{filled, write_copy, write_scaled, write_zeros, zeroed};
 use super::error::MoeError;
 use super::matrix::Matrix;
-use super::par::{rows_per_block, run};
+use super::par::{rows_per_block, run, MEMORY_BOUND};
 use super::route::check_expert_idx;
 
 /// The knobs of [`permute`].
@@ -201,7 +201,7 @@ pub(crate) fn gather_rows(
         if d == 0 {
             return;
         }
-        let rows = rows_per_block(order.len(), d * 4 * 2);
+        let rows = rows_per_block(order.len(), d * 4 * 2, MEMORY_BOUND);
         let blocks: Vec<_> = out.chunks_mut(rows * d).zip(order.chunks(rows)).collect();
         run(blocks, |_, (dst, ord)| {
             for (row, &o) in dst.chunks_mut(d).zip(ord) {

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use super::error::MoeError;
 use super::matrix::Matrix;
-use super::par::{rows_per_block, run};
+use super::par::{rows_per_block, run, COMPUTE_BOUND};
 use crate::linalg::fastmath::exp_nonpositive_slice;
 
 /// How logits become probabilities.
@@ -120,7 +120,7 @@ pub fn route(
         weights: vec![0.0; t * k],
         probs: vec![0.0; t * e],
     };
-    let rows = rows_per_block(t, e * 4 * 4);
+    let rows = rows_per_block(t, e * 4 * 4, COMPUTE_BOUND);
     let blocks: Vec<_> = out
         .probs
         .chunks_mut(rows * e)
@@ -341,7 +341,7 @@ pub fn route_backward(
     check_expert_idx(expert_idx, e)?;
 
     let mut d_logits = vec![0.0f32; t * e];
-    let rows = rows_per_block(t, e * 4 * 3);
+    let rows = rows_per_block(t, e * 4 * 3, COMPUTE_BOUND);
     run(d_logits.chunks_mut(rows * e).collect(), |block, out| {
         for (i, dl) in out.chunks_mut(e).enumerate() {
             let row = block * rows + i;

@@ -8,7 +8,7 @@ use std::mem::MaybeUninit;
 use super::alloc::{filled, write_scaled, write_zeros, zeroed};
 use super::error::MoeError;
 use super::matrix::Matrix;
-use super::par::{rows_per_block, run};
+use super::par::{rows_per_block, run, MEMORY_BOUND};
 use super::permute::gather_rows;
 
 /// What [`unpermute_backward`] returns.
@@ -39,7 +39,7 @@ pub fn unpermute(
         if d == 0 {
             return;
         }
-        let rows = rows_per_block(n_tokens, d * 4 * (k + 1));
+        let rows = rows_per_block(n_tokens, d * 4 * (k + 1), MEMORY_BOUND);
         let blocks: Vec<_> = out
             .chunks_mut(rows * d)
             .zip(inverse.chunks(rows * k))
@@ -108,25 +108,53 @@ pub fn unpermute_backward(
     let (t, k, d) = (weights.rows(), weights.cols(), y_sorted.cols());
     dy.expect_shape("dy", t, d)?;
     let inverse = inverse_order(order, y_sorted.rows(), t, k)?;
-    let d_y_sorted = gather_rows("d_y_sorted", dy, order, k, Some(weights.data()))?;
     let mut d_weights = zeroed("d_weights", t * k)?;
-    if d > 0 {
-        let rows = rows_per_block(t, d * 4 * (k + 1));
-        let blocks: Vec<_> = d_weights
-            .chunks_mut(rows * k)
-            .zip(inverse.chunks(rows * k))
-            .collect();
-        run(blocks, |block, (dw, inv)| {
-            for (i, (g, slots)) in dw.chunks_mut(k).zip(inv.chunks(k)).enumerate() {
-                let tok = block * rows + i;
-                for (gj, &r) in g.iter_mut().zip(slots) {
-                    if r >= 0 {
-                        *gj = dot(dy.row(tok), y_sorted.row(r as usize));
-                    }
-                }
-            }
+    if d == 0 {
+        return Ok(UnpermuteGrads {
+            d_y_sorted: Vec::new(),
+            d_weights,
         });
     }
+    let rows = rows_per_block(order.len(), d * 4 * 3, MEMORY_BOUND);
+    if rows >= order.len() {
+        // One thread: a single pass over the sorted rows reads each dy row once for both
+        // gradients (d_weights is written at the row's assignment, unique by validation).
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            for (r, (row, &o)) in out.chunks_mut(d).zip(order).enumerate() {
+                if o < 0 {
+                    write_zeros(row);
+                    continue;
+                }
+                let g = dy.row(o as usize / k);
+                write_scaled(row, weights.data()[o as usize], g);
+                d_weights[o as usize] = dot(g, y_sorted.row(r));
+            }
+        };
+        // SAFETY: `out` has order.len() · d elements, one d-wide row per entry of `order`,
+        // and every row is written (zeros for padding, a scaled dy row otherwise).
+        let d_y_sorted = unsafe { filled("d_y_sorted", order.len() * d, fill) }?;
+        return Ok(UnpermuteGrads {
+            d_y_sorted,
+            d_weights,
+        });
+    }
+    // Several threads: each output in its own pass, so every thread owns what it writes.
+    let d_y_sorted = gather_rows("d_y_sorted", dy, order, k, Some(weights.data()))?;
+    let tokens = rows_per_block(t, d * 4 * (k + 1), 0);
+    let blocks: Vec<_> = d_weights
+        .chunks_mut(tokens * k)
+        .zip(inverse.chunks(tokens * k))
+        .collect();
+    run(blocks, |block, (dw, inv)| {
+        for (i, (g, slots)) in dw.chunks_mut(k).zip(inv.chunks(k)).enumerate() {
+            let tok = block * tokens + i;
+            for (gj, &r) in g.iter_mut().zip(slots) {
+                if r >= 0 {
+                    *gj = dot(dy.row(tok), y_sorted.row(r as usize));
+                }
+            }
+        }
+    });
     Ok(UnpermuteGrads {
         d_y_sorted,
         d_weights,
