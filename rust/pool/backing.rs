@@ -4,7 +4,7 @@
 //! addresses), so one pool serves host memory, device memory or a simulated address space
 //! alike; only the [`Backing`] knows what an address means.
 
-use std::alloc::{alloc, dealloc, Layout};
+use super::host_memory;
 
 /// A source of segments for a [`Pool`](super::Pool).
 pub trait Backing: Send {
@@ -26,12 +26,8 @@ pub trait Backing: Send {
     fn name(&self) -> &'static str;
 }
 
-/// Host memory from the global allocator, aligned to 2 MiB by default.
-///
-/// On Linux the segments are also advised to use transparent huge pages (as numpy does for
-/// its large arrays): segments are 2 MiB multiples and 2 MiB aligned, so every page of them
-/// can be a huge page, which makes first touches and every later pass over the memory cheaper
-/// (one TLB entry per 2 MiB).
+/// Host memory, in segments aligned to 2 MiB by default (see [`host_memory`](super::host_memory):
+/// fresh anonymous mappings advised to use huge pages on Linux, `std::alloc` elsewhere).
 #[derive(Debug)]
 pub struct HostBacking {
     align: usize,
@@ -61,26 +57,16 @@ impl Default for HostBacking {
 
 impl Backing for HostBacking {
     fn obtain(&mut self, size: usize) -> Option<usize> {
-        let layout = Layout::from_size_align(size, self.align).ok()?;
-        if layout.size() == 0 {
+        if size == 0 {
             return None;
         }
-        // SAFETY: the layout has a non-zero size (checked above); a null result is handled.
-        let ptr = unsafe { alloc(layout) };
-        if ptr.is_null() {
-            return None;
-        }
-        advise_huge_pages(ptr, size);
-        Some(ptr as usize)
+        host_memory::map(size, self.align)
     }
 
     unsafe fn release(&mut self, base: usize, size: usize) {
-        // The layout was valid when `obtain` built it from the same size and alignment.
-        if let Ok(layout) = Layout::from_size_align(size, self.align) {
-            // SAFETY: by this method's contract, `base` came from `alloc` with this layout
-            // and has not been freed.
-            unsafe { dealloc(base as *mut u8, layout) };
-        }
+        // SAFETY: by this method's contract, `base`/`size` are one earlier `obtain` result
+        // (made by `map` with `self.align`), released once, no longer used.
+        unsafe { host_memory::unmap(base, size, self.align) };
     }
 
     fn alignment(&self) -> usize {
@@ -91,30 +77,6 @@ impl Backing for HostBacking {
         "host"
     }
 }
-
-#[cfg(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
-fn advise_huge_pages(ptr: *mut u8, size: usize) {
-    use std::ffi::{c_int, c_void};
-    extern "C" {
-        fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
-    }
-    /// `MADV_HUGEPAGE` on Linux (asm-generic value, used by x86_64 and aarch64).
-    const MADV_HUGEPAGE: c_int = 14;
-    if (ptr as usize).is_multiple_of(4096) {
-        // SAFETY: `ptr..ptr + size` is a page-aligned region we own; MADV_HUGEPAGE only
-        // changes how the kernel backs it. Failure (e.g. THP disabled) is harmless: ignored.
-        unsafe { madvise(ptr.cast::<c_void>(), size, MADV_HUGEPAGE) };
-    }
-}
-
-#[cfg(not(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-)))]
-fn advise_huge_pages(_ptr: *mut u8, _size: usize) {}
 
 /// A backing that supplies nothing: the pool serves only arenas registered with
 /// [`Pool::register_arena`](super::Pool::register_arena).
