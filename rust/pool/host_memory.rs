@@ -59,7 +59,7 @@ mod imp {
         // Recent kernels place large anonymous mappings on huge-page boundaries by
         // themselves: try the exact size first, and over-map only if that is misaligned.
         let p = map_anonymous(size)?;
-        if (p as usize) % align == 0 {
+        if (p as usize).is_multiple_of(align) {
             advise(p, size);
             return Some(p as usize);
         }
