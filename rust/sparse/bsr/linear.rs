@@ -1,0 +1,265 @@
+//! Forward `y = x·wᵀ (+ bias)` and input gradient `dx = dy·w` over the stored blocks only.
+//!
+//! Loop order (forward): the stored blocks are transposed once (`Wᵀ_ij`, so the micro-kernel
+//! reads B-wide output rows contiguously). Rows of `x` are taken in super-panels that fit the
+//! last-level cache; each super-panel is packed once into groups of `MR` rows (each group's
+//! `MR × B` sub-block of every block-column contiguous, so the kernel streams one contiguous
+//! run per block instead of `MR` rows on as many pages). Then one task per output block-row `i` (each owns the output
+//! columns `i·B .. i·B + B`) sweeps the groups, accumulating `x[:, j-block] · Wᵀ_ij` over all
+//! the blocks of the row in registers before storing each output tile once.
+//!
+//! dX is the same with the roles turned: one task per input block-column `j` (through the
+//! pattern's transposed index), `dx[:, j-block] = Σ_i dy[:, i-block] · W_ij`, which needs no
+//! transposition at all.
+
+use rayon::prelude::*;
+
+use super::error::{BsrError, Result};
+use super::kernels::{panel_kernel, Isa, PanelArgs};
+use super::pack::{pack_row_groups, transpose_blocks, with_workspace};
+use super::pattern::BsrPattern;
+
+/// Bytes of the row-major operand (`x` or `dy`) one pass over all block-rows may sweep,
+/// chosen to stay well inside a shared 32 MiB last-level cache.
+const SUPERPANEL_BYTES: usize = 8 << 20;
+
+/// `y = x·wᵀ (+ bias)`: `x` is `[n, cols]`, `y` is `[n, rows]` (both row-major), `w` is the
+/// pattern with its `data` (`[nnzb, B, B]`), `bias` has `rows` entries. Every element of `y` is
+/// written. Runs on the rayon pool with the best kernels this CPU has.
+pub fn bsr_linear(
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    bsr_linear_with(Isa::detect(), x, n, pattern, data, bias, y)
+}
+
+/// [`bsr_linear`] with an explicit instruction set (it must be supported by this CPU;
+/// an unsupported one falls back to the best supported).
+pub fn bsr_linear_with(
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
+    check_len("x", x.len(), n, cols, "n × cols")?;
+    check_len("y", y.len(), n, rows, "n × rows")?;
+    check_len(
+        "data",
+        data.len(),
+        pattern.nnzb(),
+        b * b,
+        "nnzb × block × block",
+    )?;
+    if let Some(bias) = bias {
+        check_len("bias", bias.len(), 1, rows, "rows")?;
+    }
+    if n == 0 || rows == 0 {
+        return Ok(());
+    }
+    let kernel = panel_kernel(usable(isa), b);
+    let out = SharedOut(y.as_mut_ptr());
+    let bias_ptr = SharedIn(bias.map_or(std::ptr::null(), <[f32]>::as_ptr));
+    let ids: Vec<u32> = (0..pattern.nnzb() as u32).collect();
+    with_workspace(|ws| {
+        transpose_blocks(data, b, &mut ws.wt);
+        let wt = &ws.wt[..data.len()];
+        for (n0, n1) in superpanels(n, cols, kernel.mr) {
+            pack_row_groups(x, cols, n0, n1, kernel.mr, b, &mut ws.packed);
+            let packed = &ws.packed[..];
+            (0..pattern.block_rows()).into_par_iter().for_each(|i| {
+                let blocks = pattern.indptr()[i]..pattern.indptr()[i + 1];
+                // SAFETY (pointer arithmetic): bias has `rows` = block_rows·B entries (checked)
+                // and i < block_rows.
+                let init = unsafe { bias_ptr.offset(i * b) };
+                for g in (n0..n1).step_by(kernel.mr) {
+                    for c0 in (0..b).step_by(kernel.nr) {
+                        let args = PanelArgs {
+                            a: packed[(g - n0) * cols..].as_ptr(),
+                            rows: kernel.mr.min(n1 - g),
+                            a_blocks: &pattern.indices()[blocks.clone()],
+                            b: wt.as_ptr(),
+                            b_blocks: &ids[blocks.clone()],
+                            c0,
+                            init,
+                            // SAFETY (pointer arithmetic): row g, column i·B is inside y.
+                            c: unsafe { out.offset(g * rows + i * b) },
+                            ldc: rows,
+                        };
+                        // SAFETY: the kernel matches a supported ISA (`usable`). Reads: the
+                        // packed group holds cols·MR floats and every a_block < cols/B (validated
+                        // pattern); b_blocks are ids < nnzb of the transposed blocks in `wt`
+                        // (nnzb·B² floats, checked); init has B floats. Writes: rows g..g+rows ≤
+                        // n1 ≤ n, columns i·B+c0 .. i·B+c0+nr ≤ (i+1)·B ≤ rows of y. Tasks differ
+                        // in i, so their written columns are disjoint.
+                        unsafe { (kernel.run)(&args) };
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// `dx = dy·w`: `dy` is `[n, rows]`, `dx` is `[n, cols]`; every element of `dx` is written.
+pub fn bsr_linear_dx(
+    dy: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    dx: &mut [f32],
+) -> Result<()> {
+    bsr_linear_dx_with(Isa::detect(), dy, n, pattern, data, dx)
+}
+
+/// [`bsr_linear_dx`] with an explicit instruction set.
+pub fn bsr_linear_dx_with(
+    isa: Isa,
+    dy: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    dx: &mut [f32],
+) -> Result<()> {
+    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
+    check_len("dy", dy.len(), n, rows, "n × rows")?;
+    check_len("dx", dx.len(), n, cols, "n × cols")?;
+    check_len(
+        "data",
+        data.len(),
+        pattern.nnzb(),
+        b * b,
+        "nnzb × block × block",
+    )?;
+    if n == 0 || cols == 0 {
+        return Ok(());
+    }
+    let kernel = panel_kernel(usable(isa), b);
+    let out = SharedOut(dx.as_mut_ptr());
+    with_workspace(|ws| {
+        for (n0, n1) in superpanels(n, rows, kernel.mr) {
+            pack_row_groups(dy, rows, n0, n1, kernel.mr, b, &mut ws.packed);
+            let packed = &ws.packed[..];
+            (0..pattern.block_cols()).into_par_iter().for_each(|j| {
+                let (a_blocks, b_blocks) = pattern.column(j);
+                for g in (n0..n1).step_by(kernel.mr) {
+                    for c0 in (0..b).step_by(kernel.nr) {
+                        let args = PanelArgs {
+                            a: packed[(g - n0) * rows..].as_ptr(),
+                            rows: kernel.mr.min(n1 - g),
+                            a_blocks,
+                            b: data.as_ptr(),
+                            b_blocks,
+                            c0,
+                            init: std::ptr::null(),
+                            // SAFETY (pointer arithmetic): row g, column j·B is inside dx.
+                            c: unsafe { out.offset(g * cols + j * b) },
+                            ldc: cols,
+                        };
+                        // SAFETY: as in the forward pass, with a_blocks the block-rows of column
+                        // j (< rows/B) and b_blocks block ids < nnzb into `data` (length
+                        // checked). Tasks differ in j, so their written columns are disjoint.
+                        unsafe { (kernel.run)(&args) };
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// The row ranges swept by one parallel pass: about [`SUPERPANEL_BYTES`] of the row-major
+/// operand each, a multiple of the tile height.
+pub(crate) fn superpanels(n: usize, width: usize, mr: usize) -> Vec<(usize, usize)> {
+    let per = (SUPERPANEL_BYTES / (width.max(1) * 4)).max(mr);
+    let per = per.div_ceil(mr) * mr;
+    (0..n)
+        .step_by(per)
+        .map(|n0| (n0, (n0 + per).min(n)))
+        .collect()
+}
+
+/// The requested instruction set when this CPU supports it, else the best one it does.
+pub(crate) fn usable(isa: Isa) -> Isa {
+    if isa.is_supported() {
+        isa
+    } else {
+        Isa::detect()
+    }
+}
+
+pub(crate) fn check_len(
+    arg: &'static str,
+    actual: usize,
+    a: usize,
+    b: usize,
+    shape: &str,
+) -> Result<()> {
+    let expected = a.checked_mul(b).ok_or_else(|| BsrError::Length {
+        arg,
+        shape: format!("{shape} = {a} × {b} overflows"),
+        expected: usize::MAX,
+        actual,
+    })?;
+    if actual != expected {
+        return Err(BsrError::Length {
+            arg,
+            shape: format!("{shape} = {a} × {b}"),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// The output base pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub *mut f32);
+
+impl SharedOut {
+    /// The pointer `offset` floats past the base (a method, so closures capture the whole
+    /// `Send` wrapper rather than the raw pointer field).
+    ///
+    /// # Safety
+    /// `offset` must stay inside the allocation the base pointer came from.
+    pub(crate) unsafe fn offset(self, offset: usize) -> *mut f32 {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+// SAFETY: every driver that shares a `SharedOut` between rayon tasks has each task write a
+// region disjoint from every other task's (argued at each use), and the borrow it came from
+// outlives the parallel section.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+/// A read-only pointer (possibly null) shared between tasks.
+#[derive(Clone, Copy)]
+struct SharedIn(*const f32);
+
+impl SharedIn {
+    /// The pointer `offset` floats past the base, or null when the base is null.
+    ///
+    /// # Safety
+    /// `offset` must stay inside the allocation a non-null base pointer came from.
+    unsafe fn offset(self, offset: usize) -> *const f32 {
+        if self.0.is_null() {
+            self.0
+        } else {
+            // SAFETY: guaranteed by the caller.
+            unsafe { self.0.add(offset) }
+        }
+    }
+}
+// SAFETY: only read through, from a slice that outlives the parallel section.
+unsafe impl Send for SharedIn {}
+// SAFETY: as above.
+unsafe impl Sync for SharedIn {}

@@ -1,0 +1,118 @@
+//! Packing of operands into the layouts the micro-kernels stream through, and the per-thread
+//! workspace that keeps those buffers between calls (large fresh allocations cost a page fault
+//! per 4 KiB on first touch, which is a visible share of a matmul of this size).
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::kernels::transpose_block;
+
+/// Buffers reused by the calls made from one thread.
+#[derive(Default)]
+pub(crate) struct Workspace {
+    /// Row groups of the row-major operand, packed for [`super::kernels::PanelArgs`].
+    pub packed: Vec<f32>,
+    /// Transposed weight blocks (forward only).
+    pub wt: Vec<f32>,
+}
+
+thread_local! {
+    static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
+}
+
+/// Runs `work` with this thread's workspace (a fresh one if it is already in use, which only a
+/// re-entrant call could cause).
+pub(crate) fn with_workspace<T>(work: impl FnOnce(&mut Workspace) -> T) -> T {
+    WORKSPACE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut ws) => work(&mut ws),
+        Err(_) => work(&mut Workspace::default()),
+    })
+}
+
+/// Packs rows `n0..n1` of the row-major `[_, width]` matrix `src` into groups of `mr` rows,
+/// and within a group into `mr × b` sub-blocks per block-column `j`:
+/// `dst[g·width·mr + (j·mr + r)·b + k] = src[n0 + g·mr + r, j·b + k]`, rows past `n1` zero.
+/// Every run copied is `b` contiguous floats, so this goes at close to memory speed.
+/// `dst` is resized to fit; groups are packed in parallel.
+pub(crate) fn pack_row_groups(
+    src: &[f32],
+    width: usize,
+    n0: usize,
+    n1: usize,
+    mr: usize,
+    b: usize,
+    dst: &mut Vec<f32>,
+) {
+    let groups = (n1 - n0).div_ceil(mr);
+    let group_len = width * mr;
+    dst.resize(groups * group_len, 0.0);
+    if group_len == 0 {
+        return;
+    }
+    dst[..groups * group_len]
+        .par_chunks_mut(group_len)
+        .enumerate()
+        .for_each(|(g, out)| {
+            let first = n0 + g * mr;
+            let rows = mr.min(n1 - first);
+            for (j, sub) in out.chunks_exact_mut(mr * b).enumerate() {
+                for (r, run) in sub.chunks_exact_mut(b).enumerate() {
+                    if r < rows {
+                        let at = (first + r) * width + j * b;
+                        run.copy_from_slice(&src[at..at + b]);
+                    } else {
+                        run.fill(0.0);
+                    }
+                }
+            }
+        });
+}
+
+/// Writes the transpose of each `b × b` block of `src` into `dst` (resized to fit), in parallel.
+pub(crate) fn transpose_blocks(src: &[f32], b: usize, dst: &mut Vec<f32>) {
+    dst.resize(src.len(), 0.0);
+    if src.is_empty() {
+        return;
+    }
+    src.par_chunks(b * b)
+        .zip(dst[..src.len()].par_chunks_mut(b * b))
+        .with_min_len(16)
+        .for_each(|(s, d)| transpose_block(s, d, b));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_groups_with_zero_padding() {
+        // 3 rows × 4 columns in blocks of 2, groups of 2 rows: group 0 = rows 0, 1;
+        // group 1 = row 2 + a zero row. Within a group: block-column 0, then 1.
+        let src: Vec<f32> = (1..=12).map(|v| v as f32).collect();
+        let mut dst = vec![f32::NAN; 1];
+        pack_row_groups(&src, 4, 0, 3, 2, 2, &mut dst);
+        #[rustfmt::skip]
+        let want = [
+            1.0, 2.0, 5.0, 6.0, /* block 1 */ 3.0, 4.0, 7.0, 8.0,
+            9.0, 10.0, 0.0, 0.0, /* block 1 */ 11.0, 12.0, 0.0, 0.0,
+        ];
+        assert_eq!(dst, want);
+        pack_row_groups(&src, 4, 1, 3, 2, 2, &mut dst);
+        assert_eq!(&dst[..8], [5.0, 6.0, 9.0, 10.0, 7.0, 8.0, 11.0, 12.0]);
+    }
+
+    #[test]
+    fn transposes_every_block() {
+        let src: Vec<f32> = (0..128).map(|v| v as f32).collect();
+        let mut dst = Vec::new();
+        transpose_blocks(&src, 8, &mut dst);
+        for blk in 0..2 {
+            for r in 0..8 {
+                for c in 0..8 {
+                    assert_eq!(dst[blk * 64 + c * 8 + r], src[blk * 64 + r * 8 + c]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The weight gradient at the kept blocks only (SDDMM): for each stored block `(i, j)`,
+//! `dW_ij = dy[:, i-block]ᵀ · x[:, j-block]`, reduced over all `n` rows. Pruned blocks cost
+//! nothing.
+//!
+//! Rows are taken in super-panels that fit the last-level cache. Within one, one task per run
+//! of consecutive kept blocks (rayon splits the block list), each block written by exactly one
+//! task; consecutive blocks share their block-row, so the `dy` columns they read stay in cache.
+//! Rows are reduced in chunks small enough that the `x` and `dy` rows of a chunk stay in L1
+//! while every tile of the block passes over them. `x` and `dy` are read in place: every row
+//! is on another page, so the kernel prefetches rows ahead by hand.
+
+use rayon::prelude::*;
+
+use super::error::Result;
+use super::kernels::{sddmm_kernel, Isa, SddmmArgs};
+use super::linear::{check_len, superpanels, usable};
+use super::pattern::BsrPattern;
+
+/// Rows reduced per pass over the tiles of a block.
+const ROW_CHUNK: usize = 64;
+
+/// `dw[b] = dy[:, i-block]ᵀ · x[:, j-block]` for every stored block `b = (i, j)` of `pattern`:
+/// `dy` is `[n, rows]`, `x` is `[n, cols]`, `dw` is `[nnzb, B, B]`; every element of `dw` is
+/// written (zeros when `n == 0`).
+pub fn bsr_linear_dw(
+    dy: &[f32],
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    dw: &mut [f32],
+) -> Result<()> {
+    bsr_linear_dw_with(Isa::detect(), dy, x, n, pattern, dw)
+}
+
+/// [`bsr_linear_dw`] with an explicit instruction set.
+pub fn bsr_linear_dw_with(
+    isa: Isa,
+    dy: &[f32],
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    dw: &mut [f32],
+) -> Result<()> {
+    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
+    check_len("dy", dy.len(), n, rows, "n × rows")?;
+    check_len("x", x.len(), n, cols, "n × cols")?;
+    check_len(
+        "dw",
+        dw.len(),
+        pattern.nnzb(),
+        b * b,
+        "nnzb × block × block",
+    )?;
+    if pattern.nnzb() == 0 {
+        return Ok(());
+    }
+    if n == 0 {
+        dw.fill(0.0);
+        return Ok(());
+    }
+    let kernel = sddmm_kernel(usable(isa), b);
+    // Row tiles of the block: full tiles of `mr` rows, then the tail kernel's rows.
+    let mut row_tiles = Vec::new();
+    let full = b / kernel.mr;
+    assert_eq!(
+        full * kernel.mr + kernel.tail_mr,
+        b,
+        "SDDMM tiles must cover the block"
+    );
+    for t in 0..full {
+        row_tiles.push((t * kernel.mr, kernel.run));
+    }
+    if let Some(tail) = kernel.tail {
+        row_tiles.push((full * kernel.mr, tail));
+    }
+    // Super-panels of rows keep the `x` and `dy` rows being reduced in the last-level cache
+    // while every block passes over them; each block's accumulator is carried between
+    // super-panels in `dw` itself (4 bytes per kept weight, far less than re-reading x and dy).
+    for (s0, s1) in superpanels(n, rows + cols, ROW_CHUNK) {
+        dw.par_chunks_mut(b * b).enumerate().for_each(|(blk, out)| {
+            let i = pattern.block_row_of()[blk] as usize;
+            let j = pattern.indices()[blk] as usize;
+            for n0 in (s0..s1).step_by(ROW_CHUNK) {
+                let depth = ROW_CHUNK.min(s1 - n0);
+                for &(o0, run) in &row_tiles {
+                    for c0 in (0..b).step_by(kernel.nr) {
+                        let args = SddmmArgs {
+                            // SAFETY (pointer arithmetic): row n0 < n, column i·B + o0 < rows.
+                            dy: unsafe { dy.as_ptr().add(n0 * rows + i * b + o0) },
+                            lddy: rows,
+                            // SAFETY (pointer arithmetic): row n0 < n, column j·B + c0 < cols.
+                            x: unsafe { x.as_ptr().add(n0 * cols + j * b + c0) },
+                            ldx: cols,
+                            n: depth,
+                            // SAFETY (pointer arithmetic): o0 < B and c0 < B inside this block.
+                            out: unsafe { out.as_mut_ptr().add(o0 * b + c0) },
+                            ldo: b,
+                            accumulate: n0 > 0,
+                        };
+                        // SAFETY: the kernel matches a supported ISA. It reads rows
+                        // n0..n0+depth ≤ n of dy (columns i·B+o0 .. +tile rows ≤ i·B+B ≤ rows)
+                        // and of x (columns j·B+c0 .. +nr ≤ j·B+B ≤ cols), and reads/writes
+                        // tile rows ≤ B and columns c0..c0+nr ≤ B of `out`, this task's own
+                        // block.
+                        unsafe { run(&args) };
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
