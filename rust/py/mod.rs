@@ -8,6 +8,7 @@ mod errors;
 #[allow(dead_code)] // used by every binding module as they land
 mod gil;
 mod info;
+mod sparse;
 
 #[pyo3::pymodule]
 mod _core {
@@ -15,4 +16,6 @@ mod _core {
     use super::errors::{CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory};
     #[pymodule_export]
     use super::info::build_info;
+    #[pymodule_export]
+    use super::sparse::{bsr_kernel_isa, bsr_linear, bsr_linear_dw, bsr_linear_dx, PyBsrPattern};
 }
