@@ -4,6 +4,20 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import final
+
+__all__ = [
+    "BsrPattern",
+    "CorruptPayload",
+    "InternalError",
+    "PoolMisuse",
+    "PoolOutOfMemory",
+    "bsr_kernel_isa",
+    "bsr_linear",
+    "bsr_linear_dw",
+    "bsr_linear_dx",
+    "build_info",
+]
 
 class PoolMisuse(ValueError): ...
 class PoolOutOfMemory(MemoryError): ...
@@ -14,6 +28,7 @@ def build_info() -> dict[str, Any]: ...
 
 # ---- block-sparse matmul (rust/py/sparse.rs) ----
 
+@final
 class BsrPattern:
     def __new__(
         cls,

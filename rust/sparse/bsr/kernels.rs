@@ -459,7 +459,7 @@ pub(crate) fn sddmm_kernel(isa: Isa, block: usize) -> SddmmKernel {
 
 /// Transposes one `b × b` block (`b` a multiple of 8) from `src` into `dst`, in 8×8 tiles.
 pub(crate) fn transpose_block(src: &[f32], dst: &mut [f32], b: usize) {
-    assert!(b % 8 == 0 && src.len() >= b * b && dst.len() >= b * b);
+    assert!(b.is_multiple_of(8) && src.len() >= b * b && dst.len() >= b * b);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx") {
         // SAFETY: AVX is present (checked above) and both slices hold b² floats (asserted).

@@ -4,9 +4,10 @@
 //! reads B-wide output rows contiguously). Rows of `x` are taken in super-panels that fit the
 //! last-level cache; each super-panel is packed once into groups of `MR` rows (each group's
 //! `MR × B` sub-block of every block-column contiguous, so the kernel streams one contiguous
-//! run per block instead of `MR` rows on as many pages). Then one task per output block-row `i` (each owns the output
-//! columns `i·B .. i·B + B`) sweeps the groups, accumulating `x[:, j-block] · Wᵀ_ij` over all
-//! the blocks of the row in registers before storing each output tile once.
+//! run per block instead of `MR` rows on as many pages). Then one task per output block-row
+//! `i` (each owns the output columns `i·B .. i·B + B`) sweeps the groups, accumulating
+//! `x[:, j-block] · Wᵀ_ij` over all the blocks of the row in registers before storing each
+//! output tile once.
 //!
 //! dX is the same with the roles turned: one task per input block-column `j` (through the
 //! pattern's transposed index), `dx[:, j-block] = Σ_i dy[:, i-block] · W_ij`, which needs no

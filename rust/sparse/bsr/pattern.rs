@@ -90,8 +90,8 @@ impl BsrPattern {
         let mut checked = Vec::with_capacity(nnzb);
         for row in 0..n_brows {
             let mut previous: Option<i64> = None;
-            for position in indptr[row]..indptr[row + 1] {
-                let index = indices[position];
+            let start = indptr[row];
+            for (position, &index) in (start..).zip(&indices[start..indptr[row + 1]]) {
                 if index < 0 || index as u64 >= n_bcols as u64 {
                     return Err(BsrError::IndexOutOfRange {
                         row,
