@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from moecore.sparse import BsrMatrix
 
 EPS32 = float(np.finfo(np.float32).eps)

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from _bsr_reference import assert_product_close, dense_dw, matrix_with_mask
+
 from moecore.sparse import (
     SUPPORTED_BLOCKS,
     BsrMatrix,

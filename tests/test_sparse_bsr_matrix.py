@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+
 from moecore import _core
 from moecore.sparse import BsrMatrix, bsr_linear, bsr_linear_dw, bsr_linear_dx
 

@@ -8,6 +8,7 @@ import numpy as np
 from _bsr_reference import assert_product_close, dense_dw
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moecore.sparse import SUPPORTED_BLOCKS, BsrMatrix, bsr_linear, bsr_linear_dw, bsr_linear_dx
 
 

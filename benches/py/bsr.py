@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import scipy
-from moecore.sparse import BsrMatrix, bsr_linear, bsr_linear_dw, bsr_linear_dx, kernel_isa
 from threadpoolctl import threadpool_info
+
+from moecore.sparse import BsrMatrix, bsr_linear, bsr_linear_dw, bsr_linear_dx, kernel_isa
 
 SIZE = 4096
 DENSITY = 0.0625

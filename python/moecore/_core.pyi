@@ -6,19 +6,6 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import final
 
-__all__ = [
-    "BsrPattern",
-    "CorruptPayload",
-    "InternalError",
-    "PoolMisuse",
-    "PoolOutOfMemory",
-    "bsr_kernel_isa",
-    "bsr_linear",
-    "bsr_linear_dw",
-    "bsr_linear_dx",
-    "build_info",
-]
-
 class PoolMisuse(ValueError): ...
 class PoolOutOfMemory(MemoryError): ...
 class CorruptPayload(ValueError): ...
