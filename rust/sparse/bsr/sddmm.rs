@@ -19,6 +19,10 @@ use super::pattern::BsrPattern;
 /// Rows reduced per pass over the tiles of a block.
 const ROW_CHUNK: usize = 64;
 
+/// Bytes of `x` and `dy` rows one pass over all blocks reduces. Larger than the forward's:
+/// every pass reads and rewrites all of `dw` once.
+const SUPERPANEL_BYTES: usize = 8 << 20;
+
 /// `dw[b] = dy[:, i-block]ᵀ · x[:, j-block]` for every stored block `b = (i, j)` of `pattern`:
 /// `dy` is `[n, rows]`, `x` is `[n, cols]`, `dw` is `[nnzb, B, B]`; every element of `dw` is
 /// written (zeros when `n == 0`).
@@ -76,7 +80,7 @@ pub fn bsr_linear_dw_with(
     // Super-panels of rows keep the `x` and `dy` rows being reduced in the last-level cache
     // while every block passes over them; each block's accumulator is carried between
     // super-panels in `dw` itself (4 bytes per kept weight, far less than re-reading x and dy).
-    for (s0, s1) in superpanels(n, rows + cols, ROW_CHUNK) {
+    for (s0, s1) in superpanels(n, rows + cols, ROW_CHUNK, SUPERPANEL_BYTES) {
         dw.par_chunks_mut(b * b).enumerate().for_each(|(blk, out)| {
             let i = pattern.block_row_of()[blk] as usize;
             let j = pattern.indices()[blk] as usize;
