@@ -166,3 +166,36 @@ def test_float32_ops_keep_float32():
     y = ops.gelu(ops.layer_norm(x, None, None)).mean()
     y.backward()
     assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_fused_float32_attention_matches_float64_reference(causal, use_rope):
+    from moecore.ops.attention import rope_tables
+
+    r = np.random.default_rng(5)
+    qkv = r.standard_normal((2, 70, 3 * 3 * 8))
+    g = r.standard_normal((2, 70, 3 * 8))
+    rope64 = rope_tables(70, 8, dtype=np.float64) if use_rope else None
+    rope32 = rope_tables(70, 8) if use_rope else None
+    outs = {}
+    for dtype, rope in ((np.float64, rope64), (np.float32, rope32)):
+        x = mc.Tensor(qkv.astype(dtype), requires_grad=True)
+        y = ops.packed_attention(x, 3, causal=causal, rope=rope)
+        y.backward(g.astype(dtype))
+        outs[dtype] = (y.data, x.grad)
+    np.testing.assert_allclose(outs[np.float32][0], outs[np.float64][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(outs[np.float32][1], outs[np.float64][1], rtol=1e-3, atol=1e-4)
+
+
+def test_fused_float32_gelu_matches_float64_reference():
+    x = np.linspace(-9, 9, 10001)
+    g = np.cos(x)
+    res = {}
+    for dtype in (np.float64, np.float32):
+        t = mc.Tensor(x.astype(dtype), requires_grad=True)
+        y = ops.gelu(t)
+        y.backward(g.astype(dtype))
+        res[dtype] = (y.data, t.grad)
+    np.testing.assert_allclose(res[np.float32][0], res[np.float64][0], atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(res[np.float32][1], res[np.float64][1], atol=2e-6, rtol=1e-5)
