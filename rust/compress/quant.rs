@@ -85,7 +85,8 @@ pub fn quantize_int8(x: &[f32], chunk: u32, rounding: Rounding) -> Result<Vec<u8
 
 #[cfg(test)]
 mod tests {
-    use super::super::decode::{decode, decompress_into, Write};
+    use super::super::decode::decode;
+    use super::super::dense::{decompress_into, Write};
     use super::*;
 
     #[test]
