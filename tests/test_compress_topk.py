@@ -273,3 +273,23 @@ def test_int8_dense_quantizer(stochastic):
         np.testing.assert_array_equal(fresh.compress(g, name="w")[0], p)
     with pytest.raises(ValueError, match="non-finite"):
         q.compress(np.array([1, np.inf], np.float32))
+
+
+def test_edge_shapes_round_trip():
+    c = TopK(0.5, error_feedback=True)
+    for x in (
+        np.zeros(0, np.float32),
+        np.array(3.0, np.float32),
+        np.array([-2.0], np.float32),
+        np.arange(10, dtype=np.float32).reshape(2, 5),
+    ):
+        p, ctx = c.compress(x, name=str(x.shape))
+        assert ctx.shape == x.shape and ctx.k == (0 if x.size == 0 else max(1, round(x.size / 2)))
+        d = c.decompress(p, ctx)
+        assert d.shape == x.shape
+        top = np.argsort(-np.abs(x), axis=None, kind="stable")[: ctx.k]
+        np.testing.assert_array_equal(d.flat[top], x.flat[top])
+    out = np.ones(3, np.float32)
+    np.testing.assert_array_equal(decompress_sum([], out), np.ones(3))
+    p, ctx = Int8().compress(np.zeros(0, np.float32))
+    assert Int8().decompress(p, ctx).size == 0

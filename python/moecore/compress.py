@@ -13,8 +13,11 @@ Horovod and GRACE::
 **Inputs.** Gradients are numpy ``float32`` C-contiguous arrays of any shape, or any CPU
 object exporting DLPack (e.g. a PyTorch CPU tensor), used in place through
 ``numpy.from_dlpack``. A wrong dtype raises ``TypeError``; a non-contiguous array, NaN or
-±inf in the gradient, or a bad argument raises ``ValueError`` (state is left as it was). A
-CuPy array raises ``NotImplementedError`` until the GPU path lands.
+±inf in the gradient, or a bad argument raises ``ValueError``. After a NaN/inf gradient the
+state is as it was: momentum state exactly (checked before the update), an error-feedback
+residual up to float32 rounding (the single fused pass checks each block before adding it
+and subtracts what it had added). A CuPy array raises ``NotImplementedError`` until the GPU
+path lands.
 
 **Selection.** ``method="exact"`` sends the k largest magnitudes (ties to the lower index);
 ``"sampled"`` (default) estimates the threshold from a strided sample as in Deep Gradient

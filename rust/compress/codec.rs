@@ -424,7 +424,9 @@ fn write_values(
                 .zip(scales.chunks_exact_mut(4))
                 .enumerate()
             {
-                let scale = quantize_chunk(vals, codes, rounding, (c * chunk) as u64);
+                // Values were checked finite by the caller.
+                let scale =
+                    quantize_chunk(vals, codes, rounding, (c * chunk) as u64).unwrap_or(0.0);
                 scale_out.copy_from_slice(&scale.to_le_bytes());
                 if let Some(d) = sink.as_mut() {
                     d.extend(codes.iter().map(|&q| f32::from(q as i8) * scale));
@@ -453,21 +455,30 @@ pub(crate) fn to_bf16(v: f32) -> bf16 {
     }
 }
 
-/// Quantizes one chunk of finite values to int8 codes (written to `codes`) and returns its
-/// scale `max|v| / 127`; the decoder reproduces `code · scale`. `first` is the position of
+/// Quantizes one chunk of values to int8 codes (written to `codes`) and returns its scale
+/// `max|v| / 127`, or `None` if the chunk holds NaN or ±inf; the decoder reproduces
+/// `code · scale`. `first` is the position of
 /// `vals[0]` in the stream, for reproducible stochastic rounding.
 pub(crate) fn quantize_chunk(
     vals: &[f32],
     codes: &mut [u8],
     rounding: Rounding,
     first: u64,
-) -> f32 {
-    let max_abs = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+) -> Option<f32> {
+    // The largest |v| as the largest magnitude key: an integer max, which vectorises (and
+    // exceeds every finite key when a NaN or ±inf is present).
+    let top = vals
+        .iter()
+        .fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+    if top >= 0x7f80_0000 {
+        return None;
+    }
+    let max_abs = f32::from_bits(top);
     let scale = max_abs / 127.0;
     if scale == 0.0 {
         // Includes max|v| so small that the scale underflows: send zeros.
         codes.fill(0);
-        return 0.0;
+        return Some(0.0);
     }
     // 127/max|v| overflows for tiny max|v|; f64 covers every finite f32 there.
     if max_abs >= 1e-30 {
@@ -479,7 +490,7 @@ pub(crate) fn quantize_chunk(
             (f64::from(v) * inv) as f32
         });
     }
-    scale
+    Some(scale)
 }
 
 #[inline(always)]
@@ -490,21 +501,22 @@ fn quantize_scaled(
     first: u64,
     scaled: impl Fn(f32) -> f32,
 ) {
-    // 1.5·2²³: adding and subtracting it rounds |r| < 2²² to nearest-even without a libm call.
+    // 1.5·2²³: adding it rounds |r| < 2²² to the nearest integer (ties to even) and leaves
+    // that integer, two's complement, in the low mantissa bits — so the code is the low byte
+    // of the sum's bits. No libm call and no saturating float-to-int cast: the loops vectorise.
     const ROUND: f32 = 12_582_912.0;
     match rounding {
         Rounding::Nearest => {
             for (q, &v) in codes.iter_mut().zip(vals) {
-                let r = (scaled(v) + ROUND) - ROUND;
-                *q = (r.clamp(-127.0, 127.0) as i8) as u8;
+                *q = (scaled(v).clamp(-127.0, 127.0) + ROUND).to_bits() as u8;
             }
         }
         Rounding::Stochastic { seed } => {
             for (j, (q, &v)) in codes.iter_mut().zip(vals).enumerate() {
                 let t = scaled(v) + uniform(seed, first + j as u64);
-                let truncated = t as i32;
-                let floor = truncated - i32::from(t < truncated as f32);
-                *q = (floor.clamp(-127, 127) as i8) as u8;
+                let nearest = (t + ROUND) - ROUND;
+                let floor = nearest - if nearest > t { 1.0 } else { 0.0 };
+                *q = (floor.clamp(-127.0, 127.0) + ROUND).to_bits() as u8;
             }
         }
     }
@@ -589,7 +601,7 @@ mod tests {
         let vals = [127.0f32, 0.5, 1.5, -2.5, -127.0, 63.5];
         let mut codes = [0u8; 6];
         let scale = quantize_chunk(&vals, &mut codes, Rounding::Nearest, 0);
-        assert_eq!(scale, 1.0);
+        assert_eq!(scale, Some(1.0));
         let q: Vec<i8> = codes.iter().map(|&c| c as i8).collect();
         assert_eq!(q, vec![127, 0, 2, -2, -127, 64]);
     }
@@ -600,7 +612,7 @@ mod tests {
         vals[0] = 127.0;
         let mut codes = vec![0u8; vals.len()];
         let scale = quantize_chunk(&vals, &mut codes, Rounding::Stochastic { seed: 5 }, 0);
-        assert_eq!(scale, 1.0);
+        assert_eq!(scale, Some(1.0));
         let ups = codes[1..].iter().filter(|&&c| c == 1).count();
         assert!(codes[1..].iter().all(|&c| c <= 1));
         assert!((29_000..31_000).contains(&ups), "{ups}");

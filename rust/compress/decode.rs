@@ -1,6 +1,5 @@
-//! The validating decoder and the dense writers: decompress (overwrite or add) and the
-//! parallel sum of many payloads. Nothing is written to the output until every payload
-//! involved has been fully validated.
+//! The validating decoder: header, checksum and contents are checked before anything is
+//! written or allocated beyond what the payload's own length bounds.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -11,9 +10,8 @@ use super::codec::{
 };
 use super::{corrupt, CompressError, MAX_N};
 
-/// Output elements per parallel task: 64 KiB of f32, so a task's slice of the output stays in
-/// cache while every payload adds into it.
-const OUT_TASK: usize = 1 << 14;
+/// Int8 codes checked on one thread below this many bytes, in parallel above.
+const PAR_CHECK: usize = 1 << 17;
 
 /// A fully validated payload.
 #[derive(Debug)]
@@ -33,15 +31,6 @@ enum Values<'a> {
         scales: Vec<f32>,
         chunk: usize,
     },
-}
-
-/// How [`decompress_into`] writes.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Write {
-    /// `out = dense(payload)` (zeros where nothing was sent).
-    Overwrite,
-    /// `out += scale · dense(payload)`.
-    Add(f32),
 }
 
 fn le_u32(b: &[u8], at: usize) -> u32 {
@@ -384,7 +373,7 @@ fn check_int8(scales: &[f32], codes: &[u8], chunk: usize) -> Result<(), Compress
         }
         None
     };
-    let found = if codes.len() > OUT_TASK * 8 {
+    let found = if codes.len() > PAR_CHECK {
         codes
             .par_chunks(chunk)
             .zip(scales.par_iter())
@@ -427,7 +416,7 @@ impl Decoded<'_> {
     }
 
     /// `dst += scale · dense[lo .. lo + dst.len()]`.
-    fn add_range(&self, lo: usize, dst: &mut [f32], scale: f32) {
+    pub(crate) fn add_range(&self, lo: usize, dst: &mut [f32], scale: f32) {
         let hi = lo + dst.len();
         match (&self.indices, &self.values) {
             (Some(ix), Values::Floats(vals)) => {
@@ -466,94 +455,10 @@ impl Decoded<'_> {
     }
 }
 
-fn check_out_len(d: &Decoded<'_>, out: &[f32]) -> Result<(), CompressError> {
-    if d.n() != out.len() {
-        return Err(corrupt(format!(
-            "payload is for n = {} elements, the output has {}",
-            d.n(),
-            out.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Reads one value per cache line of `dst`, in order: a pattern the hardware prefetcher
-/// follows, so the scattered adds that come next hit the cache instead of stalling.
-fn touch(dst: &[f32]) {
-    let mut sum = 0f32;
-    for &x in dst.iter().step_by(16) {
-        sum += x;
-    }
-    std::hint::black_box(sum);
-}
-
-/// Decodes `bytes` into `out` (overwriting or adding), in parallel over `out`.
-pub fn decompress_into(bytes: &[u8], out: &mut [f32], how: Write) -> Result<(), CompressError> {
-    let d = decode(bytes)?;
-    check_out_len(&d, out)?;
-    let write = |t: usize, dst: &mut [f32]| match how {
-        Write::Overwrite => {
-            dst.fill(0.0);
-            d.add_range(t * OUT_TASK, dst, 1.0);
-        }
-        Write::Add(scale) => d.add_range(t * OUT_TASK, dst, scale),
-    };
-    if out.len() <= OUT_TASK * 4 {
-        out.chunks_mut(OUT_TASK)
-            .enumerate()
-            .for_each(|(t, dst)| write(t, dst));
-    } else {
-        out.par_chunks_mut(OUT_TASK)
-            .enumerate()
-            .for_each(|(t, dst)| write(t, dst));
-    }
-    Ok(())
-}
-
-/// `out += scale · Σ dense(payloadᵢ)`. Every payload is validated (in parallel) before `out`
-/// is touched; then each task adds every payload's share of its slice of `out`, in payload
-/// order, so the result does not depend on the number of threads.
-pub fn decompress_sum(
-    payloads: &[&[u8]],
-    out: &mut [f32],
-    scale: f32,
-) -> Result<(), CompressError> {
-    let decoded: Vec<Decoded<'_>> = payloads
-        .par_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let d = decode(p).map_err(|e| match e {
-                CompressError::Corrupt(m) => corrupt(format!("payload {i}: {m}")),
-                other => other,
-            })?;
-            check_out_len(&d, out).map_err(|e| match e {
-                CompressError::Corrupt(m) => corrupt(format!("payload {i}: {m}")),
-                other => other,
-            })?;
-            Ok(d)
-        })
-        .collect::<Result<_, CompressError>>()?;
-    let add_all = |t: usize, dst: &mut [f32]| {
-        touch(dst);
-        for d in &decoded {
-            d.add_range(t * OUT_TASK, dst, scale);
-        }
-    };
-    if out.len() <= OUT_TASK * 4 {
-        out.chunks_mut(OUT_TASK)
-            .enumerate()
-            .for_each(|(t, dst)| add_all(t, dst));
-    } else {
-        out.par_chunks_mut(OUT_TASK)
-            .enumerate()
-            .for_each(|(t, dst)| add_all(t, dst));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::codec::{encode, Encoding, Rounding, HEADER_LEN};
+    use super::super::dense::{decompress_into, decompress_sum, Write};
     use super::*;
     use proptest::prelude::*;
 

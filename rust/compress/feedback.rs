@@ -142,7 +142,7 @@ fn reset(sweep: &mut Sweep<'_>) {
 #[cfg(test)]
 mod tests {
     use super::super::codec::{IndexFormat, ValueFormat};
-    use super::super::decode::{decompress_into, Write};
+    use super::super::dense::{decompress_into, Write};
     use super::super::rng::uniform;
     use super::*;
 

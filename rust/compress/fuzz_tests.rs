@@ -4,7 +4,8 @@
 //! decode, but must never panic nor produce anything but `Corrupt`.
 
 use super::codec::{encode, Encoding, IndexFormat, Rounding, ValueFormat};
-use super::decode::{decode, decompress_into, decompress_sum, Write};
+use super::decode::decode;
+use super::dense::{decompress_into, decompress_sum, Write};
 use super::quant::quantize_int8;
 use super::rng::mix64;
 use super::CompressError;

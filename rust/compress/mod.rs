@@ -67,6 +67,7 @@
 
 pub mod codec;
 pub mod decode;
+pub mod dense;
 pub mod feedback;
 pub mod quant;
 mod rng;
@@ -74,7 +75,8 @@ mod scan;
 pub mod select;
 
 pub use codec::{encode, Encoding, Header, IndexFormat, Rounding, ValueFormat};
-pub use decode::{decode, decompress_into, decompress_sum, parse_header, Decoded, Write};
+pub use decode::{decode, parse_header, Decoded};
+pub use dense::{decompress_into, decompress_sum, Write};
 pub use feedback::{compress_topk, Feedback};
 pub use quant::quantize_int8;
 pub use select::{select_topk, Method};

@@ -1,6 +1,8 @@
 //! The dense 8-bit quantizer: every element sent as an int8 code with one f32 scale per chunk
 //! (index encoding "dense", value encoding "int8"), parallel over chunks.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 use super::codec::{
@@ -23,13 +25,6 @@ pub fn quantize_int8(x: &[f32], chunk: u32, rounding: Rounding) -> Result<Vec<u8
             "chunk must be in 1..={MAX_CHUNK}, got {chunk}"
         )));
     }
-    if let Some(index) = first_nonfinite(x) {
-        return Err(CompressError::NonFinite {
-            what: "gradient",
-            index,
-            value: x[index],
-        });
-    }
     let header = Header {
         index: IndexFormat::Dense,
         values: ValueFormat::Int8,
@@ -48,6 +43,8 @@ pub fn quantize_int8(x: &[f32], chunk: u32, rounding: Rounding) -> Result<Vec<u8
     let chunk = chunk as usize;
     let (scales, codes) = out[HEADER_LEN..body_end].split_at_mut(4 * n.div_ceil(chunk));
     let per_task = MIN_TASK_ELEMENTS.div_ceil(chunk).max(1);
+    // NaN/±inf is found while quantizing (by the chunk's max); the payload is then dropped.
+    let bad = AtomicBool::new(false);
     let task = |t: usize, (scales, codes): (&mut [u8], &mut [u8]), x: &[f32]| {
         for (c, ((vals, codes), scale_out)) in x
             .chunks(chunk)
@@ -56,7 +53,10 @@ pub fn quantize_int8(x: &[f32], chunk: u32, rounding: Rounding) -> Result<Vec<u8
             .enumerate()
         {
             let first = ((t * per_task + c) * chunk) as u64;
-            let scale = quantize_chunk(vals, codes, rounding, first);
+            let Some(scale) = quantize_chunk(vals, codes, rounding, first) else {
+                bad.store(true, Ordering::Relaxed);
+                return;
+            };
             scale_out.copy_from_slice(&scale.to_le_bytes());
         }
     };
@@ -70,6 +70,14 @@ pub fn quantize_int8(x: &[f32], chunk: u32, rounding: Rounding) -> Result<Vec<u8
             .enumerate()
             .for_each(|(t, (pair, x))| task(t, pair, x));
     }
+    if bad.load(Ordering::Relaxed) {
+        let index = first_nonfinite(x).unwrap_or(0);
+        return Err(CompressError::NonFinite {
+            what: "gradient",
+            index,
+            value: x.get(index).copied().unwrap_or(f32::NAN),
+        });
+    }
     let crc = crc32c::crc32c(&out[..body_end]);
     out[body_end..].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
@@ -77,7 +85,8 @@ pub fn quantize_int8(x: &[f32], chunk: u32, rounding: Rounding) -> Result<Vec<u8
 
 #[cfg(test)]
 mod tests {
-    use super::super::decode::{decode, decompress_into, Write};
+    use super::super::decode::decode;
+    use super::super::dense::{decompress_into, Write};
     use super::*;
 
     #[test]

@@ -11,11 +11,18 @@ pub(crate) fn mix64(mut z: u64) -> u64 {
 }
 
 /// A uniform draw in [0, 1) for position `i` of the stream named by `seed` (24 random bits,
-/// exactly representable in f32).
+/// exactly representable in f32). Only 32-bit operations (MurmurHash3's finaliser over the
+/// position and the folded seed), so loops over positions vectorise.
 #[inline]
 pub(crate) fn uniform(seed: u64, i: u64) -> f32 {
-    let bits = mix64(seed ^ mix64(i)) >> 40;
-    bits as f32 * (1.0 / (1u32 << 24) as f32)
+    let folded = (seed as u32) ^ ((seed >> 32) as u32).rotate_left(16);
+    let mut x = (i as u32).wrapping_mul(0x9E37_79B9) ^ folded ^ ((i >> 32) as u32);
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85EB_CA6B);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xC2B2_AE35);
+    x ^= x >> 16;
+    (x >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
 }
 
 #[cfg(test)]
