@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelConfig:
     """Shape and options of a :class:`MoETransformer` (defaults: the ``moe-small`` preset)."""
 

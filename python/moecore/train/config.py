@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from moecore.models.config import ModelConfig
+
 
 class ConfigError(ValueError):
     """The run configuration has unknown keys, wrong types or impossible values."""
@@ -20,31 +22,10 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class RunConfig:
-    """Every setting of a training run (model, optimizer, schedule, data, checkpoints)."""
+class RunConfig(ModelConfig):
+    """Every setting of a training run: the model's (inherited from :class:`ModelConfig`),
+    then optimizer, schedule, data and checkpoints."""
 
-    # model
-    vocab_size: int = 256
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    seq_len: int = 256
-    n_experts: int = 8
-    top_k: int = 2
-    d_ff: int = 512
-    dense_d_ff: int = 1024
-    activation: str = "gelu"
-    score: str = "softmax"
-    capacity_factor: float = 0.0  # 0 means dropless
-    aux_loss: float = 0.01
-    z_loss: float = 0.0
-    bias_update_rate: float = 0.0
-    n_shared_experts: int = 0
-    moe_every: int = 1
-    first_dense_layers: int = 0
-    norm: str = "layernorm"
-    position: str = "learned"
-    dropout: float = 0.0
     # optimizer and schedule
     lr: float = 1e-3
     beta1: float = 0.9
@@ -62,7 +43,6 @@ class RunConfig:
     grad_accum: int = 1
     seed: int = 0
     dtype: str = "float32"
-    activation_checkpointing: bool = False
     eval_every: int = 100
     eval_batches: int = 4
     checkpoint_every: int = 100
