@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use crate::linalg::fastmath::tanh;
+use crate::linalg::simd::vectorized;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const COEF: f32 = 0.044_715;
@@ -32,10 +33,12 @@ pub fn gelu_forward(x: &[f32], out: &mut [f32]) -> Result<(), GeluError> {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(o, x)| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
-                *o = 0.5 * v * (1.0 + t);
-            }
+            vectorized(|| {
+                for (o, &v) in o.iter_mut().zip(x) {
+                    let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
+                    *o = 0.5 * v * (1.0 + t);
+                }
+            })
         });
     Ok(())
 }
@@ -55,11 +58,13 @@ pub fn gelu_backward(g: &[f32], x: &[f32], dx: &mut [f32]) -> Result<(), GeluErr
         .zip(x.par_chunks(CHUNK))
         .zip(g.par_chunks(CHUNK))
         .for_each(|((d, x), g)| {
-            for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
-                let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
-                let inner = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * v * v);
-                *d = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * inner);
-            }
+            vectorized(|| {
+                for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
+                    let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
+                    let inner = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * v * v);
+                    *d = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * inner);
+                }
+            })
         });
     Ok(())
 }

@@ -2,3 +2,4 @@
 
 pub(crate) mod fastmath;
 pub(crate) mod gemm;
+pub(crate) mod simd;

@@ -1,0 +1,97 @@
+//! Runs a hot elementwise loop compiled for the widest vector instructions this CPU has.
+//!
+//! The crate is built for baseline x86-64 (SSE2) so one wheel runs everywhere; LLVM then
+//! vectorises plain loops four lanes wide at most. Wrapping a loop in [`vectorized`] compiles
+//! a copy of it (the closure is inlined into a `#[target_feature]` function) for AVX-512 and
+//! for AVX2 + FMA, and picks one at run time. The loops stay ordinary safe Rust.
+
+/// The instruction sets [`vectorized`] chooses between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+/// The widest level this CPU supports (detection is cached by std).
+pub(crate) fn level() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+        {
+            return Level::Avx512;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Level::Avx2;
+        }
+    }
+    Level::Baseline
+}
+
+/// `f()`, compiled for [`level()`]. `f` must be small enough to inline (a loop over a chunk).
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    vectorized_at(level(), f)
+}
+
+/// `f()` compiled for `level`, or for the baseline if this CPU lacks `level` (so tests can
+/// force every path on any machine).
+#[inline(always)]
+pub(crate) fn vectorized_at<R>(level: Level, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let have = self::level();
+        match level {
+            // SAFETY: `have` is what the CPU supports; these functions are only entered when
+            // it includes every feature they enable.
+            Level::Avx512 if have == Level::Avx512 => return unsafe { avx512(f) },
+            Level::Avx2 if have != Level::Baseline => return unsafe { avx2(f) },
+            _ => {}
+        }
+    }
+    let _ = level;
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linalg::fastmath::tanh;
+
+    fn tanh_all(level: Level, x: &[f32]) -> Vec<f32> {
+        vectorized_at(level, || x.iter().map(|&v| tanh(v)).collect())
+    }
+
+    #[test]
+    fn every_level_computes_the_same_values() {
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.013).collect();
+        let want: Vec<f64> = x.iter().map(|&v| f64::from(v).tanh()).collect();
+        for level in [Level::Avx512, Level::Avx2, Level::Baseline] {
+            let got = tanh_all(level, &x);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((f64::from(*g) - w).abs() < 1e-6, "{level:?}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn level_is_stable() {
+        assert_eq!(level(), level());
+    }
+}
