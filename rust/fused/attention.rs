@@ -9,8 +9,9 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::fastmath::exp_nonpositive;
+use crate::linalg::fastmath::{dot_lanes, exp_nonpositive, max_lanes, sum_lanes};
 use crate::linalg::gemm::{matmul, Strided};
+use crate::linalg::simd::vectorized;
 
 /// Shape of an attention call: batch, sequence length, heads, head dimension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,14 +167,14 @@ pub fn attention_forward(
 fn softmax_row(row: &mut [f32], live: usize, scale: f32) {
     let (head, tail) = row.split_at_mut(live);
     tail.fill(0.0);
-    let max = head.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0.0f32;
-    for x in head.iter_mut() {
-        *x = exp_nonpositive((*x - max) * scale);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    head.iter_mut().for_each(|x| *x *= inv);
+    vectorized(|| {
+        let max = max_lanes(head);
+        for x in head.iter_mut() {
+            *x = exp_nonpositive((*x - max) * scale);
+        }
+        let inv = 1.0 / sum_lanes(head);
+        head.iter_mut().for_each(|x| *x *= inv);
+    })
 }
 
 /// Backward. `probs` and `out` from the forward (`[B, H, T, T]`, `[B, H, T, D]`), `d_out`
@@ -236,18 +237,16 @@ pub fn attention_backward(
                 matmul((m, n, d), chunk, t, rows(d_o, lo), v_t, false);
             }
             // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale, in place.
-            for (i, (ds_row, p_row)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-                let live = if causal { i + 1 } else { t };
-                let dot: f32 = ds_row[..live]
-                    .iter()
-                    .zip(&p_row[..live])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                for (x, &pv) in ds_row[..live].iter_mut().zip(&p_row[..live]) {
-                    *x = pv * (*x - dot) * scale;
+            vectorized(|| {
+                for (i, (ds_row, p_row)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                    let live = if causal { i + 1 } else { t };
+                    let dot = dot_lanes(&ds_row[..live], &p_row[..live]);
+                    for (x, &pv) in ds_row[..live].iter_mut().zip(&p_row[..live]) {
+                        *x = pv * (*x - dot) * scale;
+                    }
+                    ds_row[live..].fill(0.0);
                 }
-                ds_row[live..].fill(0.0);
-            }
+            });
             let ds_view = Strided {
                 data: ds,
                 rs: t,

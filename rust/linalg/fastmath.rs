@@ -49,6 +49,64 @@ pub(crate) fn tanh(u: f32) -> f32 {
     ((1.0 - e) / (1.0 + e)).copysign(u)
 }
 
+/// Lanes of the split reductions below: 16 partial results, one AVX-512 register (two AVX2).
+const LANES: usize = 16;
+
+/// The largest element (`-inf` for an empty slice), as 16 interleaved partial maxima so the
+/// loop vectorises (a single running maximum is a serial dependency chain).
+#[inline(always)]
+pub(crate) fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut m = rest.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
+/// `Σ x`, as 16 interleaved partial sums (vectorises; the order of additions differs from a
+/// left-to-right sum by rounding only).
+#[inline(always)]
+pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// `Σ a·b` over the common length, as 16 interleaved partial sums.
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +139,27 @@ mod tests {
         assert_eq!(tanh(0.0), 0.0);
         assert_eq!(tanh(100.0), 1.0);
         assert_eq!(tanh(-100.0), -1.0);
+    }
+
+    #[test]
+    fn split_reductions_match_serial_ones() {
+        for n in [0usize, 1, 15, 16, 17, 100, 257] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+                .collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.1)
+                .collect();
+            let max = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(max_lanes(&a), max);
+            let sum: f64 = a.iter().map(|&v| f64::from(v)).sum();
+            assert!((f64::from(sum_lanes(&a)) - sum).abs() < 1e-4, "n = {n}");
+            let dot: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                .sum();
+            assert!((f64::from(dot_lanes(&a, &b)) - dot).abs() < 1e-3, "n = {n}");
+        }
     }
 }

@@ -3,6 +3,8 @@
 
 use rayon::prelude::*;
 
+use crate::linalg::simd::vectorized;
+
 /// Hyper-parameters of one AdamW step (the same for every tensor of a group).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -78,12 +80,15 @@ impl AdamW {
         let step_size = self.lr / bc1;
         let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
         let decay = 1.0 - self.lr * self.weight_decay;
-        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            let denom = v.sqrt() * inv_sqrt_bc2 + self.eps;
-            *p = *p * decay - step_size * *m / denom;
-        }
+        let eps = self.eps;
+        vectorized(|| {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                let denom = v.sqrt() * inv_sqrt_bc2 + eps;
+                *p = *p * decay - step_size * *m / denom;
+            }
+        })
     }
 }
 
