@@ -199,3 +199,28 @@ def test_fused_float32_gelu_matches_float64_reference():
         res[dtype] = (y.data, t.grad)
     np.testing.assert_allclose(res[np.float32][0], res[np.float64][0], atol=2e-6, rtol=1e-5)
     np.testing.assert_allclose(res[np.float32][1], res[np.float64][1], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fused_float32_norms_match_float64_reference(kind, affine):
+    """The Rust float32 norm (forward and all three gradients) against the float64 path."""
+    r = np.random.default_rng(11)
+    x = r.standard_normal((3, 37, 48)) * 3 + 1
+    w, b = r.standard_normal(48), r.standard_normal(48)
+    g = r.standard_normal((3, 37, 48))
+    res = {}
+    for dtype in (np.float64, np.float32):
+        xt = mc.Tensor(x.astype(dtype), requires_grad=True)
+        wt = mc.Tensor(w.astype(dtype), requires_grad=True) if affine else None
+        bt = mc.Tensor(b.astype(dtype), requires_grad=True) if affine else None
+        y = ops.layer_norm(xt, wt, bt) if kind == "layer" else ops.rms_norm(xt, wt)
+        y.backward(g.astype(dtype))
+        grads = [xt.grad] + ([wt.grad] + ([bt.grad] if kind == "layer" else []) if affine else [])
+        res[dtype] = (y.data, grads)
+    np.testing.assert_allclose(res[np.float32][0], res[np.float64][0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(res[np.float32][1], res[np.float64][1]):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    if kind == "rms" and affine:
+        assert bt.grad is None

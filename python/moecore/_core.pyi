@@ -111,6 +111,20 @@ def fused_attention_backward(
     qkv: np.ndarray, probs: np.ndarray, d_out: np.ndarray, heads: int, causal: bool
 ) -> np.ndarray: ...
 def fused_gelu(x: np.ndarray) -> np.ndarray: ...
+def fused_norm_forward(
+    x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, eps: float, center: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def fused_norm_backward(
+    g: np.ndarray,
+    x: np.ndarray,
+    mean: np.ndarray,
+    rstd: np.ndarray,
+    weight: np.ndarray | None,
+    eps: float,
+    center: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]: ...
 def fused_gelu_backward(g: np.ndarray, x: np.ndarray) -> np.ndarray: ...
 
 # ---- memory pool (rust/py/pool.rs) ----------------------------------------------------

@@ -7,6 +7,7 @@
 mod compress;
 mod errors;
 mod fused;
+mod fused_norm;
 mod gil;
 mod info;
 mod moe;
@@ -28,6 +29,8 @@ mod _core {
     use super::fused::{
         fused_attention_backward, fused_attention_forward, fused_gelu, fused_gelu_backward,
     };
+    #[pymodule_export]
+    use super::fused_norm::{fused_norm_backward, fused_norm_forward};
     #[pymodule_export]
     use super::info::build_info;
     #[pymodule_export]
