@@ -46,9 +46,13 @@ def _serve(step: Any, evaluate: Any) -> None:
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "step":
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = step()
-            reply = {"loss": loss, "seconds": time.perf_counter() - t0}
+            reply = {
+                "loss": loss,
+                "seconds": time.perf_counter() - t0,
+                "cpu_seconds": time.process_time() - c0,
+            }
         elif cmd == "eval":
             reply = {"val_loss": evaluate()}
         elif cmd == "rss":
@@ -83,7 +87,7 @@ def torch_worker(args: argparse.Namespace) -> None:
     from moecore.data import load_corpus, train_batch, val_batches
     from moecore.optim.schedule import warmup_cosine
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cfg = _config(args)
     state = dict(np.load(args.init))
     model = build(torch, cfg, state)
@@ -134,10 +138,14 @@ def torch_worker(args: argparse.Namespace) -> None:
 class Worker:
     """A worker process spoken to line by line."""
 
-    def __init__(self, kind: str, argv: list[str]) -> None:
+    def __init__(self, kind: str, argv: list[str], threads: int) -> None:
         self.kind = kind
+        env = dict(os.environ)
+        for var in ("RAYON_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+            env[var] = str(threads)
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", kind, *argv],
+            [sys.executable, __file__, "--worker", kind, "--threads", str(threads), *argv],
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -192,6 +200,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--preset", default="moe-small")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", type=int, default=2, help="threads of each trainer (2)")
     ap.add_argument("--init", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "moecore":
@@ -214,10 +223,11 @@ def main() -> None:
         np.savez(init, **dict(build_model(cfg).state_dict()))
         passthrough = ["--preset", args.preset] + [f"--set={kv}" for kv in args.set]
         workers = [
-            Worker("moecore", passthrough),
-            Worker("torch", [*passthrough, "--init", str(init)]),
+            Worker("moecore", passthrough, args.threads),
+            Worker("torch", [*passthrough, "--init", str(init)], args.threads),
         ]
         times: dict[str, list[float]] = {w.kind: [] for w in workers}
+        cpu: dict[str, list[float]] = {w.kind: [] for w in workers}
         losses: dict[str, list[float]] = {w.kind: [] for w in workers}
         vals: dict[str, dict[int, float]] = {w.kind: {} for w in workers}
         wall = {w.kind: 0.0 for w in workers}
@@ -226,6 +236,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 r = w.ask("step")
                 times[w.kind].append(r["seconds"])
+                cpu[w.kind].append(r["cpu_seconds"])
                 losses[w.kind].append(r["loss"])
                 if s in EVAL_AT or s == args.steps:
                     vals[w.kind][s] = w.ask("eval")["val_loss"]
@@ -241,12 +252,13 @@ def main() -> None:
         for w in workers:
             w.close()
 
-    window = slice(19, min(100, args.steps))
+    window = slice(min(19, args.steps - 1), min(100, args.steps))
     rows, result = [], {"blas": blas_info(), "dense_gflops": gemm, "steps": args.steps}
     for kind in ("moecore", "torch"):
         med = statistics.median(times[kind][window])
         result[kind] = {
             "median_step_s": med,
+            "median_step_cpu_s": statistics.median(cpu[kind][window]),
             "tokens_per_s": tokens / med,
             "mfu": step_flops / med / 1e9 / gemm,
             "peak_rss_mib": rss[kind],
@@ -279,7 +291,9 @@ def main() -> None:
             + ["wall s"],
         )
     )
-    print(f"moecore / torch tokens/s: {speed:.2f}x")
+    print(f"moecore / torch tokens/s: {speed:.2f}x ({args.threads} threads each)")
+    cpu_ratio = result["torch"]["median_step_cpu_s"] / result["moecore"]["median_step_cpu_s"]
+    print(f"torch / moecore CPU seconds per step: {cpu_ratio:.2f}x")
     last = max(set(vals["moecore"]) & set(vals["torch"]), default=None)
     if last is not None:
         gap = vals["moecore"][last] / vals["torch"][last] - 1
