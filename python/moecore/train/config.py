@@ -49,6 +49,8 @@ class RunConfig(ModelConfig):
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
     spike_factor: float = 3.0
+    # keep freed activation/gradient pages mapped for the next step (glibc malloc tuning)
+    keep_freed_memory: bool = True
     # data
     data: str = ""
     vocab: int = 0

@@ -21,6 +21,7 @@ from moecore.nn.moe import routing_summary
 from moecore.ops.moe import set_aux_loss_scale
 from moecore.train import checkpoint
 from moecore.train.config import RunConfig, config_from_dict
+from moecore.train.memory import keep_freed_memory
 from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
 from moecore.train.progress import Progress
@@ -72,6 +73,8 @@ class Trainer:
         out: TextIO | None = None,
     ) -> None:
         self.config = config
+        if config.keep_freed_memory:
+            keep_freed_memory()
         self.run_dir = Path(run_dir)
         self.out = out or sys.stdout
         self.corpus = (
