@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,20 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _train_or_abort(trainer: Any) -> Any:
+    """Trains; under MPI, an exception on this rank is shown and then ends every rank
+    (``MPI_Abort``) instead of leaving the others waiting in a collective forever."""
+    if trainer.group.size == 1:
+        return trainer.train()
+    try:
+        return trainer.train()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        trainer.group.abort(1)
+        raise
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from moecore.data import DataError
     from moecore.train import (
@@ -64,6 +79,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides["data"] = args.data
         if args.vocab is not None:
             overrides["vocab"] = args.vocab
+        if args.ep is not None and args.ep != 1:
+            return _fail("--ep (expert parallelism) is not implemented yet; use --dp")
+        for flag, key in (
+            ("dp", "dp"),
+            ("compress", "compress"),
+            ("bucket_mb", "bucket_mb"),
+            ("comm_policy", "comm_policy"),
+            ("compress_warmup", "compress_warmup"),
+        ):
+            if getattr(args, flag) is not None:
+                overrides[key] = getattr(args, flag)
         if args.resume:
             trainer = Trainer.resume(Path(args.resume), overrides=overrides)
         else:
@@ -72,7 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
                 return _fail(f"{out} already holds a run; use --resume {out} or another --out")
             trainer = Trainer(config, out)
-        result = trainer.train()
+        result = _train_or_abort(trainer)
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc))
     except TrainingDiverged as exc:
@@ -177,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="a text file, a folder of text files, or a .bin/.npy of uint16 token ids"
     )
     train.add_argument("--vocab", type=int, help="vocabulary size of .bin/.npy token data")
+    dist = train.add_argument_group(
+        "distributed", "run under mpiexec -n DP (pip install 'moecore[mpi]')"
+    )
+    dist.add_argument("--dp", type=int, help="data-parallel ranks (= mpiexec -n)")
+    dist.add_argument("--ep", type=int, help="expert-parallel ranks (not implemented yet)")
+    dist.add_argument("--compress", help="gradient compression: none or topk:<ratio>")
+    dist.add_argument("--compress-warmup", type=int, help="dense steps before compressing")
+    dist.add_argument("--bucket-mb", type=float, help="gradient bucket cap in MiB (25)")
+    dist.add_argument(
+        "--comm-policy", choices=["fifo", "priority"], help="bucket launch policy (fifo)"
+    )
     train.set_defaults(handler=_cmd_train)
 
     gen = sub.add_parser("generate", help="sample text from a trained run")

@@ -16,9 +16,10 @@ residual per bucket), all-gather the payloads and sum them with
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -142,6 +143,7 @@ class DataParallel:
         for p in self.params:
             group.broadcast(p.data, root=0)
         self._hooks: list[Callable[[], None]] = []
+        self._sync = True
         if group.size > 1:
             for i, p in enumerate(self.params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook_for(i)))
@@ -162,9 +164,20 @@ class DataParallel:
     def _new_stats() -> dict[str, Any]:
         return {"launched_in_backward": 0, "launched_at_finish": 0, "allgather_bytes": 0}
 
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside only accumulate ``.grad`` locally (gradient accumulation:
+        every micro-batch but the last); the next backward outside sends the sum."""
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
     def _hook_for(self, index: int) -> Callable[[Any], None]:
         def hook(_tensor: Any) -> None:
-            self._ready(index)
+            if self._sync:
+                self._ready(index)
 
         return hook
 
