@@ -212,3 +212,8 @@ def test_cli_rejects_dp_that_is_not_the_world_size(tmp_path, corpus):
     )
     code, out = done.returncode, done.stdout + done.stderr
     assert code != 0 and "dp is 4 but the job has 2 ranks" in out, out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_expert_parallel_forward_backward_equal_single_process_moe(n):
+    ok(n, "ep")
