@@ -109,28 +109,10 @@ def test_a_rank_that_raises_ends_every_rank_with_the_error_shown():
     assert seconds < 30, f"took {seconds:.1f} s"
 
 
-def _train(tmp_path, corpus, name, n, *extra):
-    """``moecore train`` on moe-tiny (global batch 8, 20 steps): ``mpiexec -n n`` when
-    n > 1. Returns the loss curve from rank 0's metrics."""
-    out = tmp_path / name
+def _cli(n, args):
+    """``moecore <args>``, under ``mpiexec -n n`` when n > 1; returns its stdout."""
     script = Path(sys.executable).parent / "moecore"
     entry = [str(script)] if script.exists() else [sys.executable, "-m", "moecore.cli"]
-    args = [
-        "train",
-        "--preset",
-        "moe-tiny",
-        "--data",
-        str(corpus),
-        "--out",
-        str(out),
-        "--set",
-        "steps=20",
-        "eval_every=0",
-        "checkpoint_every=0",
-        "seq_len=32",
-        "batch_size=8",
-        *extra,
-    ]
     cmd = [str(MPIEXEC), "-n", str(n), *entry, *args] if n > 1 else [*entry, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     done = subprocess.run(
@@ -143,10 +125,40 @@ def _train(tmp_path, corpus, name, n, *extra):
         start_new_session=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "finished after 20 steps" in done.stdout, done.stdout
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 20  # rank 0 alone writes the metrics
-    return [json.loads(line)["loss"] for line in lines]
+    return done.stdout
+
+
+def _losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(tmp_path, corpus, name, n, *extra, steps=20):
+    """``moecore train`` on moe-tiny (global batch 8): ``mpiexec -n n`` when n > 1.
+    Returns the loss curve from rank 0's metrics."""
+    out = tmp_path / name
+    stdout = _cli(
+        n,
+        [
+            "train",
+            "--preset",
+            "moe-tiny",
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            "--set",
+            f"steps={steps}",
+            "eval_every=0",
+            "checkpoint_every=0",
+            "seq_len=32",
+            "batch_size=8",
+            *extra,
+        ],
+    )
+    assert f"finished after {steps} steps" in stdout, stdout
+    losses = _losses(out)
+    assert len(losses) == steps  # rank 0 alone writes the metrics
+    return losses
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +229,18 @@ def test_cli_rejects_dp_that_is_not_the_world_size(tmp_path, corpus):
 @pytest.mark.parametrize("n", [2, 4])
 def test_expert_parallel_forward_backward_equal_single_process_moe(n):
     ok(n, "ep")
+
+
+def test_checkpoint_from_dp2_resumes_in_one_process_and_back(tmp_path, corpus):
+    """A run's checkpoint does not depend on the number of data-parallel ranks: 10 steps
+    with dp=2 then 10 in one process (and the other way round) follow the 20-step
+    single-process curve."""
+    single = _train(tmp_path, corpus, "single", 1)
+    _train(tmp_path, corpus, "a", 2, "--dp", "2", steps=10)
+    _cli(1, ["train", "--resume", str(tmp_path / "a"), "--dp", "1", "--set", "steps=20"])
+    _train(tmp_path, corpus, "b", 1, steps=10)
+    _cli(2, ["train", "--resume", str(tmp_path / "b"), "--dp", "2", "--set", "steps=20"])
+    for run in ("a", "b"):
+        got = _losses(tmp_path / run)
+        assert len(got) == 20
+        assert max(abs(x - y) for x, y in zip(single, got)) < 2e-3, (run, single, got)
