@@ -77,8 +77,9 @@ def test_dp_gradients_equal_single_process_of_concatenated_batch(n):
     ok(n, "grads")
 
 
-def test_priority_policy_gradients_equal_single_process():
-    ok(2, "grads_priority")
+@pytest.mark.parametrize("mode", ["grads_priority", "grads_thread"])
+def test_priority_policy_and_polling_thread_gradients_equal_single_process(mode):
+    ok(2, mode)
 
 
 @pytest.mark.parametrize("n", [2, 3])

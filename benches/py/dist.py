@@ -39,8 +39,15 @@ VARIANTS = [
     ("none", {}),  # every rank trains alone: no gradient communication, one barrier
     ("dense-fifo", {"policy": "fifo"}),
     ("dense-priority", {"policy": "priority"}),
+    ("dense-fifo-4MB", {"policy": "fifo", "bucket_mb": 4}),
+    ("dense-fifo-4MB-thread", {"policy": "fifo", "bucket_mb": 4, "progress": "thread"}),
+    ("dense-priority-thread", {"policy": "priority", "progress": "thread"}),
     ("topk-0.01", {"compress": "topk:0.01", "compress_when": "always"}),
     ("topk-0.001", {"compress": "topk:0.001", "compress_when": "always"}),
+    (
+        "topk-0.01-thread",
+        {"compress": "topk:0.01", "compress_when": "always", "progress": "thread"},
+    ),
 ]
 
 
@@ -113,6 +120,7 @@ def worker(args: argparse.Namespace) -> None:
                 rec["step"].append(t4 - t0)
         med = {k: float(np.median(v)) for k, v in rec.items()}
         if dp is not None:
+            dp.remove_hooks()
             med["alone"] = _comm_alone(dp, group)
             med["buckets"] = len(dp.buckets)
             med["allgather_bytes"] = dp.last_stats.get("allgather_bytes", 0)

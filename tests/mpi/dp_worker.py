@@ -242,6 +242,7 @@ MODES = {
     "grads_priority": lambda g: mode_grads(
         g, policy="priority", partition_mb=0.0005, credit_mb=0.002
     ),
+    "grads_thread": lambda g: mode_grads(g, progress="thread"),
     "zero": mode_zero,
     "ratio1": mode_ratio1,
     "ef": mode_ef,

@@ -27,6 +27,7 @@ import numpy as np
 from moecore.comm import Action, GradSpec, Scheduler
 from moecore.compress import TopK
 from moecore.dist.group import Group, Request
+from moecore.dist.progress import Driver
 
 __all__ = ["DataParallel", "parse_compress"]
 
@@ -83,6 +84,8 @@ class DataParallel:
         compress: None, ``"topk:<ratio>"`` or a :class:`moecore.compress.TopK`.
         first_bucket_mb, partition_mb, credit_mb, warmup_steps, compress_when: scheduler
             settings (see :class:`moecore.comm.Scheduler`).
+        progress: how requests in flight progress: ``"hooks"`` (tested at every gradient
+            hook) or ``"thread"`` (also a polling thread; see :mod:`moecore.dist.progress`).
 
     Use::
 
@@ -103,6 +106,7 @@ class DataParallel:
         credit_mb: float = 16,
         warmup_steps: int = 0,
         compress_when: str = "auto",
+        progress: str = "hooks",
     ) -> None:
         self.module = model
         self.group = group
@@ -137,7 +141,7 @@ class DataParallel:
         )
         self._layout()
         self._requests: dict[int, Request] = {}
-        self._pending: list[Request] = []
+        self._driver = Driver(progress)
         self.last_stats: dict[str, Any] = {}
         self._stats = self._new_stats()
         for p in self.params:
@@ -182,7 +186,9 @@ class DataParallel:
         return hook
 
     def remove_hooks(self) -> None:
-        """Detaches from the model (its gradients are no longer communicated)."""
+        """Detaches from the model (its gradients are no longer communicated) and stops the
+        polling thread, if any."""
+        self._driver.close()
         for remove in self._hooks:
             remove()
         self._hooks.clear()
@@ -197,18 +203,13 @@ class DataParallel:
         self.buffers[b][off : off + n] = np.asarray(grad, dtype=np.float32).reshape(-1)
         actions = self.scheduler.ready(index)
         self._run(actions, "launched_in_backward")
-        self._drive()
-
-    def _drive(self) -> None:
-        """Lets MPI progress the operations in flight (non-blocking collectives only move
-        while someone calls into MPI)."""
-        if self._pending:
-            self._pending = [r for r in self._pending if not r.test()]
+        if self._driver.mode == "hooks":
+            self._driver.poll()
 
     def _run(self, actions: list[Action], counter: str) -> None:
         for a in actions:
             if a.kind == "wait":
-                self._requests.pop(a.op).wait()
+                self._driver.wait(self._requests.pop(a.op))
                 continue
             self._stats[counter] += 1
             view = self.buffers[a.bucket][a.offset : a.offset + a.numel]
@@ -217,7 +218,7 @@ class DataParallel:
             else:
                 req = self._launch_compressed(a.bucket, view)
             self._requests[a.op] = req
-            self._pending.append(req)
+            self._driver.add(req)
 
     def _scaler(self, view: np.ndarray) -> Callable[[], None]:
         inv = np.float32(1.0 / self.group.size)
@@ -269,7 +270,7 @@ class DataParallel:
             b, off, n = self._where[i]
             self.buffers[b][off : off + n] = 0.0
         self._run(self.scheduler.finish(), "launched_at_finish")
-        self._pending.clear()
+        self._driver.clear()
         if self._requests:
             raise RuntimeError(
                 f"DataParallel: operations {sorted(self._requests)} never waited for"
