@@ -245,3 +245,7 @@ def test_checkpoint_from_dp2_resumes_in_one_process_and_back(tmp_path, corpus):
         got = _losses(tmp_path / run)
         assert len(got) == 20
         assert max(abs(x - y) for x, y in zip(single, got)) < 2e-3, (run, single, got)
+
+
+def test_hierarchical_allreduce_4_ranks_as_2_nodes_of_2():
+    ok(4, "hier")

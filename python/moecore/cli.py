@@ -87,6 +87,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             ("bucket_mb", "bucket_mb"),
             ("comm_policy", "comm_policy"),
             ("compress_warmup", "compress_warmup"),
+            ("ranks_per_node", "ranks_per_node"),
         ):
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--bucket-mb", type=float, help="gradient bucket cap in MiB (25)")
     dist.add_argument(
         "--comm-policy", choices=["fifo", "priority"], help="bucket launch policy (fifo)"
+    )
+    dist.add_argument(
+        "--ranks-per-node", type=int, help="> 1: hierarchical all-reduce over nodes of this size"
     )
     train.set_defaults(handler=_cmd_train)
 

@@ -230,6 +230,34 @@ def mode_ep(g, tokens=12, d=8, experts=4):
     np.testing.assert_allclose(router, full.router.grad, rtol=1e-4, atol=1e-5)
 
 
+def mode_hier(g):
+    """4 ranks as 2 nodes x 2: the hierarchical all-reduce equals the flat one (blocking and
+    many non-blocking in flight), and data parallelism over it equals single process."""
+    from moecore.dist.hierarchical import HierarchicalGroup
+
+    h = HierarchicalGroup(g, ranks_per_node=2)
+    rng = np.random.default_rng(g.rank)
+    for n in (1, 3, 1000, 4097):
+        a = rng.standard_normal(n).astype(np.float32)
+        flat = a.copy()
+        g.allreduce(flat)
+        h.allreduce(a)
+        np.testing.assert_allclose(a, flat, rtol=1e-5, atol=1e-6)
+    bufs = [rng.standard_normal(n).astype(np.float32) for n in (5, 300, 7, 2000)]
+    want = [b.copy() for b in bufs]
+    for w in want:
+        g.allreduce(w)
+    reqs = [h.iallreduce(b) for b in bufs]
+    while not all(r.test() for r in reqs):
+        pass
+    for b, w in zip(bufs, want):
+        np.testing.assert_allclose(b, w, rtol=1e-5, atol=1e-6)
+    mx = np.array([g.rank], np.float32)
+    h.allreduce(mx, op="max")
+    assert mx[0] == g.size - 1
+    mode_grads(h)
+
+
 def mode_raise(g):
     if g.rank == 1:
         raise RuntimeError("deliberate failure on rank 1")
@@ -247,6 +275,7 @@ MODES = {
     "ratio1": mode_ratio1,
     "ef": mode_ef,
     "ep": mode_ep,
+    "hier": mode_hier,
     "raise": mode_raise,
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from moecore.dist.data_parallel import DataParallel, parse_compress
 from moecore.dist.expert_parallel import ExpertParallelMoE
 from moecore.dist.group import Group, Request, SingleProcess
+from moecore.dist.hierarchical import HierarchicalGroup
 from moecore.dist.launch import init, launched_by_mpi, world_size_from_env
 from moecore.dist.mpi import MPIGroup
 from moecore.dist.nccl import NCCLGroup
@@ -20,6 +21,7 @@ __all__ = [
     "DataParallel",
     "ExpertParallelMoE",
     "Group",
+    "HierarchicalGroup",
     "MPIGroup",
     "NCCLGroup",
     "Request",

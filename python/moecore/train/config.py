@@ -60,6 +60,7 @@ class RunConfig(ModelConfig):
     compress_warmup: int = 0
     bucket_mb: float = 25.0
     comm_policy: str = "fifo"
+    ranks_per_node: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict (for JSON and TOML)."""
@@ -152,6 +153,7 @@ def _check_values(c: RunConfig) -> list[str]:
         "keep_checkpoints",
         "max_bad_steps",
         "dp",
+        "ranks_per_node",
     ]
     for key in positive:
         if getattr(c, key) < 1:
@@ -202,6 +204,8 @@ def _check_values(c: RunConfig) -> list[str]:
         p.append(f"first_dense_layers ({c.first_dense_layers}) exceeds n_layers ({c.n_layers})")
     if c.dp >= 1 and c.batch_size % c.dp:
         p.append(f"batch_size ({c.batch_size}) must be a multiple of dp ({c.dp})")
+    if c.dp >= 1 and c.ranks_per_node >= 1 and c.dp % c.ranks_per_node:
+        p.append(f"ranks_per_node ({c.ranks_per_node}) must divide dp ({c.dp})")
     if not c.bucket_mb > 0:
         p.append(f"bucket_mb must be > 0, got {c.bucket_mb}")
     if c.compress != "none":

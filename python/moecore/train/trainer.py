@@ -18,7 +18,7 @@ import moecore
 from moecore import nn, optim
 from moecore.autograd.random import get_rng_state, set_rng_state
 from moecore.data import Corpus, load_corpus, train_batch, val_batches
-from moecore.dist import DataParallel, Group, SingleProcess, init
+from moecore.dist import DataParallel, Group, HierarchicalGroup, MPIGroup, SingleProcess, init
 from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
 from moecore.ops.moe import set_aux_loss_scale
@@ -58,8 +58,14 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> optim.AdamW:
 
 
 def _world(config: RunConfig) -> Group:
-    """The job's group: MPI when dp > 1 (under mpiexec), else this process alone."""
-    return init() if config.dp > 1 else SingleProcess()
+    """The job's group: MPI when dp > 1 (under mpiexec; hierarchical all-reduce when
+    ranks_per_node > 1), else this process alone."""
+    if config.dp == 1:
+        return SingleProcess()
+    world = init()
+    if config.ranks_per_node > 1 and isinstance(world, MPIGroup) and world.size == config.dp:
+        return HierarchicalGroup(world, config.ranks_per_node)
+    return world
 
 
 class _NoMetrics:
