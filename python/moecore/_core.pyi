@@ -196,7 +196,6 @@ def compress_decompress_sum(
 
 # -- comm -----------------------------------------------------------------------------------
 @final
-@disjoint_base
 class CommScheduler:
     def __new__(
         cls,

@@ -53,8 +53,8 @@ impl PyScheduler {
 impl PyScheduler {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (grads, *, world, first_bucket_bytes=1 << 20, cap_bytes=25 << 20,
-        policy="fifo", partition_bytes=4 << 20, credit_bytes=16 << 20, compress_ratio=None,
+    #[pyo3(signature = (grads, *, world, first_bucket_bytes=1048576, cap_bytes=26214400,
+        policy="fifo", partition_bytes=4194304, credit_bytes=16777216, compress_ratio=None,
         warmup_steps=0, compress_when="auto"))]
     fn new(
         grads: Vec<(String, i128, String, i128, i128)>,
