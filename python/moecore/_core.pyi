@@ -226,3 +226,20 @@ class CommScheduler:
     def unready(self) -> list[int]: ...
     def observed_order(self) -> list[int] | None: ...
     def rebuild(self, order: Sequence[int]) -> None: ...
+
+def comm_simulate(
+    scheduler: CommScheduler,
+    *,
+    forward_s: float,
+    ready_order: Sequence[int],
+    backward_s: Sequence[float],
+    optimizer_s: float,
+    ranks_per_node: int,
+    intra_latency_s: float,
+    intra_bytes_per_s: float,
+    inter_latency_s: float,
+    inter_bytes_per_s: float,
+    hierarchical: bool = False,
+    compress_s_per_elem: float = 0.0,
+    decode_s_per_entry: float = 0.0,
+) -> dict[str, Any]: ...

@@ -38,7 +38,16 @@ import numpy as np
 
 from moecore import _core
 
-__all__ = ["Action", "Bucket", "GradSpec", "Scheduler"]
+__all__ = [
+    "Action",
+    "Bucket",
+    "CostModel",
+    "GradSpec",
+    "Link",
+    "Scheduler",
+    "StepProfile",
+    "simulate",
+]
 
 _MB = 1 << 20
 
@@ -205,3 +214,70 @@ class Scheduler:
             "policy": self.policy,
             "buckets": [(b.numel, b.dtype, b.layer) for b in self.buckets()],
         }
+
+
+# --- the simulator ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link: one-way latency in seconds and bandwidth in Gbit/s."""
+
+    latency_s: float
+    gbit_per_s: float
+
+    @property
+    def bytes_per_s(self) -> float:
+        """Bandwidth in bytes per second."""
+        return self.gbit_per_s * 1e9 / 8
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Two-level topology (``ranks_per_node`` consecutive ranks share a node) and the costs
+    of compression: seconds per element to compress, per received entry to decode."""
+
+    ranks_per_node: int = 1
+    intra: Link = Link(5e-6, 100.0)
+    inter: Link = Link(50e-6, 10.0)
+    hierarchical: bool = False
+    compress_s_per_elem: float = 0.0
+    decode_s_per_entry: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """The compute of one step: forward, then per gradient (in the order backward finishes
+    them) the compute time until it is ready, then the optimizer."""
+
+    forward_s: float
+    ready_order: tuple[int, ...]
+    backward_s: tuple[float, ...]
+    optimizer_s: float
+
+
+def simulate(scheduler: Scheduler, profile: StepProfile, cost: CostModel) -> dict[str, Any]:
+    """Predicts a steady-state step (buckets rebuilt from ``profile.ready_order``, past the
+    warm-up) by replaying ``scheduler``'s own decisions on ``cost``: operations queue on one
+    link and run one at a time (α–β ring model; hierarchical all-reduce when asked). It
+    assumes operations progress during compute (polling thread or NCCL).
+
+    Returns ``step_s``, ``compute_s``, ``exposed_s`` (step minus compute), ``comm_s`` (sum
+    of operation times), ``ops`` and ``compressed_buckets``."""
+    return dict(
+        _core.comm_simulate(
+            scheduler._core,
+            forward_s=profile.forward_s,
+            ready_order=list(profile.ready_order),
+            backward_s=list(profile.backward_s),
+            optimizer_s=profile.optimizer_s,
+            ranks_per_node=cost.ranks_per_node,
+            intra_latency_s=cost.intra.latency_s,
+            intra_bytes_per_s=cost.intra.bytes_per_s,
+            inter_latency_s=cost.inter.latency_s,
+            inter_bytes_per_s=cost.inter.bytes_per_s,
+            hierarchical=cost.hierarchical,
+            compress_s_per_elem=cost.compress_s_per_elem,
+            decode_s_per_entry=cost.decode_s_per_entry,
+        )
+    )

@@ -14,6 +14,7 @@
 //! - [`policy`]: `fifo` (buckets in order, as DDP) or `priority` (ByteScheduler: the layer
 //!   nearest the input first, buckets above a size partitioned, a credit of bytes in flight).
 //! - [`scheduler`]: the per-step state machine.
+//! - [`sim`]: the step-time simulator, replaying the scheduler's decisions on a cost model.
 //!
 //! Every decision depends only on the configuration and on the order in which buckets
 //! complete *in bucket order*, never on timing, so every rank issues the same collectives in
@@ -23,11 +24,13 @@
 pub mod bucket;
 pub mod policy;
 pub mod scheduler;
+pub mod sim;
 pub mod transport;
 
 pub use bucket::{assign_buckets, Bucket, BucketConfig, GradInfo, Slice};
 pub use policy::{plan_ops, Op, Policy};
-pub use scheduler::{Action, Scheduler};
+pub use scheduler::{Action, Scheduler, SchedulerConfig};
+pub use sim::{simulate, CostModel, Link, SimResult, StepProfile};
 pub use transport::{choose_transport, CompressPlan, CompressWhen, Transport};
 
 /// What the scheduler rejects.

@@ -6,7 +6,8 @@ use pyo3::types::PyDict;
 
 use crate::comm::scheduler::SchedulerConfig;
 use crate::comm::{
-    Action, BucketConfig, CommError, CompressPlan, CompressWhen, GradInfo, Op, Policy, Scheduler,
+    simulate, Action, BucketConfig, CommError, CompressPlan, CompressWhen, CostModel, GradInfo,
+    Link, Op, Policy, Scheduler, StepProfile,
 };
 
 use super::errors::SchedulerMisuse;
@@ -207,4 +208,61 @@ impl PyScheduler {
             self.inner.rebuild(&order)
         })??)
     }
+}
+
+/// Predicts one steady-state step of `scheduler`'s gradients and configuration on a cost
+/// model (see `rust/comm/sim.rs`). Returns step_s, compute_s, exposed_s, comm_s, ops,
+/// compressed_buckets.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (scheduler, *, forward_s, ready_order, backward_s, optimizer_s,
+    ranks_per_node, intra_latency_s, intra_bytes_per_s, inter_latency_s, inter_bytes_per_s,
+    hierarchical=false, compress_s_per_elem=0.0, decode_s_per_entry=0.0))]
+pub fn comm_simulate<'py>(
+    py: Python<'py>,
+    scheduler: PyRef<'py, PyScheduler>,
+    forward_s: f64,
+    ready_order: Vec<usize>,
+    backward_s: Vec<f64>,
+    optimizer_s: f64,
+    ranks_per_node: i128,
+    intra_latency_s: f64,
+    intra_bytes_per_s: f64,
+    inter_latency_s: f64,
+    inter_bytes_per_s: f64,
+    hierarchical: bool,
+    compress_s_per_elem: f64,
+    decode_s_per_entry: f64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let model = CostModel {
+        ranks_per_node: usize_arg("ranks_per_node", ranks_per_node)?,
+        intra: Link {
+            latency_s: intra_latency_s,
+            bytes_per_s: intra_bytes_per_s,
+        },
+        inter: Link {
+            latency_s: inter_latency_s,
+            bytes_per_s: inter_bytes_per_s,
+        },
+        hierarchical,
+        compress_s_per_elem,
+        decode_s_per_entry,
+    };
+    let profile = StepProfile {
+        forward_s,
+        ready_order,
+        backward_s,
+        optimizer_s,
+    };
+    let grads = scheduler.inner.grads().to_vec();
+    let cfg = *scheduler.inner.config();
+    let r = guarded("comm_simulate", || simulate(&grads, cfg, &model, &profile))??;
+    let d = PyDict::new(py);
+    d.set_item("step_s", r.step_s)?;
+    d.set_item("compute_s", r.compute_s)?;
+    d.set_item("exposed_s", r.exposed_s)?;
+    d.set_item("comm_s", r.comm_s)?;
+    d.set_item("ops", r.ops)?;
+    d.set_item("compressed_buckets", r.compressed_buckets)?;
+    Ok(d)
 }

@@ -19,7 +19,7 @@ mod sparse;
 #[pyo3::pymodule]
 mod _core {
     #[pymodule_export]
-    use super::comm::PyScheduler;
+    use super::comm::{comm_simulate, PyScheduler};
     #[pymodule_export]
     use super::compress::{
         compress_decode, compress_decompress, compress_decompress_into, compress_decompress_sum,
