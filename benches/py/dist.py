@@ -16,13 +16,19 @@ communication) is timed against the 1-rank step. In the ``none`` variant "expose
 barrier after backward: how long the faster rank waits for the slower one, which every
 other variant pays too. Correctness: after the runs the ranks'
 parameters are compared (they must be identical). Results go to
-``benches/results/dist.json``. The 1 Gbit/s shaped-link harness (network namespaces + tbf)
-is not implemented yet.
+``benches/results/dist.json``.
+
+With ``--shaped`` (root) the 2-rank run is repeated inside a network namespace whose
+loopback is shaped to 1 Gbit/s with ``tc … tbf`` (MPICH forced onto TCP), deleted afterwards.
+Next to each measured step: the simulator's prediction (``moecore.comm.simulate``) from a
+profiled step of the same rank and an α–β link fitted to blocking all-reduces of 4 KiB and
+16 MiB on the same group.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -49,6 +55,29 @@ VARIANTS = [
         {"compress": "topk:0.01", "compress_when": "always", "progress": "thread"},
     ),
 ]
+
+
+NAMESPACE = "moecore-shaped"
+
+
+@contextlib.contextmanager
+def shaped_namespace(wanted: bool):
+    """A network namespace whose loopback is shaped to 1 Gbit/s with tbf (netem is not
+    available here), deleted afterwards whatever happens."""
+    if not wanted:
+        yield
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("--shaped needs root (network namespaces and tc)")
+    subprocess.run(["ip", "netns", "add", NAMESPACE], check=True)
+    try:
+        ns = ["ip", "netns", "exec", NAMESPACE]
+        subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True)
+        tbf = ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1gbit"]
+        subprocess.run([*ns, *tbf, "burst", "256kb", "latency", "50ms"], check=True)
+        yield
+    finally:
+        subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
 
 
 def _model(preset: str, seq: int):
@@ -86,17 +115,73 @@ def _comm_alone(dp, group, repeat: int = 3) -> float:
     return float(np.median(times))
 
 
+def _link(group, nbytes: int = 16 << 20):
+    """An α–β link fitted to blocking all-reduces of 4 KiB and 16 MiB on this group."""
+    from moecore.comm import Link
+
+    ts = []
+    for n in (1024, nbytes // 4):
+        buf = np.ones(n, np.float32)
+        for _ in range(2):
+            group.allreduce(buf)
+        times = []
+        for _ in range(5):
+            group.barrier()
+            t0 = time.perf_counter()
+            group.allreduce(buf)
+            times.append(time.perf_counter() - t0)
+        ts.append(float(np.median(times)))
+    p = group.size
+    # Ring: t = 2(P−1)α + 2(P−1)/P · bytes/β.
+    beta = 2 * (p - 1) / p * (nbytes - 4096) / max(ts[1] - ts[0], 1e-9)
+    alpha = max(0.0, (ts[0] - 2 * (p - 1) / p * 4096 / beta) / (2 * (p - 1)))
+    return Link(alpha, beta * 8 / 1e9)
+
+
+def _predict(dp, profile, link, group) -> float:
+    from moecore.comm import CostModel, Scheduler, simulate
+    from moecore.train.plan import compression_costs
+
+    ratio = None if dp.compressor is None else dp.compressor.ratio
+    per_elem, per_entry = compression_costs(ratio or 0.01)
+    cost = CostModel(
+        intra=link,
+        inter=link,
+        compress_s_per_elem=per_elem,
+        decode_s_per_entry=per_entry,
+    )
+    s = dp.scheduler
+    fresh = Scheduler(
+        s.grads,
+        world=group.size,
+        bucket_mb=dp.settings["bucket_mb"],
+        policy=s.policy,
+        compress_ratio=ratio,
+        compress_when=dp.settings["compress_when"],
+    )
+    return simulate(fresh, profile, cost)["step_s"]
+
+
 def worker(args: argparse.Namespace) -> None:
     from moecore import dist, optim
+    from moecore.train.plan import profile_step
 
     group = dist.init()
     rows = args.global_batch // group.size
     out = []
+    link = _link(group) if group.size > 1 else None
     variants = VARIANTS if group.size > 1 else VARIANTS[:1]
     for name, kw in variants:
         model, cfg = _model(args.preset, args.seq)
-        dp = None if name == "none" else dist.DataParallel(model, group, **kw)
         opt = optim.SGD(model.parameters(), lr=1e-3)
+        x, y = _batch(cfg, 0, rows, group.rank)
+        profile = profile_step(model, x, y, opt)  # before the hooks exist
+        dp = None if name == "none" else dist.DataParallel(model, group, **kw)
+        if dp is not None:
+            dp.settings = {
+                "bucket_mb": kw.get("bucket_mb", 25),
+                "compress_when": kw.get("compress_when", "auto"),
+            }
         rec = {"fwd": [], "bwd": [], "finish": [], "step": []}
         for step in range(2 + args.steps):
             x, y = _batch(cfg, step, rows, group.rank)
@@ -122,6 +207,9 @@ def worker(args: argparse.Namespace) -> None:
         if dp is not None:
             dp.remove_hooks()
             med["alone"] = _comm_alone(dp, group)
+            med["predicted"] = _predict(dp, profile, link, group)
+            med["link_gbit"] = link.gbit_per_s
+            med["link_latency_us"] = link.latency_s * 1e6
             med["buckets"] = len(dp.buckets)
             med["allgather_bytes"] = dp.last_stats.get("allgather_bytes", 0)
             med["in_backward"] = dp.last_stats.get("launched_in_backward", 0)
@@ -161,6 +249,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument(
+        "--shaped",
+        action="store_true",
+        help="also run 2 ranks in a network namespace shaped to 1 Gbit/s (root; cleaned up)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -170,18 +263,30 @@ def main() -> None:
     me = [sys.executable, "-m", "mpi4py", __file__, "--worker"]
     opts = ["--preset", args.preset, "--seq", str(args.seq)]
     opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
-    mpiexec = Path(sys.executable).parent / "mpiexec"
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    runs = [("loopback", [*me, *opts]), ("loopback", [mpiexec, "-n", "2", *me, *opts])]
+    if args.shaped:
+        # MPICH over TCP (no shared memory) inside the namespace, whose loopback is shaped.
+        tcp = ["MPIR_CVAR_CH4_NETMOD=ofi", "FI_PROVIDER=tcp", "MPIR_CVAR_NOLOCAL=1"]
+        inside = ["ip", "netns", "exec", NAMESPACE, "env", *tcp]
+        runs.append(("1gbit", [*inside, mpiexec, "-n", "2", *me, *opts]))
     results = []
     load = [open("/proc/loadavg").read().split()[:3]]
-    for cmd in ([*me, *opts], [str(mpiexec), "-n", "2", *me, *opts]):
-        done = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=3600
-        )
-        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-        if done.returncode or not line:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
-        results += json.loads(line[0][7:])
-        load.append(open("/proc/loadavg").read().split()[:3])
+    with shaped_namespace(args.shaped):
+        for link, cmd in runs:
+            done = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=3600,
+            )
+            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if done.returncode or not line:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+            results += [{"link": link, **r} for r in json.loads(line[0][7:])]
+            load.append(open("/proc/loadavg").read().split()[:3])
     base = results[0]
     rows = []
     for r in results:
@@ -190,6 +295,7 @@ def main() -> None:
         hidden = "" if not alone else f"{max(0.0, 1 - exposed / alone):.0%}"
         rows.append(
             [
+                r["link"],
                 r["variant"],
                 r["ranks"],
                 f"{r['step'] * 1e3:.0f}",
@@ -199,6 +305,7 @@ def main() -> None:
                 "" if alone is None else f"{alone * 1e3:.1f}",
                 hidden,
                 f"{r['step'] / base['step']:.2f}",
+                f"{r['predicted'] * 1e3:.0f}" if "predicted" in r else "",
                 r.get("ranks_identical", ""),
             ]
         )
@@ -217,6 +324,7 @@ def main() -> None:
                 "comm alone ms",
                 "hidden",
                 "step / 1-rank",
+                "predicted ms",
                 "ranks equal",
             ],
         )
