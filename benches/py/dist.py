@@ -315,6 +315,7 @@ def main() -> None:
         table(
             rows,
             [
+                "link",
                 "variant",
                 "ranks",
                 "step ms",
