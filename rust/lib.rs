@@ -3,6 +3,7 @@
 //! Each module below is pure Rust (no Python types) and is unit-tested and benchmarked on its
 //! own; `py` (feature `python`) holds the thin PyO3 bindings.
 
+pub mod comm;
 pub mod compress;
 pub mod cpu;
 pub mod fused;

@@ -12,6 +12,7 @@ from moecore import errors
         (errors.PoolOutOfMemory, MemoryError),
         (errors.CorruptPayload, ValueError),
         (errors.InternalError, RuntimeError),
+        (errors.SchedulerMisuse, ValueError),
     ],
 )
 def test_exceptions_subclass_builtins(cls, builtin):

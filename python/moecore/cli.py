@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,60 @@ def _format_status(status: dict[str, Any]) -> str:
         return f"no ({status.get('reason', 'unavailable')})"
     details = ", ".join(f"{k} {v}" for k, v in status.items() if k != "available")
     return f"yes ({details})"
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from moecore.comm import CostModel, Link
+    from moecore.dist import parse_compress
+    from moecore.train import ConfigError, build_config, parse_overrides
+    from moecore.train.plan import compression_costs, plan, profile_step
+    from moecore.train.trainer import build_model, build_optimizer
+
+    try:
+        config = build_config(args.preset, args.config, parse_overrides(args.set or []))
+        compressor = parse_compress(args.compress)
+        if any(w < 1 for w in args.workers) or args.ranks_per_node < 1:
+            raise ValueError("--workers and --ranks-per-node must be ≥ 1")
+        if args.gbit <= 0 or args.intra_gbit <= 0:
+            raise ValueError("--gbit and --intra-gbit must be > 0")
+    except (ConfigError, ValueError, TypeError) as exc:
+        return _fail(str(exc))
+    model = build_model(config)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, size=(config.batch_size, config.seq_len + 1))
+    profile = profile_step(model, ids[:, :-1], ids[:, 1:], build_optimizer(model, config))
+    ratio = None if compressor is None else compressor.ratio
+    per_elem, per_entry = compression_costs(ratio or 0.01)
+    cost = CostModel(
+        ranks_per_node=args.ranks_per_node,
+        intra=Link(args.intra_latency_us * 1e-6, args.intra_gbit),
+        inter=Link(args.latency_us * 1e-6, args.gbit),
+        hierarchical=args.hierarchical,
+        compress_s_per_elem=per_elem,
+        decode_s_per_entry=per_entry,
+    )
+    rows = plan(model, profile, args.workers, cost, ratio, args.bucket_mb)
+    if args.json:
+        print(json.dumps({"profile": profile.__dict__, "rows": rows}, indent=1))
+        return 0
+    compute = sum(profile.backward_s) + profile.forward_s + profile.optimizer_s
+    print(
+        f"profiled step (batch {config.batch_size} x {config.seq_len} per rank): "
+        f"{compute * 1e3:.1f} ms compute (forward {profile.forward_s * 1e3:.1f}, backward "
+        f"{sum(profile.backward_s) * 1e3:.1f}, optimizer {profile.optimizer_s * 1e3:.1f}); "
+        f"link {args.gbit:g} Gbit/s, {args.latency_us:g} us between nodes, "
+        f"{args.ranks_per_node} ranks per node"
+        + (" (hierarchical all-reduce)" if args.hierarchical else "")
+    )
+    print(f"{'workers':>7}  {'variant':<16} {'step ms':>9} {'exposed ms':>11} {'comm ms':>9}")
+    for r in rows:
+        print(
+            f"{r['workers']:>7}  {r['variant']:<16} {r['step_s'] * 1e3:>9.1f} "
+            f"{r['exposed_s'] * 1e3:>11.1f} {r['comm_s'] * 1e3:>9.1f}"
+        )
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -47,6 +102,20 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _train_or_abort(trainer: Any) -> Any:
+    """Trains; under MPI, an exception on this rank is shown and then ends every rank
+    (``MPI_Abort``) instead of leaving the others waiting in a collective forever."""
+    if trainer.group.size == 1:
+        return trainer.train()
+    try:
+        return trainer.train()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        trainer.group.abort(1)
+        raise
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from moecore.data import DataError
     from moecore.train import (
@@ -64,6 +133,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides["data"] = args.data
         if args.vocab is not None:
             overrides["vocab"] = args.vocab
+        if args.ep is not None and args.ep != 1:
+            return _fail("--ep (expert parallelism) is not implemented yet; use --dp")
+        for flag, key in (
+            ("dp", "dp"),
+            ("compress", "compress"),
+            ("bucket_mb", "bucket_mb"),
+            ("comm_policy", "comm_policy"),
+            ("compress_warmup", "compress_warmup"),
+            ("ranks_per_node", "ranks_per_node"),
+        ):
+            if getattr(args, flag) is not None:
+                overrides[key] = getattr(args, flag)
         if args.resume:
             trainer = Trainer.resume(Path(args.resume), overrides=overrides)
         else:
@@ -72,7 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
                 return _fail(f"{out} already holds a run; use --resume {out} or another --out")
             trainer = Trainer(config, out)
-        result = trainer.train()
+        result = _train_or_abort(trainer)
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc))
     except TrainingDiverged as exc:
@@ -177,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="a text file, a folder of text files, or a .bin/.npy of uint16 token ids"
     )
     train.add_argument("--vocab", type=int, help="vocabulary size of .bin/.npy token data")
+    dist = train.add_argument_group(
+        "distributed", "run under mpiexec -n DP (pip install 'moecore[mpi]')"
+    )
+    dist.add_argument("--dp", type=int, help="data-parallel ranks (= mpiexec -n)")
+    dist.add_argument("--ep", type=int, help="expert-parallel ranks (not implemented yet)")
+    dist.add_argument("--compress", help="gradient compression: none or topk:<ratio>")
+    dist.add_argument("--compress-warmup", type=int, help="dense steps before compressing")
+    dist.add_argument("--bucket-mb", type=float, help="gradient bucket cap in MiB (25)")
+    dist.add_argument(
+        "--comm-policy", choices=["fifo", "priority"], help="bucket launch policy (fifo)"
+    )
+    dist.add_argument(
+        "--ranks-per-node", type=int, help="> 1: hierarchical all-reduce over nodes of this size"
+    )
     train.set_defaults(handler=_cmd_train)
 
     gen = sub.add_parser("generate", help="sample text from a trained run")
@@ -202,6 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="summary of a run (and a PNG with matplotlib)")
     rep.add_argument("run", metavar="RUN_DIR", help="run directory")
     rep.set_defaults(handler=_cmd_report)
+
+    pl = sub.add_parser(
+        "plan", help="predict step time and exposed communication at 2 to 1024 workers"
+    )
+    pl.add_argument("--preset", default="moe-small", help="model preset (default moe-small)")
+    pl.add_argument("--config", help="TOML run configuration (applied over the preset)")
+    pl.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override run settings")
+    pl.add_argument("--workers", type=int, nargs="+", default=[2, 8, 64, 256, 1024])
+    pl.add_argument("--gbit", type=float, default=10.0, help="inter-node bandwidth, Gbit/s")
+    pl.add_argument("--latency-us", type=float, default=50.0, help="inter-node latency")
+    pl.add_argument("--ranks-per-node", type=int, default=1)
+    pl.add_argument("--intra-gbit", type=float, default=100.0, help="intra-node bandwidth")
+    pl.add_argument("--intra-latency-us", type=float, default=5.0)
+    pl.add_argument("--hierarchical", action="store_true", help="hierarchical all-reduce")
+    pl.add_argument("--compress", default="topk:0.01", help="none or topk:<ratio>")
+    pl.add_argument("--bucket-mb", type=float, default=25.0)
+    pl.add_argument("--json", action="store_true", help="print the rows as JSON")
+    pl.set_defaults(handler=_cmd_plan)
 
     info = sub.add_parser(
         "info", help="show the build, CPU features, numpy, GPU and MPI availability"

@@ -6,6 +6,18 @@ Each subclasses the builtin a user would already catch (``ValueError``, ``Memory
 
 from __future__ import annotations
 
-from moecore._core import CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory
+from moecore._core import (
+    CorruptPayload,
+    InternalError,
+    PoolMisuse,
+    PoolOutOfMemory,
+    SchedulerMisuse,
+)
 
-__all__ = ["CorruptPayload", "InternalError", "PoolMisuse", "PoolOutOfMemory"]
+__all__ = [
+    "CorruptPayload",
+    "InternalError",
+    "PoolMisuse",
+    "PoolOutOfMemory",
+    "SchedulerMisuse",
+]

@@ -29,3 +29,9 @@ create_exception!(
     PyRuntimeError,
     "A bug inside moecore (a Rust panic caught at the boundary); please report it."
 );
+create_exception!(
+    moecore.errors,
+    SchedulerMisuse,
+    PyValueError,
+    "The communication scheduler was given bad gradients, a bad config, or called out of order."
+);

@@ -4,6 +4,7 @@
 //! [`gil::detached`] (which also keeps panics from reaching Python), call the pure-Rust
 //! function, and map the module's error enum to the exceptions defined in [`errors`].
 
+mod comm;
 mod compress;
 mod errors;
 mod fused;
@@ -19,12 +20,16 @@ mod sparse;
 #[pyo3::pymodule]
 mod _core {
     #[pymodule_export]
+    use super::comm::{comm_simulate, PyScheduler};
+    #[pymodule_export]
     use super::compress::{
         compress_decode, compress_decompress, compress_decompress_into, compress_decompress_sum,
         compress_encode, compress_header, compress_int8, compress_select, compress_topk,
     };
     #[pymodule_export]
-    use super::errors::{CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory};
+    use super::errors::{
+        CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory, SchedulerMisuse,
+    };
     #[pymodule_export]
     use super::fused::{
         fused_attention_backward, fused_attention_forward, fused_gelu, fused_gelu_backward,

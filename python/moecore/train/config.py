@@ -4,6 +4,7 @@ overrides, validated as a whole before anything starts (every problem listed at 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, fields
@@ -54,6 +55,14 @@ class RunConfig(ModelConfig):
     # data
     data: str = ""
     vocab: int = 0
+    # distributed (``mpiexec -n dp moecore train --dp dp``): data-parallel ranks, gradient
+    # compression ("none" or "topk:<ratio>"), and the communication scheduler's settings
+    dp: int = 1
+    compress: str = "none"
+    compress_warmup: int = 0
+    bucket_mb: float = 25.0
+    comm_policy: str = "fifo"
+    ranks_per_node: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict (for JSON and TOML)."""
@@ -92,6 +101,7 @@ _CHOICES = {
     "position": ("learned", "rope"),
     "schedule": ("cosine", "linear", "constant"),
     "dtype": ("float32",),
+    "comm_policy": ("fifo", "priority"),
 }
 
 
@@ -144,6 +154,8 @@ def _check_values(c: RunConfig) -> list[str]:
         "eval_batches",
         "keep_checkpoints",
         "max_bad_steps",
+        "dp",
+        "ranks_per_node",
     ]
     for key in positive:
         if getattr(c, key) < 1:
@@ -157,6 +169,7 @@ def _check_values(c: RunConfig) -> list[str]:
         "n_shared_experts",
         "vocab",
         "seed",
+        "compress_warmup",
     ):
         if getattr(c, key) < 0:
             p.append(f"{key} must be ≥ 0, got {getattr(c, key)}")
@@ -191,6 +204,20 @@ def _check_values(c: RunConfig) -> list[str]:
         p.append(f"min_lr ({c.min_lr}) must not exceed lr ({c.lr})")
     if c.first_dense_layers > c.n_layers:
         p.append(f"first_dense_layers ({c.first_dense_layers}) exceeds n_layers ({c.n_layers})")
+    if c.dp >= 1 and c.batch_size % c.dp:
+        p.append(f"batch_size ({c.batch_size}) must be a multiple of dp ({c.dp})")
+    if c.dp >= 1 and c.ranks_per_node >= 1 and c.dp % c.ranks_per_node:
+        p.append(f"ranks_per_node ({c.ranks_per_node}) must divide dp ({c.dp})")
+    if not c.bucket_mb > 0:
+        p.append(f"bucket_mb must be > 0, got {c.bucket_mb}")
+    if c.compress != "none":
+        m = re.fullmatch(r"topk:([0-9.eE+-]+)", c.compress)
+        try:
+            ratio = float(m.group(1)) if m else -1.0
+        except ValueError:
+            ratio = -1.0
+        if not 0 < ratio <= 1:
+            p.append(f"compress must be 'none' or 'topk:<ratio in (0, 1]>', got {c.compress!r}")
     if c.data.endswith((".bin", ".npy")) and c.vocab < 1:
         p.append(f"data {c.data} holds token ids: set vocab to the vocabulary size")
     return p

@@ -3,7 +3,9 @@ metrics, anomaly detection, checkpoints and bit-exact resumption."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -16,11 +18,12 @@ import moecore
 from moecore import nn, optim
 from moecore.autograd.random import get_rng_state, set_rng_state
 from moecore.data import Corpus, load_corpus, train_batch, val_batches
+from moecore.dist import DataParallel, Group, HierarchicalGroup, MPIGroup, SingleProcess, init
 from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
 from moecore.ops.moe import set_aux_loss_scale
 from moecore.train import checkpoint
-from moecore.train.config import RunConfig, config_from_dict
+from moecore.train.config import ConfigError, RunConfig, config_from_dict
 from moecore.train.memory import keep_freed_memory
 from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
@@ -55,6 +58,32 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> optim.AdamW:
     return optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
 
 
+def _world(config: RunConfig) -> Group:
+    """The job's group: MPI when dp > 1 (under mpiexec; hierarchical all-reduce when
+    ranks_per_node > 1), else this process alone."""
+    if config.dp == 1:
+        return SingleProcess()
+    world = init()
+    if config.ranks_per_node > 1 and isinstance(world, MPIGroup) and world.size == config.dp:
+        return HierarchicalGroup(world, config.ranks_per_node)
+    return world
+
+
+class _NoMetrics:
+    """What ranks other than 0 log to: nothing."""
+
+    offset = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Drops ``record``."""
+
+    def sync(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class Trainer:
     """Runs the training loop of a run directory.
 
@@ -71,12 +100,19 @@ class Trainer:
         run_dir: Path,
         corpus: Corpus | None = None,
         out: TextIO | None = None,
+        group: Group | None = None,
     ) -> None:
         self.config = config
         if config.keep_freed_memory:
             keep_freed_memory()
         self.run_dir = Path(run_dir)
-        self.out = out or sys.stdout
+        self.group = group if group is not None else _world(config)
+        if self.group.size != config.dp:
+            raise ConfigError(
+                [f"dp is {config.dp} but the job has {self.group.size} ranks (mpiexec -n)"]
+            )
+        # Only rank 0 shows progress and writes files.
+        self.out = (out or sys.stdout) if self.group.is_root else open(os.devnull, "w")
         self.corpus = (
             corpus if corpus is not None else load_corpus(config.data or None, config.vocab or None)
         )
@@ -86,6 +122,18 @@ class Trainer:
             )
         self.corpus.check_length(config.seq_len)
         self.model = build_model(config)
+        self.ddp = (
+            DataParallel(
+                self.model,
+                self.group,
+                bucket_mb=config.bucket_mb,
+                policy=config.comm_policy,
+                compress=config.compress,
+                warmup_steps=config.compress_warmup,
+            )
+            if self.group.size > 1
+            else None
+        )
         self.optimizer = build_optimizer(self.model, config)
         self.schedule = optim.LRScheduler(
             self.optimizer,
@@ -133,8 +181,11 @@ class Trainer:
         self._metrics_offset = int(state["metrics_offset"])
         self.last_val = state.get("last_val")
 
-    def save_checkpoint(self, metrics: MetricsLog) -> Path:
-        """Writes a checkpoint of the current step (atomically)."""
+    def save_checkpoint(self, metrics: MetricsLog) -> Path | None:
+        """Writes a checkpoint of the current step (atomically); rank 0 only (None on the
+        others)."""
+        if not self.group.is_root:
+            return None
         metrics.sync()
         opt_state = self.optimizer.state_dict()
         tensors, scalars = {}, {}
@@ -184,16 +235,32 @@ class Trainer:
         total_loss = 0.0
         loads = [np.zeros(cfg.n_experts, np.int64) for _ in self.model.moe_layers()]
         dropped = 0
+        g = self.group
+        rows = cfg.batch_size // g.size
         for micro in range(accum):
             x, y = train_batch(
                 self.corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, self.step, micro
             )
+            # Data parallel: each rank takes its rows of the same global batch.
+            x, y = x[g.rank * rows : (g.rank + 1) * rows], y[g.rank * rows : (g.rank + 1) * rows]
             loss = self.model(x, y)
             total_loss += loss.item() / accum
-            (loss * (1.0 / accum) if accum > 1 else loss).backward()
+            sync = self.ddp is None or micro == accum - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():  # type: ignore[union-attr]
+                (loss * (1.0 / accum) if accum > 1 else loss).backward()
             for i, layer in enumerate(self.model.moe_layers()):
                 loads[i] += layer.last_stats["tokens_per_expert"]
                 dropped += layer.last_stats["dropped"]
+        if self.ddp is not None:
+            self.ddp.finish()
+            # Loss, routing statistics and the bias update use the whole global batch.
+            summed = np.array([total_loss, dropped], dtype=np.float64)
+            g.allreduce(summed)
+            total_loss, dropped = float(summed[0]) / g.size, int(summed[1])
+            for load in loads:
+                g.allreduce(load)
+            for layer in self.model.moe_layers():
+                g.allreduce(layer._load_since_update)
         params = list(self.model.parameters())
         grad_norm = optim.clip_grad_norm_(params, cfg.clip)
         flags = self.monitor.observe(total_loss, grad_norm)
@@ -221,8 +288,13 @@ class Trainer:
         and returns with ``interrupted=True``."""
         cfg = self.config
         progress = Progress(cfg.steps, self.out)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self._metrics_offset)
-        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        metrics: Any = (
+            MetricsLog(self.run_dir / "metrics.jsonl", self._metrics_offset)
+            if self.group.is_root
+            else _NoMetrics()
+        )
+        if self.group.is_root:
+            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         if self.step == 0:
             progress.message(f"data   {self.corpus.describe()}")
             progress.message(

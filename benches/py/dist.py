@@ -1,0 +1,344 @@
+"""Data parallelism over MPI on this machine (loopback): step time with 1 vs 2 ranks, dense
+vs top-k compressed, fifo vs priority, and how much communication backward hides.
+
+Run (release build and the ``mpi`` extra installed)::
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/dist.py [--preset moe-small]
+
+It launches itself once as a single process and once under ``mpiexec -n 2 python -m mpi4py``
+(one BLAS thread per rank). Each variant runs ``--steps`` timed steps (after 2 warm-up steps)
+of the model at the same global batch; per step it times forward, backward (which includes
+the gradient hooks and the launches), and ``finish`` (what is left of the communication:
+the *exposed* part). Then, on the same gradients, it times the communication alone
+(blocking: one all-reduce of every bucket, or compress + all-gather + decode), so
+``hidden = 1 − exposed / alone``. The scheduler's own cost (every decision of a step, no
+communication) is timed against the 1-rank step. In the ``none`` variant "exposed" is a
+barrier after backward: how long the faster rank waits for the slower one, which every
+other variant pays too. Correctness: after the runs the ranks'
+parameters are compared (they must be identical). Results go to
+``benches/results/dist.json``.
+
+With ``--shaped`` (root) the 2-rank run is repeated inside a network namespace whose
+loopback is shaped to 1 Gbit/s with ``tc … tbf`` (MPICH forced onto TCP), deleted afterwards.
+Next to each measured step: the simulator's prediction (``moecore.comm.simulate``) from a
+profiled step of the same rank and an α–β link fitted to blocking all-reduces of 4 KiB and
+16 MiB on the same group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import blas_info, table, write_results
+
+VARIANTS = [
+    ("none", {}),  # every rank trains alone: no gradient communication, one barrier
+    ("dense-fifo", {"policy": "fifo"}),
+    ("dense-priority", {"policy": "priority"}),
+    ("dense-fifo-4MB", {"policy": "fifo", "bucket_mb": 4}),
+    ("dense-fifo-4MB-thread", {"policy": "fifo", "bucket_mb": 4, "progress": "thread"}),
+    ("dense-priority-thread", {"policy": "priority", "progress": "thread"}),
+    ("topk-0.01", {"compress": "topk:0.01", "compress_when": "always"}),
+    ("topk-0.001", {"compress": "topk:0.001", "compress_when": "always"}),
+    (
+        "topk-0.01-thread",
+        {"compress": "topk:0.01", "compress_when": "always", "progress": "thread"},
+    ),
+]
+
+
+NAMESPACE = "moecore-shaped"
+
+
+@contextlib.contextmanager
+def shaped_namespace(wanted: bool):
+    """A network namespace whose loopback is shaped to 1 Gbit/s with tbf (netem is not
+    available here), deleted afterwards whatever happens."""
+    if not wanted:
+        yield
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("--shaped needs root (network namespaces and tc)")
+    subprocess.run(["ip", "netns", "add", NAMESPACE], check=True)
+    try:
+        ns = ["ip", "netns", "exec", NAMESPACE]
+        subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True)
+        tbf = ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1gbit"]
+        subprocess.run([*ns, *tbf, "burst", "256kb", "latency", "50ms"], check=True)
+        yield
+    finally:
+        subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
+
+
+def _model(preset: str, seq: int):
+    import moecore as mc
+    from moecore.models import MoETransformer
+    from moecore.models.config import ModelConfig
+    from moecore.train.config import build_config
+
+    cfg = build_config(preset, overrides={"seq_len": seq})
+    mc.manual_seed(0)
+    return MoETransformer(ModelConfig.from_run(cfg)), cfg
+
+
+def _batch(cfg, step: int, rows: int, rank: int):
+    rng = np.random.default_rng(step)
+    ids = rng.integers(0, cfg.vocab_size, size=(rows * 64, cfg.seq_len + 1))
+    mine = ids[rank * rows : (rank + 1) * rows]
+    return mine[:, :-1], mine[:, 1:]
+
+
+def _comm_alone(dp, group, repeat: int = 3) -> float:
+    """Median seconds of the step's communication done blocking, on the current buckets."""
+    times = []
+    for _ in range(repeat):
+        group.barrier()
+        t0 = time.perf_counter()
+        reqs = []
+        for b, buf in enumerate(dp.buffers):
+            if dp.compressor is None:
+                reqs.append(group.iallreduce(buf))
+            else:
+                reqs.append(dp._launch_compressed(b, buf))
+            reqs[-1].wait()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _link(group, nbytes: int = 16 << 20):
+    """An α–β link fitted to blocking all-reduces of 4 KiB and 16 MiB on this group."""
+    from moecore.comm import Link
+
+    ts = []
+    for n in (1024, nbytes // 4):
+        buf = np.ones(n, np.float32)
+        for _ in range(2):
+            group.allreduce(buf)
+        times = []
+        for _ in range(5):
+            group.barrier()
+            t0 = time.perf_counter()
+            group.allreduce(buf)
+            times.append(time.perf_counter() - t0)
+        ts.append(float(np.median(times)))
+    p = group.size
+    # Ring: t = 2(P−1)α + 2(P−1)/P · bytes/β.
+    beta = 2 * (p - 1) / p * (nbytes - 4096) / max(ts[1] - ts[0], 1e-9)
+    alpha = max(0.0, (ts[0] - 2 * (p - 1) / p * 4096 / beta) / (2 * (p - 1)))
+    return Link(alpha, beta * 8 / 1e9)
+
+
+def _predict(dp, profile, link, group) -> float:
+    from moecore.comm import CostModel, Scheduler, simulate
+    from moecore.train.plan import compression_costs
+
+    ratio = None if dp.compressor is None else dp.compressor.ratio
+    per_elem, per_entry = compression_costs(ratio or 0.01)
+    cost = CostModel(
+        intra=link,
+        inter=link,
+        compress_s_per_elem=per_elem,
+        decode_s_per_entry=per_entry,
+    )
+    s = dp.scheduler
+    fresh = Scheduler(
+        s.grads,
+        world=group.size,
+        bucket_mb=dp.settings["bucket_mb"],
+        policy=s.policy,
+        compress_ratio=ratio,
+        compress_when=dp.settings["compress_when"],
+    )
+    return simulate(fresh, profile, cost)["step_s"]
+
+
+def worker(args: argparse.Namespace) -> None:
+    from moecore import dist, optim
+    from moecore.train.plan import profile_step
+
+    group = dist.init()
+    rows = args.global_batch // group.size
+    out = []
+    link = _link(group) if group.size > 1 else None
+    variants = VARIANTS if group.size > 1 else VARIANTS[:1]
+    for name, kw in variants:
+        model, cfg = _model(args.preset, args.seq)
+        opt = optim.SGD(model.parameters(), lr=1e-3)
+        x, y = _batch(cfg, 0, rows, group.rank)
+        profile = profile_step(model, x, y, opt)  # before the hooks exist
+        dp = None if name == "none" else dist.DataParallel(model, group, **kw)
+        if dp is not None:
+            dp.settings = {
+                "bucket_mb": kw.get("bucket_mb", 25),
+                "compress_when": kw.get("compress_when", "auto"),
+            }
+        rec = {"fwd": [], "bwd": [], "finish": [], "step": []}
+        for step in range(2 + args.steps):
+            x, y = _batch(cfg, step, rows, group.rank)
+            group.barrier()
+            t0 = time.perf_counter()
+            loss = model(x, y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if dp is not None:
+                dp.finish()
+            else:
+                group.barrier()  # no communication: only the wait for the slower rank
+            t3 = time.perf_counter()
+            opt.step()
+            opt.zero_grad()
+            t4 = time.perf_counter()
+            if step >= 2:
+                for k, v in (("fwd", t1 - t0), ("bwd", t2 - t1), ("finish", t3 - t2)):
+                    rec[k].append(v)
+                rec["step"].append(t4 - t0)
+        med = {k: float(np.median(v)) for k, v in rec.items()}
+        if dp is not None:
+            dp.remove_hooks()
+            med["alone"] = _comm_alone(dp, group)
+            med["predicted"] = _predict(dp, profile, link, group)
+            med["link_gbit"] = link.gbit_per_s
+            med["link_latency_us"] = link.latency_s * 1e6
+            med["buckets"] = len(dp.buckets)
+            med["allgather_bytes"] = dp.last_stats.get("allgather_bytes", 0)
+            med["in_backward"] = dp.last_stats.get("launched_in_backward", 0)
+            med["at_finish"] = dp.last_stats.get("launched_at_finish", 0)
+            params = np.concatenate([p.data.ravel() for p in model.parameters()])
+            got = np.empty((group.size, params.size), np.float32)
+            group.allgather(params, got)
+            med["ranks_identical"] = bool((got == got[0]).all())
+        if group.size == 1:
+            med["scheduler_s"] = _scheduler_cost(model)
+        med["params"] = int(sum(p.data.size for p in model.parameters()))
+        out.append({"variant": name, "ranks": group.size, **med})
+    if group.rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+def _scheduler_cost(model, repeat: int = 20) -> float:
+    """Seconds of one step of scheduler decisions (begin, one ready per gradient, finish)."""
+    from moecore.comm import GradSpec, Scheduler
+
+    specs = [GradSpec(n, p.data.size, layer=i) for i, (n, p) in enumerate(model.named_parameters())]
+    s = Scheduler(specs, world=2)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        s.begin_step()
+        for i in reversed(range(len(specs))):
+            s.ready(i)
+        s.finish()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="moe-small")
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument(
+        "--shaped",
+        action="store_true",
+        help="also run 2 ranks in a network namespace shaped to 1 Gbit/s (root; cleaned up)",
+    )
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    me = [sys.executable, "-m", "mpi4py", __file__, "--worker"]
+    opts = ["--preset", args.preset, "--seq", str(args.seq)]
+    opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    runs = [("loopback", [*me, *opts]), ("loopback", [mpiexec, "-n", "2", *me, *opts])]
+    if args.shaped:
+        # MPICH over TCP (no shared memory) inside the namespace, whose loopback is shaped.
+        tcp = ["MPIR_CVAR_CH4_NETMOD=ofi", "FI_PROVIDER=tcp", "MPIR_CVAR_NOLOCAL=1"]
+        inside = ["ip", "netns", "exec", NAMESPACE, "env", *tcp]
+        runs.append(("1gbit", [*inside, mpiexec, "-n", "2", *me, *opts]))
+    results = []
+    load = [open("/proc/loadavg").read().split()[:3]]
+    with shaped_namespace(args.shaped):
+        for link, cmd in runs:
+            done = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=3600,
+            )
+            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if done.returncode or not line:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+            results += [{"link": link, **r} for r in json.loads(line[0][7:])]
+            load.append(open("/proc/loadavg").read().split()[:3])
+    base = results[0]
+    rows = []
+    for r in results:
+        exposed = r["finish"]
+        alone = r.get("alone")
+        hidden = "" if not alone else f"{max(0.0, 1 - exposed / alone):.0%}"
+        rows.append(
+            [
+                r["link"],
+                r["variant"],
+                r["ranks"],
+                f"{r['step'] * 1e3:.0f}",
+                f"{r['fwd'] * 1e3:.0f}",
+                f"{r['bwd'] * 1e3:.0f}",
+                f"{exposed * 1e3:.1f}",
+                "" if alone is None else f"{alone * 1e3:.1f}",
+                hidden,
+                f"{r['step'] / base['step']:.2f}",
+                f"{r['predicted'] * 1e3:.0f}" if "predicted" in r else "",
+                r.get("ranks_identical", ""),
+            ]
+        )
+    print(f"model {args.preset}: {base['params']:,} parameters, seq {args.seq}, ", end="")
+    print(f"global batch {args.global_batch}; BLAS: {blas_info()}")
+    print(
+        table(
+            rows,
+            [
+                "link",
+                "variant",
+                "ranks",
+                "step ms",
+                "fwd ms",
+                "bwd ms",
+                "exposed ms",
+                "comm alone ms",
+                "hidden",
+                "step / 1-rank",
+                "predicted ms",
+                "ranks equal",
+            ],
+        )
+    )
+    sched = base["scheduler_s"]
+    print(
+        f"scheduler decisions per step: {sched * 1e6:.0f} us = {sched / base['step']:.2%} "
+        "of the 1-rank step"
+    )
+    print(f"load average (1/5/15 min) before, after 1 rank, after 2 ranks: {load}")
+    path = write_results("dist", {"args": vars(args), "results": results, "load": load})
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

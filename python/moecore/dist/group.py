@@ -1,0 +1,205 @@
+"""The process-group interface every backend implements, and :class:`SingleProcess`.
+
+A group moves bytes between the ranks of a job; it never decides what to send (that is
+:mod:`moecore.comm`'s job). Every operation works on numpy arrays (CuPy arrays for
+:class:`~moecore.dist.nccl.NCCLGroup`) that are C-contiguous, and writes into buffers the
+caller preallocated wherever the size is known in advance.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Group", "Request", "SingleProcess", "check_buffer"]
+
+
+def check_buffer(buf: Any, what: str, *, writable: bool = False) -> np.ndarray:
+    """``buf`` as a C-contiguous numpy array, or a clear ``TypeError``/``ValueError``."""
+    if not isinstance(buf, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(buf).__name__}")
+    if not buf.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous (shape {buf.shape}, strides {buf.strides})")
+    if writable and not buf.flags.writeable:
+        raise ValueError(f"{what} is read-only")
+    return buf
+
+
+class Request:
+    """A non-blocking operation in flight. MPI only moves the bytes while someone calls into
+    it, so call :meth:`test` now and then (between backward steps) and :meth:`wait` when the
+    result is needed. ``on_done`` runs once, in the thread that saw completion."""
+
+    def __init__(self, on_done: Callable[[], None] | None = None) -> None:
+        self._done = False
+        self._on_done = on_done
+
+    def _complete(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._on_done is not None:
+                self._on_done()
+
+    @property
+    def done(self) -> bool:
+        """Whether the operation completed (and its ``on_done`` ran)."""
+        return self._done
+
+    def test(self) -> bool:
+        """Drives the operation; True once it completed."""
+        self._complete()
+        return True
+
+    def wait(self) -> None:
+        """Blocks until the operation completed."""
+        self._complete()
+
+
+class Group(ABC):
+    """A set of ranks that communicate. ``rank`` is this process's index in ``[0, size)``."""
+
+    rank: int
+    size: int
+
+    @property
+    def is_root(self) -> bool:
+        """True on rank 0 (the rank that writes files)."""
+        return self.rank == 0
+
+    @abstractmethod
+    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+        """In place: every rank's ``buf`` becomes the element-wise ``op`` (``"sum"``,
+        ``"max"``, ``"min"``) over ranks. Returns ``buf``."""
+
+    @abstractmethod
+    def iallreduce(
+        self, buf: Any, op: str = "sum", on_done: Callable[[], None] | None = None
+    ) -> Request:
+        """Non-blocking :meth:`allreduce`; ``buf`` must not be touched until the request is
+        done. ``on_done`` runs once at completion (e.g. to scale the sum into a mean)."""
+
+    @abstractmethod
+    def allgather(self, send: Any, recv: Any) -> Any:
+        """``recv[r] = send of rank r``; ``recv`` has shape ``(size, *send.shape)``."""
+
+    @abstractmethod
+    def iallgather(
+        self, send: Any, recv: Any, on_done: Callable[[], None] | None = None
+    ) -> Request:
+        """Non-blocking :meth:`allgather` (``recv`` shape ``(size, *send.shape)``)."""
+
+    @abstractmethod
+    def iallgatherv(self, send: Any, on_done: Callable[[list[Any]], None] | None = None) -> Request:
+        """All-gather of 1-D arrays whose lengths differ by rank: the lengths are exchanged
+        at once (blocking), the data without blocking. ``on_done(parts)`` receives one array
+        per rank."""
+
+    def allgatherv(self, send: Any) -> list[Any]:
+        """Every rank's 1-D ``send`` (lengths may differ), in rank order."""
+        out: list[Any] = []
+        self.iallgatherv(send, on_done=out.extend).wait()
+        return out
+
+    @abstractmethod
+    def alltoall(self, send: Any, recv: Any) -> Any:
+        """``recv[r] = send[this rank] of rank r``; both have shape ``(size, ...)``."""
+
+    @abstractmethod
+    def alltoallv(self, send: Any, send_counts: Sequence[int]) -> tuple[Any, np.ndarray]:
+        """Sends ``send[offsets[r]:offsets[r]+send_counts[r]]`` (along axis 0) to rank ``r``;
+        counts are exchanged first. Returns the received rows, concatenated in rank order,
+        and how many came from each rank."""
+
+    @abstractmethod
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        """In place: every rank's ``buf`` becomes ``root``'s. Returns ``buf``."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Returns once every rank called it."""
+
+    @abstractmethod
+    def split(self, color: int, key: int | None = None) -> Group:
+        """The sub-group of the ranks that passed the same ``color``, ordered by ``key``
+        (default: this rank). Every rank of this group must call it."""
+
+    def abort(self, code: int = 1) -> None:  # noqa: B027 - a no-op default is intended
+        """Ends every rank of the job (used when one rank failed); a single process just
+        returns and lets the exception propagate."""
+
+    def _check_op(self, op: str) -> str:
+        if op not in ("sum", "max", "min"):
+            raise ValueError(f"op must be 'sum', 'max' or 'min', got {op!r}")
+        return op
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+
+class SingleProcess(Group):
+    """The group of one process: every collective is the identity (copies where a result
+    buffer is separate). What :func:`moecore.dist.init` returns without an MPI launcher."""
+
+    def __init__(self) -> None:
+        self.rank = 0
+        self.size = 1
+
+    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+        self._check_op(op)
+        check_buffer(buf, "buf", writable=True)
+        return buf
+
+    def iallreduce(
+        self, buf: Any, op: str = "sum", on_done: Callable[[], None] | None = None
+    ) -> Request:
+        self.allreduce(buf, op)
+        req = Request(on_done)
+        req.wait()
+        return req
+
+    def allgather(self, send: Any, recv: Any) -> Any:
+        check_buffer(send, "send")
+        check_buffer(recv, "recv", writable=True)
+        if recv.shape != (1, *send.shape):
+            raise ValueError(f"recv must have shape {(1, *send.shape)}, got {recv.shape}")
+        recv[0] = send
+        return recv
+
+    def iallgather(
+        self, send: Any, recv: Any, on_done: Callable[[], None] | None = None
+    ) -> Request:
+        self.allgather(send, recv)
+        req = Request(on_done)
+        req.wait()
+        return req
+
+    def iallgatherv(self, send: Any, on_done: Callable[[list[Any]], None] | None = None) -> Request:
+        check_buffer(send, "send")
+        parts = [send.copy()]
+        req = Request(None if on_done is None else lambda: on_done(parts))
+        req.wait()
+        return req
+
+    def alltoall(self, send: Any, recv: Any) -> Any:
+        return self.allgather(send[0], recv)
+
+    def alltoallv(self, send: Any, send_counts: Sequence[int]) -> tuple[Any, np.ndarray]:
+        check_buffer(send, "send")
+        counts = np.asarray(send_counts, dtype=np.int64)
+        if counts.shape != (1,) or int(counts[0]) != send.shape[0]:
+            raise ValueError(f"send_counts must be [{send.shape[0]}], got {list(send_counts)}")
+        return send.copy(), counts
+
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        if root != 0:
+            raise ValueError(f"root must be 0 in a group of 1, got {root}")
+        return check_buffer(buf, "buf", writable=True)
+
+    def barrier(self) -> None:
+        return None
+
+    def split(self, color: int, key: int | None = None) -> Group:
+        return SingleProcess()

@@ -1,0 +1,199 @@
+"""``MPIGroup``: a process group over MPI through mpi4py's buffer API.
+
+Only the upper-case (buffer) methods are used — ``Allreduce``, ``Iallreduce``, ``Allgather``,
+``Iallgatherv``, ``Alltoallv``, ``Bcast`` — on contiguous numpy arrays, so no pickling and no
+copy happens on the way in. Small buffers that every call needs (counts, displacements) are
+allocated once per group. mpi4py is imported when a group is built, never by
+``import moecore``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from moecore.dist.group import Group, Request, check_buffer
+
+__all__ = ["MPIGroup", "import_mpi"]
+
+_INT_MAX = (1 << 31) - 1
+
+
+def import_mpi() -> Any:
+    """``mpi4py.MPI``, or an ``ImportError`` saying how to get it."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "moecore.dist over MPI needs mpi4py and an MPI library: "
+            "pip install 'moecore[mpi]' (mpi4py + mpich)"
+        ) from exc
+    return MPI
+
+
+def _byte_counts(counts: np.ndarray, row_bytes: int, what: str) -> np.ndarray:
+    b = counts.astype(np.int64) * row_bytes
+    if b.size and int(b.sum()) > _INT_MAX:
+        raise ValueError(
+            f"{what}: {int(b.sum())} bytes in one call exceed MPI's 2 GiB count limit; "
+            "split the buffer"
+        )
+    return b.astype(np.int32)
+
+
+def _displacements(counts: np.ndarray) -> np.ndarray:
+    d = np.zeros_like(counts)
+    np.cumsum(counts[:-1], out=d[1:])
+    return d
+
+
+class _MPIRequest(Request):
+    """An MPI request; ``keep`` holds the buffers alive while MPI may still touch them."""
+
+    def __init__(self, req: Any, keep: tuple[Any, ...], on_done: Callable[[], None] | None) -> None:
+        super().__init__(on_done)
+        self._req = req
+        self._keep: tuple[Any, ...] | None = keep
+
+    def test(self) -> bool:
+        if not self._done and self._req.Test():
+            self._keep = None
+            self._complete()
+        return self._done
+
+    def wait(self) -> None:
+        if not self._done:
+            self._req.Wait()
+            self._keep = None
+            self._complete()
+
+
+def _split_parts(recv: np.ndarray, byte_counts: np.ndarray, dtype: np.dtype) -> list[np.ndarray]:
+    displs = _displacements(byte_counts)
+    return [recv[int(o) : int(o) + int(c)].view(dtype) for o, c in zip(displs, byte_counts)]
+
+
+class MPIGroup(Group):
+    """A group over an MPI communicator (``MPI.COMM_WORLD`` by default).
+
+    Args:
+        comm: an ``mpi4py.MPI.Comm``; None for ``COMM_WORLD``.
+    """
+
+    def __init__(self, comm: Any = None) -> None:
+        self.mpi = import_mpi()
+        self.comm = self.mpi.COMM_WORLD if comm is None else comm
+        self.rank = int(self.comm.Get_rank())
+        self.size = int(self.comm.Get_size())
+        self._ops = {"sum": self.mpi.SUM, "max": self.mpi.MAX, "min": self.mpi.MIN}
+        # Preallocated per group: the count exchange of alltoallv.
+        self._send_counts = np.zeros(self.size, dtype=np.int64)
+        self._recv_counts = np.zeros(self.size, dtype=np.int64)
+
+    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+        check_buffer(buf, "buf", writable=True)
+        self.comm.Allreduce(self.mpi.IN_PLACE, buf, op=self._ops[self._check_op(op)])
+        return buf
+
+    def iallreduce(
+        self, buf: Any, op: str = "sum", on_done: Callable[[], None] | None = None
+    ) -> Request:
+        check_buffer(buf, "buf", writable=True)
+        req = self.comm.Iallreduce(self.mpi.IN_PLACE, buf, op=self._ops[self._check_op(op)])
+        return _MPIRequest(req, (buf,), on_done)
+
+    def allgather(self, send: Any, recv: Any) -> Any:
+        check_buffer(send, "send")
+        check_buffer(recv, "recv", writable=True)
+        if recv.shape != (self.size, *send.shape) or recv.dtype != send.dtype:
+            raise ValueError(
+                f"recv must have shape {(self.size, *send.shape)} and dtype {send.dtype}, "
+                f"got {recv.shape} {recv.dtype}"
+            )
+        self.comm.Allgather(send, recv)
+        return recv
+
+    def iallgather(
+        self, send: Any, recv: Any, on_done: Callable[[], None] | None = None
+    ) -> Request:
+        check_buffer(send, "send")
+        check_buffer(recv, "recv", writable=True)
+        if recv.shape != (self.size, *send.shape) or recv.dtype != send.dtype:
+            raise ValueError(
+                f"recv must have shape {(self.size, *send.shape)} and dtype {send.dtype}, "
+                f"got {recv.shape} {recv.dtype}"
+            )
+        return _MPIRequest(self.comm.Iallgather(send, recv), (send, recv), on_done)
+
+    def iallgatherv(self, send: Any, on_done: Callable[[list[Any]], None] | None = None) -> Request:
+        check_buffer(send, "send")
+        if send.ndim != 1:
+            raise ValueError(f"send must be 1-D, got shape {send.shape}")
+        # The lengths are exchanged blocking: a second non-blocking phase started later
+        # could interleave differently with other collectives on different ranks, and MPI
+        # requires the same collective order everywhere.
+        mine = np.array([send.nbytes], dtype=np.int64)
+        counts = np.empty(self.size, dtype=np.int64)
+        self.comm.Allgather(mine, counts)
+        byte_counts = _byte_counts(counts, 1, "allgatherv")
+        recv = np.empty(int(counts.sum()), dtype=np.uint8)
+        MPI = self.mpi
+        req = self.comm.Iallgatherv(
+            [send.reshape(-1).view(np.uint8), MPI.BYTE],
+            [recv, (byte_counts, _displacements(byte_counts)), MPI.BYTE],
+        )
+        done = None
+        if on_done is not None:
+            done = lambda: on_done(_split_parts(recv, byte_counts, send.dtype))  # noqa: E731
+        return _MPIRequest(req, (send, recv), done)
+
+    def alltoall(self, send: Any, recv: Any) -> Any:
+        check_buffer(send, "send")
+        check_buffer(recv, "recv", writable=True)
+        if send.shape[:1] != (self.size,) or recv.shape != send.shape or recv.dtype != send.dtype:
+            raise ValueError(
+                f"send and recv must both have shape ({self.size}, ...) and one dtype, "
+                f"got {send.shape} {send.dtype} and {recv.shape} {recv.dtype}"
+            )
+        self.comm.Alltoall(send, recv)
+        return recv
+
+    def alltoallv(self, send: Any, send_counts: Sequence[int]) -> tuple[Any, np.ndarray]:
+        check_buffer(send, "send")
+        counts = np.asarray(send_counts, dtype=np.int64)
+        if counts.shape != (self.size,) or (counts < 0).any() or int(counts.sum()) != send.shape[0]:
+            raise ValueError(
+                f"send_counts must be {self.size} non-negative row counts summing to "
+                f"{send.shape[0]}, got {list(send_counts)}"
+            )
+        self._send_counts[:] = counts
+        self.comm.Alltoall(self._send_counts, self._recv_counts)
+        recv_counts = self._recv_counts.copy()
+        row_bytes = int(np.prod(send.shape[1:], dtype=np.int64)) * send.itemsize
+        recv = np.empty((int(recv_counts.sum()), *send.shape[1:]), dtype=send.dtype)
+        sb = _byte_counts(counts, row_bytes, "alltoallv")
+        rb = _byte_counts(recv_counts, row_bytes, "alltoallv")
+        byte = self.mpi.BYTE
+        self.comm.Alltoallv(
+            [send.reshape(-1).view(np.uint8), (sb, _displacements(sb)), byte],
+            [recv.reshape(-1).view(np.uint8), (rb, _displacements(rb)), byte],
+        )
+        return recv, recv_counts
+
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        check_buffer(buf, "buf", writable=True)
+        if not 0 <= root < self.size:
+            raise ValueError(f"root must be in [0, {self.size}), got {root}")
+        self.comm.Bcast(buf, root=root)
+        return buf
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def split(self, color: int, key: int | None = None) -> Group:
+        return MPIGroup(self.comm.Split(int(color), self.rank if key is None else int(key)))
+
+    def abort(self, code: int = 1) -> None:
+        self.mpi.COMM_WORLD.Abort(code)

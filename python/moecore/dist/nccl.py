@@ -1,0 +1,129 @@
+"""``NCCLGroup``: all-reduce, all-gather and broadcast of CuPy arrays through CuPy's NCCL.
+
+Untested on these machines (no GPU): kept deliberately small. MPI only bootstraps it (rank 0
+makes the NCCL unique id and broadcasts it); every operation then runs on the current CUDA
+stream. Operations NCCL lacks here (all-to-all-v, sub-groups) raise ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from moecore.dist.group import Group, Request
+
+__all__ = ["NCCLGroup"]
+
+
+class _StreamRequest(Request):
+    """Done when a CUDA event recorded after the operation has been reached."""
+
+    def __init__(self, event: Any, on_done: Callable[[], None] | None) -> None:
+        super().__init__(on_done)
+        self._event = event
+
+    def test(self) -> bool:
+        if not self._done and self._event.done:
+            self._complete()
+        return self._done
+
+    def wait(self) -> None:
+        if not self._done:
+            self._event.synchronize()
+            self._complete()
+
+
+class NCCLGroup(Group):
+    """One GPU per rank; ``bootstrap`` (an :class:`~moecore.dist.mpi.MPIGroup`) hands out
+    the NCCL id and gives rank and size."""
+
+    def __init__(self, bootstrap: Group) -> None:
+        import cupy
+        from cupy.cuda import nccl
+
+        self._cupy = cupy
+        self._nccl = nccl
+        self.rank, self.size = bootstrap.rank, bootstrap.size
+        uid = np.zeros(nccl.get_unique_id().__len__(), dtype=np.int64)
+        if bootstrap.rank == 0:
+            uid[:] = nccl.get_unique_id()
+        bootstrap.broadcast(uid, root=0)
+        self.comm = nccl.NcclCommunicator(self.size, tuple(int(x) for x in uid), self.rank)
+        self._types = {
+            np.dtype(np.float32): nccl.NCCL_FLOAT32,
+            np.dtype(np.float16): nccl.NCCL_FLOAT16,
+            np.dtype(np.int64): nccl.NCCL_INT64,
+            np.dtype(np.uint8): nccl.NCCL_UINT8,
+        }
+        self._ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
+
+    def _type(self, buf: Any) -> int:
+        try:
+            return self._types[np.dtype(buf.dtype)]
+        except KeyError:
+            raise TypeError(f"NCCLGroup cannot move dtype {buf.dtype}") from None
+
+    def _stream(self) -> Any:
+        return self._cupy.cuda.get_current_stream()
+
+    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+        self.iallreduce(buf, op).wait()
+        return buf
+
+    def iallreduce(
+        self, buf: Any, op: str = "sum", on_done: Callable[[], None] | None = None
+    ) -> Request:
+        stream = self._stream()
+        ptr = buf.data.ptr
+        self.comm.allReduce(
+            ptr, ptr, buf.size, self._type(buf), self._ops[self._check_op(op)], stream.ptr
+        )
+        return _StreamRequest(stream.record(), on_done)
+
+    def allgather(self, send: Any, recv: Any) -> Any:
+        stream = self._stream()
+        self.comm.allGather(send.data.ptr, recv.data.ptr, send.size, self._type(send), stream.ptr)
+        stream.synchronize()
+        return recv
+
+    def iallgather(
+        self, send: Any, recv: Any, on_done: Callable[[], None] | None = None
+    ) -> Request:
+        stream = self._stream()
+        self.comm.allGather(send.data.ptr, recv.data.ptr, send.size, self._type(send), stream.ptr)
+        return _StreamRequest(stream.record(), on_done)
+
+    def iallgatherv(self, send: Any, on_done: Callable[[list[Any]], None] | None = None) -> Request:
+        # Lengths first, then an all-gather padded to the longest.
+        n = self._cupy.asarray([send.size], dtype=np.int64)
+        counts = self._cupy.empty(self.size, dtype=np.int64)
+        self.allgather(n, counts)
+        sizes = [int(c) for c in counts.get()]
+        padded = self._cupy.zeros(max(sizes), dtype=send.dtype)
+        padded[: send.size] = send
+        recv = self._cupy.empty((self.size, max(sizes)), dtype=send.dtype)
+        self.allgather(padded, recv)
+        parts = [recv[r, : sizes[r]] for r in range(self.size)]
+        req = Request(None if on_done is None else lambda: on_done(parts))
+        req.wait()
+        return req
+
+    def alltoall(self, send: Any, recv: Any) -> Any:
+        raise NotImplementedError("NCCLGroup.alltoall is not implemented yet")
+
+    def alltoallv(self, send: Any, send_counts: Sequence[int]) -> tuple[Any, np.ndarray]:
+        raise NotImplementedError("NCCLGroup.alltoallv is not implemented yet")
+
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        stream = self._stream()
+        self.comm.bcast(buf.data.ptr, buf.size, self._type(buf), root, stream.ptr)
+        stream.synchronize()
+        return buf
+
+    def barrier(self) -> None:
+        self.allreduce(self._cupy.zeros(1, dtype=np.float32))
+
+    def split(self, color: int, key: int | None = None) -> Group:
+        raise NotImplementedError("NCCLGroup sub-groups are not implemented yet")

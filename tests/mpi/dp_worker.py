@@ -1,0 +1,287 @@
+"""Run under ``mpiexec -n P python -m mpi4py dp_worker.py MODE``; raises (and so aborts every
+rank) when a check fails. Rank 0 prints ``OK <mode>`` at the end."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+import moecore as mc
+from moecore import dist, nn, ops, optim
+from moecore.compress import TopK
+from moecore.models import ModelConfig, MoETransformer
+
+SEQ, PER_RANK = 8, 2
+CFG = ModelConfig(
+    vocab_size=32,
+    d_model=16,
+    n_layers=2,
+    n_heads=2,
+    seq_len=SEQ,
+    n_experts=4,
+    top_k=1,
+    d_ff=16,
+    dense_d_ff=32,
+    aux_loss=0.0,
+)
+
+
+def model(seed=1):
+    mc.manual_seed(seed)
+    return MoETransformer(CFG)
+
+
+def batch(step, world):
+    rng = np.random.default_rng(100 + step)
+    ids = rng.integers(0, CFG.vocab_size, size=(PER_RANK * world, SEQ + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def local(x, rank):
+    return x[rank * PER_RANK : (rank + 1) * PER_RANK]
+
+
+def grads_of(m):
+    return {
+        n: np.zeros_like(p.data) if p.grad is None else p.grad.copy()
+        for n, p in m.named_parameters()
+    }
+
+
+def check_close(got, want, rtol, atol, what):
+    for name in want:
+        if not np.allclose(got[name], want[name], rtol=rtol, atol=atol):
+            err = np.abs(got[name] - want[name]).max()
+            raise AssertionError(f"{what}: gradient of {name} differs by {err:.3g}")
+
+
+def mode_grads(g, **dp_kwargs):
+    """DP gradients equal the single-process gradients of the concatenated batch, for three
+    steps (buckets are rebuilt after the first), with small buckets so there are many."""
+    m = model()
+    dp = dist.DataParallel(m, g, bucket_mb=0.004, first_bucket_mb=0.001, **dp_kwargs)
+    ref = model()
+    opt, ref_opt = optim.SGD(m.parameters(), lr=0.1), optim.SGD(ref.parameters(), lr=0.1)
+    assert len(dp.buckets) > 3, dp.buckets
+    for step in range(3):
+        x, y = batch(step, g.size)
+        dp(local(x, g.rank), local(y, g.rank)).backward()
+        dp.finish()
+        ref(x, y).backward()
+        check_close(grads_of(m), grads_of(ref), 2e-4, 2e-6, f"step {step}")
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+    assert dp.scheduler.rebuilt
+
+
+class Partial(nn.Module):
+    """``extra`` is used on rank 0 only: the others never produce its gradient."""
+
+    def __init__(self, use_extra):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.extra = nn.Linear(4, 4)
+        self.use_extra = use_extra
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.use_extra:
+            h = self.extra(h)
+        return ops.mean(h * h)
+
+
+def mode_zero(g):
+    mc.manual_seed(3)
+    m = Partial(use_extra=g.rank == 0)
+    dp = dist.DataParallel(m, g)
+    x = mc.tensor(np.random.default_rng(g.rank).standard_normal((5, 4)).astype(np.float32))
+    dp(x).backward()
+    assert (m.extra.weight.grad is None) == (g.rank != 0)
+    dp.finish()
+    mine = m.extra.weight.grad.copy() * g.size if g.rank == 0 else np.zeros((4, 4), np.float32)
+    g.broadcast(mine, root=0)
+    np.testing.assert_allclose(m.extra.weight.grad, mine / g.size, rtol=1e-6)
+
+
+def mode_ratio1(g):
+    """Top-k at ratio 1.0 through the compressed all-gather equals dense all-reduce."""
+    dense, comp = model(), model()
+    dp_d = dist.DataParallel(dense, g, bucket_mb=0.004, first_bucket_mb=0.001)
+    comp_dp = dist.DataParallel(
+        comp,
+        g,
+        bucket_mb=0.004,
+        first_bucket_mb=0.001,
+        compress=TopK(ratio=1.0, method="exact"),
+        compress_when="always",
+    )
+    for step in range(2):
+        x, y = batch(step, g.size)
+        for dp in (dp_d, comp_dp):
+            dp(local(x, g.rank), local(y, g.rank)).backward()
+            dp.finish()
+        assert set(comp_dp.scheduler.transports()) == {"allgather"}
+        check_close(grads_of(comp), grads_of(dense), 1e-5, 1e-7, f"step {step}")
+        for m in (dense, comp):
+            m.zero_grad()
+
+
+class Regression(nn.Module):
+    """Least squares towards a fixed linear map: a problem dense SGD solves in 50 steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(32, 4)
+
+    def forward(self, x, y):
+        d = self.b(self.a(x)) - y
+        return ops.mean(d * d)
+
+
+def regression_batch(step, world, rows=16):
+    target = np.random.default_rng(7).standard_normal((16, 4)).astype(np.float32)
+    x = np.random.default_rng(1000 + step).standard_normal((rows * world, 16)).astype(np.float32)
+    return x, x @ target
+
+
+def mode_ef(g, steps=50, ratio=0.1, lr=0.05):
+    """Top-k (ratio 0.1) with error feedback stays near dense SGD over 50 steps: prints
+    ||p_topk - p_dense|| / ||p_dense - p_0|| and the final losses (the test states the
+    tolerance), and checks that every rank holds the same parameters."""
+    runs = {}
+    for name, compress in (
+        ("dense", None),
+        ("ef", TopK(ratio)),
+        ("noef", TopK(ratio, error_feedback=False)),
+    ):
+        mc.manual_seed(5)
+        m = Regression()
+        p0 = np.concatenate([p.data.ravel() for p in m.parameters()])
+        dp = dist.DataParallel(m, g, compress=compress, compress_when="always")
+        opt = optim.SGD(m.parameters(), lr=lr)
+        for step in range(steps):
+            x, y = regression_batch(step, g.size)
+            loss = dp(mc.tensor(local_rows(x, g)), mc.tensor(local_rows(y, g)))
+            loss.backward()
+            dp.finish()
+            opt.step()
+            opt.zero_grad()
+        p = np.concatenate([q.data.ravel() for q in m.parameters()])
+        got = np.empty((g.size, p.size), np.float32)
+        g.allgather(p.astype(np.float32), got)
+        assert (got == got[0]).all(), f"{name}: ranks diverged"
+        x, y = regression_batch(10_000, 1, rows=256)
+        with mc.no_grad():
+            runs[name] = (p, m(mc.tensor(x), mc.tensor(y)).item())
+    pd, p0 = runs["dense"][0], p0
+    for name in ("ef", "noef"):
+        rel = float(np.linalg.norm(runs[name][0] - pd) / np.linalg.norm(pd - p0))
+        if g.rank == 0:
+            print(f"REL_{name.upper()} {rel:.6f} LOSS_{name.upper()} {runs[name][1]:.6f}")
+    if g.rank == 0:
+        print(f"LOSS_DENSE {runs['dense'][1]:.6f} LOSS_INIT {runs_init_loss():.6f}")
+
+
+def runs_init_loss():
+    mc.manual_seed(5)
+    m = Regression()
+    x, y = regression_batch(10_000, 1, rows=256)
+    with mc.no_grad():
+        return m(mc.tensor(x), mc.tensor(y)).item()
+
+
+def local_rows(a, g):
+    n = a.shape[0] // g.size
+    return a[g.rank * n : (g.rank + 1) * n]
+
+
+def mode_ep(g, tokens=12, d=8, experts=4):
+    """Expert parallel (experts split over the ranks) forward and backward equal the
+    single-process MoE layer on the concatenated tokens."""
+    from moecore.dist.expert_parallel import ExpertParallelMoE
+
+    mc.manual_seed(11)
+    full = nn.MoE(d, 6, n_experts=experts, top_k=2, aux_loss=0.0)
+    ep = ExpertParallelMoE.from_moe(full, g)
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((g.size, tokens, d)).astype(np.float32)
+    # Skewed tokens so that some rank sends nothing to some expert.
+    xs[0] += 3 * full.router.data[0] / np.linalg.norm(full.router.data[0])
+    cs = rng.standard_normal((g.size, tokens, d)).astype(np.float32)
+    # Reference: the whole layer on all tokens, loss = sum(y * c).
+    x_full = mc.tensor(xs.reshape(-1, d), requires_grad=True)
+    y_full = full(x_full)
+    (y_full * mc.tensor(cs.reshape(-1, d))).sum().backward()
+    x = mc.tensor(xs[g.rank], requires_grad=True)
+    y = ep(x)
+    (y * mc.tensor(cs[g.rank])).sum().backward()
+    rows = slice(g.rank * tokens, (g.rank + 1) * tokens)
+    np.testing.assert_allclose(y.data, y_full.data[rows], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x.grad, x_full.grad[rows], rtol=1e-4, atol=1e-5)
+    n = experts // g.size
+    mine = slice(g.rank * n, (g.rank + 1) * n)
+    np.testing.assert_allclose(ep.w1.grad, full.w1.grad[mine], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ep.w2.grad, full.w2.grad[mine], rtol=1e-4, atol=1e-5)
+    router = ep.router.grad.copy()
+    g.allreduce(router)
+    np.testing.assert_allclose(router, full.router.grad, rtol=1e-4, atol=1e-5)
+
+
+def mode_hier(g):
+    """4 ranks as 2 nodes x 2: the hierarchical all-reduce equals the flat one (blocking and
+    many non-blocking in flight), and data parallelism over it equals single process."""
+    from moecore.dist.hierarchical import HierarchicalGroup
+
+    h = HierarchicalGroup(g, ranks_per_node=2)
+    rng = np.random.default_rng(g.rank)
+    for n in (1, 3, 1000, 4097):
+        a = rng.standard_normal(n).astype(np.float32)
+        flat = a.copy()
+        g.allreduce(flat)
+        h.allreduce(a)
+        np.testing.assert_allclose(a, flat, rtol=1e-5, atol=1e-6)
+    bufs = [rng.standard_normal(n).astype(np.float32) for n in (5, 300, 7, 2000)]
+    want = [b.copy() for b in bufs]
+    for w in want:
+        g.allreduce(w)
+    reqs = [h.iallreduce(b) for b in bufs]
+    while not all(r.test() for r in reqs):
+        pass
+    for b, w in zip(bufs, want):
+        np.testing.assert_allclose(b, w, rtol=1e-5, atol=1e-6)
+    mx = np.array([g.rank], np.float32)
+    h.allreduce(mx, op="max")
+    assert mx[0] == g.size - 1
+    mode_grads(h)
+
+
+def mode_raise(g):
+    if g.rank == 1:
+        raise RuntimeError("deliberate failure on rank 1")
+    buf = np.zeros(4, np.float32)
+    g.allreduce(buf)  # never completes: rank 1 is gone
+
+
+MODES = {
+    "grads": mode_grads,
+    "grads_priority": lambda g: mode_grads(
+        g, policy="priority", partition_mb=0.0005, credit_mb=0.002
+    ),
+    "grads_thread": lambda g: mode_grads(g, progress="thread"),
+    "zero": mode_zero,
+    "ratio1": mode_ratio1,
+    "ef": mode_ef,
+    "ep": mode_ep,
+    "hier": mode_hier,
+    "raise": mode_raise,
+}
+
+if __name__ == "__main__":
+    group = dist.init()
+    MODES[sys.argv[1]](group)
+    group.barrier()
+    if group.rank == 0:
+        print(f"OK {sys.argv[1]} size={group.size}", flush=True)

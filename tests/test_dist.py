@@ -1,0 +1,120 @@
+"""Process groups in one process: launcher detection (mpi4py never imported without one),
+``SingleProcess`` semantics, ``DataParallel`` over one process, argument errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import moecore as mc
+from moecore import dist, nn, ops
+from moecore.compress import TopK
+
+
+def test_launcher_detection_from_env():
+    assert dist.world_size_from_env({}) is None
+    assert not dist.launched_by_mpi({})
+    assert dist.world_size_from_env({"PMI_SIZE": "4", "PMI_RANK": "1"}) == 4
+    assert dist.world_size_from_env({"OMPI_COMM_WORLD_SIZE": "2"}) == 2
+    assert dist.launched_by_mpi({"PMIX_RANK": "0"})
+    with pytest.raises(ValueError, match="PMI_SIZE"):
+        dist.world_size_from_env({"PMI_SIZE": "four"})
+
+
+def test_init_without_launcher_never_imports_mpi4py():
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PMI", "PMIX", "OMPI_", "MV2_", "MPI_"))
+    }
+    code = (
+        "import sys, moecore.dist as d; g = d.init(); "
+        "assert type(g).__name__ == 'SingleProcess', g; "
+        "assert 'mpi4py' not in sys.modules; print('fine')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "fine" in out.stdout, out.stderr
+
+
+def test_init_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        dist.init("gloo")
+
+
+def test_single_process_collectives():
+    g = dist.SingleProcess()
+    a = np.arange(4, dtype=np.float32)
+    assert g.allreduce(a) is a and a.tolist() == [0, 1, 2, 3]
+    done = []
+    r = g.iallreduce(a, on_done=lambda: done.append(1))
+    assert r.test() and done == [1]
+    recv = np.empty((1, 4), np.float32)
+    g.allgather(a, recv)
+    assert recv[0].tolist() == a.tolist()
+    parts = g.allgatherv(np.array([5, 6], np.uint8))
+    assert [p.tolist() for p in parts] == [[5, 6]]
+    rows, counts = g.alltoallv(np.ones((3, 2), np.float32), [3])
+    assert rows.shape == (3, 2) and counts.tolist() == [3]
+    with pytest.raises(ValueError, match="send_counts"):
+        g.alltoallv(np.ones((3, 2), np.float32), [2])
+    with pytest.raises(ValueError, match="root"):
+        g.broadcast(a, root=1)
+    with pytest.raises(ValueError, match="op"):
+        g.allreduce(a, op="prod")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        g.allreduce(np.ones((4, 4), np.float32)[:, 0])
+    with pytest.raises(TypeError, match="numpy"):
+        g.allreduce([1.0])
+    assert g.split(0).size == 1
+    g.barrier()
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        return ops.mean(y * y)
+
+
+def test_data_parallel_single_process_keeps_gradients():
+    mc.manual_seed(0)
+    m = Tiny()
+    dp = dist.DataParallel(m, dist.SingleProcess(), compress="topk:0.5")
+    x = mc.tensor(np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32))
+    dp(x).backward()
+    before = {n: p.grad.copy() for n, p in m.named_parameters()}
+    dp.finish()
+    for n, p in m.named_parameters():
+        np.testing.assert_array_equal(p.grad, before[n])
+    # Parameters registered nearest the input come first and get the lower layers.
+    assert [b.layer for b in dp.buckets] == [0]
+    assert isinstance(dp.compressor, TopK) and dp.compressor.ratio == 0.5
+
+
+@pytest.mark.parametrize(
+    "spec, err, match",
+    [
+        ("topk:abc", ValueError, "topk"),
+        ("gzip", ValueError, "topk"),
+        ("topk:2", ValueError, "ratio"),
+        (3, TypeError, "compress"),
+    ],
+)
+def test_parse_compress_errors(spec, err, match):
+    with pytest.raises(err, match=match):
+        dist.parse_compress(spec)
+
+
+def test_parse_compress():
+    assert dist.parse_compress(None) is None
+    assert dist.parse_compress("none") is None
+    c = dist.parse_compress("topk:0.01")
+    assert c.ratio == 0.01 and c.error_feedback

@@ -1,0 +1,251 @@
+"""Multi-process data parallelism: ``mpiexec -n 2`` / ``-n 3`` running ``tests/mpi/dp_worker.py``
+under ``python -m mpi4py`` (so an exception on one rank aborts them all), each with a timeout,
+stdin closed and its own process session (killed as a whole on timeout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).parent / "mpi" / "dp_worker.py"
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("mpiexec")
+
+
+MPIEXEC = _mpiexec()
+
+try:
+    import mpi4py  # noqa: F401
+
+    HAVE_MPI4PY = True
+except ImportError:
+    HAVE_MPI4PY = False
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install 'moecore[mpi]')"),
+    pytest.mark.skipif(not HAVE_MPI4PY, reason="mpi4py not installed (pip install 'moecore[mpi]')"),
+]
+
+
+def run(n: int, mode: str, timeout: float = 120.0) -> tuple[int, str, float]:
+    """Runs the worker on ``n`` ranks; returns (exit code, stdout+stderr, seconds)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, "-m", "mpi4py", str(WORKER), mode]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"mpiexec -n {n} {mode} timed out after {timeout} s:\n{out}")
+    return proc.returncode, out, time.monotonic() - t0
+
+
+def ok(n: int, mode: str) -> str:
+    code, out, _ = run(n, mode)
+    assert code == 0, out
+    assert f"OK {mode} size={n}" in out, out
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_dp_gradients_equal_single_process_of_concatenated_batch(n):
+    ok(n, "grads")
+
+
+@pytest.mark.parametrize("mode", ["grads_priority", "grads_thread"])
+def test_priority_policy_and_polling_thread_gradients_equal_single_process(mode):
+    ok(2, mode)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_gradient_missing_on_some_ranks_is_sent_as_zeros(n):
+    ok(n, "zero")
+
+
+def test_compressed_ratio_one_equals_dense():
+    ok(2, "ratio1")
+
+
+def test_error_feedback_stays_near_dense_over_50_steps():
+    out = ok(3, "ef")
+    got = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+)", out) if k.isupper()}
+    # Stated tolerance: with top-k 0.1 and error feedback, after 50 SGD steps the distance to
+    # the dense run is below 15% of the distance dense travelled (measured: ~7%), the loss
+    # within 2x of dense's; without error feedback it is much further off.
+    assert got["REL_EF"] < 0.15, out
+    assert got["LOSS_EF"] < 2 * got["LOSS_DENSE"] + 1e-3, out
+    assert got["LOSS_EF"] < 0.01 * got["LOSS_INIT"], out
+    assert got["REL_NOEF"] > 2 * got["REL_EF"], out
+
+
+def test_a_rank_that_raises_ends_every_rank_with_the_error_shown():
+    code, out, seconds = run(2, "raise", timeout=60)
+    assert code != 0, out
+    assert "deliberate failure on rank 1" in out, out
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
+def _cli(n, args):
+    """``moecore <args>``, under ``mpiexec -n n`` when n > 1; returns its stdout."""
+    script = Path(sys.executable).parent / "moecore"
+    entry = [str(script)] if script.exists() else [sys.executable, "-m", "moecore.cli"]
+    cmd = [str(MPIEXEC), "-n", str(n), *entry, *args] if n > 1 else [*entry, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    done = subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(tmp_path, corpus, name, n, *extra, steps=20):
+    """``moecore train`` on moe-tiny (global batch 8): ``mpiexec -n n`` when n > 1.
+    Returns the loss curve from rank 0's metrics."""
+    out = tmp_path / name
+    stdout = _cli(
+        n,
+        [
+            "train",
+            "--preset",
+            "moe-tiny",
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            "--set",
+            f"steps={steps}",
+            "eval_every=0",
+            "checkpoint_every=0",
+            "seq_len=32",
+            "batch_size=8",
+            *extra,
+        ],
+    )
+    assert f"finished after {steps} steps" in stdout, stdout
+    losses = _losses(out)
+    assert len(losses) == steps  # rank 0 alone writes the metrics
+    return losses
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = Path(os.__file__).parent
+    text = b"".join(p.read_bytes() for p in sorted(root.glob("[a-c]*.py")))
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(text[:400_000])
+    return path
+
+
+def test_cli_train_dp2_matches_single_process_loss_curve(tmp_path, corpus):
+    single = _train(tmp_path, corpus, "single", 1)
+    dense = _train(tmp_path, corpus, "dp2", 2, "--dp", "2")
+    # Same global batch split over 2 ranks: the same curve up to float32 summation order
+    # (and the MoE aux loss, computed per rank: measured difference ~2e-4).
+    assert max(abs(a - b) for a, b in zip(single, dense)) < 2e-3, (single, dense)
+    comp = _train(
+        tmp_path,
+        corpus,
+        "dp2c",
+        2,
+        "--dp",
+        "2",
+        "--compress",
+        "topk:0.01",
+        "--compress-warmup",
+        "5",
+    )
+    # Top-k 0.01 with error feedback after 5 dense steps: identical during the warm-up, then
+    # it lags a little (measured: at most ~5% above the dense curve by step 20) and still
+    # learns.
+    assert max(abs(a - b) for a, b in zip(single[:5], comp[:5])) < 2e-3, (single, comp)
+    assert all(c < 1.08 * s for s, c in zip(single, comp)), (single, comp)
+    assert comp[-1] < comp[0] - 0.5, comp
+
+
+def test_cli_rejects_dp_that_is_not_the_world_size(tmp_path, corpus):
+    cmd = [
+        str(MPIEXEC),
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "moecore.cli",
+        "train",
+        "--preset",
+        "moe-tiny",
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "bad"),
+        "--dp",
+        "4",
+    ]
+    done = subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    code, out = done.returncode, done.stdout + done.stderr
+    assert code != 0 and "dp is 4 but the job has 2 ranks" in out, out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_expert_parallel_forward_backward_equal_single_process_moe(n):
+    ok(n, "ep")
+
+
+def test_checkpoint_from_dp2_resumes_in_one_process_and_back(tmp_path, corpus):
+    """A run's checkpoint does not depend on the number of data-parallel ranks: 10 steps
+    with dp=2 then 10 in one process (and the other way round) follow the 20-step
+    single-process curve."""
+    single = _train(tmp_path, corpus, "single", 1)
+    _train(tmp_path, corpus, "a", 2, "--dp", "2", steps=10)
+    _cli(1, ["train", "--resume", str(tmp_path / "a"), "--dp", "1", "--set", "steps=20"])
+    _train(tmp_path, corpus, "b", 1, steps=10)
+    _cli(2, ["train", "--resume", str(tmp_path / "b"), "--dp", "2", "--set", "steps=20"])
+    for run in ("a", "b"):
+        got = _losses(tmp_path / run)
+        assert len(got) == 20
+        assert max(abs(x - y) for x, y in zip(single, got)) < 2e-3, (run, single, got)
+
+
+def test_hierarchical_allreduce_4_ranks_as_2_nodes_of_2():
+    ok(4, "hier")

@@ -1,0 +1,103 @@
+"""The step-time simulator (``moecore.comm.simulate``, ``moecore plan``): hand-computed
+cases, the profile of a real backward, and the command."""
+
+import json
+
+import numpy as np
+import pytest
+
+import moecore as mc
+from moecore import nn, ops
+from moecore.cli import main
+from moecore.comm import CostModel, GradSpec, Link, Scheduler, StepProfile, simulate
+from moecore.errors import SchedulerMisuse
+from moecore.train.plan import profile_step
+
+MB = 1 << 20
+# 1e6 bytes/s, no latency: a 4000-byte all-reduce between 2 ranks takes 2·(1/2)·4 ms = 4 ms.
+SLOW = Link(0.0, 8e-3)
+COST = CostModel(intra=SLOW, inter=SLOW)
+
+
+def four_buckets(world):
+    specs = [GradSpec(f"g{i}", 1000, layer=i) for i in range(4)]
+    return Scheduler(specs, world=world, first_bucket_mb=4000 / MB, bucket_mb=4000 / MB)
+
+
+def profile(each):
+    return StepProfile(0.5, (3, 2, 1, 0), (each,) * 4, 0.25)
+
+
+def test_backward_longer_than_communication_hides_all_but_the_last_bucket():
+    r = simulate(four_buckets(2), profile(0.010), COST)
+    assert r["ops"] == 4
+    assert r["comm_s"] == pytest.approx(0.016)
+    assert r["compute_s"] == pytest.approx(0.79)
+    assert r["exposed_s"] == pytest.approx(0.004)
+
+
+def test_link_bound_step():
+    # The link is busy from the first gradient (1 ms into backward) for 16 ms.
+    r = simulate(four_buckets(2), profile(0.001), COST)
+    assert r["step_s"] == pytest.approx(0.5 + 0.001 + 0.016 + 0.25)
+
+
+def test_compression_and_world_size():
+    specs = [GradSpec("w", 1 << 20)]
+    dense = simulate(Scheduler(specs, world=8), StepProfile(0, (0,), (0.001,), 0), COST)
+    topk = Scheduler(specs, world=8, compress_ratio=0.01)
+    comp = simulate(topk, StepProfile(0, (0,), (0.001,), 0), COST)
+    assert comp["compressed_buckets"] == 1
+    # Dense: 2·7/8·4 MiB / 1e6 B/s; top-k: 7 · (44 + 8·10486) B / 1e6 B/s.
+    assert dense["comm_s"] == pytest.approx(2 * 7 / 8 * 4 * MB / 1e6)
+    assert comp["comm_s"] == pytest.approx(7 * (44 + 8 * 10486) / 1e6)
+
+
+def test_bad_profile_raises():
+    with pytest.raises(SchedulerMisuse, match="backward times"):
+        simulate(four_buckets(2), StepProfile(0.1, (3, 2, 1, 0), (0.1,), 0.1), COST)
+    with pytest.raises(SchedulerMisuse, match="bandwidth"):
+        simulate(four_buckets(2), profile(0.01), CostModel(inter=Link(0.0, 0.0)))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        d = self.b(self.a(mc.tensor(x))) - mc.tensor(y)
+        return ops.mean(d * d)
+
+
+def test_profile_step_orders_gradients_as_backward_finishes_them():
+    mc.manual_seed(0)
+    m = Tiny()
+    rng = np.random.default_rng(0)
+    p = profile_step(
+        m, rng.standard_normal((5, 8)).astype(np.float32), np.zeros((5, 4), np.float32)
+    )
+    names = [n for n, _ in m.named_parameters()]
+    # The output layer's gradients are ready before the input layer's.
+    order = [names[i] for i in p.ready_order]
+    assert sorted(order) == sorted(names)
+    assert max(order.index("b.weight"), order.index("b.bias")) < min(
+        order.index("a.weight"), order.index("a.bias")
+    )
+    assert p.forward_s > 0 and all(t >= 0 for t in p.backward_s)
+    assert all(q.grad is None for q in m.parameters())
+
+
+def test_plan_command(capsys):
+    code = main(["plan", "--preset", "moe-tiny", "--workers", "2", "64", "--gbit", "1", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["workers"], r["variant"]) for r in rows] == [
+        (w, v) for w in (2, 64) for v in ("dense fifo", "dense priority", "top-k 0.01")
+    ]
+    for r in rows:
+        assert r["step_s"] >= r["compute_s"] - 1e-12
+        assert r["exposed_s"] == pytest.approx(r["step_s"] - r["compute_s"], abs=1e-12)
+    assert main(["plan", "--preset", "moe-tiny", "--workers", "0"]) == 2
+    assert main(["plan", "--preset", "moe-tiny", "--compress", "gzip"]) == 2
