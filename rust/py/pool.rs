@@ -443,6 +443,7 @@ impl PoolCore {
                 d.set_item("state", b.state.name())?;
                 d.set_item("allocated", b.state == BlockState::Allocated)?;
                 d.set_item("stream", b.stream)?;
+                d.set_item("cached", b.cached)?;
                 blocks.append(d)?;
             }
             let d = PyDict::new(py);
