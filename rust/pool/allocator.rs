@@ -501,7 +501,7 @@ impl Pool {
         }
         let rounded = round_up(size, GRANULE)
             .filter(|&r| r <= isize::MAX as usize)
-            .ok_or(PoolError::SizeOverflow { requested: size })?;
+            .ok_or_else(|| PoolError::SizeOverflow { requested: size })?;
         let slot = self.slot_of(stream);
         let kind = if is_small(rounded) {
             if let Some(b) = self.streams[slot as usize]
