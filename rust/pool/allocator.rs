@@ -499,9 +499,10 @@ impl Pool {
         if stream == RESERVED_STREAM {
             return Err(PoolError::ReservedStream { stream });
         }
-        let rounded = round_up(size, GRANULE)
-            .filter(|&r| r <= isize::MAX as usize)
-            .ok_or_else(|| PoolError::SizeOverflow { requested: size })?;
+        // (Not `ok_or(..)`: building the error eagerly costs a call to its drop per malloc.)
+        let Some(rounded) = round_up(size, GRANULE).filter(|&r| r <= isize::MAX as usize) else {
+            return Err(PoolError::SizeOverflow { requested: size });
+        };
         let slot = self.slot_of(stream);
         let kind = if is_small(rounded) {
             if let Some(b) = self.streams[slot as usize]

@@ -202,7 +202,10 @@ fn the_free_cache_returns_a_freed_block_to_its_stream_and_counts_it_as_free() {
     assert_eq!(st.allocated_bytes.all().current, 512);
     assert_eq!(st.active_bytes.all().current, 512);
     assert_eq!(st.inactive_split.all().current, 2);
-    assert_eq!(st.inactive_split_bytes.all().current, (2 * MIB - 512) as u64);
+    assert_eq!(
+        st.inactive_split_bytes.all().current,
+        (2 * MIB - 512) as u64
+    );
     let snap = p.snapshot();
     let blk = snap[0].blocks.iter().find(|b| b.cached).unwrap();
     assert_eq!(snap[0].address + blk.offset, a);
@@ -215,7 +218,10 @@ fn the_free_cache_returns_a_freed_block_to_its_stream_and_counts_it_as_free() {
     assert!(other + 2 * KIB <= a || other >= a + 4 * KIB);
     // ... and a double free or `record_stream` of it is still refused.
     assert_eq!(p.free(a), Err(PoolError::DoubleFree { address: a }));
-    assert_eq!(p.record_stream(a, 3), Err(PoolError::DoubleFree { address: a }));
+    assert_eq!(
+        p.record_stream(a, 3),
+        Err(PoolError::DoubleFree { address: a })
+    );
     // The same size on the same stream takes it back.
     assert_eq!(p.malloc(4000, 1).unwrap(), a);
     assert_eq!(p.requested_size(a), Some(4000));
@@ -231,7 +237,10 @@ fn the_free_cache_returns_a_freed_block_to_its_stream_and_counts_it_as_free() {
     // Stream 2 cannot use stream 1's segment: it grows, and growing flushes first.
     p.free(guard).unwrap();
     assert_ne!(p.malloc(4 * KIB, 2).unwrap(), a);
-    assert!(p.snapshot().iter().all(|s| s.blocks.iter().all(|b| !b.cached)));
+    assert!(p
+        .snapshot()
+        .iter()
+        .all(|s| s.blocks.iter().all(|b| !b.cached)));
     check(&p);
 }
 
