@@ -317,7 +317,14 @@ def test_stats_keys_and_values_follow_torch_memory_stats():
     assert s["allocated_bytes.all.current"] == 0
     assert s["allocated_bytes.all.peak"] == 1024 + 6 * MIB
     assert s["allocation.all.allocated"] == 2 and s["allocation.all.freed"] == 2
+    # The freed 1 KiB block waits in stream 0's free cache, not merged yet: it and the rest
+    # of its segment are two inactive split blocks until the cache is flushed.
+    assert s["inactive_split_bytes.all.current"] == 2 * MIB
+    assert s["inactive_split.all.current"] == 2
+    pool.synchronize()  # flushes the cache: the segment is one free block again
+    s = pool.stats()
     assert s["inactive_split_bytes.all.current"] == 0
+    assert s["inactive_split.all.current"] == 0
     pool.reset_peak_stats()
     assert pool.stats()["allocated_bytes.all.peak"] == 0
     assert pool.empty_cache() == 8 * MIB
@@ -344,10 +351,32 @@ def test_snapshot_lists_segments_and_blocks_that_tile_them():
     states = [(b["size"], b["state"]) for b in small["blocks"]]
     assert states[-3:] == [(700_416, "allocated"), (3072, "free"), (512, "allocated")]
     assert states[0][1] == "free"
+    # The freed block sits in the stream's free cache (free, not merged yet).
+    assert [b["cached"] for b in small["blocks"]][-3:] == [False, True, False]
+    assert all(b["cached"] is False for s in snap for b in s["blocks"] if b["state"] != "free")
     allocated_recount = sum(b["size"] for s in snap for b in s["blocks"] if b["allocated"])
     assert allocated_recount == allocated(pool)
     for x in (xs[0], xs[2], xs[3]):
         pool.free(x)
+
+
+def test_a_freed_array_block_is_reused_by_the_next_array_of_its_size():
+    pool = HostPool()
+    a = pool.empty((32, 32), np.float32)
+    addr = a.ctypes.data
+    guard = pool.empty(100, np.uint8)
+    del a
+    blocks = [b for seg in pool.snapshot() for b in seg["blocks"]]
+    cached = [b for b in blocks if b["cached"]]
+    assert [(b["size"], b["state"], b["allocated"]) for b in cached] == [(4096, "free", False)]
+    assert allocated(pool) == 512
+    b = pool.empty(1024, np.int32)  # same rounded size, same stream
+    assert b.ctypes.data == addr
+    b[:] = np.arange(1024)
+    assert b.sum() == 1024 * 1023 // 2
+    del b, guard
+    assert allocated(pool) == 0
+    assert pool.empty_cache() == 2 * MIB
 
 
 def test_the_limit_raises_a_memory_error_naming_the_numbers():

@@ -5,6 +5,13 @@ get segments of their own (rounded to 2 MiB) that later serve other large reques
 blocks are found by a two-level segregated fit (O(1), within 1/16 of the best fit), split,
 and merged with free neighbours when freed.
 
+A freed small block first goes to a short per-stream, per-size cache (like glibc's tcache),
+so the next request of the same size on the same stream gets it back at once. Cached blocks
+are free for every statistic (not allocated, not active; counted in ``inactive_split``) and
+appear in :meth:`HostPool.snapshot` as free blocks with ``"cached": True``; they are merged
+with their free neighbours when the cache is flushed, which happens before the pool would
+reserve a new segment, on ``synchronize()`` and on ``empty_cache()``.
+
 Streams work as in PyTorch's caching allocator: a block freed on stream ``s`` is reused
 only by requests on ``s`` until :meth:`HostPool.synchronize` declares all queued work done;
 :meth:`HostPool.record_stream` marks a block as used by another stream too, and once freed
@@ -78,8 +85,9 @@ class HostPool(_core.PoolCore):
         num_sync_all_streams, num_device_alloc, num_device_free.
         ``reset_peak_stats()``, ``empty_cache() -> int`` (bytes given back),
         ``snapshot()``: a list of segments ``{"address", "size", "kind", "blocks"}``, each
-        block ``{"offset", "size", "requested", "state", "allocated", "stream"}``
-        (``stream`` is None for free blocks any stream may reuse).
+        block ``{"offset", "size", "requested", "state", "allocated", "stream", "cached"}``
+        (``stream`` is None for free blocks any stream may reuse; ``cached`` marks a free
+        block held in its stream's free cache, see the module).
         ``register_arena(base, size)`` / ``unregister_arena(base)``: let the pool carve from
         host memory you own (it never frees it).
     """

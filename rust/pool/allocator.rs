@@ -18,6 +18,14 @@
 //! - Merging respects streams: two free neighbours merge when they belong to the same stream
 //!   or one of them is synchronized (the merged block keeps the stricter stream). So adjacent
 //!   free blocks always belong to two different, unsynchronized streams.
+//! - A freed small block first goes to its stream's [`FreeCache`] (a short LIFO per exact
+//!   size), and a request of that size on that stream takes it back without touching the
+//!   index or the neighbours. A cached block counts as allocated for coalescing (its free
+//!   neighbours stay apart) and as free everywhere else: `stats()` counts it as inactive
+//!   (not allocated, not active; an `inactive_split` block), `snapshot()` lists it as a free
+//!   block marked `cached`. The cache is flushed (its blocks freed for real, with merging)
+//!   before the pool would obtain a new segment (so it never costs reserved memory), on
+//!   `synchronize()` and on `empty_cache()`.
 //! - `empty_cache()` gives wholly free segments back to the backing (registered arenas stay:
 //!   the pool never frees memory it did not obtain). When the byte limit or the backing
 //!   refuses a new segment, the pool first empties its cache and retries, then fails with
@@ -29,6 +37,7 @@ use super::addr_map::AddrMap;
 use super::backing::{Backing, HostBacking};
 use super::block::{Block, BlockSlab, BlockState, NIL};
 use super::error::PoolError;
+use super::free_cache::FreeCache;
 use super::size::{is_small, round_down, round_up, segment_size_for, GRANULE, LARGE_SPLIT_MIN};
 use super::snapshot::{BlockInfo, SegmentInfo};
 use super::stats::{StatPool, Stats};
@@ -116,11 +125,13 @@ struct Segment {
     wholly_free: bool,
 }
 
-/// The free lists of one stream, one TLSF index per segment kind.
+/// The free lists of one stream, one TLSF index per segment kind, and its cache of freed
+/// small blocks.
 #[derive(Debug)]
 struct StreamLists {
     stream: u64,
     lists: [Tlsf; 3],
+    cache: FreeCache,
 }
 
 impl StreamLists {
@@ -132,11 +143,16 @@ impl StreamLists {
         Box::new(Self {
             stream,
             lists: Default::default(),
+            cache: FreeCache::default(),
         })
     }
 }
 
-/// Free-space counters of one stat pool, from which `inactive_split` is derived.
+/// At most this many bytes sit in the free caches of a pool (all streams together).
+const CACHE_MAX_BYTES: u64 = 32 << 20;
+
+/// Free-space counters of one stat pool (cached blocks included), from which
+/// `inactive_split` is derived.
 #[derive(Clone, Copy, Debug, Default)]
 struct FreeCounts {
     free_bytes: u64,
@@ -159,6 +175,9 @@ pub struct Pool {
     streams: Vec<Box<StreamLists>>,
     last_stream: (u64, u32),
     pending: Vec<u32>,
+    /// Blocks and bytes in the free caches of all streams.
+    cached_blocks: u64,
+    cached_bytes: u64,
     counts: [FreeCounts; 3],
     stats: Stats,
 }
@@ -194,6 +213,8 @@ impl Pool {
             streams: vec![StreamLists::new(RESERVED_STREAM)],
             last_stream: (RESERVED_STREAM, SYNCED),
             pending: Vec::new(),
+            cached_blocks: 0,
+            cached_bytes: 0,
             counts: [FreeCounts::default(); 3],
             stats: Stats::default(),
         }
@@ -302,6 +323,7 @@ impl Pool {
     /// block becomes reusable by any stream (and merges with its free neighbours).
     pub fn synchronize(&mut self) {
         self.stats.num_sync_all_streams += 1;
+        self.flush_caches();
         for b in std::mem::take(&mut self.pending) {
             let (size, kind) = {
                 let blk = self.blocks.get_mut(b);
@@ -343,7 +365,35 @@ impl Pool {
     /// Gives every wholly free segment obtained from the backing back to it; returns the
     /// number of bytes released. Registered arenas stay.
     pub fn empty_cache(&mut self) -> usize {
+        self.flush_caches();
         self.release_cached(usize::MAX)
+    }
+
+    /// Frees every block of the streams' free caches into the free lists (merging it with
+    /// its free neighbours). The pool does this itself whenever it matters (see the module);
+    /// exposed for tests and for callers that want a merged `snapshot()`.
+    pub fn flush_caches(&mut self) {
+        if self.cached_blocks == 0 {
+            return;
+        }
+        for slot in 0..self.streams.len() {
+            while let Some(b) = self.streams[slot].cache.pop_any(self.blocks.as_slice()) {
+                let size = {
+                    let blk = self.blocks.get_mut(b);
+                    blk.cached = false;
+                    blk.state = BlockState::Free;
+                    blk.size as u64
+                };
+                self.cached_blocks -= 1;
+                self.cached_bytes -= size;
+                // Cached blocks are counted as free already; `merge_free` counts again.
+                let c = &mut self.counts[StatPool::Small as usize];
+                c.free_bytes -= size;
+                c.free_blocks -= 1;
+                self.merge_free(b);
+            }
+        }
+        self.update_inactive_split(StatPool::Small);
     }
 
     /// Registers an external arena `[base, base + size)`: the pool carves blocks from it
@@ -411,16 +461,22 @@ impl Pool {
                     } else {
                         Some(self.streams[blk.slot as usize].stream)
                     };
+                    let state = if blk.cached {
+                        BlockState::Free
+                    } else {
+                        blk.state
+                    };
                     blocks.push(BlockInfo {
                         offset: blk.addr - seg.base,
                         size: blk.size,
-                        requested: if blk.state == BlockState::Allocated {
+                        requested: if state == BlockState::Allocated {
                             blk.requested
                         } else {
                             0
                         },
-                        state: blk.state,
+                        state,
                         stream,
+                        cached: blk.cached,
                     });
                     b = blk.next_phys;
                 }
@@ -443,20 +499,67 @@ impl Pool {
         if stream == RESERVED_STREAM {
             return Err(PoolError::ReservedStream { stream });
         }
-        let rounded = round_up(size, GRANULE)
-            .filter(|&r| r <= isize::MAX as usize)
-            .ok_or(PoolError::SizeOverflow { requested: size })?;
+        // (Not `ok_or(..)`: building the error eagerly costs a call to its drop per malloc.)
+        let Some(rounded) = round_up(size, GRANULE).filter(|&r| r <= isize::MAX as usize) else {
+            return Err(PoolError::SizeOverflow { requested: size });
+        };
         let slot = self.slot_of(stream);
         let kind = if is_small(rounded) {
+            if let Some(b) = self.streams[slot as usize]
+                .cache
+                .pop(self.blocks.as_slice(), rounded)
+            {
+                return Ok(self.take_cached(b, size, handle));
+            }
             SegmentKind::Small
         } else {
             SegmentKind::Large
         };
         let b = match self.find_free(rounded, slot, kind) {
             Some(b) => b,
+            None if self.cached_blocks > 0 => {
+                // Cached blocks must never make the pool grow: free them for real first.
+                self.flush_caches();
+                match self.find_free(rounded, slot, kind) {
+                    Some(b) => b,
+                    None => self.grow(rounded, size, slot, kind)?,
+                }
+            }
             None => self.grow(rounded, size, slot, kind)?,
         };
         Ok(self.take(b, rounded, size, slot, handle))
+    }
+
+    /// Hands out block `b` just popped from its stream's cache (it is still in its chain,
+    /// marked allocated, with the right size and stream); returns the address.
+    #[inline]
+    fn take_cached(&mut self, b: u32, requested: usize, handle: bool) -> usize {
+        let (addr, size) = {
+            let blk = self.blocks.get_mut(b);
+            blk.cached = false;
+            blk.requested = requested;
+            blk.handle_owned = handle;
+            (blk.addr, blk.size)
+        };
+        self.cached_blocks -= 1;
+        self.cached_bytes -= size as u64;
+        let c = &mut self.counts[StatPool::Small as usize];
+        c.free_bytes -= size as u64;
+        c.free_blocks -= 1;
+        self.live.insert(addr, b);
+        self.count_allocation(StatPool::Small, size, requested);
+        addr
+    }
+
+    #[inline]
+    fn count_allocation(&mut self, pool: StatPool, size: usize, requested: usize) {
+        let st = &mut self.stats;
+        st.allocation.add(pool, 1);
+        st.active.add(pool, 1);
+        st.allocated_bytes.add(pool, size as u64);
+        st.active_bytes.add(pool, size as u64);
+        st.requested_bytes.add(pool, requested as u64);
+        self.update_inactive_split(pool);
     }
 
     /// The stream's slot in the stream table, created on first use.
@@ -602,6 +705,7 @@ impl Pool {
                 state: BlockState::Allocated,
                 used_elsewhere: false,
                 handle_owned: handle,
+                cached: false,
             });
             if next != NIL {
                 self.blocks.get_mut(next).prev_phys = a;
@@ -623,14 +727,7 @@ impl Pool {
         };
         self.refresh_wholly_free(seg);
         self.live.insert(addr, b);
-        let pool = kind.stat_pool();
-        let st = &mut self.stats;
-        st.allocation.add(pool, 1);
-        st.active.add(pool, 1);
-        st.allocated_bytes.add(pool, size as u64);
-        st.active_bytes.add(pool, size as u64);
-        st.requested_bytes.add(pool, requested as u64);
-        self.update_inactive_split(pool);
+        self.count_allocation(kind.stat_pool(), size, requested);
         addr
     }
 
@@ -640,12 +737,11 @@ impl Pool {
         let Some(b) = self.live.remove(&address) else {
             return Err(self.diagnose(address));
         };
-        let (size, requested, seg, kind, owned, elsewhere) = {
+        let (size, requested, kind, owned, elsewhere) = {
             let blk = self.blocks.get(b);
             (
                 blk.size,
                 blk.requested,
-                blk.segment,
                 SegmentKind::from_index(blk.kind),
                 blk.handle_owned,
                 blk.used_elsewhere,
@@ -669,8 +765,32 @@ impl Pool {
         }
         st.active.sub(pool, 1);
         st.active_bytes.sub(pool, size as u64);
-        let slot = self.blocks.get(b).slot;
+        if kind == SegmentKind::Small && self.cached_bytes + size as u64 <= CACHE_MAX_BYTES {
+            let slot = self.blocks.get(b).slot as usize;
+            if self.streams[slot].cache.push(self.blocks.as_mut_slice(), b) {
+                self.blocks.get_mut(b).cached = true;
+                self.cached_blocks += 1;
+                self.cached_bytes += size as u64;
+                let c = &mut self.counts[pool as usize];
+                c.free_bytes += size as u64;
+                c.free_blocks += 1;
+                self.update_inactive_split(pool);
+                return Ok(());
+            }
+        }
         self.blocks.get_mut(b).state = BlockState::Free;
+        self.merge_free(b);
+        self.update_inactive_split(pool);
+        Ok(())
+    }
+
+    /// Puts block `b` (just marked free, in no list) into the free lists of its stream,
+    /// merged with its mergeable free neighbours.
+    fn merge_free(&mut self, b: u32) {
+        let (slot, seg) = {
+            let blk = self.blocks.get(b);
+            (blk.slot, blk.segment)
+        };
         let next = self.blocks.get(b).next_phys;
         if next != NIL && self.mergeable(next, slot) {
             self.unlink_free(next);
@@ -694,8 +814,6 @@ impl Pool {
             self.link_free(b);
         }
         self.refresh_wholly_free(seg);
-        self.update_inactive_split(pool);
-        Ok(())
     }
 
     /// Whether free-list neighbour `n` may merge with a block freed on `slot`.
@@ -811,6 +929,7 @@ impl Pool {
             state: BlockState::Free,
             used_elsewhere: false,
             handle_owned: false,
+            cached: false,
         });
         self.segments[s as usize] = Some(Segment {
             base,
@@ -989,6 +1108,7 @@ impl Pool {
     /// overlap, merging, stats) are checked from the snapshot in `tests.rs`.
     pub(crate) fn check_internal(&self) {
         let mut allocated = 0usize;
+        let mut cached = (0u64, 0u64);
         let mut counts = [FreeCounts::default(); 3];
         for (&base, &s) in &self.segment_at {
             let seg = self.segment(s);
@@ -1012,6 +1132,17 @@ impl Pool {
                         c.free_bytes += blk.size as u64;
                         c.free_blocks += 1;
                     }
+                    BlockState::Allocated if blk.cached => {
+                        let cache = &self.streams[blk.slot as usize].cache;
+                        assert!(cache.contains(self.blocks.as_slice(), b), "cached unlisted");
+                        assert_eq!(seg.kind, SegmentKind::Small);
+                        assert_eq!(self.live.get(&blk.addr), None);
+                        let c = &mut counts[seg.kind.stat_pool() as usize];
+                        c.free_bytes += blk.size as u64;
+                        c.free_blocks += 1;
+                        cached.0 += 1;
+                        cached.1 += blk.size as u64;
+                    }
                     BlockState::Allocated => {
                         assert_eq!(self.live.get(&blk.addr), Some(&b));
                         allocated += 1;
@@ -1033,6 +1164,7 @@ impl Pool {
             }
         }
         assert_eq!(allocated, self.live.len());
+        assert_eq!(cached, (self.cached_blocks, self.cached_bytes));
         for p in [1, 2] {
             let (a, b) = (counts[p], self.counts[p]);
             assert_eq!(

@@ -43,6 +43,9 @@ pub struct Block {
     pub used_elsewhere: bool,
     /// Owned by a Python array handle: the raw `free` refuses it.
     pub handle_owned: bool,
+    /// Freed into its stream's [`FreeCache`](super::free_cache::FreeCache): `state` stays
+    /// `Allocated` (neighbours do not merge into it) but it is free for every caller.
+    pub cached: bool,
 }
 
 impl Block {
@@ -62,6 +65,7 @@ impl Block {
             state: BlockState::Free,
             used_elsewhere: false,
             handle_owned: false,
+            cached: false,
         }
     }
 }

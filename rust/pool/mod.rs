@@ -32,6 +32,7 @@ mod allocator;
 mod backing;
 mod block;
 mod error;
+mod free_cache;
 mod host_memory;
 mod replay;
 mod size;

@@ -16,6 +16,9 @@ pub struct BlockInfo {
     /// The stream that allocated it (allocated/pending) or whose free lists hold it (free);
     /// `None` for a free block reusable by any stream (after `synchronize()`).
     pub stream: Option<u64>,
+    /// A free block held in its stream's free cache: not merged with its free neighbours
+    /// until the cache is flushed (see `Pool`).
+    pub cached: bool,
 }
 
 /// One segment.

@@ -50,10 +50,19 @@ fn check(pool: &Pool) {
                     }
                 }
             }
-            // Free neighbours are merged unless they belong to two different streams.
+            // Free neighbours are merged unless they belong to two different streams or one
+            // of them sits in a free cache (it is merged when the cache is flushed).
+            if b.cached {
+                assert!(b.state == BlockState::Free && seg.kind == SegmentKind::Small);
+                assert!(b.stream.is_some(), "cached blocks belong to a stream");
+            }
             if i > 0 {
                 let a = &seg.blocks[i - 1];
-                if a.state == BlockState::Free && b.state == BlockState::Free {
+                if a.state == BlockState::Free
+                    && b.state == BlockState::Free
+                    && !a.cached
+                    && !b.cached
+                {
                     assert!(
                         a.stream.is_some() && b.stream.is_some() && a.stream != b.stream,
                         "unmerged free neighbours {a:?} {b:?}"
@@ -114,6 +123,12 @@ fn requests_round_to_512_and_small_ones_share_a_2mib_segment() {
         p.free(x).unwrap();
     }
     check(&p);
+    // The freed blocks wait in the stream's free cache, free but not merged yet.
+    let cached = |p: &Pool| p.snapshot()[0].blocks.iter().filter(|b| b.cached).count();
+    assert_eq!(cached(&p), 3);
+    p.flush_caches();
+    check(&p);
+    assert_eq!(cached(&p), 0);
     assert_eq!(p.snapshot()[0].blocks.len(), 1, "everything merged back");
 }
 
@@ -154,6 +169,8 @@ fn best_fit_picks_the_smallest_hole_and_frees_coalesce() {
     for i in [0, 2, 4] {
         p.free(addrs[i]).unwrap();
     }
+    // Out of the free cache, into the index (where best fit looks).
+    p.flush_caches();
     check(&p);
     // A 3 KiB request must land in the 4 KiB hole, a 6 KiB one in the 8 KiB hole.
     let x = p.malloc(3 * KIB, 0).unwrap();
@@ -165,10 +182,89 @@ fn best_fit_picks_the_smallest_hole_and_frees_coalesce() {
     for a in [x, y, addrs[1], addrs[3], addrs[5]] {
         p.free(a).unwrap();
     }
+    p.flush_caches();
     check(&p);
     let snap = p.snapshot();
     assert_eq!(snap[0].blocks.len(), 1);
     assert_eq!(p.stats().inactive_split_bytes.all().current, 0);
+}
+
+#[test]
+fn the_free_cache_returns_a_freed_block_to_its_stream_and_counts_it_as_free() {
+    let mut p = sim();
+    let a = p.malloc(4 * KIB, 1).unwrap();
+    let guard = p.malloc(512, 1).unwrap();
+    p.free(a).unwrap();
+    check(&p);
+    // Free for every statistic: not allocated, not active, an inactive split block
+    // (as are the remainder before it: 2 MiB - 4.5 KiB, and nothing else).
+    let st = p.stats().clone();
+    assert_eq!(st.allocated_bytes.all().current, 512);
+    assert_eq!(st.active_bytes.all().current, 512);
+    assert_eq!(st.inactive_split.all().current, 2);
+    assert_eq!(
+        st.inactive_split_bytes.all().current,
+        (2 * MIB - 512) as u64
+    );
+    let snap = p.snapshot();
+    let blk = snap[0].blocks.iter().find(|b| b.cached).unwrap();
+    assert_eq!(snap[0].address + blk.offset, a);
+    assert_eq!(
+        (blk.size, blk.state, blk.stream, blk.requested),
+        (4 * KIB, BlockState::Free, Some(1), 0)
+    );
+    // Not merged, not in the index: other sizes do not get it ...
+    let other = p.malloc(2 * KIB, 1).unwrap();
+    assert!(other + 2 * KIB <= a || other >= a + 4 * KIB);
+    // ... and a double free or `record_stream` of it is still refused.
+    assert_eq!(p.free(a), Err(PoolError::DoubleFree { address: a }));
+    assert_eq!(
+        p.record_stream(a, 3),
+        Err(PoolError::DoubleFree { address: a })
+    );
+    // The same size on the same stream takes it back.
+    assert_eq!(p.malloc(4000, 1).unwrap(), a);
+    assert_eq!(p.requested_size(a), Some(4000));
+    check(&p);
+    p.free(a).unwrap();
+    p.free(other).unwrap();
+    // Flushing frees them for real: `other` merges with the free remainder before it.
+    assert_eq!(p.snapshot()[0].blocks.len(), 4);
+    // (Layout, downwards: remainder, other, guard, a.)
+    p.flush_caches();
+    check(&p);
+    assert_eq!(p.snapshot()[0].blocks.len(), 3);
+    // Stream 2 cannot use stream 1's segment: it grows, and growing flushes first.
+    p.free(guard).unwrap();
+    assert_ne!(p.malloc(4 * KIB, 2).unwrap(), a);
+    assert!(p
+        .snapshot()
+        .iter()
+        .all(|s| s.blocks.iter().all(|b| !b.cached)));
+    check(&p);
+}
+
+#[test]
+fn cached_blocks_never_make_the_pool_grow() {
+    // Four 512 KiB blocks fill one small segment; freed, they sit in the cache. A 1 MiB
+    // request fits only once they are merged: the pool flushes instead of growing.
+    let mut p = sim();
+    let xs: Vec<usize> = (0..4).map(|_| p.malloc(512 * KIB, 0).unwrap()).collect();
+    assert_eq!(p.stats().segment.all().current, 1);
+    for &x in &xs {
+        p.free(x).unwrap();
+    }
+    check(&p);
+    let y = p.malloc(MIB, 0).unwrap();
+    check(&p);
+    assert_eq!(p.stats().segment.all().current, 1);
+    assert_eq!(p.stats().num_device_alloc, 1);
+    p.free(y).unwrap();
+    // synchronize() and empty_cache() flush too: everything is given back.
+    p.synchronize();
+    assert!(p.snapshot()[0].blocks.iter().all(|b| !b.cached));
+    assert_eq!(p.empty_cache(), 2 * MIB);
+    check(&p);
 }
 
 #[test]
@@ -661,6 +757,8 @@ proptest! {
         for a in addrs {
             pool.free(a).unwrap();
         }
+        check(&pool);
+        pool.flush_caches();
         check(&pool);
         for seg in pool.snapshot() {
             prop_assert_eq!(seg.blocks.len(), 1);

@@ -210,6 +210,7 @@ mod tests {
             state: BlockState::Free,
             used_elsewhere: false,
             handle_owned: false,
+            cached: false,
         }
     }
 

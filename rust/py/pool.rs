@@ -14,7 +14,10 @@ use numpy::npyffi::{self, npy_intp, NPY_ARRAY_CARRAY, PY_ARRAY_API};
 use numpy::{PyArrayDescr, PyArrayDescrMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PySequence, PyString};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{
+    PyBool, PyComplex, PyDict, PyFloat, PyInt, PyList, PySequence, PyString, PyTuple,
+};
 
 use super::errors::{InternalError, PoolMisuse, PoolOutOfMemory};
 use super::gil;
@@ -99,10 +102,72 @@ pub struct PoolCore {
     handler: Py<PyAny>,
 }
 
+/// The most dimensions an array may have (numpy 2's `NPY_MAXDIMS`; numpy 1 refuses more
+/// than 32 itself, with its own error).
+const MAX_DIMS: usize = 64;
+
+/// The dimensions of a new array, on the stack: `empty()` is called for small arrays in hot
+/// loops, where a heap vector per call is a visible part of the cost.
+struct Dims {
+    len: usize,
+    buf: [npy_intp; MAX_DIMS],
+}
+
+impl Dims {
+    fn push(&mut self, d: i64, shape: &Bound<'_, PyAny>) -> PyResult<()> {
+        if d < 0 {
+            return Err(PoolMisuse::new_err(format!(
+                "negative dimensions are not allowed, got shape {}",
+                shape.repr().map(|r| r.to_string()).unwrap_or_default()
+            )));
+        }
+        if self.len == MAX_DIMS {
+            return Err(PoolMisuse::new_err(format!(
+                "too many dimensions: at most {MAX_DIMS} are supported"
+            )));
+        }
+        self.buf[self.len] = d as npy_intp;
+        self.len += 1;
+        Ok(())
+    }
+
+    fn as_slice(&self) -> &[npy_intp] {
+        &self.buf[..self.len]
+    }
+}
+
 /// Dimensions from an int or a sequence of ints, all non-negative.
-fn parse_shape(shape: &Bound<'_, PyAny>) -> PyResult<Vec<npy_intp>> {
+fn parse_shape(shape: &Bound<'_, PyAny>) -> PyResult<Dims> {
+    let mut dims = Dims {
+        len: 0,
+        buf: [0; MAX_DIMS],
+    };
+    // Fast paths first, checked by type so that no exception is raised and dropped on the
+    // way: a plain int, or a tuple of plain ints.
+    if let Ok(n) = shape.cast_exact::<PyInt>() {
+        if let Ok(n) = n.extract::<i64>() {
+            dims.push(n, shape)?;
+            return Ok(dims);
+        }
+    }
+    let int_item = |item: &Bound<'_, PyAny>| {
+        item.extract::<i64>().map_err(|_| {
+            PoolMisuse::new_err(format!(
+                "shape must contain ints, got {} in {}",
+                type_name(item),
+                shape.repr().map(|r| r.to_string()).unwrap_or_default()
+            ))
+        })
+    };
+    if let Ok(t) = shape.cast_exact::<PyTuple>() {
+        for item in t.iter() {
+            dims.push(int_item(&item)?, shape)?;
+        }
+        return Ok(dims);
+    }
     if let Ok(n) = shape.extract::<i64>() {
-        return check_dims(vec![n], shape);
+        dims.push(n, shape)?;
+        return Ok(dims);
     }
     let seq = shape.cast::<PySequence>().map_err(|_| {
         PoolMisuse::new_err(format!(
@@ -110,18 +175,10 @@ fn parse_shape(shape: &Bound<'_, PyAny>) -> PyResult<Vec<npy_intp>> {
             type_name(shape)
         ))
     })?;
-    let mut dims = Vec::with_capacity(seq.len()?);
     for item in seq.try_iter()? {
-        let item = item?;
-        dims.push(item.extract::<i64>().map_err(|_| {
-            PoolMisuse::new_err(format!(
-                "shape must contain ints, got {} in {}",
-                type_name(&item),
-                shape.repr().map(|r| r.to_string()).unwrap_or_default()
-            ))
-        })?);
+        dims.push(int_item(&item?)?, shape)?;
     }
-    check_dims(dims, shape)
+    Ok(dims)
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -131,28 +188,77 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-fn check_dims(dims: Vec<i64>, shape: &Bound<'_, PyAny>) -> PyResult<Vec<npy_intp>> {
-    if dims.iter().any(|&d| d < 0) {
-        return Err(PoolMisuse::new_err(format!(
-            "negative dimensions are not allowed, got shape {}",
-            shape.repr().map(|r| r.to_string()).unwrap_or_default()
-        )));
-    }
-    Ok(dims.into_iter().map(|d| d as npy_intp).collect())
-}
-
 /// The dtype, which must be a plain numeric one: bool, integers, floats, complex, or a
 /// registered numeric scalar type such as ml_dtypes' bfloat16 (numpy kind 'V' but no fields).
 fn numeric_dtype<'py>(
     py: Python<'py>,
     dtype: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArrayDescr>> {
-    let descr = match dtype {
-        None => numpy::dtype::<f64>(py),
-        Some(d) => match d.cast::<PyArrayDescr>() {
-            Ok(d) => d.clone(),
-            Err(_) => PyArrayDescr::new(py, d)?,
-        },
+    let Some(d) = dtype else {
+        return Ok(numpy::dtype::<f64>(py));
+    };
+    if let Some((_, descr)) = common_dtypes(py).iter().find(|(arg, _)| arg.is(d)) {
+        return Ok(descr.bind(py).clone());
+    }
+    checked_dtype(py, d)
+}
+
+/// The dtype arguments people pass most (numpy's numeric scalar types and Python's `bool`,
+/// `int`, `float`, `complex`, and their descriptors) with their descriptors, converted and checked once: the
+/// conversion is a visible part of the cost of `empty()` for small arrays. The entries hold
+/// strong references, so the identity comparison with an argument is sound.
+fn common_dtypes(py: Python<'_>) -> &[(Py<PyAny>, Py<PyArrayDescr>)] {
+    static COMMON: PyOnceLock<Vec<(Py<PyAny>, Py<PyArrayDescr>)>> = PyOnceLock::new();
+    COMMON.get_or_init(py, || {
+        let mut args: Vec<Bound<'_, PyAny>> = vec![
+            py.get_type::<PyBool>().into_any(),
+            py.get_type::<PyInt>().into_any(),
+            py.get_type::<PyFloat>().into_any(),
+            py.get_type::<PyComplex>().into_any(),
+        ];
+        if let Ok(np) = py.import("numpy") {
+            for name in [
+                "bool_",
+                "int8",
+                "int16",
+                "int32",
+                "int64",
+                "uint8",
+                "uint16",
+                "uint32",
+                "uint64",
+                "float16",
+                "float32",
+                "float64",
+                "complex64",
+                "complex128",
+            ] {
+                if let Ok(t) = np.getattr(name) {
+                    args.push(t);
+                }
+            }
+        }
+        let mut common = Vec::with_capacity(2 * args.len());
+        for a in args {
+            if let Ok(d) = checked_dtype(py, &a) {
+                // numpy's builtin descriptors are singletons: `np.dtype(np.float32)` is
+                // always the same object, so it can be looked up by identity too.
+                common.push((d.clone().into_any().unbind(), d.clone().unbind()));
+                common.push((a.unbind(), d.unbind()));
+            }
+        }
+        common
+    })
+}
+
+/// Converts a dtype argument (not None) and checks that it is plain numeric.
+fn checked_dtype<'py>(
+    py: Python<'py>,
+    dtype: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDescr>> {
+    let descr = match dtype.cast::<PyArrayDescr>() {
+        Ok(d) => d.clone(),
+        Err(_) => PyArrayDescr::new(py, dtype)?,
     };
     let kind = descr.kind();
     let numeric = match kind {
@@ -191,6 +297,7 @@ impl PoolCore {
         let mut dims = parse_shape(shape)?;
         let descr = numeric_dtype(py, dtype)?;
         let nbytes = dims
+            .as_slice()
             .iter()
             .try_fold(descr.itemsize(), |acc, &d| acc.checked_mul(d as usize))
             .filter(|&n| n <= isize::MAX as usize)
@@ -201,12 +308,11 @@ impl PoolCore {
                     descr.str().map(|s| s.to_string()).unwrap_or_default()
                 ))
             })?;
-        let nd =
-            c_int::try_from(dims.len()).map_err(|_| PoolMisuse::new_err("too many dimensions"))?;
+        let nd = dims.len as c_int; // at most MAX_DIMS
         if nbytes == 0 {
             // Nothing to allocate: numpy makes its own empty array.
             // SAFETY: as below, with null data (numpy allocates).
-            return unsafe { new_ndarray(py, descr, &mut dims, nd, std::ptr::null_mut(), 0) };
+            return unsafe { new_ndarray(py, descr, &mut dims.buf, nd, std::ptr::null_mut(), 0) };
         }
         let addr = gil::guarded("pool.empty", || {
             lock(&self.pool)?
@@ -239,7 +345,7 @@ impl PoolCore {
             let arr = new_ndarray(
                 py,
                 descr,
-                &mut dims,
+                &mut dims.buf,
                 nd,
                 addr as *mut std::ffi::c_void,
                 NPY_ARRAY_CARRAY,
@@ -254,7 +360,7 @@ impl PoolCore {
 /// A C-ordered array of `descr` over `data` (or over memory numpy allocates if null).
 ///
 /// # Safety
-/// `dims` has `nd` entries; `data` is null or points to enough memory for the array, valid
+/// `dims` has at least `nd` entries; `data` is null or points to enough memory for the array, valid
 /// for as long as the caller arranges (see `pool_handler::adopt`).
 unsafe fn new_ndarray<'py>(
     py: Python<'py>,
@@ -429,7 +535,7 @@ impl PoolCore {
     }
 
     /// Every segment (address, size, kind, blocks) with its blocks (offset, size,
-    /// requested, state, allocated, stream), as plain dicts in address order.
+    /// requested, state, allocated, stream, cached), as plain dicts in address order.
     fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let snap = gil::guarded("pool.snapshot", || lock(&self.pool).map(|p| p.snapshot()))??;
         let out = PyList::empty(py);
@@ -443,6 +549,7 @@ impl PoolCore {
                 d.set_item("state", b.state.name())?;
                 d.set_item("allocated", b.state == BlockState::Allocated)?;
                 d.set_item("stream", b.stream)?;
+                d.set_item("cached", b.cached)?;
                 blocks.append(d)?;
             }
             let d = PyDict::new(py);
