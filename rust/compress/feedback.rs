@@ -5,6 +5,7 @@ use super::codec::{encode_checked, Encoding, Rounding};
 use super::scan::{first_nonfinite, Sweep};
 use super::select::{select_sweep, Method};
 use super::CompressError;
+use rayon::prelude::*;
 
 /// The state carried from one step to the next for one tensor.
 pub enum Feedback<'a> {
@@ -110,18 +111,39 @@ pub fn compress_topk(
     match &mut sweep {
         Sweep::Read(_) => {}
         Sweep::Accumulate { acc, .. } => {
-            for ((&i, &v), &d) in indices.iter().zip(&values).zip(&decoded) {
-                acc[i as usize] = v - d;
-            }
+            for_sent(acc, &indices, |j, a| *a = values[j] - decoded[j]);
         }
         Sweep::Momentum { u, v: acc, .. } => {
-            for ((&i, &v), &d) in indices.iter().zip(&values).zip(&decoded) {
-                acc[i as usize] = v - d;
-                u[i as usize] = 0.0;
-            }
+            for_sent(acc, &indices, |j, a| *a = values[j] - decoded[j]);
+            for_sent(u, &indices, |_, u| *u = 0.0);
         }
     }
     Ok(payload)
+}
+
+/// Calls `set(j, &mut state[indices[j]])` for every j. The sent entries are scattered over
+/// the whole state (a cache miss each), so chunks of them run in parallel: increasing indices
+/// cut `state` into disjoint ranges, one per chunk.
+fn for_sent(state: &mut [f32], indices: &[u32], set: impl Fn(usize, &mut f32) + Sync) {
+    const CHUNK: usize = 1 << 13;
+    let mut pieces = Vec::with_capacity(indices.len().div_ceil(CHUNK));
+    let (mut rest, mut offset) = (state, 0usize);
+    for (c, chunk) in indices.chunks(CHUNK).enumerate() {
+        let end = chunk.last().map_or(offset, |&i| i as usize + 1);
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(end - offset);
+        pieces.push((c * CHUNK, chunk, head, offset));
+        (rest, offset) = (tail, end);
+    }
+    let run = |(first, chunk, head, offset): (usize, &[u32], &mut [f32], usize)| {
+        for (j, &i) in chunk.iter().enumerate() {
+            set(first + j, &mut head[i as usize - offset]);
+        }
+    };
+    if pieces.len() > 1 {
+        pieces.into_par_iter().for_each(run);
+    } else {
+        pieces.into_iter().for_each(run);
+    }
 }
 
 /// How a non-finite accumulated value (as opposed to a non-finite gradient) is reported.

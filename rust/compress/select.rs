@@ -223,7 +223,6 @@ thread_local! {
     /// Scratch reused across calls on the same thread: large fresh allocations would cost a
     /// page fault per 4 KiB on every compression step.
     static SAMPLE: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
-    static RANKS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Scratch larger than this (elements) is freed after use rather than kept.
@@ -249,7 +248,7 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
         }
     }
     if c.len() == k {
-        return Ok(c.select(k, |_, _| true));
+        return Ok(c.into_selection(|_, _| true));
     }
     // Rank by (key descending, index ascending) as one u64 so all ranks are distinct; the
     // k-th largest is the cut, and filtering keeps the increasing order without a sort.
@@ -266,20 +265,11 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
         above += counts[b];
     }
     let b = b.saturating_sub(1); // the bucket holding the k-th largest
-    let cut = RANKS.with_borrow_mut(|ranks| {
-        ranks.clear();
-        c.for_each(|i, v| {
-            if bucket(v) == b {
-                ranks.push(rank(i, v));
-            }
-        });
-        let cut = *ranks
-            .select_nth_unstable_by(k - above - 1, |x, y| y.cmp(x))
-            .1;
-        release_if_large(ranks);
-        cut
-    });
-    Ok(c.par_select(k, |i, v| rank(i, v) >= cut))
+    let mut ranks = c.gather(|i, v| (bucket(v) == b).then(|| rank(i, v)));
+    let cut = *ranks
+        .select_nth_unstable_by(k - above - 1, |x, y| y.cmp(x))
+        .1;
+    Ok(c.into_selection(|i, v| rank(i, v) >= cut))
 }
 
 /// The `rank`-th largest (1-based, ≤ len) of non-negative `keys`: a histogram of their top
