@@ -327,10 +327,14 @@ impl Candidates {
         pieces.into_iter().flatten().collect()
     }
 
-    /// The pairs for which `keep` holds, in increasing index order, as one [`Selection`]:
-    /// each part is filtered in place (branch-free), then the parts are copied into the
-    /// result at their offsets, both in parallel over parts.
-    pub(crate) fn into_selection(mut self, keep: impl Fn(u32, f32) -> bool + Sync) -> Selection {
+    /// The pairs for which `keep` holds, in increasing index order, into `out` (replacing
+    /// its contents, reusing its memory): each part is filtered in place (branch-free), then
+    /// the parts are copied into the result at their offsets, both in parallel over parts.
+    pub(crate) fn into_selection(
+        mut self,
+        keep: impl Fn(u32, f32) -> bool + Sync,
+        out: &mut Selection,
+    ) {
         let parallel = self.parallel();
         let filter = |c: &mut Collect| {
             let mut kept = 0;
@@ -349,10 +353,10 @@ impl Candidates {
             self.parts.iter_mut().for_each(filter);
         }
         let total: usize = self.parts.iter().map(|c| c.idx.len()).sum();
-        let mut out = Selection {
-            idx: vec![0; total],
-            val: vec![0.0; total],
-        };
+        out.idx.clear();
+        out.idx.resize(total, 0);
+        out.val.clear();
+        out.val.resize(total, 0.0);
         // Disjoint destination slices, one per part, in order.
         let mut dst = Vec::with_capacity(self.parts.len());
         let (mut idx, mut val) = (&mut out.idx[..], &mut out.val[..]);
@@ -371,7 +375,6 @@ impl Candidates {
         } else {
             dst.into_iter().for_each(copy);
         }
-        out
     }
 
     fn from_parts(parts: Vec<Collect>) -> Self {

@@ -31,20 +31,23 @@ const MAX_ROUNDS: usize = 10;
 /// NaN or ±inf anywhere in `x` is an error.
 pub fn select_topk(x: &[f32], k: usize, method: Method) -> Result<Vec<u32>, CompressError> {
     let mut sweep = Sweep::Read(x);
-    select_sweep(&mut sweep, k, method, "gradient").map(|c| c.idx)
+    let mut out = Selection::default();
+    select_sweep(&mut sweep, k, method, "gradient", &mut out)?;
+    Ok(out.idx)
 }
 
 /// Runs the passes of a selection over `sweep`: the first one applies its update (error
 /// feedback), the later ones only read the updated values. `what` names the selected values
 /// in errors. The caller has checked a stateful sweep's gradient for non-finite values, so a
 /// non-finite value found here in that case means the accumulator overflowed. Returns the
-/// selected indices (increasing) with their values.
+/// selected indices (increasing) with their values in `out` (its memory reused).
 pub(crate) fn select_sweep(
     sweep: &mut Sweep<'_>,
     k: usize,
     method: Method,
     what: &'static str,
-) -> Result<Selection, CompressError> {
+    out: &mut Selection,
+) -> Result<(), CompressError> {
     let n = sweep.len();
     if k > n || n > MAX_N {
         return Err(CompressError::BadK { k, n });
@@ -62,7 +65,11 @@ pub(crate) fn select_sweep(
                 index: index as usize,
                 value,
             }),
-            None => Ok(Selection::default()),
+            None => {
+                out.idx.clear();
+                out.val.clear();
+                Ok(())
+            }
         };
     }
     let candidates = match method {
@@ -74,7 +81,7 @@ pub(crate) fn select_sweep(
             }
         }
     };
-    finish(candidates, k, what)
+    finish(candidates, k, what, out)
 }
 
 /// The first pass over a sweep updates its state; every later pass only reads.
@@ -235,7 +242,12 @@ fn release_if_large<T>(v: &mut Vec<T>) {
 }
 
 /// The exact top-k among `candidates` (at least k of them, k ≥ 1), kept in increasing order.
-fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, CompressError> {
+fn finish(
+    c: Candidates,
+    k: usize,
+    what: &'static str,
+    out: &mut Selection,
+) -> Result<(), CompressError> {
     let (lo, hi) = (c.lo, c.hi);
     // Every non-finite value is a candidate (its key is above any finite threshold).
     if hi >= NONFINITE_KEY {
@@ -248,7 +260,8 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
         }
     }
     if c.len() == k {
-        return Ok(c.into_selection(|_, _| true));
+        c.into_selection(|_, _| true, out);
+        return Ok(());
     }
     // Rank by (key descending, index ascending) as one u64 so all ranks are distinct; the
     // k-th largest is the cut, and filtering keeps the increasing order without a sort.
@@ -269,7 +282,8 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
     let cut = *ranks
         .select_nth_unstable_by(k - above - 1, |x, y| y.cmp(x))
         .1;
-    Ok(c.into_selection(|i, v| rank(i, v) >= cut))
+    c.into_selection(|i, v| rank(i, v) >= cut, out);
+    Ok(())
 }
 
 /// The `rank`-th largest (1-based, ≤ len) of non-negative `keys`: a histogram of their top
