@@ -62,6 +62,18 @@ pub fn compress_topk(
     method: Method,
     encoding: &Encoding,
 ) -> Result<Vec<u8>, CompressError> {
+    // The whole step runs on a pool thread: its parallel passes then start from inside the
+    // pool, instead of each being injected from outside and waited for (several per step).
+    rayon::scope(|_| compress_in_pool(grad, feedback, k, method, encoding))
+}
+
+fn compress_in_pool(
+    grad: &[f32],
+    feedback: Feedback<'_>,
+    k: usize,
+    method: Method,
+    encoding: &Encoding,
+) -> Result<Vec<u8>, CompressError> {
     let n = grad.len();
     encoding.validate_for(n, k)?;
     feedback.check_len(n)?;

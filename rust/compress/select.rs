@@ -30,10 +30,13 @@ const MAX_ROUNDS: usize = 10;
 /// Indices (increasing) of the k entries of `x` with the largest |x|, ties to the lower index.
 /// NaN or ±inf anywhere in `x` is an error.
 pub fn select_topk(x: &[f32], k: usize, method: Method) -> Result<Vec<u32>, CompressError> {
-    let mut sweep = Sweep::Read(x);
-    let mut out = Selection::default();
-    select_sweep(&mut sweep, k, method, "gradient", &mut out)?;
-    Ok(out.idx)
+    // On a pool thread, as in `compress_topk`.
+    rayon::scope(|_| {
+        let mut sweep = Sweep::Read(x);
+        let mut out = Selection::default();
+        select_sweep(&mut sweep, k, method, "gradient", &mut out)?;
+        Ok(out.idx)
+    })
 }
 
 /// Runs the passes of a selection over `sweep`: the first one applies its update (error
