@@ -14,6 +14,11 @@ round-robin so that machine noise hits every contender alike:
   then an exact top-k among the candidates);
 - one streaming read of the array, ``g.max()``: the physical limit.
 
+With ``--baseline DIR`` (a directory holding another build's ``_core*.so``, e.g. a copy of
+``python/moecore/_core*.so`` taken before a change) its sampled selection, without and with
+error feedback, runs as two more contenders, so a before/after comparison is measured side
+by side in one run.
+
 It reports medians, GB/s over the gradient's bytes, and the ratio to the streaming read; the
 encoded sizes against raw (u32 index + f32 value); and ``decompress_sum`` of 8 payloads
 (ratio 0.01, n = 1e7) against one ``numpy.add`` over n. Correctness is checked first. Results
@@ -23,6 +28,7 @@ go to ``benches/results/topk.json``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -70,6 +76,20 @@ def interleaved(contenders: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def load_baseline(directory: str):
+    """Another build's ``_core`` extension module, loaded from ``directory``."""
+    found = sorted(Path(directory).glob("_core*.so")) + sorted(Path(directory).glob("_core*.pyd"))
+    if not found:
+        raise SystemExit(f"--baseline: no _core*.so in {directory}")
+    # The name's last part must stay `_core` (the init symbol is PyInit__core).
+    spec = importlib.util.spec_from_file_location("moecore_baseline._core", found[0])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: cannot load {found[0]}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def numpy_sampled(g: np.ndarray, k: int) -> np.ndarray:
     """DGC's sampled threshold in numpy: the fair 'do it yourself' peer."""
     n = g.size
@@ -113,7 +133,7 @@ def check_correctness(g: np.ndarray, k: int) -> dict[str, float]:
     return {"sampled_energy_fraction": ratio}
 
 
-def bench_selection(n: int, ratio: float, repeats: int, rng) -> dict:
+def bench_selection(n: int, ratio: float, repeats: int, rng, baseline=None) -> dict:
     g = rng.standard_normal(n).astype(np.float32)
     k = TopK.k_for(n, ratio)
     checks = check_correctness(g, k)
@@ -123,6 +143,13 @@ def bench_selection(n: int, ratio: float, repeats: int, rng) -> dict:
             c = TopK(ratio, method=method, error_feedback=ef)
             name = f"moecore {method}" + (" +EF" if ef else "")
             contenders[name] = lambda c=c: c.compress(g, name="g")
+    if baseline is not None:
+        # The same calls TopK makes (sampled, f32 values, auto index), with their own residual.
+        residual = np.zeros(n, np.float32)
+        contenders["baseline sampled"] = lambda: baseline.compress_topk(g, k, method="sampled")
+        contenders["baseline sampled +EF"] = lambda: baseline.compress_topk(
+            g, k, method="sampled", residual=residual
+        )
     contenders["numpy argpartition"] = lambda: np.argpartition(np.abs(g), n - k)[n - k :]
     contenders["numpy sampled"] = lambda: numpy_sampled(g, k)
     if torch is not None:
@@ -195,9 +222,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-n", type=float, default=1e8, help="largest n (default 1e8)")
     ap.add_argument("--repeats", type=int, default=15, help="timed runs at n = 1e6")
+    ap.add_argument("--baseline", help="directory with another build's _core*.so to compare")
     args = ap.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     rng = np.random.default_rng(0)
     print(f"moecore top-k benchmark; numpy {np.__version__}; BLAS: {blas_info()}")
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"rayon threads {_core.build_info()['rayon_threads']}"
@@ -210,9 +240,13 @@ def main() -> None:
     for n in [int(x) for x in (1e6, 1e7, 1e8) if x <= args.max_n]:
         repeats = max(5, args.repeats * 1_000_000 // n) if n > 1_000_000 else args.repeats
         for ratio in (0.001, 0.01):
-            r = bench_selection(n, ratio, repeats, rng)
+            r = bench_selection(n, ratio, repeats, rng, baseline)
             results["selection"].append(r)
-            print(f"\nn = {n:.0e}, ratio = {ratio} (k = {r['k']}), median of {repeats}:")
+            load = os.getloadavg()[0]
+            print(
+                f"\nn = {n:.0e}, ratio = {ratio} (k = {r['k']}), median of {repeats} "
+                f"(1-min load average after: {load:.2f}):"
+            )
             print(f"  {'':24} {'ms':>9} {'GB/s':>7} {'x stream':>9}")
             for name, row in r["rows"].items():
                 print(

@@ -6,6 +6,7 @@ use half::{bf16, f16};
 
 use super::rng::uniform;
 use super::{CompressError, MAX_N};
+use rayon::prelude::*;
 
 pub const MAGIC: [u8; 4] = *b"MoEC";
 pub const VERSION: u8 = 1;
@@ -212,7 +213,12 @@ fn varint_word(v: u32, len: usize) -> u64 {
 /// from "previous = −1" (u32::MAX, wrapping) makes the first gap the first index, with no
 /// special case.
 fn gaps(indices: &[u32]) -> impl Iterator<Item = u32> + '_ {
-    let previous = std::iter::once(u32::MAX).chain(indices.iter().copied());
+    gaps_after(u32::MAX, indices)
+}
+
+/// The gaps of `indices` when the index before them was `before`.
+fn gaps_after(before: u32, indices: &[u32]) -> impl Iterator<Item = u32> + '_ {
+    let previous = std::iter::once(before).chain(indices.iter().copied());
     indices
         .iter()
         .zip(previous)
@@ -348,19 +354,7 @@ pub(crate) fn encode_checked(
 /// varint writer stores whole words there; later sections overwrite the spill).
 fn write_indices(format: IndexFormat, indices: &[u32], out: &mut [u8]) {
     match format {
-        IndexFormat::Varint => {
-            let mut at = 0;
-            for d in gaps(indices) {
-                let len = varint_len(d);
-                let word = varint_word(d, len).to_le_bytes();
-                if at + 8 <= out.len() {
-                    out[at..at + 8].copy_from_slice(&word);
-                } else {
-                    out[at..at + len].copy_from_slice(&word[..len]);
-                }
-                at += len;
-            }
-        }
+        IndexFormat::Varint => write_varints(indices, out),
         IndexFormat::Bitmap => {
             for &i in indices {
                 out[i as usize / 8] |= 1 << (i % 8);
@@ -372,6 +366,59 @@ fn write_indices(format: IndexFormat, indices: &[u32], out: &mut [u8]) {
             }
         }
         IndexFormat::Dense => {}
+    }
+}
+
+/// Indices per piece of the varint section written in parallel.
+const VARINT_PIECE: usize = 1 << 14;
+
+/// The varint index section. Each piece's bytes start where the sizes of the pieces before
+/// it end, so large sections are written in parallel, each piece into its own slice.
+fn write_varints(indices: &[u32], out: &mut [u8]) {
+    if indices.len() <= 2 * VARINT_PIECE {
+        write_varint_piece(u32::MAX, indices, out);
+        return;
+    }
+    let pieces: Vec<(u32, &[u32])> = indices
+        .chunks(VARINT_PIECE)
+        .enumerate()
+        .map(|(p, piece)| {
+            let before = match p {
+                0 => u32::MAX,
+                _ => indices[p * VARINT_PIECE - 1],
+            };
+            (before, piece)
+        })
+        .collect();
+    let sizes: Vec<usize> = pieces
+        .par_iter()
+        .map(|&(before, piece)| gaps_after(before, piece).map(varint_len).sum())
+        .collect();
+    let mut rest = out;
+    let mut jobs = Vec::with_capacity(pieces.len());
+    for (&(before, piece), &size) in pieces.iter().zip(&sizes) {
+        let size = size.min(rest.len());
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(size);
+        jobs.push((before, piece, head));
+        rest = tail;
+    }
+    jobs.into_par_iter()
+        .for_each(|(before, piece, dst)| write_varint_piece(before, piece, dst));
+}
+
+/// Writes the varints of `indices` (after index `before`) at the start of `out`: whole
+/// 8-byte words while they fit (later bytes overwrite the spill), exact bytes at the end.
+fn write_varint_piece(before: u32, indices: &[u32], out: &mut [u8]) {
+    let mut at = 0;
+    for d in gaps_after(before, indices) {
+        let len = varint_len(d);
+        let word = varint_word(d, len).to_le_bytes();
+        if at + 8 <= out.len() {
+            out[at..at + 8].copy_from_slice(&word);
+        } else {
+            out[at..at + len].copy_from_slice(&word[..len]);
+        }
+        at += len;
     }
 }
 
@@ -545,6 +592,50 @@ mod tests {
             write_indices(IndexFormat::Varint, &[v], &mut out);
             assert_eq!(out[len - 1] & 0x80, 0);
             assert!(out[..len - 1].iter().all(|b| b & 0x80 != 0));
+        }
+    }
+
+    /// Plain LEB128 of the gaps, one byte at a time: the reference for the word writer.
+    fn leb128_reference(indices: &[u32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for mut d in gaps(indices) {
+            while d >= 0x80 {
+                out.push((d as u8 & 0x7f) | 0x80);
+                d >>= 7;
+            }
+            out.push(d as u8);
+        }
+        out
+    }
+
+    #[test]
+    fn parallel_varint_section_equals_leb128() {
+        // Gaps of every LEB128 length, across several pieces (and a final short one).
+        for k in [
+            1usize,
+            100,
+            2 * VARINT_PIECE,
+            2 * VARINT_PIECE + 1,
+            5 * VARINT_PIECE + 7,
+        ] {
+            // The first index needs 5 bytes; every 64th gap up to 4, the others up to 2.
+            let mut at = 300_000_000u32;
+            let indices: Vec<u32> = (0..k as u64)
+                .map(|i| {
+                    let most = if i % 64 == 0 { 24.0 } else { 12.0 };
+                    let bits = 1 + (uniform(k as u64, i) * most) as u32;
+                    at += 1 + ((uniform(1, i) * (1u32 << bits) as f32) as u32 & ((1 << bits) - 1));
+                    at
+                })
+                .collect();
+            let want = leb128_reference(&indices);
+            assert_eq!(
+                index_bytes(IndexFormat::Varint, usize::MAX, &indices),
+                want.len()
+            );
+            let mut out = vec![0xAAu8; want.len()];
+            write_indices(IndexFormat::Varint, &indices, &mut out);
+            assert_eq!(out, want, "k = {k}");
         }
     }
 

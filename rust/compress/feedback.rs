@@ -1,10 +1,12 @@
 //! The whole compression step: selection with error feedback (or DGC momentum correction)
 //! fused into the selecting pass, then encoding, then the sent entries' residuals.
 
-use super::codec::{encode_checked, Encoding, Rounding};
-use super::scan::{first_nonfinite, Sweep};
+use super::codec::{encode_checked, Encoding, Rounding, ValueFormat};
+use super::scan::{first_nonfinite, Selection, Sweep};
 use super::select::{select_sweep, Method};
 use super::CompressError;
+use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// The state carried from one step to the next for one tensor.
 pub enum Feedback<'a> {
@@ -60,6 +62,18 @@ pub fn compress_topk(
     method: Method,
     encoding: &Encoding,
 ) -> Result<Vec<u8>, CompressError> {
+    // The whole step runs on a pool thread: its parallel passes then start from inside the
+    // pool, instead of each being injected from outside and waited for (several per step).
+    rayon::scope(|_| compress_in_pool(grad, feedback, k, method, encoding))
+}
+
+fn compress_in_pool(
+    grad: &[f32],
+    feedback: Feedback<'_>,
+    k: usize,
+    method: Method,
+    encoding: &Encoding,
+) -> Result<Vec<u8>, CompressError> {
     let n = grad.len();
     encoding.validate_for(n, k)?;
     feedback.check_len(n)?;
@@ -88,40 +102,100 @@ pub fn compress_topk(
         Feedback::Momentum { u, v, m } => Sweep::Momentum { grad, u, v, m },
     };
     let what = if stateful { OVERFLOW } else { "gradient" };
-    let selected = match select_sweep(&mut sweep, k, method, what) {
-        Ok(c) => c,
-        Err(e) => {
-            if matches!(e, CompressError::NonFinite { what: OVERFLOW, .. }) {
-                reset(&mut sweep);
+    // The selection's buffers are reused from step to step (fresh ones cost a page fault
+    // per 4 KiB); a nested call on the same thread gets fresh ones.
+    SELECTED.with(|kept| match kept.try_borrow_mut() {
+        Ok(mut selected) => {
+            let done = step(&mut sweep, k, method, what, encoding, &mut selected);
+            if selected.idx.capacity() > KEEP_SELECTED {
+                *selected = Selection::default();
             }
-            return Err(e);
+            done
         }
-    };
-    let (indices, values) = (selected.idx, selected.val);
+        Err(_) => step(
+            &mut sweep,
+            k,
+            method,
+            what,
+            encoding,
+            &mut Selection::default(),
+        ),
+    })
+}
+
+thread_local! {
+    static SELECTED: RefCell<Selection> = RefCell::new(Selection::default());
+}
+
+/// Largest selection (elements) whose buffers are kept for the next step.
+const KEEP_SELECTED: usize = 1 << 22;
+
+/// Selection into `selected`, encoding, and the sent entries' state.
+fn step(
+    sweep: &mut Sweep<'_>,
+    k: usize,
+    method: Method,
+    what: &'static str,
+    encoding: &Encoding,
+    selected: &mut Selection,
+) -> Result<Vec<u8>, CompressError> {
+    let n = sweep.len();
+    if let Err(e) = select_sweep(sweep, k, method, what, selected) {
+        if matches!(e, CompressError::NonFinite { what: OVERFLOW, .. }) {
+            reset(sweep);
+        }
+        return Err(e);
+    }
+    let (indices, values) = (&selected.idx, &selected.val);
+    let stateful = !matches!(sweep, Sweep::Read(_));
+    // f32 values decode exactly, so the sent entries' state is plain zero.
+    let lossy = stateful && encoding.values != ValueFormat::F32;
     let mut decoded = Vec::new();
     let payload = encode_checked(
         n,
-        &indices,
-        &values,
+        indices,
+        values,
         encoding,
         Rounding::Nearest,
-        stateful.then_some(&mut decoded),
+        lossy.then_some(&mut decoded),
     )?;
-    match &mut sweep {
+    let left = |j: usize| if lossy { values[j] - decoded[j] } else { 0.0 };
+    match sweep {
         Sweep::Read(_) => {}
         Sweep::Accumulate { acc, .. } => {
-            for ((&i, &v), &d) in indices.iter().zip(&values).zip(&decoded) {
-                acc[i as usize] = v - d;
-            }
+            for_sent(acc, indices, |j, a| *a = left(j));
         }
         Sweep::Momentum { u, v: acc, .. } => {
-            for ((&i, &v), &d) in indices.iter().zip(&values).zip(&decoded) {
-                acc[i as usize] = v - d;
-                u[i as usize] = 0.0;
-            }
+            for_sent(acc, indices, |j, a| *a = left(j));
+            for_sent(u, indices, |_, u| *u = 0.0);
         }
     }
     Ok(payload)
+}
+
+/// Calls `set(j, &mut state[indices[j]])` for every j. The sent entries are scattered over
+/// the whole state (a cache miss each), so chunks of them run in parallel: increasing indices
+/// cut `state` into disjoint ranges, one per chunk.
+fn for_sent(state: &mut [f32], indices: &[u32], set: impl Fn(usize, &mut f32) + Sync) {
+    const CHUNK: usize = 1 << 13;
+    let mut pieces = Vec::with_capacity(indices.len().div_ceil(CHUNK));
+    let (mut rest, mut offset) = (state, 0usize);
+    for (c, chunk) in indices.chunks(CHUNK).enumerate() {
+        let end = chunk.last().map_or(offset, |&i| i as usize + 1);
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(end - offset);
+        pieces.push((c * CHUNK, chunk, head, offset));
+        (rest, offset) = (tail, end);
+    }
+    let run = |(first, chunk, head, offset): (usize, &[u32], &mut [f32], usize)| {
+        for (j, &i) in chunk.iter().enumerate() {
+            set(first + j, &mut head[i as usize - offset]);
+        }
+    };
+    if pieces.len() > 1 {
+        pieces.into_par_iter().for_each(run);
+    } else {
+        pieces.into_iter().for_each(run);
+    }
 }
 
 /// How a non-finite accumulated value (as opposed to a non-finite gradient) is reported.
@@ -193,6 +267,28 @@ mod tests {
                     total[i]
                 );
             }
+        }
+    }
+
+    #[test]
+    fn reused_selection_buffers_do_not_leak_between_steps() {
+        // A large step, then smaller ones (and k = 0): each payload holds exactly its own
+        // step's top-k, whatever the thread's kept buffers held before.
+        let g = grad(300_000, 9);
+        let e = encoding(ValueFormat::F32);
+        for (step, k) in [(0u64, 30_000usize), (1, 7), (2, 0), (3, 2_000)] {
+            let method = Method::Sampled {
+                seed: step,
+                exact_k: true,
+            };
+            let p = compress_topk(&g, Feedback::None, k, method, &e).unwrap();
+            let mut out = vec![0f32; g.len()];
+            decompress_into(&p, &mut out, Write::Overwrite).unwrap();
+            let got: Vec<u32> = (0..g.len() as u32)
+                .filter(|&i| out[i as usize] != 0.0)
+                .collect();
+            let want = super::super::select::select_topk(&g, k, Method::Exact).unwrap();
+            assert_eq!(got, want, "k = {k}");
         }
     }
 

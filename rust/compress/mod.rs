@@ -17,6 +17,13 @@
 //!   is above the threshold), so with `exact_k` the result equals [`Method::Exact`]'s; after 10
 //!   failed rounds it falls back to [`Method::Exact`].
 //!
+//! Collecting is branch-free (`collect`: AVX-512 `vpcompressd` into a register, or an AVX2
+//! permutation table, or a scalar unconditional store, picked at run time), into one list
+//! per parallel task. Finishing never concatenates the lists serially: a parallel histogram
+//! of the candidates' keys finds the bucket of the k-th largest, only that bucket's packed
+//! (key, !index) ranks go through introselect, and the lists are filtered in place and
+//! copied to their offsets of the result in parallel.
+//!
 //! # Error feedback and momentum correction ([`feedback`])
 //! With a residual `r`, the pass that selects also accumulates: `r ← r + g` and the candidates
 //! are collected from the new `r` in the same sweep; the sent entries then keep only what the
@@ -66,6 +73,7 @@
 //! A failure is [`CompressError::Corrupt`] with a message naming what is wrong.
 
 pub mod codec;
+mod collect;
 pub mod decode;
 pub mod dense;
 pub mod feedback;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
+use super::collect::{collect_run, Level};
 use super::rng::mix64;
 
 /// Magnitude keys at or above this are NaN or ±inf.
@@ -43,35 +44,20 @@ pub(crate) enum Sweep<'a> {
     },
 }
 
-/// Receives the values a sweep produces, 16 at a time (then a shorter tail).
+/// Receives the values a sweep produces, one run of consecutive entries at a time.
 pub(crate) trait Sink: Send {
-    fn block(&mut self, base: usize, vals: &[f32; BLOCK]);
-    fn tail(&mut self, base: usize, vals: &[f32]);
-
-    /// Feeds all of `x` (whose first element has index `base`); a sink may override this
-    /// with a whole-run kernel.
-    #[inline(always)]
-    fn run(&mut self, x: &[f32], base: usize) {
-        let mut blocks = x.chunks_exact(BLOCK);
-        let mut at = base;
-        for blk in blocks.by_ref() {
-            // A view, not a copy (chunks_exact always yields BLOCK elements).
-            match <&[f32; BLOCK]>::try_from(blk) {
-                Ok(vals) => self.block(at, vals),
-                Err(_) => self.tail(at, blk),
-            }
-            at += BLOCK;
-        }
-        self.tail(at, blocks.remainder());
-    }
+    /// Feeds all of `x`, whose first element has index `base`.
+    fn run(&mut self, x: &[f32], base: usize);
 }
 
 /// Collects, in increasing order, the indices whose key is ≥ `t`, with their values (so
-/// that finishing the selection never goes back to the large array).
+/// that finishing the selection never goes back to the large array). Branch-free (see
+/// [`collect_run`]).
 pub(crate) struct Collect {
     t: i32,
     /// Largest key collected (so the selection need not scan for it).
     hi: i32,
+    level: Level,
     pub(crate) idx: Vec<u32>,
     pub(crate) val: Vec<f32>,
 }
@@ -112,34 +98,17 @@ fn mask16(vals: &[f32; BLOCK], t: i32) -> u32 {
 
 impl Sink for Collect {
     #[inline(always)]
-    fn block(&mut self, base: usize, vals: &[f32; BLOCK]) {
-        // Branch-free mask first; most blocks have no hit, and most blocks with a hit have
-        // exactly one (at ratios ≤ a few %), so that case gets the shortest path.
-        let mut mask = mask16(vals, self.t);
-        if mask == 0 {
-            return;
-        }
-        loop {
-            let j = mask.trailing_zeros() as usize;
-            let v = vals[j & (BLOCK - 1)];
-            self.hi = self.hi.max(key(v));
-            self.idx.push((base + j) as u32);
-            self.val.push(v);
-            mask &= mask - 1;
-            if mask == 0 {
-                return;
-            }
-        }
-    }
-
-    fn tail(&mut self, base: usize, vals: &[f32]) {
-        for (j, &x) in vals.iter().enumerate() {
-            if key(x) >= self.t {
-                self.hi = self.hi.max(key(x));
-                self.idx.push((base + j) as u32);
-                self.val.push(x);
-            }
-        }
+    fn run(&mut self, x: &[f32], base: usize) {
+        // Indices fit in u32: n ≤ MAX_N is checked before any sweep.
+        collect_run(
+            self.level,
+            x,
+            base as u32,
+            self.t,
+            &mut self.idx,
+            &mut self.val,
+            &mut self.hi,
+        );
     }
 }
 
@@ -151,17 +120,10 @@ pub(crate) struct Histogram {
 
 impl Sink for Histogram {
     #[inline(always)]
-    fn block(&mut self, _base: usize, vals: &[f32; BLOCK]) {
-        for (j, &x) in vals.iter().enumerate() {
+    fn run(&mut self, x: &[f32], _base: usize) {
+        for (j, &x) in x.iter().enumerate() {
             let b = (key(x) >> BUCKET_SHIFT) as usize & (BUCKETS - 1);
             self.counts[b][j & 3] += 1;
-        }
-    }
-
-    fn tail(&mut self, _base: usize, vals: &[f32]) {
-        for &x in vals {
-            let b = (key(x) >> BUCKET_SHIFT) as usize & (BUCKETS - 1);
-            self.counts[b][0] += 1;
         }
     }
 }
@@ -275,11 +237,15 @@ impl Sweep<'_> {
     /// Runs the sweep and returns, in increasing order, every index whose updated value has a
     /// key ≥ `t`, with those values. `expect_fraction` sizes the buffers.
     pub(crate) fn collect(self, t: i32, expect_fraction: f64) -> Result<Candidates, usize> {
+        let level = Level::detect();
         let parts = self.drive(|len| {
-            let cap = (len as f64 * expect_fraction * 1.25) as usize + 64;
+            // Room for the expected hits and the collector's overhang, so that a typical
+            // task never reallocates.
+            let cap = (len as f64 * expect_fraction * 1.25) as usize + 1024;
             Collect {
                 t,
                 hi: 0,
+                level,
                 idx: Vec::with_capacity(cap),
                 val: Vec::with_capacity(cap),
             }
@@ -329,16 +295,6 @@ impl Candidates {
         self.len
     }
 
-    /// Calls `f(index, value)` for every pair, in increasing index order.
-    #[inline]
-    pub(crate) fn for_each(&self, mut f: impl FnMut(u32, f32)) {
-        for c in &self.parts {
-            for (&i, &v) in c.idx.iter().zip(&c.val) {
-                f(i, v);
-            }
-        }
-    }
-
     /// The first pair for which `bad` holds.
     pub(crate) fn find(&self, bad: impl Fn(f32) -> bool) -> Option<(u32, f32)> {
         self.parts.iter().find_map(|c| {
@@ -349,19 +305,76 @@ impl Candidates {
         })
     }
 
-    /// The pairs for which `keep` holds, as one [`Selection`].
-    pub(crate) fn select(&self, capacity: usize, keep: impl Fn(u32, f32) -> bool) -> Selection {
-        let mut out = Selection {
-            idx: Vec::with_capacity(capacity),
-            val: Vec::with_capacity(capacity),
+    /// Whether the finishing passes are worth spreading over threads.
+    fn parallel(&self) -> bool {
+        self.len >= PAR_CANDIDATES
+    }
+
+    /// `f(index, value)` of every pair for which it is `Some`, in no particular order
+    /// (parallel over parts).
+    pub(crate) fn gather<T: Send>(&self, f: impl Fn(u32, f32) -> Option<T> + Sync) -> Vec<T> {
+        let part = |c: &Collect| -> Vec<T> {
+            c.idx
+                .iter()
+                .zip(&c.val)
+                .filter_map(|(&i, &v)| f(i, v))
+                .collect()
         };
-        self.for_each(|i, v| {
-            if keep(i, v) {
-                out.idx.push(i);
-                out.val.push(v);
+        if !self.parallel() {
+            return self.parts.iter().flat_map(part).collect();
+        }
+        let pieces: Vec<Vec<T>> = self.parts.par_iter().map(part).collect();
+        pieces.into_iter().flatten().collect()
+    }
+
+    /// The pairs for which `keep` holds, in increasing index order, into `out` (replacing
+    /// its contents, reusing its memory): each part is filtered in place (branch-free), then
+    /// the parts are copied into the result at their offsets, both in parallel over parts.
+    pub(crate) fn into_selection(
+        mut self,
+        keep: impl Fn(u32, f32) -> bool + Sync,
+        out: &mut Selection,
+    ) {
+        let parallel = self.parallel();
+        let filter = |c: &mut Collect| {
+            let mut kept = 0;
+            for r in 0..c.idx.len() {
+                let (i, v) = (c.idx[r], c.val[r]);
+                c.idx[kept] = i;
+                c.val[kept] = v;
+                kept += usize::from(keep(i, v));
             }
-        });
-        out
+            c.idx.truncate(kept);
+            c.val.truncate(kept);
+        };
+        if parallel {
+            self.parts.par_iter_mut().for_each(filter);
+        } else {
+            self.parts.iter_mut().for_each(filter);
+        }
+        let total: usize = self.parts.iter().map(|c| c.idx.len()).sum();
+        out.idx.clear();
+        out.idx.resize(total, 0);
+        out.val.clear();
+        out.val.resize(total, 0.0);
+        // Disjoint destination slices, one per part, in order.
+        let mut dst = Vec::with_capacity(self.parts.len());
+        let (mut idx, mut val) = (&mut out.idx[..], &mut out.val[..]);
+        for c in &self.parts {
+            let (i, rest_i) = std::mem::take(&mut idx).split_at_mut(c.idx.len());
+            let (v, rest_v) = std::mem::take(&mut val).split_at_mut(c.val.len());
+            dst.push((i, v, c));
+            (idx, val) = (rest_i, rest_v);
+        }
+        let copy = |(i, v, c): (&mut [u32], &mut [f32], &Collect)| {
+            i.copy_from_slice(&c.idx);
+            v.copy_from_slice(&c.val);
+        };
+        if parallel {
+            dst.into_par_iter().for_each(copy);
+        } else {
+            dst.into_iter().for_each(copy);
+        }
     }
 
     fn from_parts(parts: Vec<Collect>) -> Self {
@@ -398,40 +411,6 @@ impl Candidates {
                     a
                 },
             )
-    }
-
-    /// Like [`Candidates::select`], in parallel over parts.
-    pub(crate) fn par_select(
-        &self,
-        capacity: usize,
-        keep: impl Fn(u32, f32) -> bool + Sync,
-    ) -> Selection {
-        if self.len < PAR_CANDIDATES {
-            return self.select(capacity, keep);
-        }
-        let pieces: Vec<Selection> = self
-            .parts
-            .par_iter()
-            .map(|c| {
-                let mut out = Selection::default();
-                for (&i, &v) in c.idx.iter().zip(&c.val) {
-                    if keep(i, v) {
-                        out.idx.push(i);
-                        out.val.push(v);
-                    }
-                }
-                out
-            })
-            .collect();
-        let mut out = Selection {
-            idx: Vec::with_capacity(capacity),
-            val: Vec::with_capacity(capacity),
-        };
-        for p in pieces {
-            out.idx.extend_from_slice(&p.idx);
-            out.val.extend_from_slice(&p.val);
-        }
-        out
     }
 }
 

@@ -30,21 +30,27 @@ const MAX_ROUNDS: usize = 10;
 /// Indices (increasing) of the k entries of `x` with the largest |x|, ties to the lower index.
 /// NaN or ±inf anywhere in `x` is an error.
 pub fn select_topk(x: &[f32], k: usize, method: Method) -> Result<Vec<u32>, CompressError> {
-    let mut sweep = Sweep::Read(x);
-    select_sweep(&mut sweep, k, method, "gradient").map(|c| c.idx)
+    // On a pool thread, as in `compress_topk`.
+    rayon::scope(|_| {
+        let mut sweep = Sweep::Read(x);
+        let mut out = Selection::default();
+        select_sweep(&mut sweep, k, method, "gradient", &mut out)?;
+        Ok(out.idx)
+    })
 }
 
 /// Runs the passes of a selection over `sweep`: the first one applies its update (error
 /// feedback), the later ones only read the updated values. `what` names the selected values
 /// in errors. The caller has checked a stateful sweep's gradient for non-finite values, so a
 /// non-finite value found here in that case means the accumulator overflowed. Returns the
-/// selected indices (increasing) with their values.
+/// selected indices (increasing) with their values in `out` (its memory reused).
 pub(crate) fn select_sweep(
     sweep: &mut Sweep<'_>,
     k: usize,
     method: Method,
     what: &'static str,
-) -> Result<Selection, CompressError> {
+    out: &mut Selection,
+) -> Result<(), CompressError> {
     let n = sweep.len();
     if k > n || n > MAX_N {
         return Err(CompressError::BadK { k, n });
@@ -62,7 +68,11 @@ pub(crate) fn select_sweep(
                 index: index as usize,
                 value,
             }),
-            None => Ok(Selection::default()),
+            None => {
+                out.idx.clear();
+                out.val.clear();
+                Ok(())
+            }
         };
     }
     let candidates = match method {
@@ -74,7 +84,7 @@ pub(crate) fn select_sweep(
             }
         }
     };
-    finish(candidates, k, what)
+    finish(candidates, k, what, out)
 }
 
 /// The first pass over a sweep updates its state; every later pass only reads.
@@ -223,7 +233,6 @@ thread_local! {
     /// Scratch reused across calls on the same thread: large fresh allocations would cost a
     /// page fault per 4 KiB on every compression step.
     static SAMPLE: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
-    static RANKS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Scratch larger than this (elements) is freed after use rather than kept.
@@ -236,7 +245,12 @@ fn release_if_large<T>(v: &mut Vec<T>) {
 }
 
 /// The exact top-k among `candidates` (at least k of them, k ≥ 1), kept in increasing order.
-fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, CompressError> {
+fn finish(
+    c: Candidates,
+    k: usize,
+    what: &'static str,
+    out: &mut Selection,
+) -> Result<(), CompressError> {
     let (lo, hi) = (c.lo, c.hi);
     // Every non-finite value is a candidate (its key is above any finite threshold).
     if hi >= NONFINITE_KEY {
@@ -249,7 +263,8 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
         }
     }
     if c.len() == k {
-        return Ok(c.select(k, |_, _| true));
+        c.into_selection(|_, _| true, out);
+        return Ok(());
     }
     // Rank by (key descending, index ascending) as one u64 so all ranks are distinct; the
     // k-th largest is the cut, and filtering keeps the increasing order without a sort.
@@ -266,20 +281,12 @@ fn finish(c: Candidates, k: usize, what: &'static str) -> Result<Selection, Comp
         above += counts[b];
     }
     let b = b.saturating_sub(1); // the bucket holding the k-th largest
-    let cut = RANKS.with_borrow_mut(|ranks| {
-        ranks.clear();
-        c.for_each(|i, v| {
-            if bucket(v) == b {
-                ranks.push(rank(i, v));
-            }
-        });
-        let cut = *ranks
-            .select_nth_unstable_by(k - above - 1, |x, y| y.cmp(x))
-            .1;
-        release_if_large(ranks);
-        cut
-    });
-    Ok(c.par_select(k, |i, v| rank(i, v) >= cut))
+    let mut ranks = c.gather(|i, v| (bucket(v) == b).then(|| rank(i, v)));
+    let cut = *ranks
+        .select_nth_unstable_by(k - above - 1, |x, y| y.cmp(x))
+        .1;
+    c.into_selection(|i, v| rank(i, v) >= cut, out);
+    Ok(())
 }
 
 /// The `rank`-th largest (1-based, ≤ len) of non-negative `keys`: a histogram of their top
