@@ -167,8 +167,8 @@ macro_rules! simd_kernels {
                 let mut dy = args.dy;
                 let mut x = args.x;
                 for step in 0..args.n {
-                    // Each row lies on another page, where hardware prefetchers stop: fetch
-                    // a few rows ahead by hand (a hint; never faults, even past the end).
+                    // Fetch a few rows ahead by hand (a hint; never faults, even past the
+                    // end): cheap, and it covers callers whose rows are on separate pages.
                     if step + PREFETCH_ROWS < args.n {
                         $prefetch(x.wrapping_add(PREFETCH_ROWS * args.ldx));
                         $prefetch(dy.wrapping_add(PREFETCH_ROWS * args.lddy));

@@ -15,6 +15,8 @@ pub(crate) struct Workspace {
     pub packed: Vec<f32>,
     /// Transposed weight blocks (forward only).
     pub wt: Vec<f32>,
+    /// Column panels of the second operand (dW packs both `x` and `dy`).
+    pub packed_other: Vec<f32>,
 }
 
 thread_local! {
@@ -69,6 +71,35 @@ pub(crate) fn pack_row_groups(
         });
 }
 
+/// Packs rows `n0..n1` of the row-major `[_, width]` matrix `src` into one contiguous
+/// `[n1 - n0, b]` panel per block-column `j`: `dst[(j·h + r)·b + k] = src[n0 + r, j·b + k]` with
+/// `h = n1 - n0`. A kernel that walks the rows of one block-column then reads consecutive
+/// addresses instead of one row per page (TLB misses, no hardware prefetch across pages).
+/// `dst` is resized to fit; block-columns are packed in parallel.
+pub(crate) fn pack_column_panels(
+    src: &[f32],
+    width: usize,
+    n0: usize,
+    n1: usize,
+    b: usize,
+    dst: &mut Vec<f32>,
+) {
+    let h = n1 - n0;
+    dst.resize(h * width, 0.0);
+    if h == 0 || width == 0 {
+        return;
+    }
+    dst[..h * width]
+        .par_chunks_mut(h * b)
+        .enumerate()
+        .for_each(|(j, panel)| {
+            for (r, run) in panel.chunks_exact_mut(b).enumerate() {
+                let at = (n0 + r) * width + j * b;
+                run.copy_from_slice(&src[at..at + b]);
+            }
+        });
+}
+
 /// Writes the transpose of each `b × b` block of `src` into `dst` (resized to fit), in parallel.
 pub(crate) fn transpose_blocks(src: &[f32], b: usize, dst: &mut Vec<f32>) {
     dst.resize(src.len(), 0.0);
@@ -100,6 +131,20 @@ mod tests {
         assert_eq!(dst, want);
         pack_row_groups(&src, 4, 1, 3, 2, 2, &mut dst);
         assert_eq!(&dst[..8], [5.0, 6.0, 9.0, 10.0, 7.0, 8.0, 11.0, 12.0]);
+    }
+
+    #[test]
+    fn packs_column_panels() {
+        // 3 rows × 4 columns in blocks of 2; rows 1..3 give two 2 × 2 panels.
+        let src: Vec<f32> = (1..=12).map(|v| v as f32).collect();
+        let mut dst = vec![f32::NAN; 64];
+        pack_column_panels(&src, 4, 1, 3, 2, &mut dst);
+        assert_eq!(dst, [5.0, 6.0, 9.0, 10.0, 7.0, 8.0, 11.0, 12.0]);
+        pack_column_panels(&src, 4, 0, 3, 2, &mut dst);
+        assert_eq!(
+            dst,
+            [1.0, 2.0, 5.0, 6.0, 9.0, 10.0, 3.0, 4.0, 7.0, 8.0, 11.0, 12.0]
+        );
     }
 
     #[test]

@@ -2,18 +2,20 @@
 //! `dW_ij = dy[:, i-block]ᵀ · x[:, j-block]`, reduced over all `n` rows. Pruned blocks cost
 //! nothing.
 //!
-//! Rows are taken in super-panels that fit the last-level cache. Within one, one task per run
-//! of consecutive kept blocks (rayon splits the block list), each block written by exactly one
-//! task; consecutive blocks share their block-row, so the `dy` columns they read stay in cache.
-//! Rows are reduced in chunks small enough that the `x` and `dy` rows of a chunk stay in L1
-//! while every tile of the block passes over them. `x` and `dy` are read in place: every row
-//! is on another page, so the kernel prefetches rows ahead by hand.
+//! Rows are taken in super-panels that fit the last-level cache, and each super-panel of `x`
+//! and `dy` is packed into one contiguous `[rows, B]` panel per block-column (read in place,
+//! every row of a block is on another page). Within one, one task per run of consecutive kept
+//! blocks (rayon splits the block list), each block written by exactly one task; consecutive
+//! blocks share their block-row, so the `dy` panel they read stays in cache. Rows are reduced
+//! in chunks small enough that the `x` and `dy` rows of a chunk stay in L1 while every tile of
+//! the block passes over them.
 
 use rayon::prelude::*;
 
 use super::error::Result;
 use super::kernels::{sddmm_kernel, Isa, SddmmArgs};
 use super::linear::{check_len, superpanels, usable};
+use super::pack::{pack_column_panels, with_workspace};
 use super::pattern::BsrPattern;
 
 /// Rows reduced per pass over the tiles of a block.
@@ -44,6 +46,20 @@ pub fn bsr_linear_dw_with(
     n: usize,
     pattern: &BsrPattern,
     dw: &mut [f32],
+) -> Result<()> {
+    dw_in_superpanels(isa, dy, x, n, pattern, dw, SUPERPANEL_BYTES)
+}
+
+/// [`bsr_linear_dw_with`] sweeping super-panels of about `superpanel_bytes` of `x` and `dy`
+/// rows (a parameter so that tests can cross super-panel boundaries on small shapes).
+pub(crate) fn dw_in_superpanels(
+    isa: Isa,
+    dy: &[f32],
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    dw: &mut [f32],
+    superpanel_bytes: usize,
 ) -> Result<()> {
     let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
     check_len("dy", dy.len(), n, rows, "n × rows")?;
@@ -80,37 +96,49 @@ pub fn bsr_linear_dw_with(
     // Super-panels of rows keep the `x` and `dy` rows being reduced in the last-level cache
     // while every block passes over them; each block's accumulator is carried between
     // super-panels in `dw` itself (4 bytes per kept weight, far less than re-reading x and dy).
-    for (s0, s1) in superpanels(n, rows + cols, ROW_CHUNK, SUPERPANEL_BYTES) {
-        dw.par_chunks_mut(b * b).enumerate().for_each(|(blk, out)| {
-            let i = pattern.block_row_of()[blk] as usize;
-            let j = pattern.indices()[blk] as usize;
-            for n0 in (s0..s1).step_by(ROW_CHUNK) {
-                let depth = ROW_CHUNK.min(s1 - n0);
-                for &(o0, run) in &row_tiles {
-                    for c0 in (0..b).step_by(kernel.nr) {
-                        let args = SddmmArgs {
-                            // SAFETY (pointer arithmetic): row n0 < n, column i·B + o0 < rows.
-                            dy: unsafe { dy.as_ptr().add(n0 * rows + i * b + o0) },
-                            lddy: rows,
-                            // SAFETY (pointer arithmetic): row n0 < n, column j·B + c0 < cols.
-                            x: unsafe { x.as_ptr().add(n0 * cols + j * b + c0) },
-                            ldx: cols,
-                            n: depth,
-                            // SAFETY (pointer arithmetic): o0 < B and c0 < B inside this block.
-                            out: unsafe { out.as_mut_ptr().add(o0 * b + c0) },
-                            ldo: b,
-                            accumulate: n0 > 0,
-                        };
-                        // SAFETY: the kernel matches a supported ISA. It reads rows
-                        // n0..n0+depth ≤ n of dy (columns i·B+o0 .. +tile rows ≤ i·B+B ≤ rows)
-                        // and of x (columns j·B+c0 .. +nr ≤ j·B+B ≤ cols), and reads/writes
-                        // tile rows ≤ B and columns c0..c0+nr ≤ B of `out`, this task's own
-                        // block.
-                        unsafe { run(&args) };
+    // Each super-panel of `x` and `dy` is first packed into one contiguous `[h, B]` panel per
+    // block-column, so the kernel walks consecutive addresses (in place, every row of a block
+    // is on another page: one TLB miss per row and no hardware prefetch).
+    with_workspace(|ws| {
+        for (s0, s1) in superpanels(n, rows + cols, ROW_CHUNK, superpanel_bytes) {
+            let h = s1 - s0;
+            pack_column_panels(x, cols, s0, s1, b, &mut ws.packed);
+            pack_column_panels(dy, rows, s0, s1, b, &mut ws.packed_other);
+            let (xp, dyp) = (&ws.packed[..h * cols], &ws.packed_other[..h * rows]);
+            dw.par_chunks_mut(b * b).enumerate().for_each(|(blk, out)| {
+                let i = pattern.block_row_of()[blk] as usize;
+                let j = pattern.indices()[blk] as usize;
+                for r0 in (0..h).step_by(ROW_CHUNK) {
+                    let depth = ROW_CHUNK.min(h - r0);
+                    for &(o0, run) in &row_tiles {
+                        for c0 in (0..b).step_by(kernel.nr) {
+                            let args = SddmmArgs {
+                                // SAFETY (pointer arithmetic): panel i of dyp holds h·B floats
+                                // and r0 < h, o0 < B.
+                                dy: unsafe { dyp.as_ptr().add((i * h + r0) * b + o0) },
+                                lddy: b,
+                                // SAFETY (pointer arithmetic): panel j of xp holds h·B floats
+                                // and r0 < h, c0 < B.
+                                x: unsafe { xp.as_ptr().add((j * h + r0) * b + c0) },
+                                ldx: b,
+                                n: depth,
+                                // SAFETY (pointer arithmetic): o0 < B and c0 < B inside this
+                                // block.
+                                out: unsafe { out.as_mut_ptr().add(o0 * b + c0) },
+                                ldo: b,
+                                accumulate: s0 + r0 > 0,
+                            };
+                            // SAFETY: the kernel matches a supported ISA. It reads rows
+                            // r0..r0+depth ≤ h of panel i of dyp (i < rows/B: h·rows floats
+                            // packed; columns o0 .. +tile rows ≤ B) and of panel j of xp
+                            // (j < cols/B; columns c0..c0+nr ≤ B), and reads/writes tile rows
+                            // ≤ B and columns c0..c0+nr ≤ B of `out`, this task's own block.
+                            unsafe { run(&args) };
+                        }
                     }
                 }
-            }
-        });
-    }
+            });
+        }
+    });
     Ok(())
 }

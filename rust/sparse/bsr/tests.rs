@@ -195,6 +195,41 @@ fn deep_reductions_cross_the_row_chunk() {
 }
 
 #[test]
+fn dw_accumulates_across_superpanels() {
+    // Super-panels of 64 rows (the packed x and dy panels are rebuilt for each, and dW carries
+    // the sum across them), the last one partial: 300 = 4·64 + 44.
+    let (n, rows, cols) = (300, 64, 256);
+    for isa in Isa::available() {
+        for b in SUPPORTED_BLOCKS {
+            let mut rng = Rng(11 + b as u64);
+            let (p, _) = random_matrix(rows, cols, b, 0.6, &mut rng);
+            let dy = rng.values(n * rows);
+            let x = rng.values(n * cols);
+            let mut dw = vec![f32::NAN; p.data_len()];
+            let bytes = 64 * (rows + cols) * 4;
+            sddmm::dw_in_superpanels(isa, &dy, &x, n, &p, &mut dw, bytes).unwrap();
+            let full = matmul_nt(
+                &transpose(&dy, n, rows),
+                &transpose(&x, n, cols),
+                rows,
+                n,
+                cols,
+            );
+            let mut want = vec![0.0f64; p.data_len()];
+            for blk in 0..p.nnzb() {
+                let (i, j) = (p.block_row_of()[blk] as usize, p.indices()[blk] as usize);
+                for r in 0..b {
+                    for c in 0..b {
+                        want[(blk * b + r) * b + c] = full[(i * b + r) * cols + j * b + c];
+                    }
+                }
+            }
+            assert_close(&dw, &want, TOL, &format!("dw {isa:?} B={b}"));
+        }
+    }
+}
+
+#[test]
 fn wrong_lengths_are_errors_not_panics() {
     let mut rng = Rng(7);
     let (p, data) = random_matrix(32, 16, 8, 1.0, &mut rng);
