@@ -5,6 +5,7 @@
 //! function, and map the module's error enum to the exceptions defined in [`errors`].
 
 mod compress;
+mod cuda;
 mod errors;
 mod fused;
 mod gil;
@@ -22,6 +23,8 @@ mod _core {
         compress_decode, compress_decompress, compress_decompress_into, compress_decompress_sum,
         compress_encode, compress_header, compress_int8, compress_select, compress_topk,
     };
+    #[pymodule_export]
+    use super::cuda::cuda_sources;
     #[pymodule_export]
     use super::errors::{CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory};
     #[pymodule_export]
