@@ -101,9 +101,9 @@ def build(family: str, sanitizer: str = SANITIZER, src: str | None = None) -> Pa
         "-Werror",
         *_SANITIZER_FLAGS[sanitizer],
     ]
-    key = hashlib.sha256(
-        "\0".join([text, HEADER.read_text(), *flags, gxx()]).encode()
-    ).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([text, HEADER.read_text(), *flags, gxx()]).encode()).hexdigest()[
+        :16
+    ]
     lib = CACHE / f"{family}-{sanitizer or 'plain'}-{key}.so"
     if lib.exists():
         return lib
@@ -112,8 +112,14 @@ def build(family: str, sanitizer: str = SANITIZER, src: str | None = None) -> Pa
         cpp = Path(tmp) / f"{family}.cpp"
         cpp.write_text(text)
         out = Path(tmp) / "lib.so"
+        # The compiler must not inherit a sanitizer runtime preloaded into this process.
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         proc = subprocess.run(
-            [gxx(), *flags, str(cpp), "-o", str(out)], capture_output=True, text=True, check=False
+            [gxx(), *flags, str(cpp), "-o", str(out)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"g++ failed for {family}:\n{proc.stderr}")
@@ -151,8 +157,8 @@ class Kernel:
             else:
                 raise TypeError(f"{self.name}: argument {i} is {type(a).__name__}, not typed")
         packed = (ctypes.c_void_p * len(holders))(*(ctypes.addressof(h) for h in holders))
-        g = (tuple(grid) + (1, 1, 1))[:3]
-        b = (tuple(block) + (1, 1, 1))[:3]
+        g = (*grid, 1, 1, 1)[:3]
+        b = (*block, 1, 1, 1)[:3]
         if self._lib.emu_launch(self.name.encode(), *g, *b, packed) != 0:
             raise KeyError(self.name)
 
@@ -171,3 +177,25 @@ class Module:
     def get_function(self, name: str) -> Kernel:
         """The kernel ``name`` of this family."""
         return Kernel(self._lib, name)
+
+
+class EmuBackend:
+    """A ``moecore.kernels.gpu.Backend`` over numpy arrays and emulated kernels, so the GPU
+    host code runs unchanged on the CPU."""
+
+    xp = np
+
+    def __init__(self, sanitizer: str = SANITIZER) -> None:
+        self.sanitizer = sanitizer
+        self._modules: dict[str, Module] = {}
+        self.launches: list[str] = []
+
+    def launch(self, family: str, name: str, grid: tuple, block: tuple, *args: object) -> None:
+        mod = self._modules.get(family)
+        if mod is None:
+            mod = self._modules[family] = Module(family, self.sanitizer)
+        self.launches.append(name)
+        mod.get_function(name)(grid, block, args)
+
+    def to_host(self, a: np.ndarray) -> np.ndarray:
+        return np.array(a, copy=True)
