@@ -289,8 +289,9 @@ class _Decoding:
         self, payload: Any, out: Any, scale: float = 1.0, ctx: Context | None = None
     ) -> Any:
         """``out += scale * dense(payload)``; see :func:`moecore.compress.decompress_add`."""
-        if ctx is not None and ctx.size != _as_float32(out, "out").size:
-            raise ValueError(f"out has {np.size(out)} elements, ctx describes {ctx.size}")
+        size = out.size if _is_cupy(out) else _as_float32(out, "out").size
+        if ctx is not None and ctx.size != size:
+            raise ValueError(f"out has {size} elements, ctx describes {ctx.size}")
         return decompress_add(payload, out, scale)
 
     def decompress_sum(self, payloads: Iterable[Any], out: Any, scale: float = 1.0) -> Any:

@@ -55,7 +55,7 @@ class Backend(Protocol):
 class CupyBackend:
     """Kernels compiled by NVRTC through ``cupy.RawModule``, cached per device and options."""
 
-    def __init__(self, options: tuple[str, ...] = ("--std=c++17",)) -> None:
+    def __init__(self, options: tuple[str, ...] = ()) -> None:
         import cupy  # lazy: only the GPU path needs CuPy
 
         self.xp = cupy
