@@ -35,6 +35,7 @@ __all__ = [
     "HostPool",
     "random_trace",
     "replay",
+    "torch_cuda_allocator",
     "use_for_cupy",
 ]
 
@@ -245,6 +246,22 @@ def use_for_cupy(arena_bytes: int = 64 << 20, limit_bytes: int | None = None) ->
     )
     cupy.cuda.set_allocator(allocator.malloc)
     return allocator
+
+
+#: The C ABI of the extension for PyTorch's ``CUDAPluggableAllocator`` (rust/pool/pluggable.rs).
+TORCH_ALLOC_SYMBOLS = ("moecore_cuda_malloc", "moecore_cuda_free")
+
+
+def torch_cuda_allocator() -> Any:
+    """moecore's pool as a PyTorch CUDA allocator: one pool per device growing by 64 MiB
+    arenas from ``cudaMalloc`` (the CUDA runtime is loaded at run time), blocks reused per
+    stream. Install it before PyTorch allocates anything on the GPU::
+
+        torch.cuda.memory.change_current_allocator(moecore.pool.torch_cuda_allocator())
+    """
+    import torch  # lazy: optional, and only for this
+
+    return torch.cuda.memory.CUDAPluggableAllocator(_core.__file__, *TORCH_ALLOC_SYMBOLS)
 
 
 def replay(trace: Iterable[Sequence[Any]]) -> dict[str, Any]:

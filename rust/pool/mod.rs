@@ -33,6 +33,7 @@ mod backing;
 mod block;
 mod error;
 mod host_memory;
+pub mod pluggable;
 mod replay;
 mod size;
 mod snapshot;
