@@ -146,6 +146,32 @@ def test_error_feedback_refuses_a_nonfinite_gradient_untouched(be: gpu.Backend) 
     np.testing.assert_array_equal(host(be, r), before)
 
 
+@pytest.mark.parametrize(("n", "k"), [(5000, 50), (3000, 1), (4000, 3999), (2048, 300)])
+def test_topk_sampled_method_equals_exact(be: gpu.Backend, n: int, k: int) -> None:
+    r = rng(n + k)
+    x = (r.standard_normal(n) * np.exp(3 * r.standard_normal(n))).astype(np.float32)
+    got = [host(be, a) for a in gpu.topk_select(dev(be, x), k, be, method="sampled")]
+    np.testing.assert_array_equal(got[0], reference_topk(x, k))
+    np.testing.assert_array_equal(got[1], x[got[0]])
+
+
+def test_topk_sampled_corrects_a_threshold_set_too_high(be: gpu.Backend) -> None:
+    # The strided sample sees only the large entries, so its threshold passes too few.
+    x = np.full(4096, 0.01, np.float32)
+    x[:: max(1, 4096 // 1024)] = 5.0  # every sampled position is large
+    x[1::4] = np.linspace(1.0, 2.0, 1024, dtype=np.float32)
+    k = 1500
+    idx = host(be, gpu.topk_select(dev(be, x), k, be, method="sampled")[0])
+    np.testing.assert_array_equal(idx, reference_topk(x, k))
+
+
+def test_topk_sampled_names_a_nonfinite_index_in_the_input(be: gpu.Backend) -> None:
+    x = rng(9).standard_normal(3000).astype(np.float32)
+    x[2222] = np.inf
+    with pytest.raises(ValueError, match="index 2222"):
+        gpu.topk_select(dev(be, x), 10, be, method="sampled")
+
+
 # --- decompression scatter ------------------------------------------------------------------
 
 

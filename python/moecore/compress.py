@@ -19,7 +19,8 @@ residual up to float32 rounding (the single fused pass checks each block before 
 and subtracts what it had added).
 
 **CuPy arrays.** ``TopK.compress`` of a float32 CuPy gradient selects on the GPU
-(``cuda/topk.cu``: the same k entries as ``method="exact"``, whatever ``method`` says) and
+(``cuda/topk.cu``: the same k entries as ``method="exact"``, also for ``"sampled"``, which
+only narrows the work; ``exact_k=False`` does not apply) and
 keeps its residual on the device; only the k indices and values are copied to the host, where
 the payload is encoded. ``decompress*`` into a CuPy ``out`` decodes and validates on the host
 and scatters on the GPU. Momentum correction and value encodings other than ``"f32"`` have
@@ -503,9 +504,9 @@ class TopK(_Decoding):
                 slot.residual = xp.zeros(n, dtype=np.float32)
             elif not _is_cupy(slot.residual):  # state from a CPU run or a checkpoint
                 slot.residual = xp.asarray(slot.residual)
-            idx, vals = gpu.topk_error_feedback(slot.residual, grad, k)
+            idx, vals = gpu.topk_error_feedback(slot.residual, grad, k, method=self.method)
         else:
-            idx, vals = gpu.topk_select(grad, k)
+            idx, vals = gpu.topk_select(grad, k, method=self.method)
         payload = _core.compress_encode(
             n,
             idx.get().astype(np.uint32),

@@ -144,18 +144,84 @@ def _i32(v: int) -> np.int32:
 _NONFINITE_DIGIT = 0x7F800000 >> 20  # first-pass digits at or above it hold NaN / ±inf
 
 
-def topk_select(x: Any, k: int, backend: Backend | None = None) -> tuple[Any, Any]:
+def topk_select(
+    x: Any, k: int, backend: Backend | None = None, method: str = "exact"
+) -> tuple[Any, Any]:
     """The k entries of float32 ``x`` (any shape, read flat) with the largest magnitude.
 
     Returns ``(idx, values)``: int32 indices, increasing, ties to the lower index, and the
     float32 values there. ``ValueError`` on NaN/±inf (naming the first index) or a bad k.
+
+    ``method="exact"``: three radix-histogram passes over ``x`` find the k-th largest key,
+    one compaction pass writes the result. ``"sampled"`` (Deep Gradient Compression): a
+    threshold from a strided sample, one counting pass (lowered ×0.8 up to 10 times while
+    fewer than k pass), one compaction of the candidates at or above it, then the exact
+    method on the candidates only; the result is identical to ``"exact"`` (it falls back to
+    it when the threshold cannot be corrected).
     """
     be = _be(backend)
-    xp = be.xp
     x = _check(be, x, "x", np.float32).reshape(-1)
     n = int(x.size)
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, n = {n}], got {k}")
+    if method not in ("exact", "sampled"):
+        raise ValueError(f'method must be "exact" or "sampled", got {method!r}')
+    if method == "sampled" and 0 < k < n:
+        picked = _sampled_select(be, x, k)
+        if picked is not None:
+            return picked
+    return _exact_select(be, x, k)
+
+
+_SAMPLE_MIN = 1024
+_MAX_ROUNDS = 10
+
+
+def _sampled_select(be: Backend, x: Any, k: int) -> tuple[Any, Any] | None:
+    """The sampled method, or None when its threshold cannot be corrected in time."""
+    xp = be.xp
+    n = int(x.size)
+    stride = max(1, n // max(_SAMPLE_MIN, n // 100))
+    sample = be.to_host(xp.abs(x[::stride]))
+    kk = min(sample.size, max(1, -(-k * sample.size // n)))
+    threshold = np.float32(np.partition(sample, sample.size - kk)[sample.size - kk]) * np.float32(
+        0.9
+    )
+    count = xp.zeros(1, np.uint32)
+    for _ in range(_MAX_ROUNDS):
+        key = int(np.float32(threshold).view(np.uint32)) & 0x7FFFFFFF
+        if key == 0 or not np.isfinite(threshold):
+            return None  # everything passes (or the sample held NaN/inf): exact method
+        count.fill(0)
+        be.launch(
+            "topk",
+            "topk_count_at_least",
+            (min(_blocks(n), _MAX_GRID),),
+            (THREADS,),
+            x,
+            _i32(n),
+            np.uint32(key),
+            count,
+        )
+        passed = int(be.to_host(count)[0])
+        if passed >= k:
+            break
+        threshold = np.float32(threshold * np.float32(0.8))
+    else:
+        return None
+    # Candidates: every key >= threshold (keys > threshold - 1, no ties), in index order.
+    cand_idx, cand_val = _compact(be, x, key - 1, 0, passed)
+    try:
+        pos, val = _exact_select(be, cand_val, k)
+    except ValueError:
+        _raise_if_nonfinite(be, x)  # name the index in x, not among the candidates
+        raise
+    return cand_idx[pos], val
+
+
+def _exact_select(be: Backend, x: Any, k: int) -> tuple[Any, Any]:
+    xp = be.xp
+    n = int(x.size)
     if n == 0 or k == 0:
         _raise_if_nonfinite(be, x)
         return xp.zeros(0, np.int32), xp.zeros(0, np.float32)
@@ -186,6 +252,14 @@ def topk_select(x: Any, k: int, backend: Backend | None = None) -> tuple[Any, An
         prefix |= digit << shift
         mask |= 2047 << shift
     kth_key, ties = prefix, remaining  # take the first `ties` entries whose key equals kth_key
+    return _compact(be, x, kth_key, ties, k)
+
+
+def _compact(be: Backend, x: Any, kth_key: int, ties: int, k: int) -> tuple[Any, Any]:
+    """The k entries with key > kth_key or (key == kth_key and among the first `ties` such),
+    in increasing index order: tile counts, exclusive scans, compaction."""
+    xp = be.xp
+    n = int(x.size)
     tiles = _blocks(n)
     gt = xp.zeros(tiles, np.uint32)
     eq = xp.zeros(tiles, np.uint32)
@@ -228,7 +302,7 @@ def _raise_if_nonfinite(be: Backend, x: Any) -> None:
 
 
 def topk_error_feedback(
-    residual: Any, grad: Any, k: int, backend: Backend | None = None
+    residual: Any, grad: Any, k: int, backend: Backend | None = None, method: str = "exact"
 ) -> tuple[Any, Any]:
     """Error-feedback top-k with f32 values: ``residual += grad``, select the top k of the
     residual, clear the sent entries. Returns ``(idx, values)``. A non-finite gradient raises
@@ -242,7 +316,7 @@ def topk_error_feedback(
     n = int(r.size)
     if n:
         be.launch("topk", "topk_residual_accumulate", (_blocks(n),), (THREADS,), r, g, _i32(n))
-    idx, val = topk_select(r, k, be)
+    idx, val = topk_select(r, k, be, method)
     if k:
         be.launch(
             "topk", "topk_residual_update", (_blocks(k),), (THREADS,), r, _i32(n), idx, val, _i32(k)
