@@ -188,10 +188,14 @@ def test_dlpack_exporters_are_used_without_copy():
     np.testing.assert_array_equal(a, b)
 
 
-def test_cupy_arrays_name_the_gpu_path():
+def test_cupy_arrays_without_a_gpu_path_name_the_operation():
     fake = type("ndarray", (), {"__module__": "cupy._core.core", "__dlpack__": lambda s: None})
-    with pytest.raises(NotImplementedError, match="GPU top-k path"):
-        TopK().compress(fake())
+    with pytest.raises(NotImplementedError, match="values='f32' without momentum"):
+        TopK(momentum=0.9).compress(fake())
+    with pytest.raises(NotImplementedError, match="values='f32' without momentum"):
+        TopK(values="f16").compress(fake())
+    with pytest.raises(NotImplementedError, match="no GPU path"):
+        Int8().compress(fake())
 
 
 def test_torch_cpu_tensor_if_installed():

@@ -16,8 +16,15 @@ object exporting DLPack (e.g. a PyTorch CPU tensor), used in place through
 ±inf in the gradient, or a bad argument raises ``ValueError``. After a NaN/inf gradient the
 state is as it was: momentum state exactly (checked before the update), an error-feedback
 residual up to float32 rounding (the single fused pass checks each block before adding it
-and subtracts what it had added). A CuPy array raises ``NotImplementedError`` until the GPU
-path lands.
+and subtracts what it had added).
+
+**CuPy arrays.** ``TopK.compress`` of a float32 CuPy gradient selects on the GPU
+(``cuda/topk.cu``: the same k entries as ``method="exact"``, also for ``"sampled"``, which
+only narrows the work; ``exact_k=False`` does not apply) and
+keeps its residual on the device; only the k indices and values are copied to the host, where
+the payload is encoded. ``decompress*`` into a CuPy ``out`` decodes and validates on the host
+and scatters on the GPU. Momentum correction and value encodings other than ``"f32"`` have
+no GPU path yet and raise ``NotImplementedError``.
 
 **Selection.** ``method="exact"`` sends the k largest magnitudes (ties to the lower index);
 ``"sampled"`` (default) estimates the threshold from a strided sample as in Deep Gradient
@@ -105,8 +112,8 @@ def _as_array(obj: Any, what: str) -> np.ndarray:
         return obj
     if _is_cupy(obj):
         raise NotImplementedError(
-            f"{what} is a CuPy array: the GPU top-k path is not available in this build yet; "
-            "pass a numpy array (cupy.asnumpy) meanwhile"
+            f"{what} is a CuPy array: this operation has no GPU path; pass a numpy array "
+            "(cupy.asnumpy)"
         )
     if hasattr(obj, "__dlpack__"):
         try:
@@ -179,6 +186,25 @@ def _stream_seed(seed: int, name: str | None, step: int) -> int:
 # --- decoding (shared by every compressor: payloads describe themselves) ---------------------
 
 
+def _scatter_on_device(payloads: list[np.ndarray], out: Any, *, add: bool, scale: float) -> Any:
+    """Decodes and validates every payload on the host, then scatters them in order into the
+    CuPy array ``out`` (zeroed first unless ``add``)."""
+    from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+
+    be = gpu.default_backend()
+    decoded = []
+    for i, p in enumerate(payloads):
+        idx, vals, n = _core.compress_decode(p)
+        if int(n) != out.size:
+            raise CorruptPayload(f"payloads[{i}] describes n = {n} elements, out has {out.size}")
+        decoded.append((idx.astype(np.int32), vals))
+    if not add:
+        gpu.scatter(out, be.xp.zeros(0, np.int32), be.xp.zeros(0, np.float32), backend=be)
+    for idx, vals in decoded:
+        gpu.scatter(out, be.xp.asarray(idx), be.xp.asarray(vals), scale=scale, add=True, backend=be)
+    return out
+
+
 def payload_info(payload: Any) -> dict[str, Any]:
     """The header of ``payload`` (version, index and value encodings, n, k, section sizes),
     after checking the header and total length; :func:`decompress` also checks the CRC and
@@ -208,6 +234,10 @@ def decompress(
         CorruptPayload: the payload is damaged, foreign, or does not match ``ctx``/``out``.
     """
     p = _as_payload(payload)
+    if out is not None and _is_cupy(out):
+        if ctx is not None and ctx.size != out.size:
+            raise ValueError(f"out has {out.size} elements, ctx describes {ctx.size}")
+        return _scatter_on_device([p], out, add=False, scale=1.0)
     if out is not None:
         dst = _as_float32(out, "out", writable=True)
         if ctx is not None and ctx.size != dst.size:
@@ -228,6 +258,8 @@ def decompress(
 def decompress_add(payload: Any, out: Any, scale: float = 1.0) -> Any:
     """``out += scale * dense(payload)`` in place (``out`` float32 of the payload's size);
     returns ``out``. Nothing is written unless the payload is valid."""
+    if _is_cupy(out):
+        return _scatter_on_device([_as_payload(payload)], out, add=True, scale=scale)
     dst = _as_float32(out, "out", writable=True)
     _core.compress_decompress_into(_as_payload(payload), dst.reshape(-1), add=True, scale=scale)
     return out
@@ -237,8 +269,10 @@ def decompress_sum(payloads: Iterable[Any], out: Any, scale: float = 1.0) -> Any
     """``out += scale * sum(dense(p) for p in payloads)`` in place, in parallel over ``out``:
     the all-gather path of data parallelism. Every payload is validated before ``out`` is
     touched; the result does not depend on the number of threads. Returns ``out``."""
-    dst = _as_float32(out, "out", writable=True)
     ps = [_as_payload(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
+    if _is_cupy(out):
+        return _scatter_on_device(ps, out, add=True, scale=scale)
+    dst = _as_float32(out, "out", writable=True)
     _core.compress_decompress_sum(ps, dst.reshape(-1), scale=scale)
     return out
 
@@ -256,8 +290,9 @@ class _Decoding:
         self, payload: Any, out: Any, scale: float = 1.0, ctx: Context | None = None
     ) -> Any:
         """``out += scale * dense(payload)``; see :func:`moecore.compress.decompress_add`."""
-        if ctx is not None and ctx.size != _as_float32(out, "out").size:
-            raise ValueError(f"out has {np.size(out)} elements, ctx describes {ctx.size}")
+        size = out.size if _is_cupy(out) else _as_float32(out, "out").size
+        if ctx is not None and ctx.size != size:
+            raise ValueError(f"out has {size} elements, ctx describes {ctx.size}")
         return decompress_add(payload, out, scale)
 
     def decompress_sum(self, payloads: Iterable[Any], out: Any, scale: float = 1.0) -> Any:
@@ -402,7 +437,10 @@ class TopK(_Decoding):
         Raises:
             TypeError: not float32 / not an array.
             ValueError: non-contiguous, NaN or inf in ``grad``, or ``name``'s shape changed.
+            NotImplementedError: a CuPy gradient with momentum or non-f32 values.
         """
+        if _is_cupy(grad):
+            return self._compress_on_device(grad, name)
         arr = _as_float32(grad, "grad")
         flat = arr.reshape(-1)
         shape = tuple(arr.shape)
@@ -440,6 +478,47 @@ class TopK(_Decoding):
         slot.calls += 1
         self._slots[name] = slot
         return payload, Context(shape=shape, name=name, k=int(_core.compress_header(payload)["k"]))
+
+    def _compress_on_device(self, grad: Any, name: str | None) -> tuple[np.ndarray, Context]:
+        """``compress`` for a CuPy gradient: selection and error feedback on the GPU."""
+        from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+
+        if self.momentum is not None or self.values != "f32":
+            raise NotImplementedError(
+                "TopK.compress of a CuPy array supports values='f32' without momentum only"
+            )
+        shape = tuple(grad.shape)
+        slot = self._slots.get(name)
+        if slot is not None and self.error_feedback and slot.shape != shape:
+            raise ValueError(
+                f"tensor {name!r} was compressed with shape {slot.shape}, now {shape}; "
+                f"use another name or call reset({name!r}) first"
+            )
+        if slot is None:
+            slot = _Slot(shape)
+        n = int(grad.size)
+        k = self.k_for(n, self.ratio_at(slot.calls))
+        if self.error_feedback:
+            xp = gpu.default_backend().xp
+            if slot.residual is None:
+                slot.residual = xp.zeros(n, dtype=np.float32)
+            elif not _is_cupy(slot.residual):  # state from a CPU run or a checkpoint
+                slot.residual = xp.asarray(slot.residual)
+            idx, vals = gpu.topk_error_feedback(slot.residual, grad, k, method=self.method)
+        else:
+            idx, vals = gpu.topk_select(grad, k, method=self.method)
+        payload = _core.compress_encode(
+            n,
+            idx.get().astype(np.uint32),
+            vals.get(),
+            index=self.index,
+            value_format="f32",
+            chunk=self.chunk,
+        )
+        slot.shape = shape
+        slot.calls += 1
+        self._slots[name] = slot
+        return payload, Context(shape=shape, name=name, k=k)
 
     def residual(self, name: str | None = None) -> np.ndarray | None:
         """The error-feedback memory of ``name`` (the residual, or with momentum correction

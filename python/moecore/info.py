@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,16 +17,41 @@ import numpy as np
 from moecore._core import build_info
 
 
+def _cuda_version(v: int) -> str:
+    """CUDA's integer version (12040) as text ("12.4")."""
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _probe(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # each probe fails on its own: report, never raise
+        return f"unavailable ({exc})"
+
+
 def _cupy_status() -> dict[str, Any]:
     if importlib.util.find_spec("cupy") is None:
         return {"available": False, "reason": "cupy is not installed (pip install moecore[gpu])"}
     try:
         import cupy  # optional: imported only to probe
-
+    except Exception as exc:
+        return {"available": False, "reason": f"cupy is installed but fails to import: {exc}"}
+    out: dict[str, Any] = {"version": cupy.__version__}
+    out["nvrtc"] = _probe(lambda: ".".join(map(str, cupy.cuda.nvrtc.getVersion())))
+    out["cuda_runtime"] = _probe(lambda: _cuda_version(cupy.cuda.runtime.runtimeGetVersion()))
+    try:
         count = int(cupy.cuda.runtime.getDeviceCount())
     except Exception as exc:  # a CuPy without a driver raises CUDARuntimeError and friends
-        return {"available": False, "reason": f"cupy is installed but no GPU: {exc}"}
-    return {"available": count > 0, "version": cupy.__version__, "devices": count}
+        out.update(available=False, reason=f"cupy is installed but no GPU: {exc}")
+        return out
+    out["available"] = count > 0
+    out["devices"] = count
+    out["driver"] = _probe(lambda: _cuda_version(cupy.cuda.runtime.driverGetVersion()))
+    out["gpus"] = [
+        _probe(lambda i=i: cupy.cuda.runtime.getDeviceProperties(i)["name"].decode())
+        for i in range(count)
+    ]
+    return out
 
 
 def _mpi_status() -> dict[str, Any]:

@@ -29,12 +29,22 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from moecore import _core
+from moecore.errors import PoolOutOfMemory
 
-__all__ = ["HANDLER_NAME", "ArenaPool", "HostPool", "random_trace", "replay"]
+__all__ = [
+    "HANDLER_NAME",
+    "ArenaAllocator",
+    "ArenaPool",
+    "HostPool",
+    "random_trace",
+    "replay",
+    "torch_cuda_allocator",
+    "use_for_cupy",
+]
 
 #: The numpy memory-handler name of pool arrays (``numpy.core.multiarray.get_handler_name``).
 HANDLER_NAME = "moecore_pool"
@@ -121,6 +131,145 @@ class ArenaPool(_core.PoolCore):
 
     def __new__(cls, limit_bytes: int | None = None) -> ArenaPool:
         return super().__new__(cls, "arenas", _check_limit(limit_bytes))
+
+
+_SEGMENT = 2 << 20
+
+
+class ArenaAllocator:
+    """An allocator over an :class:`ArenaPool` that grows by arenas obtained on demand.
+
+    Each request is served from the pool on the caller's stream; when no arena has room, a new
+    arena of ``max(arena_bytes, request rounded up to 2 MiB)`` bytes is obtained from
+    ``obtain_arena(size) -> (base, owner)`` (``owner`` keeps the memory alive) and registered.
+    The returned object comes from ``wrap(address, size, release)``; calling ``release()``
+    (CuPy: when the last array using the memory dies) gives the block back to the pool.
+
+    :func:`use_for_cupy` builds one over CuPy device memory; tests build one over host memory.
+    """
+
+    def __init__(
+        self,
+        obtain_arena: Callable[[int], tuple[int, Any]],
+        wrap: Callable[[int, int, Callable[[], None]], Any],
+        current_stream: Callable[[], int] = lambda: 0,
+        arena_bytes: int = 64 << 20,
+        limit_bytes: int | None = None,
+    ) -> None:
+        if isinstance(arena_bytes, bool) or not isinstance(arena_bytes, int) or arena_bytes <= 0:
+            raise ValueError(f"arena_bytes must be a positive int, got {arena_bytes!r}")
+        self.pool = ArenaPool(limit_bytes)
+        self.arena_bytes = arena_bytes
+        self._obtain = obtain_arena
+        self._wrap = wrap
+        self._stream = current_stream
+        self.arenas: dict[int, tuple[int, Any]] = {}  # base -> (size, owner)
+
+    def malloc(self, nbytes: int) -> Any:
+        """A block of at least ``nbytes`` on the current stream, wrapped (None for 0 bytes)."""
+        if nbytes == 0:
+            return self._wrap(0, 0, lambda: None)
+        stream = int(self._stream())
+        try:
+            address = self.pool.malloc(nbytes, stream)
+        except PoolOutOfMemory:
+            self._grow(nbytes)
+            address = self.pool.malloc(nbytes, stream)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:  # idempotent: a finalizer may run after an explicit release
+                released = True
+                self.pool.free(address)
+
+        return self._wrap(address, nbytes, release)
+
+    def _grow(self, nbytes: int) -> None:
+        size = max(self.arena_bytes, -(-nbytes // _SEGMENT) * _SEGMENT)
+        limit = self.pool.limit_bytes
+        if limit is not None and sum(s for s, _ in self.arenas.values()) + size > limit:
+            raise PoolOutOfMemory(
+                f"a {nbytes}-byte request needs a new {size}-byte arena, which would exceed "
+                f"limit_bytes = {limit}"
+            )
+        base, owner = self._obtain(size)
+        self.pool.register_arena(base, size)
+        self.arenas[base] = (size, owner)
+
+    def release_unused_arenas(self) -> int:
+        """Unregisters (and drops) every arena with no live block; returns the bytes freed."""
+        freed = 0
+        for base, (size, _owner) in list(self.arenas.items()):
+            try:
+                self.pool.unregister_arena(base)
+            except ValueError:  # still has live blocks
+                continue
+            del self.arenas[base]
+            freed += size
+        return freed
+
+    def stats(self) -> dict[str, int]:
+        """The pool's statistics (see :class:`HostPool`)."""
+        return self.pool.stats()
+
+
+def use_for_cupy(arena_bytes: int = 64 << 20, limit_bytes: int | None = None) -> ArenaAllocator:
+    """Installs moecore's pool as CuPy's allocator (``cupy.cuda.set_allocator``).
+
+    Arenas of ``arena_bytes`` come from ``cupy.cuda.Memory`` (plain ``cudaMalloc``, outside
+    CuPy's own pool) and are registered with an :class:`ArenaPool`; blocks are handed out on
+    CuPy's current stream and return to the pool when the last array using them dies.
+    Returns the allocator (for ``stats()``); restore CuPy's pool with
+    ``cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)``.
+    """
+    import cupy  # lazy: only the GPU path needs CuPy
+
+    device = cupy.cuda.Device().id
+
+    def obtain(size: int) -> tuple[int, Any]:
+        mem = cupy.cuda.Memory(size)
+        return int(mem.ptr), mem
+
+    class _PoolMemory(cupy.cuda.UnownedMemory):  # type: ignore[misc]
+        """Device memory of a pool block: gives the block back when CuPy drops it."""
+
+        def __init__(self, ptr: int, size: int, owner: Any, release: Callable[[], None]) -> None:
+            super().__init__(ptr, size, owner, device)
+            self._release = release
+
+        def __del__(self) -> None:
+            self._release()
+
+    def wrap(address: int, size: int, release: Callable[[], None]) -> Any:
+        mem = _PoolMemory(address, size, allocator, release)
+        return cupy.cuda.MemoryPointer(mem, 0)
+
+    allocator = ArenaAllocator(
+        obtain,
+        wrap,
+        current_stream=lambda: int(cupy.cuda.get_current_stream().ptr),
+        arena_bytes=arena_bytes,
+        limit_bytes=limit_bytes,
+    )
+    cupy.cuda.set_allocator(allocator.malloc)
+    return allocator
+
+
+#: The C ABI of the extension for PyTorch's ``CUDAPluggableAllocator`` (rust/pool/pluggable.rs).
+TORCH_ALLOC_SYMBOLS = ("moecore_cuda_malloc", "moecore_cuda_free")
+
+
+def torch_cuda_allocator() -> Any:
+    """moecore's pool as a PyTorch CUDA allocator: one pool per device growing by 64 MiB
+    arenas from ``cudaMalloc`` (the CUDA runtime is loaded at run time), blocks reused per
+    stream. Install it before PyTorch allocates anything on the GPU::
+
+        torch.cuda.memory.change_current_allocator(moecore.pool.torch_cuda_allocator())
+    """
+    import torch  # lazy: optional, and only for this
+
+    return torch.cuda.memory.CUDAPluggableAllocator(_core.__file__, *TORCH_ALLOC_SYMBOLS)
 
 
 def replay(trace: Iterable[Sequence[Any]]) -> dict[str, Any]:

@@ -137,7 +137,7 @@ class BsrMatrix:
         (2, (16, 16))
     """
 
-    __slots__ = ("_pattern", "block", "data", "indices", "indptr", "shape")
+    __slots__ = ("_device", "_pattern", "block", "data", "indices", "indptr", "shape")
 
     def __init__(
         self,
@@ -160,6 +160,7 @@ class BsrMatrix:
         self.data: np.ndarray = data
         # Structural rules (indptr consistency, sorted, in range, no duplicates) in Rust.
         self._pattern = _core.BsrPattern(self.shape, self.block, self.indptr, self.indices)
+        self._device: Any = None  # the pattern on the GPU, built on first CuPy use
 
     @property
     def nnzb(self) -> int:
@@ -303,6 +304,27 @@ def _as_matrix(a: np.ndarray, name: str, width: int, what: str) -> np.ndarray:
     return a.reshape(math.prod(a.shape[:-1]), width)
 
 
+def _is_cupy(a: object) -> bool:
+    return (type(a).__module__ or "").split(".")[0] == "cupy"
+
+
+def _on_device(w: BsrMatrix) -> tuple[Any, Any]:
+    """``w``'s pattern on the GPU (cached) and its values uploaded (``data`` stays the
+    numpy truth an optimizer updates in place, so it is copied at each call)."""
+    from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+
+    if w._device is None:
+        w._device = gpu.BsrDevice(w.shape, w.block, w.indptr, w.indices)
+    return w._device, gpu.default_backend().xp.asarray(w.data)
+
+
+def _bsr_on_gpu(op: str, *arrays: Any) -> Any:
+    """Runs ``op`` of :mod:`moecore.kernels.gpu` on CuPy arrays flattened to 2-D."""
+    from moecore.kernels import gpu
+
+    return getattr(gpu, op), [a.reshape(-1, a.shape[-1]) for a in arrays]
+
+
 def _check_matrix(w: object, name: str) -> BsrMatrix:
     if not isinstance(w, BsrMatrix):
         raise ValueError(f"{name}: expected a moecore.sparse.BsrMatrix, got {type(w).__name__}")
@@ -321,6 +343,10 @@ def bsr_linear(x: np.ndarray, w: BsrMatrix, bias: np.ndarray | None = None) -> n
         ``[..., out_features]`` float32 (a new array).
     """
     w = _check_matrix(w, "w")
+    if _is_cupy(x):
+        fn, (x2,) = _bsr_on_gpu("bsr_linear", x)
+        pattern, data = _on_device(w)
+        return fn(x2, pattern, data, bias).reshape(*x.shape[:-1], w.shape[0])
     x2 = _as_matrix(x, "x", w.shape[1], "in_features")
     if bias is not None:
         bias = _float32_array(bias, "bias", ndim=1)
@@ -343,6 +369,10 @@ def bsr_linear_dx(dy: np.ndarray, w: BsrMatrix) -> np.ndarray:
         ``[..., in_features]`` float32.
     """
     w = _check_matrix(w, "w")
+    if _is_cupy(dy):
+        fn, (dy2,) = _bsr_on_gpu("bsr_linear_dx", dy)
+        pattern, data = _on_device(w)
+        return fn(dy2, pattern, data).reshape(*dy.shape[:-1], w.shape[1])
     dy2 = _as_matrix(dy, "dy", w.shape[0], "out_features")
     dx = _core.bsr_linear_dx(dy2, w._pattern, w.data)
     return dx.reshape(*dy.shape[:-1], w.shape[1])
@@ -362,6 +392,13 @@ def bsr_linear_dw(dy: np.ndarray, x: np.ndarray, pattern: BsrMatrix) -> np.ndarr
         ``[nnzb, B, B]`` float32, laid out like ``pattern.data``.
     """
     pattern = _check_matrix(pattern, "pattern")
+    if _is_cupy(dy) or _is_cupy(x):
+        if dy.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"x: expected the leading shape of dy {dy.shape[:-1]}, got {x.shape[:-1]}"
+            )
+        fn, (dy2, x2) = _bsr_on_gpu("bsr_linear_dw", dy, x)
+        return fn(dy2, x2, _on_device(pattern)[0])
     dy2 = _as_matrix(dy, "dy", pattern.shape[0], "out_features")
     x2 = _as_matrix(x, "x", pattern.shape[1], "in_features")
     if dy.shape[:-1] != x.shape[:-1]:

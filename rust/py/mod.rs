@@ -6,6 +6,7 @@
 
 mod comm;
 mod compress;
+mod cuda;
 mod errors;
 mod fused;
 mod fused_norm;
@@ -26,6 +27,8 @@ mod _core {
         compress_decode, compress_decompress, compress_decompress_into, compress_decompress_sum,
         compress_encode, compress_header, compress_int8, compress_select, compress_topk,
     };
+    #[pymodule_export]
+    use super::cuda::cuda_sources;
     #[pymodule_export]
     use super::errors::{
         CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory, SchedulerMisuse,

@@ -1,8 +1,10 @@
 """Kernel dispatch: which implementation runs an op for a given array.
 
 - ``cpu``: float32 numpy arrays go to the Rust kernels in ``moecore._core`` (fast path);
+- ``cuda_moe``: float32 CuPy arrays go to the CUDA kernels of ``cuda/`` (loaded by
+  :mod:`moecore.kernels.gpu`) and CuPy's cuBLAS matmuls;
 - ``generic``: the same math in array-module code (``xp``), for other dtypes (float64, used
-  by gradient checks) and, until a dedicated kernel exists, for CuPy arrays.
+  by gradient checks, on numpy or CuPy).
 """
 
 from __future__ import annotations
@@ -12,13 +14,20 @@ from typing import Any
 
 import numpy as np
 
+from moecore.backend import is_cupy_array
+
 
 def moe_kernels_for(*arrays: Any) -> ModuleType:
-    """The MoE kernel module for these arrays: Rust for float32 numpy, generic otherwise."""
+    """The MoE kernel module for these arrays: Rust for float32 numpy, CUDA for float32 CuPy,
+    generic otherwise."""
     if all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays):
         from moecore import moe_kernels
 
         return moe_kernels
+    if all(is_cupy_array(a) and a.dtype == np.float32 for a in arrays):
+        from moecore.kernels import cuda_moe
+
+        return cuda_moe
     from moecore.kernels import generic
 
     return generic

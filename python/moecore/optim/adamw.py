@@ -9,7 +9,7 @@ import numpy as np
 
 from moecore import _core
 from moecore.autograd.tensor import Tensor
-from moecore.backend import xp_of
+from moecore.backend import is_cupy_array, xp_of
 from moecore.optim.optimizer import Optimizer
 
 
@@ -19,6 +19,17 @@ def _fusable(p: Tensor) -> bool:
         and p.data.dtype == np.float32
         and p.data.flags.c_contiguous
         and p.data.flags.writeable
+    )
+
+
+def _cuda_fusable(p: Tensor) -> bool:
+    return (
+        is_cupy_array(p.data)
+        and p.data.dtype == np.float32
+        and p.data.flags.c_contiguous
+        and is_cupy_array(p.grad)
+        and p.grad.dtype == np.float32
+        and p.grad.flags.c_contiguous
     )
 
 
@@ -33,7 +44,9 @@ class AdamW(Optimizer):
         weight_decay: decoupled weight decay (``p ← p·(1 − lr·wd)``).
 
     float32 CPU parameters are updated by one fused in-place Rust kernel over all of them,
-    in parallel with the GIL released; other dtypes and devices use the same math in numpy/CuPy.
+    in parallel with the GIL released; float32 CuPy parameters by the fused CUDA kernel of
+    ``cuda/adamw.cu`` (bit-identical to the CPU step); other dtypes use the same math in
+    numpy/CuPy.
     """
 
     state_keys = ("step", "exp_avg", "exp_avg_sq")
@@ -69,6 +82,8 @@ class AdamW(Optimizer):
                 st["step"] += 1
                 if _fusable(p):
                     fused.setdefault(st["step"], []).append(p)
+                elif _cuda_fusable(p):
+                    self._update_cuda(p, st, group)
                 else:
                     self._update_array(p, st, group)
             beta1, beta2 = group["betas"]
@@ -86,6 +101,24 @@ class AdamW(Optimizer):
                     weight_decay=float(group["weight_decay"]),
                     step=int(step),
                 )
+
+    @staticmethod
+    def _update_cuda(p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
+        from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+
+        beta1, beta2 = group["betas"]
+        gpu.adamw_step(
+            p.data,
+            p.grad,
+            st["exp_avg"],
+            st["exp_avg_sq"],
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            step=int(st["step"]),
+        )
 
     @staticmethod
     def _update_array(p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
