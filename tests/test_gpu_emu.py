@@ -344,7 +344,10 @@ def test_thread_sanitizer_catches_a_missing_syncthreads(broken: bool) -> None:
     ).stdout.strip()
     if not os.path.isabs(libtsan):
         pytest.skip("g++ has no ThreadSanitizer runtime (libtsan) installed")
-    env = dict(os.environ, LD_PRELOAD=libtsan, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+    # The suppressions CI uses: they must not hide a race inside an emulated kernel.
+    supp = os.path.join(os.path.dirname(__file__), "gpu_emu", "tsan.supp")
+    tsan = f"halt_on_error=1 exitcode=66 suppressions={supp}"
+    env = dict(os.environ, LD_PRELOAD=libtsan, TSAN_OPTIONS=tsan)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", _BROKEN_SCRIPT.format(broken=broken)],
