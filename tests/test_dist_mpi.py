@@ -346,3 +346,16 @@ def test_checkpoint_from_dp2_ep2_resumes_in_one_process_and_back(tmp_path, corpu
         got = _losses(tmp_path / run)
         assert len(got) == 20
         assert max(abs(x - y) for x, y in zip(single, got)) < EP_TOL, (run, single, got)
+
+
+def test_resume_during_compression_warmup_continues_the_same_run(tmp_path, corpus):
+    """dp=2 with top-k after 5 dense steps: 3 steps, resume, 7 more equal 10 uninterrupted
+    steps — the warm-up counts from the run's start (resuming used to restart it), and
+    the residuals are still empty at step 3."""
+    comp = ["--dp", "2", "--compress", "topk:0.01", "--compress-warmup", "5"]
+    whole = _train(tmp_path, corpus, "whole", 2, *comp, steps=10)
+    _train(tmp_path, corpus, "split", 2, *comp, steps=3)
+    _cli(2, ["train", "--resume", str(tmp_path / "split"), "--set", "steps=10"])
+    got = _losses(tmp_path / "split")
+    assert len(got) == 10
+    assert max(abs(x - y) for x, y in zip(whole, got)) < EP_TOL, (whole, got)

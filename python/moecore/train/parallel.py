@@ -76,7 +76,12 @@ class Layout:
 
     def data_parallel(self, model: nn.Module, **kwargs: Any) -> None:
         """Gradient averaging: replicated parameters over the world, experts over their
-        expert-data-parallel group (``kwargs`` go to :class:`DataParallel`)."""
+        expert-data-parallel group (``kwargs`` go to :class:`DataParallel`). Calling it
+        again replaces the previous ones (their hooks removed)."""
+        for old in (self.dense, self.experts):  # rebuilding (e.g. on resume)
+            if old is not None:
+                old.remove_hooks()
+        self.dense = self.experts = None
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         dense = [(n, p) for n, p in named if n not in self.sharded]
         experts = [(n, p) for n, p in named if n in self.sharded]

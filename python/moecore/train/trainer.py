@@ -125,13 +125,7 @@ class Trainer:
         # Expert parallel: each MoE layer keeps this rank's experts; then gradient averaging.
         self.layout = Layout(self.group, config.ep)
         self.layout.shard_model(self.model)
-        self.layout.data_parallel(
-            self.model,
-            bucket_mb=config.bucket_mb,
-            policy=config.comm_policy,
-            compress=config.compress,
-            warmup_steps=config.compress_warmup,
-        )
+        self._data_parallel(warmup_steps=config.compress_warmup)
         self.moe_layers = self.layout.moe_layers(self.model)
         self.optimizer = build_optimizer(self.model, config)
         self.schedule = optim.LRScheduler(
@@ -148,6 +142,15 @@ class Trainer:
             self.corpus.val, config.seq_len, config.batch_size, config.eval_batches
         )
         self.last_val: float | None = None
+
+    def _data_parallel(self, warmup_steps: int) -> None:
+        self.layout.data_parallel(
+            self.model,
+            bucket_mb=self.config.bucket_mb,
+            policy=self.config.comm_policy,
+            compress=self.config.compress,
+            warmup_steps=warmup_steps,
+        )
 
     # -- persistence ---------------------------------------------------------------------
     @classmethod
@@ -189,6 +192,12 @@ class Trainer:
             layer._load_since_update[...] = load
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        cfg = self.config
+        if self.group.size > 1 and cfg.compress != "none" and cfg.compress_warmup:
+            # The dense warm-up counts from the run's first step, not from this resume. (The
+            # error-feedback residuals restart at zero: they are per rank and per bucket
+            # layout, a checkpoint is neither; see the README.)
+            self._data_parallel(warmup_steps=max(0, cfg.compress_warmup - self.step))
         self._metrics_offset = int(state["metrics_offset"])
         self.last_val = state.get("last_val")
 
