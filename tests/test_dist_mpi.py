@@ -249,3 +249,113 @@ def test_checkpoint_from_dp2_resumes_in_one_process_and_back(tmp_path, corpus):
 
 def test_hierarchical_allreduce_4_ranks_as_2_nodes_of_2():
     ok(4, "hier")
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_expert_parallel_aux_losses_bias_and_shared_experts_equal_single_process(n):
+    # n=2: ep=2; n=4: dp=2 x ep=2 (experts averaged over the twin ranks).
+    ok(n, "ep_full")
+
+
+# Expert parallel runs equal single-process runs up to float32 summation order: stated
+# tolerance 1e-5 on every step's loss (measured: ≤ 5e-7 over 20 steps, against 5e-4 for
+# dp=2, whose aux loss is per rank).
+EP_TOL = 1e-5
+# The other MoE features the trainer uses, together: aux-loss-free bias, shared expert,
+# z-loss, sigmoid scores, SwiGLU, gradient accumulation.
+FEATURES = [
+    "--set",
+    "bias_update_rate=0.01",
+    "n_shared_experts=1",
+    "z_loss=0.001",
+    "score=sigmoid",
+    "activation=swiglu",
+    "grad_accum=2",
+]
+
+
+@pytest.mark.parametrize("features", [[], FEATURES], ids=["default", "features"])
+def test_cli_train_ep2_matches_single_process_loss_curve(tmp_path, corpus, features):
+    """``mpiexec -n 2 moecore train --ep 2``: the 4 experts of each MoE layer split over the
+    two ranks, each rank with half of the global batch; the Switch aux loss and the bias
+    update use the whole batch's routing counts, so the run is the single-process run."""
+    single = _train(tmp_path, corpus, "single", 1, *features)
+    ep2 = _train(tmp_path, corpus, "ep2", 2, "--ep", "2", *features)
+    assert max(abs(a - b) for a, b in zip(single, ep2)) < EP_TOL, (single, ep2)
+
+
+def test_cli_train_dp2_ep2_matches_single_process_loss_curve(tmp_path, corpus):
+    """4 ranks as dp=2 x ep=2: experts averaged over the two ranks that hold them."""
+    single = _train(tmp_path, corpus, "single", 1, *FEATURES)
+    both = _train(tmp_path, corpus, "dp2ep2", 4, "--dp", "2", "--ep", "2", *FEATURES)
+    assert max(abs(a - b) for a, b in zip(single, both)) < EP_TOL, (single, both)
+
+
+def test_cli_train_ep_refuses_what_it_cannot_do_exactly(tmp_path, corpus):
+    script = Path(sys.executable).parent / "moecore"
+    entry = [str(script)] if script.exists() else [sys.executable, "-m", "moecore.cli"]
+    base = [*entry, "train", "--preset", "moe-tiny", "--data", str(corpus), "--out"]
+    done = subprocess.run(
+        [*base, str(tmp_path / "cap"), "--ep", "2", "--set", "capacity_factor=1.25"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "capacity_factor (1.25) with ep (2) > 1 is not supported" in done.stderr, done.stderr
+    done = subprocess.run(
+        [*base, str(tmp_path / "odd"), "--ep", "3"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "ep (3) must divide n_experts (4)" in done.stderr, done.stderr
+
+
+def test_checkpoint_from_ep2_resumes_in_one_process_and_back(tmp_path, corpus):
+    """Checkpoints hold every expert under its single-process name whatever the layout:
+    10 steps with ep=2 then 10 in one process (and the other way round) follow the
+    20-step single-process curve."""
+    single = _train(tmp_path, corpus, "single", 1)
+    _train(tmp_path, corpus, "a", 2, "--ep", "2", steps=10)
+    _cli(1, ["train", "--resume", str(tmp_path / "a"), "--ep", "1", "--set", "steps=20"])
+    _train(tmp_path, corpus, "b", 1, steps=10)
+    _cli(2, ["train", "--resume", str(tmp_path / "b"), "--ep", "2", "--set", "steps=20"])
+    for run in ("a", "b"):
+        got = _losses(tmp_path / run)
+        assert len(got) == 20
+        assert max(abs(x - y) for x, y in zip(single, got)) < EP_TOL, (run, single, got)
+
+
+def test_checkpoint_from_dp2_ep2_resumes_in_one_process_and_back(tmp_path, corpus):
+    """4 ranks as dp=2 x ep=2 for 10 steps, then one process (and the other way round):
+    the 20-step single-process curve, optimizer state and router bias included."""
+    single = _train(tmp_path, corpus, "single", 1, *FEATURES)
+    _train(tmp_path, corpus, "a", 4, "--dp", "2", "--ep", "2", *FEATURES, steps=10)
+    _cli(
+        1, ["train", "--resume", str(tmp_path / "a"), "--dp", "1", "--ep", "1", "--set", "steps=20"]
+    )
+    _train(tmp_path, corpus, "b", 1, *FEATURES, steps=10)
+    _cli(
+        4, ["train", "--resume", str(tmp_path / "b"), "--dp", "2", "--ep", "2", "--set", "steps=20"]
+    )
+    for run in ("a", "b"):
+        got = _losses(tmp_path / run)
+        assert len(got) == 20
+        assert max(abs(x - y) for x, y in zip(single, got)) < EP_TOL, (run, single, got)
+
+
+def test_resume_during_compression_warmup_continues_the_same_run(tmp_path, corpus):
+    """dp=2 with top-k after 5 dense steps: 3 steps, resume, 7 more equal 10 uninterrupted
+    steps — the warm-up counts from the run's start (resuming used to restart it), and
+    the residuals are still empty at step 3."""
+    comp = ["--dp", "2", "--compress", "topk:0.01", "--compress-warmup", "5"]
+    whole = _train(tmp_path, corpus, "whole", 2, *comp, steps=10)
+    _train(tmp_path, corpus, "split", 2, *comp, steps=3)
+    _cli(2, ["train", "--resume", str(tmp_path / "split"), "--set", "steps=10"])
+    got = _losses(tmp_path / "split")
+    assert len(got) == 10
+    assert max(abs(x - y) for x, y in zip(whole, got)) < EP_TOL, (whole, got)

@@ -112,3 +112,24 @@ def test_whole_module_gradcheck():
     b.drop.p = 0.0
     x = mc.Tensor(np.random.default_rng(2).standard_normal((2, 3, 4)), requires_grad=True)
     assert gradcheck(lambda x, *params: b(x), [x, *b.parameters()])
+
+
+def test_assigning_to_a_buffer_keeps_it_in_state_dict():
+    # ``self.steps += 1`` rebinds the attribute: it must stay a registered buffer (it used to
+    # become a plain attribute, so a router bias vanished from checkpoints after one update).
+    b = Block()
+    b.steps += 1
+    b.steps = b.steps + 1
+    assert b.state_dict()["steps"].tolist() == [2]
+    assert "steps" not in b.__dict__
+
+
+def test_moe_router_bias_stays_in_state_dict_after_an_update():
+    layer = nn.MoE(8, 6, 4, bias_update_rate=0.1)
+    layer(mc.randn(5, 8))
+    layer.update_bias()
+    saved = layer.state_dict()["expert_bias"]
+    assert np.abs(saved).sum() > 0
+    fresh = nn.MoE(8, 6, 4, bias_update_rate=0.1)
+    fresh.load_state_dict(layer.state_dict())
+    np.testing.assert_array_equal(fresh.expert_bias, saved)

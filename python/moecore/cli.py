@@ -133,10 +133,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides["data"] = args.data
         if args.vocab is not None:
             overrides["vocab"] = args.vocab
-        if args.ep is not None and args.ep != 1:
-            return _fail("--ep (expert parallelism) is not implemented yet; use --dp")
         for flag, key in (
             ("dp", "dp"),
+            ("ep", "ep"),
             ("compress", "compress"),
             ("bucket_mb", "bucket_mb"),
             ("comm_policy", "comm_policy"),
@@ -247,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--set",
         nargs="+",
+        action="extend",
         metavar="KEY=VALUE",
-        help="override configuration keys, e.g. steps=50 batch_size=8",
+        help="override configuration keys, e.g. steps=50 batch_size=8 (may be repeated)",
     )
     train.add_argument("--out", help="run directory (default runs/<timestamp>)")
     train.add_argument(
@@ -262,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         "distributed", "run under mpiexec -n DP (pip install 'moecore[mpi]')"
     )
     dist.add_argument("--dp", type=int, help="data-parallel ranks (= mpiexec -n)")
-    dist.add_argument("--ep", type=int, help="expert-parallel ranks (not implemented yet)")
+    dist.add_argument(
+        "--ep", type=int, help="expert-parallel ranks (mpiexec -n dp·ep; n_experts / ep each)"
+    )
     dist.add_argument("--compress", help="gradient compression: none or topk:<ratio>")
     dist.add_argument("--compress-warmup", type=int, help="dense steps before compressing")
     dist.add_argument("--bucket-mb", type=float, help="gradient bucket cap in MiB (25)")

@@ -230,6 +230,68 @@ def mode_ep(g, tokens=12, d=8, experts=4):
     np.testing.assert_allclose(router, full.router.grad, rtol=1e-4, atol=1e-5)
 
 
+def mode_ep_full(g, tokens=10, d=8, experts=4, ep=2):
+    """Expert parallel over ``ep`` ranks (data parallel across the rest) with what the
+    trainer uses — Switch aux loss, z-loss, shared experts, softmax and sigmoid with
+    group-limited routing, the aux-loss-free bias — equals one process holding every token:
+    outputs, averaged gradients, aux-loss value and the bias update."""
+    from moecore.dist.expert_parallel import ExpertParallelMoE
+
+    world = g.size
+    ep_group = g.split(g.rank // ep)
+    twins = g.split(g.rank % ep)  # the ranks holding the same experts
+    variants = [
+        dict(score="softmax", aux_loss=0.05, z_loss=0.01, n_shared_experts=1),
+        dict(
+            score="sigmoid",
+            n_groups=2,
+            topk_groups=1,
+            aux_loss=0.05,
+            bias_update_rate=0.01,
+            activation="swiglu",
+        ),
+    ]
+    for v, kwargs in enumerate(variants):
+        mc.manual_seed(11 + v)
+        full = nn.MoE(d, 6, n_experts=experts, top_k=2, **kwargs)
+        rng = np.random.default_rng(v)
+        full.expert_bias[...] = 0.3 * rng.standard_normal(experts).astype(np.float32)
+        layer = ExpertParallelMoE.from_moe(full, ep_group, stats_group=g)
+        xs = rng.standard_normal((world, tokens, d)).astype(np.float32)
+        xs[0] += 3 * full.router.data[0] / np.linalg.norm(full.router.data[0])
+        cs = rng.standard_normal((world, tokens, d)).astype(np.float32)
+        # Reference: the mean over ranks of sum(y * c) (+ the aux losses, added by the op).
+        x_full = mc.tensor(xs.reshape(-1, d), requires_grad=True)
+        y_full = full(x_full)
+        ((y_full * mc.tensor(cs.reshape(-1, d))).sum() * (1.0 / world)).backward()
+        x = mc.tensor(xs[g.rank], requires_grad=True)
+        y = layer(x)
+        (y * mc.tensor(cs[g.rank])).sum().backward()
+        rows = slice(g.rank * tokens, (g.rank + 1) * tokens)
+        tol = dict(rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(y.data, y_full.data[rows], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(x.grad / world, x_full.grad[rows], **tol)
+        np.testing.assert_allclose(layer.last_stats["aux_loss"], full.last_stats["aux_loss"], 1e-5)
+        # Replicated parameters: averaged over every rank.
+        for name, p in layer.named_parameters():
+            grad = p.grad.copy()
+            if name in ("w1", "w2"):
+                twins.allreduce(grad)  # each rank's experts sum their ep group's tokens
+                n = experts // ep
+                want = getattr(full, name).grad[ep_group.rank * n : (ep_group.rank + 1) * n]
+            else:
+                g.allreduce(grad)
+                want = dict(full.named_parameters())[name].grad
+            np.testing.assert_allclose(grad / world, want, err_msg=f"{v}: {name}", **tol)
+        load = layer._load_since_update.copy()
+        g.allreduce(load)
+        np.testing.assert_array_equal(load, full._load_since_update)
+        layer._load_since_update[...] = load
+        layer.update_bias()
+        full.update_bias()
+        np.testing.assert_array_equal(layer.expert_bias, full.expert_bias)
+
+
 def mode_hier(g):
     """4 ranks as 2 nodes x 2: the hierarchical all-reduce equals the flat one (blocking and
     many non-blocking in flight), and data parallelism over it equals single process."""
@@ -275,6 +337,7 @@ MODES = {
     "ratio1": mode_ratio1,
     "ef": mode_ef,
     "ep": mode_ep,
+    "ep_full": mode_ep_full,
     "hier": mode_hier,
     "raise": mode_raise,
 }

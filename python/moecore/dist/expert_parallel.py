@@ -4,26 +4,44 @@ Every rank routes its own tokens with the (replicated) router, then *dispatches*
 row to the rank holding its expert with an all-to-all-v (the per-expert counts go first, so
 every rank knows what it receives), runs its local experts, and *combines* the results back
 with the reverse all-to-all-v. In backward the roles swap: the output gradient is
-dispatched, the input gradient combined. The router's gradient is per rank (each rank's own
-tokens): average or sum it over the group like any replicated parameter (e.g. with
-:class:`~moecore.dist.DataParallel`); the local experts' gradients are complete as they are.
+dispatched, the input gradient combined.
+
+Gradients follow the data-parallel convention (each rank's loss is the mean over its own
+tokens, replicated gradients are *averaged* over the ``stats_group``): the router (and any
+shared experts) are replicated parameters — average them over that group; the local
+experts' gradients hold the contributions of every rank of the expert-parallel group, so
+they are complete up to that convention's factor (sum them over the ranks that hold the
+same experts and divide by the ``stats_group`` size; :class:`moecore.train.parallel.Layout`
+does all this for the trainer).
+
+The Switch load-balancing loss uses the dispatch fractions and mean router probabilities of
+the whole ``stats_group`` (one all-reduce of 2·E+1 numbers per layer and step), so its
+value and gradient equal those of one process holding every token.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
 from typing import Any
 
 import numpy as np
 
+from moecore import ops
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
 from moecore.dist.group import Group
 from moecore.kernels import moe_kernels_for
 from moecore.nn.module import Module
+from moecore.nn.moe import routing_summary
 from moecore.nn.parameter import Parameter
 from moecore.ops.moe import _activate, _activate_backward
 
 __all__ = ["ExpertParallelMoE"]
+
+# The op module (not the ``moe`` function ``moecore.ops`` re-exports under the same name):
+# its ``_aux_loss_scale`` is read at backward time, as the single-process op does.
+_moe_op = importlib.import_module("moecore.ops.moe")
 
 
 class _Exchange:
@@ -62,6 +80,57 @@ class _Exchange:
         return out
 
 
+def _group_aux_terms(
+    logits: np.ndarray,
+    probs: np.ndarray,
+    idx: np.ndarray,
+    score: str,
+    aux_coef: float,
+    z_coef: float,
+    stats_group: Group,
+) -> tuple[float, float, np.ndarray]:
+    """The Switch loss α·E·Σ fᵢ·Pᵢ over the tokens of every rank of ``stats_group`` and the
+    router z-loss, with their gradient w.r.t. this rank's logits scaled for averaging over
+    the group (a rank's share is ``size`` × its tokens' part of the global gradient)."""
+    t, e = probs.shape
+    d_logits = np.zeros_like(logits)
+    aux = z = 0.0
+    if aux_coef:
+        p = probs if score == "softmax" else probs / probs.sum(axis=1, keepdims=True)
+        # Token counts per expert, summed probabilities per expert, tokens: one all-reduce.
+        buf = np.concatenate(
+            [
+                np.bincount(idx.reshape(-1), minlength=e).astype(np.float64),
+                p.sum(axis=0, dtype=np.float64),
+                [float(t)],
+            ]
+        )
+        stats_group.allreduce(buf)
+        total = buf[-1]
+        if total > 0:
+            f = buf[:e] / (total * idx.shape[1])
+            aux = float(aux_coef * e * (f * buf[e : 2 * e] / total).sum())
+            # Single process: dL/dp[t, i] = α·E·fᵢ / T; averaging over the group divides by
+            # its size, so each rank applies size × that to its own tokens.
+            c = (aux_coef * e * stats_group.size / total * f).astype(logits.dtype)
+            if t:
+                if score == "softmax":
+                    d_logits += p * (c - (p * c).sum(axis=1, keepdims=True))
+                else:
+                    s_sum = probs.sum(axis=1, keepdims=True)
+                    d_s = (c - (c * p).sum(axis=1, keepdims=True)) / s_sum
+                    d_logits += d_s * probs * (1 - probs)
+    if z_coef and t:
+        # A per-token mean: this rank's mean, averaged over equal shares, is the global one.
+        m = logits.max(axis=1, keepdims=True)
+        ex = np.exp(logits - m)
+        total_ex = ex.sum(axis=1, keepdims=True)
+        lse = m + np.log(total_ex)
+        z = float(z_coef * (lse * lse).mean())
+        d_logits += (2 * z_coef / t) * lse * (ex / total_ex)
+    return aux, z, d_logits
+
+
 class _EPMoE(Function):
     @staticmethod
     def forward(
@@ -72,9 +141,15 @@ class _EPMoE(Function):
         w2: Any,
         *,
         group: Group,
+        stats_group: Group,
         k: int,
         score: str,
+        bias: Any,
+        n_groups: int | None,
+        topk_groups: int | None,
         activation: str,
+        aux_loss: float,
+        z_loss: float,
         stats: dict[str, Any],
     ) -> Any:
         lead, d = x.shape[:-1], x.shape[-1]
@@ -83,7 +158,11 @@ class _EPMoE(Function):
         kern = moe_kernels_for(x2, router_w, w1, w2)
         normalize = k > 1
         logits = x2 @ router_w.T
-        idx, weights, probs = kern.route(logits, k, score, None, None, None, normalize)
+        if not bool(np.isfinite(logits).all()):
+            # As the single-process op: route somewhere so every rank completes the step.
+            logits = np.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
+        r_bias = None if bias is None else bias.astype(logits.dtype, copy=False)
+        idx, weights, probs = kern.route(logits, k, score, r_bias, n_groups, topk_groups, normalize)
         x_sorted, order, counts = kern.permute(x2, idx, e, None, None)
         plan = _Exchange(group, np.asarray(counts), w1.shape[0])
         x_local = plan.dispatch(x_sorted)
@@ -92,9 +171,21 @@ class _EPMoE(Function):
         y_local = kern.grouped_matmul(a, plan.local_counts, w2)
         y_sorted = plan.combine(y_local)
         y = kern.unpermute(y_sorted, order, weights)
-        stats.update(tokens_per_expert=np.asarray(counts).astype(np.int64), tokens=t)
+        aux, z, d_logits_aux = _group_aux_terms(
+            logits, probs, idx, score, aux_loss, z_loss, stats_group
+        )
+        tokens_per_expert = np.asarray(counts).astype(np.int64)
+        stats.update(
+            tokens_per_expert=tokens_per_expert,
+            kept_per_expert=tokens_per_expert,
+            dropped=0,
+            aux_loss=aux,
+            z_loss=z,
+            tokens=t,
+        )
         ctx.save_for_backward(x2, router_w, w1, w2, idx, weights, probs, order, x_local, h, a)
         ctx.meta = (lead, d, k, score, normalize, activation, kern, plan, act_saved, y_sorted)
+        ctx.d_logits_aux = d_logits_aux if (aux_loss or z_loss) else None
         return y.reshape(*lead, w2.shape[2])
 
     @staticmethod
@@ -114,23 +205,34 @@ class _EPMoE(Function):
         d_x_sorted = plan.combine(d_x_local)  # backward of dispatch
         d_x = kern.permute_backward(d_x_sorted, order, t, k)
         d_logits = kern.route_backward(d_weights, idx, probs, score, normalize)
+        if ctx.d_logits_aux is not None:
+            scale = _moe_op._aux_loss_scale
+            d_logits += (ctx.d_logits_aux * scale).astype(d_logits.dtype, copy=False)
         d_x += d_logits @ router_w
         d_router = d_logits.T @ x2
         return d_x.reshape(*lead, d), d_router, d_w1, d_w2
 
 
 class ExpertParallelMoE(Module):
-    """The routed experts of an MoE layer, ``n_experts / group.size`` per rank.
+    """An MoE layer whose routed experts are spread over ``group``: ``n_experts / size`` per
+    rank, rank r holding global experts ``[r·E/P, (r+1)·E/P)`` (``w1[j]`` is expert
+    ``r·E/P + j``). Router, router bias and shared experts are replicated.
 
     Build it from a full :class:`moecore.nn.MoE` (identical on every rank, e.g. same seed)
-    with :meth:`from_moe`: rank r keeps experts ``[r·E/P, (r+1)·E/P)`` (global expert ids
-    are kept in the parameter names' meaning: ``w1[j]`` is expert ``r·E/P + j``). Dropless
-    routing without auxiliary losses, shared experts or bias balancing (not yet).
+    with :meth:`from_moe`. Supported: softmax/sigmoid scores, group-limited routing, the
+    Switch aux loss and z-loss (``stats_group``-wide, see the module docstring), the
+    aux-loss-free router bias (:meth:`update_bias` with the load summed over the ranks),
+    shared experts. Not supported: capacity dropping (the per-expert capacity of one
+    process holding every token would need a global ranking of the assignments).
 
     Args:
         router: ``[E, d]`` replicated router weights.
         w1: ``[E/P, d, h]`` local experts' first matrices; w2: ``[E/P, h, d]``.
-        group: the expert-parallel group.
+        group: the expert-parallel group (the all-to-all goes over it).
+        stats_group: the ranks whose tokens make up one batch (the whole job; default
+            ``group``): the aux loss uses its summed routing counts.
+        expert_bias: ``[E]`` initial router bias (aux-loss-free balancing).
+        shared_in, shared_out: the shared experts' two :class:`~moecore.nn.Linear` layers.
     """
 
     def __init__(
@@ -142,6 +244,16 @@ class ExpertParallelMoE(Module):
         top_k: int = 2,
         score: str = "softmax",
         activation: str = "gelu",
+        *,
+        stats_group: Group | None = None,
+        aux_loss: float = 0.0,
+        z_loss: float = 0.0,
+        bias_update_rate: float = 0.0,
+        expert_bias: np.ndarray | None = None,
+        n_groups: int | None = None,
+        topk_groups: int | None = None,
+        shared_in: Module | None = None,
+        shared_out: Module | None = None,
     ) -> None:
         super().__init__()
         e = router.shape[0]
@@ -151,26 +263,43 @@ class ExpertParallelMoE(Module):
             raise ValueError(
                 f"each rank holds {e // group.size} experts; got w1 {w1.shape}, w2 {w2.shape}"
             )
+        if (shared_in is None) != (shared_out is None):
+            raise ValueError("shared_in and shared_out go together")
         self.group = group
-        self.top_k, self.score, self.activation = top_k, score, activation
+        self.stats_group = group if stats_group is None else stats_group
+        self.n_experts, self.top_k, self.score, self.activation = e, top_k, score, activation
+        self.aux_loss, self.z_loss, self.bias_update_rate = aux_loss, z_loss, bias_update_rate
+        self.n_groups, self.topk_groups = n_groups, topk_groups
         self.router = Parameter(np.array(router, dtype=np.float32))
         self.w1 = Parameter(np.array(w1, dtype=np.float32))
         self.w2 = Parameter(np.array(w2, dtype=np.float32))
+        self.n_shared_experts = 0
+        if shared_in is not None:
+            self.shared_in = shared_in
+            self.shared_out = shared_out
+            self.n_shared_experts = 1
+        bias = np.zeros(e, np.float32) if expert_bias is None else expert_bias
+        self.register_buffer("expert_bias", np.array(bias, dtype=np.float32))
         self.first_expert = group.rank * (e // group.size)
         self.last_stats: dict[str, Any] = {}
+        self._load_since_update = np.zeros(e, np.int64)
 
     @classmethod
-    def from_moe(cls, moe: Any, group: Group) -> ExpertParallelMoE:
-        """This rank's shard of ``moe`` (an :class:`moecore.nn.MoE` without shared experts,
-        capacity, auxiliary losses or bias balancing)."""
-        if moe.n_shared_experts or moe.capacity_factor is not None or moe.bias_update_rate:
+    def from_moe(
+        cls, moe: Any, group: Group, stats_group: Group | None = None
+    ) -> ExpertParallelMoE:
+        """This rank's shard of ``moe`` (an :class:`moecore.nn.MoE`; dropless only — a
+        capacity factor raises ``ValueError``). Parameters and buffers are copied."""
+        if moe.capacity_factor is not None:
             raise ValueError(
-                "ExpertParallelMoE supports dropless routed experts only (no shared experts, "
-                "capacity factor or bias balancing yet)"
+                "ExpertParallelMoE: capacity dropping (capacity_factor) is not supported under "
+                "expert parallelism; use dropless routing (capacity_factor None / 0)"
             )
         n = moe.n_experts // group.size
+        if moe.n_experts % group.size:
+            raise ValueError(f"{moe.n_experts} experts cannot be split over {group.size} ranks")
         lo = group.rank * n
-        return cls(
+        layer = cls(
             moe.router.data,
             moe.w1.data[lo : lo + n],
             moe.w2.data[lo : lo + n],
@@ -178,10 +307,26 @@ class ExpertParallelMoE(Module):
             top_k=moe.top_k,
             score=moe.score,
             activation=moe.activation,
+            stats_group=stats_group,
+            aux_loss=moe.aux_loss,
+            z_loss=moe.z_loss,
+            bias_update_rate=moe.bias_update_rate,
+            expert_bias=moe.expert_bias,
+            n_groups=moe.n_groups,
+            topk_groups=moe.topk_groups,
+            shared_in=copy.deepcopy(moe.shared_in) if moe.n_shared_experts else None,
+            shared_out=copy.deepcopy(moe.shared_out) if moe.n_shared_experts else None,
         )
+        layer.n_shared_experts = moe.n_shared_experts
+        layer.train(moe.training)
+        return layer
 
     def forward(self, x: Tensor) -> Tensor:
         """Routes ``x [..., d]`` over every rank's experts and combines the outputs."""
+        if x.shape[-1] != self.router.shape[1]:
+            raise ValueError(
+                f"ExpertParallelMoE expects [..., {self.router.shape[1]}], got {x.shape}"
+            )
         stats: dict[str, Any] = {}
         y = _EPMoE.apply(
             x,
@@ -189,10 +334,45 @@ class ExpertParallelMoE(Module):
             self.w1,
             self.w2,
             group=self.group,
+            stats_group=self.stats_group,
             k=self.top_k,
             score=self.score,
+            bias=self.expert_bias if self.bias_update_rate else None,
+            n_groups=self.n_groups,
+            topk_groups=self.topk_groups,
             activation=self.activation,
+            aux_loss=self.aux_loss if self.training else 0.0,
+            z_loss=self.z_loss if self.training else 0.0,
             stats=stats,
         )
+        if self.n_shared_experts:
+            h = self.shared_in(x)
+            h = (
+                ops.swiglu(h)
+                if self.activation == "swiglu"
+                else (ops.gelu(h) if self.activation == "gelu" else h.relu())
+            )
+            y = y + self.shared_out(h)
+        stats.update(routing_summary(stats["tokens_per_expert"]))
         self.last_stats = stats
+        if self.training:
+            self._load_since_update += stats["tokens_per_expert"]
         return y
+
+    def update_bias(self, load: Any = None) -> None:
+        """DeepSeek-V3 aux-loss-free balancing, as :meth:`moecore.nn.MoE.update_bias`: pass
+        (or first all-reduce into ``_load_since_update``) the load of every rank so that all
+        ranks move the replicated bias alike."""
+        if not self.bias_update_rate:
+            return
+        c = np.asarray(self._load_since_update if load is None else load, dtype=np.float64)
+        step = self.bias_update_rate * np.sign(c.mean() - c)
+        self.expert_bias += step.astype(self.expert_bias.dtype)
+        self._load_since_update[...] = 0
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_experts={self.n_experts}, local={self.w1.shape[0]} from {self.first_expert}, "
+            f"top_k={self.top_k}, score={self.score}, activation={self.activation}, "
+            f"shared={self.n_shared_experts}, ranks={self.group.size}"
+        )

@@ -38,6 +38,12 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}: call super().__init__() first")
+        buffers = self.__dict__["_buffers"]
+        if name in buffers and not isinstance(value, Parameter | Module):
+            # Assigning to a buffer (``self.bias += step`` too) keeps it a buffer, as in
+            # PyTorch: otherwise it would silently drop out of ``state_dict``.
+            buffers[name] = value
+            return
         for table in ("_parameters", "_buffers", "_modules"):
             self.__dict__[table].pop(name, None)
         if isinstance(value, Parameter):

@@ -55,9 +55,11 @@ class RunConfig(ModelConfig):
     # data
     data: str = ""
     vocab: int = 0
-    # distributed (``mpiexec -n dp moecore train --dp dp``): data-parallel ranks, gradient
+    # distributed (``mpiexec -n dp·ep moecore train --dp dp --ep ep``): data-parallel ranks,
+    # expert-parallel ranks (the experts of each MoE layer split over ep ranks), gradient
     # compression ("none" or "topk:<ratio>"), and the communication scheduler's settings
     dp: int = 1
+    ep: int = 1
     compress: str = "none"
     compress_warmup: int = 0
     bucket_mb: float = 25.0
@@ -155,6 +157,7 @@ def _check_values(c: RunConfig) -> list[str]:
         "keep_checkpoints",
         "max_bad_steps",
         "dp",
+        "ep",
         "ranks_per_node",
     ]
     for key in positive:
@@ -204,8 +207,11 @@ def _check_values(c: RunConfig) -> list[str]:
         p.append(f"min_lr ({c.min_lr}) must not exceed lr ({c.lr})")
     if c.first_dense_layers > c.n_layers:
         p.append(f"first_dense_layers ({c.first_dense_layers}) exceeds n_layers ({c.n_layers})")
-    if c.dp >= 1 and c.batch_size % c.dp:
-        p.append(f"batch_size ({c.batch_size}) must be a multiple of dp ({c.dp})")
+    if c.dp >= 1 and c.ep >= 1 and c.batch_size % (c.dp * c.ep):
+        what = f"dp ({c.dp})" if c.ep == 1 else f"dp × ep ({c.dp} × {c.ep})"
+        p.append(f"batch_size ({c.batch_size}) must be a multiple of {what}")
+    if c.ep > 1:
+        p.extend(_check_expert_parallel(c))
     if c.dp >= 1 and c.ranks_per_node >= 1 and c.dp % c.ranks_per_node:
         p.append(f"ranks_per_node ({c.ranks_per_node}) must divide dp ({c.dp})")
     if not c.bucket_mb > 0:
@@ -220,6 +226,24 @@ def _check_values(c: RunConfig) -> list[str]:
             p.append(f"compress must be 'none' or 'topk:<ratio in (0, 1]>', got {c.compress!r}")
     if c.data.endswith((".bin", ".npy")) and c.vocab < 1:
         p.append(f"data {c.data} holds token ids: set vocab to the vocabulary size")
+    return p
+
+
+def _check_expert_parallel(c: RunConfig) -> list[str]:
+    """What expert parallelism (ep > 1) cannot do exactly: refused rather than different."""
+    p = []
+    if c.n_experts >= 1 and c.n_experts % c.ep:
+        p.append(f"ep ({c.ep}) must divide n_experts ({c.n_experts})")
+    if c.capacity_factor:
+        p.append(
+            f"capacity_factor ({c.capacity_factor}) with ep ({c.ep}) > 1 is not supported: "
+            "expert parallelism is dropless (set capacity_factor=0)"
+        )
+    if c.ranks_per_node > 1:
+        p.append(
+            f"ranks_per_node ({c.ranks_per_node}) with ep ({c.ep}) > 1 is not supported "
+            "(hierarchical all-reduce is for pure data parallelism)"
+        )
     return p
 
 

@@ -18,7 +18,7 @@ import moecore
 from moecore import nn, optim
 from moecore.autograd.random import get_rng_state, set_rng_state
 from moecore.data import Corpus, load_corpus, train_batch, val_batches
-from moecore.dist import DataParallel, Group, HierarchicalGroup, MPIGroup, SingleProcess, init
+from moecore.dist import Group, HierarchicalGroup, MPIGroup, SingleProcess, init
 from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
 from moecore.ops.moe import set_aux_loss_scale
@@ -27,6 +27,7 @@ from moecore.train.config import ConfigError, RunConfig, config_from_dict
 from moecore.train.memory import keep_freed_memory
 from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
+from moecore.train.parallel import Layout
 from moecore.train.progress import Progress
 
 
@@ -59,9 +60,9 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> optim.AdamW:
 
 
 def _world(config: RunConfig) -> Group:
-    """The job's group: MPI when dp > 1 (under mpiexec; hierarchical all-reduce when
+    """The job's group: MPI when dp · ep > 1 (under mpiexec; hierarchical all-reduce when
     ranks_per_node > 1), else this process alone."""
-    if config.dp == 1:
+    if config.dp * config.ep == 1:
         return SingleProcess()
     world = init()
     if config.ranks_per_node > 1 and isinstance(world, MPIGroup) and world.size == config.dp:
@@ -107,10 +108,9 @@ class Trainer:
             keep_freed_memory()
         self.run_dir = Path(run_dir)
         self.group = group if group is not None else _world(config)
-        if self.group.size != config.dp:
-            raise ConfigError(
-                [f"dp is {config.dp} but the job has {self.group.size} ranks (mpiexec -n)"]
-            )
+        if self.group.size != config.dp * config.ep:
+            what = f"dp is {config.dp}" if config.ep == 1 else f"dp × ep is {config.dp * config.ep}"
+            raise ConfigError([f"{what} but the job has {self.group.size} ranks (mpiexec -n)"])
         # Only rank 0 shows progress and writes files.
         self.out = (out or sys.stdout) if self.group.is_root else open(os.devnull, "w")
         self.corpus = (
@@ -122,18 +122,11 @@ class Trainer:
             )
         self.corpus.check_length(config.seq_len)
         self.model = build_model(config)
-        self.ddp = (
-            DataParallel(
-                self.model,
-                self.group,
-                bucket_mb=config.bucket_mb,
-                policy=config.comm_policy,
-                compress=config.compress,
-                warmup_steps=config.compress_warmup,
-            )
-            if self.group.size > 1
-            else None
-        )
+        # Expert parallel: each MoE layer keeps this rank's experts; then gradient averaging.
+        self.layout = Layout(self.group, config.ep)
+        self.layout.shard_model(self.model)
+        self._data_parallel(warmup_steps=config.compress_warmup)
+        self.moe_layers = self.layout.moe_layers(self.model)
         self.optimizer = build_optimizer(self.model, config)
         self.schedule = optim.LRScheduler(
             self.optimizer,
@@ -150,6 +143,15 @@ class Trainer:
         )
         self.last_val: float | None = None
 
+    def _data_parallel(self, warmup_steps: int) -> None:
+        self.layout.data_parallel(
+            self.model,
+            bucket_mb=self.config.bucket_mb,
+            policy=self.config.comm_policy,
+            compress=self.config.compress,
+            warmup_steps=warmup_steps,
+        )
+
     # -- persistence ---------------------------------------------------------------------
     @classmethod
     def resume(
@@ -163,45 +165,67 @@ class Trainer:
         trainer._restore(groups, state)
         return trainer
 
+    def _param_names(self) -> list[str]:
+        """Model parameter names in the optimizer's numbering."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
     def _restore(self, groups: dict[str, dict[str, np.ndarray]], state: dict[str, Any]) -> None:
-        self.model.load_state_dict(groups["model"], strict=True)
+        # Checkpoints hold every expert (single-process layout): keep this rank's.
+        lay = self.layout
+        self.model.load_state_dict(
+            {n: lay.shard(n, v) for n, v in groups["model"].items()}, strict=True
+        )
+        names = self._param_names()
         saved_opt = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
         for key, value in groups.get("optimizer", {}).items():
             index, name = key.split(".", 1)
+            if int(index) < len(names):
+                value = lay.shard(names[int(index)], value)
             saved_opt["state"].setdefault(int(index), {})[name] = value
         for index, scalars in state["optimizer"]["scalars"].items():
             saved_opt["state"].setdefault(int(index), {}).update(scalars)
         self.optimizer.load_state_dict(saved_opt)
         self.schedule.load_state_dict(state["schedule"])
         self.monitor.load_state_dict(state["monitor"])
-        for layer, load in zip(self.model.moe_layers(), state.get("moe_load", [])):
+        for layer, load in zip(self.moe_layers, state.get("moe_load", [])):
             layer._load_since_update[...] = load
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        cfg = self.config
+        if self.group.size > 1 and cfg.compress != "none" and cfg.compress_warmup:
+            # The dense warm-up counts from the run's first step, not from this resume. (The
+            # error-feedback residuals restart at zero: they are per rank and per bucket
+            # layout, a checkpoint is neither; see the README.)
+            self._data_parallel(warmup_steps=max(0, cfg.compress_warmup - self.step))
         self._metrics_offset = int(state["metrics_offset"])
         self.last_val = state.get("last_val")
 
     def save_checkpoint(self, metrics: MetricsLog) -> Path | None:
-        """Writes a checkpoint of the current step (atomically); rank 0 only (None on the
-        others)."""
-        if not self.group.is_root:
-            return None
-        metrics.sync()
+        """Writes a checkpoint of the current step (atomically): every rank must call it
+        (expert shards are gathered), rank 0 writes (None on the others). The checkpoint
+        has the single-process layout whatever ``dp`` and ``ep`` are."""
+        lay = self.layout
+        names = self._param_names()
+        model_state = {n: lay.gather(n, v) for n, v in self.model.state_dict().items()}
         opt_state = self.optimizer.state_dict()
         tensors, scalars = {}, {}
         for index, entry in opt_state["state"].items():
             for name, value in entry.items():
                 if isinstance(value, np.ndarray):
-                    tensors[f"{index}.{name}"] = value
+                    tensors[f"{index}.{name}"] = lay.gather(names[index], value)
                 else:
                     scalars.setdefault(str(index), {})[name] = value
+        if not self.group.is_root:
+            return None
+        metrics.sync()
         groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
         state = {
             "config": self.config.to_dict(),
             "optimizer": {"param_groups": groups, "scalars": scalars},
             "schedule": self.schedule.state_dict(),
             "monitor": self.monitor.state_dict(),
-            "moe_load": [layer._load_since_update.tolist() for layer in self.model.moe_layers()],
+            "moe_load": [layer._load_since_update.tolist() for layer in self.moe_layers],
             "rng": get_rng_state(),
             "metrics_offset": metrics.offset,
             "last_val": self.last_val,
@@ -211,7 +235,7 @@ class Trainer:
         return checkpoint.save(
             self.run_dir,
             self.step,
-            {"model": dict(self.model.state_dict()), "optimizer": tensors},
+            {"model": model_state, "optimizer": tensors},
             state,
             self.config.keep_checkpoints,
         )
@@ -233,7 +257,7 @@ class Trainer:
         accum = cfg.grad_accum
         set_aux_loss_scale(1.0 / accum)
         total_loss = 0.0
-        loads = [np.zeros(cfg.n_experts, np.int64) for _ in self.model.moe_layers()]
+        loads = [np.zeros(cfg.n_experts, np.int64) for _ in self.moe_layers]
         dropped = 0
         g = self.group
         rows = cfg.batch_size // g.size
@@ -245,28 +269,28 @@ class Trainer:
             x, y = x[g.rank * rows : (g.rank + 1) * rows], y[g.rank * rows : (g.rank + 1) * rows]
             loss = self.model(x, y)
             total_loss += loss.item() / accum
-            sync = self.ddp is None or micro == accum - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():  # type: ignore[union-attr]
+            sync = g.size == 1 or micro == accum - 1
+            with contextlib.nullcontext() if sync else self.layout.no_sync():
                 (loss * (1.0 / accum) if accum > 1 else loss).backward()
-            for i, layer in enumerate(self.model.moe_layers()):
+            for i, layer in enumerate(self.moe_layers):
                 loads[i] += layer.last_stats["tokens_per_expert"]
                 dropped += layer.last_stats["dropped"]
-        if self.ddp is not None:
-            self.ddp.finish()
+        if g.size > 1:
+            self.layout.finish()
             # Loss, routing statistics and the bias update use the whole global batch.
             summed = np.array([total_loss, dropped], dtype=np.float64)
             g.allreduce(summed)
             total_loss, dropped = float(summed[0]) / g.size, int(summed[1])
             for load in loads:
                 g.allreduce(load)
-            for layer in self.model.moe_layers():
+            for layer in self.moe_layers:
                 g.allreduce(layer._load_since_update)
-        params = list(self.model.parameters())
-        grad_norm = optim.clip_grad_norm_(params, cfg.clip)
+        grad_norm = self.layout.clip_grad_norm_(cfg.clip)
         flags = self.monitor.observe(total_loss, grad_norm)
         if not flags["skipped"]:
             self.optimizer.step()
-            nn.update_router_biases(self.model)
+            for layer in self.moe_layers:
+                layer.update_bias()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
         self.schedule.step()
@@ -298,7 +322,7 @@ class Trainer:
         if self.step == 0:
             progress.message(f"data   {self.corpus.describe()}")
             progress.message(
-                f"model  {self.model.num_parameters():,} parameters, {cfg.n_layers} layers, "
+                f"model  {self.layout.num_parameters(self.model):,} parameters, {cfg.n_layers} layers, "
                 f"{cfg.n_experts} experts top-{cfg.top_k}; run dir {self.run_dir}"
             )
         else:
