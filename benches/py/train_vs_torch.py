@@ -173,15 +173,19 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def dense_gemm_gflops(n: int = 2048, repeat: int = 5) -> float:
-    """numpy float32 GEMM GFLOP/s on n×n×n (the roofline the MFU is measured against)."""
+def dense_gemm_gflops(threads: int, n: int = 2048, repeat: int = 5) -> float:
+    """numpy float32 GEMM GFLOP/s on n×n×n with the trainers' thread count (the roofline
+    the MFU is measured against)."""
+    from threadpoolctl import threadpool_limits
+
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    a @ a
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+    with threadpool_limits(limits=threads, user_api="blas"):
         a @ a
-        best = min(best, time.perf_counter() - t0)
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
 
@@ -214,8 +218,8 @@ def main() -> None:
 
     cfg = _config(args)
     print(f"BLAS: {blas_info()}; load average {os.getloadavg()[0]:.2f}")
-    gemm = dense_gemm_gflops()
-    print(f"dense numpy GEMM 2048³: {gemm:.1f} GFLOP/s")
+    gemm = dense_gemm_gflops(args.threads)
+    print(f"dense numpy GEMM 2048³, {args.threads} thread(s): {gemm:.1f} GFLOP/s")
     tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     step_flops = flops_per_token(cfg) * tokens
     with tempfile.TemporaryDirectory() as tmp:
