@@ -165,3 +165,12 @@ def test_bsr_pattern_is_checked_on_construction() -> None:
             gpu.BsrDevice((8, 8), b, indptr, indices, backend=_EMU)
     with pytest.raises(ValueError, match="multiples of the block"):
         gpu.BsrDevice((8, 6), b, [0, 0, 0], [], backend=_EMU)
+
+
+def test_the_launch_shape_keeps_the_kernels_assumptions() -> None:
+    # Whole warps (full-mask ballots and shuffles), a divisor of 2^31 (int thread indices
+    # cannot overflow on the last block, see gpu.THREADS) and at most moe_build_order's tile.
+    assert gpu.THREADS % 32 == 0
+    assert 2**31 % gpu.THREADS == 0
+    assert gpu.THREADS <= 256
+    assert gpu.launch_grid(2**31 - 1) * gpu.THREADS - 1 <= 2**31 - 1
