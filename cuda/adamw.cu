@@ -4,6 +4,10 @@
 // as rust/optim/adamw.rs, so a GPU step is bit-identical to the CPU step given the same
 // scalars. The host computes the per-step scalars exactly as the CPU does:
 //   step_size = lr / (1 - beta1^t),  inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t),  decay = 1 - lr * wd.
+//
+// Thread indices are ints computed as blockIdx.x * blockDim.x + threadIdx.x: that cannot
+// overflow for n < 2^31 with the loader's launch shape (see THREADS in
+// moecore/kernels/gpu.py), which also checks every count passed as an int below 2^31.
 extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g,
                                       float* __restrict__ m, float* __restrict__ v, int n,
                                       float beta1, float beta2, float eps, float step_size,

@@ -8,6 +8,10 @@
 // sum in another order), not bitwise. Memory access is coalesced along the output's last
 // axis; no shared-memory tiling yet (a later optimisation, measured first on a GPU).
 
+// Thread indices are ints computed as blockIdx.x * blockDim.x + threadIdx.x: that cannot
+// overflow for n < 2^31 with the loader's launch shape (see THREADS in
+// moecore/kernels/gpu.py), which also checks every count passed as an int below 2^31.
+
 // y[row, o] = bias[o] + sum over the blocks of block-row o / b of W[o, :] · x[row, :].
 // n = m * out_features; bias may be null.
 extern "C" __global__ void bsr_forward(const float* __restrict__ x, int n, int in_features,

@@ -8,6 +8,10 @@
 // Combining is written as a gather over each token's k rows (never a float atomicAdd), so
 // results are deterministic; sums run over the slots in increasing order as on the CPU, but
 // the GPU may fuse multiply-adds there, so they agree with the CPU to rounding, not bitwise.
+//
+// One-thread-per-item indices are ints computed as blockIdx.x * blockDim.x + threadIdx.x:
+// that cannot overflow for n < 2^31 with the loader's launch shape (see THREADS in
+// moecore/kernels/gpu.py), which also checks every count passed as an int below 2^31.
 
 #define MOE_MAX_EXPERTS 1024
 #define MOE_ORDER_TILE 256
@@ -84,9 +88,10 @@ extern "C" __global__ void moe_build_order(const int* __restrict__ expert_idx, i
     __shared__ int s_expert[MOE_ORDER_TILE];
     if (blockDim.x > MOE_ORDER_TILE || n_experts > MOE_MAX_EXPERTS || gridDim.x != 1) return;
     for (int ex = threadIdx.x; ex < n_experts; ex += blockDim.x) s_cursor[ex] = starts[ex];
-    for (int base = 0; base < n; base += blockDim.x) {
-        const int f = base + threadIdx.x;
-        int ex = f < n ? expert_idx[f] : -1;
+    // Unsigned: base + blockDim.x must not overflow when n is within one tile of 2^31.
+    for (unsigned base = 0; base < (unsigned)n; base += blockDim.x) {
+        const unsigned f = base + threadIdx.x;
+        int ex = f < (unsigned)n ? expert_idx[f] : -1;
         if (ex >= n_experts) ex = -1;
         s_expert[threadIdx.x] = ex;
         __syncthreads();  // the tile's experts (and, first time, the cursors) are visible
@@ -96,7 +101,7 @@ extern "C" __global__ void moe_build_order(const int* __restrict__ expert_idx, i
             for (int q = 0; q < (int)threadIdx.x; ++q) rank += s_expert[q] == ex;
             for (int q = threadIdx.x + 1; q < (int)blockDim.x; ++q) last = last && s_expert[q] != ex;
             const int row = s_cursor[ex] + rank;
-            order[row] = f;
+            order[row] = (int)f;  // f < n <= INT_MAX
             pos[f] = row;
         }
         __syncthreads();  // every thread read its cursor and the tile before either changes
@@ -147,7 +152,10 @@ extern "C" __global__ void moe_unpermute_backward(const float* __restrict__ dy,
                                                   int k, float* __restrict__ d_y_sorted,
                                                   float* __restrict__ d_weights) {
     const int lane = threadIdx.x & 31;
-    const int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    // Warps before this block plus this thread's warp. Not (blockIdx.x * blockDim.x +
+    // threadIdx.x) >> 5: 32 threads per row make that product wrap past 2^32 for more than
+    // 2^27 rows (possible when d < 16), which would give rows to the wrong warps.
+    const int r = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
     if (r >= n) return;  // uniform across the warp
     const int f = order[r];
     float* drow = d_y_sorted + (long long)r * d;

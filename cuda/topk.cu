@@ -22,6 +22,10 @@
 //
 // Error feedback: topk_residual_accumulate (r += g) before selection, topk_residual_update
 // (r[idx] -= sent value as decoded) after it, as on the CPU (zero for f32 values).
+//
+// One-thread-per-entry indices are ints computed as blockIdx.x * blockDim.x + threadIdx.x:
+// that cannot overflow for n < 2^31 with the loader's launch shape (see THREADS in
+// moecore/kernels/gpu.py), which also checks every count passed as an int below 2^31.
 
 #define TOPK_DIGITS 2048  // 11-bit digits
 #define TOPK_MAX_WARPS 32
@@ -36,8 +40,10 @@ extern "C" __global__ void topk_radix_histogram(const float* __restrict__ x, int
     __shared__ unsigned s_hist[TOPK_DIGITS];
     for (int d = threadIdx.x; d < TOPK_DIGITS; d += blockDim.x) s_hist[d] = 0;
     __syncthreads();
-    const int stride = gridDim.x * blockDim.x;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    // Unsigned: i + stride stays below 2^32 for every n < 2^31, where an int would overflow
+    // (undefined) once n is within one grid stride (up to 2^18 entries) of 2^31.
+    const unsigned stride = gridDim.x * blockDim.x;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)n; i += stride) {
         const unsigned key = topk_key(x[i]);
         if ((key & prefix_mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 2047u], 1u);
     }
@@ -51,11 +57,13 @@ extern "C" __global__ void topk_radix_histogram(const float* __restrict__ x, int
 extern "C" __global__ void topk_count_at_least(const float* __restrict__ x, int n,
                                                unsigned threshold, unsigned* __restrict__ count) {
     const int lane = threadIdx.x & 31;
-    const int stride = gridDim.x * blockDim.x;
-    // The loop bound is uniform across the warp (base, not i), so every lane votes each round.
-    for (int base = blockIdx.x * blockDim.x; base < n; base += stride) {
-        const int i = base + threadIdx.x;
-        const bool hit = i < n && topk_key(x[i]) >= threshold;
+    // Unsigned, as in topk_radix_histogram: no overflow of base + stride for n near 2^31.
+    const unsigned stride = gridDim.x * blockDim.x;
+    // The loop bound is uniform across the warp (base, not i), so every lane votes each round;
+    // with blockDim.x a multiple of 32 (the loader's THREADS) the full mask names live lanes.
+    for (unsigned base = blockIdx.x * blockDim.x; base < (unsigned)n; base += stride) {
+        const unsigned i = base + threadIdx.x;
+        const bool hit = i < (unsigned)n && topk_key(x[i]) >= threshold;
         const unsigned votes = __ballot_sync(0xffffffffu, hit);
         if (lane == 0 && votes != 0) atomicAdd(count, (unsigned)__popc(votes));
     }

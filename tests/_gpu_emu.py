@@ -161,6 +161,9 @@ class Kernel:
         b = (*block, 1, 1, 1)[:3]
         if self._lib.emu_launch(self.name.encode(), *g, *b, packed) != 0:
             raise KeyError(self.name)
+        buf = ctypes.create_string_buffer(256)
+        if self._lib.emu_take_fault(buf, len(buf)):
+            raise RuntimeError(f"{self.name}: {buf.value.decode()} (undefined on a GPU)")
 
 
 class Module:
@@ -172,6 +175,8 @@ class Module:
         lib.emu_arity.restype = ctypes.c_int
         lib.emu_launch.argtypes = [ctypes.c_char_p, *[ctypes.c_uint] * 6, ctypes.c_void_p]
         lib.emu_launch.restype = ctypes.c_int
+        lib.emu_take_fault.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        lib.emu_take_fault.restype = ctypes.c_int
         self._lib = lib
 
     def get_function(self, name: str) -> Kernel:

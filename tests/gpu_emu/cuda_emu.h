@@ -8,7 +8,10 @@
 //   GPU it starts zeroed, so a kernel reading shared memory it never wrote is not caught.
 // - `__syncthreads()` is a barrier over the block's threads, `__syncwarp()` and the warp
 //   intrinsics (`__shfl_*_sync`, `__ballot_sync`) exchange values among the 32 threads of a
-//   warp through a per-warp slot array between two warp barriers.
+//   warp through a per-warp slot array between two warp barriers. Their `mask` is checked: it
+//   must name the calling lane and only lanes still running (not past the end of a partial
+//   warp, not returned). A GPU gives undefined results otherwise, while the exchange here would
+//   still work, so a violation is recorded and the launch reports it (`emu_take_fault`).
 // - A thread that returns leaves its block's and warp's barriers (as exited threads do on
 //   Volta and later), so an early `return` past the bounds guard cannot deadlock.
 // - Atomics are `std::atomic_ref` (sequentially consistent, stronger than CUDA's relaxed).
@@ -22,6 +25,7 @@
 #include <climits>
 #include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -88,6 +92,31 @@ struct ThreadCtx {
 
 inline thread_local ThreadCtx ctx;
 inline dim3 g_block_dim, g_grid_dim;
+
+// The first misuse seen during a launch; read (and cleared) by the host after the launch,
+// once every emulated thread has been joined.
+inline std::atomic<int> g_faults{0};
+inline char g_fault[256];
+
+inline void fault(const char* fn, unsigned mask, unsigned live) {
+    if (g_faults.fetch_add(1) == 0) {
+        std::snprintf(g_fault, sizeof g_fault,
+                      "%s with mask 0x%08x in block %u, lane %d: lanes running 0x%08x", fn, mask,
+                      ctx.block_idx.x, ctx.lane, live);
+    }
+}
+
+// A warp intrinsic's mask must name the calling lane and no lane that is not running.
+inline void check_mask(const char* fn, unsigned mask) {
+    Warp& w = *ctx.warp;
+    unsigned live = 0;
+    {
+        std::lock_guard<std::mutex> lock(w.alive_m);
+        for (int l = 0; l < 32; ++l)
+            if (w.alive[l]) live |= 1u << l;
+    }
+    if (!((mask >> ctx.lane) & 1u) || (mask & ~live) != 0) fault(fn, mask, live);
+}
 
 // Exchanges a 64-bit value among the live lanes of the calling thread's warp: every lane
 // publishes `mine`, then reads lane `src`'s value (its own when `src` is out of range).
@@ -197,24 +226,31 @@ inline void __syncthreads() { ::emu::ctx.block->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::ctx.warp->barrier.arrive_and_wait(); }
 
 template <class T>
-inline T __shfl_sync(unsigned, T v, int src) {
+inline T __shfl_sync(unsigned mask, T v, int src) {
+    ::emu::check_mask("__shfl_sync", mask);
     return ::emu::shuffle(v, src);
 }
 template <class T>
-inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
+    ::emu::check_mask("__shfl_down_sync", mask);
     const int src = ::emu::ctx.lane + static_cast<int>(delta);
     return ::emu::shuffle(v, src < 32 ? src : ::emu::ctx.lane);
 }
 template <class T>
-inline T __shfl_up_sync(unsigned, T v, unsigned delta) {
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+    ::emu::check_mask("__shfl_up_sync", mask);
     const int src = ::emu::ctx.lane - static_cast<int>(delta);
     return ::emu::shuffle(v, src >= 0 ? src : ::emu::ctx.lane);
 }
 template <class T>
-inline T __shfl_xor_sync(unsigned, T v, int mask) {
-    return ::emu::shuffle(v, ::emu::ctx.lane ^ mask);
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    ::emu::check_mask("__shfl_xor_sync", mask);
+    return ::emu::shuffle(v, ::emu::ctx.lane ^ lane_mask);
 }
-inline unsigned __ballot_sync(unsigned, int pred) { return ::emu::ballot(pred != 0); }
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    ::emu::check_mask("__ballot_sync", mask);
+    return ::emu::ballot(pred != 0);
+}
 
 template <class T>
 inline T atomicAdd(T* p, T v) {
@@ -242,3 +278,11 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+
+// Copies the first fault of the last launch into buf (empty if none), clears it and returns
+// how many there were.
+extern "C" int emu_take_fault(char* buf, int len) {
+    const int n = ::emu::g_faults.exchange(0);
+    std::snprintf(buf, static_cast<std::size_t>(len), "%s", n ? ::emu::g_fault : "");
+    return n;
+}

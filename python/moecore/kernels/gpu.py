@@ -31,7 +31,15 @@ import numpy as np
 
 from moecore.kernels import cuda_sources
 
-THREADS = 256  # threads per block for every launch (a multiple of 32: the warp code needs it)
+# Threads per block for every launch. A multiple of 32: the warp code (ballots, shuffles with
+# the full mask, moe_unpermute_backward's warp-uniform guards) needs whole warps. A power of two:
+# the kernels compute `blockIdx.x * blockDim.x + threadIdx.x` (unsigned) into an int, and for
+# n <= 2^31 - 1 elements a grid of ceil(n / THREADS) blocks ends at thread
+# ceil(n / THREADS) * THREADS - 1 <= 2^31 - 1 exactly because THREADS divides 2^31, so that int
+# never overflows and the `i >= n` guard holds on the last block. Every count a kernel takes as
+# an int is checked below 2^31 first (`_check`, `_int32_count`). At most 256: moe_build_order
+# runs in one block of at most MOE_ORDER_TILE = 256 threads.
+THREADS = 256
 _MAX_GRID = 1024  # grid-stride kernels (the top-k histogram) use at most this many blocks
 _INT_MAX = 2**31 - 1
 
@@ -135,8 +143,16 @@ def _check(be: Backend, a: Any, name: str, dtype: Any, ndim: int | None = None) 
     return a
 
 
+def _int32_count(v: int, what: str) -> int:
+    """``v`` if the kernels can index it with int32, else a ``ValueError`` naming ``what``;
+    called before anything of that size is allocated."""
+    if not 0 <= v <= _INT_MAX:
+        raise ValueError(f"{what} = {v} exceeds the int32 indexing of the GPU kernels (2^31 - 1)")
+    return v
+
+
 def _i32(v: int) -> np.int32:
-    return np.int32(v)
+    return np.int32(_int32_count(v, "a kernel argument"))
 
 
 # --- top-k ----------------------------------------------------------------------------------
@@ -521,11 +537,15 @@ def moe_permute(
             _i32(n_experts),
             counts,
         )
-    padded = (-(-counts // pad_to) * pad_to).astype(np.int32)
-    starts = xp.zeros(n_experts, np.int32)
-    if n_experts > 1:
-        starts[1:] = xp.cumsum(padded[:-1], dtype=np.int32)
-    rows = int(padded.sum())
+    # Padding and the experts' first rows on the host, in int64 (at most 1024 experts): in
+    # int32 a large pad_to wraps, and wrapped starts would send moe_build_order's writes out
+    # of `order`. The sizes are checked before anything of that size is allocated.
+    padded_h = -(-be.to_host(counts).astype(np.int64) // pad_to) * pad_to
+    d = int(x.shape[1])
+    rows = _int32_count(int(padded_h.sum()), "the padded row count")
+    _int32_count(rows * d, f"{rows} sorted rows x d = {d}")
+    padded = xp.asarray(padded_h.astype(np.int32))
+    starts = xp.asarray((np.cumsum(padded_h) - padded_h).astype(np.int32))
     order = xp.full(rows, -1, np.int32)
     pos = xp.full(n, -1, np.int32)
     if n:
@@ -541,10 +561,7 @@ def moe_permute(
             order,
             pos,
         )
-    d = int(x.shape[1])
     x_sorted = xp.empty((rows, d), np.float32)
-    if rows * d > _INT_MAX:
-        raise ValueError(f"{rows} x {d} sorted rows exceed the int32 indexing of the kernels")
     if rows * d:
         be.launch(
             "moe",
@@ -561,13 +578,22 @@ def moe_permute(
     return x_sorted, order, padded
 
 
-def _positions(be: Backend, order: Any, n_assign: int) -> Any:
-    """``pos[f]`` = the sorted row holding assignment f (-1 if dropped): order's inverse."""
+def _positions(be: Backend, order: Any, n_tokens: int, k: int) -> Any:
+    """``pos[f]`` = the sorted row holding assignment f (-1 if dropped): order's inverse.
+
+    Validates ``order`` as the CPU does (values in ``[-1, T*k)``, no assignment twice, T*k
+    below 2^31): the kernels index ``pos``, the weights and ``d_weights`` with its values, and
+    an assignment held by two rows would be written by two warps at once."""
     xp = be.xp
+    n_assign = _int32_count(n_tokens * k, f"n_tokens * k = {n_tokens} * {k}")
+    if order.size and (int(order.min()) < -1 or int(order.max()) >= n_assign):
+        raise ValueError(f"order: values must be in [-1, {n_assign})")
     pos = xp.full(n_assign, -1, np.int32)
     rows = xp.nonzero(order >= 0)[0]
     if rows.size:
         pos[order[rows]] = rows.astype(np.int32)
+        if int((pos >= 0).sum()) != int(rows.size):
+            raise ValueError("order: an assignment appears in more than one row")
     return pos
 
 
@@ -592,10 +618,11 @@ def moe_unpermute(
         raise ValueError("unpermute needs weights, or n_tokens and k >= 1")
     if order.shape[0] != y_sorted.shape[0]:
         raise ValueError(f"order has {order.shape[0]} rows, y_sorted {y_sorted.shape[0]}")
-    if order.size and int(order.max()) >= n_tokens * k:
-        raise ValueError(f"order: values must be in [-1, {n_tokens * k})")
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
     d = int(y_sorted.shape[1])
-    pos = _positions(be, order, n_tokens * k)
+    _int32_count(n_tokens * d, f"n_tokens * d = {n_tokens} * {d}")
+    pos = _positions(be, order, n_tokens, k)
     y = xp.empty((n_tokens, d), np.float32)
     if n_tokens * d:
         be.launch(
@@ -638,6 +665,7 @@ def moe_unpermute_backward(
         raise ValueError(
             f"dy must be ({t}, {d}) and order ({rows},); got {dy.shape}, {order.shape}"
         )
+    _positions(be, order, t, k)  # validation only: the kernel reads weights[order[r]]
     d_y_sorted = xp.empty((rows, d), np.float32)
     d_weights = xp.zeros((t, k), np.float32)
     if rows:
@@ -674,8 +702,9 @@ class BsrDevice:
         xp = be.xp
         self.shape = (int(shape[0]), int(shape[1]))
         self.block = int(block)
-        ip = np.asarray(indptr, dtype=np.int64)
-        ix = np.asarray(indices, dtype=np.int64)
+        ip = np.asarray(indptr, dtype=np.int64).reshape(-1)
+        ix = np.asarray(indices, dtype=np.int64).reshape(-1)
+        _check_bsr_pattern(self.shape, self.block, ip, ix)
         block_row = np.repeat(np.arange(ip.size - 1), np.diff(ip))
         by_col = np.lexsort((block_row, ix))  # block-columns in turn, block-rows increasing
         t_indptr = np.zeros(self.shape[1] // self.block + 1, np.int64)
@@ -687,6 +716,21 @@ class BsrDevice:
         self.t_row = xp.asarray(block_row[by_col].astype(np.int32))
         self.t_block = xp.asarray(by_col.astype(np.int32))
         self.nnzb = int(ix.size)
+
+
+def _check_bsr_pattern(shape: tuple[int, int], b: int, ip: np.ndarray, ix: np.ndarray) -> None:
+    """What keeps every index of the BSR kernels in bounds: the kernels read
+    ``indptr[o / b + 1]``, ``x[row, indices[blk] * b + j]`` and ``data[blk]`` unchecked."""
+    rows, cols = shape
+    if b < 1 or rows < 0 or cols < 0 or rows % b or cols % b:
+        raise ValueError(f"shape {shape} must be non-negative multiples of the block {b}")
+    _int32_count(max(rows, cols), f"the larger dimension of {shape}")  # o and c are ints
+    if ip.size != rows // b + 1 or ip[0] != 0 or np.any(np.diff(ip) < 0):
+        raise ValueError(f"indptr must be {rows // b + 1} non-decreasing offsets from 0")
+    if ip[-1] != ix.size:
+        raise ValueError(f"indptr ends at {ip[-1]}, indices has {ix.size} entries")
+    if ix.size and (ix.min() < 0 or ix.max() >= cols // b):
+        raise ValueError(f"indices must be block-columns in [0, {cols // b})")
 
 
 def bsr_linear(x: Any, w: BsrDevice, data: Any, bias: Any = None, backend: Any = None) -> Any:
@@ -702,6 +746,7 @@ def bsr_linear(x: Any, w: BsrDevice, data: Any, bias: Any = None, backend: Any =
         if bias.shape != (out_f,):
             raise ValueError(f"bias: expected shape ({out_f},), got {bias.shape}")
     m = int(x.shape[0])
+    _int32_count(m * out_f, f"M * out_features = {m} * {out_f}")
     y = be.xp.empty((m, out_f), np.float32)
     if m * out_f:
         be.launch(
@@ -732,6 +777,7 @@ def bsr_linear_dx(dy: Any, w: BsrDevice, data: Any, backend: Any = None) -> Any:
     if dy.shape[1] != out_f or data.shape != (w.nnzb, w.block, w.block):
         raise ValueError(f"dy must be (M, {out_f}) and data ({w.nnzb}, {w.block}, {w.block})")
     m = int(dy.shape[0])
+    _int32_count(m * in_f, f"M * in_features = {m} * {in_f}")
     dx = be.xp.empty((m, in_f), np.float32)
     if m * in_f:
         be.launch(
@@ -762,7 +808,7 @@ def bsr_linear_dw(dy: Any, x: Any, w: BsrDevice, backend: Any = None) -> Any:
     if dy.shape[1] != out_f or x.shape[1] != in_f or dy.shape[0] != x.shape[0]:
         raise ValueError(f"dy must be (M, {out_f}) and x (M, {in_f}); got {dy.shape}, {x.shape}")
     b = w.block
-    n = w.nnzb * b * b
+    n = _int32_count(w.nnzb * b * b, f"nnzb * B * B = {w.nnzb} * {b} * {b}")
     dw = be.xp.empty((w.nnzb, b, b), np.float32)
     if n:
         be.launch(
