@@ -27,6 +27,49 @@ def test_leaf_grads_never_alias_each_other():
     np.testing.assert_allclose(b.grad, [1.0, 1.0])
 
 
+def test_fresh_kernel_results_become_grads_without_a_copy_and_views_are_copied():
+    """Arrays the Rust kernels return own fresh memory through a non-array base object
+    (rust-numpy's PySliceContainer): the engine hands them to .grad as they are. A view of
+    another array must still be copied, so .grad never aliases what a Function kept."""
+    kept = {}
+
+    class Fresh(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2.0
+
+        @staticmethod
+        def backward(ctx, g):
+            fresh = np.frombuffer(bytearray(g.astype(np.float32).tobytes()), np.float32)
+            assert fresh.base is not None and fresh.flags.writeable
+            kept["fresh"] = fresh
+            return fresh.reshape(g.shape) if fresh.shape != g.shape else fresh
+
+    class View(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2.0
+
+        @staticmethod
+        def backward(ctx, g):
+            kept["whole"] = np.concatenate([g, g]).astype(np.float32)
+            return kept["whole"][: g.shape[0]]
+
+    a = mc.tensor(np.ones(4, np.float32), requires_grad=True)
+    Fresh.apply(a).backward(np.arange(4, dtype=np.float32))
+    assert a.grad is kept["fresh"]
+    b = mc.tensor(np.ones(4, np.float32), requires_grad=True)
+    View.apply(b).backward(np.arange(4, dtype=np.float32))
+    assert not np.shares_memory(b.grad, kept["whole"])
+    np.testing.assert_array_equal(b.grad, np.arange(4))
+    a_rust = mc.Tensor(np.ones((8, 4), np.float32), requires_grad=True)
+    router = mc.Tensor(np.ones((2, 4), np.float32), requires_grad=True)
+    w1 = mc.Tensor(np.ones((2, 4, 6), np.float32), requires_grad=True)
+    w2 = mc.Tensor(np.ones((2, 6, 4), np.float32), requires_grad=True)
+    mc.ops.moe(a_rust, router, w1, w2, k=1).sum().backward()
+    assert type(w1.grad.base).__name__ == "PySliceContainer"  # the kernel's own array
+
+
 def test_graph_is_freed_after_backward_and_second_backward_raises():
     x = t64(3)
     y = (x.exp() * 2.0).sum()

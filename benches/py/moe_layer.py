@@ -7,6 +7,9 @@ against ``torch.nn.functional.scaled_dot_product_attention``.
 
 Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_layer.py
 (torch from PyPI, for the benchmark only; without it the torch columns are skipped).
+``--keep-freed-memory`` first tunes glibc's malloc as ``moecore train`` does
+(:func:`moecore.train.memory.keep_freed_memory`), for moecore and torch alike: without it
+each iteration pays page faults for the ~100 MB of buffers it frees and allocates again.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ def torch_layers(torch, x, router, w1, w2, dy):
 
 
 def main() -> None:
+    if "--keep-freed-memory" in sys.argv[1:]:
+        from moecore.train.memory import keep_freed_memory
+
+        print(f"keep_freed_memory: {keep_freed_memory()}")
     rng = np.random.default_rng(0)
     xa = rng.standard_normal((T, D)).astype(np.float32)
     ra = (rng.standard_normal((E, D)) / 16).astype(np.float32)

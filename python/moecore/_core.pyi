@@ -72,6 +72,22 @@ def moe_grouped_matmul_dx(dy: np.ndarray, counts: np.ndarray, w: np.ndarray) -> 
 def moe_grouped_matmul_dw(
     x_sorted: np.ndarray, dy: np.ndarray, counts: np.ndarray
 ) -> np.ndarray: ...
+def moe_gelu_ffn(
+    x_sorted: np.ndarray, counts: np.ndarray, w1: np.ndarray, w2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def moe_gelu_ffn_backward(
+    x_sorted: np.ndarray,
+    counts: np.ndarray,
+    w1: np.ndarray,
+    w2: np.ndarray,
+    h: np.ndarray,
+    a: np.ndarray,
+    d_y: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def moe_router_logits(x: np.ndarray, router_w: np.ndarray) -> np.ndarray: ...
+def moe_router_backward(
+    d_logits: np.ndarray, x: np.ndarray, router_w: np.ndarray, d_x: np.ndarray
+) -> np.ndarray: ...
 
 # ---- block-sparse matmul (rust/py/sparse.rs) ----
 

@@ -36,6 +36,8 @@ import numpy as np
 from moecore import _core
 
 __all__ = [
+    "gelu_ffn",
+    "gelu_ffn_backward",
     "grouped_matmul",
     "grouped_matmul_dw",
     "grouped_matmul_dx",
@@ -43,6 +45,8 @@ __all__ = [
     "permute_backward",
     "route",
     "route_backward",
+    "router_backward",
+    "router_logits",
     "unpermute",
     "unpermute_backward",
 ]
@@ -297,3 +301,67 @@ def grouped_matmul_dw(x_sorted: np.ndarray, dy: np.ndarray, counts: np.ndarray) 
         rows.
     """
     return _core.moe_grouped_matmul_dw(x_sorted, dy, counts)
+
+
+def gelu_ffn(
+    x_sorted: np.ndarray, counts: np.ndarray, w1: np.ndarray, w2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The GELU expert FFN in one kernel: per expert, ``gelu_tanh(x_e @ w1[e]) @ w2[e]``.
+
+    Same result as ``grouped_matmul`` → tanh GELU → ``grouped_matmul``, but each tile of rows
+    runs the whole chain on one thread (the GELU while the tile is still in cache) and all
+    tiles run side by side, so both GEMMs and the GELU keep every core busy.
+
+    Args:
+        x_sorted: ``[R, d_in]`` float32, expert-contiguous rows (from :func:`permute`).
+        counts: ``[E]`` int32 rows per expert, non-negative, summing to R.
+        w1: ``[E, d_in, hidden]`` float32; w2: ``[E, hidden, d_out]`` float32.
+
+    Returns:
+        ``(h, a, y_sorted)``: the pre-activation ``h`` and activation ``a = gelu(h)``
+        (``[R, hidden]``, what :func:`gelu_ffn_backward` needs) and ``y_sorted``
+        ``[R, d_out]``.
+    """
+    return _core.moe_gelu_ffn(x_sorted, counts, w1, w2)
+
+
+def gelu_ffn_backward(
+    x_sorted: np.ndarray,
+    counts: np.ndarray,
+    w1: np.ndarray,
+    w2: np.ndarray,
+    h: np.ndarray,
+    a: np.ndarray,
+    d_y_sorted: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradient of :func:`gelu_ffn`.
+
+    Args:
+        x_sorted, counts, w1, w2: as given to :func:`gelu_ffn`.
+        h, a: ``[R, hidden]`` float32, what :func:`gelu_ffn` returned.
+        d_y_sorted: ``[R, d_out]`` float32, the gradient with respect to ``y_sorted``.
+
+    Returns:
+        ``(d_x_sorted, d_w1, d_w2)``: ``[R, d_in]``, ``[E, d_in, hidden]`` and
+        ``[E, hidden, d_out]`` float32 (zeros for experts with no rows).
+    """
+    return _core.moe_gelu_ffn_backward(x_sorted, counts, w1, w2, h, a, d_y_sorted)
+
+
+def router_logits(x: np.ndarray, router_w: np.ndarray) -> np.ndarray:
+    """The router's logits ``x @ router_w.T``: ``x`` ``[T, d]``, ``router_w`` ``[E, d]``
+    float32 → ``[T, E]`` float32.
+
+    Runs on rayon's threads rather than numpy's BLAS: OpenBLAS's worker threads keep
+    spinning after a call and took the cores from the rayon kernels of the rest of the layer.
+    """
+    return _core.moe_router_logits(x, router_w)
+
+
+def router_backward(
+    d_logits: np.ndarray, x: np.ndarray, router_w: np.ndarray, d_x: np.ndarray
+) -> np.ndarray:
+    """Backward of :func:`router_logits`: adds ``d_logits @ router_w`` to ``d_x`` in place
+    (``[T, d]`` float32, C-contiguous and writable) and returns
+    ``d_router_w = d_logits.T @ x`` (``[E, d]`` float32)."""
+    return _core.moe_router_backward(d_logits, x, router_w, d_x)

@@ -32,15 +32,36 @@ pub fn gelu_forward(x: &[f32], out: &mut [f32]) -> Result<(), GeluError> {
     }
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            vectorized(|| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
-                    *o = 0.5 * v * (1.0 + t);
-                }
-            })
-        });
+        .for_each(|(o, x)| gelu_serial(x, o));
     Ok(())
+}
+
+/// [`gelu_forward`] on the calling thread, for kernels that already split the work (the
+/// fused MoE expert FFN applies it to each tile right after its GEMM). Same arithmetic, so
+/// the same bits. Stops at the shorter slice.
+pub(crate) fn gelu_serial(x: &[f32], out: &mut [f32]) {
+    vectorized(|| {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
+            *o = 0.5 * v * (1.0 + t);
+        }
+    })
+}
+
+/// `g *= gelu'(x)` on the calling thread: [`gelu_backward`] in place, same arithmetic.
+pub(crate) fn gelu_backward_in_place(g: &mut [f32], x: &[f32]) {
+    vectorized(|| {
+        for (g, &v) in g.iter_mut().zip(x) {
+            *g = gelu_derivative_times(*g, v);
+        }
+    })
+}
+
+#[inline(always)]
+fn gelu_derivative_times(g: f32, v: f32) -> f32 {
+    let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
+    let inner = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * v * v);
+    g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * inner)
 }
 
 /// `dx = g · d gelu(x)/dx`.
@@ -60,9 +81,7 @@ pub fn gelu_backward(g: &[f32], x: &[f32], dx: &mut [f32]) -> Result<(), GeluErr
         .for_each(|((d, x), g)| {
             vectorized(|| {
                 for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
-                    let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
-                    let inner = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * v * v);
-                    *d = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * inner);
+                    *d = gelu_derivative_times(g, v);
                 }
             })
         });

@@ -40,12 +40,37 @@ impl Strided<'_> {
 /// Panics (an internal bug, caught at the Python boundary) if an operand is too short for
 /// the shape; callers validate user input before getting here.
 pub(crate) fn matmul(
+    shape: (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Strided<'_>,
+    rhs: Strided<'_>,
+    threaded: bool,
+) {
+    product(shape, dst, dst_rs, lhs, rhs, threaded, false);
+}
+
+/// As [`matmul`], but adds the product to `dst`'s values: `dst += lhs · rhs` (gemm reads
+/// `dst` in its own pass, so no temporary and no second sweep over memory).
+pub(crate) fn matmul_add(
+    shape: (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Strided<'_>,
+    rhs: Strided<'_>,
+    threaded: bool,
+) {
+    product(shape, dst, dst_rs, lhs, rhs, threaded, true);
+}
+
+fn product(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
     lhs: Strided<'_>,
     rhs: Strided<'_>,
     threaded: bool,
+    accumulate: bool,
 ) {
     let dst_view = Strided {
         data: dst,
@@ -59,6 +84,9 @@ pub(crate) fn matmul(
         return;
     }
     if k == 0 {
+        if accumulate {
+            return;
+        }
         for row in dst.chunks_mut(dst_rs.max(1)).take(m) {
             row[..n].fill(0.0);
         }
@@ -67,7 +95,8 @@ pub(crate) fn matmul(
     let stride = |s: usize| isize::try_from(s).expect("gemm: stride fits isize");
     // SAFETY: the three asserts above prove every element gemm touches (indices below
     // (m-1)·rs + (n-1)·cs and the like) lies inside its slice; `dst` is a unique borrow, so it
-    // aliases neither operand; with read_dst = false gemm never reads dst's old values.
+    // aliases neither operand; with read_dst = false gemm never reads dst's old values, with
+    // true it reads exactly the elements it writes.
     unsafe {
         gemm::gemm(
             m,
@@ -76,14 +105,14 @@ pub(crate) fn matmul(
             dst.as_mut_ptr(),
             1,
             stride(dst_rs),
-            false,
+            accumulate,
             lhs.data.as_ptr(),
             stride(lhs.cs),
             stride(lhs.rs),
             rhs.data.as_ptr(),
             stride(rhs.cs),
             stride(rhs.rs),
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -152,6 +181,35 @@ mod tests {
                 "small integers are exact"
             );
         }
+    }
+
+    #[test]
+    fn matmul_add_adds_to_dst() {
+        let (m, n, k) = (5, 3, 4);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
+        let (av, bv) = (
+            Strided {
+                data: &a,
+                rs: k,
+                cs: 1,
+            },
+            Strided {
+                data: &b,
+                rs: n,
+                cs: 1,
+            },
+        );
+        let mut c: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
+        matmul_add((m, n, k), &mut c, n, av, bv, false);
+        let want: Vec<f32> = naive(m, n, k, av, bv)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + i as f32)
+            .collect();
+        assert_eq!(c, want);
+        matmul_add((m, n, 0), &mut c, n, av, bv, false);
+        assert_eq!(c, want, "an empty inner dimension adds nothing");
     }
 
     #[test]

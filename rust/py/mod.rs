@@ -43,8 +43,9 @@ mod _core {
     use super::info::build_info;
     #[pymodule_export]
     use super::moe::{
-        moe_grouped_matmul, moe_grouped_matmul_dw, moe_grouped_matmul_dx, moe_permute,
-        moe_permute_backward, moe_route, moe_route_backward, moe_unpermute, moe_unpermute_backward,
+        moe_gelu_ffn, moe_gelu_ffn_backward, moe_grouped_matmul, moe_grouped_matmul_dw,
+        moe_grouped_matmul_dx, moe_permute, moe_permute_backward, moe_route, moe_route_backward,
+        moe_router_backward, moe_router_logits, moe_unpermute, moe_unpermute_backward,
     };
     #[pymodule_export]
     use super::optim::adamw_step;

@@ -369,3 +369,128 @@ pub fn moe_grouped_matmul_dw<'py>(
         .map_err(internal("moe_grouped_matmul_dw"))?
         .into_pyarray(py))
 }
+
+type F32Array3<'py> = Bound<'py, PyArray3<f32>>;
+
+fn out3<'py>(
+    py: Python<'py>,
+    what: &str,
+    v: Vec<f32>,
+    shape: (usize, usize, usize),
+) -> PyResult<F32Array3<'py>> {
+    Ok(Array3::from_shape_vec(shape, v)
+        .map_err(internal(what))?
+        .into_pyarray(py))
+}
+
+/// The GELU expert FFN in one kernel; see `moecore.moe_kernels.gelu_ffn`.
+#[pyfunction]
+pub fn moe_gelu_ffn<'py>(
+    py: Python<'py>,
+    x_sorted: &Bound<'py, PyAny>,
+    counts: &Bound<'py, PyAny>,
+    w1: &Bound<'py, PyAny>,
+    w2: &Bound<'py, PyAny>,
+) -> PyResult<(F32Array2<'py>, F32Array2<'py>, F32Array2<'py>)> {
+    let (x, c) = (f32_2d("x_sorted", x_sorted)?, i32_1d("counts", counts)?);
+    let w1 = borrow::<f32, Ix3>("w1", "float32", w1)?;
+    let w2 = borrow::<f32, Ix3>("w2", "float32", w2)?;
+    let (xm, cm) = (matrix("x_sorted", &x)?, data("counts", &c)?);
+    let (w1s, w2s) = (stack("w1", &w1)?, stack("w2", &w2)?);
+    let out = detached(py, "moe_gelu_ffn", || {
+        kernels::gelu_ffn_forward(xm, cm, w1s, w2s)
+    })??;
+    let (rows, hidden, d_out) = (xm.rows(), w1.shape()[2], w2.shape()[2]);
+    Ok((
+        out2(py, "moe_gelu_ffn", out.h, rows, hidden)?,
+        out2(py, "moe_gelu_ffn", out.a, rows, hidden)?,
+        out2(py, "moe_gelu_ffn", out.y, rows, d_out)?,
+    ))
+}
+
+/// Backward of the GELU expert FFN; see `moecore.moe_kernels.gelu_ffn_backward`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)] // the forward's inputs, its two saved arrays and dy
+pub fn moe_gelu_ffn_backward<'py>(
+    py: Python<'py>,
+    x_sorted: &Bound<'py, PyAny>,
+    counts: &Bound<'py, PyAny>,
+    w1: &Bound<'py, PyAny>,
+    w2: &Bound<'py, PyAny>,
+    h: &Bound<'py, PyAny>,
+    a: &Bound<'py, PyAny>,
+    d_y: &Bound<'py, PyAny>,
+) -> PyResult<(F32Array2<'py>, F32Array3<'py>, F32Array3<'py>)> {
+    let (x, c) = (f32_2d("x_sorted", x_sorted)?, i32_1d("counts", counts)?);
+    let w1 = borrow::<f32, Ix3>("w1", "float32", w1)?;
+    let w2 = borrow::<f32, Ix3>("w2", "float32", w2)?;
+    let (h, a, d_y) = (f32_2d("h", h)?, f32_2d("a", a)?, f32_2d("d_y", d_y)?);
+    let (xm, cm) = (matrix("x_sorted", &x)?, data("counts", &c)?);
+    let (w1s, w2s) = (stack("w1", &w1)?, stack("w2", &w2)?);
+    let (hm, am, dym) = (matrix("h", &h)?, matrix("a", &a)?, matrix("d_y", &d_y)?);
+    let g = detached(py, "moe_gelu_ffn_backward", || {
+        kernels::gelu_ffn_backward(xm, cm, w1s, w2s, hm, am, dym)
+    })??;
+    let (s1, s2) = (w1.shape(), w2.shape());
+    Ok((
+        out2(py, "moe_gelu_ffn_backward", g.d_x, xm.rows(), s1[1])?,
+        out3(py, "moe_gelu_ffn_backward", g.d_w1, (s1[0], s1[1], s1[2]))?,
+        out3(py, "moe_gelu_ffn_backward", g.d_w2, (s2[0], s2[1], s2[2]))?,
+    ))
+}
+
+/// Router logits `x · router_wᵀ`; see `moecore.moe_kernels.router_logits`.
+#[pyfunction]
+pub fn moe_router_logits<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    router_w: &Bound<'py, PyAny>,
+) -> PyResult<F32Array2<'py>> {
+    let (x, w) = (f32_2d("x", x)?, f32_2d("router_w", router_w)?);
+    let (xm, wm) = (matrix("x", &x)?, matrix("router_w", &w)?);
+    let logits = detached(py, "moe_router_logits", || kernels::router_logits(xm, wm))??;
+    out2(py, "moe_router_logits", logits, xm.rows(), wm.rows())
+}
+
+/// Backward of the router logits, adding into `d_x` in place; see
+/// `moecore.moe_kernels.router_backward`.
+#[pyfunction]
+pub fn moe_router_backward<'py>(
+    py: Python<'py>,
+    d_logits: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    router_w: &Bound<'py, PyAny>,
+    d_x: &Bound<'py, PyAny>,
+) -> PyResult<F32Array2<'py>> {
+    let (g, x, w) = (
+        f32_2d("d_logits", d_logits)?,
+        f32_2d("x", x)?,
+        f32_2d("router_w", router_w)?,
+    );
+    let (gm, xm, wm) = (
+        matrix("d_logits", &g)?,
+        matrix("x", &x)?,
+        matrix("router_w", &w)?,
+    );
+    let target = d_x.cast::<PyArray2<f32>>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "d_x: expected a 2-D numpy array of float32, got {}",
+            describe(d_x)
+        ))
+    })?;
+    if !target.is_c_contiguous() {
+        return Err(PyValueError::new_err(
+            "d_x: expected a C-contiguous array (it is written in place)",
+        ));
+    }
+    let mut target = target
+        .try_readwrite()
+        .map_err(|e| PyValueError::new_err(format!("d_x: cannot be written: {e}")))?;
+    let dx = target
+        .as_slice_mut()
+        .map_err(|e| PyValueError::new_err(format!("d_x: {e}")))?;
+    let d_w = detached(py, "moe_router_backward", || {
+        kernels::router_backward(gm, xm, wm, dx)
+    })??;
+    out2(py, "moe_router_backward", d_w, wm.rows(), wm.cols())
+}

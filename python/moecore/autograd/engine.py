@@ -69,7 +69,12 @@ def _finish_leaf(leaf: Tensor, grad: Any, handed_out: set[int]) -> None:
     if leaf.grad is None:
         # .grad is owned by the leaf (optimizers and clipping write it in place), so it must
         # not alias a view or an array already given to another leaf.
-        owned = getattr(grad, "base", None) is None and id(grad) not in handed_out
+        # A base that is not an array is the owner of fresh memory (rust-numpy's
+        # PySliceContainer for the arrays the Rust kernels return), not another array this
+        # one is a view of: such results need no copy either.
+        base = getattr(grad, "base", None)
+        fresh = base is None or (not isinstance(base, type(grad)) and grad.flags.writeable)
+        owned = fresh and id(grad) not in handed_out
         leaf.grad = grad if owned else grad.copy()
         handed_out.add(id(leaf.grad))
     else:

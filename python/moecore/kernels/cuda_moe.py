@@ -17,6 +17,10 @@ grouped_matmul = generic.grouped_matmul
 grouped_matmul_dx = generic.grouped_matmul_dx
 grouped_matmul_dw = generic.grouped_matmul_dw
 route_backward = generic.route_backward
+gelu_ffn = generic.gelu_ffn
+gelu_ffn_backward = generic.gelu_ffn_backward
+router_logits = generic.router_logits
+router_backward = generic.router_backward
 
 
 def route(

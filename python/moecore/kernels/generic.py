@@ -190,3 +190,39 @@ def grouped_matmul_dw(x_sorted: Any, dy: Any, counts: Any) -> Any:
         if b > a:
             dw[e] = x_sorted[a:b].T @ dy[a:b]
     return dw
+
+
+def gelu_ffn(x_sorted: Any, counts: Any, w1: Any, w2: Any) -> tuple[Any, Any, Any]:
+    """See :func:`moecore.moe_kernels.gelu_ffn`."""
+    from moecore.ops.activation import gelu_forward
+
+    h = grouped_matmul(x_sorted, counts, w1)
+    a = gelu_forward(h, "tanh")[0].astype(h.dtype, copy=False)
+    return h, a, grouped_matmul(a, counts, w2)
+
+
+def gelu_ffn_backward(
+    x_sorted: Any, counts: Any, w1: Any, w2: Any, h: Any, a: Any, d_y_sorted: Any
+) -> tuple[Any, Any, Any]:
+    """See :func:`moecore.moe_kernels.gelu_ffn_backward`."""
+    from moecore.ops.activation import gelu_backward, gelu_forward
+
+    d_a = grouped_matmul_dx(d_y_sorted, counts, w2)
+    saved = gelu_forward(h, "tanh")[1]
+    d_h = gelu_backward(d_a, h, saved, "tanh").astype(h.dtype, copy=False)
+    return (
+        grouped_matmul_dx(d_h, counts, w1),
+        grouped_matmul_dw(x_sorted, d_h, counts),
+        grouped_matmul_dw(a, d_y_sorted, counts),
+    )
+
+
+def router_logits(x: Any, router_w: Any) -> Any:
+    """See :func:`moecore.moe_kernels.router_logits`."""
+    return x @ router_w.T
+
+
+def router_backward(d_logits: Any, x: Any, router_w: Any, d_x: Any) -> Any:
+    """See :func:`moecore.moe_kernels.router_backward`."""
+    d_x += d_logits @ router_w
+    return d_logits.T @ x

@@ -107,8 +107,9 @@ class MoEFunction(Function):
         x2 = x.reshape(-1, d)
         t, e = x2.shape[0], router_w.shape[0]
         kern = moe_kernels_for(x2, router_w, w1, w2)
-        logits = x2 @ router_w.T
         xp = xp_of(x2)
+        x2, router_w = xp.ascontiguousarray(x2), xp.ascontiguousarray(router_w)
+        logits = kern.router_logits(x2, router_w)
         if not bool(xp.isfinite(logits).all()):
             # Route somewhere so the step completes; the NaN/Inf still reaches the output
             # through the token values, and the trainer skips the step on its loss.
@@ -120,9 +121,14 @@ class MoEFunction(Function):
         if capacity_factor is not None:
             capacity = max(1, math.ceil(capacity_factor * t * k / e))
         x_sorted, order, counts = kern.permute(x2, idx, e, capacity, weights if capacity else None)
-        h = kern.grouped_matmul(x_sorted, counts, w1)
-        a, act_saved = _activate(h, activation)
-        y_sorted = kern.grouped_matmul(a, counts, w2)
+        if activation == "gelu":
+            # One kernel for matmul → GELU → matmul (tiles run the whole chain per thread).
+            h, a, y_sorted = kern.gelu_ffn(x_sorted, counts, w1, w2)
+            act_saved = None
+        else:
+            h = kern.grouped_matmul(x_sorted, counts, w1)
+            a, act_saved = _activate(h, activation)
+            y_sorted = kern.grouped_matmul(a, counts, w2)
         y = kern.unpermute(y_sorted, order, weights)
         aux, z, d_logits_aux = _aux_terms(logits, probs, idx, score, aux_loss, z_loss)
         if stats is not None:
@@ -179,17 +185,23 @@ class MoEFunction(Function):
         if not g2.flags.c_contiguous:
             g2 = g2.copy()
         d_y_sorted, d_weights = kern.unpermute_backward(g2, y_sorted, order, weights)
-        d_a = kern.grouped_matmul_dx(d_y_sorted, counts, w2)
-        d_w2 = kern.grouped_matmul_dw(a, d_y_sorted, counts)
-        d_h = _activate_backward(d_a, h, act_saved, activation)
-        d_x_sorted = kern.grouped_matmul_dx(d_h, counts, w1)
-        d_w1 = kern.grouped_matmul_dw(x_sorted, d_h, counts)
+        if activation == "gelu":
+            d_x_sorted, d_w1, d_w2 = kern.gelu_ffn_backward(
+                x_sorted, counts, w1, w2, h, a, d_y_sorted
+            )
+        else:
+            d_a = kern.grouped_matmul_dx(d_y_sorted, counts, w2)
+            d_w2 = kern.grouped_matmul_dw(a, d_y_sorted, counts)
+            d_h = _activate_backward(d_a, h, act_saved, activation)
+            d_x_sorted = kern.grouped_matmul_dx(d_h, counts, w1)
+            d_w1 = kern.grouped_matmul_dw(x_sorted, d_h, counts)
         d_x = kern.permute_backward(d_x_sorted, order, t, k)
         d_logits = kern.route_backward(d_weights, idx, probs, score, normalize)
         d_logits += (ctx.d_logits_aux * _aux_loss_scale).astype(d_logits.dtype, copy=False)
-        d_x += d_logits @ router_w
-        d_router = d_logits.T @ x2
-        return d_x.reshape(*lead, d), d_router, d_w1, d_w2
+        d_router = kern.router_backward(d_logits, x2, router_w, d_x)  # also d_x += d_logits·R
+        # A reshape to the same shape would be a view, which autograd copies before
+        # handing it to a leaf's .grad: return the array itself when no reshape is needed.
+        return d_x if lead == (t,) else d_x.reshape(*lead, d), d_router, d_w1, d_w2
 
 
 def moe(

@@ -32,7 +32,11 @@ pub(crate) fn zeroed<T: ZeroBits>(what: &'static str, len: usize) -> Result<Vec<
     // SAFETY: `ptr` comes from the global allocator with the layout of `[T; len]`, which is
     // the layout `Vec<T>` uses for capacity `len`; all `len` elements are initialised, as
     // zero bits are a valid `T` (`ZeroBits`).
-    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+    let mut v = unsafe { Vec::from_raw_parts(ptr, len, len) };
+    // A large calloc is fresh mmap'd memory whose pages fault in on first touch (the GEMM
+    // outputs of the MoE FFN: ~80 MB a step): huge pages make that a few dozen faults.
+    advise_huge_pages_at(v.as_mut_ptr() as usize, std::mem::size_of_val(v.as_slice()));
+    Ok(v)
 }
 
 /// A vector of `len` elements written by `fill`, without zeroing them first (for outputs
@@ -65,20 +69,23 @@ pub(crate) unsafe fn filled<T: ZeroBits>(
 /// more): a fresh buffer then costs a few 2 MiB page faults instead of hundreds of 4 KiB ones,
 /// which on a virtual machine dominate a gather's time. Only advice: failure is ignored.
 fn advise_huge_pages<T>(buf: &mut [MaybeUninit<T>]) {
+    advise_huge_pages_at(buf.as_mut_ptr() as usize, std::mem::size_of_val(buf));
+}
+
+/// [`advise_huge_pages`] for the `bytes` bytes at address `start`, memory the caller owns.
+fn advise_huge_pages_at(start: usize, bytes: usize) {
     #[cfg(target_os = "linux")]
     {
         /// Buffers at least this large ask for huge pages (numpy's threshold too).
         const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
-        let bytes = std::mem::size_of_val(buf);
         if bytes < HUGE_PAGE_MIN_BYTES {
             return;
         }
         const PAGE: usize = 4096;
-        let start = buf.as_mut_ptr() as usize;
         let first = start.div_ceil(PAGE) * PAGE;
         let end = (start + bytes) / PAGE * PAGE;
         if end > first {
-            // SAFETY: [first, end) is page-aligned and lies inside `buf`, memory this process
+            // SAFETY: [first, end) is page-aligned and lies inside the buffer, memory this process
             // owns; MADV_HUGEPAGE only changes how the kernel backs it, never its contents.
             unsafe {
                 libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
@@ -86,7 +93,7 @@ fn advise_huge_pages<T>(buf: &mut [MaybeUninit<T>]) {
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = buf;
+    let _ = (start, bytes);
 }
 
 /// Writes `src` into `dst` (same length), element by element (the compiler turns it into a

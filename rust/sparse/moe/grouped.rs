@@ -18,9 +18,9 @@ use crate::linalg::gemm::{matmul, Strided};
 #[derive(Debug, Clone, Copy)]
 pub struct MatrixStack<'a> {
     data: &'a [f32],
-    n: usize,
-    rows: usize,
-    cols: usize,
+    pub(super) n: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
 }
 
 impl<'a> MatrixStack<'a> {
@@ -47,7 +47,7 @@ impl<'a> MatrixStack<'a> {
         }
     }
 
-    fn matrix(&self, i: usize) -> &'a [f32] {
+    pub(super) fn matrix(&self, i: usize) -> &'a [f32] {
         let size = self.rows * self.cols;
         &self.data[i * size..(i + 1) * size]
     }
@@ -55,7 +55,7 @@ impl<'a> MatrixStack<'a> {
 
 /// GEMM work (multiply-adds) a tile should carry at least, so per-call overhead (packing the
 /// right operand) stays a few percent.
-const MIN_TILE_WORK: usize = 1 << 24;
+const MIN_TILE_WORK: usize = if cfg!(test) { 1 << 10 } else { 1 << 24 };
 
 /// An expert with at least this much GEMM work (multiply-adds) is a solo tile: it runs alone,
 /// threaded inside gemm (e.g. 256 rows of 256 × 512).
@@ -67,30 +67,49 @@ const TILES_PER_THREAD: usize = 2;
 /// One unit of work: rows `[start, start + len)` of the output of expert `expert`; `solo`
 /// tiles (a whole big expert) run one at a time with gemm's threading.
 #[derive(Debug, Clone, Copy)]
-struct Tile {
-    expert: usize,
-    start: usize,
-    len: usize,
+pub(super) struct Tile {
+    pub(super) expert: usize,
+    pub(super) start: usize,
+    pub(super) len: usize,
     solo: bool,
 }
 
 /// Splits each expert's `sizes[e]` output rows into tiles of about equal work, where one
 /// output row costs `row_work` multiply-adds for expert e (`row_work(e)`).
 fn tiles(sizes: &[usize], row_work: impl Fn(usize) -> usize) -> Vec<Tile> {
+    tiles_with(sizes, row_work, SOLO_WORK, TILES_PER_THREAD)
+}
+
+/// Tiles for kernels that run every tile side by side, one thread each, and do more than a
+/// GEMM per tile (the fused expert FFN: GELU right after the GEMM, while the tile is still
+/// in cache): no solo tiles, and `per_thread` tiles per thread so uneven experts balance.
+pub(super) fn shared_tiles(
+    sizes: &[usize],
+    row_work: impl Fn(usize) -> usize,
+    per_thread: usize,
+) -> Vec<Tile> {
+    tiles_with(sizes, row_work, usize::MAX, per_thread)
+}
+
+fn tiles_with(
+    sizes: &[usize],
+    row_work: impl Fn(usize) -> usize,
+    solo_work: usize,
+    per_thread: usize,
+) -> Vec<Tile> {
     let total: usize = sizes
         .iter()
         .enumerate()
         .map(|(e, &n)| n.saturating_mul(row_work(e)))
         .sum();
-    let target =
-        (total / (rayon::current_num_threads() * TILES_PER_THREAD).max(1)).max(MIN_TILE_WORK);
+    let target = (total / (rayon::current_num_threads() * per_thread).max(1)).max(MIN_TILE_WORK);
     let mut out = Vec::new();
     for (expert, &n) in sizes.iter().enumerate() {
         if n == 0 {
             continue;
         }
         let per_row = row_work(expert).max(1);
-        if n.saturating_mul(per_row) >= SOLO_WORK {
+        if n.saturating_mul(per_row) >= solo_work {
             out.push(Tile {
                 expert,
                 start: 0,
@@ -124,7 +143,7 @@ fn tiles(sizes: &[usize], row_work: impl Fn(usize) -> usize) -> Vec<Tile> {
 /// Splits `buf` (concatenated row-major blocks of `cols` columns) into one mutable piece per
 /// tile, where tile rows are offset by `base[tile.expert]`. Tiles must come in increasing,
 /// non-overlapping row order, as [`tiles`] makes them.
-fn split_by_tiles<'b>(
+pub(super) fn split_by_tiles<'b>(
     mut buf: &'b mut [f32],
     tiles: &[Tile],
     base: &[usize],
@@ -155,7 +174,7 @@ fn execute(pieces: Vec<(Tile, &mut [f32])>, gemm: impl Fn(Tile, &mut [f32], bool
 
 /// Row offsets of each expert's block: `[0, c0, c0 + c1, …, R]`, after checking `counts`
 /// (`E` non-negative entries summing to `rows`).
-fn offsets(
+pub(super) fn offsets(
     counts: &[i32],
     n_experts: usize,
     rows: usize,
@@ -423,7 +442,14 @@ mod tests {
     #[test]
     fn tiles_cover_every_row_once() {
         for sizes in [vec![0usize, 3, 0], vec![1000, 1, 4097], vec![]] {
-            let t = tiles(&sizes, |_| 1 << 16);
+            let mut t = tiles(&sizes, |_| 1 << 16);
+            let shared = shared_tiles(&sizes, |_| 1 << 16, 8);
+            assert!(shared.iter().all(|t| !t.solo));
+            t.extend(shared.iter().map(|t| Tile {
+                expert: t.expert + sizes.len(),
+                ..*t
+            }));
+            let sizes: Vec<usize> = sizes.iter().chain(&sizes).copied().collect();
             for (e, &n) in sizes.iter().enumerate() {
                 let mut covered = 0;
                 for tile in t.iter().filter(|t| t.expert == e) {

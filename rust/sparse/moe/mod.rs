@@ -13,6 +13,9 @@
 //!   backward [`unpermute_backward`]; [`permute_backward`] is `unpermute` with unit weights.
 //! - [`grouped_matmul`] and its backward forms [`grouped_matmul_dx`], [`grouped_matmul_dw`]:
 //!   each expert's contiguous block of rows times that expert's weight matrix.
+//! - [`gelu_ffn_forward`] / [`gelu_ffn_backward`]: the whole GELU expert FFN (two grouped
+//!   matmuls and the GELU between them) as one tiled kernel each way.
+//! - [`router_logits`] / [`router_backward`]: the router's products `x · wᵀ` and back.
 //!
 //! Every function validates its inputs (shapes, index ranges, consistency of `order` and
 //! `counts`) before touching memory and reports a [`MoeError`] naming the argument, the
@@ -22,6 +25,7 @@
 
 mod alloc;
 mod error;
+mod ffn;
 mod grouped;
 mod matrix;
 mod par;
@@ -29,11 +33,14 @@ mod permute;
 #[cfg(test)]
 mod proptests;
 mod route;
+mod router;
 mod unpermute;
 
 pub use error::MoeError;
+pub use ffn::{gelu_ffn_backward, gelu_ffn_forward, FfnForward, FfnGrads};
 pub use grouped::{grouped_matmul, grouped_matmul_dw, grouped_matmul_dx, MatrixStack};
 pub use matrix::Matrix;
 pub use permute::{permute, permute_order, PermuteOptions, Permuted};
 pub use route::{route, route_backward, RouteOptions, Routing, Score};
+pub use router::{router_backward, router_logits};
 pub use unpermute::{permute_backward, unpermute, unpermute_backward, UnpermuteGrads};
