@@ -143,6 +143,11 @@ class Worker:
         env = dict(os.environ)
         for var in ("RAYON_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
             env[var] = str(threads)
+        if kind == "moecore":
+            # What `moecore train` gets by importing moecore before numpy (this script
+            # imports numpy first): OpenBLAS's idle threads sleep at once instead of
+            # spinning through the Rust kernels (moecore/_blas_env.py).
+            env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", kind, "--threads", str(threads), *argv],
             env=env,

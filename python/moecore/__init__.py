@@ -8,6 +8,8 @@ compressor, the sparse kernels and the communication scheduler.
 
 from __future__ import annotations
 
+# First, before anything imports numpy: how OpenBLAS's idle threads wait (see the module).
+from moecore import _blas_env  # noqa: F401  # isort: skip
 from moecore import (
     errors,
     ops,
