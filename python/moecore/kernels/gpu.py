@@ -15,8 +15,9 @@ one family through a :class:`Backend`:
 Exactness, compared with the CPU kernels in ``moecore._core``:
 
 - top-k selection is exact and returns the same indices (increasing, ties to the lower index)
-  and values as the CPU's exact method; GPU selection has no sampled mode (``exact_k=False``
-  does not apply), error feedback leaves the same residual bit for bit (f32 values);
+  and values as the CPU's exact method, for ``method="exact"`` and ``"sampled"`` alike (the
+  sampled threshold only narrows the candidates; ``exact_k=False`` does not apply); error
+  feedback leaves the same residual bit for bit (f32 values);
 - decompression scatter and AdamW are bit-identical (no fused multiply-add);
 - MoE routing picks the same experts unless two choice scores are within rounding of each
   other (``expf`` differs by an ulp or two from the CPU's); permutation orders and counts are
