@@ -157,7 +157,9 @@ class _EPMoE(Function):
         t, e = x2.shape[0], router_w.shape[0]
         kern = moe_kernels_for(x2, router_w, w1, w2)
         normalize = k > 1
-        logits = x2 @ router_w.T
+        router_w = np.ascontiguousarray(router_w)
+        # The single-process op's router kernels, so both layouts round alike.
+        logits = kern.router_logits(x2, router_w)
         if not bool(np.isfinite(logits).all()):
             # As the single-process op: route somewhere so every rank completes the step.
             logits = np.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
@@ -208,8 +210,7 @@ class _EPMoE(Function):
         if ctx.d_logits_aux is not None:
             scale = _moe_op._aux_loss_scale
             d_logits += (ctx.d_logits_aux * scale).astype(d_logits.dtype, copy=False)
-        d_x += d_logits @ router_w
-        d_router = d_logits.T @ x2
+        d_router = kern.router_backward(d_logits, x2, router_w, d_x)  # also d_x += d_logits·R
         return d_x.reshape(*lead, d), d_router, d_w1, d_w2
 
 
