@@ -27,15 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from moecore import ops
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
 from moecore.dist.group import Group
 from moecore.kernels import moe_kernels_for
 from moecore.nn.module import Module
-from moecore.nn.moe import routing_summary
+from moecore.nn.moe import routing_summary, shared_experts
 from moecore.nn.parameter import Parameter
-from moecore.ops.moe import _activate, _activate_backward
+from moecore.ops.moe import _activate, _activate_backward, add_balance_grad, add_z_loss
 
 __all__ = ["ExpertParallelMoE"]
 
@@ -114,20 +113,10 @@ def _group_aux_terms(
             # its size, so each rank applies size × that to its own tokens.
             c = (aux_coef * e * stats_group.size / total * f).astype(logits.dtype)
             if t:
-                if score == "softmax":
-                    d_logits += p * (c - (p * c).sum(axis=1, keepdims=True))
-                else:
-                    s_sum = probs.sum(axis=1, keepdims=True)
-                    d_s = (c - (c * p).sum(axis=1, keepdims=True)) / s_sum
-                    d_logits += d_s * probs * (1 - probs)
+                add_balance_grad(d_logits, probs, p, c, score)
     if z_coef and t:
         # A per-token mean: this rank's mean, averaged over equal shares, is the global one.
-        m = logits.max(axis=1, keepdims=True)
-        ex = np.exp(logits - m)
-        total_ex = ex.sum(axis=1, keepdims=True)
-        lse = m + np.log(total_ex)
-        z = float(z_coef * (lse * lse).mean())
-        d_logits += (2 * z_coef / t) * lse * (ex / total_ex)
+        z = add_z_loss(d_logits, logits, z_coef, t)
     return aux, z, d_logits
 
 
@@ -347,13 +336,7 @@ class ExpertParallelMoE(Module):
             stats=stats,
         )
         if self.n_shared_experts:
-            h = self.shared_in(x)
-            h = (
-                ops.swiglu(h)
-                if self.activation == "swiglu"
-                else (ops.gelu(h) if self.activation == "gelu" else h.relu())
-            )
-            y = y + self.shared_out(h)
+            y = y + shared_experts(self, x)
         stats.update(routing_summary(stats["tokens_per_expert"]))
         self.last_stats = stats
         if self.training:

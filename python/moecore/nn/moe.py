@@ -138,13 +138,7 @@ class MoE(Module):
             stats=stats,
         )
         if self.n_shared_experts:
-            h = self.shared_in(x)
-            h = (
-                ops.swiglu(h)
-                if self.activation == "swiglu"
-                else (ops.gelu(h) if self.activation == "gelu" else h.relu())
-            )
-            y = y + self.shared_out(h)
+            y = y + shared_experts(self, x)
         load = np.asarray(
             stats["tokens_per_expert"] if xp_of(x.data) is np else stats["tokens_per_expert"].get()
         )
@@ -182,3 +176,14 @@ def update_router_biases(model: Module) -> None:
     for m in model.modules():
         if isinstance(m, MoE):
             m.update_bias()
+
+
+def shared_experts(layer: Any, x: Tensor) -> Tensor:
+    """The always-on shared experts of ``layer`` (an ``nn.MoE`` or its expert-parallel
+    form): ``shared_out(act(shared_in(x)))`` with the layer's activation."""
+    h = layer.shared_in(x)
+    if layer.activation == "swiglu":
+        h = ops.swiglu(h)
+    else:
+        h = ops.gelu(h) if layer.activation == "gelu" else h.relu()
+    return layer.shared_out(h)

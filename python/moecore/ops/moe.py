@@ -67,20 +67,33 @@ def _aux_terms(
             p = probs / probs.sum(axis=1, keepdims=True)
         aux = float(aux_coef * e * (f * p.mean(axis=0)).sum())
         c = (aux_coef * e / t) * f  # dL/dp[t, i] for every token
-        if score == "softmax":
-            d_logits += p * (c - (p * c).sum(axis=1, keepdims=True))
-        else:
-            s_sum = probs.sum(axis=1, keepdims=True)
-            d_s = (c - (c * p).sum(axis=1, keepdims=True)) / s_sum
-            d_logits += d_s * probs * (1 - probs)
+        add_balance_grad(d_logits, probs, p, c, score)
     if z_coef:
-        m = logits.max(axis=1, keepdims=True)
-        ex = xp.exp(logits - m)
-        total = ex.sum(axis=1, keepdims=True)
-        lse = m + xp.log(total)
-        z = float(z_coef * (lse * lse).mean())
-        d_logits += (2 * z_coef / t) * lse * (ex / total)
+        z = add_z_loss(d_logits, logits, z_coef, t)
     return aux, z, d_logits
+
+
+def add_balance_grad(d_logits: Any, probs: Any, p: Any, c: Any, score: str) -> None:
+    """Adds to ``d_logits`` the gradient of Σ_t Σ_i cᵢ·p[t, i] through the router scores
+    (``p`` is ``probs`` for softmax, the normalised sigmoid scores otherwise)."""
+    if score == "softmax":
+        d_logits += p * (c - (p * c).sum(axis=1, keepdims=True))
+    else:
+        s_sum = probs.sum(axis=1, keepdims=True)
+        d_s = (c - (c * p).sum(axis=1, keepdims=True)) / s_sum
+        d_logits += d_s * probs * (1 - probs)
+
+
+def add_z_loss(d_logits: Any, logits: Any, z_coef: float, t: int) -> float:
+    """The router z-loss β·Σ logsumexp²/t over these logits (``t`` the tokens it is averaged
+    over); adds its gradient to ``d_logits``."""
+    xp = xp_of(logits)
+    m = logits.max(axis=1, keepdims=True)
+    ex = xp.exp(logits - m)
+    total = ex.sum(axis=1, keepdims=True)
+    lse = m + xp.log(total)
+    d_logits += (2 * z_coef / t) * lse * (ex / total)
+    return float(z_coef * (lse * lse).sum() / t)
 
 
 class MoEFunction(Function):
