@@ -55,16 +55,33 @@ except ImportError:
 
 
 SETTLE_S = 0.25
+# Calls timed back to back per contender and round; the first is a warm-up.
+BURST = 6
+# A call at least this long is timed once: the warm-up effect is lost in it.
+LONG_S = 0.2
 
 
 def timed(fn: Callable[[], object]) -> float:
-    """Wall time of one call, after a pause: BLAS and OpenMP worker threads keep spinning on
-    the cores for a while after a call (OpenBLAS up to ~0.1 s), which would slow whichever
-    contender runs next on a 2-core machine."""
+    """Steady-state wall time of one call: the median of a burst of back-to-back calls after a
+    warm-up call, as timeit and criterion measure, and as the op runs in a training step (after
+    other work, never after an idle pause). Before the burst, a pause: BLAS and OpenMP worker
+    threads keep spinning on the cores for a while after a call (OpenBLAS up to ~0.1 s), which
+    would slow whichever contender runs next on a 2-core machine. A single call right after that
+    pause finds cold caches and parked worker threads: it measured a 10 ms kernel at 13-19 ms,
+    while a 100 ms dense GEMM barely notices, so it would not compare the two fairly. Calls of
+    LONG_S or more (scipy's, the dense GEMM at N = 4096) are timed once."""
     time.sleep(SETTLE_S)
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    first = time.perf_counter() - t0
+    if first >= LONG_S:
+        return first
+    times = []
+    for _ in range(BURST - 1):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def fastest(candidates: dict[str, Callable[[], np.ndarray]], want: np.ndarray, tol: float):

@@ -6,7 +6,7 @@
 use numpy::ndarray::{Array2, Array3};
 use numpy::prelude::*;
 use numpy::{dtype, Element, PyArray, PyArray2, PyArray3, PyReadonlyArray, PyUntypedArray};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 
 use super::gil::detached;
@@ -14,8 +14,11 @@ use crate::sparse::bsr::{self, BsrError, BsrPattern};
 
 impl From<BsrError> for PyErr {
     fn from(err: BsrError) -> PyErr {
-        // Every variant is bad input: a wrong pattern or a wrongly sized array.
-        PyValueError::new_err(err.to_string())
+        match err {
+            BsrError::OutOfMemory { .. } => PyMemoryError::new_err(err.to_string()),
+            // Every other variant is bad input: a wrong pattern or a wrongly sized array.
+            _ => PyValueError::new_err(err.to_string()),
+        }
     }
 }
 
@@ -106,10 +109,7 @@ pub fn bsr_linear<'py>(
     }
     let (xs, ds) = (slice(&x, "x")?, slice(&data, "data")?);
     let bs = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
-    let y = detached(py, "bsr_linear", || {
-        let mut y = vec![0.0f32; n * p.rows()];
-        bsr::bsr_linear(xs, n, p, ds, bs, &mut y).map(|()| y)
-    })??;
+    let y = detached(py, "bsr_linear", || bsr::bsr_linear_vec(xs, n, p, ds, bs))??;
     matrix(py, y, n, p.rows())
 }
 
@@ -128,8 +128,7 @@ pub fn bsr_linear_dx<'py>(
     expect_data_shape(data.shape(), p)?;
     let (dys, ds) = (slice(&dy, "dy")?, slice(&data, "data")?);
     let dx = detached(py, "bsr_linear_dx", || {
-        let mut dx = vec![0.0f32; n * p.cols()];
-        bsr::bsr_linear_dx(dys, n, p, ds, &mut dx).map(|()| dx)
+        bsr::bsr_linear_dx_vec(dys, n, p, ds)
     })??;
     matrix(py, dx, n, p.cols())
 }
@@ -156,8 +155,7 @@ pub fn bsr_linear_dw<'py>(
     let (dys, xs) = (slice(&dy, "dy")?, slice(&x, "x")?);
     let b = p.block();
     let dw = detached(py, "bsr_linear_dw", || {
-        let mut dw = vec![0.0f32; p.data_len()];
-        bsr::bsr_linear_dw(dys, xs, n, p, &mut dw).map(|()| dw)
+        bsr::bsr_linear_dw_vec(dys, xs, n, p)
     })??;
     let dw = Array3::from_shape_vec((p.nnzb(), b, b), dw)
         .map_err(|e| PyValueError::new_err(format!("dw: {e}")))?;

@@ -78,6 +78,19 @@ pub enum BsrError {
         expected: usize,
         actual: usize,
     },
+
+    /// An output would not fit in memory (e.g. an enormous number of rows).
+    #[error("{what}: cannot allocate {bytes} bytes for the result")]
+    OutOfMemory { what: &'static str, bytes: usize },
+}
+
+impl From<crate::sparse::alloc::OutOfMemory> for BsrError {
+    fn from(err: crate::sparse::alloc::OutOfMemory) -> Self {
+        BsrError::OutOfMemory {
+            what: err.what,
+            bytes: err.bytes,
+        }
+    }
 }
 
 /// The crate-wide result type of this module.

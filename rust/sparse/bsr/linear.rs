@@ -13,12 +13,15 @@
 //! pattern's transposed index), `dx[:, j-block] = Σ_i dy[:, i-block] · W_ij`, which needs no
 //! transposition at all.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::error::{BsrError, Result};
 use super::kernels::{panel_kernel, Isa, PanelArgs};
-use super::pack::{pack_row_groups, transpose_blocks, with_workspace};
+use super::pack::{gather_blocks, pack_row_groups, transpose_blocks, with_workspace};
 use super::pattern::BsrPattern;
+use crate::sparse::alloc::filled;
 
 /// Bytes of the row-major operand (`x` or `dy`) one pass over all block-rows may sweep. The
 /// packed copy stays in the last-level cache even when other processes share it; measured at
@@ -50,9 +53,37 @@ pub fn bsr_linear_with(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
-    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
-    check_len("x", x.len(), n, cols, "n × cols")?;
-    check_len("y", y.len(), n, rows, "n × rows")?;
+    check_forward(x, n, pattern, data, bias)?;
+    check_len("y", y.len(), n, pattern.rows(), "n × rows")?;
+    forward(isa, x, n, pattern, data, bias, as_uninit(y));
+    Ok(())
+}
+
+/// [`bsr_linear`] into a new `[n, rows]` vector, which is never zeroed first (the kernel
+/// writes every element, and a memset of the output would cost a visible share of the call).
+pub fn bsr_linear_vec(
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    check_forward(x, n, pattern, data, bias)?;
+    let len = n.saturating_mul(pattern.rows());
+    let fill = |y: &mut [MaybeUninit<f32>]| forward(Isa::detect(), x, n, pattern, data, bias, y);
+    // SAFETY: the inputs are valid (checked above) and `forward` writes every element of `y`.
+    Ok(unsafe { filled("y", len, fill) }?)
+}
+
+fn check_forward(
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    bias: Option<&[f32]>,
+) -> Result<()> {
+    let b = pattern.block();
+    check_len("x", x.len(), n, pattern.cols(), "n × cols")?;
     check_len(
         "data",
         data.len(),
@@ -61,13 +92,30 @@ pub fn bsr_linear_with(
         "nnzb × block × block",
     )?;
     if let Some(bias) = bias {
-        check_len("bias", bias.len(), 1, rows, "rows")?;
+        check_len("bias", bias.len(), 1, pattern.rows(), "rows")?;
     }
+    Ok(())
+}
+
+/// The forward product on inputs [`check_forward`] accepted, into `y` of `n × rows` elements,
+/// every one of which it writes: each block-row task stores all its tiles (bias or zeros when
+/// the block-row keeps no block), and the tiles cover rows `0..n` and the row's `B` columns.
+fn forward(
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
+    assert_eq!(y.len(), n * rows, "y: n × rows elements");
     if n == 0 || rows == 0 {
-        return Ok(());
+        return;
     }
     let kernel = panel_kernel(usable(isa), b);
-    let out = SharedOut(y.as_mut_ptr());
+    let out = SharedOut(y.as_mut_ptr().cast::<f32>());
     let bias_ptr = SharedIn(bias.map_or(std::ptr::null(), <[f32]>::as_ptr));
     let ids: Vec<u32> = (0..pattern.nnzb() as u32).collect();
     with_workspace(|ws| {
@@ -107,7 +155,6 @@ pub fn bsr_linear_with(
             });
         }
     });
-    Ok(())
 }
 
 /// `dx = dy·w`: `dy` is `[n, rows]`, `dx` is `[n, cols]`; every element of `dx` is written.
@@ -130,34 +177,74 @@ pub fn bsr_linear_dx_with(
     data: &[f32],
     dx: &mut [f32],
 ) -> Result<()> {
-    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
-    check_len("dy", dy.len(), n, rows, "n × rows")?;
-    check_len("dx", dx.len(), n, cols, "n × cols")?;
+    check_dx(dy, n, pattern, data)?;
+    check_len("dx", dx.len(), n, pattern.cols(), "n × cols")?;
+    input_grad(isa, dy, n, pattern, data, as_uninit(dx));
+    Ok(())
+}
+
+/// [`bsr_linear_dx`] into a new `[n, cols]` vector, never zeroed first.
+pub fn bsr_linear_dx_vec(
+    dy: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+) -> Result<Vec<f32>> {
+    check_dx(dy, n, pattern, data)?;
+    let len = n.saturating_mul(pattern.cols());
+    let fill = |dx: &mut [MaybeUninit<f32>]| input_grad(Isa::detect(), dy, n, pattern, data, dx);
+    // SAFETY: the inputs are valid (checked above) and `input_grad` writes every element.
+    Ok(unsafe { filled("dx", len, fill) }?)
+}
+
+fn check_dx(dy: &[f32], n: usize, pattern: &BsrPattern, data: &[f32]) -> Result<()> {
+    let b = pattern.block();
+    check_len("dy", dy.len(), n, pattern.rows(), "n × rows")?;
     check_len(
         "data",
         data.len(),
         pattern.nnzb(),
         b * b,
         "nnzb × block × block",
-    )?;
+    )
+}
+
+/// `dx = dy·w` on inputs [`check_dx`] accepted, into `dx` of `n × cols` elements, every one of
+/// which it writes (each block-column task stores all its tiles, zeros for an empty column).
+fn input_grad(
+    isa: Isa,
+    dy: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+) {
+    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
+    assert_eq!(dx.len(), n * cols, "dx: n × cols elements");
     if n == 0 || cols == 0 {
-        return Ok(());
+        return;
     }
     let kernel = panel_kernel(usable(isa), b);
-    let out = SharedOut(dx.as_mut_ptr());
+    let out = SharedOut(dx.as_mut_ptr().cast::<f32>());
+    let ids: Vec<u32> = (0..pattern.nnzb() as u32).collect();
     with_workspace(|ws| {
+        // The blocks in block-column order, so each column's are one contiguous run (read in
+        // place they are one page each, scattered over `data`).
+        gather_blocks(data, pattern.blocks_by_column(), b, &mut ws.wt);
+        let by_column = &ws.wt[..data.len()];
         for (n0, n1) in superpanels(n, rows, kernel.mr, SUPERPANEL_BYTES) {
             pack_row_groups(dy, rows, n0, n1, kernel.mr, b, &mut ws.packed);
             let packed = &ws.packed[..];
             (0..pattern.block_cols()).into_par_iter().for_each(|j| {
-                let (a_blocks, b_blocks) = pattern.column(j);
+                let (a_blocks, _) = pattern.column(j);
+                let b_blocks = &ids[pattern.column_range(j)];
                 for g in (n0..n1).step_by(kernel.mr) {
                     for c0 in (0..b).step_by(kernel.nr) {
                         let args = PanelArgs {
                             a: packed[(g - n0) * rows..].as_ptr(),
                             rows: kernel.mr.min(n1 - g),
                             a_blocks,
-                            b: data.as_ptr(),
+                            b: by_column.as_ptr(),
                             b_blocks,
                             c0,
                             init: std::ptr::null(),
@@ -166,15 +253,22 @@ pub fn bsr_linear_dx_with(
                             ldc: cols,
                         };
                         // SAFETY: as in the forward pass, with a_blocks the block-rows of column
-                        // j (< rows/B) and b_blocks block ids < nnzb into `data` (length
-                        // checked). Tasks differ in j, so their written columns are disjoint.
+                        // j (< rows/B) and b_blocks positions < nnzb into `by_column` (nnzb·B²
+                        // floats). Tasks differ in j, so their written columns are disjoint.
                         unsafe { (kernel.run)(&args) };
                     }
                 }
             });
         }
     });
-    Ok(())
+}
+
+/// `y` viewed as possibly uninitialised floats, for drivers that only store into it.
+pub(crate) fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the size, alignment and validity of `f32`, and the
+    // drivers handed this view only ever store initialised floats through it, so `y` is still
+    // fully initialised when the borrow ends.
+    unsafe { &mut *(std::ptr::from_mut::<[f32]>(y) as *mut [MaybeUninit<f32>]) }
 }
 
 /// The row ranges swept by one parallel pass: about `bytes` of a row-major `[n, width]`

@@ -19,6 +19,9 @@ mod tests;
 
 pub use error::{BsrError, Result};
 pub use kernels::Isa;
-pub use linear::{bsr_linear, bsr_linear_dx, bsr_linear_dx_with, bsr_linear_with};
+pub use linear::{
+    bsr_linear, bsr_linear_dx, bsr_linear_dx_vec, bsr_linear_dx_with, bsr_linear_vec,
+    bsr_linear_with,
+};
 pub use pattern::{BsrPattern, SUPPORTED_BLOCKS};
-pub use sddmm::{bsr_linear_dw, bsr_linear_dw_with};
+pub use sddmm::{bsr_linear_dw, bsr_linear_dw_vec, bsr_linear_dw_with};

@@ -180,6 +180,15 @@ impl BsrPattern {
         let range = self.t_indptr[j]..self.t_indptr[j + 1];
         (&self.t_rows[range.clone()], &self.t_blocks[range])
     }
+    /// Every stored block's id in block-column order (column 0's blocks first, each column's
+    /// sorted by block-row): the order in which the dX kernel reads them.
+    pub(crate) fn blocks_by_column(&self) -> &[u32] {
+        &self.t_blocks
+    }
+    /// The positions in [`Self::blocks_by_column`] of block-column `j`'s blocks.
+    pub(crate) fn column_range(&self, j: usize) -> std::ops::Range<usize> {
+        self.t_indptr[j]..self.t_indptr[j + 1]
+    }
     /// Number of values in the data array, `nnzb · block²`.
     pub fn data_len(&self) -> usize {
         self.nnzb() * self.block * self.block

@@ -10,13 +10,16 @@
 //! in chunks small enough that the `x` and `dy` rows of a chunk stay in L1 while every tile of
 //! the block passes over them.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::error::Result;
 use super::kernels::{sddmm_kernel, Isa, SddmmArgs};
-use super::linear::{check_len, superpanels, usable};
+use super::linear::{as_uninit, check_len, superpanels, usable};
 use super::pack::{pack_column_panels, with_workspace};
 use super::pattern::BsrPattern;
+use crate::sparse::alloc::{filled, write_zeros};
 
 /// Rows reduced per pass over the tiles of a block.
 const ROW_CHUNK: usize = 64;
@@ -50,6 +53,21 @@ pub fn bsr_linear_dw_with(
     dw_in_superpanels(isa, dy, x, n, pattern, dw, SUPERPANEL_BYTES)
 }
 
+/// [`bsr_linear_dw`] into a new `[nnzb, B, B]` vector, never zeroed first.
+pub fn bsr_linear_dw_vec(
+    dy: &[f32],
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+) -> Result<Vec<f32>> {
+    check_inputs(dy, x, n, pattern)?;
+    let fill = |dw: &mut [MaybeUninit<f32>]| {
+        weight_grad(Isa::detect(), dy, x, n, pattern, dw, SUPERPANEL_BYTES);
+    };
+    // SAFETY: the inputs are valid (checked above) and `weight_grad` writes every element.
+    Ok(unsafe { filled("dw", pattern.data_len(), fill) }?)
+}
+
 /// [`bsr_linear_dw_with`] sweeping super-panels of about `superpanel_bytes` of `x` and `dy`
 /// rows (a parameter so that tests can cross super-panel boundaries on small shapes).
 pub(crate) fn dw_in_superpanels(
@@ -61,22 +79,43 @@ pub(crate) fn dw_in_superpanels(
     dw: &mut [f32],
     superpanel_bytes: usize,
 ) -> Result<()> {
-    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
-    check_len("dy", dy.len(), n, rows, "n × rows")?;
-    check_len("x", x.len(), n, cols, "n × cols")?;
+    check_inputs(dy, x, n, pattern)?;
     check_len(
         "dw",
         dw.len(),
         pattern.nnzb(),
-        b * b,
+        pattern.block() * pattern.block(),
         "nnzb × block × block",
     )?;
+    weight_grad(isa, dy, x, n, pattern, as_uninit(dw), superpanel_bytes);
+    Ok(())
+}
+
+fn check_inputs(dy: &[f32], x: &[f32], n: usize, pattern: &BsrPattern) -> Result<()> {
+    check_len("dy", dy.len(), n, pattern.rows(), "n × rows")?;
+    check_len("x", x.len(), n, pattern.cols(), "n × cols")
+}
+
+/// dW on inputs [`check_inputs`] accepted, into `dw` of `nnzb · B²` elements, every one of
+/// which it writes: zeros when `n == 0`, else each block's first row chunk overwrites every
+/// tile of the block and later chunks add to it.
+fn weight_grad(
+    isa: Isa,
+    dy: &[f32],
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    dw: &mut [MaybeUninit<f32>],
+    superpanel_bytes: usize,
+) {
+    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
+    assert_eq!(dw.len(), pattern.data_len(), "dw: nnzb × B² elements");
     if pattern.nnzb() == 0 {
-        return Ok(());
+        return;
     }
     if n == 0 {
-        dw.fill(0.0);
-        return Ok(());
+        write_zeros(dw);
+        return;
     }
     let kernel = sddmm_kernel(usable(isa), b);
     // Row tiles of the block: full tiles of `mr` rows, then the tail kernel's rows.
@@ -124,7 +163,7 @@ pub(crate) fn dw_in_superpanels(
                                 n: depth,
                                 // SAFETY (pointer arithmetic): o0 < B and c0 < B inside this
                                 // block.
-                                out: unsafe { out.as_mut_ptr().add(o0 * b + c0) },
+                                out: unsafe { out.as_mut_ptr().add(o0 * b + c0).cast::<f32>() },
                                 ldo: b,
                                 accumulate: s0 + r0 > 0,
                             };
@@ -140,5 +179,4 @@ pub(crate) fn dw_in_superpanels(
             });
         }
     });
-    Ok(())
 }

@@ -33,6 +33,15 @@ pub enum MoeError {
     OutOfMemory { what: &'static str, bytes: usize },
 }
 
+impl From<crate::sparse::alloc::OutOfMemory> for MoeError {
+    fn from(err: crate::sparse::alloc::OutOfMemory) -> Self {
+        MoeError::OutOfMemory {
+            what: err.what,
+            bytes: err.bytes,
+        }
+    }
+}
+
 impl MoeError {
     pub(crate) fn shape(
         arg: &'static str,

@@ -10,13 +10,13 @@
 //! once the hidden gradient is complete). Two threads thus stay busy through the whole layer
 //! with two synchronisation points instead of seven.
 
-use super::alloc::zeroed;
 use super::error::MoeError;
 use super::grouped::{offsets, shared_tiles, split_by_tiles, MatrixStack, Tile};
 use super::matrix::Matrix;
 use super::par::run;
 use crate::fused::gelu::{gelu_backward_in_place, gelu_serial};
 use crate::linalg::gemm::{matmul, Strided};
+use crate::sparse::alloc::zeroed;
 
 /// Tiles per thread: enough for experts of uneven size to balance over the threads, few
 /// enough that each GEMM stays large (each packs its expert's weight matrix once).

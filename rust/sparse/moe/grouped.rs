@@ -8,11 +8,11 @@
 //! tiles of about equal cost that run side by side on rayon's threads, one thread each, so
 //! many small experts still use every core.
 
-use super::alloc::zeroed;
 use super::error::{shape_str, MoeError};
 use super::matrix::Matrix;
 use super::par::run;
 use crate::linalg::gemm::{matmul, Strided};
+use crate::sparse::alloc::zeroed;
 
 /// A stack of `n` row-major `rows × cols` matrices (`[E, d_in, d_out]` expert weights).
 #[derive(Debug, Clone, Copy)]

@@ -23,7 +23,6 @@
 //! measured to pay (routing, grouped matmul; the memory-bound gathers only for large inputs,
 //! see `par`), each thread owning its outputs: no atomics.
 
-mod alloc;
 mod error;
 mod ffn;
 mod grouped;

@@ -3,11 +3,11 @@
 
 use std::mem::MaybeUninit;
 
-use super::alloc::{filled, write_copy, write_scaled, write_zeros, zeroed};
 use super::error::MoeError;
 use super::matrix::Matrix;
 use super::par::{rows_per_block, run, MEMORY_BOUND};
 use super::route::check_expert_idx;
+use crate::sparse::alloc::{filled, write_copy, write_scaled, write_zeros, zeroed};
 
 /// The knobs of [`permute`].
 #[derive(Debug, Clone, Copy)]
@@ -220,7 +220,7 @@ pub(crate) fn gather_rows(
     // SAFETY: `out` has order.len() · d elements; its blocks of `rows · d` pair up with
     // `order`'s blocks of `rows` entries, and every d-wide row of every block is written
     // (copied, scaled or zeroed). With d == 0 there is nothing to write.
-    unsafe { filled(what, order.len().saturating_mul(d), fill) }
+    Ok(unsafe { filled(what, order.len().saturating_mul(d), fill) }?)
 }
 
 #[cfg(test)]

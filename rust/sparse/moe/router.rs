@@ -8,10 +8,10 @@
 //! to 300 ms with two, and the router products from 1 ms to 90 ms wall). Here everything
 //! runs on rayon's pool.
 
-use super::alloc::zeroed;
 use super::error::MoeError;
 use super::matrix::Matrix;
 use crate::linalg::gemm::{matmul, matmul_add, Strided};
+use crate::sparse::alloc::zeroed;
 
 fn check_router(x: Matrix<'_, f32>, w: Matrix<'_, f32>) -> Result<(), MoeError> {
     if w.cols() != x.cols() {

@@ -5,11 +5,11 @@
 
 use std::mem::MaybeUninit;
 
-use super::alloc::{filled, write_scaled, write_zeros, zeroed};
 use super::error::MoeError;
 use super::matrix::Matrix;
 use super::par::{rows_per_block, run, MEMORY_BOUND};
 use super::permute::gather_rows;
+use crate::sparse::alloc::{filled, write_scaled, write_zeros, zeroed};
 
 /// What [`unpermute_backward`] returns.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,7 +73,7 @@ pub fn unpermute(
     // SAFETY: `out` has n_tokens · d elements in blocks of `rows` tokens, paired with the
     // blocks of `inverse` (k slots per token); every token's row is written by one of the
     // three arms (zeros, one scaled row, or a sum of at least two). d == 0: nothing to write.
-    unsafe { filled("y", n_tokens.saturating_mul(d), fill) }
+    Ok(unsafe { filled("y", n_tokens.saturating_mul(d), fill) }?)
 }
 
 /// `&mut [f32]` view of a slice whose elements have all been written.

@@ -1,22 +1,29 @@
-//! Zeroed output buffers whose size comes from the caller, allocated without aborting.
+//! Output buffers of the sparse kernels whose size comes from the caller, allocated without
+//! aborting, and without zeroing what the kernel overwrites anyway.
 //!
 //! `vec![0.0; n]` aborts the process when the allocator says no; an output sized by user
-//! input (a huge `pad_to`, a wide `w`) must instead become an error the caller can catch.
+//! input (a huge `pad_to`, a wide `w`, many rows of `x`) must instead become an error the
+//! caller can catch. Each kernel family turns [`OutOfMemory`] into its own error enum.
 
 use std::alloc::{alloc_zeroed, Layout};
 use std::mem::MaybeUninit;
 
-use super::error::MoeError;
+/// An output buffer could not be allocated: `what` names it, `bytes` is what it needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OutOfMemory {
+    pub what: &'static str,
+    pub bytes: usize,
+}
 
 /// Element types whose all-zero bit pattern is the value zero.
 pub(crate) trait ZeroBits: Copy {}
 impl ZeroBits for f32 {}
 impl ZeroBits for i32 {}
 
-/// A vector of `len` zeros, or [`MoeError::OutOfMemory`] naming `what`. Like `vec![0; len]`
+/// A vector of `len` zeros, or [`OutOfMemory`] naming `what`. Like `vec![0; len]`
 /// it asks the allocator for zeroed memory (calloc), so large buffers cost no memset.
-pub(crate) fn zeroed<T: ZeroBits>(what: &'static str, len: usize) -> Result<Vec<T>, MoeError> {
-    let too_large = || MoeError::OutOfMemory {
+pub(crate) fn zeroed<T: ZeroBits>(what: &'static str, len: usize) -> Result<Vec<T>, OutOfMemory> {
+    let too_large = || OutOfMemory {
         what,
         bytes: len.saturating_mul(size_of::<T>()),
     };
@@ -41,7 +48,7 @@ pub(crate) fn zeroed<T: ZeroBits>(what: &'static str, len: usize) -> Result<Vec<
 
 /// A vector of `len` elements written by `fill`, without zeroing them first (for outputs
 /// the kernel overwrites completely: a memset of a large reused buffer costs as much as the
-/// gather itself). [`MoeError::OutOfMemory`] naming `what` if it cannot be allocated.
+/// gather itself). [`OutOfMemory`] naming `what` if it cannot be allocated.
 ///
 /// # Safety
 /// `fill` must initialise every element of the slice it is given (it may panic: the
@@ -50,13 +57,12 @@ pub(crate) unsafe fn filled<T: ZeroBits>(
     what: &'static str,
     len: usize,
     fill: impl FnOnce(&mut [MaybeUninit<T>]),
-) -> Result<Vec<T>, MoeError> {
+) -> Result<Vec<T>, OutOfMemory> {
     let mut v: Vec<T> = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| MoeError::OutOfMemory {
-            what,
-            bytes: len.saturating_mul(size_of::<T>()),
-        })?;
+    v.try_reserve_exact(len).map_err(|_| OutOfMemory {
+        what,
+        bytes: len.saturating_mul(size_of::<T>()),
+    })?;
     advise_huge_pages(v.spare_capacity_mut());
     fill(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: capacity >= len (reserved above) and the caller guarantees `fill` initialised
@@ -132,13 +138,7 @@ mod tests {
         assert!(v.iter().all(|&x| x == 0.0));
         assert!(zeroed::<i32>("x", 0).unwrap().is_empty());
         let err = zeroed::<f32>("x_sorted", usize::MAX / 2).unwrap_err();
-        assert!(matches!(
-            err,
-            MoeError::OutOfMemory {
-                what: "x_sorted",
-                ..
-            }
-        ));
+        assert_eq!(err.what, "x_sorted");
     }
 
     #[test]
@@ -155,6 +155,6 @@ mod tests {
         assert_eq!(c, vec![1.0, 2.0]);
         // SAFETY: never called: the reservation fails first.
         let err = unsafe { filled::<f32>("y", usize::MAX / 2, |_| unreachable!()) }.unwrap_err();
-        assert!(matches!(err, MoeError::OutOfMemory { what: "y", .. }));
+        assert_eq!(err.what, "y");
     }
 }
