@@ -6,10 +6,11 @@ implementation per round, so machine noise hits all alike); the table shows medi
 ratio peer / moecore (> 1 means moecore is faster). Results also go to
 benches/results/moe_kernels.json.
 
-Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_kernels.py
+Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_kernels.py [--numpy-first]
 (add PYTHONPATH=<dir with torch> to include PyTorch; it is skipped when not importable).
 """
 
+# ruff: noqa: I001
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import sys
+
+# moecore first, as its users' programs do: importing it before numpy lets it set
+# OPENBLAS_THREAD_TIMEOUT (see README, "process-wide settings"), so numpy's idle OpenBLAS
+# threads sleep at once instead of spinning ~0.1 s on the cores the next moecore kernel needs.
+# `--numpy-first` measures the other order. (Import sorting is off in this file for this.)
+if "--numpy-first" in sys.argv:
+    import numpy as np
+import moecore  # noqa: F401  (imported for its side effect on OpenBLAS; see above)
 import numpy as np
 from threadpoolctl import threadpool_info
 
@@ -196,6 +206,11 @@ def time_round_robin(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument(
+        "--numpy-first",
+        action="store_true",
+        help="import numpy before moecore (OpenBLAS's idle threads then spin after each call)",
+    )
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
