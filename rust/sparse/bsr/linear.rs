@@ -82,15 +82,8 @@ fn check_forward(
     data: &[f32],
     bias: Option<&[f32]>,
 ) -> Result<()> {
-    let b = pattern.block();
     check_len("x", x.len(), n, pattern.cols(), "n × cols")?;
-    check_len(
-        "data",
-        data.len(),
-        pattern.nnzb(),
-        b * b,
-        "nnzb × block × block",
-    )?;
+    check_data(data, pattern)?;
     if let Some(bias) = bias {
         check_len("bias", bias.len(), 1, pattern.rows(), "rows")?;
     }
@@ -198,8 +191,13 @@ pub fn bsr_linear_dx_vec(
 }
 
 fn check_dx(dy: &[f32], n: usize, pattern: &BsrPattern, data: &[f32]) -> Result<()> {
-    let b = pattern.block();
     check_len("dy", dy.len(), n, pattern.rows(), "n × rows")?;
+    check_data(data, pattern)
+}
+
+/// `data` (or dW) must hold `nnzb × B × B` values.
+pub(crate) fn check_data(data: &[f32], pattern: &BsrPattern) -> Result<()> {
+    let b = pattern.block();
     check_len(
         "data",
         data.len(),
