@@ -71,6 +71,15 @@ pub(crate) unsafe fn filled<T: ZeroBits>(
     Ok(v)
 }
 
+/// `y` viewed as possibly uninitialised floats, for kernels that only store into it (so one
+/// driver serves both a caller's buffer and a fresh one from [`filled`]).
+pub(crate) fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the size, alignment and validity of `f32`, and the
+    // drivers handed this view only ever store initialised floats through it, so `y` is still
+    // fully initialised when the borrow ends.
+    unsafe { &mut *(std::ptr::from_mut::<[f32]>(y) as *mut [MaybeUninit<f32>]) }
+}
+
 /// Asks Linux to back `buf` with transparent huge pages (as numpy does for arrays of 4 MiB and
 /// more): a fresh buffer then costs a few 2 MiB page faults instead of hundreds of 4 KiB ones,
 /// which on a virtual machine dominate a gather's time. Only advice: failure is ignored.

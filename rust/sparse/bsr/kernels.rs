@@ -20,10 +20,10 @@ pub(crate) struct PanelArgs<'a> {
     pub rows: usize,
     /// For each term, the block-column of A (the term reads columns `ablk·B .. ablk·B + B`).
     pub a_blocks: &'a [u32],
-    /// Base of the B blocks (`B × B` each, row-major `[k][c]`).
+    /// The B blocks of the terms, one after the other (`B × B` each, row-major `[k][c]`): term
+    /// `t` multiplies by the block at `b + t·B²`. The drivers lay them out so (the forward's
+    /// transposed copy and dX's column-ordered copy), which keeps each tile's reads contiguous.
     pub b: *const f32,
-    /// For each term, the block of `b` to multiply by.
-    pub b_blocks: &'a [u32],
     /// First column of the tile within the block.
     pub c0: usize,
     /// Values the accumulators start from (`NV · lanes` floats at column `c0`), or null for zero.
@@ -103,8 +103,8 @@ macro_rules! simd_kernels {
                 args: &super::PanelArgs<'_>,
             ) {
                 // SAFETY (whole body): the caller guarantees that the packed group at `a` has
-                // `(a_blocks[t] + 1)·B·MR` readable floats for every t, that every `b_blocks[t]`
-                // names a B×B block inside `b`, that `init` (when not null) has `c0 + NV·LANES`
+                // `(a_blocks[t] + 1)·B·MR` readable floats for every t, that `b` has
+                // `a_blocks.len()·B²` readable floats, that `init` (when not null) has `c0 + NV·LANES`
                 // readable floats and that C rows `0..rows` have `c0 + NV·LANES` writable floats.
                 let mut acc = [[$zero(); NV]; MR];
                 if !args.init.is_null() {
@@ -115,10 +115,9 @@ macro_rules! simd_kernels {
                         }
                     }
                 }
-                let terms = args.a_blocks.len().min(args.b_blocks.len());
+                let terms = args.a_blocks.len();
                 for t in 0..terms {
                     let ablk = *args.a_blocks.get_unchecked(t);
-                    let bblk = *args.b_blocks.get_unchecked(t);
                     let ap = args.a.add(ablk as usize * B * MR);
                     // The next term's A sub-block is elsewhere in the packed panel (another
                     // block-column): start fetching it now, one hint per cache line.
@@ -128,7 +127,7 @@ macro_rules! simd_kernels {
                             $prefetch(next.add(line * 16));
                         }
                     }
-                    let bp = args.b.add(bblk as usize * B * B + args.c0);
+                    let bp = args.b.add(t * B * B + args.c0);
                     for k in 0..B {
                         let mut bv = [$zero(); NV];
                         for (v, lane) in bv.iter_mut().enumerate() {

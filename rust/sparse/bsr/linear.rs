@@ -21,7 +21,7 @@ use super::error::{BsrError, Result};
 use super::kernels::{panel_kernel, Isa, PanelArgs};
 use super::pack::{gather_blocks, pack_row_groups, transpose_blocks, with_workspace};
 use super::pattern::BsrPattern;
-use crate::sparse::alloc::filled;
+use crate::sparse::alloc::{as_uninit, filled};
 
 /// Bytes of the row-major operand (`x` or `dy`) one pass over all block-rows may sweep. The
 /// packed copy stays in the last-level cache even when other processes share it; measured at
@@ -83,7 +83,7 @@ fn check_forward(
     bias: Option<&[f32]>,
 ) -> Result<()> {
     check_len("x", x.len(), n, pattern.cols(), "n × cols")?;
-    check_data(data, pattern)?;
+    check_blocks("data", data, pattern)?;
     if let Some(bias) = bias {
         check_len("bias", bias.len(), 1, pattern.rows(), "rows")?;
     }
@@ -110,7 +110,6 @@ fn forward(
     let kernel = panel_kernel(usable(isa), b);
     let out = SharedOut(y.as_mut_ptr().cast::<f32>());
     let bias_ptr = SharedIn(bias.map_or(std::ptr::null(), <[f32]>::as_ptr));
-    let ids: Vec<u32> = (0..pattern.nnzb() as u32).collect();
     with_workspace(|ws| {
         transpose_blocks(data, b, &mut ws.wt);
         let wt = &ws.wt[..data.len()];
@@ -128,8 +127,9 @@ fn forward(
                             a: packed[(g - n0) * cols..].as_ptr(),
                             rows: kernel.mr.min(n1 - g),
                             a_blocks: &pattern.indices()[blocks.clone()],
-                            b: wt.as_ptr(),
-                            b_blocks: &ids[blocks.clone()],
+                            // SAFETY (pointer arithmetic): the row's first block id < nnzb
+                            // (or = nnzb with no terms); `wt` holds nnzb·B² floats.
+                            b: unsafe { wt.as_ptr().add(blocks.start * b * b) },
                             c0,
                             init,
                             // SAFETY (pointer arithmetic): row g, column i·B is inside y.
@@ -138,8 +138,8 @@ fn forward(
                         };
                         // SAFETY: the kernel matches a supported ISA (`usable`). Reads: the
                         // packed group holds cols·MR floats and every a_block < cols/B (validated
-                        // pattern); b_blocks are ids < nnzb of the transposed blocks in `wt`
-                        // (nnzb·B² floats, checked); init has B floats. Writes: rows g..g+rows ≤
+                        // pattern); the row's blocks are consecutive in `wt` (the transposed
+                        // blocks in id order, nnzb·B² floats, checked); init has B floats. Writes: rows g..g+rows ≤
                         // n1 ≤ n, columns i·B+c0 .. i·B+c0+nr ≤ (i+1)·B ≤ rows of y. Tasks differ
                         // in i, so their written columns are disjoint.
                         unsafe { (kernel.run)(&args) };
@@ -192,15 +192,15 @@ pub fn bsr_linear_dx_vec(
 
 fn check_dx(dy: &[f32], n: usize, pattern: &BsrPattern, data: &[f32]) -> Result<()> {
     check_len("dy", dy.len(), n, pattern.rows(), "n × rows")?;
-    check_data(data, pattern)
+    check_blocks("data", data, pattern)
 }
 
-/// `data` (or dW) must hold `nnzb × B × B` values.
-pub(crate) fn check_data(data: &[f32], pattern: &BsrPattern) -> Result<()> {
+/// `values` (the weights' `data`, or dW) must hold `nnzb × B × B` values; `arg` names it.
+pub(crate) fn check_blocks(arg: &'static str, values: &[f32], pattern: &BsrPattern) -> Result<()> {
     let b = pattern.block();
     check_len(
-        "data",
-        data.len(),
+        arg,
+        values.len(),
         pattern.nnzb(),
         b * b,
         "nnzb × block × block",
@@ -224,7 +224,6 @@ fn input_grad(
     }
     let kernel = panel_kernel(usable(isa), b);
     let out = SharedOut(dx.as_mut_ptr().cast::<f32>());
-    let ids: Vec<u32> = (0..pattern.nnzb() as u32).collect();
     with_workspace(|ws| {
         // The blocks in block-column order, so each column's are one contiguous run (read in
         // place they are one page each, scattered over `data`).
@@ -235,15 +234,16 @@ fn input_grad(
             let packed = &ws.packed[..];
             (0..pattern.block_cols()).into_par_iter().for_each(|j| {
                 let (a_blocks, _) = pattern.column(j);
-                let b_blocks = &ids[pattern.column_range(j)];
+                let first = pattern.column_range(j).start;
                 for g in (n0..n1).step_by(kernel.mr) {
                     for c0 in (0..b).step_by(kernel.nr) {
                         let args = PanelArgs {
                             a: packed[(g - n0) * rows..].as_ptr(),
                             rows: kernel.mr.min(n1 - g),
                             a_blocks,
-                            b: by_column.as_ptr(),
-                            b_blocks,
+                            // SAFETY (pointer arithmetic): first ≤ nnzb and `by_column` holds
+                            // nnzb·B² floats.
+                            b: unsafe { by_column.as_ptr().add(first * b * b) },
                             c0,
                             init: std::ptr::null(),
                             // SAFETY (pointer arithmetic): row g, column j·B is inside dx.
@@ -251,22 +251,14 @@ fn input_grad(
                             ldc: cols,
                         };
                         // SAFETY: as in the forward pass, with a_blocks the block-rows of column
-                        // j (< rows/B) and b_blocks positions < nnzb into `by_column` (nnzb·B²
-                        // floats). Tasks differ in j, so their written columns are disjoint.
+                        // j (< rows/B) and its blocks consecutive in `by_column` from `first`.
+                        // Tasks differ in j, so their written columns are disjoint.
                         unsafe { (kernel.run)(&args) };
                     }
                 }
             });
         }
     });
-}
-
-/// `y` viewed as possibly uninitialised floats, for drivers that only store into it.
-pub(crate) fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: `MaybeUninit<f32>` has the size, alignment and validity of `f32`, and the
-    // drivers handed this view only ever store initialised floats through it, so `y` is still
-    // fully initialised when the borrow ends.
-    unsafe { &mut *(std::ptr::from_mut::<[f32]>(y) as *mut [MaybeUninit<f32>]) }
 }
 
 /// The row ranges swept by one parallel pass: about `bytes` of a row-major `[n, width]`

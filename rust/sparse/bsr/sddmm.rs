@@ -16,10 +16,10 @@ use rayon::prelude::*;
 
 use super::error::Result;
 use super::kernels::{sddmm_kernel, Isa, SddmmArgs};
-use super::linear::{as_uninit, check_len, superpanels, usable};
+use super::linear::{check_blocks, check_len, superpanels, usable};
 use super::pack::{pack_column_panels, with_workspace};
 use super::pattern::BsrPattern;
-use crate::sparse::alloc::{filled, write_zeros};
+use crate::sparse::alloc::{as_uninit, filled, write_zeros};
 
 /// Rows reduced per pass over the tiles of a block.
 const ROW_CHUNK: usize = 64;
@@ -80,13 +80,7 @@ pub(crate) fn dw_in_superpanels(
     superpanel_bytes: usize,
 ) -> Result<()> {
     check_inputs(dy, x, n, pattern)?;
-    check_len(
-        "dw",
-        dw.len(),
-        pattern.nnzb(),
-        pattern.block() * pattern.block(),
-        "nnzb × block × block",
-    )?;
+    check_blocks("dw", dw, pattern)?;
     weight_grad(isa, dy, x, n, pattern, as_uninit(dw), superpanel_bytes);
     Ok(())
 }
