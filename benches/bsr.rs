@@ -8,42 +8,10 @@ use rayon::prelude::*;
 
 use _core::sparse::bsr::{bsr_linear, bsr_linear_dw, bsr_linear_dx, BsrPattern};
 
-const SIZE: usize = 4096;
-const DENSITY_INV: u64 = 16; // 1 block in 16 kept: 6.25 %
+#[path = "support/bsr_inputs.rs"]
+mod bsr_inputs;
 
-fn rng(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
-fn values(len: usize, state: &mut u64) -> Vec<f32> {
-    (0..len)
-        .map(|_| (rng(state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-        .collect()
-}
-
-/// Exactly nnzb = blocks/16 kept blocks, spread evenly over the block-rows.
-fn pattern(b: usize, state: &mut u64) -> BsrPattern {
-    let nb = SIZE / b;
-    let per_row = nb / DENSITY_INV as usize;
-    let mut indptr = vec![0i64];
-    let mut indices = Vec::new();
-    for _ in 0..nb {
-        let mut row: Vec<i64> = Vec::new();
-        while row.len() < per_row {
-            let j = (rng(state) % nb as u64) as i64;
-            if !row.contains(&j) {
-                row.push(j);
-            }
-        }
-        row.sort_unstable();
-        indices.extend(row);
-        indptr.push(indices.len() as i64);
-    }
-    BsrPattern::new(SIZE, SIZE, b, &indptr, &indices).expect("valid pattern")
-}
+use bsr_inputs::{dense_gemm, pattern, values, SIZE};
 
 /// The forward product with the `gemm` crate doing each block product (`Wᵀ_ij` read through
 /// swapped strides, so no transposition), parallel over block-rows.
@@ -115,30 +83,13 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Elements((2 * n * SIZE * SIZE) as u64));
         group.bench_function("dense_gemm_crate", |bench| {
             bench.iter(|| {
-                // SAFETY: y [n, SIZE] = x [n, SIZE] · wᵀ, all buffers sized above.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        SIZE,
-                        SIZE,
-                        out.as_mut_ptr(),
-                        1,
-                        SIZE as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        SIZE as isize,
-                        w.as_ptr(),
-                        SIZE as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(rayon::current_num_threads()),
-                    )
-                }
+                dense_gemm(
+                    &x,
+                    &w,
+                    n,
+                    &mut out,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                )
             })
         });
         group.finish();

@@ -7,43 +7,12 @@
 //! Run: `cargo run --release --example bsr_cpu -- [N,N..] [B,B..] [dense]`
 //! (defaults: N = 512,4096; B = 16,32,64).
 
-use _core::sparse::bsr::{bsr_linear, bsr_linear_dw, bsr_linear_dx, BsrPattern};
+use _core::sparse::bsr::{bsr_linear, bsr_linear_dw, bsr_linear_dx};
 
-const SIZE: usize = 4096;
-const DENSITY_INV: usize = 16; // 1 block in 16 kept: 6.25 %
+#[path = "../benches/support/bsr_inputs.rs"]
+mod bsr_inputs;
 
-fn rng(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
-fn values(len: usize, state: &mut u64) -> Vec<f32> {
-    (0..len)
-        .map(|_| (rng(state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-        .collect()
-}
-
-/// Exactly blocks/16 kept blocks, spread evenly over the block-rows.
-fn pattern(b: usize, state: &mut u64) -> BsrPattern {
-    let nb = SIZE / b;
-    let mut indptr = vec![0i64];
-    let mut indices = Vec::new();
-    for _ in 0..nb {
-        let mut row: Vec<i64> = Vec::new();
-        while row.len() < nb / DENSITY_INV {
-            let j = (rng(state) % nb as u64) as i64;
-            if !row.contains(&j) {
-                row.push(j);
-            }
-        }
-        row.sort_unstable();
-        indices.extend(row);
-        indptr.push(indices.len() as i64);
-    }
-    BsrPattern::new(SIZE, SIZE, b, &indptr, &indices).expect("valid pattern")
-}
+use bsr_inputs::{dense_gemm, pattern, values, SIZE};
 
 /// CPU seconds used by this process so far.
 fn cpu_seconds() -> f64 {
@@ -93,30 +62,7 @@ fn main() {
             if dense {
                 let w = values(SIZE * SIZE, &mut state);
                 let t = best(2, || {
-                    // SAFETY: y [n, SIZE] = x [n, SIZE] · wᵀ, all buffers sized above.
-                    unsafe {
-                        gemm::gemm(
-                            n,
-                            SIZE,
-                            SIZE,
-                            out.as_mut_ptr(),
-                            1,
-                            SIZE as isize,
-                            false,
-                            x.as_ptr(),
-                            1,
-                            SIZE as isize,
-                            w.as_ptr(),
-                            SIZE as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        )
-                    }
+                    dense_gemm(&x, &w, n, &mut out, gemm::Parallelism::None)
                 });
                 let gflops = 2.0 * (n * SIZE * SIZE) as f64 / t / 1e9;
                 println!("N={n} dense (gemm crate): {gflops:.1} GFLOP/s");
