@@ -55,33 +55,36 @@ except ImportError:
 
 
 SETTLE_S = 0.25
-# Calls timed back to back per contender and round; the first is a warm-up.
-BURST = 6
-# A call at least this long is timed once: the warm-up effect is lost in it.
-LONG_S = 0.2
+# Every sample spans at least this much back-to-back calling (one dense GEMM call at N = 512 is
+# about this long), so host noise weighs on a 10 ms kernel and a 100 ms GEMM alike.
+WINDOW_S = 0.1
 
 
 def timed(fn: Callable[[], object]) -> float:
-    """Steady-state wall time of one call: the median of a burst of back-to-back calls after a
-    warm-up call, as timeit and criterion measure, and as the op runs in a training step (after
-    other work, never after an idle pause). Before the burst, a pause: BLAS and OpenMP worker
-    threads keep spinning on the cores for a while after a call (OpenBLAS up to ~0.1 s), which
-    would slow whichever contender runs next on a 2-core machine. A single call right after that
-    pause finds cold caches and parked worker threads: it measured a 10 ms kernel at 13-19 ms,
-    while a 100 ms dense GEMM barely notices, so it would not compare the two fairly. Calls of
-    LONG_S or more (scipy's, the dense GEMM at N = 4096) are timed once."""
+    """Steady-state wall time of one call: after a warm-up call, the mean over back-to-back
+    calls filling at least WINDOW_S, as the op runs in a training step (after other work,
+    never after an idle pause). Calls of WINDOW_S or more (the dense GEMM, scipy's products)
+    are one call each. Why a window, not single calls: on this shared host, 2-thread wall time
+    swings between states for tens of milliseconds at a time (one 10 ms BSR call measured 7 to
+    66 ms within one loop); a 100 ms call averages over those swings while single 10 ms calls
+    sample them, and single calls right after an idle pause also find cold caches and parked
+    worker threads (18 ms against 8 ms warm in one session). Before the window, a pause: BLAS
+    and OpenMP worker threads keep spinning on the cores for a while after a call (OpenBLAS up
+    to ~0.1 s), which would slow whichever contender runs next on a 2-core machine."""
     time.sleep(SETTLE_S)
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
-    if first >= LONG_S:
+    if first >= WINDOW_S:
         return first
-    times = []
-    for _ in range(BURST - 1):
-        t0 = time.perf_counter()
+    calls = 0
+    t0 = time.perf_counter()
+    while True:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        calls += 1
+        spent = time.perf_counter() - t0
+        if spent >= WINDOW_S:
+            return spent / calls
 
 
 def fastest(candidates: dict[str, Callable[[], np.ndarray]], want: np.ndarray, tol: float):
