@@ -107,6 +107,9 @@ inline void fault(const char* fn, unsigned mask, unsigned live) {
 }
 
 // A warp intrinsic's mask must name the calling lane and no lane that is not running.
+// Called between the intrinsic's two warp barriers: by then every lane that will take part
+// has arrived and every lane that returned has left (it clears `alive` before dropping out of
+// the barrier), so the answer does not depend on how the threads happened to be scheduled.
 inline void check_mask(const char* fn, unsigned mask) {
     Warp& w = *ctx.warp;
     unsigned live = 0;
@@ -119,31 +122,35 @@ inline void check_mask(const char* fn, unsigned mask) {
 }
 
 // Exchanges a 64-bit value among the live lanes of the calling thread's warp: every lane
-// publishes `mine`, then reads lane `src`'s value (its own when `src` is out of range).
-inline unsigned long long warp_exchange(unsigned long long mine, int src) {
+// publishes `mine`, then reads lane `src`'s value (its own when `src` is out of range). `fn`
+// and `mask` are the intrinsic's, checked once the lanes have met.
+inline unsigned long long warp_exchange(unsigned long long mine, int src, const char* fn,
+                                        unsigned mask) {
     Warp& w = *ctx.warp;
     w.slot[ctx.lane] = mine;
     w.barrier.arrive_and_wait();
+    check_mask(fn, mask);
     const unsigned long long got = (src >= 0 && src < 32) ? w.slot[src] : mine;
     w.barrier.arrive_and_wait();  // nobody overwrites a slot before every lane has read
     return got;
 }
 
 template <class T>
-inline T shuffle(T v, int src) {
+inline T shuffle(T v, int src, const char* fn, unsigned mask) {
     static_assert(sizeof(T) <= 8, "shuffled values are at most 64 bits");
     unsigned long long bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
-    bits = warp_exchange(bits, src);
+    bits = warp_exchange(bits, src, fn, mask);
     T out;
     std::memcpy(&out, &bits, sizeof(T));
     return out;
 }
 
-inline unsigned ballot(bool pred) {
+inline unsigned ballot(bool pred, unsigned mask) {
     Warp& w = *ctx.warp;
     w.slot[ctx.lane] = pred ? 1 : 0;
     w.barrier.arrive_and_wait();
+    check_mask("__ballot_sync", mask);
     unsigned bits = 0;
     {
         std::lock_guard<std::mutex> lock(w.alive_m);
@@ -227,29 +234,24 @@ inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::ctx.warp->barrier.arrive
 
 template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src) {
-    ::emu::check_mask("__shfl_sync", mask);
-    return ::emu::shuffle(v, src);
+    return ::emu::shuffle(v, src, "__shfl_sync", mask);
 }
 template <class T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
-    ::emu::check_mask("__shfl_down_sync", mask);
     const int src = ::emu::ctx.lane + static_cast<int>(delta);
-    return ::emu::shuffle(v, src < 32 ? src : ::emu::ctx.lane);
+    return ::emu::shuffle(v, src < 32 ? src : ::emu::ctx.lane, "__shfl_down_sync", mask);
 }
 template <class T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
-    ::emu::check_mask("__shfl_up_sync", mask);
     const int src = ::emu::ctx.lane - static_cast<int>(delta);
-    return ::emu::shuffle(v, src >= 0 ? src : ::emu::ctx.lane);
+    return ::emu::shuffle(v, src >= 0 ? src : ::emu::ctx.lane, "__shfl_up_sync", mask);
 }
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
-    ::emu::check_mask("__shfl_xor_sync", mask);
-    return ::emu::shuffle(v, ::emu::ctx.lane ^ lane_mask);
+    return ::emu::shuffle(v, ::emu::ctx.lane ^ lane_mask, "__shfl_xor_sync", mask);
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
-    ::emu::check_mask("__ballot_sync", mask);
-    return ::emu::ballot(pred != 0);
+    return ::emu::ballot(pred != 0, mask);
 }
 
 template <class T>
