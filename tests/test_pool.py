@@ -55,6 +55,23 @@ def test_default_dtype_is_float64_and_int_shapes_work():
     assert b.shape == (2, 3) and b.dtype == np.int16
 
 
+@pytest.mark.parametrize("ndim", [0, 1, 7, 8, 9, 17, 64])
+def test_shapes_of_any_rank_match_numpy(ndim):
+    # Shapes of up to 8 dimensions are parsed on the stack, longer ones on the heap: both
+    # sides of that boundary and numpy's limit of 64.
+    shape = tuple((d % 3) + 1 if d < 12 else 1 for d in range(ndim))
+    a = HostPool().empty(shape, np.int32)
+    ref = np.empty(shape, np.int32)
+    assert a.shape == ref.shape and a.strides == ref.strides
+    a[...] = np.arange(a.size, dtype=np.int32).reshape(shape)
+    assert a.reshape(-1).tolist() == list(range(a.size))
+
+
+def test_more_than_64_dimensions_are_refused():
+    with pytest.raises(PoolMisuse, match="at most 64"):
+        HostPool().empty((1,) * 65)
+
+
 @pytest.mark.parametrize(
     "dtype", ["bool", "int8", "uint64", "float16", "float32", "complex128", ml_dtypes.bfloat16]
 )

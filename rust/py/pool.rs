@@ -106,14 +106,27 @@ pub struct PoolCore {
 /// than 32 itself, with its own error).
 const MAX_DIMS: usize = 64;
 
-/// The dimensions of a new array, on the stack: `empty()` is called for small arrays in hot
-/// loops, where a heap vector per call is a visible part of the cost.
+/// Dimensions held inline; more spill to the heap. Arrays in hot loops have few
+/// dimensions, and a 64-entry buffer per call was a 512-byte memset and move in the profile
+/// of `empty()` for small arrays.
+const INLINE_DIMS: usize = 8;
+
+/// The dimensions of a new array: on the stack up to `INLINE_DIMS`, else in `spill`.
 struct Dims {
     len: usize,
-    buf: [npy_intp; MAX_DIMS],
+    inline: [npy_intp; INLINE_DIMS],
+    spill: Vec<npy_intp>,
 }
 
 impl Dims {
+    fn new() -> Self {
+        Dims {
+            len: 0,
+            inline: [0; INLINE_DIMS],
+            spill: Vec::new(),
+        }
+    }
+
     fn push(&mut self, d: i64, shape: &Bound<'_, PyAny>) -> PyResult<()> {
         if d < 0 {
             return Err(PoolMisuse::new_err(format!(
@@ -126,28 +139,35 @@ impl Dims {
                 "too many dimensions: at most {MAX_DIMS} are supported"
             )));
         }
-        self.buf[self.len] = d as npy_intp;
+        if self.len < INLINE_DIMS {
+            self.inline[self.len] = d as npy_intp;
+        } else {
+            if self.len == INLINE_DIMS {
+                self.spill.extend_from_slice(&self.inline);
+            }
+            self.spill.push(d as npy_intp);
+        }
         self.len += 1;
         Ok(())
     }
 
-    fn as_slice(&self) -> &[npy_intp] {
-        &self.buf[..self.len]
+    fn as_mut_slice(&mut self) -> &mut [npy_intp] {
+        if self.len <= INLINE_DIMS {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.spill
+        }
     }
 }
 
-/// Dimensions from an int or a sequence of ints, all non-negative.
-fn parse_shape(shape: &Bound<'_, PyAny>) -> PyResult<Dims> {
-    let mut dims = Dims {
-        len: 0,
-        buf: [0; MAX_DIMS],
-    };
+/// Reads the dimensions of `shape` (an int or a sequence of ints, all non-negative) into
+/// `dims`, which is filled in place rather than returned so that it is never moved.
+fn parse_shape(shape: &Bound<'_, PyAny>, dims: &mut Dims) -> PyResult<()> {
     // Fast paths first, checked by type so that no exception is raised and dropped on the
     // way: a plain int, or a tuple of plain ints.
     if let Ok(n) = shape.cast_exact::<PyInt>() {
         if let Ok(n) = n.extract::<i64>() {
-            dims.push(n, shape)?;
-            return Ok(dims);
+            return dims.push(n, shape);
         }
     }
     let int_item = |item: &Bound<'_, PyAny>| {
@@ -163,11 +183,10 @@ fn parse_shape(shape: &Bound<'_, PyAny>) -> PyResult<Dims> {
         for item in t.iter() {
             dims.push(int_item(&item)?, shape)?;
         }
-        return Ok(dims);
+        return Ok(());
     }
     if let Ok(n) = shape.extract::<i64>() {
-        dims.push(n, shape)?;
-        return Ok(dims);
+        return dims.push(n, shape);
     }
     let seq = shape.cast::<PySequence>().map_err(|_| {
         PoolMisuse::new_err(format!(
@@ -178,7 +197,7 @@ fn parse_shape(shape: &Bound<'_, PyAny>) -> PyResult<Dims> {
     for item in seq.try_iter()? {
         dims.push(int_item(&item?)?, shape)?;
     }
-    Ok(dims)
+    Ok(())
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -294,10 +313,11 @@ impl PoolCore {
                 "empty()/zeros() need a host pool; this pool serves registered arenas only",
             ));
         }
-        let mut dims = parse_shape(shape)?;
+        let mut dims = Dims::new();
+        parse_shape(shape, &mut dims)?;
         let descr = numeric_dtype(py, dtype)?;
         let nbytes = dims
-            .as_slice()
+            .as_mut_slice()
             .iter()
             .try_fold(descr.itemsize(), |acc, &d| acc.checked_mul(d as usize))
             .filter(|&n| n <= isize::MAX as usize)
@@ -312,7 +332,9 @@ impl PoolCore {
         if nbytes == 0 {
             // Nothing to allocate: numpy makes its own empty array.
             // SAFETY: as below, with null data (numpy allocates).
-            return unsafe { new_ndarray(py, descr, &mut dims.buf, nd, std::ptr::null_mut(), 0) };
+            return unsafe {
+                new_ndarray(py, descr, dims.as_mut_slice(), nd, std::ptr::null_mut(), 0)
+            };
         }
         let addr = gil::guarded("pool.empty", || {
             lock(&self.pool)?
@@ -345,7 +367,7 @@ impl PoolCore {
             let arr = new_ndarray(
                 py,
                 descr,
-                &mut dims.buf,
+                dims.as_mut_slice(),
                 nd,
                 addr as *mut std::ffi::c_void,
                 NPY_ARRAY_CARRAY,
