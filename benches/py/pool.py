@@ -6,7 +6,10 @@ For each size (4 KiB … 256 MiB) both sides get a buffer, fill it once and drop
 alternating rounds so that machine noise hits both alike; the table reports the median time
 per (get + write + drop) and the ratio numpy / pool (> 1: the pool is faster). numpy.empty
 hands out fresh pages from the OS at large sizes (a page fault per page on first write);
-the pool hands back the warm pages of the previous round. Then RMM's random workload
+the pool hands back the warm pages of the previous round. A second table times get + drop
+without the write: the allocators' own cost per call, which is all that differs between the
+two sides where both reuse the same warm block (below glibc's mmap threshold, which grows to
+32 MiB once such blocks are freed). Then RMM's random workload
 (1 KiB … 64 MiB, 16000 MiB live cap) is replayed and its fragmentation reported.
 Results go to benches/results/pool.json.
 """
@@ -48,49 +51,55 @@ def check_correctness() -> None:
     assert pool.stats()["allocated_bytes.all.current"] == 0, "arrays did not return memory"
 
 
-def time_rounds(get, n: int, calls: int) -> float:
-    """Seconds per (get + fill + drop), averaged over `calls` back-to-back calls."""
+def time_rounds(get, n: int, calls: int, write: bool = True) -> float:
+    """Seconds per (get + fill + drop), or (get + drop) without `write`, averaged over
+    `calls` back-to-back calls."""
     t0 = time.perf_counter()
-    for _ in range(calls):
-        a = get(n, np.uint8)
-        a.fill(1)
-        del a
+    if write:
+        for _ in range(calls):
+            a = get(n, np.uint8)
+            a.fill(1)
+            del a
+    else:
+        for _ in range(calls):
+            a = get(n, np.uint8)
+            del a
     return (time.perf_counter() - t0) / calls
 
 
-def bench_sizes(quick: bool) -> list[dict]:
+def bench_sizes(quick: bool, write: bool = True) -> list[dict]:
     pool = HostPool()
     rows = []
     for n in SIZES:
-        # About 20 ms of work per round, at least one call; 15 alternating rounds.
-        one = time_rounds(np.empty, n, 1)
+        # About 20 ms of work per round, at least one call; 21 alternating rounds.
+        one = time_rounds(np.empty, n, 1, write)
         calls = max(1, min(20_000, int(0.02 / max(one, 1e-7))))
         rounds = 5 if quick else 21
-        time_rounds(pool.empty, n, calls)  # warm the pool's segment for this size
+        time_rounds(pool.empty, n, calls, write)  # warm the pool's segment for this size
         t_np, t_pool = [], []
         for r in range(rounds):
             # Alternate which side goes first, so neither always follows the other.
             if r % 2:
-                t_pool.append(time_rounds(pool.empty, n, calls))
-                t_np.append(time_rounds(np.empty, n, calls))
+                t_pool.append(time_rounds(pool.empty, n, calls, write))
+                t_np.append(time_rounds(np.empty, n, calls, write))
             else:
-                t_np.append(time_rounds(np.empty, n, calls))
-                t_pool.append(time_rounds(pool.empty, n, calls))
+                t_np.append(time_rounds(np.empty, n, calls, write))
+                t_pool.append(time_rounds(pool.empty, n, calls, write))
         med_np, med_pool = statistics.median(t_np), statistics.median(t_pool)
         rows.append(
             {
                 "size": n,
                 "calls_per_round": calls,
                 "rounds": rounds,
-                "numpy_empty_write_s": med_np,
-                "pool_empty_write_s": med_pool,
+                "numpy_s": med_np,
+                "pool_s": med_pool,
                 "speedup": med_np / med_pool,
                 "numpy_min_s": min(t_np),
                 "pool_min_s": min(t_pool),
             }
         )
         print(
-            f"{label(n):>8} {med_np * 1e6:14.2f} {med_pool * 1e6:14.2f} {med_np / med_pool:9.2f}x",
+            f"{label(n):>8} {med_np * 1e6:14.3f} {med_pool * 1e6:14.3f} {med_np / med_pool:9.2f}x",
             flush=True,
         )
     assert pool.stats()["allocated_bytes.all.current"] == 0
@@ -121,6 +130,11 @@ def main() -> None:
     print("\nempty + fill once + drop, median time per call (us)")
     print(f"{'size':>8} {'numpy.empty':>14} {'HostPool.empty':>14} {'speedup':>10}")
     rows = bench_sizes(args.quick)
+    # Without the write: the allocator's own cost (both sides hand back the same warm
+    # block round after round below glibc's mmap threshold, so the write costs the same).
+    print("\nempty + drop, no write, median time per call (us)")
+    print(f"{'size':>8} {'numpy.empty':>14} {'HostPool.empty':>14} {'speedup':>10}")
+    bare = bench_sizes(args.quick, write=False)
 
     print("\nRMM random workload replay (1 KiB..64 MiB, 73% alloc, 16000 MiB cap)")
     print(f"{'N':>8} {'peak alloc MiB':>15} {'peak resv MiB':>14} {'fragm.':>8} {'segments':>9}")
@@ -142,6 +156,7 @@ def main() -> None:
                 "numpy": np.__version__,
                 "blas": blas,
                 "empty_write": rows,
+                "empty_no_write": bare,
                 "random_trace": traces,
             },
             indent=2,
