@@ -226,6 +226,9 @@ def test_decompress_variants_and_their_checks():
     decompress_sum(ps, acc, 0.5)
     want = 1 + 0.5 * sum(decompress(q).astype(np.float64) for q in ps)
     np.testing.assert_allclose(acc, want, rtol=1e-6)
+    over = np.full(10_000, np.nan, np.float32)
+    assert decompress_sum(ps, over, 0.5, overwrite=True) is over
+    np.testing.assert_allclose(over, want - 1, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="out has 10 elements, ctx describes 10000"):
         decompress(p, ctx, out=np.zeros(10, np.float32))
     with pytest.raises(CorruptPayload, match="payload is for n = 10000 elements, the output has 9"):
@@ -234,6 +237,10 @@ def test_decompress_variants_and_their_checks():
         bad = p.copy()
         bad[50] ^= 4
         decompress_sum([p, bad], np.zeros(10_000, np.float32))
+    kept = np.full(10_000, 3.0, np.float32)
+    with pytest.raises(CorruptPayload, match="payload 1: checksum mismatch"):
+        decompress_sum([p, bad], kept, overwrite=True)
+    assert (kept == 3.0).all(), "a refused overwrite must leave out as it was"
     with pytest.raises(ValueError, match="read-only"):
         ro = np.zeros(10_000, np.float32)
         ro.flags.writeable = False

@@ -82,6 +82,10 @@ def test_priority_policy_and_polling_thread_gradients_equal_single_process(mode)
     ok(2, mode)
 
 
+def test_gradient_as_bucket_view_gives_the_same_gradients_and_accumulates_in_place():
+    ok(2, "grads_view")
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_gradient_missing_on_some_ranks_is_sent_as_zeros(n):
     ok(n, "zero")

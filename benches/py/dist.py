@@ -55,7 +55,8 @@ VARIANTS = [
         {"compress": "topk:0.01", "compress_when": "always", "progress": "thread"},
     ),
 ]
-
+# As the trainer runs it: gradients stay in their buckets (no copy back per step).
+DP_ALWAYS = {"gradient_as_bucket_view": True}
 
 NAMESPACE = "moecore-shaped"
 
@@ -176,7 +177,7 @@ def worker(args: argparse.Namespace) -> None:
         opt = optim.SGD(model.parameters(), lr=1e-3)
         x, y = _batch(cfg, 0, rows, group.rank)
         profile = profile_step(model, x, y, opt)  # before the hooks exist
-        dp = None if name == "none" else dist.DataParallel(model, group, **kw)
+        dp = None if name == "none" else dist.DataParallel(model, group, **kw, **DP_ALWAYS)
         if dp is not None:
             dp.settings = {
                 "bucket_mb": kw.get("bucket_mb", 25),

@@ -222,7 +222,11 @@ def compress_decompress_into(
     payload: npt.NDArray[np.uint8], out: npt.NDArray[np.float32], *, add: bool, scale: float = 1.0
 ) -> None: ...
 def compress_decompress_sum(
-    payloads: list[npt.NDArray[np.uint8]], out: npt.NDArray[np.float32], *, scale: float = 1.0
+    payloads: list[npt.NDArray[np.uint8]],
+    out: npt.NDArray[np.float32],
+    *,
+    scale: float = 1.0,
+    overwrite: bool = False,
 ) -> None: ...
 
 # -- comm -----------------------------------------------------------------------------------

@@ -265,15 +265,19 @@ def decompress_add(payload: Any, out: Any, scale: float = 1.0) -> Any:
     return out
 
 
-def decompress_sum(payloads: Iterable[Any], out: Any, scale: float = 1.0) -> Any:
+def decompress_sum(
+    payloads: Iterable[Any], out: Any, scale: float = 1.0, *, overwrite: bool = False
+) -> Any:
     """``out += scale * sum(dense(p) for p in payloads)`` in place, in parallel over ``out``:
-    the all-gather path of data parallelism. Every payload is validated before ``out`` is
-    touched; the result does not depend on the number of threads. Returns ``out``."""
+    the all-gather path of data parallelism. With ``overwrite=True``, ``out = scale * sum``
+    instead (its old contents are ignored; cheaper than zeroing ``out`` first, as the zeroing
+    is done piecewise in cache). Every payload is validated before ``out`` is touched; the
+    result does not depend on the number of threads. Returns ``out``."""
     ps = [_as_payload(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
     if _is_cupy(out):
-        return _scatter_on_device(ps, out, add=True, scale=scale)
+        return _scatter_on_device(ps, out, add=not overwrite, scale=scale)
     dst = _as_float32(out, "out", writable=True)
-    _core.compress_decompress_sum(ps, dst.reshape(-1), scale=scale)
+    _core.compress_decompress_sum(ps, dst.reshape(-1), scale=scale, overwrite=overwrite)
     return out
 
 
@@ -295,9 +299,12 @@ class _Decoding:
             raise ValueError(f"out has {size} elements, ctx describes {ctx.size}")
         return decompress_add(payload, out, scale)
 
-    def decompress_sum(self, payloads: Iterable[Any], out: Any, scale: float = 1.0) -> Any:
-        """``out += scale * sum of payloads``; see :func:`moecore.compress.decompress_sum`."""
-        return decompress_sum(payloads, out, scale)
+    def decompress_sum(
+        self, payloads: Iterable[Any], out: Any, scale: float = 1.0, *, overwrite: bool = False
+    ) -> Any:
+        """``out += scale * sum of payloads`` (``=`` with ``overwrite``); see
+        :func:`moecore.compress.decompress_sum`."""
+        return decompress_sum(payloads, out, scale, overwrite=overwrite)
 
 
 # --- top-k -----------------------------------------------------------------------------------

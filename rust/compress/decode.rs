@@ -458,7 +458,7 @@ impl Decoded<'_> {
 #[cfg(test)]
 mod tests {
     use super::super::codec::{encode, Encoding, Rounding, HEADER_LEN};
-    use super::super::dense::{decompress_into, decompress_sum, Write};
+    use super::super::dense::{decompress_into, decompress_sum, decompress_sum_overwrite, Write};
     use super::*;
     use proptest::prelude::*;
 
@@ -625,6 +625,16 @@ mod tests {
         let mut out = vec![1f32; n];
         decompress_sum(&views, &mut out, 0.5).unwrap();
         assert_eq!(out, want);
+        // Overwriting ignores what was there (NaN here): the same sum without the 1s.
+        let mut over = vec![f32::NAN; n];
+        decompress_sum_overwrite(&views, &mut over, 0.5).unwrap();
+        let want_over: Vec<f32> = want.iter().map(|w| w - 1.0).collect();
+        for (i, (&o, &w)) in over.iter().zip(&want_over).enumerate() {
+            assert!(
+                (o - w).abs() <= 1e-3 * w.abs().max(1.0),
+                "at {i}: {o} vs {w}"
+            );
+        }
     }
 
     #[test]
@@ -647,6 +657,13 @@ mod tests {
             "{err}"
         );
         assert!(out.iter().all(|&x| x == 0.0));
+        let mut kept = vec![3f32; 10];
+        let err = decompress_sum_overwrite(&[&good, &bad], &mut kept, 1.0).unwrap_err();
+        assert!(err.to_string().contains("payload 1: checksum mismatch"));
+        assert!(
+            kept.iter().all(|&x| x == 3.0),
+            "a refused overwrite must not write"
+        );
         let other_n = encode(
             11,
             &[1],

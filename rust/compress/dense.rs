@@ -72,6 +72,26 @@ pub fn decompress_sum(
     out: &mut [f32],
     scale: f32,
 ) -> Result<(), CompressError> {
+    sum_into(payloads, out, scale, false)
+}
+
+/// `out = scale · Σ dense(payloadᵢ)`: [`decompress_sum`] into an output whose old contents
+/// do not matter. Each task zeroes its slice of `out` just before adding into it, so the
+/// output is written in one pass instead of a zeroing pass, a prefetch pass and the adds.
+pub fn decompress_sum_overwrite(
+    payloads: &[&[u8]],
+    out: &mut [f32],
+    scale: f32,
+) -> Result<(), CompressError> {
+    sum_into(payloads, out, scale, true)
+}
+
+fn sum_into(
+    payloads: &[&[u8]],
+    out: &mut [f32],
+    scale: f32,
+    overwrite: bool,
+) -> Result<(), CompressError> {
     let decoded: Vec<Decoded<'_>> = payloads
         .par_iter()
         .enumerate()
@@ -88,7 +108,11 @@ pub fn decompress_sum(
         })
         .collect::<Result<_, CompressError>>()?;
     let add_all = |t: usize, dst: &mut [f32]| {
-        touch(dst);
+        if overwrite {
+            dst.fill(0.0); // and now in cache for the adds
+        } else {
+            touch(dst);
+        }
         for d in &decoded {
             d.add_range(t * OUT_TASK, dst, scale);
         }

@@ -84,7 +84,7 @@ pub mod select;
 
 pub use codec::{encode, Encoding, Header, IndexFormat, Rounding, ValueFormat};
 pub use decode::{decode, parse_header, Decoded};
-pub use dense::{decompress_into, decompress_sum, Write};
+pub use dense::{decompress_into, decompress_sum, decompress_sum_overwrite, Write};
 pub use feedback::{compress_topk, Feedback};
 pub use quant::quantize_int8;
 pub use select::{select_topk, Method};

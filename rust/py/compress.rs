@@ -258,14 +258,16 @@ pub fn compress_decompress_into<'py>(
     Ok(())
 }
 
-/// `out += scale · Σ dense(payloadᵢ)`, every payload validated before `out` is written.
+/// `out += scale · Σ dense(payloadᵢ)` (or `out = …` with `overwrite`), every payload
+/// validated before `out` is written.
 #[pyfunction]
-#[pyo3(signature = (payloads, out, *, scale=1.0))]
+#[pyo3(signature = (payloads, out, *, scale=1.0, overwrite=false))]
 pub fn compress_decompress_sum<'py>(
     py: Python<'py>,
     payloads: Vec<PyReadonlyArray1<'py, u8>>,
     mut out: PyReadwriteArray1<'py, f32>,
     scale: f32,
+    overwrite: bool,
 ) -> PyResult<()> {
     let views = payloads
         .iter()
@@ -274,7 +276,11 @@ pub fn compress_decompress_sum<'py>(
         .collect::<PyResult<Vec<&[u8]>>>()?;
     let dst = slice_mut(&mut out, "out")?;
     detached(py, "compress_decompress_sum", || {
-        compress::decompress_sum(&views, dst, scale)
+        if overwrite {
+            compress::decompress_sum_overwrite(&views, dst, scale)
+        } else {
+            compress::decompress_sum(&views, dst, scale)
+        }
     })??;
     Ok(())
 }

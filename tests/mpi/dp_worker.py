@@ -76,6 +76,27 @@ def mode_grads(g, **dp_kwargs):
     assert dp.scheduler.rebuilt
 
 
+def mode_grads_view(g):
+    """gradient_as_bucket_view: the same gradients, each ``.grad`` a view of its bucket; and
+    with no zero_grad between steps, backward accumulates into the bucket exactly as it
+    would into a ``.grad`` of its own (across the rebuild after step 1, too)."""
+    mode_grads(g, gradient_as_bucket_view=True)
+    m, ref = model(), model()
+    dp = dist.DataParallel(
+        m, g, bucket_mb=0.004, first_bucket_mb=0.001, gradient_as_bucket_view=True
+    )
+    for step in range(3):
+        x, y = batch(step, g.size)
+        dp(local(x, g.rank), local(y, g.rank)).backward()
+        averaged_in = list(dp.buffers)  # finish() may rebuild the buckets afterwards
+        dp.finish()
+        ref(x, y).backward()
+        check_close(grads_of(m), grads_of(ref), 2e-4, 2e-6, f"accumulated step {step}")
+        for p in m.parameters():
+            if not any(np.shares_memory(p.grad, b) for b in averaged_in):
+                raise AssertionError("a .grad is not a view of a bucket")
+
+
 class Partial(nn.Module):
     """``extra`` is used on rank 0 only: the others never produce its gradient."""
 
@@ -333,6 +354,7 @@ MODES = {
         g, policy="priority", partition_mb=0.0005, credit_mb=0.002
     ),
     "grads_thread": lambda g: mode_grads(g, progress="thread"),
+    "grads_view": mode_grads_view,
     "zero": mode_zero,
     "ratio1": mode_ratio1,
     "ef": mode_ef,

@@ -86,6 +86,10 @@ class DataParallel:
             settings (see :class:`moecore.comm.Scheduler`).
         progress: how requests in flight progress: ``"hooks"`` (tested at every gradient
             hook) or ``"thread"`` (also a polling thread; see :mod:`moecore.dist.progress`).
+        gradient_as_bucket_view: as in PyTorch's DDP. False: :meth:`finish` copies the
+            averages into each ``.grad``. True: each ``.grad`` becomes a view of its bucket,
+            which saves a copy of every gradient per step; the bucket is then overwritten by
+            the next backward, so a ``.grad`` kept across steps changes with it.
 
     Use::
 
@@ -107,8 +111,10 @@ class DataParallel:
         warmup_steps: int = 0,
         compress_when: str = "auto",
         progress: str = "hooks",
+        gradient_as_bucket_view: bool = False,
     ) -> None:
         self.module = model
+        self.gradient_as_bucket_view = bool(gradient_as_bucket_view)
         self.group = group
         self.compressor = parse_compress(compress)
         if self.compressor is not None and not self.compressor.exact_k:
@@ -199,8 +205,10 @@ class DataParallel:
         if not self.scheduler.in_step:
             self.scheduler.begin_step()
         b, off, n = self._where[index]
-        grad = self.params[index].grad
-        self.buffers[b][off : off + n] = np.asarray(grad, dtype=np.float32).reshape(-1)
+        grad = np.asarray(self.params[index].grad, dtype=np.float32).reshape(-1)
+        dst = self.buffers[b][off : off + n]
+        if grad.ctypes.data != dst.ctypes.data:  # else accumulated in place in the bucket
+            dst[...] = grad
         actions = self.scheduler.ready(index)
         self._run(actions, "launched_in_backward")
         if self._driver.mode == "hooks":
@@ -249,8 +257,7 @@ class DataParallel:
         def combine() -> None:
             lengths = recv[:, :8].copy().view(np.int64).reshape(-1)
             parts = [recv[r, 8 : 8 + int(lengths[r])] for r in range(self.group.size)]
-            view[:] = 0.0
-            compressor.decompress_sum(parts, out=view, scale=scale)
+            compressor.decompress_sum(parts, out=view, scale=scale, overwrite=True)
 
         return self.group.iallgather(send, recv, on_done=combine)
 
@@ -278,7 +285,9 @@ class DataParallel:
         for i, p in enumerate(self.params):
             b, off, n = self._where[i]
             avg = self.buffers[b][off : off + n].reshape(p.data.shape)
-            if p.grad is None:
+            if self.gradient_as_bucket_view:
+                p.grad = avg
+            elif p.grad is None:
                 p.grad = avg.copy()
             else:
                 p.grad[...] = avg

@@ -150,6 +150,8 @@ class Trainer:
             policy=self.config.comm_policy,
             compress=self.config.compress,
             warmup_steps=warmup_steps,
+            # The trainer never keeps a gradient across steps, so the copy is not needed.
+            gradient_as_bucket_view=True,
         )
 
     # -- persistence ---------------------------------------------------------------------
