@@ -53,6 +53,28 @@ def test_compression_and_world_size():
     assert comp["comm_s"] == pytest.approx(7 * (44 + 8 * 10486) / 1e6)
 
 
+def test_the_ranks_own_work_delays_the_step():
+    # Backward 10 ms per gradient hides the 4 ms all-reduces; what the rank does itself
+    # does not hide: 4 copies of 4000 bytes at 1 µs/byte = 16 ms more, by hand.
+    cost = CostModel(intra=SLOW, inter=SLOW, copy_s_per_byte=1e-6)
+    base = simulate(four_buckets(2), profile(0.010), COST)
+    r = simulate(four_buckets(2), profile(0.010), cost)
+    assert r["step_s"] == pytest.approx(base["step_s"] + 0.016)
+    # Compression before the launch and decoding after the wait: on one 4 MiB bucket at
+    # 1 ns per element and 1 µs per received entry (8 ranks × 10486 entries).
+    specs = [GradSpec("w", 1 << 20)]
+    topk = Scheduler(specs, world=8, compress_ratio=0.01)
+    free = CostModel(intra=Link(0.0, 1e12), inter=Link(0.0, 1e12))
+    work = CostModel(
+        intra=free.intra, inter=free.inter, compress_s_per_elem=1e-9, decode_s_per_entry=1e-6
+    )
+    one = StepProfile(0, (0,), (0.001,), 0)
+    extra = simulate(topk, one, work)["step_s"] - simulate(topk, one, free)["step_s"]
+    assert extra == pytest.approx((1 << 20) * 1e-9 + 8 * 10486 * 1e-6, rel=1e-6)
+    with pytest.raises(SchedulerMisuse, match="copy_s_per_byte"):
+        simulate(four_buckets(2), profile(0.01), CostModel(copy_s_per_byte=float("nan")))
+
+
 def test_bad_profile_raises():
     with pytest.raises(SchedulerMisuse, match="backward times"):
         simulate(four_buckets(2), StepProfile(0.1, (3, 2, 1, 0), (0.1,), 0.1), COST)

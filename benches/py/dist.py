@@ -141,7 +141,7 @@ def _link(group, nbytes: int = 16 << 20):
 
 def _predict(dp, profile, link, group) -> float:
     from moecore.comm import CostModel, Scheduler, simulate
-    from moecore.train.plan import compression_costs
+    from moecore.train.plan import compression_costs, copy_cost
 
     ratio = None if dp.compressor is None else dp.compressor.ratio
     per_elem, per_entry = compression_costs(ratio or 0.01)
@@ -150,6 +150,7 @@ def _predict(dp, profile, link, group) -> float:
         inter=link,
         compress_s_per_elem=per_elem,
         decode_s_per_entry=per_entry,
+        copy_s_per_byte=copy_cost(),
     )
     s = dp.scheduler
     fresh = Scheduler(

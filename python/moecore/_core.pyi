@@ -277,4 +277,5 @@ def comm_simulate(
     hierarchical: bool = False,
     compress_s_per_elem: float = 0.0,
     decode_s_per_entry: float = 0.0,
+    copy_s_per_byte: float = 0.0,
 ) -> dict[str, Any]: ...

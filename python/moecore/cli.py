@@ -25,7 +25,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from moecore.comm import CostModel, Link
     from moecore.dist import parse_compress
     from moecore.train import ConfigError, build_config, parse_overrides
-    from moecore.train.plan import compression_costs, plan, profile_step
+    from moecore.train.plan import compression_costs, copy_cost, plan, profile_step
     from moecore.train.trainer import build_model, build_optimizer
 
     try:
@@ -50,6 +50,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         hierarchical=args.hierarchical,
         compress_s_per_elem=per_elem,
         decode_s_per_entry=per_entry,
+        copy_s_per_byte=copy_cost(),
     )
     rows = plan(model, profile, args.workers, cost, ratio, args.bucket_mb)
     if args.json:

@@ -234,8 +234,10 @@ class Link:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Two-level topology (``ranks_per_node`` consecutive ranks share a node) and the costs
-    of compression: seconds per element to compress, per received entry to decode."""
+    """Two-level topology (``ranks_per_node`` consecutive ranks share a node) and the work
+    each rank does for the communication: seconds per element to compress, per received
+    entry to decode, per byte to copy a gradient into its bucket. That work runs on the
+    rank's compute timeline (see :func:`simulate`)."""
 
     ranks_per_node: int = 1
     intra: Link = Link(5e-6, 100.0)
@@ -243,6 +245,7 @@ class CostModel:
     hierarchical: bool = False
     compress_s_per_elem: float = 0.0
     decode_s_per_entry: float = 0.0
+    copy_s_per_byte: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,10 @@ def simulate(scheduler: Scheduler, profile: StepProfile, cost: CostModel) -> dic
     """Predicts a steady-state step (buckets rebuilt from ``profile.ready_order``, past the
     warm-up) by replaying ``scheduler``'s own decisions on ``cost``: operations queue on one
     link and run one at a time (α–β ring model; hierarchical all-reduce when asked). It
-    assumes operations progress during compute (polling thread or NCCL).
+    assumes operations progress during compute (polling thread or NCCL). The rank's own work
+    for the communication is compute and delays backward: each gradient's copy into its
+    bucket, the compression of a compressed bucket before its launch, the decoding of the
+    gathered payloads when the rank waits for them.
 
     Returns ``step_s``, ``compute_s``, ``exposed_s`` (step minus compute), ``comm_s`` (sum
     of operation times), ``ops`` and ``compressed_buckets``."""
@@ -279,5 +285,6 @@ def simulate(scheduler: Scheduler, profile: StepProfile, cost: CostModel) -> dic
             hierarchical=cost.hierarchical,
             compress_s_per_elem=cost.compress_s_per_elem,
             decode_s_per_entry=cost.decode_s_per_entry,
+            copy_s_per_byte=cost.copy_s_per_byte,
         )
     )

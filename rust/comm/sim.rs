@@ -6,6 +6,12 @@
 //! `finish`. Every `Wait` blocks the rank until its operation ended. It assumes that
 //! operations progress by themselves while compute runs (a polling thread, or NCCL); with
 //! MPI progressed only at hooks, reality lies between this and no overlap at all.
+//!
+//! What the rank itself does for the communication is compute, on the compute timeline,
+//! not on the link: the copy of each gradient into its bucket (at its hook), top-k
+//! compression (at the launch of a compressed bucket, which waits for it), and the decoding
+//! of the gathered payloads (when the rank waits for the operation). These run on the same
+//! core (or GPU stream) as backward, so they delay it.
 
 use super::bucket::GradInfo;
 use super::scheduler::{Action, Scheduler, SchedulerConfig};
@@ -34,6 +40,8 @@ pub struct CostModel {
     pub compress_s_per_elem: f64,
     /// Seconds per received entry to decode and sum the gathered payloads.
     pub decode_s_per_entry: f64,
+    /// Seconds per byte to copy a gradient into its bucket.
+    pub copy_s_per_byte: f64,
 }
 
 /// The compute of one step, from a profile or given.
@@ -56,7 +64,8 @@ pub struct SimResult {
     pub compute_s: f64,
     /// Step time minus compute: communication not hidden behind backward.
     pub exposed_s: f64,
-    /// Sum of the operations' durations.
+    /// The communication's whole cost: gradient copies, compression, link time and decoding
+    /// of every operation.
     pub comm_s: f64,
     pub ops: usize,
     pub compressed_buckets: usize,
@@ -75,7 +84,22 @@ fn ring_half(link: Link, ranks: usize, bytes: f64) -> f64 {
     ring_allreduce(link, ranks, bytes) / 2.0
 }
 
-/// Seconds one operation takes on `world` ranks.
+/// One operation's time in three parts: compute before it can start (compression), time on
+/// the link, compute after it ended (decoding).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct OpCost {
+    pub before_s: f64,
+    pub link_s: f64,
+    pub after_s: f64,
+}
+
+impl OpCost {
+    pub fn total(&self) -> f64 {
+        self.before_s + self.link_s + self.after_s
+    }
+}
+
+/// Seconds one operation takes on `world` ranks, all parts together.
 pub fn op_seconds(
     m: &CostModel,
     transport: Transport,
@@ -84,14 +108,26 @@ pub fn op_seconds(
     world: usize,
     ratio: f64,
 ) -> f64 {
+    op_cost(m, transport, numel, elem_bytes, world, ratio).total()
+}
+
+/// One operation's [`OpCost`] on `world` ranks.
+pub fn op_cost(
+    m: &CostModel,
+    transport: Transport,
+    numel: usize,
+    elem_bytes: usize,
+    world: usize,
+    ratio: f64,
+) -> OpCost {
     if world <= 1 {
-        return 0.0;
+        return OpCost::default();
     }
     let k_node = m.ranks_per_node.clamp(1, world);
     let nodes = world.div_ceil(k_node);
     let slowest = if nodes > 1 { m.inter } else { m.intra };
     let bytes = (numel * elem_bytes) as f64;
-    match transport {
+    let link_s = match transport {
         Transport::AllReduce if m.hierarchical && k_node > 1 && nodes > 1 => {
             let shard = bytes / k_node as f64;
             2.0 * ring_half(m.intra, k_node, bytes) + ring_allreduce(m.inter, nodes, shard)
@@ -101,10 +137,16 @@ pub fn op_seconds(
             let k = topk_k(numel, ratio) as f64;
             let payload = 44.0 + 8.0 * k;
             let p = world as f64;
-            (p - 1.0) * (slowest.latency_s + payload / slowest.bytes_per_s)
-                + m.compress_s_per_elem * numel as f64
-                + m.decode_s_per_entry * p * k
+            return OpCost {
+                before_s: m.compress_s_per_elem * numel as f64,
+                link_s: (p - 1.0) * (slowest.latency_s + payload / slowest.bytes_per_s),
+                after_s: m.decode_s_per_entry * p * k,
+            };
         }
+    };
+    OpCost {
+        link_s,
+        ..OpCost::default()
     }
 }
 
@@ -138,6 +180,16 @@ pub fn simulate(
             "cost model: ranks_per_node ≥ 1, latency ≥ 0 and bandwidth > 0".into(),
         ));
     }
+    let per_unit = [
+        ("compress_s_per_elem", model.compress_s_per_elem),
+        ("decode_s_per_entry", model.decode_s_per_entry),
+        ("copy_s_per_byte", model.copy_s_per_byte),
+    ];
+    if let Some((name, v)) = per_unit.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+        return Err(CommError::BadConfig(format!(
+            "cost model: {name} must be finite and ≥ 0, got {v}"
+        )));
+    }
     let mut s = Scheduler::new(grads.to_vec(), cfg)?;
     // Steady state: buckets rebuilt from the ready order, past the dense warm-up.
     s.rebuild(&profile.ready_order)?;
@@ -155,7 +207,8 @@ pub fn simulate(
         .count();
     let mut t = profile.forward_s;
     let mut link_free = 0.0f64;
-    let mut end = vec![0.0f64; s.ops().len()];
+    // Per operation: when it leaves the link, and the compute it needs after that.
+    let mut end = vec![(0.0f64, 0.0f64); s.ops().len()];
     let mut res = SimResult {
         compressed_buckets,
         ..SimResult::default()
@@ -165,19 +218,30 @@ pub fn simulate(
             match a {
                 Action::Launch { op, transport } => {
                     let b = &s.buckets()[op.bucket];
-                    let d = op_seconds(model, transport, op.numel, b.elem_bytes, cfg.world, ratio);
+                    let c = op_cost(model, transport, op.numel, b.elem_bytes, cfg.world, ratio);
+                    *t += c.before_s;
                     let start = t.max(link_free);
-                    link_free = start + d;
-                    end[op.id] = link_free;
-                    res.comm_s += d;
+                    link_free = start + c.link_s;
+                    end[op.id] = (link_free, c.after_s);
+                    res.comm_s += c.total();
                     res.ops += 1;
                 }
-                Action::Wait { op } => *t = t.max(end[op]),
+                Action::Wait { op } => {
+                    let (done, after) = end[op];
+                    *t = t.max(done) + after;
+                }
             }
         }
     };
+    let world_copies = cfg.world > 1;
     for (&g, &dt) in profile.ready_order.iter().zip(&profile.backward_s) {
         t += dt;
+        if let Some(info) = grads.get(g).filter(|_| world_copies) {
+            // (An unknown index is left to `ready` to report.)
+            let copy = model.copy_s_per_byte * (info.numel * info.elem_bytes) as f64;
+            t += copy;
+            res.comm_s += copy;
+        }
         let actions = s.ready(g)?;
         run(actions, &mut t, &mut res, &s);
     }
@@ -221,6 +285,7 @@ mod tests {
             hierarchical: false,
             compress_s_per_elem: 0.0,
             decode_s_per_entry: 0.0,
+            copy_s_per_byte: 0.0,
         }
     }
 
@@ -307,6 +372,42 @@ mod tests {
             topk.exposed_s < dense.exposed_s / 10.0,
             "{topk:?} {dense:?}"
         );
+    }
+
+    #[test]
+    fn copies_compression_and_decoding_are_on_the_compute_timeline() {
+        // 4 gradients of 1000 floats in one 16000-byte bucket, 2 ranks, a link so fast it
+        // costs nothing: the step is compute plus the rank's own work, by hand.
+        let g = grads(4, 1000);
+        let mut m = model();
+        m.intra.bytes_per_s = 1e18;
+        m.inter.bytes_per_s = 1e18;
+        m.copy_s_per_byte = 1e-9; // 4 µs per 4000-byte gradient
+        let mut c = cfg(2, None);
+        c.buckets.cap_bytes = 1 << 20;
+        c.buckets.first_bucket_bytes = 1 << 20;
+        let compute = 0.5 + 4.0 * 0.001 + 0.25;
+        let dense = simulate(&g, c, &m, &profile(4, 0.001)).unwrap();
+        assert!(
+            (dense.step_s - (compute + 16e-6)).abs() < 1e-12,
+            "{dense:?}"
+        );
+        // Compressed: k = 10 of 4000 elements, 2 payloads to decode.
+        c.compress = Some(CompressPlan {
+            ratio: 0.0025,
+            warmup_steps: 0,
+            when: CompressWhen::Always,
+        });
+        m.compress_s_per_elem = 1e-6; // 4 ms for the bucket
+        m.decode_s_per_entry = 1e-4; // 2 ms for 2 × 10 entries
+        let topk = simulate(&g, c, &m, &profile(4, 0.001)).unwrap();
+        assert_eq!(topk.compressed_buckets, 1);
+        let want = compute + 16e-6 + 4e-3 + 2e-3;
+        assert!((topk.step_s - want).abs() < 1e-9, "{topk:?} vs {want}");
+        assert!((topk.comm_s - (16e-6 + 6e-3)).abs() < 1e-9, "{topk:?}");
+        m.copy_s_per_byte = -1.0;
+        let err = simulate(&g, c, &m, &profile(4, 0.001)).unwrap_err();
+        assert!(err.to_string().contains("copy_s_per_byte"), "{err}");
     }
 
     #[test]

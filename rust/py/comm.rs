@@ -217,7 +217,7 @@ impl PyScheduler {
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (scheduler, *, forward_s, ready_order, backward_s, optimizer_s,
     ranks_per_node, intra_latency_s, intra_bytes_per_s, inter_latency_s, inter_bytes_per_s,
-    hierarchical=false, compress_s_per_elem=0.0, decode_s_per_entry=0.0))]
+    hierarchical=false, compress_s_per_elem=0.0, decode_s_per_entry=0.0, copy_s_per_byte=0.0))]
 pub fn comm_simulate<'py>(
     py: Python<'py>,
     scheduler: PyRef<'py, PyScheduler>,
@@ -233,6 +233,7 @@ pub fn comm_simulate<'py>(
     hierarchical: bool,
     compress_s_per_elem: f64,
     decode_s_per_entry: f64,
+    copy_s_per_byte: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let model = CostModel {
         ranks_per_node: usize_arg("ranks_per_node", ranks_per_node)?,
@@ -247,6 +248,7 @@ pub fn comm_simulate<'py>(
         hierarchical,
         compress_s_per_elem,
         decode_s_per_entry,
+        copy_s_per_byte,
     };
     let profile = StepProfile {
         forward_s,

@@ -2,7 +2,8 @@
 
 One forward and backward of the run's model in this process give the compute (forward time,
 and for each parameter the backward time until its gradient is ready, from the gradient
-hooks); the top-k compression cost is timed on this machine; the link is given. Then
+hooks); the costs of copying gradients into buckets, of top-k compression and of decoding
+are timed on this machine; the link is given. Then
 :func:`moecore.comm.simulate` replays the scheduler's decisions for each worker count and
 each variant (dense fifo, dense priority, top-k) at the same per-rank batch.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from moecore.comm import CostModel, GradSpec, Scheduler, StepProfile, simulate
 from moecore.compress import TopK
 
-__all__ = ["compression_costs", "plan", "profile_step"]
+__all__ = ["compression_costs", "copy_cost", "plan", "profile_step"]
 
 
 def profile_step(model: Any, x: Any, y: Any, optimizer: Any = None, repeat: int = 2) -> StepProfile:
@@ -59,20 +60,37 @@ def profile_step(model: Any, x: Any, y: Any, optimizer: Any = None, repeat: int 
     return StepProfile(t1 - t0, tuple(order), tuple(times), t3 - t2)
 
 
-def compression_costs(ratio: float, n: int = 1 << 20) -> tuple[float, float]:
-    """Seconds per element of top-k compression (with error feedback) and per entry of
-    decode-and-sum, timed on this machine."""
+def _median_seconds(work: Any, repeat: int) -> float:
+    work()  # warm-up: first-touch page faults, allocations
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def compression_costs(ratio: float, n: int = 1 << 23, repeat: int = 3) -> tuple[float, float]:
+    """Seconds per element of top-k compression with error feedback, and per entry of
+    decoding the gathered payloads into a bucket, timed on this machine as
+    :class:`moecore.dist.DataParallel` does them. ``n`` (default 32 MiB of float32) should
+    exceed the last-level cache, as a bucket does: timed in cache, both run several times
+    faster than they do on real buckets."""
     g = np.random.default_rng(0).standard_normal(n).astype(np.float32)
-    c = TopK(ratio)
-    c.compress(g, name="x")
-    t0 = time.perf_counter()
-    payload, _ = c.compress(g, name="x")
-    t1 = time.perf_counter()
-    out = np.zeros(n, np.float32)
-    c.decompress_sum([payload] * 4, out=out)
-    t2 = time.perf_counter()
-    k = TopK.k_for(n, ratio)
-    return (t1 - t0) / n, (t2 - t1) / (4 * k)
+    c = TopK(ratio, error_feedback=True)
+    payload = c.compress(g, name="x")[0]
+    per_elem = _median_seconds(lambda: c.compress(g, name="x"), repeat) / n
+    out = np.empty(n, np.float32)
+    decode = _median_seconds(lambda: c.decompress_sum([payload] * 4, out, overwrite=True), repeat)
+    return per_elem, decode / (4 * TopK.k_for(n, ratio))
+
+
+def copy_cost(nbytes: int = 1 << 25, repeat: int = 3) -> float:
+    """Seconds per byte to copy a gradient into its bucket (``dst[...] = src``, float32),
+    timed on this machine on ``nbytes`` (default 32 MiB, beyond the last-level cache)."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    return _median_seconds(lambda: np.copyto(dst, src), repeat) / nbytes
 
 
 def plan(
