@@ -6,8 +6,10 @@ Run (release build and the ``mpi`` extra installed)::
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/dist.py [--preset moe-small]
 
 It launches itself once as a single process and once under ``mpiexec -n 2 python -m mpi4py``
-(one BLAS thread per rank). Each variant runs ``--steps`` timed steps (after 2 warm-up steps)
-of the model at the same global batch; per step it times forward, backward (which includes
+(one BLAS thread per rank). All the variants are built first; then, in ``--rounds`` rounds,
+each runs ``--steps`` timed steps in turn (2 warm-up steps first), so that load from other
+work on the machine spreads over the variants; medians over all their steps are reported.
+Every step is of the model at the same global batch; it times forward, backward (which includes
 the gradient hooks and the launches), and ``finish`` (what is left of the communication:
 the *exposed* part). Then, on the same gradients, it times the communication alone
 (blocking: one all-reduce of every bucket, or compress + all-gather + decode), so
@@ -173,6 +175,7 @@ def worker(args: argparse.Namespace) -> None:
     out = []
     link = _link(group) if group.size > 1 else None
     variants = VARIANTS if group.size > 1 else VARIANTS[:1]
+    runs = []
     for name, kw in variants:
         model, cfg = _model(args.preset, args.seq)
         opt = optim.SGD(model.parameters(), lr=1e-3)
@@ -184,27 +187,37 @@ def worker(args: argparse.Namespace) -> None:
                 "bucket_mb": kw.get("bucket_mb", 25),
                 "compress_when": kw.get("compress_when", "auto"),
             }
-        rec = {"fwd": [], "bwd": [], "finish": [], "step": []}
-        for step in range(2 + args.steps):
-            x, y = _batch(cfg, step, rows, group.rank)
-            group.barrier()
-            t0 = time.perf_counter()
-            loss = model(x, y)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            if dp is not None:
-                dp.finish()
-            else:
-                group.barrier()  # no communication: only the wait for the slower rank
-            t3 = time.perf_counter()
-            opt.step()
-            opt.zero_grad()
-            t4 = time.perf_counter()
-            if step >= 2:
-                for k, v in (("fwd", t1 - t0), ("bwd", t2 - t1), ("finish", t3 - t2)):
-                    rec[k].append(v)
-                rec["step"].append(t4 - t0)
+        rec: dict[str, list[float]] = {"fwd": [], "bwd": [], "finish": [], "step": []}
+        runs.append((name, model, cfg, opt, dp, profile, rec))
+    # Rounds: every variant takes a few steps in turn (in a rotated order), so a burst of
+    # load on this shared machine lands on several variants instead of spoiling one.
+    done = [0] * len(runs)
+    for r in range(args.rounds):
+        for v in [(r + j) % len(runs) for j in range(len(runs))]:
+            name, model, cfg, opt, dp, profile, rec = runs[v]
+            warm = 2 if r == 0 else 0
+            for _ in range(warm + args.steps):
+                step, done[v] = done[v], done[v] + 1
+                x, y = _batch(cfg, step, rows, group.rank)
+                group.barrier()
+                t0 = time.perf_counter()
+                loss = model(x, y)
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                if dp is not None:
+                    dp.finish()
+                else:
+                    group.barrier()  # no communication: only the wait for the slower rank
+                t3 = time.perf_counter()
+                opt.step()
+                opt.zero_grad()
+                t4 = time.perf_counter()
+                if step >= 2:
+                    for k, t in (("fwd", t1 - t0), ("bwd", t2 - t1), ("finish", t3 - t2)):
+                        rec[k].append(t)
+                    rec["step"].append(t4 - t0)
+    for name, model, _cfg, _opt, dp, profile, rec in runs:
         med = {k: float(np.median(v)) for k, v in rec.items()}
         if dp is not None:
             dp.remove_hooks()
@@ -250,7 +263,8 @@ def main() -> None:
     ap.add_argument("--preset", default="moe-small")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--global-batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all the variants")
     ap.add_argument(
         "--shaped",
         action="store_true",
@@ -265,6 +279,7 @@ def main() -> None:
     me = [sys.executable, "-m", "mpi4py", __file__, "--worker"]
     opts = ["--preset", args.preset, "--seq", str(args.seq)]
     opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
+    opts += ["--rounds", str(args.rounds)]
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     runs = [("loopback", [*me, *opts]), ("loopback", [mpiexec, "-n", "2", *me, *opts])]
     if args.shaped:
