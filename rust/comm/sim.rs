@@ -99,18 +99,6 @@ impl OpCost {
     }
 }
 
-/// Seconds one operation takes on `world` ranks, all parts together.
-pub fn op_seconds(
-    m: &CostModel,
-    transport: Transport,
-    numel: usize,
-    elem_bytes: usize,
-    world: usize,
-    ratio: f64,
-) -> f64 {
-    op_cost(m, transport, numel, elem_bytes, world, ratio).total()
-}
-
 /// One operation's [`OpCost`] on `world` ranks.
 pub fn op_cost(
     m: &CostModel,
@@ -313,15 +301,15 @@ mod tests {
     #[test]
     fn ring_cost_by_hand() {
         // 2 ranks, 4000 B: 2·(1/2)·4000 / 1e6 = 4 ms.
-        let d = op_seconds(&model(), Transport::AllReduce, 1000, 4, 2, 1.0);
+        let d = op_cost(&model(), Transport::AllReduce, 1000, 4, 2, 1.0).total();
         assert!((d - 0.004).abs() < 1e-12);
         let mut m = model();
         m.inter.latency_s = 0.001;
         // 4 ranks: 2·3·1 ms + 2·(3/4)·4000/1e6 = 6 ms + 6 ms.
-        let d = op_seconds(&m, Transport::AllReduce, 1000, 4, 4, 1.0);
+        let d = op_cost(&m, Transport::AllReduce, 1000, 4, 4, 1.0).total();
         assert!((d - 0.012).abs() < 1e-12);
         // Top-k 0.01 of 1000: k = 10, payload 124 B, 3 peers: 3·(1 ms + 124 µs).
-        let d = op_seconds(&m, Transport::CompressedAllGather, 1000, 4, 4, 0.01);
+        let d = op_cost(&m, Transport::CompressedAllGather, 1000, 4, 4, 0.01).total();
         assert!((d - 3.0 * (0.001 + 124e-6)).abs() < 1e-12);
     }
 
@@ -330,9 +318,9 @@ mod tests {
         let mut m = model();
         m.ranks_per_node = 4;
         m.intra.bytes_per_s = 1e9;
-        let flat = op_seconds(&m, Transport::AllReduce, 1 << 20, 4, 16, 1.0);
+        let flat = op_cost(&m, Transport::AllReduce, 1 << 20, 4, 16, 1.0).total();
         m.hierarchical = true;
-        let hier = op_seconds(&m, Transport::AllReduce, 1 << 20, 4, 16, 1.0);
+        let hier = op_cost(&m, Transport::AllReduce, 1 << 20, 4, 16, 1.0).total();
         assert!(hier < flat / 3.0, "{hier} vs {flat}");
     }
 
