@@ -107,6 +107,43 @@ def test_nan_raises_and_leaves_the_state_as_it_was():
     np.testing.assert_array_equal(m.residual("w"), v)  # momentum: checked before updating
 
 
+@pytest.mark.parametrize("method", ["exact", "sampled"])
+def test_pieces_compress_as_their_concatenation(method):
+    # A bucket of gradients of assorted shapes (one empty), over several steps: payloads,
+    # contexts and residuals equal those of compressing the concatenation.
+    shapes = [(300, 5), (0,), (70_000,), (7, 3), (100_000,)]
+    rng = np.random.default_rng(4)
+    by_pieces = TopK(0.01, method=method, error_feedback=True)
+    by_concat = TopK(0.01, method=method, error_feedback=True)
+    for step in range(3):
+        ps = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        got, got_ctx = by_pieces.compress_pieces(ps, name="bucket")
+        want, want_ctx = by_concat.compress(np.concatenate([p.reshape(-1) for p in ps]), "bucket")
+        np.testing.assert_array_equal(got, want, err_msg=f"step {step}")
+        assert got_ctx == want_ctx
+        np.testing.assert_array_equal(by_pieces.residual("bucket"), by_concat.residual("bucket"))
+    # Without error feedback the pieces are concatenated: still the same payload.
+    p, _ = TopK(0.01, method=method).compress_pieces(ps)
+    flat = np.concatenate([q.reshape(-1) for q in ps])
+    np.testing.assert_array_equal(p, TopK(0.01, method=method).compress(flat)[0])
+
+
+def test_a_bad_piece_is_named_and_leaves_the_state_as_it_was():
+    c = TopK(0.01, error_feedback=True)
+    ok = [np.ones(5000, np.float32), np.full(3000, 2.0, np.float32)]
+    c.compress_pieces(ok, name="b")
+    before = c.residual("b").copy()
+    bad = [ok[0], ok[1].copy()]
+    bad[1][17] = np.inf
+    with pytest.raises(ValueError, match=r"non-finite value .* at index 5017"):
+        c.compress_pieces(bad, name="b")
+    np.testing.assert_array_equal(c.residual("b"), before)
+    with pytest.raises(TypeError, match=r"pieces\[1\]"):
+        c.compress_pieces([ok[0], ok[1].astype(np.float64)], name="b")
+    with pytest.raises(ValueError, match="shape"):
+        c.compress_pieces([ok[0]], name="b")  # 5000 elements, "b" has 8000
+
+
 def test_warmup_schedule():
     assert warmup_ratios(0.001) == [0.25, 0.0625, 0.015625, 0.00390625, 0.001]
     c = TopK(ratio=0.001, warmup_steps=2, error_feedback=False, method="exact")

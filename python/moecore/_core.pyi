@@ -201,6 +201,18 @@ def compress_topk(
     accumulator: npt.NDArray[np.float32] | None = None,
     momentum: float = 0.0,
 ) -> npt.NDArray[np.uint8]: ...
+def compress_topk_pieces(
+    pieces: list[npt.NDArray[np.float32]],
+    k: int,
+    residual: npt.NDArray[np.float32],
+    *,
+    method: str = "sampled",
+    seed: int = 0,
+    exact_k: bool = True,
+    index: str = "auto",
+    values: str = "f32",
+    chunk: int = 256,
+) -> npt.NDArray[np.uint8]: ...
 def compress_int8(
     grad: npt.NDArray[np.float32], *, chunk: int = 256, stochastic: bool = False, seed: int = 0
 ) -> npt.NDArray[np.uint8]: ...

@@ -451,25 +451,10 @@ class TopK(_Decoding):
         arr = _as_float32(grad, "grad")
         flat = arr.reshape(-1)
         shape = tuple(arr.shape)
-        slot = self._slots.get(name)
-        if slot is not None and self.error_feedback and slot.shape != shape:
-            raise ValueError(
-                f"tensor {name!r} was compressed with shape {slot.shape}, now {shape}; "
-                f"use another name or call reset({name!r}) first"
-            )
-        if slot is None:
-            slot = _Slot(shape)
-        n = flat.size
-        if self.error_feedback:
-            if self.momentum is None and slot.residual is None:
-                slot.residual = np.zeros(n, dtype=np.float32)
-            if self.momentum is not None and slot.velocity is None:
-                slot.velocity = np.zeros(n, dtype=np.float32)
-                slot.accumulator = np.zeros(n, dtype=np.float32)
-        k = self.k_for(n, self.ratio_at(slot.calls))
+        slot = self._host_slot(name, shape, flat.size)
         payload = _core.compress_topk(
             flat,
-            k,
+            self.k_for(flat.size, self.ratio_at(slot.calls)),
             method=self.method,
             seed=_stream_seed(self.seed, name, slot.calls),
             exact_k=self.exact_k,
@@ -481,6 +466,65 @@ class TopK(_Decoding):
             accumulator=slot.accumulator,
             momentum=self.momentum or 0.0,
         )
+        return self._stepped(slot, name, shape, payload)
+
+    def compress_pieces(
+        self, pieces: Sequence[Any], name: str | None = None
+    ) -> tuple[np.ndarray, Context]:
+        """:meth:`compress` of the concatenation of ``pieces`` (float32 arrays, each flattened,
+        in order), read in place: the same payload and residual as
+        ``compress(np.concatenate([p.reshape(-1) for p in pieces]), name)`` without writing
+        the concatenation (data parallelism compresses a bucket of gradients this way). The
+        tensor ``name`` has shape ``(total size,)``. Without error feedback, with momentum or
+        with CuPy pieces, the pieces are concatenated first.
+
+        Raises like :meth:`compress` (a bad piece is named by its position)."""
+        if any(_is_cupy(p) for p in pieces):
+            from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+
+            xp = gpu.default_backend().xp
+            return self.compress(xp.concatenate([p.reshape(-1) for p in pieces]), name)
+        if not self.error_feedback or self.momentum is not None:
+            flat = [_as_float32(p, f"pieces[{i}]").reshape(-1) for i, p in enumerate(pieces)]
+            return self.compress(np.concatenate(flat) if flat else np.zeros(0, np.float32), name)
+        flats = [_as_float32(p, f"pieces[{i}]").reshape(-1) for i, p in enumerate(pieces)]
+        n = sum(f.size for f in flats)
+        slot = self._host_slot(name, (n,), n)
+        payload = _core.compress_topk_pieces(
+            flats,
+            self.k_for(n, self.ratio_at(slot.calls)),
+            slot.residual,
+            method=self.method,
+            seed=_stream_seed(self.seed, name, slot.calls),
+            exact_k=self.exact_k,
+            index=self.index,
+            values=self.values,
+            chunk=self.chunk,
+        )
+        return self._stepped(slot, name, (n,), payload)
+
+    def _host_slot(self, name: str | None, shape: tuple[int, ...], n: int) -> _Slot:
+        """``name``'s state (created with zeroed buffers), after checking its shape."""
+        slot = self._slots.get(name)
+        if slot is not None and self.error_feedback and slot.shape != shape:
+            raise ValueError(
+                f"tensor {name!r} was compressed with shape {slot.shape}, now {shape}; "
+                f"use another name or call reset({name!r}) first"
+            )
+        if slot is None:
+            slot = _Slot(shape)
+        if self.error_feedback:
+            if self.momentum is None and slot.residual is None:
+                slot.residual = np.zeros(n, dtype=np.float32)
+            if self.momentum is not None and slot.velocity is None:
+                slot.velocity = np.zeros(n, dtype=np.float32)
+                slot.accumulator = np.zeros(n, dtype=np.float32)
+        return slot
+
+    def _stepped(
+        self, slot: _Slot, name: str | None, shape: tuple[int, ...], payload: np.ndarray
+    ) -> tuple[np.ndarray, Context]:
+        """Records one more call of ``name`` (after a successful compression)."""
         slot.shape = shape
         slot.calls += 1
         self._slots[name] = slot

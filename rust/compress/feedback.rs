@@ -2,7 +2,8 @@
 //! fused into the selecting pass, then encoding, then the sent entries' residuals.
 
 use super::codec::{encode_checked, Encoding, Rounding, ValueFormat};
-use super::scan::{first_nonfinite, Selection, Sweep};
+use super::pieces::{Grad, Pieces};
+use super::scan::{Selection, Sweep};
 use super::select::{select_sweep, Method};
 use super::CompressError;
 use rayon::prelude::*;
@@ -64,11 +65,33 @@ pub fn compress_topk(
 ) -> Result<Vec<u8>, CompressError> {
     // The whole step runs on a pool thread: its parallel passes then start from inside the
     // pool, instead of each being injected from outside and waited for (several per step).
-    rayon::scope(|_| compress_in_pool(grad, feedback, k, method, encoding))
+    rayon::scope(|_| compress_in_pool(Grad::Flat(grad), feedback, k, method, encoding))
+}
+
+/// [`compress_topk`] with error feedback of the concatenation of `pieces` (a bucket's
+/// gradients, in order), read in place: the same payload and residual as compressing
+/// `pieces.concat()` with `Feedback::Residual(residual)`, without writing the concatenation.
+pub fn compress_topk_pieces(
+    pieces: &[&[f32]],
+    residual: &mut [f32],
+    k: usize,
+    method: Method,
+    encoding: &Encoding,
+) -> Result<Vec<u8>, CompressError> {
+    let pieces = Pieces::new(pieces);
+    rayon::scope(|_| {
+        compress_in_pool(
+            Grad::Pieces(&pieces),
+            Feedback::Residual(residual),
+            k,
+            method,
+            encoding,
+        )
+    })
 }
 
 fn compress_in_pool(
-    grad: &[f32],
+    grad: Grad<'_>,
     feedback: Feedback<'_>,
     k: usize,
     method: Method,
@@ -88,18 +111,24 @@ fn compress_in_pool(
     if let Feedback::Momentum { .. } = feedback {
         // Momentum's update cannot be undone, so the gradient is checked before it starts.
         // (Error feedback checks each sub-block inside its single pass and undoes.)
-        if let Some(index) = first_nonfinite(grad) {
+        if let Some(index) = grad.first_nonfinite() {
             return Err(CompressError::NonFinite {
                 what: "gradient",
                 index,
-                value: grad[index],
+                value: grad.get(index).unwrap_or(f32::NAN),
             });
         }
     }
-    let mut sweep = match feedback {
-        Feedback::None => Sweep::Read(grad),
-        Feedback::Residual(acc) => Sweep::Accumulate { grad, acc },
-        Feedback::Momentum { u, v, m } => Sweep::Momentum { grad, u, v, m },
+    let mut sweep = match (feedback, grad) {
+        (Feedback::Residual(acc), grad) => Sweep::Accumulate { grad, acc },
+        (Feedback::None, Grad::Flat(grad)) => Sweep::Read(grad),
+        (Feedback::Momentum { u, v, m }, Grad::Flat(grad)) => Sweep::Momentum { grad, u, v, m },
+        // Only `compress_topk_pieces` makes pieces, always with a residual.
+        (_, Grad::Pieces(_)) => {
+            return Err(CompressError::InvalidArgument(
+                "pieces are compressed with error feedback only".into(),
+            ))
+        }
     };
     let what = if stateful { OVERFLOW } else { "gradient" };
     // The selection's buffers are reused from step to step (fresh ones cost a page fault
@@ -290,6 +319,70 @@ mod tests {
             let want = super::super::select::select_topk(&g, k, Method::Exact).unwrap();
             assert_eq!(got, want, "k = {k}");
         }
+    }
+
+    #[test]
+    fn pieces_compress_exactly_as_their_concatenation() {
+        // Pieces of uneven sizes (empty ones too, and task boundaries falling inside
+        // pieces), over several steps, for both methods: payload and residual bit for bit.
+        let n = 3 * (1 << 16) + 12_345;
+        let cuts = [0usize, 7, 7, 70_000, 131_071, 131_072, 150_000, n];
+        let e = encoding(ValueFormat::F32);
+        for method in [
+            Method::Exact,
+            Method::Sampled {
+                seed: 5,
+                exact_k: true,
+            },
+        ] {
+            let (mut r_flat, mut r_pieces) = (vec![0f32; n], vec![0f32; n]);
+            for step in 0..3 {
+                let g = grad(n, step);
+                let pieces: Vec<&[f32]> = cuts.windows(2).map(|w| &g[w[0]..w[1]]).collect();
+                let want =
+                    compress_topk(&g, Feedback::Residual(&mut r_flat), 900, method, &e).unwrap();
+                let got = compress_topk_pieces(&pieces, &mut r_pieces, 900, method, &e).unwrap();
+                assert_eq!(got, want, "{method:?} step {step}");
+                assert_eq!(r_pieces, r_flat, "{method:?} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_finite_piece_is_reported_at_its_global_index_and_undone() {
+        let n = 2 * (1 << 16) + 100;
+        let mut g = grad(n, 1);
+        g[(1 << 16) + 50] = f32::NAN;
+        let pieces: Vec<&[f32]> = vec![&g[..1000], &g[1000..(1 << 16) + 60], &g[(1 << 16) + 60..]];
+        let before: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.5).collect();
+        let mut r = before.clone();
+        let err = compress_topk_pieces(
+            &pieces,
+            &mut r,
+            10,
+            Method::Exact,
+            &encoding(ValueFormat::F32),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, CompressError::NonFinite { index, .. } if index == (1 << 16) + 50),
+            "{err}"
+        );
+        for (i, (&a, &b)) in r.iter().zip(&before).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                "residual {i} changed: {a} vs {b}"
+            );
+        }
+        let mut short = vec![0f32; n - 1];
+        assert!(compress_topk_pieces(
+            &pieces,
+            &mut short,
+            10,
+            Method::Exact,
+            &encoding(ValueFormat::F32)
+        )
+        .is_err());
     }
 
     #[test]

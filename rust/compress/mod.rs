@@ -77,6 +77,7 @@ mod collect;
 pub mod decode;
 pub mod dense;
 pub mod feedback;
+pub mod pieces;
 pub mod quant;
 mod rng;
 mod scan;
@@ -85,7 +86,8 @@ pub mod select;
 pub use codec::{encode, Encoding, Header, IndexFormat, Rounding, ValueFormat};
 pub use decode::{decode, parse_header, Decoded};
 pub use dense::{decompress_into, decompress_sum, decompress_sum_overwrite, Write};
-pub use feedback::{compress_topk, Feedback};
+pub use feedback::{compress_topk, compress_topk_pieces, Feedback};
+pub use pieces::Pieces;
 pub use quant::quantize_int8;
 pub use select::{select_topk, Method};
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rayon::prelude::*;
 
 use super::collect::{collect_run, Level};
+use super::pieces::Grad;
 use super::rng::mix64;
 
 /// Magnitude keys at or above this are NaN or ±inf.
@@ -34,7 +35,7 @@ pub(crate) enum Sweep<'a> {
     /// Select on `x` as it is.
     Read(&'a [f32]),
     /// `acc ← acc + grad`, select on the new `acc`.
-    Accumulate { grad: &'a [f32], acc: &'a mut [f32] },
+    Accumulate { grad: Grad<'a>, acc: &'a mut [f32] },
     /// `u ← m·u + grad; v ← v + u`, select on the new `v`.
     Momentum {
         grad: &'a [f32],
@@ -132,15 +133,17 @@ impl Sweep<'_> {
     pub(crate) fn len(&self) -> usize {
         match self {
             Sweep::Read(x) => x.len(),
-            Sweep::Accumulate { grad, .. } | Sweep::Momentum { grad, .. } => grad.len(),
+            Sweep::Accumulate { grad, .. } => grad.len(),
+            Sweep::Momentum { grad, .. } => grad.len(),
         }
     }
 
-    /// The gradient (the array itself for a plain read).
-    pub(crate) fn grad(&self) -> &[f32] {
+    /// Element `i` of the gradient (of the array itself for a plain read).
+    pub(crate) fn grad_at(&self, i: usize) -> Option<f32> {
         match self {
-            Sweep::Read(x) => x,
-            Sweep::Accumulate { grad, .. } | Sweep::Momentum { grad, .. } => grad,
+            Sweep::Read(x) => x.get(i).copied(),
+            Sweep::Accumulate { grad, .. } => grad.get(i),
+            Sweep::Momentum { grad, .. } => grad.get(i).copied(),
         }
     }
 
@@ -157,7 +160,7 @@ impl Sweep<'_> {
     pub(crate) fn reborrow(&mut self) -> Sweep<'_> {
         match self {
             Sweep::Read(x) => Sweep::Read(x),
-            Sweep::Accumulate { grad, acc } => Sweep::Accumulate { grad, acc },
+            Sweep::Accumulate { grad, acc } => Sweep::Accumulate { grad: *grad, acc },
             Sweep::Momentum { grad, u, v, m } => Sweep::Momentum { grad, u, v, m: *m },
         }
     }
@@ -187,18 +190,28 @@ impl Sweep<'_> {
                 })
                 .collect()),
             Sweep::Accumulate { grad, acc } => {
-                let run = |t: usize, acc: &mut [f32], grad: &[f32]| {
-                    let mut sink = make(grad.len());
-                    let (done, bad) = accumulate_task(grad, acc, t * TASK, &mut sink, &stop);
+                // A task's part of the gradient may span several pieces: each run of it
+                // goes through the same sink, in order. `done` is the prefix of the task
+                // already added when it stopped.
+                let run = |t: usize, acc: &mut [f32]| {
+                    let lo = t * TASK;
+                    let mut sink = make(acc.len());
+                    let (mut done, mut bad) = (0usize, false);
+                    grad.for_range(lo, lo + acc.len(), |g, at| {
+                        let a = &mut acc[at - lo..at - lo + g.len()];
+                        let (d, b) = accumulate_task(g, a, at, &mut sink, &stop);
+                        done += d;
+                        bad |= b;
+                        !b && d == g.len()
+                    });
                     (sink, done, bad)
                 };
                 let parts: Vec<(S, usize, bool)> = if n <= TASK {
-                    vec![run(0, acc, grad)]
+                    vec![run(0, acc)]
                 } else {
                     acc.par_chunks_mut(TASK)
-                        .zip(grad.par_chunks(TASK))
                         .enumerate()
-                        .map(|(t, (acc, grad))| run(t, acc, grad))
+                        .map(|(t, acc)| run(t, acc))
                         .collect()
                 };
                 if !parts.iter().any(|p| p.2) {
@@ -206,14 +219,18 @@ impl Sweep<'_> {
                 }
                 let done: Vec<usize> = parts.iter().map(|p| p.1).collect();
                 acc.par_chunks_mut(TASK)
-                    .zip(grad.par_chunks(TASK))
                     .zip(done.par_iter())
-                    .for_each(|((acc, grad), &done)| {
-                        for (a, &g) in acc[..done].iter_mut().zip(grad) {
-                            *a -= g;
-                        }
+                    .enumerate()
+                    .for_each(|(t, (acc, &done))| {
+                        let lo = t * TASK;
+                        grad.for_range(lo, lo + done, |g, at| {
+                            for (a, &g) in acc[at - lo..at - lo + g.len()].iter_mut().zip(g) {
+                                *a -= g;
+                            }
+                            true
+                        });
                     });
-                Err(first_nonfinite(grad).unwrap_or(0))
+                Err(grad.first_nonfinite().unwrap_or(0))
             }
             Sweep::Momentum { grad, u, v, m } if n <= TASK => {
                 let mut sink = make(n);
@@ -532,9 +549,14 @@ pub(crate) fn sample_keys(sweep: &Sweep<'_>, s: usize, seed: u64, out: &mut Vec<
     // One closure per kind of sweep, so the per-element work is not an enum dispatch.
     match sweep {
         Sweep::Read(x) => fill_sample(out, span, stride, offset, |i| x[i]),
-        Sweep::Accumulate { grad, acc } => {
-            fill_sample(out, span, stride, offset, |i| acc[i] + grad[i])
-        }
+        Sweep::Accumulate {
+            grad: Grad::Flat(grad),
+            acc,
+        } => fill_sample(out, span, stride, offset, |i| acc[i] + grad[i]),
+        Sweep::Accumulate {
+            grad: Grad::Pieces(p),
+            acc,
+        } => fill_sample(out, span, stride, offset, |i| acc[i] + p.at(i)),
         Sweep::Momentum { grad, u, v, m } => {
             fill_sample(out, span, stride, offset, |i| v[i] + (*m * u[i] + grad[i]))
         }

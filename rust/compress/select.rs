@@ -130,7 +130,7 @@ impl Passes<'_, '_> {
         CompressError::NonFinite {
             what: "gradient",
             index,
-            value: self.sweep.grad().get(index).copied().unwrap_or(f32::NAN),
+            value: self.sweep.grad_at(index).unwrap_or(f32::NAN),
         }
     }
 }

@@ -132,6 +132,40 @@ pub fn compress_topk<'py>(
     Ok(payload.into_pyarray(py))
 }
 
+/// Top-k with error feedback of the concatenation of `pieces`, read in place (see
+/// `compress::compress_topk_pieces`); `residual` has the total length.
+#[pyfunction]
+#[pyo3(signature = (
+    pieces, k, residual, *, method="sampled", seed=0, exact_k=true, index="auto", values="f32",
+    chunk=256
+))]
+#[allow(clippy::too_many_arguments)] // keyword-only arguments of one Python call
+pub fn compress_topk_pieces<'py>(
+    py: Python<'py>,
+    pieces: Vec<PyReadonlyArray1<'py, f32>>,
+    k: usize,
+    mut residual: PyReadwriteArray1<'py, f32>,
+    method: &str,
+    seed: u64,
+    exact_k: bool,
+    index: &str,
+    values: &str,
+    chunk: u32,
+) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    let m = self::method(method, seed, exact_k)?;
+    let e = encoding(index, values, chunk)?;
+    let parts = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| slice(p, &format!("pieces[{i}]")))
+        .collect::<PyResult<Vec<&[f32]>>>()?;
+    let r = slice_mut(&mut residual, "residual")?;
+    let payload = detached(py, "compress_topk_pieces", || {
+        compress::compress_topk_pieces(&parts, r, k, m, &e)
+    })??;
+    Ok(payload.into_pyarray(py))
+}
+
 /// Dense int8 quantization of all of `grad`, one scale per `chunk` elements.
 #[pyfunction]
 #[pyo3(signature = (grad, *, chunk=256, stochastic=false, seed=0))]

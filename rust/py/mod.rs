@@ -26,6 +26,7 @@ mod _core {
     use super::compress::{
         compress_decode, compress_decompress, compress_decompress_into, compress_decompress_sum,
         compress_encode, compress_header, compress_int8, compress_select, compress_topk,
+        compress_topk_pieces,
     };
     #[pymodule_export]
     use super::cuda::cuda_sources;

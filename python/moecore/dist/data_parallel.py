@@ -1,9 +1,10 @@
 """``DataParallel``: gradients averaged over a group, sent during backward.
 
 Each parameter gets a post-accumulate-grad hook. When backward finishes a parameter's
-gradient (the autograd engine does so as soon as its last consumer ran), the hook copies it
-into its bucket's flat buffer and tells the :class:`moecore.comm.Scheduler`, which answers
-with the collectives to start; they are non-blocking, and every hook also drives the ones
+gradient (the autograd engine does so as soon as its last consumer ran), the hook tells the
+:class:`moecore.comm.Scheduler`, which answers with the collectives to start (a bucket's
+gradients are copied into its flat buffer as it goes out; a compressed bucket is compressed
+straight from them); they are non-blocking, and every hook also drives the ones
 in flight (MPI moves bytes only while called into). :meth:`DataParallel.finish` — call it
 between ``loss.backward()`` and ``optimizer.step()`` — sends what is left (gradients that
 never became ready this step, e.g. experts that got no token, go as zeros so no rank waits
@@ -147,6 +148,7 @@ class DataParallel:
         )
         self._layout()
         self._requests: dict[int, Request] = {}
+        self._ready_now: set[int] = set()  # parameters whose gradient is ready this step
         self._driver = Driver(progress)
         self.last_stats: dict[str, Any] = {}
         self._stats = self._new_stats()
@@ -204,11 +206,10 @@ class DataParallel:
     def _ready(self, index: int) -> None:
         if not self.scheduler.in_step:
             self.scheduler.begin_step()
-        b, off, n = self._where[index]
-        grad = np.asarray(self.params[index].grad, dtype=np.float32).reshape(-1)
-        dst = self.buffers[b][off : off + n]
-        if grad.ctypes.data != dst.ctypes.data:  # else accumulated in place in the bucket
-            dst[...] = grad
+            self._ready_now.clear()
+        # The gradient is final now (the hook runs after its last accumulation) and stays
+        # so until the optimizer: it is read when its bucket goes out (see `_fill`).
+        self._ready_now.add(index)
         actions = self.scheduler.ready(index)
         self._run(actions, "launched_in_backward")
         if self._driver.mode == "hooks":
@@ -222,11 +223,39 @@ class DataParallel:
             self._stats[counter] += 1
             view = self.buffers[a.bucket][a.offset : a.offset + a.numel]
             if a.transport == "allreduce":
+                self._fill(a.bucket, a.offset, a.offset + a.numel)
                 req = self.group.iallreduce(view, on_done=self._scaler(view))
             else:
-                req = self._launch_compressed(a.bucket, view)
+                # A compressed bucket goes whole, compressed straight from the gradients.
+                req = self._launch_compressed(a.bucket, view, self._pieces(a.bucket))
             self._requests[a.op] = req
             self._driver.add(req)
+
+    def _grad(self, index: int) -> np.ndarray:
+        """Parameter ``index``'s flat gradient this step (zeros if it got none)."""
+        if index not in self._ready_now:
+            return np.zeros(self.params[index].data.size, dtype=np.float32)
+        return np.asarray(self.params[index].grad, dtype=np.float32).reshape(-1)
+
+    def _fill(self, bucket: int, lo: int, hi: int) -> None:
+        """Copies the gradients into elements ``lo:hi`` of the bucket's buffer just before
+        they are sent (an all-reduce works in place)."""
+        buf = self.buffers[bucket]
+        for g, off, n in self.buckets[bucket].slices:
+            a, b = max(lo, off), min(hi, off + n)
+            if a >= b:
+                continue
+            dst = buf[a:b]
+            if g not in self._ready_now:
+                dst[...] = 0.0
+                continue
+            src = self._grad(g)[a - off : b - off]
+            if src.ctypes.data != dst.ctypes.data:  # else accumulated in the bucket itself
+                dst[...] = src
+
+    def _pieces(self, bucket: int) -> list[np.ndarray]:
+        """The bucket's gradients in its order, read in place by the compressor."""
+        return [self._grad(g) for g, _, _ in self.buckets[bucket].slices]
 
     def _scaler(self, view: np.ndarray) -> Callable[[], None]:
         inv = np.float32(1.0 / self.group.size)
@@ -236,11 +265,18 @@ class DataParallel:
 
         return scale
 
-    def _launch_compressed(self, bucket: int, view: np.ndarray) -> Request:
-        """Compresses the bucket and all-gathers fixed-size slots (8-byte length, payload,
-        padding): one non-blocking collective whose size every rank knows in advance."""
+    def _launch_compressed(
+        self, bucket: int, view: np.ndarray, pieces: list[np.ndarray] | None = None
+    ) -> Request:
+        """Compresses the bucket (``pieces``, its gradients in order, or else ``view``) and
+        all-gathers fixed-size slots (8-byte length, payload, padding): one non-blocking
+        collective whose size every rank knows in advance. The average lands in ``view``."""
         assert self.compressor is not None
-        payload, ctx = self.compressor.compress(view, name=f"bucket{bucket}")
+        name = f"bucket{bucket}"
+        if pieces is None:
+            payload, ctx = self.compressor.compress(view, name=name)
+        else:
+            payload, ctx = self.compressor.compress_pieces(pieces, name=name)
         slot = 8 + _payload_bound(self.compressor, view.size, ctx.k)
         if payload.nbytes > slot - 8:
             raise RuntimeError(
@@ -273,9 +309,8 @@ class DataParallel:
         t0 = time.perf_counter()
         if not self.scheduler.in_step:
             self.scheduler.begin_step()
-        for i in self.scheduler.unready():
-            b, off, n = self._where[i]
-            self.buffers[b][off : off + n] = 0.0
+            self._ready_now.clear()
+        # Gradients that never became ready go as zeros (`_fill`, `_grad`).
         self._run(self.scheduler.finish(), "launched_at_finish")
         self._driver.clear()
         if self._requests:
