@@ -55,7 +55,7 @@ def test_compression_and_world_size():
 
 def test_the_ranks_own_work_delays_the_step():
     # Backward 10 ms per gradient hides the 4 ms all-reduces; what the rank does itself
-    # does not hide: 4 copies of 4000 bytes at 1 µs/byte = 16 ms more, by hand.
+    # does not hide: 4 buckets of 4000 bytes copied at 1 µs/byte = 16 ms more, by hand.
     cost = CostModel(intra=SLOW, inter=SLOW, copy_s_per_byte=1e-6)
     base = simulate(four_buckets(2), profile(0.010), COST)
     r = simulate(four_buckets(2), profile(0.010), cost)

@@ -236,8 +236,8 @@ class Link:
 class CostModel:
     """Two-level topology (``ranks_per_node`` consecutive ranks share a node) and the work
     each rank does for the communication: seconds per element to compress, per received
-    entry to decode, per byte to copy a gradient into its bucket. That work runs on the
-    rank's compute timeline (see :func:`simulate`)."""
+    entry to decode, per byte to copy gradients into an all-reduce's buffer. That work runs
+    on the rank's compute timeline (see :func:`simulate`)."""
 
     ranks_per_node: int = 1
     intra: Link = Link(5e-6, 100.0)
@@ -264,9 +264,10 @@ def simulate(scheduler: Scheduler, profile: StepProfile, cost: CostModel) -> dic
     warm-up) by replaying ``scheduler``'s own decisions on ``cost``: operations queue on one
     link and run one at a time (α–β ring model; hierarchical all-reduce when asked). It
     assumes operations progress during compute (polling thread or NCCL). The rank's own work
-    for the communication is compute and delays backward: each gradient's copy into its
-    bucket, the compression of a compressed bucket before its launch, the decoding of the
-    gathered payloads when the rank waits for them.
+    for the communication is compute and delays backward: the copy of an all-reduce's
+    gradients into its buffer and the compression of a compressed bucket (from the gradients
+    in place), both before the launch, and the decoding of the gathered payloads when the
+    rank waits for them.
 
     Returns ``step_s``, ``compute_s``, ``exposed_s`` (step minus compute), ``comm_s`` (sum
     of operation times), ``ops`` and ``compressed_buckets``."""

@@ -8,10 +8,10 @@
 //! MPI progressed only at hooks, reality lies between this and no overlap at all.
 //!
 //! What the rank itself does for the communication is compute, on the compute timeline,
-//! not on the link: the copy of each gradient into its bucket (at its hook), top-k
-//! compression (at the launch of a compressed bucket, which waits for it), and the decoding
-//! of the gathered payloads (when the rank waits for the operation). These run on the same
-//! core (or GPU stream) as backward, so they delay it.
+//! not on the link: copying the gradients of an all-reduce into its buffer and top-k
+//! compression (both at the launch, which waits for them; compression reads the gradients
+//! in place), and decoding the gathered payloads (when the rank waits for the operation).
+//! These run on the same core (or GPU stream) as backward, so they delay it.
 
 use super::bucket::GradInfo;
 use super::scheduler::{Action, Scheduler, SchedulerConfig};
@@ -40,7 +40,7 @@ pub struct CostModel {
     pub compress_s_per_elem: f64,
     /// Seconds per received entry to decode and sum the gathered payloads.
     pub decode_s_per_entry: f64,
-    /// Seconds per byte to copy a gradient into its bucket.
+    /// Seconds per byte to copy gradients into an all-reduce's buffer.
     pub copy_s_per_byte: f64,
 }
 
@@ -84,8 +84,8 @@ fn ring_half(link: Link, ranks: usize, bytes: f64) -> f64 {
     ring_allreduce(link, ranks, bytes) / 2.0
 }
 
-/// One operation's time in three parts: compute before it can start (compression), time on
-/// the link, compute after it ended (decoding).
+/// One operation's time in three parts: compute before it can start (the copy into an
+/// all-reduce's buffer, or compression), time on the link, compute after it ended (decoding).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct OpCost {
     pub before_s: f64,
@@ -133,8 +133,9 @@ pub fn op_cost(
         }
     };
     OpCost {
+        before_s: m.copy_s_per_byte * bytes,
         link_s,
-        ..OpCost::default()
+        after_s: 0.0,
     }
 }
 
@@ -221,15 +222,8 @@ pub fn simulate(
             }
         }
     };
-    let world_copies = cfg.world > 1;
     for (&g, &dt) in profile.ready_order.iter().zip(&profile.backward_s) {
         t += dt;
-        if let Some(info) = grads.get(g).filter(|_| world_copies) {
-            // (An unknown index is left to `ready` to report.)
-            let copy = model.copy_s_per_byte * (info.numel * info.elem_bytes) as f64;
-            t += copy;
-            res.comm_s += copy;
-        }
         let actions = s.ready(g)?;
         run(actions, &mut t, &mut res, &s);
     }
@@ -365,12 +359,13 @@ mod tests {
     #[test]
     fn copies_compression_and_decoding_are_on_the_compute_timeline() {
         // 4 gradients of 1000 floats in one 16000-byte bucket, 2 ranks, a link so fast it
-        // costs nothing: the step is compute plus the rank's own work, by hand.
+        // costs nothing: the step is compute plus the rank's own work, by hand. A dense
+        // bucket is copied before its all-reduce; a compressed one is compressed in place.
         let g = grads(4, 1000);
         let mut m = model();
         m.intra.bytes_per_s = 1e18;
         m.inter.bytes_per_s = 1e18;
-        m.copy_s_per_byte = 1e-9; // 4 µs per 4000-byte gradient
+        m.copy_s_per_byte = 1e-9; // 16 µs for the 16000-byte bucket
         let mut c = cfg(2, None);
         c.buckets.cap_bytes = 1 << 20;
         c.buckets.first_bucket_bytes = 1 << 20;
@@ -390,9 +385,9 @@ mod tests {
         m.decode_s_per_entry = 1e-4; // 2 ms for 2 × 10 entries
         let topk = simulate(&g, c, &m, &profile(4, 0.001)).unwrap();
         assert_eq!(topk.compressed_buckets, 1);
-        let want = compute + 16e-6 + 4e-3 + 2e-3;
+        let want = compute + 4e-3 + 2e-3;
         assert!((topk.step_s - want).abs() < 1e-9, "{topk:?} vs {want}");
-        assert!((topk.comm_s - (16e-6 + 6e-3)).abs() < 1e-9, "{topk:?}");
+        assert!((topk.comm_s - 6e-3).abs() < 1e-9, "{topk:?}");
         m.copy_s_per_byte = -1.0;
         let err = simulate(&g, c, &m, &profile(4, 0.001)).unwrap_err();
         assert!(err.to_string().contains("copy_s_per_byte"), "{err}");

@@ -70,7 +70,7 @@ def _median_seconds(work: Any, repeat: int) -> float:
     return float(np.median(times))
 
 
-def compression_costs(ratio: float, n: int = 1 << 23, repeat: int = 3) -> tuple[float, float]:
+def compression_costs(ratio: float, n: int = 1 << 23, repeat: int = 5) -> tuple[float, float]:
     """Seconds per element of top-k compression with error feedback, and per entry of
     decoding the gathered payloads into a bucket, timed on this machine as
     :class:`moecore.dist.DataParallel` does them. ``n`` (default 32 MiB of float32) should
@@ -85,9 +85,10 @@ def compression_costs(ratio: float, n: int = 1 << 23, repeat: int = 3) -> tuple[
     return per_elem, decode / (4 * TopK.k_for(n, ratio))
 
 
-def copy_cost(nbytes: int = 1 << 25, repeat: int = 3) -> float:
-    """Seconds per byte to copy a gradient into its bucket (``dst[...] = src``, float32),
-    timed on this machine on ``nbytes`` (default 32 MiB, beyond the last-level cache)."""
+def copy_cost(nbytes: int = 1 << 25, repeat: int = 5) -> float:
+    """Seconds per byte to copy gradients into an all-reduce's buffer (``dst[...] = src``,
+    float32), timed on this machine on ``nbytes`` (default 32 MiB, beyond the last-level
+    cache)."""
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
     return _median_seconds(lambda: np.copyto(dst, src), repeat) / nbytes
