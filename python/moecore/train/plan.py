@@ -21,9 +21,11 @@ from moecore.compress import TopK
 __all__ = ["compression_costs", "copy_cost", "plan", "profile_step"]
 
 
-def profile_step(model: Any, x: Any, y: Any, optimizer: Any = None, repeat: int = 2) -> StepProfile:
-    """Times ``model(x, y).backward()`` (the last of ``repeat`` runs) and, per parameter, when
-    backward finished its gradient; ``optimizer.step()`` too when given."""
+def profile_step(model: Any, x: Any, y: Any, optimizer: Any = None, repeat: int = 3) -> StepProfile:
+    """Times ``model(x, y).backward()`` and, per parameter, when backward finished its
+    gradient (``optimizer.step()`` too when given), after one warm-up run: of ``repeat``
+    runs, the one whose step time is the median (a single run on a shared machine can be
+    far off)."""
     params = [p for _, p in model.named_parameters()]
     marks: dict[int, float] = {}
     removers = [
@@ -32,8 +34,9 @@ def profile_step(model: Any, x: Any, y: Any, optimizer: Any = None, repeat: int 
         )
         for i, p in enumerate(params)
     ]
+    runs = []
     try:
-        for _ in range(repeat):
+        for r in range(1 + max(1, repeat)):
             model.zero_grad()
             marks.clear()
             t0 = time.perf_counter()
@@ -45,12 +48,22 @@ def profile_step(model: Any, x: Any, y: Any, optimizer: Any = None, repeat: int 
             if optimizer is not None:
                 optimizer.step()
                 t3 = time.perf_counter()
+            if r > 0:  # the first run is the warm-up
+                runs.append((t3 - t0, _profile(len(params), marks, t0, t1, t2, t3)))
     finally:
         for remove in removers:
             remove()
         model.zero_grad()
+    runs.sort(key=lambda run: run[0])
+    return runs[len(runs) // 2][1]
+
+
+def _profile(
+    n: int, marks: dict[int, float], t0: float, t1: float, t2: float, t3: float
+) -> StepProfile:
+    """One run's profile from its gradient-ready times."""
     order = sorted(marks, key=marks.__getitem__)
-    order += [i for i in range(len(params)) if i not in marks]  # never ready: at the end
+    order += [i for i in range(n) if i not in marks]  # never ready: at the end
     times, last = [], t1
     for i in order:
         at = marks.get(i, t2)
