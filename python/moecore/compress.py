@@ -455,12 +455,7 @@ class TopK(_Decoding):
         payload = _core.compress_topk(
             flat,
             self.k_for(flat.size, self.ratio_at(slot.calls)),
-            method=self.method,
-            seed=_stream_seed(self.seed, name, slot.calls),
-            exact_k=self.exact_k,
-            index=self.index,
-            values=self.values,
-            chunk=self.chunk,
+            **self._options(name, slot.calls),
             residual=slot.residual,
             velocity=slot.velocity,
             accumulator=slot.accumulator,
@@ -484,24 +479,29 @@ class TopK(_Decoding):
 
             xp = gpu.default_backend().xp
             return self.compress(xp.concatenate([p.reshape(-1) for p in pieces]), name)
-        if not self.error_feedback or self.momentum is not None:
-            flat = [_as_float32(p, f"pieces[{i}]").reshape(-1) for i, p in enumerate(pieces)]
-            return self.compress(np.concatenate(flat) if flat else np.zeros(0, np.float32), name)
         flats = [_as_float32(p, f"pieces[{i}]").reshape(-1) for i, p in enumerate(pieces)]
+        if not self.error_feedback or self.momentum is not None:
+            return self.compress(np.concatenate(flats) if flats else np.zeros(0, np.float32), name)
         n = sum(f.size for f in flats)
         slot = self._host_slot(name, (n,), n)
         payload = _core.compress_topk_pieces(
             flats,
             self.k_for(n, self.ratio_at(slot.calls)),
             slot.residual,
-            method=self.method,
-            seed=_stream_seed(self.seed, name, slot.calls),
-            exact_k=self.exact_k,
-            index=self.index,
-            values=self.values,
-            chunk=self.chunk,
+            **self._options(name, slot.calls),
         )
         return self._stepped(slot, name, (n,), payload)
+
+    def _options(self, name: str | None, calls: int) -> dict[str, Any]:
+        """Selection and encoding options of one call (its seed depends on name and call)."""
+        return {
+            "method": self.method,
+            "seed": _stream_seed(self.seed, name, calls),
+            "exact_k": self.exact_k,
+            "index": self.index,
+            "values": self.values,
+            "chunk": self.chunk,
+        }
 
     def _host_slot(self, name: str | None, shape: tuple[int, ...], n: int) -> _Slot:
         """``name``'s state (created with zeroed buffers), after checking its shape."""
