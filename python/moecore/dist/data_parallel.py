@@ -148,7 +148,9 @@ class DataParallel:
         )
         self._layout()
         self._requests: dict[int, Request] = {}
-        self._ready_now: set[int] = set()  # parameters whose gradient is ready this step
+        # Parameters with no gradient this step, sent as zeros: known only at `finish` (the
+        # scheduler releases a bucket during backward only once all its gradients are ready).
+        self._missing: set[int] = set()
         self._driver = Driver(progress)
         self.last_stats: dict[str, Any] = {}
         self._stats = self._new_stats()
@@ -206,10 +208,8 @@ class DataParallel:
     def _ready(self, index: int) -> None:
         if not self.scheduler.in_step:
             self.scheduler.begin_step()
-            self._ready_now.clear()
         # The gradient is final now (the hook runs after its last accumulation) and stays
         # so until the optimizer: it is read when its bucket goes out (see `_fill`).
-        self._ready_now.add(index)
         actions = self.scheduler.ready(index)
         self._run(actions, "launched_in_backward")
         if self._driver.mode == "hooks":
@@ -233,7 +233,7 @@ class DataParallel:
 
     def _grad(self, index: int) -> np.ndarray:
         """Parameter ``index``'s flat gradient this step (zeros if it got none)."""
-        if index not in self._ready_now:
+        if index in self._missing:
             return np.zeros(self.params[index].data.size, dtype=np.float32)
         return np.asarray(self.params[index].grad, dtype=np.float32).reshape(-1)
 
@@ -246,7 +246,7 @@ class DataParallel:
             if a >= b:
                 continue
             dst = buf[a:b]
-            if g not in self._ready_now:
+            if g in self._missing:
                 dst[...] = 0.0
                 continue
             src = self._grad(g)[a - off : b - off]
@@ -309,9 +309,12 @@ class DataParallel:
         t0 = time.perf_counter()
         if not self.scheduler.in_step:
             self.scheduler.begin_step()
-            self._ready_now.clear()
         # Gradients that never became ready go as zeros (`_fill`, `_grad`).
-        self._run(self.scheduler.finish(), "launched_at_finish")
+        self._missing = set(self.scheduler.unready())
+        try:
+            self._run(self.scheduler.finish(), "launched_at_finish")
+        finally:
+            self._missing = set()
         self._driver.clear()
         if self._requests:
             raise RuntimeError(
