@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="B = 32, N = 512 only")
     ap.add_argument("--reps", type=int, default=7, help="timing rounds (sparse peers: ≤ 3)")
+    ap.add_argument("--blocks", default="16,32,64", help="block sizes, comma-separated")
+    ap.add_argument("--ns", default="512,4096", help="rows of X, comma-separated")
     args = ap.parse_args(argv)
 
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
@@ -266,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"W {SIZE}x{SIZE}, {DENSITY:.2%} of blocks kept\n")
 
     rng = np.random.default_rng(0)
-    cases = [(32, 512)] if args.quick else [(b, n) for n in (512, 4096) for b in (16, 32, 64)]
+    blocks = [int(b) for b in args.blocks.split(",")]
+    ns = [int(n) for n in args.ns.split(",")]
+    cases = [(32, 512)] if args.quick else [(b, n) for n in ns for b in blocks]
     rows: list[dict] = []
     for block, n in cases:
         case = run_case(block, n, args.reps, rng)

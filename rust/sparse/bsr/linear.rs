@@ -4,14 +4,15 @@
 //! reads B-wide output rows contiguously). Rows of `x` are taken in super-panels that fit the
 //! last-level cache; each super-panel is packed once into groups of `MR` rows (each group's
 //! `MR × B` sub-block of every block-column contiguous, so the kernel streams one contiguous
-//! run per block instead of `MR` rows on as many pages). Then one task per output block-row
-//! `i` (each owns the output columns `i·B .. i·B + B`) sweeps the groups, accumulating
+//! run per block instead of `MR` rows on as many pages), while the super-panel before it is
+//! computed ([`pipeline`]). The computation is one task per output block-row `i` (each owns
+//! the output columns `i·B .. i·B + B`) sweeping the groups, accumulating
 //! `x[:, j-block] · Wᵀ_ij` over all the blocks of the row in registers before storing each
 //! output tile once.
 //!
 //! dX is the same with the roles turned: one task per input block-column `j` (through the
-//! pattern's transposed index), `dx[:, j-block] = Σ_i dy[:, i-block] · W_ij`, which needs no
-//! transposition at all.
+//! pattern's transposed index), `dx[:, j-block] = Σ_i dy[:, i-block] · W_ij`, its blocks
+//! gathered once in block-column order.
 
 use std::mem::MaybeUninit;
 
@@ -19,7 +20,9 @@ use rayon::prelude::*;
 
 use super::error::{BsrError, Result};
 use super::kernels::{panel_kernel, Isa, PanelArgs};
-use super::pack::{gather_blocks, pack_row_groups, transpose_blocks, with_workspace};
+use super::pack::{
+    gather_blocks, pack_row_groups, pipeline, transpose_blocks, with_workspace, Stage,
+};
 use super::pattern::BsrPattern;
 use crate::sparse::alloc::{as_uninit, filled};
 
@@ -53,9 +56,34 @@ pub fn bsr_linear_with(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
+    forward_in_superpanels(isa, x, n, pattern, data, bias, y, SUPERPANEL_BYTES)
+}
+
+/// [`bsr_linear_with`] sweeping super-panels of about `superpanel_bytes` of `x` rows (a
+/// parameter so that tests can cross super-panel boundaries on small shapes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_in_superpanels(
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    superpanel_bytes: usize,
+) -> Result<()> {
     check_forward(x, n, pattern, data, bias)?;
     check_len("y", y.len(), n, pattern.rows(), "n × rows")?;
-    forward(isa, x, n, pattern, data, bias, as_uninit(y));
+    forward(
+        isa,
+        x,
+        n,
+        pattern,
+        data,
+        bias,
+        as_uninit(y),
+        superpanel_bytes,
+    );
     Ok(())
 }
 
@@ -70,7 +98,18 @@ pub fn bsr_linear_vec(
 ) -> Result<Vec<f32>> {
     check_forward(x, n, pattern, data, bias)?;
     let len = n.saturating_mul(pattern.rows());
-    let fill = |y: &mut [MaybeUninit<f32>]| forward(Isa::detect(), x, n, pattern, data, bias, y);
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        forward(
+            Isa::detect(),
+            x,
+            n,
+            pattern,
+            data,
+            bias,
+            y,
+            SUPERPANEL_BYTES,
+        );
+    };
     // SAFETY: the inputs are valid (checked above) and `forward` writes every element of `y`.
     Ok(unsafe { filled("y", len, fill) }?)
 }
@@ -93,6 +132,7 @@ fn check_forward(
 /// The forward product on inputs [`check_forward`] accepted, into `y` of `n × rows` elements,
 /// every one of which it writes: each block-row task stores all its tiles (bias or zeros when
 /// the block-row keeps no block), and the tiles cover rows `0..n` and the row's `B` columns.
+#[allow(clippy::too_many_arguments)]
 fn forward(
     isa: Isa,
     x: &[f32],
@@ -101,6 +141,7 @@ fn forward(
     data: &[f32],
     bias: Option<&[f32]>,
     y: &mut [MaybeUninit<f32>],
+    superpanel_bytes: usize,
 ) {
     let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
     assert_eq!(y.len(), n * rows, "y: n × rows elements");
@@ -113,9 +154,12 @@ fn forward(
     with_workspace(|ws| {
         transpose_blocks(data, b, &mut ws.wt);
         let wt = &ws.wt[..data.len()];
-        for (n0, n1) in superpanels(n, cols, kernel.mr, SUPERPANEL_BYTES) {
-            pack_row_groups(x, cols, n0, n1, kernel.mr, b, &mut ws.packed);
-            let packed = &ws.packed[..];
+        let spans = superpanels(n, cols, kernel.mr, superpanel_bytes);
+        let pack = |(n0, n1), stage: &mut Stage| {
+            pack_row_groups(x, cols, n0, n1, kernel.mr, b, &mut stage.a);
+        };
+        pipeline(&spans, &mut ws.stages, pack, |(n0, n1), stage| {
+            let packed = &stage.a[..];
             (0..pattern.block_rows()).into_par_iter().for_each(|i| {
                 let blocks = pattern.indptr()[i]..pattern.indptr()[i + 1];
                 // SAFETY (pointer arithmetic): bias has `rows` = block_rows·B entries (checked)
@@ -146,7 +190,7 @@ fn forward(
                     }
                 }
             });
-        }
+        });
     });
 }
 
@@ -170,9 +214,22 @@ pub fn bsr_linear_dx_with(
     data: &[f32],
     dx: &mut [f32],
 ) -> Result<()> {
+    dx_in_superpanels(isa, dy, n, pattern, data, dx, SUPERPANEL_BYTES)
+}
+
+/// [`bsr_linear_dx_with`] sweeping super-panels of about `superpanel_bytes` of `dy` rows.
+pub(crate) fn dx_in_superpanels(
+    isa: Isa,
+    dy: &[f32],
+    n: usize,
+    pattern: &BsrPattern,
+    data: &[f32],
+    dx: &mut [f32],
+    superpanel_bytes: usize,
+) -> Result<()> {
     check_dx(dy, n, pattern, data)?;
     check_len("dx", dx.len(), n, pattern.cols(), "n × cols")?;
-    input_grad(isa, dy, n, pattern, data, as_uninit(dx));
+    input_grad(isa, dy, n, pattern, data, as_uninit(dx), superpanel_bytes);
     Ok(())
 }
 
@@ -185,7 +242,9 @@ pub fn bsr_linear_dx_vec(
 ) -> Result<Vec<f32>> {
     check_dx(dy, n, pattern, data)?;
     let len = n.saturating_mul(pattern.cols());
-    let fill = |dx: &mut [MaybeUninit<f32>]| input_grad(Isa::detect(), dy, n, pattern, data, dx);
+    let fill = |dx: &mut [MaybeUninit<f32>]| {
+        input_grad(Isa::detect(), dy, n, pattern, data, dx, SUPERPANEL_BYTES);
+    };
     // SAFETY: the inputs are valid (checked above) and `input_grad` writes every element.
     Ok(unsafe { filled("dx", len, fill) }?)
 }
@@ -216,6 +275,7 @@ fn input_grad(
     pattern: &BsrPattern,
     data: &[f32],
     dx: &mut [MaybeUninit<f32>],
+    superpanel_bytes: usize,
 ) {
     let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
     assert_eq!(dx.len(), n * cols, "dx: n × cols elements");
@@ -229,9 +289,12 @@ fn input_grad(
         // place they are one page each, scattered over `data`).
         gather_blocks(data, pattern.blocks_by_column(), b, &mut ws.wt);
         let by_column = &ws.wt[..data.len()];
-        for (n0, n1) in superpanels(n, rows, kernel.mr, SUPERPANEL_BYTES) {
-            pack_row_groups(dy, rows, n0, n1, kernel.mr, b, &mut ws.packed);
-            let packed = &ws.packed[..];
+        let spans = superpanels(n, rows, kernel.mr, superpanel_bytes);
+        let pack = |(n0, n1), stage: &mut Stage| {
+            pack_row_groups(dy, rows, n0, n1, kernel.mr, b, &mut stage.a);
+        };
+        pipeline(&spans, &mut ws.stages, pack, |(n0, n1), stage| {
+            let packed = &stage.a[..];
             (0..pattern.block_cols()).into_par_iter().for_each(|j| {
                 let (a_blocks, _) = pattern.column(j);
                 let first = pattern.column_range(j).start;
@@ -257,7 +320,7 @@ fn input_grad(
                     }
                 }
             });
-        }
+        });
     });
 }
 

@@ -4,7 +4,8 @@
 //!
 //! Rows are taken in super-panels that fit the last-level cache, and each super-panel of `x`
 //! and `dy` is packed into one contiguous `[rows, B]` panel per block-column (read in place,
-//! every row of a block is on another page). Within one, one task per run of consecutive kept
+//! every row of a block is on another page), the next one while the current one is reduced
+//! ([`pipeline`]). Within one, one task per run of consecutive kept
 //! blocks (rayon splits the block list), each block written by exactly one task; consecutive
 //! blocks share their block-row, so the `dy` panel they read stays in cache. Rows are reduced
 //! in chunks small enough that the `x` and `dy` rows of a chunk stay in L1 while every tile of
@@ -17,7 +18,7 @@ use rayon::prelude::*;
 use super::error::Result;
 use super::kernels::{sddmm_kernel, Isa, SddmmArgs};
 use super::linear::{check_blocks, check_len, superpanels, usable};
-use super::pack::{pack_column_panels, with_workspace};
+use super::pack::{pack_column_panels, pipeline, with_workspace, Stage};
 use super::pattern::BsrPattern;
 use crate::sparse::alloc::{as_uninit, filled, write_zeros};
 
@@ -133,11 +134,14 @@ fn weight_grad(
     // block-column, so the kernel walks consecutive addresses (in place, every row of a block
     // is on another page: one TLB miss per row and no hardware prefetch).
     with_workspace(|ws| {
-        for (s0, s1) in superpanels(n, rows + cols, ROW_CHUNK, superpanel_bytes) {
+        let spans = superpanels(n, rows + cols, ROW_CHUNK, superpanel_bytes);
+        let pack = |(s0, s1), stage: &mut Stage| {
+            pack_column_panels(x, cols, s0, s1, b, &mut stage.a);
+            pack_column_panels(dy, rows, s0, s1, b, &mut stage.b);
+        };
+        pipeline(&spans, &mut ws.stages, pack, |(s0, s1), stage| {
             let h = s1 - s0;
-            pack_column_panels(x, cols, s0, s1, b, &mut ws.packed);
-            pack_column_panels(dy, rows, s0, s1, b, &mut ws.packed_other);
-            let (xp, dyp) = (&ws.packed[..h * cols], &ws.packed_other[..h * rows]);
+            let (xp, dyp) = (&stage.a[..h * cols], &stage.b[..h * rows]);
             dw.par_chunks_mut(b * b).enumerate().for_each(|(blk, out)| {
                 let i = pattern.block_row_of()[blk] as usize;
                 let j = pattern.indices()[blk] as usize;
@@ -171,6 +175,6 @@ fn weight_grad(
                     }
                 }
             });
-        }
+        });
     });
 }

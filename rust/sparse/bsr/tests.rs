@@ -224,6 +224,38 @@ fn deep_reductions_cross_the_row_chunk() {
 }
 
 #[test]
+fn products_cross_superpanels() {
+    // Super-panels of a few row groups (each packed while the one before is computed, into
+    // the other of two buffers), the last one partial: forward and dX must still match dense.
+    let (n, rows, cols) = (301, 128, 192);
+    for isa in Isa::available() {
+        for b in SUPPORTED_BLOCKS {
+            let mut rng = Rng(29 + b as u64);
+            let (p, data) = random_matrix(rows, cols, b, 0.6, &mut rng);
+            let dense = to_dense(&p, &data);
+            let x = rng.values(n * cols);
+            let dy = rng.values(n * rows);
+            let bias = rng.values(rows);
+            let what = format!("{isa:?} B={b}");
+            let mut y = vec![f32::NAN; n * rows];
+            let bytes = 40 * cols * 4;
+            linear::forward_in_superpanels(isa, &x, n, &p, &data, Some(&bias), &mut y, bytes)
+                .unwrap();
+            let mut want = matmul_nt(&x, &dense, n, cols, rows);
+            for (k, w) in want.iter_mut().enumerate() {
+                *w += bias[k % rows] as f64;
+            }
+            assert_close(&y, &want, TOL, &format!("forward {what}"));
+            let mut dx = vec![f32::NAN; n * cols];
+            let bytes = 40 * rows * 4;
+            linear::dx_in_superpanels(isa, &dy, n, &p, &data, &mut dx, bytes).unwrap();
+            let want = matmul_nt(&dy, &transpose(&dense, rows, cols), n, rows, cols);
+            assert_close(&dx, &want, TOL, &format!("dx {what}"));
+        }
+    }
+}
+
+#[test]
 fn dw_accumulates_across_superpanels() {
     // Super-panels of 64 rows (the packed x and dy panels are rebuilt for each, and dW carries
     // the sum across them), the last one partial: 300 = 4·64 + 44.
