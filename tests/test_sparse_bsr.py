@@ -136,6 +136,59 @@ def test_outputs_are_fresh_writable_c_contiguous_arrays():
         assert not np.shares_memory(out, x) and not np.shares_memory(out, w.data)
 
 
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_out_receives_the_result_bit_for_bit(lead):
+    # out= holds NaN first, so a missed element shows; the result equals the fresh array's.
+    w = BsrMatrix.random((64, 96), 32, density=0.5, seed=16)
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((*lead, 96)).astype(np.float32)
+    dy = rng.standard_normal((*lead, 64)).astype(np.float32)
+    bias = rng.standard_normal(64).astype(np.float32)
+    for fresh, call, shape in [
+        (bsr_linear(x, w, bias), lambda o: bsr_linear(x, w, bias, out=o), (*lead, 64)),
+        (bsr_linear_dx(dy, w), lambda o: bsr_linear_dx(dy, w, out=o), (*lead, 96)),
+        (bsr_linear_dw(dy, x, w), lambda o: bsr_linear_dw(dy, x, w, out=o), w.data.shape),
+    ]:
+        out = np.full(shape, np.nan, dtype=np.float32)
+        assert call(out) is out
+        assert np.array_equal(out, fresh)
+        out[...] = 7.0  # overwritten, not accumulated into
+        call(out)
+        assert np.array_equal(out, fresh)
+
+
+def test_bad_out_is_refused_naming_the_problem():
+    w = BsrMatrix.random((64, 96), 32, density=0.5, seed=18)
+    x = np.ones((4, 96), dtype=np.float32)
+    good = np.empty((4, 64), dtype=np.float32)
+    cases = [
+        (np.empty((4, 64), dtype=np.float64), "dtype float32"),
+        (np.empty((64, 4), dtype=np.float32), r"shape \(4, 64\)"),
+        (np.empty((2, 2, 64), dtype=np.float32), r"shape \(4, 64\)"),  # same size, wrong shape
+        (np.empty((4, 128), dtype=np.float32)[:, ::2], "C-contiguous"),
+        ([[0.0] * 64] * 4, "numpy.ndarray"),
+    ]
+    readonly = good.copy()
+    readonly.flags.writeable = False
+    cases.append((readonly, "read-only"))
+    for out, message in cases:
+        with pytest.raises(ValueError, match=message):
+            bsr_linear(x, w, out=out)
+    # out sharing memory with the input (an in-place product would read what it overwrote).
+    square = BsrMatrix.random((96, 96), 32, density=0.5, seed=19)
+    x2 = np.ones((4, 96), dtype=np.float32)
+    with pytest.raises(ValueError, match="shares memory"):
+        bsr_linear(x2, square, out=x2)
+    with pytest.raises(ValueError, match="shares memory"):
+        bsr_linear_dx(x2, square, out=x2)
+    assert np.all(x2 == 1.0)
+    buffer = np.ones(square.data.size + 384, dtype=np.float32)
+    dy = buffer[:384].reshape(4, 96)
+    with pytest.raises(ValueError, match="shares memory"):
+        bsr_linear_dw(dy, x2, square, out=buffer[: square.data.size].reshape(square.data.shape))
+    assert np.all(buffer == 1.0)
+
+
 def test_concurrent_calls_from_threads_are_correct():
     # The GIL is released during the kernels; calls from several threads must not interfere.
     w = BsrMatrix.random((128, 256), 32, density=0.5, seed=14)

@@ -112,12 +112,19 @@ def bsr_linear(
     pattern: BsrPattern,
     data: npt.NDArray[np.float32],
     bias: npt.NDArray[np.float32] | None = None,
+    out: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def bsr_linear_dx(
-    dy: npt.NDArray[np.float32], pattern: BsrPattern, data: npt.NDArray[np.float32]
+    dy: npt.NDArray[np.float32],
+    pattern: BsrPattern,
+    data: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def bsr_linear_dw(
-    dy: npt.NDArray[np.float32], x: npt.NDArray[np.float32], pattern: BsrPattern
+    dy: npt.NDArray[np.float32],
+    x: npt.NDArray[np.float32],
+    pattern: BsrPattern,
+    out: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def bsr_kernel_isa() -> str: ...
 

@@ -304,6 +304,22 @@ def _as_matrix(a: np.ndarray, name: str, width: int, what: str) -> np.ndarray:
     return a.reshape(math.prod(a.shape[:-1]), width)
 
 
+def _out_array(out: Any, shape: tuple[int, ...], rows: int | None = None) -> Any:
+    """``out`` checked to be exactly ``shape`` (the result's shape), so a wrongly shaped
+    ``out`` of the right size is refused rather than filled in the wrong layout; viewed as
+    ``[rows, shape[-1]]`` when ``rows`` is given (a view: ``out`` is C-contiguous)."""
+    if _is_cupy(out):
+        if out.dtype != np.float32 or tuple(out.shape) != shape:
+            raise ValueError(f"out: expected float32 of shape {shape}, got {out.dtype} {out.shape}")
+        return out
+    out = _float32_array(out, "out")
+    if out.shape != shape:
+        raise ValueError(f"out: expected shape {shape}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out: the array is read-only")
+    return out if rows is None else out.reshape(rows, shape[-1])
+
+
 def _is_cupy(a: object) -> bool:
     return (type(a).__module__ or "").split(".")[0] == "cupy"
 
@@ -331,22 +347,30 @@ def _check_matrix(w: object, name: str) -> BsrMatrix:
     return w
 
 
-def bsr_linear(x: np.ndarray, w: BsrMatrix, bias: np.ndarray | None = None) -> np.ndarray:
+def bsr_linear(
+    x: np.ndarray, w: BsrMatrix, bias: np.ndarray | None = None, *, out: np.ndarray | None = None
+) -> np.ndarray:
     """``y = x @ w.T (+ bias)`` over the kept blocks of ``w`` only.
 
     Args:
         x: ``[..., in_features]`` float32, C-contiguous.
         w: the ``[out_features, in_features]`` weight.
         bias: optional ``[out_features]`` float32.
+        out: optional ``[..., out_features]`` float32 C-contiguous array to write the result
+            into (every element is overwritten; it must not share memory with ``x``), as
+            ``numpy.matmul(..., out=)``: a caller reusing it saves the fresh allocation,
+            whose page faults are a visible share of a large product.
 
     Returns:
-        ``[..., out_features]`` float32 (a new array).
+        ``[..., out_features]`` float32: ``out`` when given, else a new array.
     """
     w = _check_matrix(w, "w")
+    shape = (*x.shape[:-1], w.shape[0])
     if _is_cupy(x):
         fn, (x2,) = _bsr_on_gpu("bsr_linear", x)
         pattern, data = _on_device(w)
-        return fn(x2, pattern, data, bias).reshape(*x.shape[:-1], w.shape[0])
+        y = fn(x2, pattern, data, bias).reshape(shape)
+        return y if out is None else _copy_into(out, y, shape)
     x2 = _as_matrix(x, "x", w.shape[1], "in_features")
     if bias is not None:
         bias = _float32_array(bias, "bias", ndim=1)
@@ -354,31 +378,50 @@ def bsr_linear(x: np.ndarray, w: BsrMatrix, bias: np.ndarray | None = None) -> n
             raise ValueError(
                 f"bias: expected shape ({w.shape[0]},) (out_features), got {bias.shape}"
             )
+    if out is not None:
+        _core.bsr_linear(x2, w._pattern, w.data, bias, _out_array(out, shape, x2.shape[0]))
+        return out
     y = _core.bsr_linear(x2, w._pattern, w.data, bias)
-    return y.reshape(*x.shape[:-1], w.shape[0])
+    return y.reshape(shape)
 
 
-def bsr_linear_dx(dy: np.ndarray, w: BsrMatrix) -> np.ndarray:
+def _copy_into(out: Any, result: Any, shape: tuple[int, ...]) -> Any:
+    """The GPU kernels return new arrays: ``out`` (checked) filled from ``result``."""
+    _out_array(out, shape)
+    out[...] = result
+    return out
+
+
+def bsr_linear_dx(dy: np.ndarray, w: BsrMatrix, *, out: np.ndarray | None = None) -> np.ndarray:
     """``dx = dy @ w``: the gradient of :func:`bsr_linear` with respect to ``x``.
 
     Args:
         dy: ``[..., out_features]`` float32, C-contiguous.
         w: the ``[out_features, in_features]`` weight.
+        out: optional ``[..., in_features]`` float32 C-contiguous array to write into (as in
+            :func:`bsr_linear`).
 
     Returns:
-        ``[..., in_features]`` float32.
+        ``[..., in_features]`` float32: ``out`` when given, else a new array.
     """
     w = _check_matrix(w, "w")
+    shape = (*dy.shape[:-1], w.shape[1])
     if _is_cupy(dy):
         fn, (dy2,) = _bsr_on_gpu("bsr_linear_dx", dy)
         pattern, data = _on_device(w)
-        return fn(dy2, pattern, data).reshape(*dy.shape[:-1], w.shape[1])
+        dx = fn(dy2, pattern, data).reshape(shape)
+        return dx if out is None else _copy_into(out, dx, shape)
     dy2 = _as_matrix(dy, "dy", w.shape[0], "out_features")
+    if out is not None:
+        _core.bsr_linear_dx(dy2, w._pattern, w.data, _out_array(out, shape, dy2.shape[0]))
+        return out
     dx = _core.bsr_linear_dx(dy2, w._pattern, w.data)
-    return dx.reshape(*dy.shape[:-1], w.shape[1])
+    return dx.reshape(shape)
 
 
-def bsr_linear_dw(dy: np.ndarray, x: np.ndarray, pattern: BsrMatrix) -> np.ndarray:
+def bsr_linear_dw(
+    dy: np.ndarray, x: np.ndarray, pattern: BsrMatrix, *, out: np.ndarray | None = None
+) -> np.ndarray:
     """The gradient of :func:`bsr_linear` with respect to the kept blocks of the weight only
     (an SDDMM): block ``b`` at ``(i, j)`` is ``dy[:, i-block].T @ x[:, j-block]``, summed over
     all rows (leading dimensions included). Pruned blocks are never computed.
@@ -387,9 +430,11 @@ def bsr_linear_dw(dy: np.ndarray, x: np.ndarray, pattern: BsrMatrix) -> np.ndarr
         dy: ``[..., out_features]`` float32, C-contiguous.
         x: ``[..., in_features]`` float32, C-contiguous, the same leading shape as ``dy``.
         pattern: the weight whose kept blocks to differentiate (its ``data`` is not read).
+        out: optional ``[nnzb, B, B]`` float32 C-contiguous array to write into (overwritten,
+            not accumulated into).
 
     Returns:
-        ``[nnzb, B, B]`` float32, laid out like ``pattern.data``.
+        ``[nnzb, B, B]`` float32, laid out like ``pattern.data``: ``out`` when given.
     """
     pattern = _check_matrix(pattern, "pattern")
     if _is_cupy(dy) or _is_cupy(x):
@@ -398,9 +443,13 @@ def bsr_linear_dw(dy: np.ndarray, x: np.ndarray, pattern: BsrMatrix) -> np.ndarr
                 f"x: expected the leading shape of dy {dy.shape[:-1]}, got {x.shape[:-1]}"
             )
         fn, (dy2, x2) = _bsr_on_gpu("bsr_linear_dw", dy, x)
-        return fn(dy2, x2, _on_device(pattern)[0])
+        dw = fn(dy2, x2, _on_device(pattern)[0])
+        return dw if out is None else _copy_into(out, dw, pattern.data.shape)
     dy2 = _as_matrix(dy, "dy", pattern.shape[0], "out_features")
     x2 = _as_matrix(x, "x", pattern.shape[1], "in_features")
     if dy.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"x: expected the leading shape of dy {dy.shape[:-1]}, got {x.shape[:-1]}")
+    if out is not None:
+        _core.bsr_linear_dw(dy2, x2, pattern._pattern, _out_array(out, pattern.data.shape))
+        return out
     return _core.bsr_linear_dw(dy2, x2, pattern._pattern)

@@ -5,7 +5,9 @@
 
 use numpy::ndarray::{Array2, Array3};
 use numpy::prelude::*;
-use numpy::{dtype, Element, PyArray, PyArray2, PyArray3, PyReadonlyArray, PyUntypedArray};
+use numpy::{
+    dtype, Element, PyArray, PyArray2, PyArray3, PyReadonlyArray, PyReadwriteArray, PyUntypedArray,
+};
 use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 
@@ -82,13 +84,14 @@ impl PyBsrPattern {
 
 /// `y = x · wᵀ (+ bias)` with `w` given by `pattern` and `data` `[nnzb, B, B]`.
 #[pyfunction]
-#[pyo3(signature = (x, pattern, data, bias = None))]
+#[pyo3(signature = (x, pattern, data, bias = None, out = None))]
 pub fn bsr_linear<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     pattern: &Bound<'py, PyBsrPattern>,
     data: &Bound<'py, PyAny>,
     bias: Option<&Bound<'py, PyAny>>,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let p = &pattern.get().inner;
     let x = readonly::<f32, numpy::Ix2>(x, "x")?;
@@ -109,17 +112,27 @@ pub fn bsr_linear<'py>(
     }
     let (xs, ds) = (slice(&x, "x")?, slice(&data, "data")?);
     let bs = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
+    if let Some(out) = out {
+        let (array, mut rw) = writable_out::<numpy::Ix2>(out, &[n, p.rows()])?;
+        let ys = rw
+            .as_slice_mut()
+            .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+        detached(py, "bsr_linear", || bsr::bsr_linear(xs, n, p, ds, bs, ys))??;
+        return Ok(array);
+    }
     let y = detached(py, "bsr_linear", || bsr::bsr_linear_vec(xs, n, p, ds, bs))??;
     matrix(py, y, n, p.rows())
 }
 
 /// `dx = dy · w` with `w` given by `pattern` and `data` `[nnzb, B, B]`.
 #[pyfunction]
+#[pyo3(signature = (dy, pattern, data, out = None))]
 pub fn bsr_linear_dx<'py>(
     py: Python<'py>,
     dy: &Bound<'py, PyAny>,
     pattern: &Bound<'py, PyBsrPattern>,
     data: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let p = &pattern.get().inner;
     let dy = readonly::<f32, numpy::Ix2>(dy, "dy")?;
@@ -127,6 +140,16 @@ pub fn bsr_linear_dx<'py>(
     let data = readonly::<f32, numpy::Ix3>(data, "data")?;
     expect_data_shape(data.shape(), p)?;
     let (dys, ds) = (slice(&dy, "dy")?, slice(&data, "data")?);
+    if let Some(out) = out {
+        let (array, mut rw) = writable_out::<numpy::Ix2>(out, &[n, p.cols()])?;
+        let dxs = rw
+            .as_slice_mut()
+            .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+        detached(py, "bsr_linear_dx", || {
+            bsr::bsr_linear_dx(dys, n, p, ds, dxs)
+        })??;
+        return Ok(array);
+    }
     let dx = detached(py, "bsr_linear_dx", || {
         bsr::bsr_linear_dx_vec(dys, n, p, ds)
     })??;
@@ -136,11 +159,13 @@ pub fn bsr_linear_dx<'py>(
 /// `dW` at the stored blocks of `pattern` only: `[nnzb, B, B]`, block `(i, j)` being
 /// `dy[:, i-block]ᵀ · x[:, j-block]`.
 #[pyfunction]
+#[pyo3(signature = (dy, x, pattern, out = None))]
 pub fn bsr_linear_dw<'py>(
     py: Python<'py>,
     dy: &Bound<'py, PyAny>,
     x: &Bound<'py, PyAny>,
     pattern: &Bound<'py, PyBsrPattern>,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let p = &pattern.get().inner;
     let dy = readonly::<f32, numpy::Ix2>(dy, "dy")?;
@@ -154,6 +179,16 @@ pub fn bsr_linear_dw<'py>(
     }
     let (dys, xs) = (slice(&dy, "dy")?, slice(&x, "x")?);
     let b = p.block();
+    if let Some(out) = out {
+        let (array, mut rw) = writable_out::<numpy::Ix3>(out, &[p.nnzb(), b, b])?;
+        let dws = rw
+            .as_slice_mut()
+            .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+        detached(py, "bsr_linear_dw", || {
+            bsr::bsr_linear_dw(dys, xs, n, p, dws)
+        })??;
+        return Ok(array);
+    }
     let dw = detached(py, "bsr_linear_dw", || {
         bsr::bsr_linear_dw_vec(dys, xs, n, p)
     })??;
@@ -174,6 +209,43 @@ fn readonly<'py, T: Element, D: numpy::ndarray::Dimension>(
     obj: &Bound<'py, PyAny>,
     name: &str,
 ) -> PyResult<PyReadonlyArray<'py, T, D>> {
+    typed::<T, D>(obj, name)?
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
+}
+
+/// A checked `out` array and its write borrow (released when dropped).
+type Out<'py, D> = (Bound<'py, PyArray<f32, D>>, PyReadwriteArray<'py, f32, D>);
+
+/// An `out` argument: a writable float32 C-contiguous array of exactly `shape`, sharing no
+/// memory with the inputs (they are borrowed read-only first, so rust-numpy's borrow checker
+/// refuses an overlapping `out`), or a `ValueError` saying what is wrong with it.
+fn writable_out<'py, D: numpy::ndarray::Dimension>(
+    out: &Bound<'py, PyAny>,
+    shape: &[usize],
+) -> PyResult<Out<'py, D>> {
+    let array = typed::<f32, D>(out, "out")?;
+    if array.shape() != shape {
+        return Err(PyValueError::new_err(format!(
+            "out: expected shape {}, got {}",
+            tuple(shape),
+            tuple(array.shape())
+        )));
+    }
+    let rw = array.try_readwrite().map_err(|e| {
+        PyValueError::new_err(format!(
+            "out: not writable, or shares memory with an input ({e})"
+        ))
+    })?;
+    Ok((array, rw))
+}
+
+/// `obj` as a numpy array of element `T` and `D` dimensions, C-contiguous, or a `ValueError`
+/// saying which of those it is not.
+fn typed<'py, T: Element, D: numpy::ndarray::Dimension>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<Bound<'py, PyArray<T, D>>> {
     let py = obj.py();
     let untyped = obj.cast::<PyUntypedArray>().map_err(|_| {
         PyValueError::new_err(format!(
@@ -204,14 +276,11 @@ fn readonly<'py, T: Element, D: numpy::ndarray::Dimension>(
             obj.getattr("strides")?
         )));
     }
-    let typed = untyped.cast::<PyArray<T, D>>().map_err(|_| {
+    untyped.cast::<PyArray<T, D>>().cloned().map_err(|_| {
         PyValueError::new_err(format!(
             "{name}: expected dtype {want} and {ndim} dimensions"
         ))
-    })?;
-    typed
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
+    })
 }
 
 fn slice<'a, T: Element, D: numpy::ndarray::Dimension>(
