@@ -5,9 +5,7 @@
 
 use numpy::ndarray::{Array2, Array3};
 use numpy::prelude::*;
-use numpy::{
-    dtype, Element, PyArray, PyArray2, PyArray3, PyReadonlyArray, PyReadwriteArray, PyUntypedArray,
-};
+use numpy::{dtype, Element, PyArray, PyArray2, PyArray3, PyReadonlyArray, PyUntypedArray};
 use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 
@@ -113,12 +111,9 @@ pub fn bsr_linear<'py>(
     let (xs, ds) = (slice(&x, "x")?, slice(&data, "data")?);
     let bs = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
     if let Some(out) = out {
-        let (array, mut rw) = writable_out::<numpy::Ix2>(out, &[n, p.rows()])?;
-        let ys = rw
-            .as_slice_mut()
-            .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-        detached(py, "bsr_linear", || bsr::bsr_linear(xs, n, p, ds, bs, ys))??;
-        return Ok(array);
+        return into_out(py, "bsr_linear", out, &[n, p.rows()], |y| {
+            bsr::bsr_linear(xs, n, p, ds, bs, y)
+        });
     }
     let y = detached(py, "bsr_linear", || bsr::bsr_linear_vec(xs, n, p, ds, bs))??;
     matrix(py, y, n, p.rows())
@@ -141,14 +136,9 @@ pub fn bsr_linear_dx<'py>(
     expect_data_shape(data.shape(), p)?;
     let (dys, ds) = (slice(&dy, "dy")?, slice(&data, "data")?);
     if let Some(out) = out {
-        let (array, mut rw) = writable_out::<numpy::Ix2>(out, &[n, p.cols()])?;
-        let dxs = rw
-            .as_slice_mut()
-            .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-        detached(py, "bsr_linear_dx", || {
-            bsr::bsr_linear_dx(dys, n, p, ds, dxs)
-        })??;
-        return Ok(array);
+        return into_out(py, "bsr_linear_dx", out, &[n, p.cols()], |dx| {
+            bsr::bsr_linear_dx(dys, n, p, ds, dx)
+        });
     }
     let dx = detached(py, "bsr_linear_dx", || {
         bsr::bsr_linear_dx_vec(dys, n, p, ds)
@@ -180,14 +170,9 @@ pub fn bsr_linear_dw<'py>(
     let (dys, xs) = (slice(&dy, "dy")?, slice(&x, "x")?);
     let b = p.block();
     if let Some(out) = out {
-        let (array, mut rw) = writable_out::<numpy::Ix3>(out, &[p.nnzb(), b, b])?;
-        let dws = rw
-            .as_slice_mut()
-            .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-        detached(py, "bsr_linear_dw", || {
-            bsr::bsr_linear_dw(dys, xs, n, p, dws)
-        })??;
-        return Ok(array);
+        return into_out(py, "bsr_linear_dw", out, &[p.nnzb(), b, b], |dw| {
+            bsr::bsr_linear_dw(dys, xs, n, p, dw)
+        });
     }
     let dw = detached(py, "bsr_linear_dw", || {
         bsr::bsr_linear_dw_vec(dys, xs, n, p)
@@ -214,16 +199,17 @@ fn readonly<'py, T: Element, D: numpy::ndarray::Dimension>(
         .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
 }
 
-/// A checked `out` array and its write borrow (released when dropped).
-type Out<'py, D> = (Bound<'py, PyArray<f32, D>>, PyReadwriteArray<'py, f32, D>);
-
-/// An `out` argument: a writable float32 C-contiguous array of exactly `shape`, sharing no
-/// memory with the inputs (they are borrowed read-only first, so rust-numpy's borrow checker
-/// refuses an overlapping `out`), or a `ValueError` saying what is wrong with it.
-fn writable_out<'py, D: numpy::ndarray::Dimension>(
+/// Runs `product` (named `what`) with the GIL released into the `out` argument, checked to be
+/// a writable float32 C-contiguous array of exactly `shape` that shares no memory with the
+/// inputs (they are borrowed read-only first, so rust-numpy's borrow checker refuses an
+/// overlapping `out`); returns `out`. Each problem is a `ValueError` naming `out`.
+fn into_out<'py, D: numpy::ndarray::Dimension>(
+    py: Python<'py>,
+    what: &str,
     out: &Bound<'py, PyAny>,
     shape: &[usize],
-) -> PyResult<Out<'py, D>> {
+    product: impl FnOnce(&mut [f32]) -> bsr::Result<()> + Send,
+) -> PyResult<Bound<'py, PyArray<f32, D>>> {
     let array = typed::<f32, D>(out, "out")?;
     if array.shape() != shape {
         return Err(PyValueError::new_err(format!(
@@ -232,12 +218,17 @@ fn writable_out<'py, D: numpy::ndarray::Dimension>(
             tuple(array.shape())
         )));
     }
-    let rw = array.try_readwrite().map_err(|e| {
+    let mut rw = array.try_readwrite().map_err(|e| {
         PyValueError::new_err(format!(
             "out: not writable, or shares memory with an input ({e})"
         ))
     })?;
-    Ok((array, rw))
+    let values = rw
+        .as_slice_mut()
+        .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+    detached(py, what, || product(values))??;
+    drop(rw);
+    Ok(array)
 }
 
 /// `obj` as a numpy array of element `T` and `D` dimensions, C-contiguous, or a `ValueError`

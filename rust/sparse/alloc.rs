@@ -111,6 +111,24 @@ fn advise_huge_pages_at(start: usize, bytes: usize) {
     let _ = (start, bytes);
 }
 
+/// Writes a zero into every 4 KiB page of the `len` floats at `ptr`, so that the OS maps (and
+/// zeroes) fresh pages now, on this thread, rather than when a kernel first stores into them.
+///
+/// # Safety
+/// The `len` floats at `ptr` must be valid for writes, and nobody else may access them
+/// meanwhile; the caller overwrites them afterwards (the zeros are not a result).
+pub(crate) unsafe fn fault_in(ptr: *mut f32, len: usize) {
+    const FLOATS_PER_PAGE: usize = 4096 / 4;
+    for at in (0..len).step_by(FLOATS_PER_PAGE) {
+        // SAFETY: at < len, inside the range the caller vouches for.
+        unsafe { ptr.add(at).write(0.0) };
+    }
+    if len > 0 {
+        // SAFETY: as above; the last float's page, which the stride may have stepped over.
+        unsafe { ptr.add(len - 1).write(0.0) };
+    }
+}
+
 /// Writes `src` into `dst` (same length), element by element (the compiler turns it into a
 /// vectorised copy).
 #[inline]

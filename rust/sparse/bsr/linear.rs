@@ -24,12 +24,44 @@ use super::pack::{
     gather_blocks, pack_row_groups, pipeline, transpose_blocks, with_workspace, Stage,
 };
 use super::pattern::BsrPattern;
-use crate::sparse::alloc::{as_uninit, filled};
+use crate::sparse::alloc::{as_uninit, fault_in, filled};
 
 /// Bytes of the row-major operand (`x` or `dy`) one pass over all block-rows may sweep. The
 /// packed copy stays in the last-level cache even when other processes share it; measured at
 /// N = 4096, B = 32: 2 MiB beat 8 MiB by ~10 % on a loaded machine, 1 MiB was no better.
 const SUPERPANEL_BYTES: usize = 2 << 20;
+
+/// Outputs at least this large are fresh pages from the OS on every call: glibc serves them
+/// with `mmap` whatever was freed before (its adaptive threshold stops at 32 MiB).
+const FRESH_FROM_OS_BYTES: usize = 32 << 20;
+
+/// How a product sweeps the rows of its row-major operand, and what it knows of its output.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sweep {
+    /// Bytes of the row-major operand per super-panel.
+    pub superpanel_bytes: usize,
+    /// The output is fresh memory: the pages of each super-panel's output rows are faulted in
+    /// while the super-panel before is computed. Otherwise the computing tasks fault them in
+    /// themselves, and both threads wait while the OS zeroes the page they share (about
+    /// 10 ms of a 65 ms product at N = 4096).
+    pub fault_in_output: bool,
+}
+
+impl Sweep {
+    /// Into a caller's buffer, which is presumably mapped already.
+    const CALLER_OUTPUT: Sweep = Sweep {
+        superpanel_bytes: SUPERPANEL_BYTES,
+        fault_in_output: false,
+    };
+
+    /// Into a new buffer of `len` floats.
+    fn new_output(len: usize) -> Sweep {
+        Sweep {
+            superpanel_bytes: SUPERPANEL_BYTES,
+            fault_in_output: len.saturating_mul(4) >= FRESH_FROM_OS_BYTES,
+        }
+    }
+}
 
 /// `y = x·wᵀ (+ bias)`: `x` is `[n, cols]`, `y` is `[n, rows]` (both row-major), `w` is the
 /// pattern with its `data` (`[nnzb, B, B]`), `bias` has `rows` entries. Every element of `y` is
@@ -56,13 +88,13 @@ pub fn bsr_linear_with(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
-    forward_in_superpanels(isa, x, n, pattern, data, bias, y, SUPERPANEL_BYTES)
+    forward_swept(isa, x, n, pattern, data, bias, y, Sweep::CALLER_OUTPUT)
 }
 
-/// [`bsr_linear_with`] sweeping super-panels of about `superpanel_bytes` of `x` rows (a
-/// parameter so that tests can cross super-panel boundaries on small shapes).
+/// [`bsr_linear_with`] with an explicit [`Sweep`] (so that tests can cross super-panel
+/// boundaries on small shapes, and fault the output in ahead).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_in_superpanels(
+pub(crate) fn forward_swept(
     isa: Isa,
     x: &[f32],
     n: usize,
@@ -70,20 +102,11 @@ pub(crate) fn forward_in_superpanels(
     data: &[f32],
     bias: Option<&[f32]>,
     y: &mut [f32],
-    superpanel_bytes: usize,
+    sweep: Sweep,
 ) -> Result<()> {
     check_forward(x, n, pattern, data, bias)?;
     check_len("y", y.len(), n, pattern.rows(), "n × rows")?;
-    forward(
-        isa,
-        x,
-        n,
-        pattern,
-        data,
-        bias,
-        as_uninit(y),
-        superpanel_bytes,
-    );
+    forward(isa, x, n, pattern, data, bias, as_uninit(y), sweep);
     Ok(())
 }
 
@@ -107,7 +130,7 @@ pub fn bsr_linear_vec(
             data,
             bias,
             y,
-            SUPERPANEL_BYTES,
+            Sweep::new_output(len),
         );
     };
     // SAFETY: the inputs are valid (checked above) and `forward` writes every element of `y`.
@@ -141,7 +164,7 @@ fn forward(
     data: &[f32],
     bias: Option<&[f32]>,
     y: &mut [MaybeUninit<f32>],
-    superpanel_bytes: usize,
+    sweep: Sweep,
 ) {
     let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
     assert_eq!(y.len(), n * rows, "y: n × rows elements");
@@ -154,9 +177,14 @@ fn forward(
     with_workspace(|ws| {
         transpose_blocks(data, b, &mut ws.wt);
         let wt = &ws.wt[..data.len()];
-        let spans = superpanels(n, cols, kernel.mr, superpanel_bytes);
+        let spans = superpanels(n, cols, kernel.mr, sweep.superpanel_bytes);
         let pack = |(n0, n1), stage: &mut Stage| {
             pack_row_groups(x, cols, n0, n1, kernel.mr, b, &mut stage.a);
+            if sweep.fault_in_output {
+                // SAFETY: rows n0..n1 of y (inside y: n1 ≤ n) are written by no task until
+                // this super-panel is computed, which starts after this packing returns.
+                unsafe { fault_in(out.offset(n0 * rows), (n1 - n0) * rows) };
+            }
         };
         pipeline(&spans, &mut ws.stages, pack, |(n0, n1), stage| {
             let packed = &stage.a[..];
@@ -214,22 +242,22 @@ pub fn bsr_linear_dx_with(
     data: &[f32],
     dx: &mut [f32],
 ) -> Result<()> {
-    dx_in_superpanels(isa, dy, n, pattern, data, dx, SUPERPANEL_BYTES)
+    dx_swept(isa, dy, n, pattern, data, dx, Sweep::CALLER_OUTPUT)
 }
 
-/// [`bsr_linear_dx_with`] sweeping super-panels of about `superpanel_bytes` of `dy` rows.
-pub(crate) fn dx_in_superpanels(
+/// [`bsr_linear_dx_with`] with an explicit [`Sweep`].
+pub(crate) fn dx_swept(
     isa: Isa,
     dy: &[f32],
     n: usize,
     pattern: &BsrPattern,
     data: &[f32],
     dx: &mut [f32],
-    superpanel_bytes: usize,
+    sweep: Sweep,
 ) -> Result<()> {
     check_dx(dy, n, pattern, data)?;
     check_len("dx", dx.len(), n, pattern.cols(), "n × cols")?;
-    input_grad(isa, dy, n, pattern, data, as_uninit(dx), superpanel_bytes);
+    input_grad(isa, dy, n, pattern, data, as_uninit(dx), sweep);
     Ok(())
 }
 
@@ -243,7 +271,15 @@ pub fn bsr_linear_dx_vec(
     check_dx(dy, n, pattern, data)?;
     let len = n.saturating_mul(pattern.cols());
     let fill = |dx: &mut [MaybeUninit<f32>]| {
-        input_grad(Isa::detect(), dy, n, pattern, data, dx, SUPERPANEL_BYTES);
+        input_grad(
+            Isa::detect(),
+            dy,
+            n,
+            pattern,
+            data,
+            dx,
+            Sweep::new_output(len),
+        );
     };
     // SAFETY: the inputs are valid (checked above) and `input_grad` writes every element.
     Ok(unsafe { filled("dx", len, fill) }?)
@@ -275,7 +311,7 @@ fn input_grad(
     pattern: &BsrPattern,
     data: &[f32],
     dx: &mut [MaybeUninit<f32>],
-    superpanel_bytes: usize,
+    sweep: Sweep,
 ) {
     let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
     assert_eq!(dx.len(), n * cols, "dx: n × cols elements");
@@ -289,9 +325,13 @@ fn input_grad(
         // place they are one page each, scattered over `data`).
         gather_blocks(data, pattern.blocks_by_column(), b, &mut ws.wt);
         let by_column = &ws.wt[..data.len()];
-        let spans = superpanels(n, rows, kernel.mr, superpanel_bytes);
+        let spans = superpanels(n, rows, kernel.mr, sweep.superpanel_bytes);
         let pack = |(n0, n1), stage: &mut Stage| {
             pack_row_groups(dy, rows, n0, n1, kernel.mr, b, &mut stage.a);
+            if sweep.fault_in_output {
+                // SAFETY: as in the forward pass, for rows n0..n1 of dx.
+                unsafe { fault_in(out.offset(n0 * cols), (n1 - n0) * cols) };
+            }
         };
         pipeline(&spans, &mut ws.stages, pack, |(n0, n1), stage| {
             let packed = &stage.a[..];

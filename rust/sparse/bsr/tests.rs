@@ -4,6 +4,7 @@
 
 use proptest::prelude::*;
 
+use super::linear::Sweep;
 use super::*;
 
 /// A small deterministic generator (xorshift), so the tests need no extra crates.
@@ -237,20 +238,26 @@ fn products_cross_superpanels() {
             let dy = rng.values(n * rows);
             let bias = rng.values(rows);
             let what = format!("{isa:?} B={b}");
-            let mut y = vec![f32::NAN; n * rows];
-            let bytes = 40 * cols * 4;
-            linear::forward_in_superpanels(isa, &x, n, &p, &data, Some(&bias), &mut y, bytes)
-                .unwrap();
-            let mut want = matmul_nt(&x, &dense, n, cols, rows);
-            for (k, w) in want.iter_mut().enumerate() {
-                *w += bias[k % rows] as f64;
+            // Both with the output's pages faulted in ahead (zeros written into the next
+            // super-panel's rows while one is computed: a wrong row range would leave zeros).
+            for fault_in_output in [false, true] {
+                let sweep = |rows_of: usize| Sweep {
+                    superpanel_bytes: 40 * rows_of * 4,
+                    fault_in_output,
+                };
+                let mut y = vec![f32::NAN; n * rows];
+                linear::forward_swept(isa, &x, n, &p, &data, Some(&bias), &mut y, sweep(cols))
+                    .unwrap();
+                let mut want = matmul_nt(&x, &dense, n, cols, rows);
+                for (k, w) in want.iter_mut().enumerate() {
+                    *w += bias[k % rows] as f64;
+                }
+                assert_close(&y, &want, TOL, &format!("forward {what}"));
+                let mut dx = vec![f32::NAN; n * cols];
+                linear::dx_swept(isa, &dy, n, &p, &data, &mut dx, sweep(rows)).unwrap();
+                let want = matmul_nt(&dy, &transpose(&dense, rows, cols), n, rows, cols);
+                assert_close(&dx, &want, TOL, &format!("dx {what}"));
             }
-            assert_close(&y, &want, TOL, &format!("forward {what}"));
-            let mut dx = vec![f32::NAN; n * cols];
-            let bytes = 40 * rows * 4;
-            linear::dx_in_superpanels(isa, &dy, n, &p, &data, &mut dx, bytes).unwrap();
-            let want = matmul_nt(&dy, &transpose(&dense, rows, cols), n, rows, cols);
-            assert_close(&dx, &want, TOL, &format!("dx {what}"));
         }
     }
 }
