@@ -4,7 +4,9 @@ Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/pool.py [--
 
 For each size (4 KiB … 256 MiB) both sides get a buffer, fill it once and drop it, in
 alternating rounds so that machine noise hits both alike; the table reports the median time
-per (get + write + drop) and the ratio numpy / pool (> 1: the pool is faster). numpy.empty
+per (get + write + drop) and the ratio numpy / pool (> 1: the pool is faster), then the
+median of the per-round ratios (each round times both sides back to back, so slow host
+phases cancel out of it) with a distribution-free 95 % interval for that median. numpy.empty
 hands out fresh pages from the OS at large sizes (a page fault per page on first write);
 the pool hands back the warm pages of the previous round. A second table times get + drop
 without the write: the allocators' own cost per call, which is all that differs between the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -30,6 +33,12 @@ from moecore.pool import HostPool, random_trace, replay
 
 KIB, MIB = 1 << 10, 1 << 20
 SIZES = [4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB]
+
+
+HEADER = (
+    f"{'size':>8} {'numpy.empty':>14} {'HostPool.empty':>14} {'speedup':>10} "
+    f"{'paired':>10}  95% interval of the paired median"
+)
 
 
 def label(n: int) -> str:
@@ -67,14 +76,31 @@ def time_rounds(get, n: int, calls: int, write: bool = True) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def bench_sizes(quick: bool, write: bool = True) -> list[dict]:
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A distribution-free interval holding the median with at least 95 % confidence: the
+    order statistics k and n + 1 - k of the sorted values, k the largest with
+    P(Binomial(n, 1/2) < k) <= 2.5 % (for n = 21: the 6th and the 16th)."""
+    n = len(values)
+    ordered = sorted(values)
+    k, below = 0, 0.0
+    while k < n:
+        p_k = math.comb(n, k) / 2**n  # P(exactly k values below the median)
+        if below + p_k > 0.025:
+            break
+        below += p_k
+        k += 1
+    if k == 0:  # too few rounds for 95 %: the whole range
+        return ordered[0], ordered[-1]
+    return ordered[k - 1], ordered[n - k]
+
+
+def bench_sizes(rounds: int, write: bool = True) -> list[dict]:
     pool = HostPool()
     rows = []
     for n in SIZES:
-        # About 20 ms of work per round, at least one call; 21 alternating rounds.
+        # About 20 ms of work per round, at least one call.
         one = time_rounds(np.empty, n, 1, write)
         calls = max(1, min(20_000, int(0.02 / max(one, 1e-7))))
-        rounds = 5 if quick else 21
         time_rounds(pool.empty, n, calls, write)  # warm the pool's segment for this size
         t_np, t_pool = [], []
         for r in range(rounds):
@@ -86,6 +112,10 @@ def bench_sizes(quick: bool, write: bool = True) -> list[dict]:
                 t_np.append(time_rounds(np.empty, n, calls, write))
                 t_pool.append(time_rounds(pool.empty, n, calls, write))
         med_np, med_pool = statistics.median(t_np), statistics.median(t_pool)
+        # Each round's ratio compares two measurements taken back to back, so host noise
+        # that lasts longer than a round cancels out of it.
+        ratios = [a / b for a, b in zip(t_np, t_pool, strict=True)]
+        low, high = median_interval(ratios)
         rows.append(
             {
                 "size": n,
@@ -94,12 +124,15 @@ def bench_sizes(quick: bool, write: bool = True) -> list[dict]:
                 "numpy_s": med_np,
                 "pool_s": med_pool,
                 "speedup": med_np / med_pool,
+                "paired_speedup_median": statistics.median(ratios),
+                "paired_speedup_95ci": [low, high],
                 "numpy_min_s": min(t_np),
                 "pool_min_s": min(t_pool),
             }
         )
         print(
-            f"{label(n):>8} {med_np * 1e6:14.3f} {med_pool * 1e6:14.3f} {med_np / med_pool:9.2f}x",
+            f"{label(n):>8} {med_np * 1e6:14.3f} {med_pool * 1e6:14.3f} {med_np / med_pool:9.2f}x"
+            f" {statistics.median(ratios):9.3f}x  [{low:.3f}, {high:.3f}]",
             flush=True,
         )
     assert pool.stats()["allocated_bytes.all.current"] == 0
@@ -119,7 +152,9 @@ def bench_trace(n_allocations: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, N = 10^4 trace only")
+    ap.add_argument("--rounds", type=int, default=21, help="alternating rounds per size")
     args = ap.parse_args()
+    rounds = 5 if args.quick else args.rounds
 
     check_correctness()
     blas = [
@@ -128,13 +163,13 @@ def main() -> None:
     ]
     print(f"numpy {np.__version__}; BLAS: {blas}")
     print("\nempty + fill once + drop, median time per call (us)")
-    print(f"{'size':>8} {'numpy.empty':>14} {'HostPool.empty':>14} {'speedup':>10}")
-    rows = bench_sizes(args.quick)
+    print(HEADER)
+    rows = bench_sizes(rounds)
     # Without the write: the allocator's own cost (both sides hand back the same warm
     # block round after round below glibc's mmap threshold, so the write costs the same).
     print("\nempty + drop, no write, median time per call (us)")
-    print(f"{'size':>8} {'numpy.empty':>14} {'HostPool.empty':>14} {'speedup':>10}")
-    bare = bench_sizes(args.quick, write=False)
+    print(HEADER)
+    bare = bench_sizes(rounds, write=False)
 
     print("\nRMM random workload replay (1 KiB..64 MiB, 73% alloc, 16000 MiB cap)")
     print(f"{'N':>8} {'peak alloc MiB':>15} {'peak resv MiB':>14} {'fragm.':>8} {'segments':>9}")
