@@ -12,14 +12,14 @@
 //!
 //! dX is the same with the roles turned: one task per input block-column `j` (through the
 //! pattern's transposed index), `dx[:, j-block] = Σ_i dy[:, i-block] · W_ij`, its blocks
-//! gathered once in block-column order.
+//! gathered once in block-column order. Both run the one sweep of [`PanelProduct`].
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use super::error::{BsrError, Result};
-use super::kernels::{panel_kernel, Isa, PanelArgs};
+use super::kernels::{panel_kernel, Isa, PanelArgs, PanelKernel};
 use super::pack::{
     gather_blocks, pack_row_groups, pipeline, transpose_blocks, with_workspace, Stage,
 };
@@ -153,8 +153,8 @@ fn check_forward(
 }
 
 /// The forward product on inputs [`check_forward`] accepted, into `y` of `n × rows` elements,
-/// every one of which it writes: each block-row task stores all its tiles (bias or zeros when
-/// the block-row keeps no block), and the tiles cover rows `0..n` and the row's `B` columns.
+/// every one of which it writes (see [`panel_product`]; a block-row that keeps no block gets
+/// the bias, or zeros).
 #[allow(clippy::too_many_arguments)]
 fn forward(
     isa: Isa,
@@ -166,58 +166,30 @@ fn forward(
     y: &mut [MaybeUninit<f32>],
     sweep: Sweep,
 ) {
-    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
-    assert_eq!(y.len(), n * rows, "y: n × rows elements");
-    if n == 0 || rows == 0 {
+    let (cols, b) = (pattern.cols(), pattern.block());
+    if n == 0 {
         return;
     }
-    let kernel = panel_kernel(usable(isa), b);
-    let out = SharedOut(y.as_mut_ptr().cast::<f32>());
-    let bias_ptr = SharedIn(bias.map_or(std::ptr::null(), <[f32]>::as_ptr));
     with_workspace(|ws| {
+        // The blocks transposed (`Wᵀ_ij`), in id order: each block-row's are one run.
         transpose_blocks(data, b, &mut ws.wt);
-        let wt = &ws.wt[..data.len()];
-        let spans = superpanels(n, cols, kernel.mr, sweep.superpanel_bytes);
-        let pack = |(n0, n1), stage: &mut Stage| {
-            pack_row_groups(x, cols, n0, n1, kernel.mr, b, &mut stage.a);
-            if sweep.fault_in_output {
-                // SAFETY: rows n0..n1 of y (inside y: n1 ≤ n) are written by no task until
-                // this super-panel is computed, which starts after this packing returns.
-                unsafe { fault_in(out.offset(n0 * rows), (n1 - n0) * rows) };
-            }
+        let product = PanelProduct {
+            kernel: panel_kernel(usable(isa), b),
+            a: x,
+            width: cols,
+            n,
+            block: b,
+            blocks: &ws.wt[..data.len()],
+            tasks: pattern.block_rows(),
+            sweep,
         };
-        pipeline(&spans, &mut ws.stages, pack, |(n0, n1), stage| {
-            let packed = &stage.a[..];
-            (0..pattern.block_rows()).into_par_iter().for_each(|i| {
-                let blocks = pattern.indptr()[i]..pattern.indptr()[i + 1];
-                // SAFETY (pointer arithmetic): bias has `rows` = block_rows·B entries (checked)
-                // and i < block_rows.
-                let init = unsafe { bias_ptr.offset(i * b) };
-                for g in (n0..n1).step_by(kernel.mr) {
-                    for c0 in (0..b).step_by(kernel.nr) {
-                        let args = PanelArgs {
-                            a: packed[(g - n0) * cols..].as_ptr(),
-                            rows: kernel.mr.min(n1 - g),
-                            a_blocks: &pattern.indices()[blocks.clone()],
-                            // SAFETY (pointer arithmetic): the row's first block id < nnzb
-                            // (or = nnzb with no terms); `wt` holds nnzb·B² floats.
-                            b: unsafe { wt.as_ptr().add(blocks.start * b * b) },
-                            c0,
-                            init,
-                            // SAFETY (pointer arithmetic): row g, column i·B is inside y.
-                            c: unsafe { out.offset(g * rows + i * b) },
-                            ldc: rows,
-                        };
-                        // SAFETY: the kernel matches a supported ISA (`usable`). Reads: the
-                        // packed group holds cols·MR floats and every a_block < cols/B (validated
-                        // pattern); the row's blocks are consecutive in `wt` (the transposed
-                        // blocks in id order, nnzb·B² floats, checked); init has B floats. Writes: rows g..g+rows ≤
-                        // n1 ≤ n, columns i·B+c0 .. i·B+c0+nr ≤ (i+1)·B ≤ rows of y. Tasks differ
-                        // in i, so their written columns are disjoint.
-                        unsafe { (kernel.run)(&args) };
-                    }
-                }
-            });
+        product.run(y, &mut ws.stages, |i| {
+            let blocks = pattern.indptr()[i]..pattern.indptr()[i + 1];
+            Terms {
+                a_blocks: &pattern.indices()[blocks.clone()],
+                first_block: blocks.start,
+                init: bias.map(|bias| &bias[i * b..(i + 1) * b]),
+            }
         });
     });
 }
@@ -303,7 +275,7 @@ pub(crate) fn check_blocks(arg: &'static str, values: &[f32], pattern: &BsrPatte
 }
 
 /// `dx = dy·w` on inputs [`check_dx`] accepted, into `dx` of `n × cols` elements, every one of
-/// which it writes (each block-column task stores all its tiles, zeros for an empty column).
+/// which it writes (see [`panel_product`]; an empty block-column gets zeros).
 fn input_grad(
     isa: Isa,
     dy: &[f32],
@@ -313,55 +285,126 @@ fn input_grad(
     dx: &mut [MaybeUninit<f32>],
     sweep: Sweep,
 ) {
-    let (rows, cols, b) = (pattern.rows(), pattern.cols(), pattern.block());
-    assert_eq!(dx.len(), n * cols, "dx: n × cols elements");
-    if n == 0 || cols == 0 {
+    let (rows, b) = (pattern.rows(), pattern.block());
+    if n == 0 {
         return;
     }
-    let kernel = panel_kernel(usable(isa), b);
-    let out = SharedOut(dx.as_mut_ptr().cast::<f32>());
     with_workspace(|ws| {
         // The blocks in block-column order, so each column's are one contiguous run (read in
         // place they are one page each, scattered over `data`).
         gather_blocks(data, pattern.blocks_by_column(), b, &mut ws.wt);
-        let by_column = &ws.wt[..data.len()];
-        let spans = superpanels(n, rows, kernel.mr, sweep.superpanel_bytes);
+        let product = PanelProduct {
+            kernel: panel_kernel(usable(isa), b),
+            a: dy,
+            width: rows,
+            n,
+            block: b,
+            blocks: &ws.wt[..data.len()],
+            tasks: pattern.block_cols(),
+            sweep,
+        };
+        product.run(dx, &mut ws.stages, |j| Terms {
+            a_blocks: pattern.column(j).0,
+            first_block: pattern.column_range(j).start,
+            init: None,
+        });
+    });
+}
+
+/// What the output block-column task `t` of a [`PanelProduct`] sums: `a_blocks[k]` is the
+/// block-column of A multiplied by block `first_block + k` of the product's `blocks`, and the
+/// sum starts from `init` (`B` values, one per output column) or from zero.
+struct Terms<'a> {
+    a_blocks: &'a [u32],
+    first_block: usize,
+    init: Option<&'a [f32]>,
+}
+
+/// The sweep that forward and dX share: `out[:, t·B .. t·B + B] = init_t + Σ_k
+/// a[:, a_blocks[k]·B ..][.., ..B] · blocks[first_block + k]` for every task `t < tasks`, where
+/// `a` is row-major `[n, width]`, `out` is `[n, tasks·B]` and `blocks` are `B × B` row-major
+/// (already transposed or gathered by the caller so that each task's are one run).
+///
+/// Rows of `a` are taken in super-panels (see [`Sweep`]), each packed into row groups while
+/// the one before is computed ([`pipeline`]). Within one, one parallel task per output
+/// block-column sweeps the groups, accumulating all its terms in registers before storing
+/// each output tile once; so every element of `out` is written exactly once.
+struct PanelProduct<'a> {
+    kernel: PanelKernel,
+    a: &'a [f32],
+    width: usize,
+    n: usize,
+    block: usize,
+    blocks: &'a [f32],
+    tasks: usize,
+    sweep: Sweep,
+}
+
+impl PanelProduct<'_> {
+    fn run<'t>(
+        &self,
+        out: &mut [MaybeUninit<f32>],
+        stages: &mut [Stage; 2],
+        terms: impl Fn(usize) -> Terms<'t> + Sync,
+    ) {
+        let (kernel, b, n, width) = (self.kernel, self.block, self.n, self.width);
+        let out_width = self.tasks * b;
+        assert_eq!(out.len(), n * out_width, "out: n × tasks·B elements");
+        assert_eq!(self.a.len(), n * width, "a: n × width elements");
+        if n == 0 || out_width == 0 {
+            return;
+        }
+        let c = SharedOut(out.as_mut_ptr().cast::<f32>());
+        let spans = superpanels(n, width, kernel.mr, self.sweep.superpanel_bytes);
         let pack = |(n0, n1), stage: &mut Stage| {
-            pack_row_groups(dy, rows, n0, n1, kernel.mr, b, &mut stage.a);
-            if sweep.fault_in_output {
-                // SAFETY: as in the forward pass, for rows n0..n1 of dx.
-                unsafe { fault_in(out.offset(n0 * cols), (n1 - n0) * cols) };
+            pack_row_groups(self.a, width, n0, n1, kernel.mr, b, &mut stage.a);
+            if self.sweep.fault_in_output {
+                // SAFETY: rows n0..n1 of out (n1 ≤ n) are written by no task until this
+                // super-panel is computed, which starts after this packing returns.
+                unsafe { fault_in(c.offset(n0 * out_width), (n1 - n0) * out_width) };
             }
         };
-        pipeline(&spans, &mut ws.stages, pack, |(n0, n1), stage| {
+        pipeline(&spans, stages, pack, |(n0, n1), stage| {
             let packed = &stage.a[..];
-            (0..pattern.block_cols()).into_par_iter().for_each(|j| {
-                let (a_blocks, _) = pattern.column(j);
-                let first = pattern.column_range(j).start;
+            (0..self.tasks).into_par_iter().for_each(|t| {
+                let Terms {
+                    a_blocks,
+                    first_block,
+                    init,
+                } = terms(t);
+                // What makes the kernel's reads below in bounds (the pattern was validated,
+                // so these hold; checked once per task, cheap beside its tiles).
+                assert!(first_block + a_blocks.len() <= self.blocks.len() / (b * b));
+                assert!(a_blocks.iter().all(|&j| (j as usize) < width / b));
+                assert!(init.is_none_or(|init| init.len() == b));
+                let init = init.map_or(std::ptr::null(), <[f32]>::as_ptr);
                 for g in (n0..n1).step_by(kernel.mr) {
                     for c0 in (0..b).step_by(kernel.nr) {
                         let args = PanelArgs {
-                            a: packed[(g - n0) * rows..].as_ptr(),
+                            a: packed[(g - n0) * width..].as_ptr(),
                             rows: kernel.mr.min(n1 - g),
                             a_blocks,
-                            // SAFETY (pointer arithmetic): first ≤ nnzb and `by_column` holds
-                            // nnzb·B² floats.
-                            b: unsafe { by_column.as_ptr().add(first * b * b) },
+                            // SAFETY (pointer arithmetic): first_block ≤ the number of blocks
+                            // (asserted above).
+                            b: unsafe { self.blocks.as_ptr().add(first_block * b * b) },
                             c0,
-                            init: std::ptr::null(),
-                            // SAFETY (pointer arithmetic): row g, column j·B is inside dx.
-                            c: unsafe { out.offset(g * cols + j * b) },
-                            ldc: cols,
+                            init,
+                            // SAFETY (pointer arithmetic): row g < n, column t·B < out_width.
+                            c: unsafe { c.offset(g * out_width + t * b) },
+                            ldc: out_width,
                         };
-                        // SAFETY: as in the forward pass, with a_blocks the block-rows of column
-                        // j (< rows/B) and its blocks consecutive in `by_column` from `first`.
-                        // Tasks differ in j, so their written columns are disjoint.
+                        // SAFETY: the kernel matches a supported ISA (`usable`). Reads: the
+                        // packed group holds width·MR floats and every a_block < width/B; the
+                        // task's blocks are consecutive in `blocks` from first_block (asserted);
+                        // init, when not null, has B floats. Writes: rows g..g+rows ≤ n1 ≤ n,
+                        // columns t·B+c0 .. t·B+c0+nr ≤ (t+1)·B ≤ out_width. Tasks differ in t,
+                        // so their written columns are disjoint.
                         unsafe { (kernel.run)(&args) };
                     }
                 }
             });
         });
-    });
+    }
 }
 
 /// The row ranges swept by one parallel pass: about `bytes` of a row-major `[n, width]`
@@ -429,26 +472,3 @@ impl SharedOut {
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
-
-/// A read-only pointer (possibly null) shared between tasks.
-#[derive(Clone, Copy)]
-struct SharedIn(*const f32);
-
-impl SharedIn {
-    /// The pointer `offset` floats past the base, or null when the base is null.
-    ///
-    /// # Safety
-    /// `offset` must stay inside the allocation a non-null base pointer came from.
-    unsafe fn offset(self, offset: usize) -> *const f32 {
-        if self.0.is_null() {
-            self.0
-        } else {
-            // SAFETY: guaranteed by the caller.
-            unsafe { self.0.add(offset) }
-        }
-    }
-}
-// SAFETY: only read through, from a slice that outlives the parallel section.
-unsafe impl Send for SharedIn {}
-// SAFETY: as above.
-unsafe impl Sync for SharedIn {}
