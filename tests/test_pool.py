@@ -87,6 +87,30 @@ def test_zeros_matches_numpy_zeros_for_plain_numeric_dtypes(dtype):
     np.testing.assert_array_equal(z.view(np.uint8), ref.view(np.uint8))
 
 
+_SCALAR_TYPES = [bool, int, float, complex] + [
+    getattr(np, n)
+    for n in "bool_ int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 "
+    "float64 complex64 complex128".split()
+]
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    _SCALAR_TYPES
+    + [np.dtype(t) for t in _SCALAR_TYPES]
+    + ["f4", ">f4", "<i2", np.dtype(">c8"), np.longdouble, ml_dtypes.bfloat16],
+)
+def test_every_dtype_spelling_gives_numpys_dtype(spelling):
+    # The common spellings are looked up by identity in a table built once; a lookup that
+    # returned another entry's descriptor would show here as a different dtype.
+    pool = HostPool()
+    for _ in range(2):  # the first call may build the table, the second uses it
+        a = pool.empty((3, 2), spelling)
+        ref = np.empty((3, 2), spelling)
+        assert a.dtype == ref.dtype and a.dtype.byteorder == ref.dtype.byteorder
+        assert a.strides == ref.strides
+
+
 def test_large_zeros_are_zero():
     pool = HostPool()
     junk = pool.empty(3 * MIB, np.uint8)

@@ -15,6 +15,7 @@ mod info;
 mod moe;
 mod optim;
 mod pool;
+mod pool_dtype;
 mod pool_handler;
 mod sparse;
 

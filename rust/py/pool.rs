@@ -14,13 +14,11 @@ use numpy::npyffi::{self, npy_intp, NPY_ARRAY_CARRAY, PY_ARRAY_API};
 use numpy::{PyArrayDescr, PyArrayDescrMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{
-    PyBool, PyComplex, PyDict, PyFloat, PyInt, PyList, PySequence, PyString, PyTuple,
-};
+use pyo3::types::{PyDict, PyInt, PyList, PySequence, PyString, PyTuple};
 
 use super::errors::{InternalError, PoolMisuse, PoolOutOfMemory};
 use super::gil;
+use super::pool_dtype::numeric_dtype;
 use super::pool_handler;
 use crate::pool::{
     random_trace, replay, ArenasOnly, BlockState, Pool, PoolError, ReplayReport, TraceEvent,
@@ -205,98 +203,6 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .name()
         .map(|n| n.to_string())
         .unwrap_or_else(|_| "?".into())
-}
-
-/// The dtype, which must be a plain numeric one: bool, integers, floats, complex, or a
-/// registered numeric scalar type such as ml_dtypes' bfloat16 (numpy kind 'V' but no fields).
-fn numeric_dtype<'py>(
-    py: Python<'py>,
-    dtype: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyArrayDescr>> {
-    let Some(d) = dtype else {
-        return Ok(numpy::dtype::<f64>(py));
-    };
-    if let Some((_, descr)) = common_dtypes(py).iter().find(|(arg, _)| arg.is(d)) {
-        return Ok(descr.bind(py).clone());
-    }
-    checked_dtype(py, d)
-}
-
-/// The dtype arguments people pass most (numpy's numeric scalar types and Python's `bool`,
-/// `int`, `float`, `complex`, and their descriptors) with their descriptors, converted and checked once: the
-/// conversion is a visible part of the cost of `empty()` for small arrays. The entries hold
-/// strong references, so the identity comparison with an argument is sound.
-fn common_dtypes(py: Python<'_>) -> &[(Py<PyAny>, Py<PyArrayDescr>)] {
-    static COMMON: PyOnceLock<Vec<(Py<PyAny>, Py<PyArrayDescr>)>> = PyOnceLock::new();
-    COMMON.get_or_init(py, || {
-        let mut args: Vec<Bound<'_, PyAny>> = vec![
-            py.get_type::<PyBool>().into_any(),
-            py.get_type::<PyInt>().into_any(),
-            py.get_type::<PyFloat>().into_any(),
-            py.get_type::<PyComplex>().into_any(),
-        ];
-        if let Ok(np) = py.import("numpy") {
-            for name in [
-                "bool_",
-                "int8",
-                "int16",
-                "int32",
-                "int64",
-                "uint8",
-                "uint16",
-                "uint32",
-                "uint64",
-                "float16",
-                "float32",
-                "float64",
-                "complex64",
-                "complex128",
-            ] {
-                if let Ok(t) = np.getattr(name) {
-                    args.push(t);
-                }
-            }
-        }
-        let mut common = Vec::with_capacity(2 * args.len());
-        for a in args {
-            if let Ok(d) = checked_dtype(py, &a) {
-                // numpy's builtin descriptors are singletons: `np.dtype(np.float32)` is
-                // always the same object, so it can be looked up by identity too.
-                common.push((d.clone().into_any().unbind(), d.clone().unbind()));
-                common.push((a.unbind(), d.unbind()));
-            }
-        }
-        common
-    })
-}
-
-/// Converts a dtype argument (not None) and checks that it is plain numeric.
-fn checked_dtype<'py>(
-    py: Python<'py>,
-    dtype: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyArrayDescr>> {
-    let descr = match dtype.cast::<PyArrayDescr>() {
-        Ok(d) => d.clone(),
-        Err(_) => PyArrayDescr::new(py, dtype)?,
-    };
-    let kind = descr.kind();
-    let numeric = match kind {
-        b'b' | b'i' | b'u' | b'f' | b'c' => true,
-        b'V' => {
-            let void = PyArrayDescr::new(py, "V1")?.typeobj();
-            !descr.has_fields() && !descr.has_subarray() && !descr.typeobj().is(&void)
-        }
-        _ => false,
-    };
-    if !numeric || descr.has_object() || descr.itemsize() == 0 {
-        return Err(PoolMisuse::new_err(format!(
-            "dtype must be a plain numeric type (bool, integer, float, complex), got {} \
-             (kind '{}')",
-            descr.str().map(|s| s.to_string()).unwrap_or_default(),
-            char::from(kind)
-        )));
-    }
-    Ok(descr)
 }
 
 impl PoolCore {
