@@ -10,6 +10,8 @@
 //! The caller says whether a call may use rayon's threads (one big expert at a time) or must
 //! stay on its thread (small experts side by side, see `grouped`).
 
+use std::mem::MaybeUninit;
+
 /// A strided read-only operand: element `(i, j)` lives at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Strided<'a> {
@@ -21,17 +23,19 @@ pub(crate) struct Strided<'a> {
 impl Strided<'_> {
     /// True if every `(i, j)` with `i < rows`, `j < cols` is inside `data`.
     fn covers(&self, rows: usize, cols: usize) -> bool {
-        rows == 0
-            || cols == 0
-            || (rows - 1)
-                .checked_mul(self.rs)
-                .and_then(|a| {
-                    (cols - 1)
-                        .checked_mul(self.cs)
-                        .and_then(|b| a.checked_add(b))
-                })
-                .is_some_and(|last| last < self.data.len())
+        spans(self.data.len(), rows, cols, self.rs, self.cs)
     }
+}
+
+/// True if every element `(i, j)`, `i < rows`, `j < cols`, at `i * rs + j * cs` lies below
+/// `len`.
+fn spans(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    rows == 0
+        || cols == 0
+        || (rows - 1)
+            .checked_mul(rs)
+            .and_then(|a| (cols - 1).checked_mul(cs).and_then(|b| a.checked_add(b)))
+            .is_some_and(|last| last < len)
 }
 
 /// With `(m, n, k)` = the shape: `dst[m × n] (row-major, row stride dst_rs) = lhs[m × k] · rhs[k × n]`, on rayon's threads
@@ -47,7 +51,7 @@ pub(crate) fn matmul(
     rhs: Strided<'_>,
     threaded: bool,
 ) {
-    product(shape, dst, dst_rs, lhs, rhs, threaded, false);
+    product_init(shape, dst, dst_rs, lhs, rhs, threaded, false);
 }
 
 /// As [`matmul`], but adds the product to `dst`'s values: `dst += lhs · rhs` (gemm reads
@@ -60,11 +64,39 @@ pub(crate) fn matmul_add(
     rhs: Strided<'_>,
     threaded: bool,
 ) {
-    product(shape, dst, dst_rs, lhs, rhs, threaded, true);
+    product_init(shape, dst, dst_rs, lhs, rhs, threaded, true);
 }
 
-fn product(
-    (m, n, k): (usize, usize, usize),
+/// As [`matmul`], into memory that need not be initialised: every element of the `m × n`
+/// result (row stride `dst_rs`) is written and none is read, so a fresh output buffer needs
+/// no zeroing first (calloc of a reused heap block is a memset as large as the output).
+pub(crate) fn matmul_uninit(
+    shape: (usize, usize, usize),
+    dst: &mut [MaybeUninit<f32>],
+    dst_rs: usize,
+    lhs: Strided<'_>,
+    rhs: Strided<'_>,
+    threaded: bool,
+) {
+    let len = dst.len();
+    // SAFETY: `dst` is a unique borrow of `len` elements; without `accumulate` the product
+    // only stores into them (f32 has no invalid bit patterns to store).
+    unsafe {
+        product(
+            shape,
+            dst.as_mut_ptr().cast::<f32>(),
+            len,
+            dst_rs,
+            lhs,
+            rhs,
+            threaded,
+            false,
+        )
+    };
+}
+
+fn product_init(
+    shape: (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
     lhs: Strided<'_>,
@@ -72,12 +104,42 @@ fn product(
     threaded: bool,
     accumulate: bool,
 ) {
-    let dst_view = Strided {
-        data: dst,
-        rs: dst_rs,
-        cs: 1,
+    let len = dst.len();
+    // SAFETY: `dst` is a unique borrow of `len` initialised elements.
+    unsafe {
+        product(
+            shape,
+            dst.as_mut_ptr(),
+            len,
+            dst_rs,
+            lhs,
+            rhs,
+            threaded,
+            accumulate,
+        )
     };
-    assert!(dst_view.covers(m, n), "gemm: dst too short for {m}x{n}");
+}
+
+/// The product into `len` floats at `dst` (row stride `dst_rs`).
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` floats and alias neither operand for the call;
+/// with `accumulate` they must also be initialised (they are read).
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    len: usize,
+    dst_rs: usize,
+    lhs: Strided<'_>,
+    rhs: Strided<'_>,
+    threaded: bool,
+    accumulate: bool,
+) {
+    assert!(
+        spans(len, m, n, dst_rs, 1),
+        "gemm: dst too short for {m}x{n}"
+    );
     assert!(lhs.covers(m, k), "gemm: lhs too short for {m}x{k}");
     assert!(rhs.covers(k, n), "gemm: rhs too short for {k}x{n}");
     if m == 0 || n == 0 {
@@ -87,22 +149,23 @@ fn product(
         if accumulate {
             return;
         }
-        for row in dst.chunks_mut(dst_rs.max(1)).take(m) {
-            row[..n].fill(0.0);
+        for i in 0..m {
+            // SAFETY: row i's n elements lie inside `dst` (the span check above).
+            unsafe { std::ptr::write_bytes(dst.add(i * dst_rs), 0, n) };
         }
         return;
     }
     let stride = |s: usize| isize::try_from(s).expect("gemm: stride fits isize");
     // SAFETY: the three asserts above prove every element gemm touches (indices below
-    // (m-1)·rs + (n-1)·cs and the like) lies inside its slice; `dst` is a unique borrow, so it
-    // aliases neither operand; with read_dst = false gemm never reads dst's old values, with
-    // true it reads exactly the elements it writes.
+    // (m-1)·rs + (n-1)·cs and the like) lies inside its buffer; by the contract `dst` aliases
+    // neither operand; with read_dst = false gemm never reads dst's old values, with true it
+    // reads exactly the elements it writes (initialised, by the contract).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             stride(dst_rs),
             accumulate,
@@ -210,6 +273,43 @@ mod tests {
         assert_eq!(c, want);
         matmul_add((m, n, 0), &mut c, n, av, bv, false);
         assert_eq!(c, want, "an empty inner dimension adds nothing");
+    }
+
+    #[test]
+    fn matmul_uninit_writes_every_element_of_a_strided_dst() {
+        // dst rows are 7 apart but 5 wide: the 2 columns between rows must stay untouched.
+        let (m, n, k, rs) = (9, 5, 6, 7);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 3 % 7) as f32) - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 9) as f32) - 4.0).collect();
+        let (av, bv) = (
+            Strided {
+                data: &a,
+                rs: k,
+                cs: 1,
+            },
+            Strided {
+                data: &b,
+                rs: n,
+                cs: 1,
+            },
+        );
+        let want = naive(m, n, k, av, bv);
+        for inner in [k, 0] {
+            let mut dst = vec![MaybeUninit::new(f32::NAN); (m - 1) * rs + n];
+            matmul_uninit((m, n, inner), &mut dst, rs, av, bv, false);
+            for (idx, v) in dst.iter().enumerate() {
+                // SAFETY: every element was initialised (NaN) before the call.
+                let v = unsafe { v.assume_init() };
+                let (i, j) = (idx / rs, idx % rs);
+                if j >= n {
+                    assert!(v.is_nan(), "gap element ({i}, {j}) was written");
+                } else if inner == 0 {
+                    assert_eq!(v, 0.0, "empty inner dimension: ({i}, {j})");
+                } else {
+                    assert_eq!(v, want[i * n + j], "({i}, {j})");
+                }
+            }
+        }
     }
 
     #[test]

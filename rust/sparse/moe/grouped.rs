@@ -12,8 +12,10 @@
 use super::error::{shape_str, MoeError};
 use super::matrix::Matrix;
 use super::par::run;
-use crate::linalg::gemm::{matmul, Strided};
-use crate::sparse::alloc::zeroed;
+use std::mem::MaybeUninit;
+
+use crate::linalg::gemm::{matmul, matmul_uninit, Strided};
+use crate::sparse::alloc::{filled, zeroed};
 
 /// A stack of `n` row-major `rows × cols` matrices (`[E, d_in, d_out]` expert weights).
 #[derive(Debug, Clone, Copy)]
@@ -148,12 +150,12 @@ fn tiles_with(
 /// Splits `buf` (concatenated row-major blocks of `cols` columns) into one mutable piece per
 /// tile, where tile rows are offset by `base[tile.expert]`. Tiles must come in increasing,
 /// non-overlapping row order, as [`tiles`] makes them.
-pub(super) fn split_by_tiles<'b>(
-    mut buf: &'b mut [f32],
+pub(super) fn split_by_tiles<'b, T>(
+    mut buf: &'b mut [T],
     tiles: &[Tile],
     base: &[usize],
     cols: usize,
-) -> Vec<(Tile, &'b mut [f32])> {
+) -> Vec<(Tile, &'b mut [T])> {
     let mut pos = 0;
     let mut out = Vec::with_capacity(tiles.len());
     for &tile in tiles {
@@ -169,7 +171,10 @@ pub(super) fn split_by_tiles<'b>(
 
 /// Runs `gemm(tile, piece, threaded)` for every tile: the solo ones one after the other
 /// (threaded inside), then the rest side by side on rayon's threads.
-fn execute(pieces: Vec<(Tile, &mut [f32])>, gemm: impl Fn(Tile, &mut [f32], bool) + Sync + Send) {
+fn execute<T: Send>(
+    pieces: Vec<(Tile, &mut [T])>,
+    gemm: impl Fn(Tile, &mut [T], bool) + Sync + Send,
+) {
     let (solo, shared): (Vec<_>, Vec<_>) = pieces.into_iter().partition(|(t, _)| t.solo);
     for (tile, dst) in solo {
         gemm(tile, dst, true);
@@ -235,32 +240,35 @@ pub fn grouped_matmul(
         })?;
     let off = offsets(counts, w.n, x_sorted.rows(), "x_sorted")?;
     let (d_in, d_out) = (w.rows, w.cols);
-    let mut out = zeroed("out", x_sorted.rows().saturating_mul(d_out))?;
     let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
     let work = tiles(&sizes, |_| d_in * d_out);
-    execute(
-        split_by_tiles(&mut out, &work, &off, d_out),
-        |tile, dst, threaded| {
-            let row0 = off[tile.expert] + tile.start;
-            matmul(
-                (tile.len, d_out, d_in),
-                dst,
-                d_out,
-                Strided {
-                    data: &x_sorted.data()[row0 * d_in..],
-                    rs: d_in,
-                    cs: 1,
-                },
-                Strided {
-                    data: w.matrix(tile.expert),
-                    rs: d_out,
-                    cs: 1,
-                },
-                threaded,
-            );
-        },
-    );
-    Ok(out)
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        execute(
+            split_by_tiles(out, &work, &off, d_out),
+            |tile, dst, threaded| {
+                let row0 = off[tile.expert] + tile.start;
+                matmul_uninit(
+                    (tile.len, d_out, d_in),
+                    dst,
+                    d_out,
+                    Strided {
+                        data: &x_sorted.data()[row0 * d_in..],
+                        rs: d_in,
+                        cs: 1,
+                    },
+                    Strided {
+                        data: w.matrix(tile.expert),
+                        rs: d_out,
+                        cs: 1,
+                    },
+                    threaded,
+                );
+            },
+        )
+    };
+    // SAFETY: the tiles cover every row of every expert, and the counts sum to R (checked by
+    // `offsets`), so the products write all R · d_out elements.
+    Ok(unsafe { filled("out", x_sorted.rows().saturating_mul(d_out), fill) }?)
 }
 
 /// `dx[R, d_in]`: the rows of expert e in `dy` (`[R, d_out]`) times `w[e]ᵀ`.
@@ -278,33 +286,36 @@ pub fn grouped_matmul_dx(
     }
     let off = offsets(counts, w.n, dy.rows(), "dy")?;
     let (d_in, d_out) = (w.rows, w.cols);
-    let mut dx = zeroed("dx", dy.rows().saturating_mul(d_in))?;
     let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
     let work = tiles(&sizes, |_| d_in * d_out);
-    execute(
-        split_by_tiles(&mut dx, &work, &off, d_in),
-        |tile, dst, threaded| {
-            let row0 = off[tile.expert] + tile.start;
-            matmul(
-                (tile.len, d_in, d_out),
-                dst,
-                d_in,
-                Strided {
-                    data: &dy.data()[row0 * d_out..],
-                    rs: d_out,
-                    cs: 1,
-                },
-                // w[e]ᵀ: element (i, j) of the [d_out, d_in] transpose is w[e][j, i].
-                Strided {
-                    data: w.matrix(tile.expert),
-                    rs: 1,
-                    cs: d_out,
-                },
-                threaded,
-            );
-        },
-    );
-    Ok(dx)
+    let fill = |dx: &mut [MaybeUninit<f32>]| {
+        execute(
+            split_by_tiles(dx, &work, &off, d_in),
+            |tile, dst, threaded| {
+                let row0 = off[tile.expert] + tile.start;
+                matmul_uninit(
+                    (tile.len, d_in, d_out),
+                    dst,
+                    d_in,
+                    Strided {
+                        data: &dy.data()[row0 * d_out..],
+                        rs: d_out,
+                        cs: 1,
+                    },
+                    // w[e]ᵀ: element (i, j) of the [d_out, d_in] transpose is w[e][j, i].
+                    Strided {
+                        data: w.matrix(tile.expert),
+                        rs: 1,
+                        cs: d_out,
+                    },
+                    threaded,
+                );
+            },
+        )
+    };
+    // SAFETY: as in `grouped_matmul`: the tiles cover all R rows, so all R · d_in elements
+    // are written.
+    Ok(unsafe { filled("dx", dy.rows().saturating_mul(d_in), fill) }?)
 }
 
 /// `dw[E, d_in, d_out]`: `x_eᵀ · dy_e` per expert (rows of expert e in `x_sorted` `[R, d_in]`
