@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -11,16 +12,53 @@ from pathlib import Path
 from typing import Any
 
 
-def median_time(fn: Callable[[], Any], repeat: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A distribution-free interval holding the median with at least 95 % confidence: the
+    order statistics k and n + 1 - k of the sorted values, k the largest with
+    P(Binomial(n, 1/2) < k) <= 2.5 % (for n = 21: the 6th and the 16th)."""
+    n = len(values)
+    ordered = sorted(values)
+    k, below = 0, 0.0
+    while k < n:
+        p_k = math.comb(n, k) / 2**n  # P(exactly k values below the median)
+        if below + p_k > 0.025:
+            break
+        below += p_k
+        k += 1
+    if k == 0:  # too few rounds for 95 %: the whole range
+        return ordered[0], ordered[-1]
+    return ordered[k - 1], ordered[n - k]
+
+
+def paired_times(
+    fns: dict[str, Callable[[], Any]], rounds: int = 21, warmup: int = 2
+) -> dict[str, dict[str, float]]:
+    """Times every function once per round, in turn, for ``rounds`` rounds, so a slow phase
+    of the machine hits all of them alike. The first function is the base: for each other
+    one, the ratio its time / the base's time is taken per round, and the result gives the
+    median of those ratios with its 95 % interval (:func:`median_interval`), next to each
+    function's median time in seconds."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            samples[name].append(time.perf_counter() - t0)
+    base = samples[next(iter(fns))]
+    out = {}
+    for name, times in samples.items():
+        ratios = [t / b for t, b in zip(times, base)]
+        low, high = median_interval(ratios)
+        out[name] = {
+            "median_s": statistics.median(times),
+            "ratio": statistics.median(ratios),
+            "ratio_low": low,
+            "ratio_high": high,
+        }
+    return out
 
 
 def blas_info() -> str:

@@ -5,8 +5,11 @@ loss 0.01. PyTorch versions written here: a per-expert loop (index_select / inde
 sort-gather-scatter "grouped" version. Attention: 4 heads, T = 256, batch 16, causal,
 against ``torch.nn.functional.scaled_dot_product_attention``.
 
-Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_layer.py
+Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_layer.py [--rounds=21]
 (torch from PyPI, for the benchmark only; without it the torch columns are skipped).
+The implementations run in turn, one call each per round, so that a slow phase of this noisy
+machine hits all of them alike; each table gives the median time and the median of the
+per-round ratios to moecore with a distribution-free 95 % interval.
 ``--keep-freed-memory`` first tunes glibc's malloc as ``moecore train`` does
 (:func:`moecore.train.memory.keep_freed_memory`), for moecore and torch alike: without it
 each iteration pays page faults for the ~100 MB of buffers it frees and allocates again.
@@ -19,7 +22,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import blas_info, median_time, table, try_torch, write_results
+from _common import blas_info, paired_times, table, try_torch, write_results
 
 import moecore as mc
 from moecore import ops
@@ -86,7 +89,26 @@ def torch_layers(torch, x, router, w1, w2, dy):
     return loop, grouped
 
 
+def report(timings: dict[str, dict[str, float]]) -> str:
+    """The table of one benchmark: median time, and the median of the per-round ratios
+    (time / moecore's, > 1: moecore is faster) with its 95 % interval."""
+    rows = [
+        [
+            name,
+            f"{t['median_s'] * 1e3:.1f}",
+            f"{t['ratio']:.2f}",
+            f"[{t['ratio_low']:.2f}, {t['ratio_high']:.2f}]",
+        ]
+        for name, t in timings.items()
+    ]
+    return table(rows, ["implementation", "median ms", "time / moecore", "95% interval"])
+
+
 def main() -> None:
+    rounds = 21
+    for arg in sys.argv[1:]:
+        if arg.startswith("--rounds="):
+            rounds = int(arg.split("=", 1)[1])
     if "--keep-freed-memory" in sys.argv[1:]:
         from moecore.train.memory import keep_freed_memory
 
@@ -101,10 +123,8 @@ def main() -> None:
     ours = moecore_layer(*params, dya)
     y_ours = ours().data.copy()
     grads_ours = [p.grad.copy() for p in params]
-    rows, result = [], {"blas": blas_info(), "moe": {}, "attention": {}}
-    t_ours = median_time(ours)
-    rows.append(["moecore ops.moe", f"{t_ours * 1e3:.1f}", "1.00"])
-    result["moe"]["moecore_ms"] = t_ours * 1e3
+    result = {"blas": blas_info(), "moe": {}, "attention": {}}
+    moe_fns = {"moecore ops.moe": ours}
     torch = try_torch()
     if torch is not None:
         torch.set_num_threads(2)
@@ -115,12 +135,11 @@ def main() -> None:
             np.testing.assert_allclose(y, y_ours, rtol=2e-3, atol=2e-3)
             for g_ours, p in zip(grads_ours, tp):
                 np.testing.assert_allclose(p.grad.numpy(), g_ours, rtol=2e-2, atol=2e-3)
-            t = median_time(fn)
-            rows.append([name, f"{t * 1e3:.1f}", f"{t / t_ours:.2f}"])
-            result["moe"][name] = t * 1e3
+            moe_fns[name] = fn
+    result["moe"] = paired_times(moe_fns, rounds)
     print(f"BLAS: {result['blas']}")
-    print(f"\nMoE layer fwd+bwd: T={T} d={D} E={E} k={K} hidden={H}")
-    print(table(rows, ["implementation", "median ms", "time / moecore"]))
+    print(f"\nMoE layer fwd+bwd: T={T} d={D} E={E} k={K} hidden={H}; {rounds} paired rounds")
+    print(report(result["moe"]))
 
     # Attention as a model runs it: from the packed q/k/v projection [B, T, 3·D] to [B, T, D].
     qkv = rng.standard_normal((B, S, 3 * NH * HD)).astype(np.float32)
@@ -135,9 +154,7 @@ def main() -> None:
 
     out_ours = ours_att().data.copy()
     grad_ours = qt.grad.copy()
-    t_att = median_time(ours_att)
-    rows = [["moecore ops.packed_attention", f"{t_att * 1e3:.1f}", "1.00"]]
-    result["attention"]["moecore_ms"] = t_att * 1e3
+    att_fns = {"moecore ops.packed_attention": ours_att}
     if torch is not None:
         tq = torch.tensor(qkv.copy(), requires_grad=True)
         tg = torch.tensor(g)
@@ -152,11 +169,12 @@ def main() -> None:
 
         np.testing.assert_allclose(torch_att().detach().numpy(), out_ours, rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(tq.grad.numpy(), grad_ours, rtol=1e-2, atol=1e-3)
-        t = median_time(torch_att)
-        rows.append(["torch sdpa (causal, same packing)", f"{t * 1e3:.1f}", f"{t / t_att:.2f}"])
-        result["attention"]["torch_sdpa_ms"] = t * 1e3
-    print(f"\nattention fwd+bwd: batch {B}, heads {NH}, T {S}, head dim {HD}")
-    print(table(rows, ["implementation", "median ms", "time / moecore"]))
+        att_fns["torch sdpa (causal, same packing)"] = torch_att
+    result["attention"] = paired_times(att_fns, rounds)
+    print(
+        f"\nattention fwd+bwd: batch {B}, heads {NH}, T {S}, head dim {HD}; {rounds} paired rounds"
+    )
+    print(report(result["attention"]))
     print(f"\nwritten {write_results('moe_layer', result)}")
 
 

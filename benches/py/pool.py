@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +30,9 @@ import numpy as np
 from threadpoolctl import threadpool_info
 
 from moecore.pool import HostPool, random_trace, replay
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median_interval
 
 KIB, MIB = 1 << 10, 1 << 20
 SIZES = [4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB]
@@ -74,24 +77,6 @@ def time_rounds(get, n: int, calls: int, write: bool = True) -> float:
             a = get(n, np.uint8)
             del a
     return (time.perf_counter() - t0) / calls
-
-
-def median_interval(values: list[float]) -> tuple[float, float]:
-    """A distribution-free interval holding the median with at least 95 % confidence: the
-    order statistics k and n + 1 - k of the sorted values, k the largest with
-    P(Binomial(n, 1/2) < k) <= 2.5 % (for n = 21: the 6th and the 16th)."""
-    n = len(values)
-    ordered = sorted(values)
-    k, below = 0, 0.0
-    while k < n:
-        p_k = math.comb(n, k) / 2**n  # P(exactly k values below the median)
-        if below + p_k > 0.025:
-            break
-        below += p_k
-        k += 1
-    if k == 0:  # too few rounds for 95 %: the whole range
-        return ordered[0], ordered[-1]
-    return ordered[k - 1], ordered[n - k]
 
 
 def bench_sizes(rounds: int, write: bool = True) -> list[dict]:
