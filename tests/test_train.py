@@ -132,6 +132,38 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, corpus)
     )  # the killed writer's temporary is cleaned
 
 
+def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path, corpus):
+    out = tmp_path / "run"
+    settings = [f"{k}={v}" for k, v in {**TINY, "steps": 100_000, "eval_every": 0}.items()]
+    cmd = [sys.executable, "-m", "moecore.cli", "train", "--preset", "moe-tiny", "--out", str(out)]
+    cmd += ["--set", f"data={corpus}", *settings]
+    log = tmp_path / "interrupted.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        code = proc.wait(timeout=120)
+    assert code == 0, log.read_text()
+    done = read_metrics(metrics)
+    assert len(done) >= 3
+    _, state = ckpt.load(ckpt.latest(out))
+    assert state["step"] == done[-1]["step"], "the checkpoint holds the last finished step"
+    resumed = Trainer.resume(out, out=io.StringIO(), overrides={"steps": state["step"] + 2})
+    assert resumed.step == state["step"]
+    assert resumed.train().steps_done == state["step"] + 2
+
+
 def test_corrupt_checkpoint_names_the_file(tmp_path, corpus):
     out = tmp_path / "run"
     run(tiny(corpus, steps=2, eval_every=0), out)
