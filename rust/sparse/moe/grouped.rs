@@ -239,36 +239,12 @@ pub fn grouped_matmul(
             )
         })?;
     let off = offsets(counts, w.n, x_sorted.rows(), "x_sorted")?;
-    let (d_in, d_out) = (w.rows, w.cols);
-    let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
-    let work = tiles(&sizes, |_| d_in * d_out);
-    let fill = |out: &mut [MaybeUninit<f32>]| {
-        execute(
-            split_by_tiles(out, &work, &off, d_out),
-            |tile, dst, threaded| {
-                let row0 = off[tile.expert] + tile.start;
-                matmul_uninit(
-                    (tile.len, d_out, d_in),
-                    dst,
-                    d_out,
-                    Strided {
-                        data: &x_sorted.data()[row0 * d_in..],
-                        rs: d_in,
-                        cs: 1,
-                    },
-                    Strided {
-                        data: w.matrix(tile.expert),
-                        rs: d_out,
-                        cs: 1,
-                    },
-                    threaded,
-                );
-            },
-        )
-    };
-    // SAFETY: the tiles cover every row of every expert, and the counts sum to R (checked by
-    // `offsets`), so the products write all R · d_out elements.
-    Ok(unsafe { filled("out", x_sorted.rows().saturating_mul(d_out), fill) }?)
+    let d_out = w.cols;
+    rows_times_experts("out", x_sorted.data(), (w.rows, d_out), &off, |e| Strided {
+        data: w.matrix(e),
+        rs: d_out,
+        cs: 1,
+    })
 }
 
 /// `dx[R, d_in]`: the rows of expert e in `dy` (`[R, d_out]`) times `w[e]ᵀ`.
@@ -285,37 +261,41 @@ pub fn grouped_matmul_dx(
         ));
     }
     let off = offsets(counts, w.n, dy.rows(), "dy")?;
-    let (d_in, d_out) = (w.rows, w.cols);
+    let d_out = w.cols;
+    // w[e]ᵀ: element (i, j) of the [d_out, d_in] transpose is w[e][j, i].
+    rows_times_experts("dx", dy.data(), (d_out, w.rows), &off, |e| Strided {
+        data: w.matrix(e),
+        rs: 1,
+        cs: d_out,
+    })
+}
+
+/// `[R, n]`: the rows of expert e in `a` (`[R, k]`, expert blocks at `off`, as [`offsets`]
+/// checked them) times `right(e)` (`[k, n]`), into a fresh buffer that is not zeroed first.
+fn rows_times_experts<'w>(
+    what: &'static str,
+    a: &[f32],
+    (k, n): (usize, usize),
+    off: &[usize],
+    right: impl Fn(usize) -> Strided<'w> + Sync,
+) -> Result<Vec<f32>, MoeError> {
+    let rows = off.last().copied().unwrap_or(0);
     let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
-    let work = tiles(&sizes, |_| d_in * d_out);
-    let fill = |dx: &mut [MaybeUninit<f32>]| {
-        execute(
-            split_by_tiles(dx, &work, &off, d_in),
-            |tile, dst, threaded| {
-                let row0 = off[tile.expert] + tile.start;
-                matmul_uninit(
-                    (tile.len, d_in, d_out),
-                    dst,
-                    d_in,
-                    Strided {
-                        data: &dy.data()[row0 * d_out..],
-                        rs: d_out,
-                        cs: 1,
-                    },
-                    // w[e]ᵀ: element (i, j) of the [d_out, d_in] transpose is w[e][j, i].
-                    Strided {
-                        data: w.matrix(tile.expert),
-                        rs: 1,
-                        cs: d_out,
-                    },
-                    threaded,
-                );
-            },
-        )
+    let work = tiles(&sizes, |_| k * n);
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        execute(split_by_tiles(out, &work, off, n), |tile, dst, threaded| {
+            let row0 = off[tile.expert] + tile.start;
+            let left = Strided {
+                data: &a[row0 * k..],
+                rs: k,
+                cs: 1,
+            };
+            matmul_uninit((tile.len, n, k), dst, n, left, right(tile.expert), threaded);
+        })
     };
-    // SAFETY: as in `grouped_matmul`: the tiles cover all R rows, so all R · d_in elements
-    // are written.
-    Ok(unsafe { filled("dx", dy.rows().saturating_mul(d_in), fill) }?)
+    // SAFETY: the tiles cover every row of every expert, and the counts sum to R (checked by
+    // `offsets`), so the products write all R · n elements.
+    Ok(unsafe { filled(what, rows.saturating_mul(n), fill) }?)
 }
 
 /// `dw[E, d_in, d_out]`: `x_eᵀ · dy_e` per expert (rows of expert e in `x_sorted` `[R, d_in]`
