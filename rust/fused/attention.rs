@@ -6,12 +6,20 @@
 //! for backward: `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ∘ (dP − rowsum(P ∘ dP)) · scale`,
 //! `dQ = dS K`, `dK = dSᵀ Q`. With a causal mask every product skips the blocks above the
 //! diagonal that are all zero.
+//!
+//! Inputs and outputs stay in the layouts the projections around attention use: `out` and
+//! `d_out` are `[B, T, H, D]` and `d_qkv` is `[B, T, 3, H, D]`, written by each pair into its
+//! own column band ([`tiles`]), so no head split or merge is ever copied.
+
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use crate::linalg::buffers::{assume_init, filled, filled_pair, write_zeros, OutOfMemory};
 use crate::linalg::fastmath::{dot_lanes, exp_nonpositive, max_lanes, sum_lanes};
-use crate::linalg::gemm::{matmul, Strided};
+use crate::linalg::gemm::{matmul, matmul_tile, matmul_uninit, Strided};
 use crate::linalg::simd::vectorized;
+use crate::linalg::tiles::{tiles, Tile};
 
 /// Shape of an attention call: batch, sequence length, heads, head dimension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +40,19 @@ pub enum AttentionError {
         got: usize,
         shape: AttentionShape,
     },
+    #[error("heads and head_dim must be at least 1, got {0:?}")]
+    Empty(AttentionShape),
+    #[error("{what}: cannot allocate {bytes} bytes")]
+    OutOfMemory { what: &'static str, bytes: usize },
+}
+
+impl From<OutOfMemory> for AttentionError {
+    fn from(e: OutOfMemory) -> Self {
+        AttentionError::OutOfMemory {
+            what: e.what,
+            bytes: e.bytes,
+        }
+    }
 }
 
 impl AttentionShape {
@@ -53,6 +74,36 @@ impl AttentionShape {
         let (b, h) = (pair / self.heads, pair % self.heads);
         b * self.seq * self.row_stride() + which * self.heads * self.head_dim + h * self.head_dim
     }
+    /// Pair `(b, h)`'s `[T, D]` matrix inside a `[B, T, H, D]` array (`out`, `d_out`).
+    fn merged<'a>(&self, data: &'a [f32], pair: usize) -> Strided<'a> {
+        let (b, h) = (pair / self.heads, pair % self.heads);
+        let rs = self.heads * self.head_dim;
+        Strided {
+            data: &data[b * self.seq * rs + h * self.head_dim..],
+            rs,
+            cs: 1,
+        }
+    }
+    /// Q (`which` = 0), K (1) or V (2) of a pair, read in place (`transposed`: its `[D, T]`
+    /// transpose).
+    fn operand<'a>(
+        &self,
+        qkv: &'a [f32],
+        pair: usize,
+        which: usize,
+        transposed: bool,
+    ) -> Strided<'a> {
+        let (rs, cs) = if transposed {
+            (1, self.row_stride())
+        } else {
+            (self.row_stride(), 1)
+        };
+        Strided {
+            data: &qkv[self.offset(pair, which)..],
+            rs,
+            cs,
+        }
+    }
     fn check(&self, what: &'static str, expected: usize, got: usize) -> Result<(), AttentionError> {
         if expected == got {
             Ok(())
@@ -64,6 +115,12 @@ impl AttentionShape {
                 shape: *self,
             })
         }
+    }
+    fn check_nonempty(&self) -> Result<(), AttentionError> {
+        if self.heads == 0 || self.head_dim == 0 {
+            return Err(AttentionError::Empty(*self));
+        }
+        Ok(())
     }
 }
 
@@ -79,195 +136,24 @@ fn rows<'a>(m: Strided<'a>, lo: usize) -> Strided<'a> {
 /// Row blocks used to skip the zero upper triangle of causal products.
 const BLOCK: usize = 64;
 
-/// `O = P V` (or any product whose left factor is causal-lower-triangular `[T, T]`): each row
-/// block of P only multiplies the rows of the right factor up to its diagonal.
+/// `dst = L · right` where `L` `[T, T]` is lower triangular when causal (P, dS): each row
+/// block of L only multiplies the rows of the right factor up to its diagonal.
 fn lower_times(
     t: usize,
     n: usize,
     causal: bool,
-    dst: &mut [f32],
-    p: Strided<'_>,
+    dst: &mut Tile<'_>,
+    l: Strided<'_>,
     right: Strided<'_>,
 ) {
     if !causal {
-        matmul((t, n, t), dst, n, p, right, false);
+        matmul_tile((t, n, t), dst, 0, l, right, false);
         return;
     }
-    for (blk, chunk) in dst.chunks_mut(BLOCK * n).enumerate() {
-        let lo = blk * BLOCK;
-        let m = chunk.len() / n;
-        let k = (lo + m).min(t);
-        matmul((m, n, k), chunk, n, rows(p, lo), right, false);
+    for lo in (0..t).step_by(BLOCK) {
+        let m = BLOCK.min(t - lo);
+        matmul_tile((m, n, lo + m), dst, lo, rows(l, lo), right, false);
     }
-}
-
-/// Forward. `qkv` is `[B, T, 3, H, D]`; writes `out` `[B, H, T, D]` and `probs`
-/// `[B, H, T, T]` (kept for backward).
-pub fn attention_forward(
-    qkv: &[f32],
-    shape: AttentionShape,
-    causal: bool,
-    out: &mut [f32],
-    probs: &mut [f32],
-) -> Result<(), AttentionError> {
-    shape.check("qkv", shape.qkv_len(), qkv.len())?;
-    shape.check("out", shape.out_len(), out.len())?;
-    shape.check("probs", shape.probs_len(), probs.len())?;
-    let (t, d, rs) = (shape.seq, shape.head_dim, shape.row_stride());
-    if t == 0 || d == 0 || shape.batch * shape.heads == 0 {
-        return Ok(());
-    }
-    let scale = 1.0 / (d as f32).sqrt();
-    out.par_chunks_mut(t * d)
-        .zip(probs.par_chunks_mut(t * t))
-        .enumerate()
-        .for_each(|(pair, (o, p))| {
-            let q = Strided {
-                data: &qkv[shape.offset(pair, 0)..],
-                rs,
-                cs: 1,
-            };
-            let k_t = Strided {
-                data: &qkv[shape.offset(pair, 1)..],
-                rs: 1,
-                cs: rs,
-            };
-            let v = Strided {
-                data: &qkv[shape.offset(pair, 2)..],
-                rs,
-                cs: 1,
-            };
-            // S = Q Kᵀ, by row blocks, only up to the diagonal when causal.
-            for (blk, chunk) in p.chunks_mut(BLOCK * t).enumerate() {
-                let lo = blk * BLOCK;
-                let m = chunk.len() / t;
-                let n = if causal { (lo + m).min(t) } else { t };
-                matmul((m, n, d), chunk, t, rows(q, lo), k_t, false);
-            }
-            for (i, row) in p.chunks_mut(t).enumerate() {
-                softmax_row(row, if causal { i + 1 } else { t }, scale);
-            }
-            lower_times(
-                t,
-                d,
-                causal,
-                o,
-                Strided {
-                    data: p,
-                    rs: t,
-                    cs: 1,
-                },
-                v,
-            );
-        });
-    Ok(())
-}
-
-/// `row[..live] ← softmax(row[..live] · scale)`, `row[live..] ← 0`.
-fn softmax_row(row: &mut [f32], live: usize, scale: f32) {
-    let (head, tail) = row.split_at_mut(live);
-    tail.fill(0.0);
-    vectorized(|| {
-        let max = max_lanes(head);
-        for x in head.iter_mut() {
-            *x = exp_nonpositive((*x - max) * scale);
-        }
-        let inv = 1.0 / sum_lanes(head);
-        head.iter_mut().for_each(|x| *x *= inv);
-    })
-}
-
-/// Backward. `probs` and `out` from the forward (`[B, H, T, T]`, `[B, H, T, D]`), `d_out`
-/// `[B, H, T, D]`; writes `d_qkv` as `[B, H, 3, T, D]` (dQ, dK, dV of each pair together).
-pub fn attention_backward(
-    qkv: &[f32],
-    probs: &[f32],
-    d_out: &[f32],
-    shape: AttentionShape,
-    causal: bool,
-    d_qkv: &mut [f32],
-) -> Result<(), AttentionError> {
-    shape.check("qkv", shape.qkv_len(), qkv.len())?;
-    shape.check("probs", shape.probs_len(), probs.len())?;
-    shape.check("d_out", shape.out_len(), d_out.len())?;
-    shape.check("d_qkv", shape.qkv_len(), d_qkv.len())?;
-    let (t, d, rs) = (shape.seq, shape.head_dim, shape.row_stride());
-    if t == 0 || d == 0 || shape.batch * shape.heads == 0 {
-        return Ok(());
-    }
-    let scale = 1.0 / (d as f32).sqrt();
-    d_qkv.par_chunks_mut(3 * t * d).enumerate().for_each_init(
-        || vec![0.0f32; t * t],
-        |ds, (pair, grads)| {
-            let p = &probs[pair * t * t..(pair + 1) * t * t];
-            let d_o = Strided {
-                data: &d_out[pair * t * d..],
-                rs: d,
-                cs: 1,
-            };
-            let q = Strided {
-                data: &qkv[shape.offset(pair, 0)..],
-                rs,
-                cs: 1,
-            };
-            let k = Strided {
-                data: &qkv[shape.offset(pair, 1)..],
-                rs,
-                cs: 1,
-            };
-            let v_t = Strided {
-                data: &qkv[shape.offset(pair, 2)..],
-                rs: 1,
-                cs: rs,
-            };
-            let (dq, rest) = grads.split_at_mut(t * d);
-            let (dk, dv) = rest.split_at_mut(t * d);
-            // dV = Pᵀ dO: Pᵀ is upper triangular, so row block i of dV needs dO rows ≥ its start.
-            let p_t = Strided {
-                data: p,
-                rs: 1,
-                cs: t,
-            };
-            upper_times(t, d, causal, dv, p_t, d_o);
-            // dP = dO Vᵀ, only up to the diagonal when causal.
-            for (blk, chunk) in ds.chunks_mut(BLOCK * t).enumerate() {
-                let lo = blk * BLOCK;
-                let m = chunk.len() / t;
-                let n = if causal { (lo + m).min(t) } else { t };
-                matmul((m, n, d), chunk, t, rows(d_o, lo), v_t, false);
-            }
-            // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale, in place.
-            vectorized(|| {
-                for (i, (ds_row, p_row)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-                    let live = if causal { i + 1 } else { t };
-                    let dot = dot_lanes(&ds_row[..live], &p_row[..live]);
-                    for (x, &pv) in ds_row[..live].iter_mut().zip(&p_row[..live]) {
-                        *x = pv * (*x - dot) * scale;
-                    }
-                    ds_row[live..].fill(0.0);
-                }
-            });
-            let ds_view = Strided {
-                data: ds,
-                rs: t,
-                cs: 1,
-            };
-            lower_times(t, d, causal, dq, ds_view, k);
-            upper_times(
-                t,
-                d,
-                causal,
-                dk,
-                Strided {
-                    data: ds,
-                    rs: 1,
-                    cs: t,
-                },
-                q,
-            );
-        },
-    );
-    Ok(())
 }
 
 /// `dst = U · right` where `U` `[T, T]` is upper triangular when causal (a transposed
@@ -276,32 +162,216 @@ fn upper_times(
     t: usize,
     n: usize,
     causal: bool,
-    dst: &mut [f32],
+    dst: &mut Tile<'_>,
     u: Strided<'_>,
     right: Strided<'_>,
 ) {
     if !causal {
-        matmul((t, n, t), dst, n, u, right, false);
+        matmul_tile((t, n, t), dst, 0, u, right, false);
         return;
     }
-    for (blk, chunk) in dst.chunks_mut(BLOCK * n).enumerate() {
-        let lo = blk * BLOCK;
-        let m = chunk.len() / n;
+    for lo in (0..t).step_by(BLOCK) {
+        let m = BLOCK.min(t - lo);
         let left = Strided {
             data: &u.data[lo * u.rs + lo * u.cs..],
             rs: u.rs,
             cs: u.cs,
         };
-        let r = rows(right, lo);
-        matmul((m, n, t - lo), chunk, n, left, r, false);
+        matmul_tile((m, n, t - lo), dst, lo, left, rows(right, lo), false);
     }
+}
+
+/// Forward. `qkv` is `[B, T, 3, H, D]`; returns `out` `[B, T, H, D]` (heads merged, as the
+/// output projection reads it) and `probs` `[B, H, T, T]` (kept for backward).
+pub fn attention_forward(
+    qkv: &[f32],
+    shape: AttentionShape,
+    causal: bool,
+) -> Result<(Vec<f32>, Vec<f32>), AttentionError> {
+    shape.check_nonempty()?;
+    shape.check("qkv", shape.qkv_len(), qkv.len())?;
+    let fill = |out: &mut [MaybeUninit<f32>], probs: &mut [MaybeUninit<f32>]| {
+        forward_into(qkv, shape, causal, out, probs)
+    };
+    // SAFETY: `forward_into` writes every element of both buffers (see there).
+    let (out, probs) =
+        unsafe { filled_pair(("out", "probs"), (shape.out_len(), shape.probs_len()), fill) }?;
+    Ok((out, probs))
+}
+
+/// Writes every element of `out` (the pairs' tiles cover it) and of `probs` (each row's
+/// product part, then its zero tail, then the softmax in place).
+fn forward_into(
+    qkv: &[f32],
+    shape: AttentionShape,
+    causal: bool,
+    out: &mut [MaybeUninit<f32>],
+    probs: &mut [MaybeUninit<f32>],
+) {
+    let (t, d) = (shape.seq, shape.head_dim);
+    if out.is_empty() {
+        return; // no rows (T or B is 0), so `probs` is empty too
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let pairs = tiles(out, shape.heads * d, t, d);
+    pairs
+        .into_par_iter()
+        .zip(probs.par_chunks_mut(t * t))
+        .enumerate()
+        .for_each(|(pair, (mut o, p))| {
+            let q = shape.operand(qkv, pair, 0, false);
+            let k_t = shape.operand(qkv, pair, 1, true);
+            let v = shape.operand(qkv, pair, 2, false);
+            // S = Q Kᵀ, by row blocks, only up to the diagonal when causal; zeros beyond.
+            for (blk, chunk) in p.chunks_mut(BLOCK * t).enumerate() {
+                let lo = blk * BLOCK;
+                let m = chunk.len() / t;
+                let n = if causal { (lo + m).min(t) } else { t };
+                matmul_uninit((m, n, d), chunk, t, rows(q, lo), k_t, false);
+                chunk
+                    .chunks_mut(t)
+                    .for_each(|row| write_zeros(&mut row[n..]));
+            }
+            // SAFETY: the loop above wrote columns < n of every row by the product, the rest
+            // with zeros.
+            let p = unsafe { assume_init(p) };
+            for (i, row) in p.chunks_mut(t).enumerate() {
+                softmax_row(row, if causal { i + 1 } else { t }, scale);
+            }
+            let p = Strided {
+                data: p,
+                rs: t,
+                cs: 1,
+            };
+            lower_times(t, d, causal, &mut o, p, v);
+        });
+}
+
+/// `row[..live] ← softmax(row[..live] · scale)`, `row[live..] ← 0`.
+fn softmax_row(row: &mut [f32], live: usize, scale: f32) {
+    let (head, tail) = row.split_at_mut(live);
+    tail.fill(0.0);
+    vectorized(
+        #[inline(always)]
+        || {
+            let max = max_lanes(head);
+            for x in head.iter_mut() {
+                *x = exp_nonpositive((*x - max) * scale);
+            }
+            let inv = 1.0 / sum_lanes(head);
+            head.iter_mut().for_each(|x| *x *= inv);
+        },
+    )
+}
+
+/// Backward. `probs` from the forward (`[B, H, T, T]`) and `d_out` `[B, T, H, D]`; returns
+/// `d_qkv` `[B, T, 3, H, D]`, the layout of `qkv`.
+pub fn attention_backward(
+    qkv: &[f32],
+    probs: &[f32],
+    d_out: &[f32],
+    shape: AttentionShape,
+    causal: bool,
+) -> Result<Vec<f32>, AttentionError> {
+    shape.check_nonempty()?;
+    shape.check("qkv", shape.qkv_len(), qkv.len())?;
+    shape.check("probs", shape.probs_len(), probs.len())?;
+    shape.check("d_out", shape.out_len(), d_out.len())?;
+    let fill =
+        |d_qkv: &mut [MaybeUninit<f32>]| backward_into(qkv, probs, d_out, shape, causal, d_qkv);
+    // SAFETY: `backward_into` writes every element (see there).
+    Ok(unsafe { filled("d_qkv", shape.qkv_len(), fill) }?)
+}
+
+/// The `[T, D]` tiles of dQ, dK and dV of each pair, in pair order, from the tiles of a
+/// `[B, T, 3, H, D]` buffer (per batch row: the H tiles of dQ, then of dK, then of dV).
+fn pair_tiles(grid: Vec<Tile<'_>>, heads: usize) -> Vec<[Tile<'_>; 3]> {
+    let mut out = Vec::with_capacity(grid.len() / 3);
+    let mut it = grid.into_iter();
+    loop {
+        let dq: Vec<Tile<'_>> = it.by_ref().take(heads).collect();
+        if dq.is_empty() {
+            return out;
+        }
+        let dk: Vec<Tile<'_>> = it.by_ref().take(heads).collect();
+        let dv: Vec<Tile<'_>> = it.by_ref().take(heads).collect();
+        out.extend(dq.into_iter().zip(dk).zip(dv).map(|((q, k), v)| [q, k, v]));
+    }
+}
+
+/// Writes every element of `d_qkv`: each pair's dQ, dK and dV tiles cover it, and each tile
+/// is written whole by its product.
+fn backward_into(
+    qkv: &[f32],
+    probs: &[f32],
+    d_out: &[f32],
+    shape: AttentionShape,
+    causal: bool,
+    d_qkv: &mut [MaybeUninit<f32>],
+) {
+    let (t, d) = (shape.seq, shape.head_dim);
+    if d_qkv.is_empty() {
+        return;
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let pairs = pair_tiles(tiles(d_qkv, shape.row_stride(), t, d), shape.heads);
+    pairs.into_par_iter().enumerate().for_each_init(
+        || vec![0.0f32; t * t],
+        |ds, (pair, [mut dq, mut dk, mut dv])| {
+            let p = &probs[pair * t * t..(pair + 1) * t * t];
+            let d_o = shape.merged(d_out, pair);
+            let q = shape.operand(qkv, pair, 0, false);
+            let k = shape.operand(qkv, pair, 1, false);
+            let v_t = shape.operand(qkv, pair, 2, true);
+            // dV = Pᵀ dO: Pᵀ is upper triangular, so row block i of dV needs dO rows ≥ its start.
+            let p_t = Strided {
+                data: p,
+                rs: 1,
+                cs: t,
+            };
+            upper_times(t, d, causal, &mut dv, p_t, d_o);
+            // dP = dO Vᵀ, only up to the diagonal when causal.
+            for (blk, chunk) in ds.chunks_mut(BLOCK * t).enumerate() {
+                let lo = blk * BLOCK;
+                let m = chunk.len() / t;
+                let n = if causal { (lo + m).min(t) } else { t };
+                matmul((m, n, d), chunk, t, rows(d_o, lo), v_t, false);
+            }
+            // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale, in place.
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (i, (ds_row, p_row)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                        let live = if causal { i + 1 } else { t };
+                        let dot = dot_lanes(&ds_row[..live], &p_row[..live]);
+                        for (x, &pv) in ds_row[..live].iter_mut().zip(&p_row[..live]) {
+                            *x = pv * (*x - dot) * scale;
+                        }
+                        ds_row[live..].fill(0.0);
+                    }
+                },
+            );
+            let ds_rows = Strided {
+                data: ds,
+                rs: t,
+                cs: 1,
+            };
+            lower_times(t, d, causal, &mut dq, ds_rows, k);
+            let ds_t = Strided {
+                data: ds,
+                rs: 1,
+                cs: t,
+            };
+            upper_times(t, d, causal, &mut dk, ds_t, q);
+        },
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Straightforward f64 reference: returns (out [B,H,T,D], probs).
+    /// Straightforward f64 reference: returns (out [B,T,H,D], probs [B,H,T,T]).
     fn reference(qkv: &[f32], s: AttentionShape, causal: bool) -> (Vec<f64>, Vec<f64>) {
         let (t, d) = (s.seq, s.head_dim);
         let at = |pair: usize, which: usize, i: usize, j: usize| {
@@ -325,8 +395,9 @@ mod tests {
                 let z: f64 = e.iter().sum();
                 for j in 0..live {
                     probs[pair * t * t + i * t + j] = e[j] / z;
+                    let (b, h) = (pair / s.heads, pair % s.heads);
                     for c in 0..d {
-                        out[pair * t * d + i * d + c] += e[j] / z * at(pair, 2, j, c);
+                        out[((b * t + i) * s.heads + h) * d + c] += e[j] / z * at(pair, 2, j, c);
                     }
                 }
             }
@@ -355,9 +426,7 @@ mod tests {
             };
             let qkv = data(s.qkv_len(), 7);
             for causal in [true, false] {
-                let mut out = vec![0.0; s.out_len()];
-                let mut probs = vec![0.0; s.probs_len()];
-                attention_forward(&qkv, s, causal, &mut out, &mut probs).unwrap();
+                let (out, probs) = attention_forward(&qkv, s, causal).unwrap();
                 let (ro, rp) = reference(&qkv, s, causal);
                 let worst_o = out
                     .iter()
@@ -388,26 +457,15 @@ mod tests {
         let qkv = data(s.qkv_len(), 3);
         let proj = data(s.out_len(), 11); // L = <out, proj>
         for causal in [true, false] {
-            let mut out = vec![0.0; s.out_len()];
-            let mut probs = vec![0.0; s.probs_len()];
-            attention_forward(&qkv, s, causal, &mut out, &mut probs).unwrap();
-            let mut d_qkv = vec![0.0; s.qkv_len()];
-            attention_backward(&qkv, &probs, &proj, s, causal, &mut d_qkv).unwrap();
+            let (_, probs) = attention_forward(&qkv, s, causal).unwrap();
+            let d_qkv = attention_backward(&qkv, &probs, &proj, s, causal).unwrap();
             let loss = |x: &[f32]| -> f64 {
                 let (o, _) = reference(x, s, causal);
                 o.iter().zip(&proj).map(|(a, b)| a * *b as f64).sum()
             };
-            // d_qkv is [B, H, 3, T, D]; compare a spread of entries.
+            // d_qkv has the layout of qkv; compare a spread of entries.
             for probe in (0..s.qkv_len()).step_by(97) {
-                let (b_t, rest) = (probe / s.row_stride(), probe % s.row_stride());
-                let (which, hd) = (rest / (s.heads * s.head_dim), rest % (s.heads * s.head_dim));
-                let (h, c) = (hd / s.head_dim, hd % s.head_dim);
-                let (b, ti) = (b_t / s.seq, b_t % s.seq);
-                let pair = b * s.heads + h;
-                let analytic = d_qkv[pair * 3 * s.seq * s.head_dim
-                    + which * s.seq * s.head_dim
-                    + ti * s.head_dim
-                    + c] as f64;
+                let analytic = d_qkv[probe] as f64;
                 let eps = 1e-2f32;
                 let mut plus = qkv.clone();
                 plus[probe] += eps;
@@ -423,14 +481,14 @@ mod tests {
     }
 
     #[test]
-    fn refuses_wrong_lengths() {
+    fn refuses_wrong_lengths_and_empty_heads() {
         let s = AttentionShape {
             batch: 1,
             seq: 4,
             heads: 1,
             head_dim: 2,
         };
-        let err = attention_forward(&[0.0; 3], s, true, &mut [0.0; 8], &mut [0.0; 16]).unwrap_err();
+        let err = attention_forward(&[0.0; 3], s, true).unwrap_err();
         assert!(matches!(
             err,
             AttentionError::Length {
@@ -440,5 +498,37 @@ mod tests {
                 ..
             }
         ));
+        let err = attention_backward(&[0.0; 24], &[0.0; 16], &[0.0; 7], s, true).unwrap_err();
+        assert!(matches!(
+            err,
+            AttentionError::Length {
+                what: "d_out",
+                expected: 8,
+                got: 7,
+                ..
+            }
+        ));
+        let flat = AttentionShape { head_dim: 0, ..s };
+        assert_eq!(
+            attention_forward(&[], flat, true),
+            Err(AttentionError::Empty(flat))
+        );
+    }
+
+    #[test]
+    fn empty_batch_or_sequence_gives_empty_outputs() {
+        for (batch, seq) in [(0, 5), (3, 0)] {
+            let s = AttentionShape {
+                batch,
+                seq,
+                heads: 2,
+                head_dim: 4,
+            };
+            let (out, probs) = attention_forward(&[], s, true).unwrap();
+            assert!(out.is_empty() && probs.is_empty());
+            assert!(attention_backward(&[], &[], &[], s, false)
+                .unwrap()
+                .is_empty());
+        }
     }
 }

@@ -40,21 +40,27 @@ pub fn gelu_forward(x: &[f32], out: &mut [f32]) -> Result<(), GeluError> {
 /// fused MoE expert FFN applies it to each tile right after its GEMM). Same arithmetic, so
 /// the same bits. Stops at the shorter slice.
 pub(crate) fn gelu_serial(x: &[f32], out: &mut [f32]) {
-    vectorized(|| {
-        for (o, &v) in out.iter_mut().zip(x) {
-            let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
-            *o = 0.5 * v * (1.0 + t);
-        }
-    })
+    vectorized(
+        #[inline(always)]
+        || {
+            for (o, &v) in out.iter_mut().zip(x) {
+                let t = tanh(SQRT_2_OVER_PI * (v + COEF * v * v * v));
+                *o = 0.5 * v * (1.0 + t);
+            }
+        },
+    )
 }
 
 /// `g *= gelu'(x)` on the calling thread: [`gelu_backward`] in place, same arithmetic.
 pub(crate) fn gelu_backward_in_place(g: &mut [f32], x: &[f32]) {
-    vectorized(|| {
-        for (g, &v) in g.iter_mut().zip(x) {
-            *g = gelu_derivative_times(*g, v);
-        }
-    })
+    vectorized(
+        #[inline(always)]
+        || {
+            for (g, &v) in g.iter_mut().zip(x) {
+                *g = gelu_derivative_times(*g, v);
+            }
+        },
+    )
 }
 
 #[inline(always)]
@@ -79,11 +85,14 @@ pub fn gelu_backward(g: &[f32], x: &[f32], dx: &mut [f32]) -> Result<(), GeluErr
         .zip(x.par_chunks(CHUNK))
         .zip(g.par_chunks(CHUNK))
         .for_each(|((d, x), g)| {
-            vectorized(|| {
-                for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
-                    *d = gelu_derivative_times(g, v);
-                }
-            })
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
+                        *d = gelu_derivative_times(g, v);
+                    }
+                },
+            )
         });
     Ok(())
 }

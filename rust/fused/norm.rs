@@ -92,50 +92,53 @@ pub fn norm_forward(
         .zip(x.par_chunks(ROWS * c))
         .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
         .for_each(|((out, x), (mean, rstd))| {
-            vectorized(|| {
-                for (((o, x), mu), r) in out
-                    .chunks_mut(c)
-                    .zip(x.chunks(c))
-                    .zip(mean.iter_mut())
-                    .zip(rstd.iter_mut())
-                {
-                    let m = if s.center {
-                        sum_lanes(x) / c as f32
-                    } else {
-                        0.0
-                    };
-                    // Two passes over a cached row: the centred variance, not E[x²] − m².
-                    for (o, &v) in o.iter_mut().zip(x) {
-                        *o = v - m;
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (((o, x), mu), r) in out
+                        .chunks_mut(c)
+                        .zip(x.chunks(c))
+                        .zip(mean.iter_mut())
+                        .zip(rstd.iter_mut())
+                    {
+                        let m = if s.center {
+                            sum_lanes(x) / c as f32
+                        } else {
+                            0.0
+                        };
+                        // Two passes over a cached row: the centred variance, not E[x²] − m².
+                        for (o, &v) in o.iter_mut().zip(x) {
+                            *o = v - m;
+                        }
+                        let var = dot_lanes(o, o) / c as f32;
+                        let inv = 1.0 / (var + s.eps).sqrt();
+                        *mu = m;
+                        *r = inv;
+                        match (weight, bias) {
+                            (Some(w), Some(b)) => {
+                                for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
+                                    *o = *o * inv * w + b;
+                                }
+                            }
+                            (Some(w), None) => {
+                                for (o, &w) in o.iter_mut().zip(w) {
+                                    *o = *o * inv * w;
+                                }
+                            }
+                            (None, Some(b)) => {
+                                for (o, &b) in o.iter_mut().zip(b) {
+                                    *o = *o * inv + b;
+                                }
+                            }
+                            (None, None) => {
+                                for o in o.iter_mut() {
+                                    *o *= inv;
+                                }
+                            }
+                        }
                     }
-                    let var = dot_lanes(o, o) / c as f32;
-                    let inv = 1.0 / (var + s.eps).sqrt();
-                    *mu = m;
-                    *r = inv;
-                    match (weight, bias) {
-                        (Some(w), Some(b)) => {
-                            for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
-                                *o = *o * inv * w + b;
-                            }
-                        }
-                        (Some(w), None) => {
-                            for (o, &w) in o.iter_mut().zip(w) {
-                                *o = *o * inv * w;
-                            }
-                        }
-                        (None, Some(b)) => {
-                            for (o, &b) in o.iter_mut().zip(b) {
-                                *o = *o * inv + b;
-                            }
-                        }
-                        (None, None) => {
-                            for o in o.iter_mut() {
-                                *o *= inv;
-                            }
-                        }
-                    }
-                }
-            })
+                },
+            )
         });
     Ok(())
 }
@@ -211,44 +214,47 @@ pub fn norm_backward(
         .map(|(((dx, g), x), (mean, rstd))| {
             let mut dw = if want_w { vec![0.0f32; c] } else { Vec::new() };
             let mut db = if want_b { vec![0.0f32; c] } else { Vec::new() };
-            vectorized(|| {
-                let rows = dx.chunks_mut(c).zip(g.chunks(c)).zip(x.chunks(c));
-                for (((dx, g), x), (&m, &r)) in rows.zip(mean.iter().zip(rstd)) {
-                    // dx holds x̂ for now; gh = g·w is formed on the fly.
-                    for (d, &v) in dx.iter_mut().zip(x) {
-                        *d = (v - m) * r;
-                    }
-                    if want_w {
-                        for ((a, &gv), &h) in dw.iter_mut().zip(g).zip(dx.iter()) {
-                            *a += gv * h;
+            vectorized(
+                #[inline(always)]
+                || {
+                    let rows = dx.chunks_mut(c).zip(g.chunks(c)).zip(x.chunks(c));
+                    for (((dx, g), x), (&m, &r)) in rows.zip(mean.iter().zip(rstd)) {
+                        // dx holds x̂ for now; gh = g·w is formed on the fly.
+                        for (d, &v) in dx.iter_mut().zip(x) {
+                            *d = (v - m) * r;
                         }
-                    }
-                    if want_b {
-                        for (a, &gv) in db.iter_mut().zip(g) {
-                            *a += gv;
-                        }
-                    }
-                    let (sum_gh, sum_ghx) = match weight {
-                        Some(w) => (dot_lanes(g, w), dot3_lanes(g, w, dx)),
-                        None => (sum_lanes(g), dot_lanes(g, dx)),
-                    };
-                    let inv_c = 1.0 / c as f32;
-                    let a = if s.center { sum_gh * inv_c } else { 0.0 };
-                    let b = sum_ghx * inv_c;
-                    match weight {
-                        Some(w) => {
-                            for ((d, &gv), &wv) in dx.iter_mut().zip(g).zip(w) {
-                                *d = r * (gv * wv - a - *d * b);
+                        if want_w {
+                            for ((a, &gv), &h) in dw.iter_mut().zip(g).zip(dx.iter()) {
+                                *a += gv * h;
                             }
                         }
-                        None => {
-                            for (d, &gv) in dx.iter_mut().zip(g) {
-                                *d = r * (gv - a - *d * b);
+                        if want_b {
+                            for (a, &gv) in db.iter_mut().zip(g) {
+                                *a += gv;
+                            }
+                        }
+                        let (sum_gh, sum_ghx) = match weight {
+                            Some(w) => (dot_lanes(g, w), dot3_lanes(g, w, dx)),
+                            None => (sum_lanes(g), dot_lanes(g, dx)),
+                        };
+                        let inv_c = 1.0 / c as f32;
+                        let a = if s.center { sum_gh * inv_c } else { 0.0 };
+                        let b = sum_ghx * inv_c;
+                        match weight {
+                            Some(w) => {
+                                for ((d, &gv), &wv) in dx.iter_mut().zip(g).zip(w) {
+                                    *d = r * (gv * wv - a - *d * b);
+                                }
+                            }
+                            None => {
+                                for (d, &gv) in dx.iter_mut().zip(g) {
+                                    *d = r * (gv - a - *d * b);
+                                }
                             }
                         }
                     }
-                }
-            });
+                },
+            );
             (dw, db)
         })
         .collect();

@@ -12,6 +12,8 @@
 
 use std::mem::MaybeUninit;
 
+use crate::linalg::tiles::Tile;
+
 /// A strided read-only operand: element `(i, j)` lives at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Strided<'a> {
@@ -93,6 +95,31 @@ pub(crate) fn matmul_uninit(
             false,
         )
     };
+}
+
+/// As [`matmul_uninit`], into rows `row0 .. row0 + m`, columns `0 .. n` of a tile of a buffer
+/// that other tasks are writing beside (the attention kernels' packed outputs).
+pub(crate) fn matmul_tile(
+    shape: (usize, usize, usize),
+    dst: &mut Tile<'_>,
+    row0: usize,
+    lhs: Strided<'_>,
+    rhs: Strided<'_>,
+    threaded: bool,
+) {
+    let (m, n, _) = shape;
+    assert!(
+        row0 + m <= dst.rows() && n <= dst.cols(),
+        "gemm: {m}x{n} at row {row0} outside a {}x{} tile",
+        dst.rows(),
+        dst.cols()
+    );
+    let (ptr, len, rs) = dst.raw_from_row(row0);
+    // SAFETY: the tile is the only handle to its elements, and the product stores only into
+    // rows < m, columns < n ≤ the tile's width (asserted above): elements of the tile, never
+    // those of the neighbouring tiles that lie between its rows. Stores need no initialised
+    // memory, and the tile borrows a buffer the read-only operands cannot alias.
+    unsafe { product(shape, ptr, len, rs, lhs, rhs, threaded, false) };
 }
 
 fn product_init(
@@ -310,6 +337,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn matmul_tile_writes_its_rows_of_its_tile_only() {
+        // A [4, 6] buffer cut into four [2, 3] tiles; a 1 x 2 product into rows 1.. of tile 1
+        // must land at buffer (1, 3..5) and nowhere else.
+        let a = [2.0f32, 3.0];
+        let b = [1.0f32, 10.0, 100.0, 1000.0];
+        let (av, bv) = (
+            Strided {
+                data: &a,
+                rs: 2,
+                cs: 1,
+            },
+            Strided {
+                data: &b,
+                rs: 2,
+                cs: 1,
+            },
+        );
+        let mut buf = vec![MaybeUninit::new(f32::NAN); 24];
+        {
+            let mut grid = crate::linalg::tiles::tiles(&mut buf, 6, 2, 3);
+            matmul_tile((1, 2, 2), &mut grid[1], 1, av, bv, false);
+        }
+        for (idx, v) in buf.iter().enumerate() {
+            // SAFETY: every element was initialised (NaN) before the call.
+            let v = unsafe { v.assume_init() };
+            match idx {
+                9 => assert_eq!(v, 2.0 + 300.0),
+                10 => assert_eq!(v, 20.0 + 3000.0),
+                _ => assert!(v.is_nan(), "element {idx} was written"),
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn matmul_tile_refuses_a_product_wider_than_the_tile() {
+        let a = [1.0f32; 4];
+        let s = Strided {
+            data: &a,
+            rs: 1,
+            cs: 1,
+        };
+        let mut buf = vec![MaybeUninit::new(0.0f32); 8];
+        let mut grid = crate::linalg::tiles::tiles(&mut buf, 4, 2, 2);
+        matmul_tile((1, 3, 1), &mut grid[0], 0, s, s, false);
     }
 
     #[test]

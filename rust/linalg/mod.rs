@@ -1,5 +1,9 @@
-//! Dense linear algebra and fast math shared by the kernels (MoE, fused attention, GELU).
+//! What the kernels (MoE, block-sparse, fused attention, GELU, norms) share: the one GEMM
+//! doorway, fast math and SIMD dispatch, and their output buffers (fallible, unzeroed
+//! allocation, and disjoint tiles that tasks write side by side).
 
+pub(crate) mod buffers;
 pub(crate) mod fastmath;
 pub(crate) mod gemm;
 pub(crate) mod simd;
+pub(crate) mod tiles;

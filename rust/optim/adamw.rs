@@ -81,14 +81,17 @@ impl AdamW {
         let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
         let decay = 1.0 - self.lr * self.weight_decay;
         let eps = self.eps;
-        vectorized(|| {
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                let denom = v.sqrt() * inv_sqrt_bc2 + eps;
-                *p = *p * decay - step_size * *m / denom;
-            }
-        })
+        vectorized(
+            #[inline(always)]
+            || {
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let denom = v.sqrt() * inv_sqrt_bc2 + eps;
+                    *p = *p * decay - step_size * *m / denom;
+                }
+            },
+        )
     }
 }
 

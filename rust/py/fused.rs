@@ -52,7 +52,7 @@ fn array(shape: &[usize], data: Vec<f32>) -> PyResult<Array<f32, IxDyn>> {
 
 type ArrayPair<'py> = (Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>);
 
-/// Attention forward from `qkv` `[B, T, 3·H·D]` → `(out [B, H, T, D], probs [B, H, T, T])`.
+/// Attention forward from `qkv` `[B, T, 3·H·D]` → `(out [B, T, H·D], probs [B, H, T, T])`.
 #[pyfunction]
 pub fn fused_attention_forward<'py>(
     py: Python<'py>,
@@ -62,19 +62,16 @@ pub fn fused_attention_forward<'py>(
 ) -> PyResult<ArrayPair<'py>> {
     let s = shape_of(&qkv, heads)?;
     let src = contiguous("qkv", &qkv)?;
-    let (mut out, mut probs) = (
-        vec![0.0f32; s.batch * s.heads * s.seq * s.head_dim],
-        vec![0.0f32; s.batch * s.heads * s.seq * s.seq],
-    );
-    detached(py, "attention forward", || {
-        attention_forward(src, s, causal, &mut out, &mut probs)
+    let (out, probs) = detached(py, "attention forward", || {
+        attention_forward(src, s, causal)
     })??;
-    let out = array(&[s.batch, s.heads, s.seq, s.head_dim], out)?;
+    let out = array(&[s.batch, s.seq, s.heads * s.head_dim], out)?;
     let probs = array(&[s.batch, s.heads, s.seq, s.seq], probs)?;
     Ok((out.into_pyarray(py), probs.into_pyarray(py)))
 }
 
-/// Attention backward → `d_qkv` `[B, H, 3, T, D]` (dQ, dK, dV of each head together).
+/// Attention backward from `d_out` `[B, T, H·D]` → `d_qkv` `[B, T, 3·H·D]` (the layout of
+/// `qkv`).
 #[pyfunction]
 pub fn fused_attention_backward<'py>(
     py: Python<'py>,
@@ -90,11 +87,10 @@ pub fn fused_attention_backward<'py>(
         contiguous("probs", &probs)?,
         contiguous("d_out", &d_out)?,
     );
-    let mut d_qkv = vec![0.0f32; src.len()];
-    detached(py, "attention backward", || {
-        attention_backward(src, p, g, s, causal, &mut d_qkv)
+    let d_qkv = detached(py, "attention backward", || {
+        attention_backward(src, p, g, s, causal)
     })??;
-    Ok(array(&[s.batch, s.heads, 3, s.seq, s.head_dim], d_qkv)?.into_pyarray(py))
+    Ok(array(qkv.shape(), d_qkv)?.into_pyarray(py))
 }
 
 /// GELU (tanh approximation) of a float32 array of any shape.

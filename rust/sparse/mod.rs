@@ -1,6 +1,5 @@
 //! CPU sparse kernels: block-sparse (BSR) matmul with its SDDMM backward, and the MoE
 //! routing / permutation / grouped-matmul kernels.
 
-pub(crate) mod alloc;
 pub mod bsr;
 pub mod moe;

@@ -100,8 +100,8 @@ def _fast(a: Any) -> bool:
 class PackedCausalAttention(Function):
     """Attention from a packed projection ``qkv [B, T, 3·D]`` to ``out [B, T, D]``: the head
     split and merge (and rotary embeddings, if given) happen inside the op, not as extra tape
-    nodes. float32 CPU arrays run the fused Rust kernel (heads read in place by strides);
-    other dtypes and devices run the array-module version."""
+    nodes. float32 CPU arrays run the fused Rust kernel (heads read and written in place by
+    strides, in the packed layouts); other dtypes and devices run the array-module version."""
 
     @staticmethod
     def forward(ctx: Context, qkv: Any, n_heads: int, causal: bool = True, rope: Any = None) -> Any:
@@ -112,7 +112,8 @@ class PackedCausalAttention(Function):
             )
         d = three_d // 3
         hd = d // n_heads
-        ctx.dims, ctx.causal, ctx.fast = (b, t, n_heads, d), causal, _fast(qkv)
+        # head_dim 0 (an empty projection) is left to the array-module version
+        ctx.dims, ctx.causal, ctx.fast = (b, t, n_heads, d), causal, _fast(qkv) and hd > 0
         ctx.rope = None
         if rope is not None:
             cos, sin = (a[:t].astype(qkv.dtype, copy=False) for a in rope)
@@ -127,7 +128,7 @@ class PackedCausalAttention(Function):
                 heads[:, :, 1] = apply_rope(heads[:, :, 1], c, s_)
             out, probs = _core.fused_attention_forward(src, n_heads, causal)
             ctx.save_for_backward(src, probs)
-            return out.transpose(0, 2, 1, 3).reshape(b, t, d)
+            return out
         heads = qkv.reshape(b, t, 3, n_heads, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = heads[0], heads[1], heads[2]
         if ctx.rope is not None:
@@ -141,16 +142,15 @@ class PackedCausalAttention(Function):
         hd = d // h
         if ctx.fast:
             src, probs = ctx.saved_tensors
-            d_out = np.ascontiguousarray(g.reshape(b, t, h, hd).transpose(0, 2, 1, 3))
-            d_heads = _core.fused_attention_backward(src, probs, d_out, h, ctx.causal)
-            # [B, H, 3, T, D] → [B, T, 3, H, D]
-            packed = d_heads.transpose(0, 3, 2, 1, 4)
+            d_qkv = _core.fused_attention_backward(
+                src, probs, np.ascontiguousarray(g), h, ctx.causal
+            )
             if ctx.rope is not None:
                 c, s_ = ctx.rope[0][:, None, :], ctx.rope[1][:, None, :]
-                packed = np.ascontiguousarray(packed)
-                packed[:, :, 0] = _rope_backward(packed[:, :, 0], c, s_)
-                packed[:, :, 1] = _rope_backward(packed[:, :, 1], c, s_)
-            return packed.reshape(b, t, 3 * d), None
+                heads = d_qkv.reshape(b, t, 3, h, hd)
+                heads[:, :, 0] = _rope_backward(heads[:, :, 0], c, s_)
+                heads[:, :, 1] = _rope_backward(heads[:, :, 1], c, s_)
+            return d_qkv, None
         g4 = g.reshape(b, t, h, hd).transpose(0, 2, 1, 3)
         dq, dk, dv = Attention.backward(ctx, g4)
         if ctx.rope is not None:

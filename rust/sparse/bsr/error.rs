@@ -84,8 +84,8 @@ pub enum BsrError {
     OutOfMemory { what: &'static str, bytes: usize },
 }
 
-impl From<crate::sparse::alloc::OutOfMemory> for BsrError {
-    fn from(err: crate::sparse::alloc::OutOfMemory) -> Self {
+impl From<crate::linalg::buffers::OutOfMemory> for BsrError {
+    fn from(err: crate::linalg::buffers::OutOfMemory) -> Self {
         BsrError::OutOfMemory {
             what: err.what,
             bytes: err.bytes,

@@ -24,7 +24,7 @@ use super::pack::{
     gather_blocks, pack_row_groups, pipeline, transpose_blocks, with_workspace, Stage,
 };
 use super::pattern::BsrPattern;
-use crate::sparse::alloc::{as_uninit, fault_in, filled};
+use crate::linalg::buffers::{as_uninit, fault_in, filled};
 
 /// Bytes of the row-major operand (`x` or `dy`) one pass over all block-rows may sweep. The
 /// packed copy stays in the last-level cache even when other processes share it; measured at

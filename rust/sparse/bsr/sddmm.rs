@@ -20,7 +20,7 @@ use super::kernels::{sddmm_kernel, Isa, SddmmArgs};
 use super::linear::{check_blocks, check_len, superpanels, usable};
 use super::pack::{pack_column_panels, pipeline, with_workspace, Stage};
 use super::pattern::BsrPattern;
-use crate::sparse::alloc::{as_uninit, filled, write_zeros};
+use crate::linalg::buffers::{as_uninit, filled, write_zeros};
 
 /// Rows reduced per pass over the tiles of a block.
 const ROW_CHUNK: usize = 64;

@@ -33,8 +33,8 @@ pub enum MoeError {
     OutOfMemory { what: &'static str, bytes: usize },
 }
 
-impl From<crate::sparse::alloc::OutOfMemory> for MoeError {
-    fn from(err: crate::sparse::alloc::OutOfMemory) -> Self {
+impl From<crate::linalg::buffers::OutOfMemory> for MoeError {
+    fn from(err: crate::linalg::buffers::OutOfMemory) -> Self {
         MoeError::OutOfMemory {
             what: err.what,
             bytes: err.bytes,

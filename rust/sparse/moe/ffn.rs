@@ -15,8 +15,8 @@ use super::grouped::{offsets, shared_tiles, split_by_tiles, MatrixStack, Tile};
 use super::matrix::Matrix;
 use super::par::run;
 use crate::fused::gelu::{gelu_backward_in_place, gelu_serial};
+use crate::linalg::buffers::zeroed;
 use crate::linalg::gemm::{matmul, Strided};
-use crate::sparse::alloc::zeroed;
 
 /// Tiles per thread: enough for experts of uneven size to balance over the threads, few
 /// enough that each GEMM stays large (each packs its expert's weight matrix once).

@@ -14,8 +14,8 @@ use super::matrix::Matrix;
 use super::par::run;
 use std::mem::MaybeUninit;
 
+use crate::linalg::buffers::{filled, zeroed};
 use crate::linalg::gemm::{matmul, matmul_uninit, Strided};
-use crate::sparse::alloc::{filled, zeroed};
 
 /// A stack of `n` row-major `rows × cols` matrices (`[E, d_in, d_out]` expert weights).
 #[derive(Debug, Clone, Copy)]

@@ -7,7 +7,7 @@ use super::error::MoeError;
 use super::matrix::Matrix;
 use super::par::{rows_per_block, run, MEMORY_BOUND};
 use super::route::check_expert_idx;
-use crate::sparse::alloc::{filled, write_copy, write_scaled, write_zeros, zeroed};
+use crate::linalg::buffers::{filled, write_copy, write_scaled, write_zeros, zeroed};
 
 /// The knobs of [`permute`].
 #[derive(Debug, Clone, Copy)]

@@ -10,8 +10,8 @@
 
 use super::error::MoeError;
 use super::matrix::Matrix;
+use crate::linalg::buffers::zeroed;
 use crate::linalg::gemm::{matmul, matmul_add, Strided};
-use crate::sparse::alloc::zeroed;
 
 fn check_router(x: Matrix<'_, f32>, w: Matrix<'_, f32>) -> Result<(), MoeError> {
     if w.cols() != x.cols() {

@@ -9,7 +9,7 @@ use super::error::MoeError;
 use super::matrix::Matrix;
 use super::par::{rows_per_block, run, MEMORY_BOUND};
 use super::permute::gather_rows;
-use crate::sparse::alloc::{filled, write_scaled, write_zeros, zeroed};
+use crate::linalg::buffers::{filled, write_scaled, write_zeros, zeroed};
 
 /// What [`unpermute_backward`] returns.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,4 +1,4 @@
-//! Output buffers of the sparse kernels whose size comes from the caller, allocated without
+//! Output buffers of the kernels whose size comes from the caller, allocated without
 //! aborting, and without zeroing what the kernel overwrites anyway.
 //!
 //! `vec![0.0; n]` aborts the process when the allocator says no; an output sized by user
@@ -71,6 +71,39 @@ pub(crate) unsafe fn filled<T: ZeroBits>(
     Ok(v)
 }
 
+/// As [`filled`], for two outputs written by one pass (`fill` gets both): neither is
+/// zeroed first, and if either cannot be allocated nothing is run.
+///
+/// # Safety
+/// `fill` must initialise every element of both slices it is given.
+pub(crate) unsafe fn filled_pair<T: ZeroBits>(
+    what: (&'static str, &'static str),
+    len: (usize, usize),
+    fill: impl FnOnce(&mut [MaybeUninit<T>], &mut [MaybeUninit<T>]),
+) -> Result<(Vec<T>, Vec<T>), OutOfMemory> {
+    let reserve = |what: &'static str, len: usize| {
+        let mut v: Vec<T> = Vec::new();
+        v.try_reserve_exact(len).map_err(|_| OutOfMemory {
+            what,
+            bytes: len.saturating_mul(size_of::<T>()),
+        })?;
+        advise_huge_pages(v.spare_capacity_mut());
+        Ok(v)
+    };
+    let (mut a, mut b) = (reserve(what.0, len.0)?, reserve(what.1, len.1)?);
+    fill(
+        &mut a.spare_capacity_mut()[..len.0],
+        &mut b.spare_capacity_mut()[..len.1],
+    );
+    // SAFETY: both capacities are at least their lengths (reserved above) and the caller
+    // guarantees `fill` initialised every element of both.
+    unsafe {
+        a.set_len(len.0);
+        b.set_len(len.1);
+    }
+    Ok((a, b))
+}
+
 /// `y` viewed as possibly uninitialised floats, for kernels that only store into it (so one
 /// driver serves both a caller's buffer and a fresh one from [`filled`]).
 pub(crate) fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
@@ -78,6 +111,16 @@ pub(crate) fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     // drivers handed this view only ever store initialised floats through it, so `y` is still
     // fully initialised when the borrow ends.
     unsafe { &mut *(std::ptr::from_mut::<[f32]>(y) as *mut [MaybeUninit<f32>]) }
+}
+
+/// `y` as initialised floats, once a kernel has stored into every element.
+///
+/// # Safety
+/// Every element of `y` must have been written.
+pub(crate) unsafe fn assume_init(y: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the caller guarantees every
+    // element is initialised.
+    unsafe { &mut *(std::ptr::from_mut::<[MaybeUninit<f32>]>(y) as *mut [f32]) }
 }
 
 /// Asks Linux to back `buf` with transparent huge pages (as numpy does for arrays of 4 MiB and
@@ -183,5 +226,19 @@ mod tests {
         // SAFETY: never called: the reservation fails first.
         let err = unsafe { filled::<f32>("y", usize::MAX / 2, |_| unreachable!()) }.unwrap_err();
         assert_eq!(err.what, "y");
+        // SAFETY: the closure writes all 2 + 3 elements.
+        let (a, b): (Vec<f32>, Vec<f32>) = unsafe {
+            filled_pair(("a", "b"), (2, 3), |a, b| {
+                write_copy(a, &src[..2]);
+                write_scaled(b, 3.0, &src[..3]);
+            })
+        }
+        .unwrap();
+        assert_eq!((a, b), (vec![1.0, 2.0], vec![3.0, 6.0, 9.0]));
+        // SAFETY: never called: the second reservation fails first.
+        let err =
+            unsafe { filled_pair::<f32>(("a", "b"), (4, usize::MAX / 2), |_, _| unreachable!()) }
+                .unwrap_err();
+        assert_eq!(err.what, "b");
     }
 }
