@@ -32,7 +32,9 @@ pub(crate) fn level() -> Level {
     Level::Baseline
 }
 
-/// `f()`, compiled for [`level()`]. `f` must be small enough to inline (a loop over a chunk).
+/// `f()`, compiled for [`level()`]. Pass `f` as `#[inline(always)] || { … }`: `f` is called
+/// in three places (one per level), and LLVM otherwise may keep a larger closure out of line,
+/// compiled for the baseline — the softmax, LayerNorm and dS loops silently ran SSE code so.
 #[inline(always)]
 pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     vectorized_at(level(), f)

@@ -34,6 +34,7 @@ mod block;
 mod error;
 mod free_cache;
 mod host_memory;
+pub mod large_block_cache;
 pub mod pluggable;
 mod replay;
 mod size;

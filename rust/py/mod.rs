@@ -12,6 +12,7 @@ mod fused;
 mod fused_norm;
 mod gil;
 mod info;
+mod kernel_memory;
 mod moe;
 mod optim;
 mod pool;
@@ -44,6 +45,8 @@ mod _core {
     #[pymodule_export]
     use super::info::build_info;
     #[pymodule_export]
+    use super::kernel_memory::{kernel_cache_info, kernel_cache_release, kernel_cache_set_limit};
+    #[pymodule_export]
     use super::moe::{
         moe_gelu_ffn, moe_gelu_ffn_backward, moe_grouped_matmul, moe_grouped_matmul_dw,
         moe_grouped_matmul_dx, moe_permute, moe_permute_backward, moe_route, moe_route_backward,
@@ -55,4 +58,9 @@ mod _core {
     use super::pool::{pool_random_trace, pool_replay, PoolCore};
     #[pymodule_export]
     use super::sparse::{bsr_kernel_isa, bsr_linear, bsr_linear_dw, bsr_linear_dx, PyBsrPattern};
+
+    #[pymodule_init]
+    fn init(_m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        super::kernel_memory::configure_from_env()
+    }
 }
