@@ -136,48 +136,29 @@ fn rows<'a>(m: Strided<'a>, lo: usize) -> Strided<'a> {
 /// Row blocks used to skip the zero upper triangle of causal products.
 const BLOCK: usize = 64;
 
-/// `dst = L · right` where `L` `[T, T]` is lower triangular when causal (P, dS): each row
-/// block of L only multiplies the rows of the right factor up to its diagonal.
-fn lower_times(
-    t: usize,
-    n: usize,
+/// `dst = M · right` for `M` `[T, T]`, which is lower triangular when causal (P, dS) or upper
+/// triangular (their transposes): each row block of M multiplies only the rows of the right
+/// factor that its non-zero columns meet — up to its diagonal, or from it.
+fn triangular_times(
+    (t, n): (usize, usize),
     causal: bool,
+    upper: bool,
     dst: &mut Tile<'_>,
-    l: Strided<'_>,
+    m: Strided<'_>,
     right: Strided<'_>,
 ) {
     if !causal {
-        matmul_tile((t, n, t), dst, 0, l, right, false);
+        matmul_tile((t, n, t), dst, 0, m, right, false);
         return;
     }
     for lo in (0..t).step_by(BLOCK) {
-        let m = BLOCK.min(t - lo);
-        matmul_tile((m, n, lo + m), dst, lo, rows(l, lo), right, false);
-    }
-}
-
-/// `dst = U · right` where `U` `[T, T]` is upper triangular when causal (a transposed
-/// lower-triangular matrix): row block i only needs the right factor's rows from its start.
-fn upper_times(
-    t: usize,
-    n: usize,
-    causal: bool,
-    dst: &mut Tile<'_>,
-    u: Strided<'_>,
-    right: Strided<'_>,
-) {
-    if !causal {
-        matmul_tile((t, n, t), dst, 0, u, right, false);
-        return;
-    }
-    for lo in (0..t).step_by(BLOCK) {
-        let m = BLOCK.min(t - lo);
+        let height = BLOCK.min(t - lo);
+        let (k0, k1) = if upper { (lo, t) } else { (0, lo + height) };
         let left = Strided {
-            data: &u.data[lo * u.rs + lo * u.cs..],
-            rs: u.rs,
-            cs: u.cs,
+            data: &m.data[lo * m.rs + k0 * m.cs..],
+            ..m
         };
-        matmul_tile((m, n, t - lo), dst, lo, left, rows(right, lo), false);
+        matmul_tile((height, n, k1 - k0), dst, lo, left, rows(right, k0), false);
     }
 }
 
@@ -243,7 +224,7 @@ fn forward_into(
                 rs: t,
                 cs: 1,
             };
-            lower_times(t, d, causal, &mut o, p, v);
+            triangular_times((t, d), causal, false, &mut o, p, v);
         });
 }
 
@@ -329,7 +310,7 @@ fn backward_into(
                 rs: 1,
                 cs: t,
             };
-            upper_times(t, d, causal, &mut dv, p_t, d_o);
+            triangular_times((t, d), causal, true, &mut dv, p_t, d_o);
             // dP = dO Vᵀ, only up to the diagonal when causal.
             for (blk, chunk) in ds.chunks_mut(BLOCK * t).enumerate() {
                 let lo = blk * BLOCK;
@@ -356,13 +337,13 @@ fn backward_into(
                 rs: t,
                 cs: 1,
             };
-            lower_times(t, d, causal, &mut dq, ds_rows, k);
+            triangular_times((t, d), causal, false, &mut dq, ds_rows, k);
             let ds_t = Strided {
                 data: ds,
                 rs: 1,
                 cs: t,
             };
-            upper_times(t, d, causal, &mut dk, ds_t, q);
+            triangular_times((t, d), causal, true, &mut dk, ds_t, q);
         },
     );
 }

@@ -58,12 +58,7 @@ pub(crate) unsafe fn filled<T: ZeroBits>(
     len: usize,
     fill: impl FnOnce(&mut [MaybeUninit<T>]),
 ) -> Result<Vec<T>, OutOfMemory> {
-    let mut v: Vec<T> = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| OutOfMemory {
-        what,
-        bytes: len.saturating_mul(size_of::<T>()),
-    })?;
-    advise_huge_pages(v.spare_capacity_mut());
+    let mut v = reserved(what, len)?;
     fill(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: capacity >= len (reserved above) and the caller guarantees `fill` initialised
     // all `len` elements.
@@ -81,16 +76,7 @@ pub(crate) unsafe fn filled_pair<T: ZeroBits>(
     len: (usize, usize),
     fill: impl FnOnce(&mut [MaybeUninit<T>], &mut [MaybeUninit<T>]),
 ) -> Result<(Vec<T>, Vec<T>), OutOfMemory> {
-    let reserve = |what: &'static str, len: usize| {
-        let mut v: Vec<T> = Vec::new();
-        v.try_reserve_exact(len).map_err(|_| OutOfMemory {
-            what,
-            bytes: len.saturating_mul(size_of::<T>()),
-        })?;
-        advise_huge_pages(v.spare_capacity_mut());
-        Ok(v)
-    };
-    let (mut a, mut b) = (reserve(what.0, len.0)?, reserve(what.1, len.1)?);
+    let (mut a, mut b) = (reserved(what.0, len.0)?, reserved(what.1, len.1)?);
     fill(
         &mut a.spare_capacity_mut()[..len.0],
         &mut b.spare_capacity_mut()[..len.1],
@@ -102,6 +88,18 @@ pub(crate) unsafe fn filled_pair<T: ZeroBits>(
         b.set_len(len.1);
     }
     Ok((a, b))
+}
+
+/// An empty vector with room for `len` elements (huge pages advised when large), or
+/// [`OutOfMemory`] naming `what`.
+fn reserved<T>(what: &'static str, len: usize) -> Result<Vec<T>, OutOfMemory> {
+    let mut v: Vec<T> = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| OutOfMemory {
+        what,
+        bytes: len.saturating_mul(size_of::<T>()),
+    })?;
+    advise_huge_pages(v.spare_capacity_mut());
+    Ok(v)
 }
 
 /// `y` viewed as possibly uninitialised floats, for kernels that only store into it (so one
