@@ -10,9 +10,10 @@ Effective GFLOP/s counts only the kept blocks, 2·N·nnzb·B² per product; the 
 the whole 2·N·4096². "vs dense" is moecore's effective GFLOP/s over the dense numpy GEMM's
 GFLOP/s for the same product, measured in the same run. The "out=" rows time both sides
 writing into preallocated outputs (``bsr_linear(..., out=)`` against ``numpy.matmul(...,
-out=)``), each ÷dense against the other: the kernels without the page faults of a fresh
-output, which at N = 4096 (64 MiB, fresh from mmap every call) cost about 7 ms a call. Targets at B = 32: ≥ 10x scipy,
-forward ≥ 70 % and dW ≥ 50 % of dense GFLOP/s.
+out=)``), each ÷dense against the other: the products without allocating their output.
+numpy's 64 MiB output at N = 4096 is fresh from mmap every call (about 7 ms of page faults);
+moecore's comes from its kernel buffer cache from the second call on, so its two rows differ
+only by noise. Targets at B = 32: ≥ 10x scipy, forward ≥ 70 % and dW ≥ 50 % of dense GFLOP/s.
 
 "scipy bsr" is the target's peer (``bsr_matrix @``); "scipy csr" is shown too, as scipy's CSR
 product is faster than its BSR one. scipy has no SDDMM: its dW row is the dense gradient ``dy.T

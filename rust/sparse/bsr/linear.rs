@@ -357,7 +357,7 @@ impl PanelProduct<'_> {
         let c = SharedOut(out.as_mut_ptr().cast::<f32>());
         let spans = superpanels(n, width, kernel.mr, self.sweep.superpanel_bytes);
         let pack = |(n0, n1), stage: &mut Stage| {
-            pack_row_groups(self.a, width, n0, n1, kernel.mr, b, &mut stage.a);
+            pack_row_groups(self.a, width, n0, n1, kernel.mr, b, &mut stage.packed);
             if self.sweep.fault_in_output {
                 // SAFETY: rows n0..n1 of out (n1 ≤ n) are written by no task until this
                 // super-panel is computed, which starts after this packing returns.
@@ -365,7 +365,7 @@ impl PanelProduct<'_> {
             }
         };
         pipeline(&spans, stages, pack, |(n0, n1), stage| {
-            let packed = &stage.a[..];
+            let packed = &stage.packed[..];
             (0..self.tasks).into_par_iter().for_each(|t| {
                 let Terms {
                     a_blocks,

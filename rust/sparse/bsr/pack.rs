@@ -18,13 +18,11 @@ pub(crate) struct Workspace {
     pub wt: Vec<f32>,
 }
 
-/// The packed operands of one super-panel.
+/// The packed operand of one super-panel.
 #[derive(Default)]
 pub(crate) struct Stage {
     /// Row groups of the row-major operand (forward, dX), or the column panels of `x` (dW).
-    pub a: Vec<f32>,
-    /// The column panels of `dy` (dW only).
-    pub b: Vec<f32>,
+    pub packed: Vec<f32>,
 }
 
 thread_local! {
