@@ -11,7 +11,7 @@ from moecore import nn, ops
 from moecore.cli import main
 from moecore.comm import CostModel, GradSpec, Link, Scheduler, StepProfile, simulate
 from moecore.errors import SchedulerMisuse
-from moecore.train.plan import profile_step
+from moecore.train.plan import plan, profile_step
 
 MB = 1 << 20
 # 1e6 bytes/s, no latency: a 4000-byte all-reduce between 2 ranks takes 2·(1/2)·4 ms = 4 ms.
@@ -123,3 +123,50 @@ def test_plan_command(capsys):
         assert r["exposed_s"] == pytest.approx(r["step_s"] - r["compute_s"], abs=1e-12)
     assert main(["plan", "--preset", "moe-tiny", "--workers", "0"]) == 2
     assert main(["plan", "--preset", "moe-tiny", "--compress", "gzip"]) == 2
+
+
+def test_plan_compares_bucket_caps(capsys):
+    # Several caps: each (workers, cap) has every variant, and each row equals a plan made
+    # with that cap alone (the caps do not leak into one another).
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(512, 1024)  # 2 MiB of weights
+            self.b = nn.Linear(1024, 512)
+
+        def forward(self, x, y):
+            return ops.mean(self.b(self.a(mc.tensor(x))) * mc.tensor(y))
+
+    mc.manual_seed(0)
+    m = Wide()
+    rng = np.random.default_rng(0)
+    prof = profile_step(
+        m, rng.standard_normal((4, 512)).astype(np.float32), np.ones((4, 512), np.float32)
+    )
+    names = [n for n, _ in m.named_parameters()]
+    assert [names[i] for i in prof.ready_order] == ["b.weight", "b.bias", "a.weight", "a.bias"]
+    caps = [25.0, 1.0]
+    rows = plan(m, prof, [2, 8], COST, 0.5, caps)
+    assert [(r["workers"], r["bucket_mb"]) for r in rows] == [
+        (w, c) for w in (2, 8) for c in caps for _ in range(3)
+    ]
+    for cap in caps:
+        alone = plan(m, prof, [2, 8], COST, 0.5, cap)
+        assert [r for r in rows if r["bucket_mb"] == cap] == alone
+    # By hand, in the profiled ready order b.weight, b.bias, a.weight, a.bias (asserted), a
+    # bucket closing once it holds its cap as in DDP: the 1 MiB first bucket closes on
+    # b.weight (2 MiB); with a 25 MiB cap the rest is one bucket, with a 1 MiB cap a.weight
+    # closes a second one and a.bias goes alone.
+    ops_of = {r["bucket_mb"]: r["ops"] for r in rows if r["variant"] == "dense fifo"}
+    assert ops_of == {25.0: 2, 1.0: 3}
+    with pytest.raises(ValueError, match="bucket_mb"):
+        plan(m, prof, [2], COST, None, [25, 0])
+
+    code = main(["plan", "--preset", "moe-tiny", "--workers", "2", "--bucket-mb", "25", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    # One row per cap and variant, one cap marked fastest per variant.
+    assert out.count("<- fastest cap") == 3
+    assert sum(line.split()[:2] == ["2", "25"] for line in out.splitlines()) == 3
+    assert sum(line.split()[:2] == ["2", "1"] for line in out.splitlines()) == 3
+    assert main(["plan", "--preset", "moe-tiny", "--bucket-mb", "0"]) == 2

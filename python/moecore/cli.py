@@ -35,6 +35,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise ValueError("--workers and --ranks-per-node must be ≥ 1")
         if args.gbit <= 0 or args.intra_gbit <= 0:
             raise ValueError("--gbit and --intra-gbit must be > 0")
+        if any(not mb > 0 for mb in args.bucket_mb):
+            raise ValueError(f"--bucket-mb must be > 0 MiB, got {args.bucket_mb}")
     except (ConfigError, ValueError, TypeError) as exc:
         return _fail(str(exc))
     model = build_model(config)
@@ -53,6 +55,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         copy_s_per_byte=copy_cost(),
     )
     rows = plan(model, profile, args.workers, cost, ratio, args.bucket_mb)
+    best = _fastest_cap(rows) if len(args.bucket_mb) > 1 else {}
     if args.json:
         print(json.dumps({"profile": profile.__dict__, "rows": rows}, indent=1))
         return 0
@@ -65,13 +68,31 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         f"{args.ranks_per_node} ranks per node"
         + (" (hierarchical all-reduce)" if args.hierarchical else "")
     )
-    print(f"{'workers':>7}  {'variant':<16} {'step ms':>9} {'exposed ms':>11} {'comm ms':>9}")
+    print(
+        f"{'workers':>7}  {'bucket MiB':>10}  {'variant':<16} {'step ms':>9} {'exposed ms':>11} "
+        f"{'comm ms':>9} {'hidden':>7}"
+    )
     for r in rows:
+        hidden = 1 - r["exposed_s"] / r["comm_s"] if r["comm_s"] > 0 else 1.0
+        mark = (
+            "  <- fastest cap" if best.get((r["workers"], r["variant"])) == r["bucket_mb"] else ""
+        )
         print(
-            f"{r['workers']:>7}  {r['variant']:<16} {r['step_s'] * 1e3:>9.1f} "
-            f"{r['exposed_s'] * 1e3:>11.1f} {r['comm_s'] * 1e3:>9.1f}"
+            f"{r['workers']:>7}  {r['bucket_mb']:>10g}  {r['variant']:<16} "
+            f"{r['step_s'] * 1e3:>9.1f} {r['exposed_s'] * 1e3:>11.1f} {r['comm_s'] * 1e3:>9.1f} "
+            f"{max(hidden, 0.0):>7.0%}{mark}"
         )
     return 0
+
+
+def _fastest_cap(rows: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
+    """For each (workers, variant), the bucket cap with the shortest predicted step."""
+    best: dict[tuple[int, str], tuple[float, float]] = {}
+    for r in rows:
+        key = (r["workers"], r["variant"])
+        if key not in best or r["step_s"] < best[key][0]:
+            best[key] = (r["step_s"], r["bucket_mb"])
+    return {key: cap for key, (_, cap) in best.items()}
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -315,7 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--intra-latency-us", type=float, default=5.0)
     pl.add_argument("--hierarchical", action="store_true", help="hierarchical all-reduce")
     pl.add_argument("--compress", default="topk:0.01", help="none or topk:<ratio>")
-    pl.add_argument("--bucket-mb", type=float, default=25.0)
+    pl.add_argument(
+        "--bucket-mb",
+        type=float,
+        nargs="+",
+        default=[25.0],
+        help="gradient bucket cap(s) in MiB (default 25); several are compared side by side",
+    )
     pl.add_argument("--json", action="store_true", help="print the rows as JSON")
     pl.set_defaults(handler=_cmd_plan)
 

@@ -5,12 +5,13 @@ and for each parameter the backward time until its gradient is ready, from the g
 hooks); the costs of copying gradients into buckets, of top-k compression and of decoding
 are timed on this machine; the link is given. Then
 :func:`moecore.comm.simulate` replays the scheduler's decisions for each worker count and
-each variant (dense fifo, dense priority, top-k) at the same per-rank batch.
+each variant (dense fifo, dense priority, top-k) and bucket cap at the same per-rank batch.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -113,10 +114,17 @@ def plan(
     workers: list[int],
     cost: CostModel,
     ratio: float | None = 0.01,
-    bucket_mb: float = 25,
+    bucket_mb: float | Sequence[float] = 25,
 ) -> list[dict[str, Any]]:
-    """One row per (workers, variant) with the predicted step, exposed communication and
-    communication time in seconds."""
+    """One row per (workers, bucket cap, variant) with the predicted step, exposed
+    communication and communication time in seconds.
+
+    Several bucket caps (``bucket_mb=[25, 4]``) show which hides the most communication for
+    this model: with caps as PyTorch's DDP sets them, a model whose gradients make only a
+    few buckets sends most of its bytes after backward has moved past them."""
+    caps = [float(bucket_mb)] if isinstance(bucket_mb, (int, float)) else list(bucket_mb)
+    if not caps or any(not c > 0 for c in caps):
+        raise ValueError(f"bucket_mb: every bucket cap must be > 0 MiB, got {bucket_mb!r}")
     specs = []
     for i, (name, p) in enumerate(model.named_parameters()):
         specs.append(GradSpec(name, int(p.data.size), "float32", layer=i))
@@ -128,8 +136,9 @@ def plan(
         variants.append((f"top-k {ratio:g}", {"policy": "fifo", "compress_ratio": ratio}))
     rows = []
     for p in workers:
-        for name, kw in variants:
-            s = Scheduler(specs, world=p, bucket_mb=bucket_mb, **kw)
-            r = simulate(s, profile, cost)
-            rows.append({"workers": p, "variant": name, **r})
+        for cap in caps:
+            for name, kw in variants:
+                s = Scheduler(specs, world=p, bucket_mb=cap, **kw)
+                r = simulate(s, profile, cost)
+                rows.append({"workers": p, "bucket_mb": cap, "variant": name, **r})
     return rows
