@@ -93,13 +93,17 @@ class Tiny(nn.Module):
         return ops.mean(d * d)
 
 
-def test_profile_step_orders_gradients_as_backward_finishes_them():
+def profiled(make, rows, d_in, y):
+    """A model made under a fixed seed, and the profile of one step on `rows` random inputs
+    of width `d_in` against the target `y`."""
     mc.manual_seed(0)
-    m = Tiny()
-    rng = np.random.default_rng(0)
-    p = profile_step(
-        m, rng.standard_normal((5, 8)).astype(np.float32), np.zeros((5, 4), np.float32)
-    )
+    m = make()
+    x = np.random.default_rng(0).standard_normal((rows, d_in)).astype(np.float32)
+    return m, profile_step(m, x, y)
+
+
+def test_profile_step_orders_gradients_as_backward_finishes_them():
+    m, p = profiled(Tiny, 5, 8, np.zeros((5, 4), np.float32))
     names = [n for n, _ in m.named_parameters()]
     # The output layer's gradients are ready before the input layer's.
     order = [names[i] for i in p.ready_order]
@@ -137,12 +141,7 @@ def test_plan_compares_bucket_caps(capsys):
         def forward(self, x, y):
             return ops.mean(self.b(self.a(mc.tensor(x))) * mc.tensor(y))
 
-    mc.manual_seed(0)
-    m = Wide()
-    rng = np.random.default_rng(0)
-    prof = profile_step(
-        m, rng.standard_normal((4, 512)).astype(np.float32), np.ones((4, 512), np.float32)
-    )
+    m, prof = profiled(Wide, 4, 512, np.ones((4, 512), np.float32))
     names = [n for n, _ in m.named_parameters()]
     assert [names[i] for i in prof.ready_order] == ["b.weight", "b.bias", "a.weight", "a.bias"]
     caps = [25.0, 1.0]
