@@ -30,14 +30,12 @@ def median_interval(values: list[float]) -> tuple[float, float]:
     return ordered[k - 1], ordered[n - k]
 
 
-def paired_times(
-    fns: dict[str, Callable[[], Any]], rounds: int = 21, warmup: int = 2
-) -> dict[str, dict[str, float]]:
-    """Times every function once per round, in turn, for ``rounds`` rounds, so a slow phase
-    of the machine hits all of them alike. The first function is the base: for each other
-    one, the ratio its time / the base's time is taken per round, and the result gives the
-    median of those ratios with its 95 % interval (:func:`median_interval`), next to each
-    function's median time in seconds."""
+def interleaved_samples(
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds of each call of each function, ``rounds`` per function, the functions called
+    in turn within each round (after ``warmup`` untimed calls each: page faults, thread
+    pools, lazy initialisation)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -47,6 +45,18 @@ def paired_times(
             t0 = time.perf_counter()
             f()
             samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def paired_times(
+    fns: dict[str, Callable[[], Any]], rounds: int = 21, warmup: int = 2
+) -> dict[str, dict[str, float]]:
+    """Times every function once per round, in turn, for ``rounds`` rounds, so a slow phase
+    of the machine hits all of them alike. The first function is the base: for each other
+    one, the ratio its time / the base's time is taken per round, and the result gives the
+    median of those ratios with its 95 % interval (:func:`median_interval`), next to each
+    function's median time in seconds."""
+    samples = interleaved_samples(fns, rounds, warmup)
     base = samples[next(iter(fns))]
     out = {}
     for name, times in samples.items():

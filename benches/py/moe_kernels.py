@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from threadpoolctl import threadpool_info
 
 from moecore import build_info
 from moecore import moe_kernels as mk
+from _common import interleaved_samples
 
 T, D, E, K, H = 4096, 256, 8, 2, 512
 
@@ -191,15 +191,7 @@ def time_round_robin(
     fns: dict[str, Callable[[], object]], rounds: int
 ) -> dict[str, tuple[float, float]]:
     """(median, min) seconds per call of each function, calls interleaved round by round."""
-    for f in fns.values():  # warm-up (page faults, thread pools, lazy init)
-        f()
-        f()
-    samples: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            samples[n].append(time.perf_counter() - t0)
+    samples = interleaved_samples(fns, rounds, warmup=2)
     return {n: (float(np.median(s)), float(np.min(s))) for n, s in samples.items()}
 
 

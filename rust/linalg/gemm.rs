@@ -232,36 +232,19 @@ mod tests {
         c
     }
 
+    /// The operand whose element `(i, j)` is `data[i·rs + j·cs]`.
+    fn view(data: &[f32], rs: usize, cs: usize) -> Strided<'_> {
+        Strided { data, rs, cs }
+    }
+
     #[test]
     fn matches_naive_with_transposed_operands() {
         let (m, n, k) = (37, 19, 23);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32) - 6.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32) - 5.0).collect();
         for (a_view, b_view) in [
-            (
-                Strided {
-                    data: &a,
-                    rs: k,
-                    cs: 1,
-                },
-                Strided {
-                    data: &b,
-                    rs: n,
-                    cs: 1,
-                },
-            ),
-            (
-                Strided {
-                    data: &a,
-                    rs: 1,
-                    cs: m,
-                },
-                Strided {
-                    data: &b,
-                    rs: 1,
-                    cs: k,
-                },
-            ),
+            (view(&a, k, 1), view(&b, n, 1)),
+            (view(&a, 1, m), view(&b, 1, k)),
         ] {
             let mut c = vec![f32::NAN; m * n];
             matmul((m, n, k), &mut c, n, a_view, b_view, true);
@@ -278,18 +261,7 @@ mod tests {
         let (m, n, k) = (5, 3, 4);
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
-        let (av, bv) = (
-            Strided {
-                data: &a,
-                rs: k,
-                cs: 1,
-            },
-            Strided {
-                data: &b,
-                rs: n,
-                cs: 1,
-            },
-        );
+        let (av, bv) = (view(&a, k, 1), view(&b, n, 1));
         let mut c: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
         matmul_add((m, n, k), &mut c, n, av, bv, false);
         let want: Vec<f32> = naive(m, n, k, av, bv)
@@ -308,18 +280,7 @@ mod tests {
         let (m, n, k, rs) = (9, 5, 6, 7);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 3 % 7) as f32) - 3.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 9) as f32) - 4.0).collect();
-        let (av, bv) = (
-            Strided {
-                data: &a,
-                rs: k,
-                cs: 1,
-            },
-            Strided {
-                data: &b,
-                rs: n,
-                cs: 1,
-            },
-        );
+        let (av, bv) = (view(&a, k, 1), view(&b, n, 1));
         let want = naive(m, n, k, av, bv);
         for inner in [k, 0] {
             let mut dst = vec![MaybeUninit::new(f32::NAN); (m - 1) * rs + n];
@@ -345,18 +306,7 @@ mod tests {
         // must land at buffer (1, 3..5) and nowhere else.
         let a = [2.0f32, 3.0];
         let b = [1.0f32, 10.0, 100.0, 1000.0];
-        let (av, bv) = (
-            Strided {
-                data: &a,
-                rs: 2,
-                cs: 1,
-            },
-            Strided {
-                data: &b,
-                rs: 2,
-                cs: 1,
-            },
-        );
+        let (av, bv) = (view(&a, 2, 1), view(&b, 2, 1));
         let mut buf = vec![MaybeUninit::new(f32::NAN); 24];
         {
             let mut grid = crate::linalg::tiles::tiles(&mut buf, 6, 2, 3);
@@ -377,11 +327,7 @@ mod tests {
     #[should_panic(expected = "outside")]
     fn matmul_tile_refuses_a_product_wider_than_the_tile() {
         let a = [1.0f32; 4];
-        let s = Strided {
-            data: &a,
-            rs: 1,
-            cs: 1,
-        };
+        let s = view(&a, 1, 1);
         let mut buf = vec![MaybeUninit::new(0.0f32); 8];
         let mut grid = crate::linalg::tiles::tiles(&mut buf, 4, 2, 2);
         matmul_tile((1, 3, 1), &mut grid[0], 0, s, s, false);
@@ -390,11 +336,7 @@ mod tests {
     #[test]
     fn empty_inner_dimension_gives_zeros() {
         let mut c = vec![f32::NAN; 6];
-        let e = Strided {
-            data: &[],
-            rs: 0,
-            cs: 0,
-        };
+        let e = view(&[], 0, 0);
         matmul((2, 3, 0), &mut c, 3, e, e, false);
         assert_eq!(c, vec![0.0; 6]);
     }
@@ -405,21 +347,6 @@ mod tests {
         let a = [1.0f32; 5];
         let b = [1.0f32; 6];
         let mut c = [0.0f32; 4];
-        matmul(
-            (2, 2, 3),
-            &mut c,
-            2,
-            Strided {
-                data: &a,
-                rs: 3,
-                cs: 1,
-            },
-            Strided {
-                data: &b,
-                rs: 2,
-                cs: 1,
-            },
-            false,
-        );
+        matmul((2, 2, 3), &mut c, 2, view(&a, 3, 1), view(&b, 2, 1), false);
     }
 }

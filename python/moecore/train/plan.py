@@ -122,7 +122,7 @@ def plan(
     Several bucket caps (``bucket_mb=[25, 4]``) show which hides the most communication for
     this model: with caps as PyTorch's DDP sets them, a model whose gradients make only a
     few buckets sends most of its bytes after backward has moved past them."""
-    caps = [float(bucket_mb)] if isinstance(bucket_mb, (int, float)) else list(bucket_mb)
+    caps = [float(bucket_mb)] if np.ndim(bucket_mb) == 0 else [float(c) for c in bucket_mb]
     if not caps or any(not c > 0 for c in caps):
         raise ValueError(f"bucket_mb: every bucket cap must be > 0 MiB, got {bucket_mb!r}")
     specs = []
