@@ -6,10 +6,30 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# The environment variables that size the thread pools of moecore's kernels (rayon), numpy's
+# OpenBLAS and any OpenMP runtime. Each pool reads its variable once, when it starts (moecore's
+# at its import), so a benchmark can only change them before it starts.
+THREAD_VARS = ("RAYON_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def run_on_threads(threads: int | None) -> None:
+    """Makes this benchmark run on ``threads`` threads (None: leave the defaults): if the
+    environment says otherwise, sets it and restarts the process with the same arguments
+    (once: the restarted process finds it set). torch, sized at run time, is the caller's."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {threads}")
+    want = {var: str(threads) for var in THREAD_VARS}
+    if any(os.environ.get(var) != value for var, value in want.items()):
+        os.environ.update(want)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def median_interval(values: list[float]) -> tuple[float, float]:

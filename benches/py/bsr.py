@@ -46,15 +46,13 @@ from pathlib import Path
 
 import numpy as np
 import scipy
-from _common import median_interval
+from _common import median_interval, run_on_threads
 from threadpoolctl import threadpool_info
 
 from moecore import build_info
 from moecore.sparse import BsrMatrix, bsr_linear, bsr_linear_dw, bsr_linear_dx, kernel_isa
 
 SIZE = 4096
-# What ``--threads`` sets: moecore's kernels (rayon), numpy's OpenBLAS, any OpenMP runtime.
-THREAD_VARS = ("RAYON_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 DENSITY = 0.0625
 
 try:
@@ -295,17 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         "default: all cores",
     )
     args = ap.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            ap.error("--threads must be >= 1")
-        # moecore's and OpenBLAS's thread pools are sized from the environment when they start
-        # (moecore's at its import): set it and start again, once.
-        want = {var: str(args.threads) for var in THREAD_VARS}
-        if any(os.environ.get(var) != value for var, value in want.items()):
-            os.environ.update(want)
-            os.execv(sys.executable, [sys.executable, *sys.argv])
-        if torch is not None:
-            torch.set_num_threads(args.threads)
+    run_on_threads(args.threads)
+    if args.threads is not None and torch is not None:
+        torch.set_num_threads(args.threads)
 
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if var in os.environ:

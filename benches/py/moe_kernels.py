@@ -8,6 +8,7 @@ benches/results/moe_kernels.json.
 
 Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_kernels.py [--numpy-first]
 (add PYTHONPATH=<dir with torch> to include PyTorch; it is skipped when not importable).
+``--threads T`` runs every implementation on T threads (``--threads 1``: core for core).
 """
 
 # ruff: noqa: I001
@@ -34,7 +35,7 @@ from threadpoolctl import threadpool_info
 
 from moecore import build_info
 from moecore import moe_kernels as mk
-from _common import interleaved_samples
+from _common import interleaved_samples, run_on_threads
 
 T, D, E, K, H = 4096, 256, 8, 2, 512
 
@@ -203,7 +204,17 @@ def main() -> int:
         action="store_true",
         help="import numpy before moecore (OpenBLAS's idle threads then spin after each call)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for every contender (moecore's kernels, numpy's BLAS, torch); "
+        "default: all cores",
+    )
     args = parser.parse_args()
+    run_on_threads(args.threads)
+    if args.threads is not None and torch is not None:
+        torch.set_num_threads(args.threads)
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((T, E)).astype(np.float32)
@@ -332,7 +343,11 @@ def main() -> int:
         for i in threadpool_info()
         if i.get("user_api") == "blas"
     ]
-    print(f"moecore {build_info()['version']} ({build_info()['profile']}), numpy {np.__version__}")
+    info = build_info()
+    print(
+        f"moecore {info['version']} ({info['profile']}, {info['rayon_threads']} threads), "
+        f"numpy {np.__version__}"
+    )
     print(f"BLAS: {blas}")
     print(f"torch: {torch.__version__ if torch is not None else 'not importable (skipped)'}")
     print(
