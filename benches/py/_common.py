@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -18,10 +19,21 @@ from typing import Any
 THREAD_VARS = ("RAYON_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
-def run_on_threads(threads: int | None) -> None:
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--threads T`` (see :func:`run_on_threads`) to a benchmark's arguments."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for every contender (moecore's kernels, numpy's BLAS, torch); "
+        "default: all cores",
+    )
+
+
+def run_on_threads(threads: int | None, torch: Any = None) -> None:
     """Makes this benchmark run on ``threads`` threads (None: leave the defaults): if the
     environment says otherwise, sets it and restarts the process with the same arguments
-    (once: the restarted process finds it set). torch, sized at run time, is the caller's."""
+    (once: the restarted process finds it set); ``torch``, if given, is sized at run time."""
     if threads is None:
         return
     if threads < 1:
@@ -30,6 +42,8 @@ def run_on_threads(threads: int | None) -> None:
     if any(os.environ.get(var) != value for var, value in want.items()):
         os.environ.update(want)
         os.execv(sys.executable, [sys.executable, *sys.argv])
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def median_interval(values: list[float]) -> tuple[float, float]:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy
-from _common import median_interval, run_on_threads
+from _common import add_threads_option, median_interval, run_on_threads
 from threadpoolctl import threadpool_info
 
 from moecore import build_info
@@ -285,17 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7, help="timing rounds (sparse peers: ≤ 3)")
     ap.add_argument("--blocks", default="16,32,64", help="block sizes, comma-separated")
     ap.add_argument("--ns", default="512,4096", help="rows of X, comma-separated")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="threads for every contender (moecore's kernels, numpy's BLAS, torch); "
-        "default: all cores",
-    )
+    add_threads_option(ap)
     args = ap.parse_args(argv)
-    run_on_threads(args.threads)
-    if args.threads is not None and torch is not None:
-        torch.set_num_threads(args.threads)
+    run_on_threads(args.threads, torch)
 
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if var in os.environ:

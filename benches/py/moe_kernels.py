@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_info
 
 from moecore import build_info
 from moecore import moe_kernels as mk
-from _common import interleaved_samples, run_on_threads
+from _common import add_threads_option, interleaved_samples, run_on_threads
 
 T, D, E, K, H = 4096, 256, 8, 2, 512
 
@@ -204,17 +204,9 @@ def main() -> int:
         action="store_true",
         help="import numpy before moecore (OpenBLAS's idle threads then spin after each call)",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="threads for every contender (moecore's kernels, numpy's BLAS, torch); "
-        "default: all cores",
-    )
+    add_threads_option(parser)
     args = parser.parse_args()
-    run_on_threads(args.threads)
-    if args.threads is not None and torch is not None:
-        torch.set_num_threads(args.threads)
+    run_on_threads(args.threads, torch)
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((T, E)).astype(np.float32)
