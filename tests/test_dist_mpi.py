@@ -28,6 +28,48 @@ def _mpiexec() -> str | None:
 
 MPIEXEC = _mpiexec()
 
+
+def _launcher_family(mpiexec: str | None) -> str | None:
+    """The family of ``mpiexec``, "Open MPI" or "MPICH", from its ``--version`` (None when
+    it cannot be told)."""
+    if mpiexec is None:
+        return None
+    try:
+        text = subprocess.run(
+            [mpiexec, "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if "Open MPI" in text or "OpenRTE" in text:
+        return "Open MPI"
+    if "HYDRA" in text or "MPICH" in text:
+        return "MPICH"
+    return None
+
+
+LAUNCHER = _launcher_family(MPIEXEC)
+
+
+def _launcher_flags() -> list[str]:
+    """Open MPI's launcher refuses more ranks than cores (the 3- and 4-rank tests on a 2-core
+    machine) and, unless told, running as root (CI containers); MPICH's Hydra does neither."""
+    if LAUNCHER != "Open MPI":
+        return []
+    flags = ["--oversubscribe"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        flags.append("--allow-run-as-root")
+    return flags
+
+
+def mpiexec(n: int) -> list[str]:
+    """The command prefix that starts ``n`` ranks."""
+    return [str(MPIEXEC), *_launcher_flags(), "-n", str(n)]
+
+
 try:
     import mpi4py  # noqa: F401
 
@@ -45,7 +87,7 @@ pytestmark = [
 def run(n: int, mode: str, timeout: float = 120.0) -> tuple[int, str, float]:
     """Runs the worker on ``n`` ranks; returns (exit code, stdout+stderr, seconds)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, "-m", "mpi4py", str(WORKER), mode]
+    cmd = [*mpiexec(n), sys.executable, "-m", "mpi4py", str(WORKER), mode]
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -114,11 +156,35 @@ def test_a_rank_that_raises_ends_every_rank_with_the_error_shown():
     assert seconds < 30, f"took {seconds:.1f} s"
 
 
+@pytest.mark.parametrize("mode", ["kill9", "kill9_thread"])
+def test_a_rank_killed_with_sigkill_ends_every_rank_within_30_s(mode):
+    code, out, seconds = run(2, mode, timeout=60)
+    assert code != 0, out
+    # It died of the signal, not of an error of its own; and nobody finished.
+    assert "KILLING rank 1 in step 2" in out and "Traceback" not in out, out
+    assert "OK " not in out, out
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
+def test_every_rank_runs_the_mpi_library_of_its_launcher():
+    """The ranks' MPI library is the family ``mpiexec`` belongs to (a mismatched pair would
+    start N single-rank jobs); CI sets MOECORE_TEST_MPI to the one it installed, so a run
+    meant for Open MPI cannot pass on MPICH."""
+    out = ok(2, "library")
+    libraries = re.findall(r"^LIBRARY rank=(\d) (.*)$", out, re.MULTILINE)
+    assert sorted(r for r, _ in libraries) == ["0", "1"], out
+    want = os.environ.get("MOECORE_TEST_MPI") or LAUNCHER
+    assert want is not None, f"cannot tell which MPI {MPIEXEC} belongs to"
+    assert LAUNCHER == want, f"{MPIEXEC} is {LAUNCHER}, expected {want}"
+    for _, line in libraries:
+        assert want in line, f"a rank runs {line!r}, expected {want}"
+
+
 def _cli(n, args):
     """``moecore <args>``, under ``mpiexec -n n`` when n > 1; returns its stdout."""
     script = Path(sys.executable).parent / "moecore"
     entry = [str(script)] if script.exists() else [sys.executable, "-m", "moecore.cli"]
-    cmd = [str(MPIEXEC), "-n", str(n), *entry, *args] if n > 1 else [*entry, *args]
+    cmd = [*mpiexec(n), *entry, *args] if n > 1 else [*entry, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     done = subprocess.run(
         cmd,
@@ -203,9 +269,7 @@ def test_cli_train_dp2_matches_single_process_loss_curve(tmp_path, corpus):
 
 def test_cli_rejects_dp_that_is_not_the_world_size(tmp_path, corpus):
     cmd = [
-        str(MPIEXEC),
-        "-n",
-        "2",
+        *mpiexec(2),
         sys.executable,
         "-m",
         "moecore.cli",

@@ -348,6 +348,38 @@ def mode_raise(g):
     g.allreduce(buf)  # never completes: rank 1 is gone
 
 
+def mode_kill9(g, progress="hooks"):
+    """Rank 1 dies by SIGKILL in its third training step, after backward (no exception, no
+    MPI_Abort, nothing flushed): the others wait in that step's all-reduces until the launcher
+    ends them."""
+    import os
+    import signal
+
+    m = model()
+    dp = dist.DataParallel(m, g, bucket_mb=0.004, first_bucket_mb=0.001, progress=progress)
+    opt = optim.SGD(m.parameters(), lr=0.1)
+    for step in range(5):
+        x, y = batch(step, g.size)
+        dp(local(x, g.rank), local(y, g.rank)).backward()
+        if step == 2 and g.rank == 1:
+            print("KILLING rank 1 in step 2", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        dp.finish()
+        opt.step()
+        opt.zero_grad()
+
+
+def mode_library(g):
+    """Each rank prints the MPI library it runs on."""
+    from mpi4py import MPI
+
+    line = MPI.Get_library_version().strip().splitlines()[0]
+    for rank in range(g.size):
+        if rank == g.rank:
+            print(f"LIBRARY rank={g.rank} {line}", flush=True)
+        g.barrier()
+
+
 MODES = {
     "grads": mode_grads,
     "grads_priority": lambda g: mode_grads(
@@ -362,6 +394,9 @@ MODES = {
     "ep_full": mode_ep_full,
     "hier": mode_hier,
     "raise": mode_raise,
+    "kill9": mode_kill9,
+    "kill9_thread": lambda g: mode_kill9(g, progress="thread"),
+    "library": mode_library,
 }
 
 if __name__ == "__main__":
