@@ -21,7 +21,8 @@ parameters are compared (they must be identical). Results go to
 ``benches/results/dist.json``.
 
 With ``--shaped`` (root) the 2-rank run is repeated inside a network namespace whose
-loopback is shaped to 1 Gbit/s with ``tc … tbf`` (MPICH forced onto TCP), deleted afterwards.
+loopback is shaped to 1 Gbit/s with ``tc … tbf`` (MPICH or Open MPI, whichever ``mpiexec``
+sits beside this Python, forced onto TCP), deleted afterwards.
 Next to each measured step: the simulator's prediction (``moecore.comm.simulate``) from a
 profiled step of the same rank and an α–β link fitted to blocking all-reduces of 4 KiB and
 16 MiB on the same group.
@@ -241,6 +242,25 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(out), flush=True)
 
 
+#: Environment forcing each MPI onto TCP over the namespace's loopback. Open MPI's TCP
+#: transport skips loopback interfaces unless told, and the namespace has no other.
+TCP_ONLY = {
+    "MPICH": ["MPIR_CVAR_CH4_NETMOD=ofi", "FI_PROVIDER=tcp", "MPIR_CVAR_NOLOCAL=1"],
+    "Open MPI": ["OMPI_MCA_pml=ob1", "OMPI_MCA_btl=tcp,self", "OMPI_MCA_btl_tcp_if_include=lo"],
+}
+
+
+def mpi_family(mpiexec: str) -> str:
+    """The MPI family of ``mpiexec`` ("MPICH" or "Open MPI"), from its ``--version``."""
+    text = subprocess.run(
+        [mpiexec, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True
+    ).stdout
+    for family, marks in (("Open MPI", ("Open MPI", "OpenRTE")), ("MPICH", ("HYDRA", "MPICH"))):
+        if any(m in text for m in marks):
+            return family
+    raise SystemExit(f"{mpiexec} is neither MPICH nor Open MPI:\n{text}")
+
+
 def _scheduler_cost(model, repeat: int = 20) -> float:
     """Seconds of one step of scheduler decisions (begin, one ready per gradient, finish)."""
     from moecore.comm import GradSpec, Scheduler
@@ -281,11 +301,13 @@ def main() -> None:
     opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
     opts += ["--rounds", str(args.rounds)]
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    family = mpi_family(mpiexec)
+    if family == "Open MPI" and os.geteuid() == 0:
+        env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     runs = [("loopback", [*me, *opts]), ("loopback", [mpiexec, "-n", "2", *me, *opts])]
     if args.shaped:
-        # MPICH over TCP (no shared memory) inside the namespace, whose loopback is shaped.
-        tcp = ["MPIR_CVAR_CH4_NETMOD=ofi", "FI_PROVIDER=tcp", "MPIR_CVAR_NOLOCAL=1"]
-        inside = ["ip", "netns", "exec", NAMESPACE, "env", *tcp]
+        # TCP (no shared memory) inside the namespace, whose loopback is shaped.
+        inside = ["ip", "netns", "exec", NAMESPACE, "env", *TCP_ONLY[family]]
         runs.append(("1gbit", [*inside, mpiexec, "-n", "2", *me, *opts]))
     results = []
     load = [open("/proc/loadavg").read().split()[:3]]
@@ -327,7 +349,7 @@ def main() -> None:
             ]
         )
     print(f"model {args.preset}: {base['params']:,} parameters, seq {args.seq}, ", end="")
-    print(f"global batch {args.global_batch}; BLAS: {blas_info()}")
+    print(f"global batch {args.global_batch}; BLAS: {blas_info()}; MPI: {family}")
     print(
         table(
             rows,
