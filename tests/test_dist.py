@@ -118,3 +118,46 @@ def test_parse_compress():
     assert dist.parse_compress("none") is None
     c = dist.parse_compress("topk:0.01")
     assert c.ratio == 0.01 and c.error_feedback
+
+
+class _GroupOf:
+    """A stand-in group whose all-gather returns what the other ranks would have sent."""
+
+    def __init__(self, parts):
+        self.size = len(parts)
+        self.parts = parts
+
+    def allgatherv(self, send):
+        return [send if p is None else p for p in self.parts]
+
+
+def _described(entries):
+    import json
+
+    return np.frombuffer(json.dumps(entries).encode(), dtype=np.uint8)
+
+
+def test_check_same_parameters_names_a_missing_trailing_parameter():
+    from moecore.dist.agreement import check_same_parameters
+
+    p = nn.Linear(3, 2)
+    named = list(p.named_parameters())  # weight [2, 3], bias [2]
+    # Rank 1 has the weight only: the lists agree up to where rank 1's ends.
+    only_weight = _described([["weight", [2, 3], "float32"]])
+    with pytest.raises(ValueError) as err:
+        check_same_parameters(_GroupOf([None, only_weight]), named, "DataParallel")
+    assert str(err.value) == (
+        "DataParallel: the ranks' models differ, so their gradients cannot be averaged: "
+        "rank 0 has 2 parameters and rank 1 has 1; the first one only rank 0 has is "
+        "'bias' of shape [2] float32"
+    )
+    # Rank 2 has the same two: accepted; a dtype difference is named.
+    same = _described([["weight", [2, 3], "float32"], ["bias", [2], "float32"]])
+    check_same_parameters(_GroupOf([None, same, same]), named, "DataParallel")
+    f64 = _described([["weight", [2, 3], "float32"], ["bias", [2], "float64"]])
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 1 is 'bias' of shape \[2\] float32 on rank 0 "
+        r"but 'bias' of shape \[2\] float64 on rank 2",
+    ):
+        check_same_parameters(_GroupOf([None, same, f64]), named, "DataParallel")

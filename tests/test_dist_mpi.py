@@ -166,6 +166,31 @@ def test_a_rank_killed_with_sigkill_ends_every_rank_within_30_s(mode):
     assert seconds < 30, f"took {seconds:.1f} s"
 
 
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        # rank 1: d_ff 24 instead of 16
+        (
+            "mismatch_shape",
+            "parameter 9 is 'blocks.0.ffn.w1' of shape [4, 16, 16] float32 on rank 0 "
+            "but 'blocks.0.ffn.w1' of shape [4, 16, 24] float32 on rank 1",
+        ),
+        # rank 1: 3 blocks instead of 2 (its third block's first parameter is where rank 0
+        # has the final norm)
+        (
+            "mismatch_count",
+            "parameter 20 is 'norm.weight' of shape [16] float32 on rank 0 "
+            "but 'blocks.2.norm1.weight' of shape [16] float32 on rank 1",
+        ),
+    ],
+)
+def test_ranks_with_different_models_are_refused_on_every_rank(mode, message):
+    out = ok(2, mode)
+    assert "REFUSED rank=0:" in out and "REFUSED rank=1:" in out, out
+    refusal = "DataParallel: the ranks' models differ, so their gradients cannot be averaged: "
+    assert out.count(refusal + message) == 2, out
+
+
 def test_every_rank_runs_the_mpi_library_of_its_launcher():
     """The ranks' MPI library is the family ``mpiexec`` belongs to (a mismatched pair would
     start N single-rank jobs); CI sets MOECORE_TEST_MPI to the one it installed, so a run

@@ -369,6 +369,24 @@ def mode_kill9(g, progress="hooks"):
         opt.zero_grad()
 
 
+def mode_mismatch(g, what="shape"):
+    """The ranks' models differ (a user's bug): DataParallel must refuse on every rank with
+    the difference named, never hang in a collective of mismatched sizes."""
+    import dataclasses
+
+    cfg = CFG
+    if g.rank == 1:
+        cfg = dataclasses.replace(CFG, **({"d_ff": 24} if what == "shape" else {"n_layers": 3}))
+    mc.manual_seed(1)
+    m = MoETransformer(cfg)
+    try:
+        dist.DataParallel(m, g)
+    except ValueError as e:
+        print(f"REFUSED rank={g.rank}: {e}", flush=True)
+        return
+    raise AssertionError("DataParallel accepted models that differ")
+
+
 def mode_library(g):
     """Each rank prints the MPI library it runs on."""
     from mpi4py import MPI
@@ -397,6 +415,8 @@ MODES = {
     "kill9": mode_kill9,
     "kill9_thread": lambda g: mode_kill9(g, progress="thread"),
     "library": mode_library,
+    "mismatch_shape": mode_mismatch,
+    "mismatch_count": lambda g: mode_mismatch(g, "count"),
 }
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import numpy as np
 
 from moecore.comm import Action, GradSpec, Scheduler
 from moecore.compress import TopK
+from moecore.dist.agreement import check_same_parameters
 from moecore.dist.group import Group, Request
 from moecore.dist.progress import Driver
 
@@ -133,6 +134,8 @@ class DataParallel:
                     f"DataParallel: parameter {name!r} is {p.data.dtype}; only float32 numpy "
                     "parameters are supported"
                 )
+        # Before any collective over the parameters: mismatched models must not pair up.
+        check_same_parameters(group, named, "DataParallel")
         layers = _layers(self.names)
         self.scheduler = Scheduler(
             [GradSpec(n, p.data.size, "float32", layer) for (n, p), layer in zip(named, layers)],
