@@ -292,6 +292,31 @@ def test_cli_train_dp2_matches_single_process_loss_curve(tmp_path, corpus):
     assert comp[-1] < comp[0] - 0.5, comp
 
 
+def test_cli_train_failing_on_rank_0_only_ends_every_rank_with_the_error_shown(tmp_path, corpus):
+    """Only rank 0 writes the metrics: a folder in the way fails rank 0 alone, inside
+    training, while rank 1 goes on into its collectives; the CLI must abort the job."""
+    out = tmp_path / "run"
+    (out / "metrics.jsonl").mkdir(parents=True)
+    entry = [sys.executable, "-m", "moecore.cli", "train", "--preset", "moe-tiny"]
+    args = ["--data", str(corpus), "--out", str(out), "--dp", "2"]
+    args += ["--set", "steps=4", "eval_every=0", "checkpoint_every=0", "seq_len=32"]
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [*mpiexec(2), *entry, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    seconds = time.monotonic() - t0
+    out_text = done.stdout + done.stderr
+    assert done.returncode != 0, out_text
+    assert "Is a directory" in out_text and "metrics.jsonl" in out_text, out_text
+    assert "finished after" not in out_text, out_text
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
 def test_cli_rejects_dp_that_is_not_the_world_size(tmp_path, corpus):
     cmd = [
         *mpiexec(2),

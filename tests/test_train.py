@@ -325,3 +325,28 @@ def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path, corpus):
         trainer.train()
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["skipped"] for r in records] == [True, True, True]
+
+
+def test_cli_train_names_an_unusable_run_folder(tmp_path, corpus, capsys):
+    from moecore.cli import main
+
+    def train(out):
+        args = ["train", "--preset", "moe-tiny", "--data", str(corpus), "--out", str(out)]
+        return main([*args, "--set", "steps=1", "eval_every=0", "checkpoint_every=0"])
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert train(a_file) == 2
+    assert f"moecore: error: --out {a_file} is a file, not a folder" in capsys.readouterr().err
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "checkpoints").write_text("x")
+    assert train(blocked) == 2
+    err = capsys.readouterr().err
+    assert f"{blocked / 'checkpoints'} is a file; a run keeps its checkpoints" in err
+    # A folder where the metrics file goes: found when training opens it, named, exit 2.
+    metrics_dir = tmp_path / "metrics_dir"
+    (metrics_dir / "metrics.jsonl").mkdir(parents=True)
+    assert train(metrics_dir) == 2
+    err = capsys.readouterr().err
+    assert "moecore: error: cannot write the run:" in err and "metrics.jsonl" in err, err

@@ -124,6 +124,18 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _run_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot take a new run, or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    checkpoints = out / "checkpoints"
+    if checkpoints.exists() and not checkpoints.is_dir():
+        return f"{checkpoints} is a file; a run keeps its checkpoints in that folder"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return f"{out} already holds a run; use --resume {out} or another --out"
+    return None
+
+
 def _train_or_abort(trainer: Any) -> Any:
     """Trains; under MPI, an exception on this rank is shown and then ends every rank
     (``MPI_Abort``) instead of leaving the others waiting in a collective forever."""
@@ -171,12 +183,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         else:
             config = build_config(args.preset, args.config, overrides)
             out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-            if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-                return _fail(f"{out} already holds a run; use --resume {out} or another --out")
+            problem = _run_dir_problem(out)
+            if problem is not None:
+                return _fail(problem)
             trainer = Trainer(config, out)
         result = _train_or_abort(trainer)
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        # The run folder or a file in it cannot be written (a file where a folder should be,
+        # no space left, no permission). Under MPI the job has already been aborted.
+        return _fail(f"cannot write the run: {exc}")
     except TrainingDiverged as exc:
         print(f"moecore: {exc}", file=sys.stderr)
         return 3
