@@ -84,10 +84,11 @@ pytestmark = [
 ]
 
 
-def run(n: int, mode: str, timeout: float = 120.0) -> tuple[int, str, float]:
-    """Runs the worker on ``n`` ranks; returns (exit code, stdout+stderr, seconds)."""
+def launch(cmd: list[str], timeout: float = 120.0) -> tuple[int, str, float]:
+    """Runs ``cmd`` (an ``mpiexec`` line) in its own session, stdin closed, one BLAS thread
+    per rank; returns (exit code, stdout+stderr, seconds). On timeout every process of the
+    session is killed and the test fails."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    cmd = [*mpiexec(n), sys.executable, "-m", "mpi4py", str(WORKER), mode]
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -103,8 +104,13 @@ def run(n: int, mode: str, timeout: float = 120.0) -> tuple[int, str, float]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n {n} {mode} timed out after {timeout} s:\n{out}")
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s:\n{out}")
     return proc.returncode, out, time.monotonic() - t0
+
+
+def run(n: int, mode: str, timeout: float = 120.0) -> tuple[int, str, float]:
+    """Runs the worker on ``n`` ranks; returns (exit code, stdout+stderr, seconds)."""
+    return launch([*mpiexec(n), sys.executable, "-m", "mpi4py", str(WORKER), mode], timeout)
 
 
 def ok(n: int, mode: str) -> str:
@@ -300,20 +306,24 @@ def test_cli_train_failing_on_rank_0_only_ends_every_rank_with_the_error_shown(t
     entry = [sys.executable, "-m", "moecore.cli", "train", "--preset", "moe-tiny"]
     args = ["--data", str(corpus), "--out", str(out), "--dp", "2"]
     args += ["--set", "steps=4", "eval_every=0", "checkpoint_every=0", "seq_len=32"]
-    t0 = time.monotonic()
-    done = subprocess.run(
-        [*mpiexec(2), *entry, *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        start_new_session=True,
-    )
-    seconds = time.monotonic() - t0
-    out_text = done.stdout + done.stderr
-    assert done.returncode != 0, out_text
+    code, out_text, seconds = launch([*mpiexec(2), *entry, *args], timeout=60)
+    assert code != 0, out_text
     assert "Is a directory" in out_text and "metrics.jsonl" in out_text, out_text
     assert "finished after" not in out_text, out_text
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
+def test_cli_train_bad_input_on_one_rank_only_ends_every_rank(tmp_path, corpus):
+    """An error one rank alone meets before training (its data file is missing: two launch
+    specs, MPMD): it prints it and ends the job, rather than exit while the other waits."""
+    common = ["-m", "moecore.cli", "train", "--preset", "moe-tiny", "--out", str(tmp_path / "r")]
+    common += ["--dp", "2", "--set", "steps=4", "eval_every=0", "checkpoint_every=0"]
+    missing = tmp_path / "missing.txt"
+    cmd = [*mpiexec(1), sys.executable, *common, "--data", str(corpus), ":"]
+    cmd += ["-n", "1", sys.executable, *common, "--data", str(missing)]
+    code, out_text, seconds = launch(cmd, timeout=60)
+    assert code != 0, out_text
+    assert f"moecore: error: data path {missing} does not exist" in out_text, out_text
     assert seconds < 30, f"took {seconds:.1f} s"
 
 

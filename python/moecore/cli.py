@@ -151,6 +151,17 @@ def _train_or_abort(trainer: Any) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    code = _train(args)
+    if code != 0:
+        # Under mpiexec an error may be this rank's alone (a data file missing on one node):
+        # the others would wait for it forever in their next collective.
+        from moecore.dist import abort_job
+
+        abort_job(code)
+    return code
+
+
+def _train(args: argparse.Namespace) -> int:
     from moecore.data import DataError
     from moecore.train import (
         CheckpointError,

@@ -13,7 +13,7 @@ from moecore.dist.data_parallel import DataParallel, parse_compress
 from moecore.dist.expert_parallel import ExpertParallelMoE
 from moecore.dist.group import Group, Request, SingleProcess
 from moecore.dist.hierarchical import HierarchicalGroup
-from moecore.dist.launch import init, launched_by_mpi, world_size_from_env
+from moecore.dist.launch import abort_job, init, launched_by_mpi, world_size_from_env
 from moecore.dist.mpi import MPIGroup
 from moecore.dist.nccl import NCCLGroup
 
@@ -26,6 +26,7 @@ __all__ = [
     "NCCLGroup",
     "Request",
     "SingleProcess",
+    "abort_job",
     "init",
     "launched_by_mpi",
     "parse_compress",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 from moecore.dist.group import Group, SingleProcess
 
-__all__ = ["init", "launched_by_mpi", "world_size_from_env"]
+__all__ = ["abort_job", "init", "launched_by_mpi", "world_size_from_env"]
 
 #: Variables the launchers set in each rank's environment, size first: MPICH/Hydra and other
 #: PMI launchers (Slurm's srun included), PMIx, Open MPI, MVAPICH.
@@ -56,3 +57,21 @@ def init(backend: str = "auto") -> Group:
 
         return NCCLGroup(world)
     return world
+
+
+def abort_job(code: int) -> None:
+    """Ends every rank of this MPI job (``MPI_Abort`` on the world) when an MPI launcher
+    started this process among others; does nothing otherwise (or without mpi4py).
+
+    For a rank that stops with an error before or outside any collective: the other ranks
+    may be waiting for it in one, and a plain exit would wait for them in ``MPI_Finalize``.
+    """
+    if (world_size_from_env() or 1) <= 1:
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(code)
