@@ -161,3 +161,31 @@ def test_check_same_parameters_names_a_missing_trailing_parameter():
         r"but 'bias' of shape \[2\] float64 on rank 2",
     ):
         check_same_parameters(_GroupOf([None, same, f64]), named, "DataParallel")
+
+
+def test_watchdog_fires_only_for_a_wait_past_its_deadline():
+    import threading
+    import time
+
+    from moecore.dist.watchdog import PERIOD, Watchdog
+
+    fired = []
+    got = threading.Event()
+    dog = Watchdog(lambda message: (fired.append(message), got.set()))
+    with dog.watch(None, "never armed"):
+        time.sleep(2 * PERIOD)
+    with dog.watch(5.0, "quick"):
+        time.sleep(2 * PERIOD)  # done well within its limit
+    time.sleep(2 * PERIOD)
+    assert fired == []
+    with dog.watch(0.1, "operation 7 (bucket 2)"):
+        assert got.wait(10 * PERIOD)
+    dog.close()
+    assert len(fired) == 1
+    assert fired[0].startswith("operation 7 (bucket 2) did not complete within 0.1 s")
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, "10"])
+def test_data_parallel_rejects_a_bad_timeout(timeout):
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0 or None"):
+        dist.DataParallel(nn.Linear(2, 2), dist.SingleProcess(), timeout=timeout)

@@ -197,6 +197,15 @@ def test_ranks_with_different_models_are_refused_on_every_rank(mode, message):
     assert out.count(refusal + message) == 2, out
 
 
+def test_a_rank_that_hangs_makes_the_others_time_out_and_end_the_job():
+    code, out, seconds = run(2, "stuck", timeout=90)
+    assert code != 0, out
+    assert "STUCK rank 1 in step 2" in out, out
+    assert "moecore: DataParallel: operation" in out, out
+    assert "did not complete within 2 s: another rank is stuck or gone; ending the job" in out
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
 def test_every_rank_runs_the_mpi_library_of_its_launcher():
     """The ranks' MPI library is the family ``mpiexec`` belongs to (a mismatched pair would
     start N single-rank jobs); CI sets MOECORE_TEST_MPI to the one it installed, so a run

@@ -387,6 +387,22 @@ def mode_mismatch(g, what="shape"):
     raise AssertionError("DataParallel accepted models that differ")
 
 
+def mode_stuck(g):
+    """Rank 1 hangs (alive, never reaching its all-reduces) in the third step: rank 0's
+    DataParallel's watchdog ends the job 2 s into its wait."""
+    import time
+
+    m = model()
+    dp = dist.DataParallel(m, g, bucket_mb=0.004, first_bucket_mb=0.001, timeout=2)
+    for step in range(5):
+        x, y = batch(step, g.size)
+        if step == 2 and g.rank == 1:
+            print("STUCK rank 1 in step 2", flush=True)
+            time.sleep(600)
+        dp(local(x, g.rank), local(y, g.rank)).backward()
+        dp.finish()
+
+
 def mode_library(g):
     """Each rank prints the MPI library it runs on."""
     from mpi4py import MPI
@@ -415,6 +431,7 @@ MODES = {
     "kill9": mode_kill9,
     "kill9_thread": lambda g: mode_kill9(g, progress="thread"),
     "library": mode_library,
+    "stuck": mode_stuck,
     "mismatch_shape": mode_mismatch,
     "mismatch_count": lambda g: mode_mismatch(g, "count"),
 }

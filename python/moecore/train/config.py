@@ -65,6 +65,8 @@ class RunConfig(ModelConfig):
     bucket_mb: float = 25.0
     comm_policy: str = "fifo"
     ranks_per_node: int = 1
+    # seconds a rank waits for one gradient operation before giving up (a rank that hangs)
+    comm_timeout_s: float = 1800.0
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict (for JSON and TOML)."""
@@ -216,6 +218,8 @@ def _check_values(c: RunConfig) -> list[str]:
         p.append(f"ranks_per_node ({c.ranks_per_node}) must divide dp ({c.dp})")
     if not c.bucket_mb > 0:
         p.append(f"bucket_mb must be > 0, got {c.bucket_mb}")
+    if not c.comm_timeout_s > 0:
+        p.append(f"comm_timeout_s must be > 0, got {c.comm_timeout_s}")
     if c.compress != "none":
         m = re.fullmatch(r"topk:([0-9.eE+-]+)", c.compress)
         try:

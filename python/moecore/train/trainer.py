@@ -152,6 +152,7 @@ class Trainer:
             warmup_steps=warmup_steps,
             # The trainer never keeps a gradient across steps, so the copy is not needed.
             gradient_as_bucket_view=True,
+            timeout=self.config.comm_timeout_s,
         )
 
     # -- persistence ---------------------------------------------------------------------
