@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from moecore.dist.launch import mpi_family
+
 WORKER = Path(__file__).parent / "mpi" / "dp_worker.py"
 
 
@@ -29,29 +31,7 @@ def _mpiexec() -> str | None:
 MPIEXEC = _mpiexec()
 
 
-def _launcher_family(mpiexec: str | None) -> str | None:
-    """The family of ``mpiexec``, "Open MPI" or "MPICH", from its ``--version`` (None when
-    it cannot be told)."""
-    if mpiexec is None:
-        return None
-    try:
-        text = subprocess.run(
-            [mpiexec, "--version"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if "Open MPI" in text or "OpenRTE" in text:
-        return "Open MPI"
-    if "HYDRA" in text or "MPICH" in text:
-        return "MPICH"
-    return None
-
-
-LAUNCHER = _launcher_family(MPIEXEC)
+LAUNCHER = None if MPIEXEC is None else mpi_family(MPIEXEC)
 
 
 def _launcher_flags() -> list[str]:

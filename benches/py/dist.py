@@ -44,6 +44,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import blas_info, table, write_results
 
+from moecore.dist.launch import mpi_family
+
 VARIANTS = [
     ("none", {}),  # every rank trains alone: no gradient communication, one barrier
     ("dense-fifo", {"policy": "fifo"}),
@@ -250,17 +252,6 @@ TCP_ONLY = {
 }
 
 
-def mpi_family(mpiexec: str) -> str:
-    """The MPI family of ``mpiexec`` ("MPICH" or "Open MPI"), from its ``--version``."""
-    text = subprocess.run(
-        [mpiexec, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True
-    ).stdout
-    for family, marks in (("Open MPI", ("Open MPI", "OpenRTE")), ("MPICH", ("HYDRA", "MPICH"))):
-        if any(m in text for m in marks):
-            return family
-    raise SystemExit(f"{mpiexec} is neither MPICH nor Open MPI:\n{text}")
-
-
 def _scheduler_cost(model, repeat: int = 20) -> float:
     """Seconds of one step of scheduler decisions (begin, one ready per gradient, finish)."""
     from moecore.comm import GradSpec, Scheduler
@@ -302,6 +293,8 @@ def main() -> None:
     opts += ["--rounds", str(args.rounds)]
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     family = mpi_family(mpiexec)
+    if family is None:
+        raise SystemExit(f"{mpiexec} is neither MPICH nor Open MPI")
     if family == "Open MPI" and os.geteuid() == 0:
         env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     runs = [("loopback", [*me, *opts]), ("loopback", [mpiexec, "-n", "2", *me, *opts])]

@@ -136,27 +136,20 @@ def _run_dir_problem(out: Path) -> str | None:
     return None
 
 
-def _train_or_abort(trainer: Any) -> Any:
-    """Trains; under MPI, an exception on this rank is shown and then ends every rank
-    (``MPI_Abort``) instead of leaving the others waiting in a collective forever."""
-    if trainer.group.size == 1:
-        return trainer.train()
-    try:
-        return trainer.train()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        trainer.group.abort(1)
-        raise
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    code = _train(args)
-    if code != 0:
-        # Under mpiexec an error may be this rank's alone (a data file missing on one node):
-        # the others would wait for it forever in their next collective.
-        from moecore.dist import abort_job
+    """``moecore train``. Under mpiexec an error may be this rank's alone (a data file
+    missing on one node, an exception in its step): shown, it then ends every rank
+    (``MPI_Abort``), as the others would wait for this one forever in a collective."""
+    from moecore.dist import abort_job, world_size_from_env
 
+    try:
+        code = _train(args)
+    except BaseException:
+        if (world_size_from_env() or 1) > 1:
+            traceback.print_exc()  # MPI_Abort ends the process before Python would show it
+            abort_job(1)
+        raise
+    if code != 0:
         abort_job(code)
     return code
 
@@ -198,12 +191,12 @@ def _train(args: argparse.Namespace) -> int:
             if problem is not None:
                 return _fail(problem)
             trainer = Trainer(config, out)
-        result = _train_or_abort(trainer)
+        result = trainer.train()
     except (ConfigError, DataError, CheckpointError) as exc:
         return _fail(str(exc))
     except OSError as exc:
         # The run folder or a file in it cannot be written (a file where a folder should be,
-        # no space left, no permission). Under MPI the job has already been aborted.
+        # no space left, no permission).
         return _fail(f"cannot write the run: {exc}")
     except TrainingDiverged as exc:
         print(f"moecore: {exc}", file=sys.stderr)

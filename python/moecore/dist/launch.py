@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 
 from moecore.dist.group import Group, SingleProcess
 
-__all__ = ["abort_job", "init", "launched_by_mpi", "world_size_from_env"]
+__all__ = ["abort_job", "init", "launched_by_mpi", "mpi_family", "world_size_from_env"]
 
 #: Variables the launchers set in each rank's environment, size first: MPICH/Hydra and other
 #: PMI launchers (Slurm's srun included), PMIx, Open MPI, MVAPICH.
@@ -75,3 +76,24 @@ def abort_job(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     MPI.COMM_WORLD.Abort(code)
+
+
+def mpi_family(mpiexec: str) -> str | None:
+    """``"Open MPI"`` or ``"MPICH"``: the MPI that the launcher ``mpiexec`` belongs to, from
+    its ``--version`` (None when it cannot be run or told). The two need different flags:
+    Open MPI's launcher refuses more ranks than cores, and root, unless told."""
+    try:
+        text = subprocess.run(
+            [mpiexec, "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if "Open MPI" in text or "OpenRTE" in text:
+        return "Open MPI"
+    if "HYDRA" in text or "MPICH" in text:
+        return "MPICH"
+    return None
