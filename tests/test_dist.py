@@ -172,17 +172,51 @@ def test_watchdog_fires_only_for_a_wait_past_its_deadline():
     fired = []
     got = threading.Event()
     dog = Watchdog(lambda message: (fired.append(message), got.set()))
-    with dog.watch(None, "never armed"):
+    with dog.watch(None, "never armed", "nowhere"):
         time.sleep(2 * PERIOD)
-    with dog.watch(5.0, "quick"):
+    with dog.watch(5.0, "quick", "nowhere"):
         time.sleep(2 * PERIOD)  # done well within its limit
     time.sleep(2 * PERIOD)
     assert fired == []
-    with dog.watch(0.1, "operation 7 (bucket 2)"):
+    # Nested waits: the inner one ending must not disarm the outer one, which then fires
+    # with its own message (a single armed slot used to be cleared by the inner exit).
+    with dog.watch(0.6, "operation 7 (bucket 2)", "DataParallel(timeout=...)"):
+        with dog.watch(30.0, "waiting for an all-reduce", "the group's timeout"):
+            pass
+        assert got.wait(20 * PERIOD)
+    dog.close()
+    assert fired == [
+        "operation 7 (bucket 2) did not complete within 0.6 s: another rank is stuck or "
+        "gone; ending the job (the limit is DataParallel(timeout=...))"
+    ]
+
+
+def test_watchdog_fires_for_the_earliest_deadline_of_nested_waits():
+    import threading
+
+    from moecore.dist.watchdog import PERIOD, Watchdog
+
+    fired = []
+    got = threading.Event()
+    dog = Watchdog(lambda message: (fired.append(message), got.set()))
+    with dog.watch(60.0, "outer", "a"), dog.watch(0.1, "inner", "b"):
         assert got.wait(10 * PERIOD)
     dog.close()
-    assert len(fired) == 1
-    assert fired[0].startswith("operation 7 (bucket 2) did not complete within 0.1 s")
+    assert len(fired) == 1 and fired[0].startswith("inner did not complete within 0.1 s")
+
+
+def test_a_group_of_one_never_arms_its_watchdog():
+    group = dist.SingleProcess()
+    group.timeout = 1e-9
+    with group.watch("nothing to wait for"):
+        pass
+    assert group._watchdog is None
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, "10", True])
+def test_init_rejects_a_bad_timeout(timeout):
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0 or None"):
+        dist.init("single", timeout=timeout)
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, "10"])

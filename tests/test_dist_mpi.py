@@ -186,6 +186,26 @@ def test_a_rank_that_hangs_makes_the_others_time_out_and_end_the_job():
     assert seconds < 30, f"took {seconds:.1f} s"
 
 
+@pytest.mark.parametrize(
+    ("mode", "operation"),
+    [
+        # DataParallel's construction: the model check's all-gather comes first
+        ("stuck_dp", "allgatherv's exchange of lengths on rank 0 of 2"),
+        # an expert-parallel forward: the token counts (2 ranks x 2 local experts) go first
+        ("stuck_ep", "alltoall of 4 int64 on rank 0 of 2"),
+    ],
+)
+def test_a_rank_that_hangs_outside_finish_ends_the_job_after_the_groups_timeout(mode, operation):
+    code, out, seconds = run(2, mode, timeout=90)
+    assert code != 0, out
+    assert "STUCK rank 1 before" in out, out
+    assert (
+        f"moecore: {operation} did not complete within 2 s: another rank is stuck or gone; "
+        "ending the job (the limit is the group's timeout: moecore.dist.init(timeout=...)"
+    ) in out, out
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
 def test_every_rank_runs_the_mpi_library_of_its_launcher():
     """The ranks' MPI library is the family ``mpiexec`` belongs to (a mismatched pair would
     start N single-rank jobs); CI sets MOECORE_TEST_MPI to the one it installed, so a run
@@ -200,11 +220,23 @@ def test_every_rank_runs_the_mpi_library_of_its_launcher():
         assert want in line, f"a rank runs {line!r}, expected {want}"
 
 
+def _entry() -> list[str]:
+    """``moecore`` as a command: the installed script, else the module."""
+    script = Path(sys.executable).parent / "moecore"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "moecore.cli"]
+
+
+def _train_args(corpus, out, *extra, steps=4, sets=()):
+    """``train`` on moe-tiny for ``steps`` steps without evaluation or checkpoints; ``sets``
+    are more run-config values, ``extra`` more arguments."""
+    args = ["train", "--preset", "moe-tiny", "--data", str(corpus), "--out", str(out)]
+    args += ["--set", f"steps={steps}", "eval_every=0", "checkpoint_every=0", "seq_len=32"]
+    return [*args, *sets, *extra]
+
+
 def _cli(n, args):
     """``moecore <args>``, under ``mpiexec -n n`` when n > 1; returns its stdout."""
-    script = Path(sys.executable).parent / "moecore"
-    entry = [str(script)] if script.exists() else [sys.executable, "-m", "moecore.cli"]
-    cmd = [*mpiexec(n), *entry, *args] if n > 1 else [*entry, *args]
+    cmd = [*mpiexec(n), *_entry(), *args] if n > 1 else [*_entry(), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     done = subprocess.run(
         cmd,
@@ -227,25 +259,7 @@ def _train(tmp_path, corpus, name, n, *extra, steps=20):
     """``moecore train`` on moe-tiny (global batch 8): ``mpiexec -n n`` when n > 1.
     Returns the loss curve from rank 0's metrics."""
     out = tmp_path / name
-    stdout = _cli(
-        n,
-        [
-            "train",
-            "--preset",
-            "moe-tiny",
-            "--data",
-            str(corpus),
-            "--out",
-            str(out),
-            "--set",
-            f"steps={steps}",
-            "eval_every=0",
-            "checkpoint_every=0",
-            "seq_len=32",
-            "batch_size=8",
-            *extra,
-        ],
-    )
+    stdout = _cli(n, _train_args(corpus, out, *extra, steps=steps, sets=["batch_size=8"]))
     assert f"finished after {steps} steps" in stdout, stdout
     losses = _losses(out)
     assert len(losses) == steps  # rank 0 alone writes the metrics
@@ -292,10 +306,8 @@ def test_cli_train_failing_on_rank_0_only_ends_every_rank_with_the_error_shown(t
     training, while rank 1 goes on into its collectives; the CLI must abort the job."""
     out = tmp_path / "run"
     (out / "metrics.jsonl").mkdir(parents=True)
-    entry = [sys.executable, "-m", "moecore.cli", "train", "--preset", "moe-tiny"]
-    args = ["--data", str(corpus), "--out", str(out), "--dp", "2"]
-    args += ["--set", "steps=4", "eval_every=0", "checkpoint_every=0", "seq_len=32"]
-    code, out_text, seconds = launch([*mpiexec(2), *entry, *args], timeout=60)
+    args = _train_args(corpus, out, "--dp", "2")
+    code, out_text, seconds = launch([*mpiexec(2), *_entry(), *args], timeout=60)
     assert code != 0, out_text
     assert "Is a directory" in out_text and "metrics.jsonl" in out_text, out_text
     assert "finished after" not in out_text, out_text
@@ -305,33 +317,34 @@ def test_cli_train_failing_on_rank_0_only_ends_every_rank_with_the_error_shown(t
 def test_cli_train_bad_input_on_one_rank_only_ends_every_rank(tmp_path, corpus):
     """An error one rank alone meets before training (its data file is missing: two launch
     specs, MPMD): it prints it and ends the job, rather than exit while the other waits."""
-    common = ["-m", "moecore.cli", "train", "--preset", "moe-tiny", "--out", str(tmp_path / "r")]
-    common += ["--dp", "2", "--set", "steps=4", "eval_every=0", "checkpoint_every=0"]
     missing = tmp_path / "missing.txt"
-    cmd = [*mpiexec(1), sys.executable, *common, "--data", str(corpus), ":"]
-    cmd += ["-n", "1", sys.executable, *common, "--data", str(missing)]
+    cmd = [*mpiexec(1), *_entry(), *_train_args(corpus, tmp_path / "r", "--dp", "2"), ":"]
+    cmd += ["-n", "1", *_entry(), *_train_args(missing, tmp_path / "r", "--dp", "2")]
     code, out_text, seconds = launch(cmd, timeout=60)
     assert code != 0, out_text
     assert f"moecore: error: data path {missing} does not exist" in out_text, out_text
     assert seconds < 30, f"took {seconds:.1f} s"
 
 
+def test_cli_train_with_an_exception_on_one_rank_only_shows_it_and_ends_every_rank(
+    tmp_path, corpus
+):
+    """Not an input error but a bug: rank 1's optimizer raises in step 2 (planted by
+    ``mpi/cli_with_a_bug.py``) while rank 0 goes on into step 3's collectives. The CLI
+    shows rank 1's traceback and ends the job."""
+    args = _train_args(corpus, tmp_path / "r", "--dp", "2")
+    cmd = [*mpiexec(1), *_entry(), *args, ":"]
+    cmd += ["-n", "1", sys.executable, str(WORKER.parent / "cli_with_a_bug.py"), *args]
+    code, out_text, seconds = launch(cmd, timeout=60)
+    assert code != 0, out_text
+    assert "Traceback (most recent call last)" in out_text, out_text
+    assert "ZeroDivisionError: a planted bug in optimizer step 2" in out_text, out_text
+    assert "finished after" not in out_text, out_text
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
 def test_cli_rejects_dp_that_is_not_the_world_size(tmp_path, corpus):
-    cmd = [
-        *mpiexec(2),
-        sys.executable,
-        "-m",
-        "moecore.cli",
-        "train",
-        "--preset",
-        "moe-tiny",
-        "--data",
-        str(corpus),
-        "--out",
-        str(tmp_path / "bad"),
-        "--dp",
-        "4",
-    ]
+    cmd = [*mpiexec(2), *_entry(), *_train_args(corpus, tmp_path / "bad", "--dp", "4")]
     done = subprocess.run(
         cmd,
         stdin=subprocess.DEVNULL,
@@ -410,9 +423,7 @@ def test_cli_train_dp2_ep2_matches_single_process_loss_curve(tmp_path, corpus):
 
 
 def test_cli_train_ep_refuses_what_it_cannot_do_exactly(tmp_path, corpus):
-    script = Path(sys.executable).parent / "moecore"
-    entry = [str(script)] if script.exists() else [sys.executable, "-m", "moecore.cli"]
-    base = [*entry, "train", "--preset", "moe-tiny", "--data", str(corpus), "--out"]
+    base = [*_entry(), "train", "--preset", "moe-tiny", "--data", str(corpus), "--out"]
     done = subprocess.run(
         [*base, str(tmp_path / "cap"), "--ep", "2", "--set", "capacity_factor=1.25"],
         stdin=subprocess.DEVNULL,

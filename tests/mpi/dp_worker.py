@@ -403,6 +403,28 @@ def mode_stuck(g):
         dp.finish()
 
 
+def mode_stuck_at(g, where):
+    """Rank 1 hangs before a collective outside DataParallel.finish — the construction of
+    DataParallel (its model check and broadcasts) or an expert-parallel forward (its
+    all-to-alls): rank 0's group watchdog ends the job 2 s into its wait."""
+    import time
+
+    from moecore.dist.expert_parallel import ExpertParallelMoE
+
+    g = dist.MPIGroup(timeout=2)
+    mc.manual_seed(11)
+    layer = nn.MoE(8, 6, n_experts=4, top_k=2, aux_loss=0.0)
+    if where == "ep":
+        layer = ExpertParallelMoE.from_moe(layer, g)
+    if g.rank == 1:
+        print(f"STUCK rank 1 before {where}", flush=True)
+        time.sleep(600)
+    if where == "ep":
+        layer(mc.tensor(np.ones((4, 8), np.float32)))
+    else:
+        dist.DataParallel(layer, g)
+
+
 def mode_library(g):
     """Each rank prints the MPI library it runs on."""
     from mpi4py import MPI
@@ -432,6 +454,8 @@ MODES = {
     "kill9_thread": lambda g: mode_kill9(g, progress="thread"),
     "library": mode_library,
     "stuck": mode_stuck,
+    "stuck_dp": lambda g: mode_stuck_at(g, "dp"),
+    "stuck_ep": lambda g: mode_stuck_at(g, "ep"),
     "mismatch_shape": mode_mismatch,
     "mismatch_count": lambda g: mode_mismatch(g, "count"),
 }

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,9 +30,11 @@ from moecore.compress import TopK
 from moecore.dist.agreement import check_same_parameters
 from moecore.dist.group import Group, Request
 from moecore.dist.progress import Driver
-from moecore.dist.watchdog import Watchdog
+from moecore.dist.watchdog import check_timeout
 
 __all__ = ["DataParallel", "parse_compress"]
+
+_LIMIT = "DataParallel(timeout=...), comm_timeout_s in a run's config"
 
 
 def parse_compress(spec: str | TopK | None) -> TopK | None:
@@ -96,7 +97,8 @@ class DataParallel:
             the next backward, so a ``.grad`` kept across steps changes with it.
         timeout: seconds :meth:`finish` waits for one operation before it prints why and
             ends the job (``group.abort``; a rank that hangs would otherwise hold every
-            other rank forever); None waits forever. 30 minutes, PyTorch's default.
+            other rank forever); None: the group's timeout (:func:`moecore.dist.init`),
+            which also bounds every other blocking call, this class's broadcasts included.
 
     Use::
 
@@ -119,11 +121,9 @@ class DataParallel:
         compress_when: str = "auto",
         progress: str = "hooks",
         gradient_as_bucket_view: bool = False,
-        timeout: float | None = 1800.0,
+        timeout: float | None = None,
     ) -> None:
-        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
-            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
-        self.timeout = None if timeout is None else float(timeout)
+        self.timeout = check_timeout(timeout)
         self.module = model
         self.gradient_as_bucket_view = bool(gradient_as_bucket_view)
         self.group = group
@@ -164,7 +164,6 @@ class DataParallel:
         # scheduler releases a bucket during backward only once all its gradients are ready).
         self._missing: set[int] = set()
         self._driver = Driver(progress)
-        self._watchdog = Watchdog(self._timed_out)
         self.last_stats: dict[str, Any] = {}
         self._stats = self._new_stats()
         for p in self.params:
@@ -210,9 +209,8 @@ class DataParallel:
 
     def remove_hooks(self) -> None:
         """Detaches from the model (its gradients are no longer communicated) and stops the
-        polling and watchdog threads, if any."""
+        polling thread, if any."""
         self._driver.close()
-        self._watchdog.close()
         for remove in self._hooks:
             remove()
         self._hooks.clear()
@@ -233,7 +231,8 @@ class DataParallel:
         for a in actions:
             if a.kind == "wait":
                 what = f"DataParallel: operation {a.op} (bucket {a.bucket})"
-                with self._watchdog.watch(self.timeout, what):
+                limit = None if self.timeout is None else _LIMIT
+                with self.group.watch(what, self.timeout, limit):
                     self._driver.wait(self._requests.pop(a.op))
                 continue
             self._stats[counter] += 1
@@ -246,11 +245,6 @@ class DataParallel:
                 req = self._launch_compressed(a.bucket, view, self._pieces(a.bucket))
             self._requests[a.op] = req
             self._driver.add(req)
-
-    def _timed_out(self, message: str) -> None:
-        """The watchdog's verdict (on its thread): say why, then end every rank."""
-        print(f"moecore: {message}", file=sys.stderr, flush=True)
-        self.group.abort(1)
 
     def _grad(self, index: int) -> np.ndarray:
         """Parameter ``index``'s flat gradient this step (zeros if it got none)."""

@@ -8,13 +8,24 @@ caller preallocated wherever the size is known in advance.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Group", "Request", "SingleProcess", "check_buffer"]
+from moecore.dist.watchdog import Watchdog
+
+__all__ = ["DEFAULT_TIMEOUT", "Group", "Request", "SingleProcess", "check_buffer"]
+
+#: Seconds a blocking operation of a group may last before the job is ended: 30 minutes,
+#: PyTorch's default for ``init_process_group``.
+DEFAULT_TIMEOUT = 1800.0
+_GROUP_LIMIT = (
+    "the group's timeout: moecore.dist.init(timeout=...), comm_timeout_s in a run's config"
+)
 
 
 def check_buffer(buf: Any, what: str, *, writable: bool = False) -> np.ndarray:
@@ -59,10 +70,17 @@ class Request:
 
 
 class Group(ABC):
-    """A set of ranks that communicate. ``rank`` is this process's index in ``[0, size)``."""
+    """A set of ranks that communicate. ``rank`` is this process's index in ``[0, size)``.
+
+    ``timeout`` (seconds, None for ever) bounds every blocking operation: past it, the
+    group's watchdog prints which operation on which rank did not complete and ends the job
+    (:meth:`abort`), as PyTorch's process groups do; a rank that hangs would otherwise hold
+    every other rank forever. Sub-groups from :meth:`split` inherit it."""
 
     rank: int
     size: int
+    timeout: float | None = None
+    _watchdog: Watchdog | None = None
 
     @property
     def is_root(self) -> bool:
@@ -129,6 +147,25 @@ class Group(ABC):
     def abort(self, code: int = 1) -> None:  # noqa: B027 - a no-op default is intended
         """Ends every rank of the job (used when one rank failed); a single process just
         returns and lets the exception propagate."""
+
+    def watch(
+        self, what: str, timeout: float | None = None, limit: str | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Bounds a blocking wait: if the body lasts over ``timeout`` seconds (default: the
+        group's), the job ends with a message naming ``what`` and ``limit`` (where the limit
+        is set). Nothing happens in a group of one, which never waits for anyone."""
+        seconds = self.timeout if timeout is None else timeout
+        if seconds is None or self.size == 1:
+            return contextlib.nullcontext()
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self._timed_out)
+        where = f"{what} on rank {self.rank} of {self.size}"
+        return self._watchdog.watch(seconds, where, limit or _GROUP_LIMIT)
+
+    def _timed_out(self, message: str) -> None:
+        """The watchdog's verdict (on its thread): say why, then end every rank."""
+        print(f"moecore: {message}", file=sys.stderr, flush=True)
+        self.abort(1)
 
     def _check_op(self, op: str) -> str:
         if op not in ("sum", "max", "min"):

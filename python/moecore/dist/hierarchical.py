@@ -14,6 +14,7 @@ operations in launch order on every rank, whatever the timing.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,7 +70,11 @@ class _Chain(Request):
     def wait(self) -> None:
         while not self._done:
             if self.group._chains and self.group._chains[0] is self and self.phase < 3:
-                self.req.Wait()  # the oldest chain blocks instead of spinning
+                # The oldest chain blocks instead of spinning.
+                with self.group.watch(
+                    f"waiting for phase {self.phase} of a hierarchical all-reduce"
+                ):
+                    self.req.Wait()
             self.group._progress()
 
 
@@ -84,11 +89,12 @@ class HierarchicalGroup(Group):
             )
         self.world = world
         self.rank, self.size = world.rank, world.size
+        self.timeout = world.timeout
         self.ranks_per_node = ranks_per_node
         node, local_rank = divmod(world.rank, ranks_per_node)
         self.local = world.split(node, key=local_rank)
         self.cross = world.split(local_rank, key=node)
-        self.gather = MPIGroup(self.local.comm.Dup())  # type: ignore[attr-defined]
+        self.gather = self.local.dup()  # type: ignore[attr-defined]
         self._chains: list[_Chain] = []
 
     def _progress(self) -> None:
@@ -138,3 +144,8 @@ class HierarchicalGroup(Group):
 
     def abort(self, code: int = 1) -> None:
         self.world.abort(code)
+
+    def watch(
+        self, what: str, timeout: float | None = None, limit: str | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        return self.world.watch(what, timeout, limit)

@@ -4,7 +4,7 @@ Only the upper-case (buffer) methods are used — ``Allreduce``, ``Iallreduce``,
 ``Iallgatherv``, ``Alltoallv``, ``Bcast`` — on contiguous numpy arrays, so no pickling and no
 copy happens on the way in. Small buffers that every call needs (counts, displacements) are
 allocated once per group. mpi4py is imported when a group is built, never by
-``import moecore``.
+``import moecore``. Every blocking call runs under the group's watchdog (``timeout``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from moecore.dist.group import Group, Request, check_buffer
+from moecore.dist.group import DEFAULT_TIMEOUT, Group, Request, check_buffer
+from moecore.dist.launch import drain_output
+from moecore.dist.watchdog import Watchdog, check_timeout
 
 __all__ = ["MPIGroup", "import_mpi"]
 
@@ -52,8 +54,16 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
 class _MPIRequest(Request):
     """An MPI request; ``keep`` holds the buffers alive while MPI may still touch them."""
 
-    def __init__(self, req: Any, keep: tuple[Any, ...], on_done: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        group: MPIGroup,
+        what: str,
+        req: Any,
+        keep: tuple[Any, ...],
+        on_done: Callable[[], None] | None,
+    ) -> None:
         super().__init__(on_done)
+        self._group, self._what = group, what
         self._req = req
         self._keep: tuple[Any, ...] | None = keep
 
@@ -65,9 +75,14 @@ class _MPIRequest(Request):
 
     def wait(self) -> None:
         if not self._done:
-            self._req.Wait()
+            with self._group.watch(f"waiting for {self._what}"):
+                self._req.Wait()
             self._keep = None
             self._complete()
+
+
+def _describe(buf: np.ndarray) -> str:
+    return f"{buf.size} {buf.dtype}"
 
 
 def _split_parts(recv: np.ndarray, byte_counts: np.ndarray, dtype: np.dtype) -> list[np.ndarray]:
@@ -80,9 +95,12 @@ class MPIGroup(Group):
 
     Args:
         comm: an ``mpi4py.MPI.Comm``; None for ``COMM_WORLD``.
+        timeout: seconds any blocking call may last before the job is ended (None: for
+            ever); see :class:`moecore.dist.Group`.
     """
 
-    def __init__(self, comm: Any = None) -> None:
+    def __init__(self, comm: Any = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.timeout = check_timeout(timeout)
         self.mpi = import_mpi()
         self.comm = self.mpi.COMM_WORLD if comm is None else comm
         self.rank = int(self.comm.Get_rank())
@@ -94,7 +112,9 @@ class MPIGroup(Group):
 
     def allreduce(self, buf: Any, op: str = "sum") -> Any:
         check_buffer(buf, "buf", writable=True)
-        self.comm.Allreduce(self.mpi.IN_PLACE, buf, op=self._ops[self._check_op(op)])
+        mpi_op = self._ops[self._check_op(op)]
+        with self.watch(f"allreduce of {_describe(buf)}"):
+            self.comm.Allreduce(self.mpi.IN_PLACE, buf, op=mpi_op)
         return buf
 
     def iallreduce(
@@ -102,7 +122,7 @@ class MPIGroup(Group):
     ) -> Request:
         check_buffer(buf, "buf", writable=True)
         req = self.comm.Iallreduce(self.mpi.IN_PLACE, buf, op=self._ops[self._check_op(op)])
-        return _MPIRequest(req, (buf,), on_done)
+        return _MPIRequest(self, f"an all-reduce of {_describe(buf)}", req, (buf,), on_done)
 
     def allgather(self, send: Any, recv: Any) -> Any:
         check_buffer(send, "send")
@@ -112,7 +132,8 @@ class MPIGroup(Group):
                 f"recv must have shape {(self.size, *send.shape)} and dtype {send.dtype}, "
                 f"got {recv.shape} {recv.dtype}"
             )
-        self.comm.Allgather(send, recv)
+        with self.watch(f"allgather of {_describe(send)}"):
+            self.comm.Allgather(send, recv)
         return recv
 
     def iallgather(
@@ -125,7 +146,8 @@ class MPIGroup(Group):
                 f"recv must have shape {(self.size, *send.shape)} and dtype {send.dtype}, "
                 f"got {recv.shape} {recv.dtype}"
             )
-        return _MPIRequest(self.comm.Iallgather(send, recv), (send, recv), on_done)
+        req = self.comm.Iallgather(send, recv)
+        return _MPIRequest(self, f"an all-gather of {_describe(send)}", req, (send, recv), on_done)
 
     def iallgatherv(self, send: Any, on_done: Callable[[list[Any]], None] | None = None) -> Request:
         check_buffer(send, "send")
@@ -136,7 +158,8 @@ class MPIGroup(Group):
         # requires the same collective order everywhere.
         mine = np.array([send.nbytes], dtype=np.int64)
         counts = np.empty(self.size, dtype=np.int64)
-        self.comm.Allgather(mine, counts)
+        with self.watch("allgatherv's exchange of lengths"):
+            self.comm.Allgather(mine, counts)
         byte_counts = _byte_counts(counts, 1, "allgatherv")
         recv = np.empty(int(counts.sum()), dtype=np.uint8)
         MPI = self.mpi
@@ -147,7 +170,8 @@ class MPIGroup(Group):
         done = None
         if on_done is not None:
             done = lambda: on_done(_split_parts(recv, byte_counts, send.dtype))  # noqa: E731
-        return _MPIRequest(req, (send, recv), done)
+        what = f"an all-gather-v of {int(counts.sum())} bytes"
+        return _MPIRequest(self, what, req, (send, recv), done)
 
     def alltoall(self, send: Any, recv: Any) -> Any:
         check_buffer(send, "send")
@@ -157,7 +181,8 @@ class MPIGroup(Group):
                 f"send and recv must both have shape ({self.size}, ...) and one dtype, "
                 f"got {send.shape} {send.dtype} and {recv.shape} {recv.dtype}"
             )
-        self.comm.Alltoall(send, recv)
+        with self.watch(f"alltoall of {_describe(send)}"):
+            self.comm.Alltoall(send, recv)
         return recv
 
     def alltoallv(self, send: Any, send_counts: Sequence[int]) -> tuple[Any, np.ndarray]:
@@ -169,31 +194,51 @@ class MPIGroup(Group):
                 f"{send.shape[0]}, got {list(send_counts)}"
             )
         self._send_counts[:] = counts
-        self.comm.Alltoall(self._send_counts, self._recv_counts)
+        with self.watch("alltoallv's exchange of counts"):
+            self.comm.Alltoall(self._send_counts, self._recv_counts)
         recv_counts = self._recv_counts.copy()
         row_bytes = int(np.prod(send.shape[1:], dtype=np.int64)) * send.itemsize
         recv = np.empty((int(recv_counts.sum()), *send.shape[1:]), dtype=send.dtype)
         sb = _byte_counts(counts, row_bytes, "alltoallv")
         rb = _byte_counts(recv_counts, row_bytes, "alltoallv")
         byte = self.mpi.BYTE
-        self.comm.Alltoallv(
-            [send.reshape(-1).view(np.uint8), (sb, _displacements(sb)), byte],
-            [recv.reshape(-1).view(np.uint8), (rb, _displacements(rb)), byte],
-        )
+        with self.watch(f"alltoallv of {_describe(send)}"):
+            self.comm.Alltoallv(
+                [send.reshape(-1).view(np.uint8), (sb, _displacements(sb)), byte],
+                [recv.reshape(-1).view(np.uint8), (rb, _displacements(rb)), byte],
+            )
         return recv, recv_counts
 
     def broadcast(self, buf: Any, root: int = 0) -> Any:
         check_buffer(buf, "buf", writable=True)
         if not 0 <= root < self.size:
             raise ValueError(f"root must be in [0, {self.size}), got {root}")
-        self.comm.Bcast(buf, root=root)
+        with self.watch(f"broadcast of {_describe(buf)} from rank {root}"):
+            self.comm.Bcast(buf, root=root)
         return buf
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        with self.watch("barrier"):
+            self.comm.Barrier()
 
     def split(self, color: int, key: int | None = None) -> Group:
-        return MPIGroup(self.comm.Split(int(color), self.rank if key is None else int(key)))
+        with self.watch("split"):
+            comm = self.comm.Split(int(color), self.rank if key is None else int(key))
+        return self._sub(comm)
+
+    def dup(self) -> MPIGroup:
+        """The same ranks on a new communicator (its collectives never match this group's)."""
+        with self.watch("dup"):
+            return self._sub(self.comm.Dup())
+
+    def _sub(self, comm: Any) -> MPIGroup:
+        """A group over ``comm``, a part of this one: same timeout, same watchdog."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self._timed_out)
+        sub = MPIGroup(comm, self.timeout)
+        sub._watchdog = self._watchdog
+        return sub
 
     def abort(self, code: int = 1) -> None:
+        drain_output()
         self.mpi.COMM_WORLD.Abort(code)

@@ -65,7 +65,7 @@ class RunConfig(ModelConfig):
     bucket_mb: float = 25.0
     comm_policy: str = "fifo"
     ranks_per_node: int = 1
-    # seconds a rank waits for one gradient operation before giving up (a rank that hangs)
+    # seconds any blocking communication may last before the job ends (a rank that hangs)
     comm_timeout_s: float = 1800.0
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def _world(config: RunConfig) -> Group:
     ranks_per_node > 1), else this process alone."""
     if config.dp * config.ep == 1:
         return SingleProcess()
-    world = init()
+    world = init(timeout=config.comm_timeout_s)
     if config.ranks_per_node > 1 and isinstance(world, MPIGroup) and world.size == config.dp:
         return HierarchicalGroup(world, config.ranks_per_node)
     return world
