@@ -377,6 +377,46 @@ def test_checkpoint_from_dp2_resumes_in_one_process_and_back(tmp_path, corpus):
         assert max(abs(x - y) for x, y in zip(single, got)) < 2e-3, (run, single, got)
 
 
+def test_cli_train_dp2_killed_while_saving_resumes_on_the_same_curve(tmp_path, corpus):
+    """kill -9 of the whole 2-rank job at its worst moment: rank 0 in the middle of writing a
+    checkpoint (held there by the checkpoint module's test hook), rank 1 already waiting for
+    it in the next step's collectives. The previous checkpoint stays the latest and loads;
+    resumed on 2 ranks, the run follows the uninterrupted single-process curve."""
+    from moecore.train import checkpoint
+
+    single = _train(tmp_path, corpus, "single", 1, steps=16)
+    run = tmp_path / "killed"
+    _train(tmp_path, corpus, "killed", 2, "--dp", "2", steps=8)
+    resume = ["train", "--resume", str(run), "--dp", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [*mpiexec(2), *_entry(), *resume, "--set", "steps=16", "checkpoint_every=4"],
+        env={**env, "MOECORE_CHECKPOINT_PAUSE": "60"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    pending = run / "checkpoints"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(pending.glob(".step_00000012.tmp-*/state.json")):
+            break
+        time.sleep(0.05)
+    writing = list(pending.glob(".step_00000012.tmp-*/state.json"))
+    os.killpg(proc.pid, signal.SIGKILL)
+    out = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert writing, out
+    latest = checkpoint.latest(run)
+    assert latest.name == "step_00000008", latest
+    assert checkpoint.load(latest)[1]["step"] == 8
+    _cli(2, [*resume, "--set", "steps=16"])
+    got = _losses(run)
+    assert len(got) == 16, got
+    assert max(abs(a - b) for a, b in zip(single, got)) < 2e-3, (single, got)
+    assert not list(pending.glob(".step_*")), list(pending.iterdir())
+
+
 def test_hierarchical_allreduce_4_ranks_as_2_nodes_of_2():
     ok(4, "hier")
 
