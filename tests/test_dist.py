@@ -131,21 +131,22 @@ class _GroupOf:
         return [send if p is None else p for p in self.parts]
 
 
-def _described(entries):
+def _described(entries, settings=None):
     import json
 
-    return np.frombuffer(json.dumps(entries).encode(), dtype=np.uint8)
+    blob = {"parameters": entries, "settings": settings or {}}
+    return np.frombuffer(json.dumps(blob).encode(), dtype=np.uint8)
 
 
-def test_check_same_parameters_names_a_missing_trailing_parameter():
-    from moecore.dist.agreement import check_same_parameters
+def test_check_ranks_agree_names_a_missing_trailing_parameter():
+    from moecore.dist.agreement import check_ranks_agree
 
     p = nn.Linear(3, 2)
     named = list(p.named_parameters())  # weight [2, 3], bias [2]
     # Rank 1 has the weight only: the lists agree up to where rank 1's ends.
     only_weight = _described([["weight", [2, 3], "float32"]])
     with pytest.raises(ValueError) as err:
-        check_same_parameters(_GroupOf([None, only_weight]), named, "DataParallel")
+        check_ranks_agree(_GroupOf([None, only_weight]), "DataParallel", named)
     assert str(err.value) == (
         "DataParallel: the ranks' models differ, so their gradients cannot be averaged: "
         "rank 0 has 2 parameters and rank 1 has 1; the first one only rank 0 has is "
@@ -153,14 +154,35 @@ def test_check_same_parameters_names_a_missing_trailing_parameter():
     )
     # Rank 2 has the same two: accepted; a dtype difference is named.
     same = _described([["weight", [2, 3], "float32"], ["bias", [2], "float32"]])
-    check_same_parameters(_GroupOf([None, same, same]), named, "DataParallel")
+    check_ranks_agree(_GroupOf([None, same, same]), "DataParallel", named)
     f64 = _described([["weight", [2, 3], "float32"], ["bias", [2], "float64"]])
     with pytest.raises(
         ValueError,
         match=r"parameter 1 is 'bias' of shape \[2\] float32 on rank 0 "
         r"but 'bias' of shape \[2\] float64 on rank 2",
     ):
-        check_same_parameters(_GroupOf([None, same, f64]), named, "DataParallel")
+        check_ranks_agree(_GroupOf([None, same, f64]), "DataParallel", named)
+
+
+def test_check_ranks_agree_names_the_first_setting_that_differs():
+    from moecore.dist.agreement import check_ranks_agree
+
+    named = list(nn.Linear(3, 2).named_parameters())
+    params = [["weight", [2, 3], "float32"], ["bias", [2], "float32"]]
+    mine = {"bucket_mb": 25, "compress": {"ratio": 0.01, "values": "f32"}}
+    same = _described(params, {"compress": {"values": "f32", "ratio": 0.01}, "bucket_mb": 25})
+    check_ranks_agree(_GroupOf([None, same]), "DataParallel", named, mine)
+    other = _described(params, {"bucket_mb": 25, "compress": None})
+    with pytest.raises(ValueError) as err:
+        check_ranks_agree(_GroupOf([None, same, other]), "DataParallel", named, mine)
+    assert str(err.value) == (
+        "DataParallel: the ranks' settings differ, so their collectives would not match: "
+        "compress is {'ratio': 0.01, 'values': 'f32'} on rank 0 but None on rank 2"
+    )
+    # A setting only one side has is a difference too.
+    extra = _described(params, {**mine, "credit_mb": 16})
+    with pytest.raises(ValueError, match="credit_mb is None on rank 0 but 16 on rank 1"):
+        check_ranks_agree(_GroupOf([None, extra]), "DataParallel", named, mine)
 
 
 def test_watchdog_fires_only_for_a_wait_past_its_deadline():

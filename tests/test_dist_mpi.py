@@ -177,6 +177,23 @@ def test_ranks_with_different_models_are_refused_on_every_rank(mode, message):
     assert out.count(refusal + message) == 2, out
 
 
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("mismatch_bucket", "bucket_mb is 25 on rank 0 but 0.004 on rank 1"),
+        (
+            "mismatch_compress",
+            "compress is None on rank 0 but {'ratio': 0.01, 'values': 'f32', 'index': 'auto', "
+            "'chunk': 256, 'exact_k': True, 'warmup_steps': 0, 'warmup_start': 0.25} on rank 1",
+        ),
+    ],
+)
+def test_ranks_with_different_communication_settings_are_refused_on_every_rank(mode, message):
+    out = ok(2, mode)
+    refusal = "DataParallel: the ranks' settings differ, so their collectives would not match: "
+    assert out.count(refusal + message) == 2, out
+
+
 def test_a_rank_that_hangs_makes_the_others_time_out_and_end_the_job():
     code, out, seconds = run(2, "stuck", timeout=90)
     assert code != 0, out

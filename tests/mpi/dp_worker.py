@@ -387,6 +387,22 @@ def mode_mismatch(g, what="shape"):
     raise AssertionError("DataParallel accepted models that differ")
 
 
+def mode_mismatched_settings(g, what):
+    """Same model, other communication settings on rank 1 (an MPMD launch, a config file
+    edited on one node): refused on every rank with the setting named. Before the check,
+    another bucket size hung and compression on one rank only died of a corrupt payload."""
+    kwargs = {
+        "bucket": {"bucket_mb": 0.004, "first_bucket_mb": 0.001},
+        "compress": {"compress": "topk:0.01"},
+    }[what]
+    try:
+        dist.DataParallel(model(), g, **(kwargs if g.rank == 1 else {}))
+    except ValueError as e:
+        print(f"REFUSED rank={g.rank}: {e}", flush=True)
+        return
+    raise AssertionError("DataParallel accepted settings that differ")
+
+
 def mode_stuck(g):
     """Rank 1 hangs (alive, never reaching its all-reduces) in the third step: rank 0's
     DataParallel's watchdog ends the job 2 s into its wait."""
@@ -458,6 +474,8 @@ MODES = {
     "stuck_ep": lambda g: mode_stuck_at(g, "ep"),
     "mismatch_shape": mode_mismatch,
     "mismatch_count": lambda g: mode_mismatch(g, "count"),
+    "mismatch_bucket": lambda g: mode_mismatched_settings(g, "bucket"),
+    "mismatch_compress": lambda g: mode_mismatched_settings(g, "compress"),
 }
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import numpy as np
 
 from moecore.comm import Action, GradSpec, Scheduler
 from moecore.compress import TopK
-from moecore.dist.agreement import check_same_parameters
+from moecore.dist.agreement import check_ranks_agree
 from moecore.dist.group import Group, Request
 from moecore.dist.progress import Driver
 from moecore.dist.watchdog import check_timeout
@@ -66,6 +66,15 @@ def _payload_bound(c: TopK, n: int, k: int) -> int:
     index = {"auto": 4 * k, "raw": 4 * k, "varint": 5 * k, "bitmap": -(-n // 8), "dense": 0}
     values = {"f32": 4 * k, "f16": 2 * k, "bf16": 2 * k, "int8": k + 4 * -(-k // c.chunk)}
     return 44 + index[c.index] + values[c.values]
+
+
+def _wire_format(c: TopK | None) -> dict[str, Any] | None:
+    """What of a compressor decides the size of what each rank sends (must agree on every
+    rank); its local state (error feedback, momentum, seed) may differ."""
+    if c is None:
+        return None
+    keys = ("ratio", "values", "index", "chunk", "exact_k", "warmup_steps", "warmup_start")
+    return {k: getattr(c, k) for k in keys}
 
 
 def _layers(names: list[str]) -> list[int]:
@@ -143,8 +152,19 @@ class DataParallel:
                     f"DataParallel: parameter {name!r} is {p.data.dtype}; only float32 numpy "
                     "parameters are supported"
                 )
-        # Before any collective over the parameters: mismatched models must not pair up.
-        check_same_parameters(group, named, "DataParallel")
+        # Before any collective over the parameters: mismatched models or settings must not
+        # pair up.
+        wire = {
+            "bucket_mb": bucket_mb,
+            "first_bucket_mb": first_bucket_mb,
+            "policy": policy,
+            "partition_mb": partition_mb,
+            "credit_mb": credit_mb,
+            "warmup_steps": warmup_steps,
+            "compress_when": compress_when,
+            "compress": _wire_format(self.compressor),
+        }
+        check_ranks_agree(group, "DataParallel", named, wire)
         layers = _layers(self.names)
         self.scheduler = Scheduler(
             [GradSpec(n, p.data.size, "float32", layer) for (n, p), layer in zip(named, layers)],
