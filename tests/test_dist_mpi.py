@@ -343,6 +343,26 @@ def test_cli_train_bad_input_on_one_rank_only_ends_every_rank(tmp_path, corpus):
     assert seconds < 30, f"took {seconds:.1f} s"
 
 
+def test_cli_train_refuses_ranks_with_different_configurations(tmp_path, corpus):
+    """One rank launched with another learning rate (MPMD, or a config file edited on one
+    node) would train another replica silently: every rank refuses, naming the setting.
+    The data path may differ (each node its own copy)."""
+    copy = tmp_path / "copy.txt"
+    shutil.copy(corpus, copy)
+    cmd = [*mpiexec(1), *_entry(), *_train_args(corpus, tmp_path / "r", "--dp", "2"), ":"]
+    cmd += ["-n", "1", *_entry(), *_train_args(copy, tmp_path / "r", "--dp", "2")]
+    cmd += ["--set", "lr=0.05"]
+    code, out_text, seconds = launch(cmd, timeout=60)
+    assert code != 0, out_text
+    refusal = (
+        "moecore train: the ranks' settings differ, so they would not train the same model: "
+        "lr is 0.001 on rank 0 but 0.05 on rank 1"
+    )
+    assert out_text.count(refusal) == 2, out_text
+    assert "Traceback" not in out_text, out_text
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
 def test_cli_train_with_an_exception_on_one_rank_only_shows_it_and_ends_every_rank(
     tmp_path, corpus
 ):

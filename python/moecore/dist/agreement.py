@@ -25,12 +25,13 @@ def check_ranks_agree(
     who: str,
     named: list[tuple[str, Any]],
     settings: dict[str, Any] | None = None,
+    why: str = "so their collectives would not match",
 ) -> None:
     """Raises ``ValueError`` on every rank of ``group`` unless all ranks hold parameters of
     the same names, shapes and dtypes in the same order (``named``: ``(name, parameter)``
     pairs, each with a ``.data`` array) and the same ``settings`` (JSON-able values); the
-    message, which ``who`` starts, names the first difference. One all-gather of a short
-    description per rank."""
+    message, which ``who`` starts, names the first difference (and ``why`` settings must
+    agree). One all-gather of a short description per rank."""
     if group.size == 1:
         return
     mine = {
@@ -51,9 +52,8 @@ def check_ranks_agree(
             mine_value, their_value = ref["settings"].get(key), theirs["settings"].get(key)
             if mine_value != their_value:
                 raise ValueError(
-                    f"{who}: the ranks' settings differ, so their collectives would not "
-                    f"match: {key} is {mine_value!r} on rank 0 but {their_value!r} on rank "
-                    f"{rank}"
+                    f"{who}: the ranks' settings differ, {why}: {key} is {mine_value!r} on "
+                    f"rank 0 but {their_value!r} on rank {rank}"
                 )
 
 

@@ -19,6 +19,7 @@ from moecore import nn, optim
 from moecore.autograd.random import get_rng_state, set_rng_state
 from moecore.data import Corpus, load_corpus, train_batch, val_batches
 from moecore.dist import Group, HierarchicalGroup, MPIGroup, SingleProcess, init
+from moecore.dist.agreement import check_ranks_agree
 from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
 from moecore.ops.moe import set_aux_loss_scale
@@ -70,6 +71,23 @@ def _world(config: RunConfig) -> Group:
     return world
 
 
+#: Settings each rank may have its own of: where its copy of the data is, its memory tuning,
+#: how long it waits for the others.
+_RANK_LOCAL = ("data", "keep_freed_memory", "comm_timeout_s")
+
+
+def _check_same_config(group: Group, config: RunConfig) -> None:
+    """A ``ConfigError`` on every rank unless all ranks run the same configuration (but for
+    :data:`_RANK_LOCAL`): another ``lr`` on one rank would make the replicas drift apart
+    silently, another ``eval_every`` would leave the others waiting in a collective."""
+    shared = {k: v for k, v in config.to_dict().items() if k not in _RANK_LOCAL}
+    why = "so they would not train the same model"
+    try:
+        check_ranks_agree(group, "moecore train", [], shared, why=why)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+
+
 class _NoMetrics:
     """What ranks other than 0 log to: nothing."""
 
@@ -111,6 +129,7 @@ class Trainer:
         if self.group.size != config.dp * config.ep:
             what = f"dp is {config.dp}" if config.ep == 1 else f"dp × ep is {config.dp * config.ep}"
             raise ConfigError([f"{what} but the job has {self.group.size} ranks (mpiexec -n)"])
+        _check_same_config(self.group, config)
         # Only rank 0 shows progress and writes files.
         self.out = (out or sys.stdout) if self.group.is_root else open(os.devnull, "w")
         self.corpus = (
