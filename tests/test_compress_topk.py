@@ -15,7 +15,7 @@ from moecore.compress import (
     payload_info,
     warmup_ratios,
 )
-from moecore.errors import CorruptPayload
+from moecore.errors import CorruptPayload, NonFiniteGradient
 
 
 def grads(n, steps, seed=0):
@@ -94,7 +94,7 @@ def test_nan_raises_and_leaves_the_state_as_it_was():
     before = c.residual("w").copy()
     bad = g.copy()
     bad[4242] = np.nan
-    with pytest.raises(ValueError, match=r"non-finite value .* at index 4242"):
+    with pytest.raises(NonFiniteGradient, match=r"non-finite value .* at index 4242"):
         c.compress(bad, name="w")
     # Undone as (r + g) - g: the old residual up to one float32 rounding.
     tol = (np.abs(before) + np.abs(g)) * np.finfo(np.float32).eps
@@ -135,7 +135,7 @@ def test_a_bad_piece_is_named_and_leaves_the_state_as_it_was():
     before = c.residual("b").copy()
     bad = [ok[0], ok[1].copy()]
     bad[1][17] = np.inf
-    with pytest.raises(ValueError, match=r"non-finite value .* at index 5017"):
+    with pytest.raises(NonFiniteGradient, match=r"non-finite value .* at index 5017"):
         c.compress_pieces(bad, name="b")
     np.testing.assert_array_equal(c.residual("b"), before)
     with pytest.raises(TypeError, match=r"pieces\[1\]"):
@@ -341,3 +341,25 @@ def test_edge_shapes_round_trip():
     np.testing.assert_array_equal(decompress_sum([], out), np.ones(3))
     p, ctx = Int8().compress(np.zeros(0, np.float32))
     assert Int8().decompress(p, ctx).size == 0
+
+
+def test_k_next_and_skip_keep_a_dropped_call_in_step_with_the_warm_up():
+    """``k_next`` is the k the next call sends; ``skip`` counts a call that sent nothing (a
+    rank whose gradient was dropped) so its warm-up stage matches ranks that compressed."""
+    n = 10_000
+    g = next(grads(n, 3))
+    skipping = TopK(0.01, warmup_steps=2, error_feedback=True)
+    compressing = TopK(0.01, warmup_steps=2, error_feedback=True)
+    assert skipping.k_next(n, "b") == TopK.k_for(n, 0.25)  # before any call: stage 0
+    for call in range(8):
+        want = compressing.k_next(n, "b")
+        _, ctx = compressing.compress(g, name="b")
+        assert ctx.k == want == TopK.k_for(n, compressing.ratio_at(call))
+        assert skipping.k_next(n, "b") == want
+        if call == 3:
+            before = skipping.residual("b").copy()
+            skipping.skip("b", n)
+            np.testing.assert_array_equal(skipping.residual("b"), before)
+        else:
+            skipping.compress(g, name="b")
+    assert skipping.k_next(n, "b") == compressing.k_next(n, "b") == TopK.k_for(n, 0.01)

@@ -123,6 +123,11 @@ def test_compressed_ratio_one_equals_dense():
     ok(2, "ratio1")
 
 
+def test_a_non_finite_gradient_on_one_rank_makes_every_ranks_compressed_average_nan():
+    out = ok(2, "nonfinite_compressed")
+    assert "NONFINITE_HANDLED rank=0" in out and "NONFINITE_HANDLED rank=1" in out, out
+
+
 def test_error_feedback_stays_near_dense_over_50_steps():
     out = ok(3, "ef")
     got = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+)", out) if k.isupper()}

@@ -492,6 +492,20 @@ class TopK(_Decoding):
         )
         return self._stepped(slot, name, (n,), payload)
 
+    def k_next(self, n: int, name: str | None = None) -> int:
+        """How many entries the next compression of ``name`` (``n`` elements) sends."""
+        slot = self._slots.get(name)
+        return self.k_for(n, self.ratio_at(0 if slot is None else slot.calls))
+
+    def skip(self, name: str | None, n: int) -> None:
+        """Counts a call of ``name`` (``n`` elements) that compressed nothing — its gradient
+        was dropped, e.g. for being non-finite — keeping its warm-up stage in step with ranks
+        that did compress; the error-feedback state stays as it was."""
+        slot = self._host_slot(name, (n,), n)
+        slot.shape = (n,)
+        slot.calls += 1
+        self._slots[name] = slot
+
     def _options(self, name: str | None, calls: int) -> dict[str, Any]:
         """Selection and encoding options of one call (its seed depends on name and call)."""
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 from moecore._core import (
     CorruptPayload,
     InternalError,
+    NonFiniteGradient,
     PoolMisuse,
     PoolOutOfMemory,
     SchedulerMisuse,
@@ -17,6 +18,7 @@ from moecore._core import (
 __all__ = [
     "CorruptPayload",
     "InternalError",
+    "NonFiniteGradient",
     "PoolMisuse",
     "PoolOutOfMemory",
     "SchedulerMisuse",

@@ -6,7 +6,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::errors::CorruptPayload;
+use super::errors::{CorruptPayload, NonFiniteGradient};
 use super::gil::detached;
 use crate::compress::{
     self, CompressError, Encoding, Feedback, IndexFormat, Method, Rounding, ValueFormat, Write,
@@ -16,8 +16,8 @@ impl From<CompressError> for PyErr {
     fn from(e: CompressError) -> PyErr {
         match e {
             CompressError::Corrupt(_) => CorruptPayload::new_err(e.to_string()),
+            CompressError::NonFinite { .. } => NonFiniteGradient::new_err(e.to_string()),
             CompressError::BadK { .. }
-            | CompressError::NonFinite { .. }
             | CompressError::LengthMismatch { .. }
             | CompressError::InvalidArgument(_) => PyValueError::new_err(e.to_string()),
         }

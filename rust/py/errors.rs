@@ -25,6 +25,12 @@ create_exception!(
 );
 create_exception!(
     moecore.errors,
+    NonFiniteGradient,
+    PyValueError,
+    "A gradient given to a compressor holds NaN or ±inf (nothing was compressed or accumulated)."
+);
+create_exception!(
+    moecore.errors,
     InternalError,
     PyRuntimeError,
     "A bug inside moecore (a Rust panic caught at the boundary); please report it."

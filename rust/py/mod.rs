@@ -34,7 +34,8 @@ mod _core {
     use super::cuda::cuda_sources;
     #[pymodule_export]
     use super::errors::{
-        CorruptPayload, InternalError, PoolMisuse, PoolOutOfMemory, SchedulerMisuse,
+        CorruptPayload, InternalError, NonFiniteGradient, PoolMisuse, PoolOutOfMemory,
+        SchedulerMisuse,
     };
     #[pymodule_export]
     use super::fused::{

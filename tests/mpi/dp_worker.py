@@ -206,6 +206,41 @@ def mode_ef(g, steps=50, ratio=0.1, lr=0.05):
         print(f"LOSS_DENSE {runs['dense'][1]:.6f} LOSS_INIT {runs_init_loss():.6f}")
 
 
+def mode_nonfinite_compressed(g):
+    """Rank 1's gradient is NaN in step 1 (a NaN in its input). With top-k compression,
+    as with a dense all-reduce, every rank's averaged gradient becomes NaN — nobody raises —
+    rank 1's residual keeps its value of step 0, and step 2 goes on finite and identical on
+    every rank."""
+    mc.manual_seed(5)
+    m = Regression()
+    dp = dist.DataParallel(m, g, compress="topk:0.1", compress_when="always")
+    names = [f"bucket{b}" for b in range(len(dp.buckets))]
+    for step in range(3):
+        x, y = regression_batch(step, g.size)
+        x = local_rows(x, g).copy()
+        if step == 1 and g.rank == 1:
+            x[3, 5] = np.nan
+        if step == 1:  # buckets are compressed during backward
+            before = {n: dp.compressor.residual(n).copy() for n in names}
+        dp(mc.tensor(x), mc.tensor(local_rows(y, g))).backward()
+        dp.finish()
+        grads = np.concatenate([p.grad.ravel() for p in m.parameters()])
+        if step == 1:
+            assert np.isnan(grads).all(), f"rank {g.rank}: step 1 gradient not all NaN"
+            if g.rank == 1:
+                for n in names:
+                    assert np.array_equal(dp.compressor.residual(n), before[n]), n
+        else:
+            assert np.isfinite(grads).all(), f"rank {g.rank}: step {step} gradient not finite"
+            got = np.empty((g.size, grads.size), np.float32)
+            g.allgather(grads.astype(np.float32), got)
+            assert (got == got[0]).all(), f"step {step}: ranks' averaged gradients differ"
+        m.zero_grad()
+    for n in names:
+        assert np.isfinite(dp.compressor.residual(n)).all(), n
+    print(f"NONFINITE_HANDLED rank={g.rank}", flush=True)
+
+
 def runs_init_loss():
     mc.manual_seed(5)
     m = Regression()
@@ -470,6 +505,7 @@ MODES = {
     "kill9_thread": lambda g: mode_kill9(g, progress="thread"),
     "library": mode_library,
     "stuck": mode_stuck,
+    "nonfinite_compressed": mode_nonfinite_compressed,
     "stuck_dp": lambda g: mode_stuck_at(g, "dp"),
     "stuck_ep": lambda g: mode_stuck_at(g, "ep"),
     "mismatch_shape": mode_mismatch,

@@ -31,6 +31,7 @@ from moecore.dist.agreement import check_ranks_agree
 from moecore.dist.group import Group, Request
 from moecore.dist.progress import Driver
 from moecore.dist.watchdog import check_timeout
+from moecore.errors import NonFiniteGradient
 
 __all__ = ["DataParallel", "parse_compress"]
 
@@ -308,25 +309,39 @@ class DataParallel:
         collective whose size every rank knows in advance. The average lands in ``view``."""
         assert self.compressor is not None
         name = f"bucket{bucket}"
-        if pieces is None:
-            payload, ctx = self.compressor.compress(view, name=name)
-        else:
-            payload, ctx = self.compressor.compress_pieces(pieces, name=name)
-        slot = 8 + _payload_bound(self.compressor, view.size, ctx.k)
-        if payload.nbytes > slot - 8:
+        k = self.compressor.k_next(view.size, name)
+        payload: np.ndarray | None
+        try:
+            if pieces is None:
+                payload, _ = self.compressor.compress(view, name=name)
+            else:
+                payload, _ = self.compressor.compress_pieces(pieces, name=name)
+        except NonFiniteGradient:
+            # What a dense all-reduce does with a NaN or inf: the average is non-finite on
+            # every rank (a trainer then skips the step on all of them, as in one process),
+            # instead of this rank alone raising. Its residual keeps its old, finite value.
+            self.compressor.skip(name, view.size)
+            payload = None
+        slot = 8 + _payload_bound(self.compressor, view.size, k)
+        length = -1 if payload is None else payload.nbytes
+        if length > slot - 8:
             raise RuntimeError(
-                f"DataParallel: payload of {payload.nbytes} bytes exceeds its bound {slot - 8}"
+                f"DataParallel: payload of {length} bytes exceeds its bound {slot - 8}"
             )
         send = np.zeros(slot, dtype=np.uint8)
-        send[:8] = np.frombuffer(np.int64(payload.nbytes).tobytes(), dtype=np.uint8)
-        send[8 : 8 + payload.nbytes] = payload
+        send[:8] = np.frombuffer(np.int64(length).tobytes(), dtype=np.uint8)
+        if payload is not None:
+            send[8 : 8 + length] = payload
         recv = np.empty((self.group.size, slot), dtype=np.uint8)
-        self._stats["allgather_bytes"] += int(payload.nbytes) * (self.group.size - 1)
+        self._stats["allgather_bytes"] += max(length, 0) * (self.group.size - 1)
         scale = 1.0 / self.group.size
         compressor = self.compressor
 
         def combine() -> None:
             lengths = recv[:, :8].copy().view(np.int64).reshape(-1)
+            if (lengths < 0).any():  # a rank's gradient was not finite
+                view.fill(np.nan)
+                return
             parts = [recv[r, 8 : 8 + int(lengths[r])] for r in range(self.group.size)]
             compressor.decompress_sum(parts, out=view, scale=scale, overwrite=True)
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from moecore.errors import NonFiniteGradient
 from moecore.kernels import cuda_sources
 
 # Threads per block for every launch. A multiple of 32: the warp code (ballots, shuffles with
@@ -315,7 +316,7 @@ def _raise_if_nonfinite(be: Backend, x: Any) -> None:
     bad = be.to_host(be.xp.nonzero(~be.xp.isfinite(x))[0])
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"gradient has a non-finite value {float(x[i])} at index {i}")
+        raise NonFiniteGradient(f"gradient has a non-finite value {float(x[i])} at index {i}")
 
 
 def topk_error_feedback(
