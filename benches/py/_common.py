@@ -69,13 +69,20 @@ def interleaved_samples(
 ) -> dict[str, list[float]]:
     """Seconds of each call of each function, ``rounds`` per function, the functions called
     in turn within each round (after ``warmup`` untimed calls each: page faults, thread
-    pools, lazy initialisation)."""
+    pools, lazy initialisation). The order rotates from round to round, so that each
+    function follows every other one equally often: a library's worker threads keep
+    spinning on the cores for a while after its call (torch's OpenMP pool, OpenBLAS's unless
+    told not to), which slows whatever runs next; in a fixed order one contender always
+    paid for it (moecore's grouped matmul, after torch's: 1.18-1.30x numpy's time, against
+    0.84-0.99x with torch not in the process)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, f in fns.items():
+    order = list(fns.items())
+    for r in range(rounds):
+        shift = r % len(order) if order else 0
+        for name, f in order[shift:] + order[:shift]:
             t0 = time.perf_counter()
             f()
             samples[name].append(time.perf_counter() - t0)
