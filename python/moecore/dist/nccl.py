@@ -1,12 +1,16 @@
 """``NCCLGroup``: all-reduce, all-gather and broadcast of CuPy arrays through CuPy's NCCL.
 
-Untested on these machines (no GPU): kept deliberately small. MPI only bootstraps it (rank 0
-makes the NCCL unique id and broadcasts it); every operation then runs on the current CUDA
-stream. Operations NCCL lacks here (all-to-all-v, sub-groups) raise ``NotImplementedError``.
+Not run on these machines (no GPU; ``tests/test_dist_nccl.py`` skips with the reason): kept
+deliberately small. MPI only bootstraps it (rank 0 makes the NCCL unique id and broadcasts
+it); every operation then runs on the current CUDA stream. Operations NCCL lacks here
+(all-to-all-v, sub-groups) raise ``NotImplementedError``. Waits for the stream run under the
+bootstrap group's watchdog (its ``timeout``), and :meth:`NCCLGroup.abort` ends the job
+through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,8 +24,11 @@ __all__ = ["NCCLGroup"]
 class _StreamRequest(Request):
     """Done when a CUDA event recorded after the operation has been reached."""
 
-    def __init__(self, event: Any, on_done: Callable[[], None] | None) -> None:
+    def __init__(
+        self, group: NCCLGroup, what: str, event: Any, on_done: Callable[[], None] | None
+    ) -> None:
         super().__init__(on_done)
+        self._group, self._what = group, what
         self._event = event
 
     def test(self) -> bool:
@@ -31,7 +38,8 @@ class _StreamRequest(Request):
 
     def wait(self) -> None:
         if not self._done:
-            self._event.synchronize()
+            with self._group.watch(f"waiting for {self._what}"):
+                self._event.synchronize()
             self._complete()
 
 
@@ -45,7 +53,9 @@ class NCCLGroup(Group):
 
         self._cupy = cupy
         self._nccl = nccl
+        self._bootstrap = bootstrap
         self.rank, self.size = bootstrap.rank, bootstrap.size
+        self.timeout = bootstrap.timeout
         uid = np.zeros(nccl.get_unique_id().__len__(), dtype=np.int64)
         if bootstrap.rank == 0:
             uid[:] = nccl.get_unique_id()
@@ -80,12 +90,15 @@ class NCCLGroup(Group):
         self.comm.allReduce(
             ptr, ptr, buf.size, self._type(buf), self._ops[self._check_op(op)], stream.ptr
         )
-        return _StreamRequest(stream.record(), on_done)
+        return _StreamRequest(
+            self, f"an all-reduce of {buf.size} {buf.dtype}", stream.record(), on_done
+        )
 
     def allgather(self, send: Any, recv: Any) -> Any:
         stream = self._stream()
         self.comm.allGather(send.data.ptr, recv.data.ptr, send.size, self._type(send), stream.ptr)
-        stream.synchronize()
+        with self.watch(f"allgather of {send.size} {send.dtype}"):
+            stream.synchronize()
         return recv
 
     def iallgather(
@@ -93,7 +106,8 @@ class NCCLGroup(Group):
     ) -> Request:
         stream = self._stream()
         self.comm.allGather(send.data.ptr, recv.data.ptr, send.size, self._type(send), stream.ptr)
-        return _StreamRequest(stream.record(), on_done)
+        what = f"an all-gather of {send.size} {send.dtype}"
+        return _StreamRequest(self, what, stream.record(), on_done)
 
     def iallgatherv(self, send: Any, on_done: Callable[[list[Any]], None] | None = None) -> Request:
         # Lengths first, then an all-gather padded to the longest.
@@ -119,7 +133,8 @@ class NCCLGroup(Group):
     def broadcast(self, buf: Any, root: int = 0) -> Any:
         stream = self._stream()
         self.comm.bcast(buf.data.ptr, buf.size, self._type(buf), root, stream.ptr)
-        stream.synchronize()
+        with self.watch(f"broadcast of {buf.size} {buf.dtype} from rank {root}"):
+            stream.synchronize()
         return buf
 
     def barrier(self) -> None:
@@ -127,3 +142,12 @@ class NCCLGroup(Group):
 
     def split(self, color: int, key: int | None = None) -> Group:
         raise NotImplementedError("NCCLGroup sub-groups are not implemented yet")
+
+    def abort(self, code: int = 1) -> None:
+        """Ends every rank through the bootstrap group (``MPI_Abort``)."""
+        self._bootstrap.abort(code)
+
+    def watch(
+        self, what: str, timeout: float | None = None, limit: str | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        return self._bootstrap.watch(f"NCCL {what}", timeout, limit)
