@@ -172,24 +172,19 @@ def test_nccl_group_refuses_what_it_cannot_move_and_aborts_through_mpi(fake_cupy
 # --- on a real GPU ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cupy():
-    cp = pytest.importorskip("cupy", reason="CuPy is not installed (pip install moecore[gpu])")
-    try:
-        n = cp.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        pytest.skip(f"no CUDA device: {exc}")
-    if n < 1:
-        pytest.skip("no CUDA device")
+@pytest.fixture
+def cupy_nccl(cupy):
+    """CuPy on a GPU (``conftest.cupy``) whose build has NCCL."""
     try:
         from cupy.cuda import nccl  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"CuPy has no NCCL: {exc}")
-    return cp
+    return cupy
 
 
 @pytest.mark.gpu
-def test_nccl_group_of_one_gpu_moves_device_arrays(cupy):
+def test_nccl_group_of_one_gpu_moves_device_arrays(cupy_nccl):
+    cupy = cupy_nccl
     from moecore.dist.nccl import NCCLGroup
 
     g = NCCLGroup(dist.SingleProcess())

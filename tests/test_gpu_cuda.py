@@ -17,18 +17,6 @@ from moecore.optim import AdamW
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def cupy():
-    cp = pytest.importorskip("cupy", reason="CuPy is not installed (pip install moecore[gpu])")
-    try:
-        n = cp.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        pytest.skip(f"no CUDA device: {exc}")
-    if n < 1:
-        pytest.skip("no CUDA device")
-    return cp
-
-
 def test_every_family_builds_with_rawmodule_on_the_device(cupy):
     be = gpu.default_backend()
     for family in cuda_sources.families():
