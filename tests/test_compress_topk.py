@@ -358,8 +358,21 @@ def test_k_next_and_skip_keep_a_dropped_call_in_step_with_the_warm_up():
         assert skipping.k_next(n, "b") == want
         if call == 3:
             before = skipping.residual("b").copy()
-            skipping.skip("b", n)
+            skipping.skip(n, "b")
             np.testing.assert_array_equal(skipping.residual("b"), before)
         else:
             skipping.compress(g, name="b")
     assert skipping.k_next(n, "b") == compressing.k_next(n, "b") == TopK.k_for(n, 0.01)
+
+
+def test_k_next_and_skip_refuse_a_bad_length_or_a_changed_shape():
+    c = TopK(0.01, error_feedback=True)
+    with pytest.raises(ValueError, match=r"n must be in \[0, "):
+        c.k_next(-1, "b")
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        c.skip(10.0, "b")
+    c.compress(np.ones(100, np.float32), name="b")
+    with pytest.raises(
+        ValueError, match=r"tensor 'b' was compressed with shape \(100,\), now \(50,\)"
+    ):
+        c.skip(50, "b")

@@ -494,13 +494,15 @@ class TopK(_Decoding):
 
     def k_next(self, n: int, name: str | None = None) -> int:
         """How many entries the next compression of ``name`` (``n`` elements) sends."""
+        n = _check_int("n", n, 0, self.max_elements)
         slot = self._slots.get(name)
         return self.k_for(n, self.ratio_at(0 if slot is None else slot.calls))
 
-    def skip(self, name: str | None, n: int) -> None:
+    def skip(self, n: int, name: str | None = None) -> None:
         """Counts a call of ``name`` (``n`` elements) that compressed nothing — its gradient
         was dropped, e.g. for being non-finite — keeping its warm-up stage in step with ranks
         that did compress; the error-feedback state stays as it was."""
+        n = _check_int("n", n, 0, self.max_elements)
         slot = self._host_slot(name, (n,), n)
         slot.shape = (n,)
         slot.calls += 1

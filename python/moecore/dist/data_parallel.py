@@ -320,7 +320,7 @@ class DataParallel:
             # What a dense all-reduce does with a NaN or inf: the average is non-finite on
             # every rank (a trainer then skips the step on all of them, as in one process),
             # instead of this rank alone raising. Its residual keeps its old, finite value.
-            self.compressor.skip(name, view.size)
+            self.compressor.skip(view.size, name)
             payload = None
         slot = 8 + _payload_bound(self.compressor, view.size, k)
         length = -1 if payload is None else payload.nbytes

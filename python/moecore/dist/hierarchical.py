@@ -89,7 +89,6 @@ class HierarchicalGroup(Group):
             )
         self.world = world
         self.rank, self.size = world.rank, world.size
-        self.timeout = world.timeout
         self.ranks_per_node = ranks_per_node
         node, local_rank = divmod(world.rank, ranks_per_node)
         self.local = world.split(node, key=local_rank)
@@ -144,6 +143,11 @@ class HierarchicalGroup(Group):
 
     def abort(self, code: int = 1) -> None:
         self.world.abort(code)
+
+    @property
+    def timeout(self) -> float | None:  # type: ignore[override]
+        """The world's: its watchdog bounds this group's waits."""
+        return self.world.timeout
 
     def watch(
         self, what: str, timeout: float | None = None, limit: str | None = None

@@ -55,7 +55,6 @@ class NCCLGroup(Group):
         self._nccl = nccl
         self._bootstrap = bootstrap
         self.rank, self.size = bootstrap.rank, bootstrap.size
-        self.timeout = bootstrap.timeout
         uid = np.zeros(nccl.get_unique_id().__len__(), dtype=np.int64)
         if bootstrap.rank == 0:
             uid[:] = nccl.get_unique_id()
@@ -142,6 +141,11 @@ class NCCLGroup(Group):
 
     def split(self, color: int, key: int | None = None) -> Group:
         raise NotImplementedError("NCCLGroup sub-groups are not implemented yet")
+
+    @property
+    def timeout(self) -> float | None:  # type: ignore[override]
+        """The bootstrap group's: its watchdog bounds the stream waits."""
+        return self._bootstrap.timeout
 
     def abort(self, code: int = 1) -> None:
         """Ends every rank through the bootstrap group (``MPI_Abort``)."""
