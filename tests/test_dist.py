@@ -236,9 +236,11 @@ def test_a_group_of_one_never_arms_its_watchdog():
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, "10", True])
-def test_init_rejects_a_bad_timeout(timeout):
+def test_init_and_watch_reject_a_bad_timeout(timeout):
     with pytest.raises(ValueError, match="timeout must be a number of seconds > 0 or None"):
         dist.init("single", timeout=timeout)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0 or None"):
+        dist.SingleProcess().watch("a wait", timeout=timeout)
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, "10"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moecore.dist.watchdog import Watchdog
+from moecore.dist.watchdog import Watchdog, check_timeout
 
 __all__ = ["DEFAULT_TIMEOUT", "Group", "Request", "SingleProcess", "check_buffer"]
 
@@ -154,7 +154,7 @@ class Group(ABC):
         """Bounds a blocking wait: if the body lasts over ``timeout`` seconds (default: the
         group's), the job ends with a message naming ``what`` and ``limit`` (where the limit
         is set). Nothing happens in a group of one, which never waits for anyone."""
-        seconds = self.timeout if timeout is None else timeout
+        seconds = self.timeout if timeout is None else check_timeout(timeout)
         if seconds is None or self.size == 1:
             return contextlib.nullcontext()
         if self._watchdog is None:
