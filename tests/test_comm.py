@@ -1,5 +1,5 @@
 """The communication scheduler's Python face: DDP bucket layout by hand, launch order,
-priority and credit, transport decisions, rebuild, and errors."""
+priority's partitions and credit, transport decisions, rebuild, and errors."""
 
 import pytest
 
@@ -33,7 +33,7 @@ def test_fifo_launches_in_bucket_order_as_buckets_complete():
     assert s.step == 1
 
 
-def test_priority_partitions_and_respects_credit():
+def test_priority_partitions_and_waits_for_credit_during_backward():
     s = Scheduler(
         specs(100, 100),
         world=2,
@@ -43,13 +43,19 @@ def test_priority_partitions_and_respects_credit():
         credit_mb=320 / MB,
     )
     s.begin_step()
-    first = s.ready(1)
-    assert [(a.offset, a.numel) for a in first] == [(0, 40), (40, 40)]
-    s.ready(0)
-    rest = s.finish()
-    in_flight = 320
     sizes = {op: nbytes for op, _, _, _, _, nbytes, _ in s.ops()}
-    for a in rest:
+    # Gradient 1 (400 B) is the first bucket: parts of 40, 40, 20 floats; the third does not
+    # fit the credit beside the first two, so it waits for the oldest, still in backward.
+    first = s.ready(1)
+    assert [(a.kind, a.offset, a.numel) for a in first if a.kind == "launch"] == [
+        ("launch", 0, 40),
+        ("launch", 40, 40),
+        ("launch", 80, 20),
+    ]
+    assert [a.kind for a in first] == ["launch", "launch", "wait", "launch"]
+    assert first[2].op == first[0].op
+    in_flight = 0
+    for a in first + s.ready(0) + s.finish():
         in_flight += sizes[a.op] * (1 if a.kind == "launch" else -1)
         assert in_flight <= 320
     assert in_flight == 0

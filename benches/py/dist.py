@@ -9,15 +9,20 @@ It launches itself once as a single process and once under ``mpiexec -n 2 python
 (one BLAS thread per rank). All the variants are built first; then, in ``--rounds`` rounds,
 each runs ``--steps`` timed steps in turn (2 warm-up steps first), so that load from other
 work on the machine spreads over the variants; medians over all their steps are reported.
-Every step is of the model at the same global batch; it times forward, backward (which includes
-the gradient hooks and the launches), and ``finish`` (what is left of the communication:
-the *exposed* part). Then, on the same gradients, it times the communication alone
-(blocking: one all-reduce of every bucket, or compress + all-gather + decode), so
-``hidden = 1 − exposed / alone``. The scheduler's own cost (every decision of a step, no
-communication) is timed against the 1-rank step. In the ``none`` variant "exposed" is a
-barrier after backward: how long the faster rank waits for the slower one, which every
-other variant pays too. Correctness: after the runs the ranks'
-parameters are compared (they must be identical). Results go to
+Every step is of the model at the same global batch, by default the preset's own
+(``moe-small``: 16 sequences of 256 tokens, what ``moecore train`` runs; ``--global-batch``
+and ``--seq`` take a smaller one, whose shorter step makes the per-step cost of
+compression, which does not depend on the batch, a larger share). It times forward, backward (which includes
+the gradient hooks and the launches), and ``finish`` (what is left of the communication).
+The *exposed* communication of a step is how long rank 0's ``finish`` lasts past the end of
+the slowest rank's backward (each rank's times are taken from the barrier that starts the
+step): a rank that finished backward early also waits for the other one, and that wait
+is load imbalance, not communication (the ``none`` variant, a barrier after backward, pays
+it too: its ``finish`` is in the JSON). Then, on the same gradients, it times the
+communication alone (blocking: one all-reduce of every bucket, or compress + all-gather +
+decode), so ``hidden = 1 − exposed / alone``. The scheduler's own cost (every decision of a
+step, no communication) is timed against the 1-rank step. Correctness: after the runs the
+ranks' parameters are compared (they must be identical). Results go to
 ``benches/results/dist.json``.
 
 With ``--shaped`` (root) the 2-rank run is repeated inside a network namespace whose
@@ -190,7 +195,9 @@ def worker(args: argparse.Namespace) -> None:
                 "bucket_mb": kw.get("bucket_mb", 25),
                 "compress_when": kw.get("compress_when", "auto"),
             }
-        rec: dict[str, list[float]] = {"fwd": [], "bwd": [], "finish": [], "step": []}
+        rec: dict[str, list[float]] = {
+            k: [] for k in ("fwd", "bwd", "finish", "step", "bwd_end", "finish_end")
+        }
         runs.append((name, model, cfg, opt, dp, profile, rec))
     # Rounds: every variant takes a few steps in turn (in a rotated order), so a burst of
     # load on this shared machine lands on several variants instead of spoiling one.
@@ -220,7 +227,16 @@ def worker(args: argparse.Namespace) -> None:
                     for k, t in (("fwd", t1 - t0), ("bwd", t2 - t1), ("finish", t3 - t2)):
                         rec[k].append(t)
                     rec["step"].append(t4 - t0)
+                    # Since the barrier, for the exposure past the slowest rank's backward.
+                    rec["bwd_end"].append(t2 - t0)
+                    rec["finish_end"].append(t3 - t0)
     for name, model, _cfg, _opt, dp, profile, rec in runs:
+        bwd_end = np.empty((group.size, len(rec["bwd_end"])))
+        group.allgather(np.asarray(rec.pop("bwd_end")), bwd_end)
+        finish_end = np.asarray(rec.pop("finish_end"))
+        # Communication left once every rank's backward ended: what a rank's `finish` waits
+        # for beyond the other rank's later backward (load imbalance, which "none" pays too).
+        rec["exposed"] = list(np.maximum(0.0, finish_end - bwd_end.max(axis=0)))
         med = {k: float(np.median(v)) for k, v in rec.items()}
         if dp is not None:
             dp.remove_hooks()
@@ -272,8 +288,10 @@ def _scheduler_cost(model, repeat: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="moe-small")
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (the preset's)")
+    ap.add_argument(
+        "--global-batch", type=int, default=None, help="sequences per step (the preset's)"
+    )
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over all the variants")
     ap.add_argument(
@@ -283,6 +301,12 @@ def main() -> None:
     )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.seq is None or args.global_batch is None:
+        from moecore.train.config import build_config
+
+        preset = build_config(args.preset)
+        args.seq = args.seq or preset.seq_len
+        args.global_batch = args.global_batch or preset.batch_size
     if args.worker:
         worker(args)
         return
@@ -322,7 +346,7 @@ def main() -> None:
     base = results[0]
     rows = []
     for r in results:
-        exposed = r["finish"]
+        exposed = r["exposed"]
         alone = r.get("alone")
         hidden = "" if not alone else f"{max(0.0, 1 - exposed / alone):.0%}"
         rows.append(

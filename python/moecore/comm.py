@@ -15,8 +15,11 @@ drives it; it is usable alone (e.g. to replay a schedule)::
 first bucket and ``bucket_mb`` (25) for the others, one dtype per bucket, rebuilt once (call
 :meth:`Scheduler.rebuild` with rank 0's :meth:`Scheduler.observed_order` after step 0).
 **Policies**: ``"fifo"`` launches buckets in bucket order as they complete; ``"priority"``
-(ByteScheduler) cuts dense buckets into ``partition_mb`` parts, launches the lowest layer
-first and keeps at most ``credit_mb`` in flight, giving credit back at :meth:`finish`.
+(ByteScheduler's partitioning and credit) cuts dense buckets into ``partition_mb`` parts and
+keeps at most ``credit_mb`` in flight: a launch beyond it first waits for the oldest
+operation. ByteScheduler's lowest-layer-first order is left out: it pays only when the next
+forward may start before every gradient is averaged, and holding parts back to reorder
+them left them all to :meth:`finish` (0 % of the communication hidden on loopback).
 **Transport** per bucket and step: dense all-reduce, or — with ``compress_ratio`` and after
 ``warmup_steps`` — top-k compressed all-gather when it moves fewer bytes per rank
 (``(P−1)·k·8`` against ``2·(P−1)/P·n·4``), or always with ``compress_when="always"``.

@@ -12,7 +12,7 @@ pub struct GradInfo {
     pub elem_bytes: usize,
     /// Dtype name; buckets never mix dtypes (a bucket is one flat array).
     pub dtype: String,
-    /// Layer index, 0 = nearest the input (the `priority` policy sends low layers first).
+    /// Layer index, 0 = nearest the input (reported per bucket and operation).
     pub layer: u32,
 }
 
@@ -55,7 +55,7 @@ pub struct Bucket {
     pub numel: usize,
     pub elem_bytes: usize,
     pub dtype: String,
-    /// The lowest layer among its gradients (its priority: lower goes first).
+    /// The lowest layer among its gradients.
     pub layer: u32,
 }
 

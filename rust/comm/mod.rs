@@ -11,8 +11,9 @@
 //! - [`transport`]: per bucket, dense all-reduce or top-k compressed all-gather, from the
 //!   bytes each moves per rank (ring all-reduce ≈ 2·(P−1)/P·n·s, all-gather of top-k ≈
 //!   (P−1)·k·8), after dense warm-up steps.
-//! - [`policy`]: `fifo` (buckets in order, as DDP) or `priority` (ByteScheduler: the layer
-//!   nearest the input first, buckets above a size partitioned, a credit of bytes in flight).
+//! - [`policy`]: `fifo` (buckets in order, as DDP) or `priority` (ByteScheduler's
+//!   partitioning of buckets above a size and credit of bytes in flight; see
+//!   [`scheduler::Scheduler`] for why its lowest-layer-first order is left out).
 //! - [`scheduler`]: the per-step state machine.
 //! - [`sim`]: the step-time simulator, replaying the scheduler's decisions on a cost model.
 //!

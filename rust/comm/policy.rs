@@ -8,8 +8,8 @@ use super::CommError;
 pub enum Policy {
     /// One operation per bucket, launched in bucket order (PyTorch DDP).
     Fifo,
-    /// ByteScheduler: dense buckets above `partition_bytes` are cut into parts; ready parts
-    /// are launched lowest layer first; at most `credit_bytes` are in flight (at least one
+    /// ByteScheduler's partitioning and credit: dense buckets above `partition_bytes` are cut
+    /// into parts, launched in order; at most `credit_bytes` are in flight (at least one
     /// operation always is), and launching beyond the credit first waits for the oldest.
     Priority {
         partition_bytes: usize,
