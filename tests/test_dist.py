@@ -4,6 +4,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -247,3 +248,76 @@ def test_init_and_watch_reject_a_bad_timeout(timeout):
 def test_data_parallel_rejects_a_bad_timeout(timeout):
     with pytest.raises(ValueError, match="timeout must be a number of seconds > 0 or None"):
         dist.DataParallel(nn.Linear(2, 2), dist.SingleProcess(), timeout=timeout)
+
+
+class _SlowPair(dist.SingleProcess):
+    """Rank 0 of a stand-in pair whose partner has the same gradients: every all-reduce
+    doubles its buffer, after ``delay`` seconds spent in the wait (a slow link)."""
+
+    def __init__(self, delay):
+        super().__init__()
+        self.size = 2
+        self.delay = delay
+
+    def allgatherv(self, send):
+        return [send, send]
+
+    def broadcast(self, buf, root=0):
+        return buf
+
+    def iallreduce(self, buf, op="sum", on_done=None):
+        group = self
+
+        class Slow(dist.Request):
+            def test(self):
+                return False
+
+            def wait(self):
+                time.sleep(group.delay)
+                np.multiply(buf, 2, out=buf)
+                self._complete()
+
+        return Slow(on_done)
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        return ops.mean(y * y)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "priority"])
+def test_backward_wait_seconds_counts_only_waits_for_credit(policy):
+    # Gradients of 16 KiB or less; priority with a 16 KiB credit must wait for the oldest
+    # all-reduce before each later launch, inside backward; fifo never waits there.
+    mc.manual_seed(0)
+    m = Wide()
+    kb = 1 / 1024
+    dp = dist.DataParallel(
+        m,
+        _SlowPair(0.02),
+        bucket_mb=16 * kb,
+        first_bucket_mb=16 * kb,
+        policy=policy,
+        partition_mb=16 * kb,
+        credit_mb=16 * kb,
+    )
+    x = mc.tensor(np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
+    dp(x).backward()
+    expected = {n: p.grad.copy() for n, p in m.named_parameters()}
+    stats = dp.finish()
+    for n, p in m.named_parameters():
+        np.testing.assert_allclose(p.grad, expected[n], rtol=1e-6)  # (g + g) / 2
+    held = stats["backward_wait_seconds"]
+    launched = stats["launched_in_backward"]
+    assert launched >= 2
+    if policy == "fifo":
+        assert held == 0.0
+    else:
+        # Every launch but the first waited for the one before it: 0.02 s each.
+        assert held >= 0.02 * (launched - 1) * 0.9

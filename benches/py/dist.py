@@ -18,7 +18,8 @@ The *exposed* communication of a step is how long rank 0's ``finish`` lasts past
 the slowest rank's backward (each rank's times are taken from the barrier that starts the
 step): a rank that finished backward early also waits for the other one, and that wait
 is load imbalance, not communication (the ``none`` variant, a barrier after backward, pays
-it too: its ``finish`` is in the JSON). Then, on the same gradients, it times the
+it too: its ``finish`` is in the JSON); plus the time backward itself was held by waits
+(the priority policy waits for credit). Then, on the same gradients, it times the
 communication alone (blocking: one all-reduce of every bucket, or compress + all-gather +
 decode), so ``hidden = 1 − exposed / alone``. The scheduler's own cost (every decision of a
 step, no communication) is timed against the 1-rank step. Correctness: after the runs the
@@ -196,7 +197,7 @@ def worker(args: argparse.Namespace) -> None:
                 "compress_when": kw.get("compress_when", "auto"),
             }
         rec: dict[str, list[float]] = {
-            k: [] for k in ("fwd", "bwd", "finish", "step", "bwd_end", "finish_end")
+            k: [] for k in ("fwd", "bwd", "finish", "step", "bwd_end", "finish_end", "held")
         }
         runs.append((name, model, cfg, opt, dp, profile, rec))
     # Rounds: every variant takes a few steps in turn (in a rotated order), so a burst of
@@ -230,13 +231,17 @@ def worker(args: argparse.Namespace) -> None:
                     # Since the barrier, for the exposure past the slowest rank's backward.
                     rec["bwd_end"].append(t2 - t0)
                     rec["finish_end"].append(t3 - t0)
+                    held = 0.0 if dp is None else dp.last_stats["backward_wait_seconds"]
+                    rec["held"].append(held)
     for name, model, _cfg, _opt, dp, profile, rec in runs:
         bwd_end = np.empty((group.size, len(rec["bwd_end"])))
         group.allgather(np.asarray(rec.pop("bwd_end")), bwd_end)
         finish_end = np.asarray(rec.pop("finish_end"))
         # Communication left once every rank's backward ended: what a rank's `finish` waits
         # for beyond the other rank's later backward (load imbalance, which "none" pays too).
-        rec["exposed"] = list(np.maximum(0.0, finish_end - bwd_end.max(axis=0)))
+        # Plus the waits that held backward (the priority policy's credit).
+        past = np.maximum(0.0, finish_end - bwd_end.max(axis=0))
+        rec["exposed"] = list(past + np.asarray(rec["held"]))
         med = {k: float(np.median(v)) for k, v in rec.items()}
         if dp is not None:
             dp.remove_hooks()

@@ -209,7 +209,13 @@ class DataParallel:
 
     @staticmethod
     def _new_stats() -> dict[str, Any]:
-        return {"launched_in_backward": 0, "launched_at_finish": 0, "allgather_bytes": 0}
+        return {
+            "launched_in_backward": 0,
+            "launched_at_finish": 0,
+            "allgather_bytes": 0,
+            # Backward held by a wait (the priority policy's credit).
+            "backward_wait_seconds": 0.0,
+        }
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -253,8 +259,11 @@ class DataParallel:
             if a.kind == "wait":
                 what = f"DataParallel: operation {a.op} (bucket {a.bucket})"
                 limit = None if self.timeout is None else _LIMIT
+                t0 = time.perf_counter()
                 with self.group.watch(what, self.timeout, limit):
                     self._driver.wait(self._requests.pop(a.op))
+                if counter == "launched_in_backward":
+                    self._stats["backward_wait_seconds"] += time.perf_counter() - t0
                 continue
             self._stats[counter] += 1
             view = self.buffers[a.bucket][a.offset : a.offset + a.numel]
@@ -352,7 +361,8 @@ class DataParallel:
     def finish(self) -> dict[str, Any]:
         """Sends what is left, waits for everything, and writes the averaged gradients into
         each parameter's ``.grad``. Returns this step's statistics (operations launched
-        during backward and at finish, seconds spent here)."""
+        during backward and at finish, seconds spent here, seconds backward was held by a
+        wait for credit, bytes all-gathered)."""
         if self.group.size == 1:
             self.last_stats = {"finish_seconds": 0.0, **self._new_stats()}
             return self.last_stats
