@@ -59,6 +59,8 @@ VARIANTS = [
     ("dense-fifo-4MB", {"policy": "fifo", "bucket_mb": 4}),
     ("dense-fifo-4MB-thread", {"policy": "fifo", "bucket_mb": 4, "progress": "thread"}),
     ("dense-priority-thread", {"policy": "priority", "progress": "thread"}),
+    # A credit below a bucket (25 MiB): its parts wait for one another inside backward.
+    ("dense-priority-credit16", {"policy": "priority", "credit_mb": 16}),
     ("topk-0.01", {"compress": "topk:0.01", "compress_when": "always"}),
     ("topk-0.001", {"compress": "topk:0.001", "compress_when": "always"}),
     (
@@ -169,6 +171,7 @@ def _predict(dp, profile, link, group) -> float:
         world=group.size,
         bucket_mb=dp.settings["bucket_mb"],
         policy=s.policy,
+        credit_mb=dp.settings["credit_mb"],
         compress_ratio=ratio,
         compress_when=dp.settings["compress_when"],
     )
@@ -193,6 +196,7 @@ def worker(args: argparse.Namespace) -> None:
         dp = None if name == "none" else dist.DataParallel(model, group, **kw, **DP_ALWAYS)
         if dp is not None:
             dp.settings = {
+                "credit_mb": kw.get("credit_mb", 64),
                 "bucket_mb": kw.get("bucket_mb", 25),
                 "compress_when": kw.get("compress_when", "auto"),
             }

@@ -113,7 +113,10 @@ class Scheduler:
         first_bucket_mb: cap of the first bucket (DDP: 1).
         policy: ``"fifo"`` or ``"priority"``.
         partition_mb: priority: dense buckets are cut into parts of at most this size.
-        credit_mb: priority: bytes in flight at most (one operation always may be).
+        credit_mb: priority: bytes in flight at most (one operation always may be). Below
+            a bucket (``bucket_mb``), a bucket's own parts wait for one another inside
+            backward, with no backward between them to hide the wait: the default (64)
+            holds two full buckets.
         compress_ratio: top-k density; None never compresses.
         warmup_steps: steps sent dense before compression starts.
         compress_when: ``"auto"`` (when it moves fewer bytes) or ``"always"``.
@@ -128,7 +131,7 @@ class Scheduler:
         first_bucket_mb: float = 1,
         policy: str = "fifo",
         partition_mb: float = 4,
-        credit_mb: float = 16,
+        credit_mb: float = 64,
         compress_ratio: float | None = None,
         warmup_steps: int = 0,
         compress_when: str = "auto",

@@ -126,7 +126,7 @@ class DataParallel:
         *,
         first_bucket_mb: float = 1,
         partition_mb: float = 4,
-        credit_mb: float = 16,
+        credit_mb: float = 64,
         warmup_steps: int = 0,
         compress_when: str = "auto",
         progress: str = "hooks",
