@@ -75,10 +75,10 @@ def test_single_process_collectives():
 
 
 class Tiny(nn.Module):
-    def __init__(self):
+    def __init__(self, d_in=3, hidden=4, d_out=2):
         super().__init__()
-        self.a = nn.Linear(3, 4)
-        self.b = nn.Linear(4, 2)
+        self.a = nn.Linear(d_in, hidden)
+        self.b = nn.Linear(hidden, d_out)
 
     def forward(self, x):
         y = self.b(self.a(x))
@@ -280,23 +280,12 @@ class _SlowPair(dist.SingleProcess):
         return Slow(on_done)
 
 
-class Wide(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(64, 64)
-        self.b = nn.Linear(64, 64)
-
-    def forward(self, x):
-        y = self.b(self.a(x))
-        return ops.mean(y * y)
-
-
 @pytest.mark.parametrize("policy", ["fifo", "priority"])
 def test_backward_wait_seconds_counts_only_waits_for_credit(policy):
     # Gradients of 16 KiB or less; priority with a 16 KiB credit must wait for the oldest
     # all-reduce before each later launch, inside backward; fifo never waits there.
     mc.manual_seed(0)
-    m = Wide()
+    m = Tiny(64, 64, 64)
     kb = 1 / 1024
     dp = dist.DataParallel(
         m,
