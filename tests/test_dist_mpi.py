@@ -470,10 +470,12 @@ def test_expert_parallel_aux_losses_bias_and_shared_experts_equal_single_process
 
 
 # Expert parallel runs equal single-process runs up to float32 summation order: stated
-# tolerance 1e-4 on every step's loss. Measured over 20 steps with the features below:
-# dp=2 x ep=2 differs by 6e-8 at step 1 and at most 3.5e-5 (the router's GEMM sums each
-# rank's rows in its own blocks); dp=2, whose aux loss is per rank, by up to 1.1e-3.
-EP_TOL = 1e-4
+# tolerance 2.5e-4 on every step's loss. Measured over 20 steps with the features below:
+# dp=2 x ep=2 differs by 6e-8 at step 1 and at most 3.5e-5 on one host (the router's GEMM
+# sums each rank's rows in its own blocks); on another, 3.6e-7 at step 1, 1.01e-4 at step
+# 3, back to 1.4e-6 by step 6 (a jump that does not grow). dp=2, whose aux loss is per
+# rank (the kind of error this catches), differs by up to 1.1e-3.
+EP_TOL = 2.5e-4
 # The other MoE features the trainer uses, together: aux-loss-free bias, shared expert,
 # z-loss, sigmoid scores, SwiGLU, gradient accumulation.
 FEATURES = [
