@@ -12,8 +12,9 @@ work on the machine spreads over the variants; medians over all their steps are 
 Every step is of the model at the same global batch, by default the preset's own
 (``moe-small``: 16 sequences of 256 tokens, what ``moecore train`` runs; ``--global-batch``
 and ``--seq`` take a smaller one, whose shorter step makes the per-step cost of
-compression, which does not depend on the batch, a larger share). It times forward, backward (which includes
-the gradient hooks and the launches), and ``finish`` (what is left of the communication).
+compression, which does not depend on the batch, a larger share). It times forward,
+backward (which includes the gradient hooks and the launches), and ``finish`` (what is left
+of the communication).
 The *exposed* communication of a step is how long rank 0's ``finish`` lasts past the end of
 the slowest rank's backward (each rank's times are taken from the barrier that starts the
 step): a rank that finished backward early also waits for the other one, and that wait
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -195,10 +197,11 @@ def worker(args: argparse.Namespace) -> None:
         profile = profile_step(model, x, y, opt)  # before the hooks exist
         dp = None if name == "none" else dist.DataParallel(model, group, **kw, **DP_ALWAYS)
         if dp is not None:
+            # The variant's settings, DataParallel's defaults for the rest (for the simulator).
+            defaults = inspect.signature(dist.DataParallel).parameters
             dp.settings = {
-                "credit_mb": kw.get("credit_mb", 64),
-                "bucket_mb": kw.get("bucket_mb", 25),
-                "compress_when": kw.get("compress_when", "auto"),
+                k: kw.get(k, defaults[k].default)
+                for k in ("credit_mb", "bucket_mb", "compress_when")
             }
         rec: dict[str, list[float]] = {
             k: [] for k in ("fwd", "bwd", "finish", "step", "bwd_end", "finish_end", "held")

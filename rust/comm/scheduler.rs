@@ -262,11 +262,12 @@ impl Scheduler {
     /// Priority only: waits for the oldest operations in flight until `bytes` more fit the
     /// credit (one operation may always be in flight, however large).
     fn wait_for_credit(&mut self, bytes: usize, credit_bytes: usize, actions: &mut Vec<Action>) {
-        while !self.in_flight.is_empty() && self.in_flight_bytes + bytes > credit_bytes {
-            if let Some(oldest) = self.in_flight.pop_front() {
-                self.in_flight_bytes -= self.ops[oldest].bytes;
-                actions.push(Action::Wait { op: oldest });
-            }
+        while self.in_flight_bytes + bytes > credit_bytes {
+            let Some(oldest) = self.in_flight.pop_front() else {
+                break;
+            };
+            self.in_flight_bytes -= self.ops[oldest].bytes;
+            actions.push(Action::Wait { op: oldest });
         }
     }
 
