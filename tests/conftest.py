@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -16,3 +18,20 @@ def cupy():
     if n < 1:
         pytest.skip("no CUDA device")
     return cp
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``mpi`` skips, saying why, when MPI is missing — but fails when
+    ``MOECORE_TEST_MPI`` is set (CI sets it to the MPI it installed: a CI whose MPI went
+    missing must not pass by skipping)."""
+    if item.get_closest_marker("mpi") is None:
+        return
+    from parallel_harness import mpi_missing
+
+    missing = mpi_missing()
+    if missing is None:
+        return
+    wanted = os.environ.get("MOECORE_TEST_MPI")
+    if wanted:
+        pytest.fail(f"MOECORE_TEST_MPI={wanted} but {missing}", pytrace=False)
+    pytest.skip(missing)

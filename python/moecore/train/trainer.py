@@ -24,6 +24,7 @@ from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
 from moecore.ops.moe import set_aux_loss_scale
 from moecore.train import checkpoint
+from moecore.train.checksum import param_checksums
 from moecore.train.config import ConfigError, RunConfig, config_from_dict
 from moecore.train.memory import keep_freed_memory
 from moecore.train.metrics import MetricsLog
@@ -318,6 +319,8 @@ class Trainer:
         self.schedule.step()
         self.step += 1
         cvs = [routing_summary(load)["cv"] for load in loads]
+        # A collective under expert parallelism: every rank computes it.
+        checksum = param_checksums(self.model, self.layout) if cfg.param_checksum else None
         return {
             "step": self.step,
             "loss": total_loss,
@@ -327,6 +330,7 @@ class Trainer:
             "load_cv": cvs,
             "dropped": dropped,
             **flags,
+            **({"param_checksum": checksum} if checksum is not None else {}),
         }
 
     def train(self) -> TrainResult:
