@@ -422,6 +422,12 @@ def test_cli_train_dp2_killed_while_saving_resumes_on_the_same_curve(tmp_path, c
     assert not list(pending.glob(".step_*")), list(pending.iterdir())
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_train_parallel_layout_gradients_and_clip_norm_equal_single_process(n):
+    # n=2: ep=2; n=4: dp=2 x ep=2 (tests/mpi/dp_worker.py mode_layout).
+    ok(n, "layout")
+
+
 def test_hierarchical_allreduce_4_ranks_as_2_nodes_of_2():
     ok(4, "hier")
 

@@ -114,16 +114,20 @@ class Partial(nn.Module):
 
 
 def mode_zero(g):
+    """Only rank 0 produces ``extra``'s gradient; the others send zeros, so every rank ends
+    with rank 0's gradient divided by the world size (the mean over all ranks — not over
+    the ranks that produced it). Rank 0's gradient is saved before ``finish`` averages it."""
     mc.manual_seed(3)
     m = Partial(use_extra=g.rank == 0)
     dp = dist.DataParallel(m, g)
     x = mc.tensor(np.random.default_rng(g.rank).standard_normal((5, 4)).astype(np.float32))
     dp(x).backward()
     assert (m.extra.weight.grad is None) == (g.rank != 0)
+    produced = m.extra.weight.grad.copy() if g.rank == 0 else np.zeros((4, 4), np.float32)
+    g.broadcast(produced, root=0)
+    assert np.abs(produced).max() > 0
     dp.finish()
-    mine = m.extra.weight.grad.copy() * g.size if g.rank == 0 else np.zeros((4, 4), np.float32)
-    g.broadcast(mine, root=0)
-    np.testing.assert_allclose(m.extra.weight.grad, mine / g.size, rtol=1e-6)
+    np.testing.assert_allclose(m.extra.weight.grad, produced / g.size, rtol=1e-6)
 
 
 def mode_ratio1(g):
@@ -348,6 +352,49 @@ def mode_ep_full(g, tokens=10, d=8, experts=4, ep=2):
         np.testing.assert_array_equal(layer.expert_bias, full.expert_bias)
 
 
+def mode_layout(g, ep=2, max_norm=0.05):
+    """``moecore.train.parallel.Layout`` on ``dp × ep`` ranks, each with its rows of the
+    batch: after ``finish`` every gradient — replicated ones averaged over the world,
+    experts averaged over the ranks holding them and divided by ``ep`` — is the
+    single-process gradient of the whole batch's mean loss (Switch aux loss included),
+    compared directly rather than through AdamW, which a constant factor would not change.
+    ``clip_grad_norm_`` returns the single-process norm of the whole sharded model and
+    leaves the single-process clipped gradients."""
+    import dataclasses
+
+    from moecore.optim import clip_grad_norm_
+    from moecore.train.parallel import Layout
+
+    cfg = dataclasses.replace(CFG, aux_loss=0.01, top_k=2)
+    mc.manual_seed(1)
+    full = MoETransformer(cfg)
+    mc.manual_seed(1)
+    sharded = MoETransformer(cfg)
+    lay = Layout(g, ep)
+    lay.shard_model(sharded)
+    lay.data_parallel(sharded)
+    assert lay.sharded, "no expert was sharded"
+    x, y = batch(0, g.size)
+    full(x, y).backward()
+    sharded(local(x, g.rank), local(y, g.rank)).backward()
+    lay.finish()
+    want = {n: p.grad for n, p in full.named_parameters()}
+
+    def check(what):
+        for name, p in sharded.named_parameters():
+            ref = lay.shard(name, want[name])
+            np.testing.assert_allclose(
+                p.grad, ref, rtol=2e-4, atol=1e-7, err_msg=f"{what}: gradient of {name}"
+            )
+
+    check("averaged")
+    want_norm = clip_grad_norm_(list(full.parameters()), max_norm)
+    assert want_norm > 2 * max_norm, want_norm  # so the clipping is exercised
+    got_norm = lay.clip_grad_norm_(max_norm)
+    np.testing.assert_allclose(got_norm, want_norm, rtol=1e-5)
+    check("clipped")
+
+
 def mode_hier(g):
     """4 ranks as 2 nodes x 2: the hierarchical all-reduce equals the flat one (blocking and
     many non-blocking in flight), and data parallelism over it equals single process."""
@@ -499,6 +546,7 @@ MODES = {
     "ef": mode_ef,
     "ep": mode_ep,
     "ep_full": mode_ep_full,
+    "layout": mode_layout,
     "hier": mode_hier,
     "raise": mode_raise,
     "kill9": mode_kill9,
