@@ -233,7 +233,8 @@ def _run(tmp_path, corpus, name, n, *extra, steps=20):
 # < 1 % of lr, no routing flips, and every layout stays at rounding level on both kernels —
 # so the comparison can be ~800x tighter than the error it guards against.
 EXACT_SETS = ["--set", "eps=1e-6"]
-# Measured worst over 20 steps with EXACT_SETS (Zen 5; both OpenBLAS kernels), across
+# Measured worst over 20 steps with EXACT_SETS (Zen 5; both OpenBLAS kernels; MPICH and
+# Open MPI give the same figures: the runs are deterministic), across
 # dp=2 (aux_loss=0), ep=2, ep=2 with FEATURES and dp=2 × ep=2 with FEATURES: loss 5.4e-7,
 # gradient norm 4.6e-7 (relative), parameter checksums 5.4e-6 (relative, the norm-scaled
 # sum). Tolerances ~4x that. The per-rank aux loss (plain dp=2 with FEATURES, the bug an

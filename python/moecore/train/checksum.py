@@ -26,9 +26,9 @@ def param_checksums(model: nn.Module, layout: Layout) -> dict[str, list[float]]:
     names: list[str] = []
     sums = []
     for name, value in model.state_dict().items():
-        a = np.asarray(_host(value))
+        v = np.asarray(_host(value)).reshape(-1).astype(np.float64)
         names.append(name)
-        sums.append((a.sum(dtype=np.float64), np.square(a, dtype=np.float64).sum()))
+        sums.append((v.sum(), (v * v).sum()))
     out = np.array(sums, dtype=np.float64).reshape(len(names), 2)
     sharded = [i for i, n in enumerate(names) if n in layout.sharded]
     if sharded:
