@@ -220,18 +220,22 @@ def _run(tmp_path, corpus, name, n, *extra, steps=20):
 # first step moves each element by lr·g/(|g| + eps). An element whose exact gradient is ~0
 # holds float32 rounding noise (~1e-7 of the largest gradient, ~7e-9 < eps here) whose value
 # depends on the summation order, so with eps = 1e-8 it moves by a layout-dependent fraction
-# of lr. Measured on moe-tiny, dp=2 × ep=2 with FEATURES (Zen 5): step 1's gradients agree
-# with one process to 6e-7 relative everywhere, but pos_emb[1, 27] is -7.4e-9 in one process
-# and -3.5e-9 on 4 ranks, so it moves by 0.17·lr (3.3e-5) more; step 2's gradients then
-# differ by 1e-4 relative, and in step 3 a token of each MoE layer picks another expert
-# (loads [51, 291, 237, 445] vs [51, 292, 236, 445]): the loss differs by 1.01e-4 there and
-# by up to 1e-4 until step 20. Which element lands below eps depends on the CPU path: with
-# OpenBLAS's Haswell kernels (OPENBLAS_CORETYPE=Haswell, as in CI) the worst is 1.01e-4 at
-# step 3, with its SkylakeX (AVX-512) kernels 3.5e-5 — the two figures of the earlier hosts,
-# which raised this tolerance to 2.5e-4. ep=2 happened to round that element alike
-# (differences ~2e-7 on both paths). With eps = 1e-6 the same noise moves an element by
-# < 1 % of lr, no routing flips, and every layout stays at rounding level on both kernels —
-# so the comparison can be ~800x tighter than the error it guards against.
+# of lr. Measured on moe-tiny, dp=2 × ep=2 with FEATURES (Zen 5, OPENBLAS_CORETYPE=Haswell
+# as in CI): step 1's gradients agree with one process to 6e-7 relative everywhere, but
+# pos_emb[1, 27] is -7.4e-9 in one process and -3.5e-9 on 4 ranks, so it moves by 0.17·lr
+# (3.3e-5) more. Step 2's gradients then differ by 1e-4 relative, the router logits by
+# ~1.5e-4. In step 3 (first micro-batch) the token at row 5, position 23 has biased sigmoid
+# scores 0.3306130 (expert 1) and 0.3306136 (expert 2) in one process, a near-tie of 6e-7
+# that the drift reverses on 4 ranks (0.3306154 vs 0.3306123): layer 0 sends it to expert 1
+# instead of 2, and through attention its changed output makes position 31 of the same row
+# pick expert 0 instead of 1 in layer 1 (loads [51, 291, 237, 445] vs [51, 292, 236, 445] and
+# [315, 238, 362, 109] vs [316, 237, 362, 109]). The loss differs by 1.01e-4 there and by up
+# to 1e-4 until step 20. Where rounding noise lands below eps depends on the CPU path: with
+# OpenBLAS's SkylakeX (AVX-512) kernels the worst is 3.5e-5 — the two figures of the earlier
+# hosts, which raised this tolerance to 2.5e-4. ep=2 happens to round such elements alike
+# (~2e-7 on both paths). With eps = 1e-6 the same noise moves an element by < 1 % of lr, no
+# routing flips, every layout stays at rounding level on both kernels, and the comparison is
+# ~800x tighter than the error it guards against.
 EXACT_SETS = ["--set", "eps=1e-6"]
 # Measured worst over 20 steps with EXACT_SETS (Zen 5; both OpenBLAS kernels; MPICH and
 # Open MPI give the same figures: the runs are deterministic), across
