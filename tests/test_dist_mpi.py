@@ -232,8 +232,8 @@ def _run(tmp_path, corpus, name, n, *extra, steps=20):
 # [315, 238, 362, 109] vs [316, 237, 362, 109]). The loss differs by 1.01e-4 there and by up
 # to 1e-4 until step 20. Where rounding noise lands below eps depends on the CPU path: with
 # OpenBLAS's SkylakeX (AVX-512) kernels the worst is 3.5e-5 — the two figures of the earlier
-# hosts, which raised this tolerance to 2.5e-4. ep=2 happens to round such elements alike
-# (~2e-7 on both paths). With eps = 1e-6 the same noise moves an element by < 1 % of lr, no
+# hosts, which raised this tolerance to 2.5e-4. ep=2 happens to round such elements closer
+# (loss within 1e-6 on both paths). With eps = 1e-6 the same noise moves an element by < 1 % of lr, no
 # routing flips, every layout stays at rounding level on both kernels, and the comparison is
 # ~800x tighter than the error it guards against.
 EXACT_SETS = ["--set", "eps=1e-6"]
