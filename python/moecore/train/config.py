@@ -50,8 +50,9 @@ class RunConfig(ModelConfig):
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
     spike_factor: float = 3.0
-    # write each step's parameter checksums (float64 sum and sum of squares of every tensor)
-    # into metrics.jsonl: how tests prove an N-rank run equals a reference run
+    # write each step's parameter checksums (float64 sum and sum of squares of every tensor,
+    # after the update) into metrics.jsonl: how tests prove that an N-rank run equals its
+    # reference run
     param_checksum: bool = False
     # keep freed activation/gradient pages mapped for the next step (glibc malloc tuning)
     keep_freed_memory: bool = True
