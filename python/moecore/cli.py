@@ -212,9 +212,12 @@ def _train(args: argparse.Namespace) -> int:
 def _load_run(run: str) -> Any:
     from moecore.train import checkpoint
     from moecore.train.config import config_from_dict
+    from moecore.train.recovery import ResumeReport
     from moecore.train.trainer import build_model
 
-    groups, state = checkpoint.load(checkpoint.latest(Path(run)))
+    notes: list[str] = []
+    used, groups, state, damaged = checkpoint.newest_intact(Path(run), notes)
+    ResumeReport(used, damaged, notes).warn()
     config = config_from_dict(state["config"])
     model = build_model(config)
     model.load_state_dict(groups["model"])
@@ -267,6 +270,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(text)
     print(f"plot written to {png}" if png else "(install matplotlib for a PNG plot)")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from moecore.train.verify import verify_run
+
+    return verify_run(Path(args.run), sys.stdout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="summary of a run (and a PNG with matplotlib)")
     rep.add_argument("run", metavar="RUN_DIR", help="run directory")
     rep.set_defaults(handler=_cmd_report)
+
+    ver = sub.add_parser(
+        "verify",
+        help="check every checkpoint of a run against its checksums "
+        "(exit 0 intact, 1 damage found, 2 no run or no checkpoint)",
+    )
+    ver.add_argument("run", metavar="RUN_DIR", help="run directory")
+    ver.set_defaults(handler=_cmd_verify)
 
     pl = sub.add_parser(
         "plan", help="predict step time and exposed communication at 2 to 1024 workers"

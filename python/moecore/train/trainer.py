@@ -24,12 +24,15 @@ from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
 from moecore.ops.moe import set_aux_loss_scale
 from moecore.train import checkpoint
+from moecore.train.checkpoint import CheckpointError
 from moecore.train.config import ConfigError, RunConfig, config_from_dict
 from moecore.train.memory import keep_freed_memory
 from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
 from moecore.train.parallel import Layout
 from moecore.train.progress import Progress
+from moecore.train.recovery import ResumeReport
+from moecore.train.rss import rss_record
 
 
 @dataclass
@@ -161,6 +164,8 @@ class Trainer:
             self.corpus.val, config.seq_len, config.batch_size, config.eval_batches
         )
         self.last_val: float | None = None
+        #: Set by :meth:`resume`: the checkpoint used and the damaged ones skipped.
+        self.resumed_from: ResumeReport | None = None
 
     def _data_parallel(self, warmup_steps: int) -> None:
         self.layout.data_parallel(
@@ -180,11 +185,18 @@ class Trainer:
         cls, run_dir: Path, out: TextIO | None = None, overrides: dict[str, Any] | None = None
     ) -> Trainer:
         """A trainer continuing the newest checkpoint of ``run_dir`` exactly where it was."""
-        groups, state = checkpoint.load(checkpoint.latest(run_dir))
+        notes: list[str] = []
+        used, groups, state, damaged = checkpoint.newest_intact(run_dir, notes)
         values = dict(state["config"])
         values.update(overrides or {})
         trainer = cls(config_from_dict(values), run_dir, out=out)
-        trainer._restore(groups, state)
+        try:
+            trainer._restore(groups, state)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{used / 'state.json'}: corrupt ({exc!r})") from None
+        trainer.resumed_from = ResumeReport(used, damaged, notes)
+        if trainer.group.is_root:
+            trainer.resumed_from.warn()
         return trainer
 
     def _param_names(self) -> list[str]:
@@ -349,6 +361,9 @@ class Trainer:
             )
         else:
             progress.message(f"resuming {self.run_dir} at step {self.step}")
+        if self.resumed_from is not None and self.group.is_root:
+            for event in self.resumed_from.set_aside():
+                metrics.write({"step": self.step, **event})
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
         start = time.perf_counter()
         first_step = self.step
@@ -361,6 +376,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 record["tokens_per_s"] = tokens_per_step / dt
                 record["seconds"] = time.perf_counter() - start
+                record.update(rss_record())
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     self.last_val = self.evaluate()
                     record["val_loss"] = self.last_val
