@@ -141,6 +141,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     missing on one node, an exception in its step): shown, it then ends every rank
     (``MPI_Abort``), as the others would wait for this one forever in a collective."""
     from moecore.dist import abort_job, world_size_from_env
+    from moecore.train.preemption import PREEMPTED_EXIT
 
     try:
         code = _train(args)
@@ -149,7 +150,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             traceback.print_exc()  # MPI_Abort ends the process before Python would show it
             abort_job(1)
         raise
-    if code != 0:
+    if code not in (0, PREEMPTED_EXIT):  # preempted: every rank stopped together
         abort_job(code)
     return code
 
@@ -201,6 +202,14 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"moecore: {exc}", file=sys.stderr)
         return 3
+    if result.preempted_by is not None:
+        from moecore.train.preemption import PREEMPTED_EXIT
+
+        print(
+            f"preempted ({result.preempted_by}) after {result.steps_done} steps: checkpoint "
+            f"saved; continue with --resume {result.run_dir} (exit {PREEMPTED_EXIT})"
+        )
+        return PREEMPTED_EXIT
     status = "interrupted" if result.interrupted else "finished"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(

@@ -30,6 +30,7 @@ from moecore.train.memory import keep_freed_memory
 from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
 from moecore.train.parallel import Layout
+from moecore.train.preemption import StopRequest
 from moecore.train.progress import Progress
 from moecore.train.recovery import ResumeReport
 from moecore.train.rss import rss_record
@@ -45,6 +46,8 @@ class TrainResult:
     interrupted: bool
     seconds: float
     run_dir: Path
+    #: Set when SIGTERM/SIGUSR1 stopped the run (after a checkpoint): what was received.
+    preempted_by: str | None = None
 
 
 def build_model(config: RunConfig) -> MoETransformer:
@@ -164,6 +167,7 @@ class Trainer:
             self.corpus.val, config.seq_len, config.batch_size, config.eval_batches
         )
         self.last_val: float | None = None
+        self.stop = StopRequest()
         #: Set by :meth:`resume`: the checkpoint used and the damaged ones skipped.
         self.resumed_from: ResumeReport | None = None
 
@@ -312,9 +316,11 @@ class Trainer:
         if g.size > 1:
             self.layout.finish()
             # Loss, routing statistics and the bias update use the whole global batch.
-            summed = np.array([total_loss, dropped], dtype=np.float64)
+            # … and the ranks' stop votes (SIGTERM/SIGUSR1), so all stop at the same step.
+            summed = np.array([total_loss, dropped, self.stop.flag()], dtype=np.float64)
             g.allreduce(summed)
             total_loss, dropped = float(summed[0]) / g.size, int(summed[1])
+            self.stop.agree(summed[2])
             for load in loads:
                 g.allreduce(load)
             for layer in self.moe_layers:
@@ -369,6 +375,8 @@ class Trainer:
         first_step = self.step
         record: dict[str, Any] = {"loss": float("nan")}
         interrupted = False
+        preempted_by = None
+        self.stop.install()
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -405,16 +413,24 @@ class Trainer:
                     and self.step < cfg.steps
                 ):
                     self.save_checkpoint(metrics)
+                if self.stop.should_stop(self.group.size) and self.step < cfg.steps:
+                    preempted_by = self.stop.describe(self.group.size)
+                    progress.message(f"{preempted_by} at step {self.step}: saving a checkpoint")
+                    break
         except KeyboardInterrupt:
             interrupted = True
             progress.message(f"interrupted at step {self.step}: saving a checkpoint")
         except BaseException:
+            self.stop.restore()
             metrics.close()
             raise
         if self.step > first_step or interrupted:
             path = self.save_checkpoint(metrics)
             progress.close()
             progress.message(f"checkpoint {path}")
+        if preempted_by is not None:
+            self.group.barrier()  # no rank leaves before rank 0 has written the checkpoint
+        self.stop.restore()
         metrics.close()
         return TrainResult(
             self.step,
@@ -423,4 +439,5 @@ class Trainer:
             interrupted,
             time.perf_counter() - start,
             self.run_dir,
+            preempted_by,
         )
