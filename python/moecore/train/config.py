@@ -67,6 +67,9 @@ class RunConfig(ModelConfig):
     ranks_per_node: int = 1
     # seconds any blocking communication may last before the job ends (a rank that hangs)
     comm_timeout_s: float = 1800.0
+    # GiB a rank may use (0: what the machine has free, MemAvailable or the cgroup limit);
+    # a run whose estimated peak exceeds it is refused before the first step
+    memory_limit_gb: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict (for JSON and TOML)."""
@@ -175,6 +178,7 @@ def _check_values(c: RunConfig) -> list[str]:
         "vocab",
         "seed",
         "compress_warmup",
+        "memory_limit_gb",
     ):
         if getattr(c, key) < 0:
             p.append(f"{key} must be ≥ 0, got {getattr(c, key)}")

@@ -31,6 +31,7 @@ from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
 from moecore.train.parallel import Layout
 from moecore.train.preemption import StopRequest
+from moecore.train.preflight import check_memory
 from moecore.train.progress import Progress
 from moecore.train.recovery import ResumeReport
 from moecore.train.rss import rss_record
@@ -79,7 +80,7 @@ def _world(config: RunConfig) -> Group:
 
 #: Settings each rank may have its own of: where its copy of the data is, its memory tuning,
 #: how long it waits for the others.
-_RANK_LOCAL = ("data", "keep_freed_memory", "comm_timeout_s")
+_RANK_LOCAL = ("data", "keep_freed_memory", "comm_timeout_s", "memory_limit_gb")
 
 
 def _check_same_config(group: Group, config: RunConfig) -> None:
@@ -136,6 +137,9 @@ class Trainer:
             what = f"dp is {config.dp}" if config.ep == 1 else f"dp × ep is {config.dp * config.ep}"
             raise ConfigError([f"{what} but the job has {self.group.size} ranks (mpiexec -n)"])
         _check_same_config(self.group, config)
+        self.memory, problem = check_memory(config, self.group.size)
+        if problem is not None:
+            raise ConfigError([problem])
         # Only rank 0 shows progress and writes files.
         self.out = (out or sys.stdout) if self.group.is_root else open(os.devnull, "w")
         self.corpus = (
@@ -365,6 +369,7 @@ class Trainer:
                 f"model  {self.layout.num_parameters(self.model):,} parameters, {cfg.n_layers} layers, "
                 f"{cfg.n_experts} experts top-{cfg.top_k}; run dir {self.run_dir}"
             )
+            progress.message(f"memory {self.memory.describe()} per rank")
         else:
             progress.message(f"resuming {self.run_dir} at step {self.step}")
         if self.resumed_from is not None and self.group.is_root:
