@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moecore.cli_args import non_negative_float, non_negative_int, positive_float, positive_int
+
 
 def _format_status(status: dict[str, Any]) -> str:
     if not status.get("available"):
@@ -183,6 +185,8 @@ def _train(args: argparse.Namespace) -> int:
         ):
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
+        if (problem := _missing_run(args.resume)) is not None:
+            return _fail(problem)
         if args.resume:
             trainer = Trainer.resume(Path(args.resume), overrides=overrides)
         else:
@@ -218,6 +222,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_run(run: str | None) -> str | None:
+    """Why ``run`` is not a run directory, or None."""
+    if run is not None and not Path(run).is_dir():
+        return f"run directory {run} does not exist"
+    return None
+
+
 def _load_run(run: str) -> Any:
     from moecore.train import checkpoint
     from moecore.train.config import config_from_dict
@@ -237,6 +248,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from moecore.train import CheckpointError, ConfigError
     from moecore.train.generate import generate
 
+    if (problem := _missing_run(args.run)) is not None:
+        return _fail(problem)
     try:
         model, _, _ = _load_run(args.run)
         text = generate(
@@ -252,6 +265,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from moecore.data import DataError
     from moecore.train import CheckpointError, ConfigError, Trainer
 
+    if (problem := _missing_run(args.run)) is not None:
+        return _fail(problem)
     try:
         trainer = Trainer.resume(Path(args.run))
         loss = trainer.evaluate()
@@ -272,6 +287,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from moecore.train.report import report
 
+    if (problem := _missing_run(args.run)) is not None:
+        return _fail(problem)
     metrics = Path(args.run) / "metrics.jsonl"
     if not metrics.is_file():
         return _fail(f"{metrics} does not exist")
@@ -282,8 +299,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from moecore.train.verify import verify_run
+    from moecore.train.verify import NOTHING, verify_run
 
+    if (problem := _missing_run(args.run)) is not None:
+        _fail(problem)
+        return NOTHING
     return verify_run(Path(args.run), sys.stdout)
 
 
@@ -318,22 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--data", help="a text file, a folder of text files, or a .bin/.npy of uint16 token ids"
     )
-    train.add_argument("--vocab", type=int, help="vocabulary size of .bin/.npy token data")
+    train.add_argument("--vocab", type=positive_int, help="vocabulary size of .bin/.npy token data")
     dist = train.add_argument_group(
         "distributed", "run under mpiexec -n DP (pip install 'moecore[mpi]')"
     )
-    dist.add_argument("--dp", type=int, help="data-parallel ranks (= mpiexec -n)")
+    dist.add_argument("--dp", type=positive_int, help="data-parallel ranks (= mpiexec -n)")
     dist.add_argument(
-        "--ep", type=int, help="expert-parallel ranks (mpiexec -n dp·ep; n_experts / ep each)"
+        "--ep",
+        type=positive_int,
+        help="expert-parallel ranks (mpiexec -n dp·ep; n_experts / ep each)",
     )
     dist.add_argument("--compress", help="gradient compression: none or topk:<ratio>")
-    dist.add_argument("--compress-warmup", type=int, help="dense steps before compressing")
-    dist.add_argument("--bucket-mb", type=float, help="gradient bucket cap in MiB (25)")
+    dist.add_argument(
+        "--compress-warmup", type=non_negative_int, help="dense steps before compressing"
+    )
+    dist.add_argument("--bucket-mb", type=positive_float, help="gradient bucket cap in MiB (25)")
     dist.add_argument(
         "--comm-policy", choices=["fifo", "priority"], help="bucket launch policy (fifo)"
     )
     dist.add_argument(
-        "--ranks-per-node", type=int, help="> 1: hierarchical all-reduce over nodes of this size"
+        "--ranks-per-node",
+        type=positive_int,
+        help="> 1: hierarchical all-reduce over nodes of this size",
     )
     train.set_defaults(handler=_cmd_train)
 
@@ -345,12 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (its newest checkpoint is used)",
     )
     gen.add_argument("--prompt", default="def ", help="text to continue")
-    gen.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    gen.add_argument("--tokens", type=positive_int, default=200, help="bytes to generate")
     gen.add_argument(
-        "--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)"
+        "--temperature",
+        type=non_negative_float,
+        default=0.8,
+        help="sampling temperature (0 = greedy)",
     )
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument(
+        "--top-k", type=positive_int, default=None, help="sample among the k most likely bytes"
+    )
+    gen.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
     gen.set_defaults(handler=_cmd_generate)
 
     ev = sub.add_parser("eval", help="validation loss of a run's newest checkpoint")
@@ -375,17 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--preset", default="moe-small", help="model preset (default moe-small)")
     pl.add_argument("--config", help="TOML run configuration (applied over the preset)")
     pl.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override run settings")
-    pl.add_argument("--workers", type=int, nargs="+", default=[2, 8, 64, 256, 1024])
-    pl.add_argument("--gbit", type=float, default=10.0, help="inter-node bandwidth, Gbit/s")
-    pl.add_argument("--latency-us", type=float, default=50.0, help="inter-node latency")
-    pl.add_argument("--ranks-per-node", type=int, default=1)
-    pl.add_argument("--intra-gbit", type=float, default=100.0, help="intra-node bandwidth")
-    pl.add_argument("--intra-latency-us", type=float, default=5.0)
+    pl.add_argument("--workers", type=positive_int, nargs="+", default=[2, 8, 64, 256, 1024])
+    pl.add_argument(
+        "--gbit", type=positive_float, default=10.0, help="inter-node bandwidth, Gbit/s"
+    )
+    pl.add_argument(
+        "--latency-us", type=non_negative_float, default=50.0, help="inter-node latency"
+    )
+    pl.add_argument("--ranks-per-node", type=positive_int, default=1)
+    pl.add_argument("--intra-gbit", type=positive_float, default=100.0, help="intra-node bandwidth")
+    pl.add_argument("--intra-latency-us", type=non_negative_float, default=5.0)
     pl.add_argument("--hierarchical", action="store_true", help="hierarchical all-reduce")
     pl.add_argument("--compress", default="topk:0.01", help="none or topk:<ratio>")
     pl.add_argument(
         "--bucket-mb",
-        type=float,
+        type=positive_float,
         nargs="+",
         default=[25.0],
         help="gradient bucket cap(s) in MiB (default 25); several are compared side by side",
@@ -404,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``moecore`` with ``argv`` (default: ``sys.argv[1:]``) and returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad argument (message shown; 2) or --help (0)
+        return int(exc.code or 0)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2

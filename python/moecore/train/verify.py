@@ -3,6 +3,7 @@ against its manifest and read through, one line each."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -18,14 +19,14 @@ def verify_run(run_dir: Path, out: TextIO) -> int:
     :data:`DAMAGED` when any is damaged, :data:`NOTHING` when the run has no checkpoint."""
     root = Path(run_dir) / "checkpoints"
     if not Path(run_dir).is_dir():
-        print(f"moecore: error: {run_dir} does not exist or is not a folder", file=out)
+        print(f"moecore: error: run directory {run_dir} does not exist", file=sys.stderr)
         return NOTHING
     folders = checkpoint.checkpoint_dirs(run_dir)
     set_aside = (
         sorted(p for p in root.glob("step_*.damaged*") if p.is_dir()) if root.is_dir() else []
     )
     if not folders and not set_aside:
-        print(f"moecore: error: {root}: no checkpoint found", file=out)
+        print(f"moecore: error: {root}: no checkpoint found", file=sys.stderr)
         return NOTHING
     damaged = 0
     for path in folders:
