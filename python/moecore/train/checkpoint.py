@@ -146,6 +146,12 @@ def _read_state(state_file: Path) -> dict[str, Any]:
         raise CheckpointError(f"{state_file}: corrupt ('files' is not a list of names)")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{state_file}: corrupt ('step' is {step!r})")
+    named = _STEP_DIR.match(state_file.parent.name)
+    if named and int(named.group(1)) != step:
+        raise CheckpointError(f"{state_file}: step {step}, but the folder is {named.group(0)}")
+    offset = state.get("metrics_offset", 0)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise CheckpointError(f"{state_file}: corrupt ('metrics_offset' is {offset!r})")
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{state_file}: corrupt (no 'config' object)")
     return state

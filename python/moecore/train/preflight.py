@@ -66,6 +66,8 @@ class MemoryEstimate:
 
 
 def _fmt(n: int) -> str:
+    if n >= 1 << 1000:  # beyond a float (absurd keys such as d_model = 10**200)
+        return f"~10^{len(str(n)) - 1} bytes"
     return f"{n / _GIB:.1f} GiB" if n >= _GIB else f"{n / (1 << 20):.0f} MiB"
 
 

@@ -200,7 +200,7 @@ class Trainer:
         trainer = cls(config_from_dict(values), run_dir, out=out)
         try:
             trainer._restore(groups, state)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CheckpointError(f"{used / 'state.json'}: corrupt ({exc!r})") from None
         trainer.resumed_from = ResumeReport(used, damaged, notes)
         if trainer.group.is_root:
