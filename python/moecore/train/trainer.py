@@ -202,6 +202,12 @@ class Trainer:
             trainer._restore(groups, state)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CheckpointError(f"{used / 'state.json'}: corrupt ({exc!r})") from None
+        # A rank that found another checkpoint intact (its own copy of the run) would
+        # continue another step: refused on every rank.
+        try:
+            check_ranks_agree(trainer.group, "moecore train --resume", [], {"from": used.name})
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
         trainer.resumed_from = ResumeReport(used, damaged, notes)
         if trainer.group.is_root:
             trainer.resumed_from.warn()
