@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moecore.cli_args import non_negative_float, non_negative_int, positive_float, positive_int
+
 
 def _format_status(status: dict[str, Any]) -> str:
     if not status.get("available"):
@@ -141,6 +143,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     missing on one node, an exception in its step): shown, it then ends every rank
     (``MPI_Abort``), as the others would wait for this one forever in a collective."""
     from moecore.dist import abort_job, world_size_from_env
+    from moecore.train.preemption import PREEMPTED_EXIT
 
     try:
         code = _train(args)
@@ -149,7 +152,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             traceback.print_exc()  # MPI_Abort ends the process before Python would show it
             abort_job(1)
         raise
-    if code != 0:
+    if code not in (0, PREEMPTED_EXIT):  # preempted: every rank stopped together
         abort_job(code)
     return code
 
@@ -182,6 +185,8 @@ def _train(args: argparse.Namespace) -> int:
         ):
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
+        if (problem := _missing_run(args.resume)) is not None:
+            return _fail(problem)
         if args.resume:
             trainer = Trainer.resume(Path(args.resume), overrides=overrides)
         else:
@@ -201,6 +206,14 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"moecore: {exc}", file=sys.stderr)
         return 3
+    if result.preempted_by is not None:
+        from moecore.train.preemption import PREEMPTED_EXIT
+
+        print(
+            f"preempted ({result.preempted_by}) after {result.steps_done} steps: checkpoint "
+            f"saved; continue with --resume {result.run_dir} (exit {PREEMPTED_EXIT})"
+        )
+        return PREEMPTED_EXIT
     status = "interrupted" if result.interrupted else "finished"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(
@@ -209,12 +222,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_run(run: str | None) -> str | None:
+    """Why ``run`` is not a run directory, or None."""
+    if run is not None and not Path(run).is_dir():
+        return f"run directory {run} does not exist"
+    return None
+
+
 def _load_run(run: str) -> Any:
     from moecore.train import checkpoint
     from moecore.train.config import config_from_dict
+    from moecore.train.recovery import ResumeReport
     from moecore.train.trainer import build_model
 
-    groups, state = checkpoint.load(checkpoint.latest(Path(run)))
+    notes: list[str] = []
+    used, groups, state, damaged = checkpoint.newest_intact(Path(run), notes)
+    ResumeReport(used, damaged, notes).warn()
     config = config_from_dict(state["config"])
     model = build_model(config)
     model.load_state_dict(groups["model"])
@@ -225,6 +248,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from moecore.train import CheckpointError, ConfigError
     from moecore.train.generate import generate
 
+    if (problem := _missing_run(args.run)) is not None:
+        return _fail(problem)
     try:
         model, _, _ = _load_run(args.run)
         text = generate(
@@ -240,6 +265,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from moecore.data import DataError
     from moecore.train import CheckpointError, ConfigError, Trainer
 
+    if (problem := _missing_run(args.run)) is not None:
+        return _fail(problem)
     try:
         trainer = Trainer.resume(Path(args.run))
         loss = trainer.evaluate()
@@ -260,6 +287,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from moecore.train.report import report
 
+    if (problem := _missing_run(args.run)) is not None:
+        return _fail(problem)
     metrics = Path(args.run) / "metrics.jsonl"
     if not metrics.is_file():
         return _fail(f"{metrics} does not exist")
@@ -267,6 +296,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(text)
     print(f"plot written to {png}" if png else "(install matplotlib for a PNG plot)")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from moecore.train.verify import NOTHING, verify_run
+
+    if (problem := _missing_run(args.run)) is not None:
+        _fail(problem)
+        return NOTHING
+    return verify_run(Path(args.run), sys.stdout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,22 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--data", help="a text file, a folder of text files, or a .bin/.npy of uint16 token ids"
     )
-    train.add_argument("--vocab", type=int, help="vocabulary size of .bin/.npy token data")
+    train.add_argument("--vocab", type=positive_int, help="vocabulary size of .bin/.npy token data")
     dist = train.add_argument_group(
         "distributed", "run under mpiexec -n DP (pip install 'moecore[mpi]')"
     )
-    dist.add_argument("--dp", type=int, help="data-parallel ranks (= mpiexec -n)")
+    dist.add_argument("--dp", type=positive_int, help="data-parallel ranks (= mpiexec -n)")
     dist.add_argument(
-        "--ep", type=int, help="expert-parallel ranks (mpiexec -n dp·ep; n_experts / ep each)"
+        "--ep",
+        type=positive_int,
+        help="expert-parallel ranks (mpiexec -n dp·ep; n_experts / ep each)",
     )
     dist.add_argument("--compress", help="gradient compression: none or topk:<ratio>")
-    dist.add_argument("--compress-warmup", type=int, help="dense steps before compressing")
-    dist.add_argument("--bucket-mb", type=float, help="gradient bucket cap in MiB (25)")
+    dist.add_argument(
+        "--compress-warmup", type=non_negative_int, help="dense steps before compressing"
+    )
+    dist.add_argument("--bucket-mb", type=positive_float, help="gradient bucket cap in MiB (25)")
     dist.add_argument(
         "--comm-policy", choices=["fifo", "priority"], help="bucket launch policy (fifo)"
     )
     dist.add_argument(
-        "--ranks-per-node", type=int, help="> 1: hierarchical all-reduce over nodes of this size"
+        "--ranks-per-node",
+        type=positive_int,
+        help="> 1: hierarchical all-reduce over nodes of this size",
     )
     train.set_defaults(handler=_cmd_train)
 
@@ -327,12 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (its newest checkpoint is used)",
     )
     gen.add_argument("--prompt", default="def ", help="text to continue")
-    gen.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    gen.add_argument("--tokens", type=positive_int, default=200, help="bytes to generate")
     gen.add_argument(
-        "--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)"
+        "--temperature",
+        type=non_negative_float,
+        default=0.8,
+        help="sampling temperature (0 = greedy)",
     )
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument(
+        "--top-k", type=positive_int, default=None, help="sample among the k most likely bytes"
+    )
+    gen.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
     gen.set_defaults(handler=_cmd_generate)
 
     ev = sub.add_parser("eval", help="validation loss of a run's newest checkpoint")
@@ -343,23 +392,35 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run", metavar="RUN_DIR", help="run directory")
     rep.set_defaults(handler=_cmd_report)
 
+    ver = sub.add_parser(
+        "verify",
+        help="check every checkpoint of a run against its checksums "
+        "(exit 0 intact, 1 damage found, 2 no run or no checkpoint)",
+    )
+    ver.add_argument("run", metavar="RUN_DIR", help="run directory")
+    ver.set_defaults(handler=_cmd_verify)
+
     pl = sub.add_parser(
         "plan", help="predict step time and exposed communication at 2 to 1024 workers"
     )
     pl.add_argument("--preset", default="moe-small", help="model preset (default moe-small)")
     pl.add_argument("--config", help="TOML run configuration (applied over the preset)")
     pl.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override run settings")
-    pl.add_argument("--workers", type=int, nargs="+", default=[2, 8, 64, 256, 1024])
-    pl.add_argument("--gbit", type=float, default=10.0, help="inter-node bandwidth, Gbit/s")
-    pl.add_argument("--latency-us", type=float, default=50.0, help="inter-node latency")
-    pl.add_argument("--ranks-per-node", type=int, default=1)
-    pl.add_argument("--intra-gbit", type=float, default=100.0, help="intra-node bandwidth")
-    pl.add_argument("--intra-latency-us", type=float, default=5.0)
+    pl.add_argument("--workers", type=positive_int, nargs="+", default=[2, 8, 64, 256, 1024])
+    pl.add_argument(
+        "--gbit", type=positive_float, default=10.0, help="inter-node bandwidth, Gbit/s"
+    )
+    pl.add_argument(
+        "--latency-us", type=non_negative_float, default=50.0, help="inter-node latency"
+    )
+    pl.add_argument("--ranks-per-node", type=positive_int, default=1)
+    pl.add_argument("--intra-gbit", type=positive_float, default=100.0, help="intra-node bandwidth")
+    pl.add_argument("--intra-latency-us", type=non_negative_float, default=5.0)
     pl.add_argument("--hierarchical", action="store_true", help="hierarchical all-reduce")
     pl.add_argument("--compress", default="topk:0.01", help="none or topk:<ratio>")
     pl.add_argument(
         "--bucket-mb",
-        type=float,
+        type=positive_float,
         nargs="+",
         default=[25.0],
         help="gradient bucket cap(s) in MiB (default 25); several are compared side by side",
@@ -378,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``moecore`` with ``argv`` (default: ``sys.argv[1:]``) and returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad argument (message shown; 2) or --help (0)
+        return int(exc.code or 0)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2

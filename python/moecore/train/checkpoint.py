@@ -1,6 +1,9 @@
 """Checkpoints: a folder per step with tensors in safetensors and everything else in JSON,
 written atomically (temporary folder, fsync, rename) so a crash — even ``kill -9`` in the
-middle of a write — never leaves a broken checkpoint where a good one was expected."""
+middle of a write — never leaves a broken checkpoint where a good one was expected. The last
+file written is ``manifest.json`` (size and SHA-256 of every other file, see
+:mod:`moecore.train.integrity`), checked before a checkpoint is read: a damaged checkpoint is
+refused, never used, and :func:`newest_intact` falls back to the one before it."""
 
 from __future__ import annotations
 
@@ -14,17 +17,27 @@ from typing import Any
 
 import numpy as np
 
-from moecore.train import safetensors
+from moecore.train import integrity, safetensors
+from moecore.train.integrity import CheckpointDamaged, CheckpointError
+
+__all__ = [
+    "CheckpointDamaged",
+    "CheckpointError",
+    "checkpoint_dirs",
+    "latest",
+    "load",
+    "newest_intact",
+    "quarantine",
+    "save",
+    "write_atomic",
+]
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 # Test hook: seconds to pause between writing the files and publishing the folder, so a
 # test can kill the process in the middle of a checkpoint write deterministically.
 _PAUSE_ENV = "MOECORE_CHECKPOINT_PAUSE"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or incompatible; the message names the file."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,6 +99,11 @@ def save(
         )
     meta = {"format_version": FORMAT_VERSION, "step": step, "files": sorted(groups), **state}
     _write_file(tmp / "state.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+    # Last: the checksums of what is now on disk (read back, so a write that went wrong
+    # between our buffer and the file is caught by the next load, not recorded as good).
+    names = [f"{name}.safetensors" for name in groups] + ["state.json"]
+    manifest = integrity.manifest_bytes(tmp, names)
+    _write_file(tmp / integrity.MANIFEST, lambda fh: fh.write(manifest))
     _fsync_dir(tmp)
     pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
     if pause:
@@ -106,21 +124,51 @@ def save(
     return final
 
 
-def load(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
-    """Reads a checkpoint folder → (tensor groups, state); raises :class:`CheckpointError`
-    naming the file and the problem."""
-    path = Path(path)
-    state_file = path / "state.json"
+def _read_state(state_file: Path) -> dict[str, Any]:
+    """``state.json`` → dict, its shape checked; :class:`CheckpointError` naming the file."""
     if not state_file.is_file():
         raise CheckpointError(f"{state_file}: missing (not a checkpoint folder)")
     try:
-        state = json.loads(state_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        state = json.loads(state_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{state_file}: corrupt JSON ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file}: corrupt (not a JSON object)")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{state_file}: checkpoint format {state.get('format_version')!r}, this moecore reads {FORMAT_VERSION}"
         )
+    files = state.get("files", [])
+    step = state.get("step")
+    if not isinstance(files, list) or not all(
+        isinstance(f, str) and _GROUP_NAME.match(f) for f in files
+    ):
+        raise CheckpointError(f"{state_file}: corrupt ('files' is not a list of names)")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{state_file}: corrupt ('step' is {step!r})")
+    named = _STEP_DIR.match(state_file.parent.name)
+    if named and int(named.group(1)) != step:
+        raise CheckpointError(f"{state_file}: step {step}, but the folder is {named.group(0)}")
+    offset = state.get("metrics_offset", 0)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise CheckpointError(f"{state_file}: corrupt ('metrics_offset' is {offset!r})")
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{state_file}: corrupt (no 'config' object)")
+    return state
+
+
+def load(
+    path: Path, notes: list[str] | None = None
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """Reads a checkpoint folder → (tensor groups, state), after checking every file against
+    the manifest; raises :class:`CheckpointDamaged` when a file differs from it and
+    :class:`CheckpointError` naming the file and the problem otherwise. A checkpoint without
+    a manifest (older moecore) is read unverified, with a note appended to ``notes``."""
+    path = Path(path)
+    note = integrity.verify(path) if (path / "state.json").is_file() else None
+    if note is not None and notes is not None:
+        notes.append(note)
+    state = _read_state(path / "state.json")
     groups = {}
     for name in state.get("files", []):
         file = path / f"{name}.safetensors"
@@ -131,6 +179,44 @@ def load(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
         except safetensors.SafetensorsError as exc:
             raise CheckpointError(str(exc)) from None
     return groups, state
+
+
+def newest_intact(
+    run_dir: Path, notes: list[str] | None = None
+) -> tuple[Path, dict[str, dict[str, np.ndarray]], dict[str, Any], list[tuple[Path, str]]]:
+    """The newest checkpoint of a run that loads and matches its manifest → (folder, tensor
+    groups, state, [(damaged newer folder, what is wrong)]). Damaged checkpoints are skipped,
+    never changed; :class:`CheckpointError` (listing them) when none is intact."""
+    dirs = checkpoint_dirs(run_dir)
+    if not dirs:
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint found")
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(dirs):
+        try:
+            groups, state = load(path, notes)
+        except CheckpointError as exc:
+            damaged.append((path, str(exc)))
+            continue
+        return path, groups, state, damaged
+    if len(damaged) == 1:
+        raise CheckpointError(damaged[0][1])
+    listed = "\n  - ".join(why for _, why in damaged)
+    raise CheckpointError(f"no intact checkpoint in {Path(run_dir)}:\n  - {listed}")
+
+
+def quarantine(path: Path) -> Path:
+    """Renames a damaged checkpoint folder ``step_N`` to ``step_N.damaged`` (``.damaged-2`` …
+    if taken): kept for inspection, but no longer loaded, pruned, or overwritten when the
+    run saves step N again. Returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.damaged")
+    n = 2
+    while target.exists():
+        target = path.with_name(f"{path.name}.damaged-{n}")
+        n += 1
+    os.replace(path, target)
+    _fsync_dir(path.parent)
+    return target
 
 
 def latest(run_dir: Path) -> Path:

@@ -8,6 +8,7 @@ import re
 import tomllib
 import typing
 from dataclasses import dataclass, fields
+from math import inf, isfinite
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,9 @@ class RunConfig(ModelConfig):
     ranks_per_node: int = 1
     # seconds any blocking communication may last before the job ends (a rank that hangs)
     comm_timeout_s: float = 1800.0
+    # GiB a rank may use (0: what the machine has free, MemAvailable or the cgroup limit);
+    # a run whose estimated peak exceeds it is refused before the first step
+    memory_limit_gb: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict (for JSON and TOML)."""
@@ -113,6 +117,10 @@ _CHOICES = {
 }
 
 
+#: Float keys for which ``inf`` makes sense ("no limit").
+_UNBOUNDED = ("comm_timeout_s", "memory_limit_gb")
+
+
 def _coerce(key: str, value: Any, problems: list[str]) -> Any:
     kind = _TYPES[key]
     if kind is bool:
@@ -129,13 +137,19 @@ def _coerce(key: str, value: Any, problems: list[str]) -> Any:
             except ValueError:
                 pass
     elif kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, int | float | str) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):  # OverflowError: an int beyond 1e308
                 pass
+        # NaN passes every "≥ 0" check and then poisons training; ∞ means "no limit" only
+        # for limits.
+        if number is not None and (isfinite(number) or (key in _UNBOUNDED and number == inf)):
+            return number
+        if number is not None:
+            problems.append(f"{key}: expected a finite number, got {value!r}")
+            return None
     elif kind is str:
         if isinstance(value, str):
             return value
@@ -179,6 +193,7 @@ def _check_values(c: RunConfig) -> list[str]:
         "vocab",
         "seed",
         "compress_warmup",
+        "memory_limit_gb",
     ):
         if getattr(c, key) < 0:
             p.append(f"{key} must be ≥ 0, got {getattr(c, key)}")

@@ -22,6 +22,16 @@ def generate(
         raise ValueError(f"temperature must be ≥ 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+    if tokens < 0:
+        raise ValueError(f"tokens must be ≥ 0, got {tokens}")
+    if not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number, got {temperature}")
+    outside = sorted({b for b in prompt if b >= model.config.vocab_size})
+    if outside:
+        raise ValueError(
+            f"the prompt has bytes {outside[:8]} outside the model's vocabulary of "
+            f"{model.config.vocab_size} tokens (ids 0-{model.config.vocab_size - 1})"
+        )
     rng = np.random.default_rng(seed)
     ids = list(prompt) or [10]
     window = model.config.seq_len

@@ -64,6 +64,7 @@ def write_png(records: list[dict[str, Any]], path: Path) -> bool:
 
 def report(run_dir: Path) -> tuple[str, Path | None]:
     """(text summary, PNG path or None) for a run directory."""
-    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    # Step records only (a resume past a damaged checkpoint adds an "event" record).
+    records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
     png = Path(run_dir) / "report.png"
     return summarize(records), (png if records and write_png(records, png) else None)

@@ -5,6 +5,7 @@ moecore weights with ``safetensors.torch.load_file`` and moecore needs no extra 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import IO, Any
 
@@ -63,6 +64,13 @@ def write(
         fh.write(memoryview(a.reshape(-1)).cast("B"))
 
 
+def _dimension(value: object) -> int:
+    """A shape entry or offset: a JSON integer ≥ 0 (ValueError/TypeError otherwise)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not an integer ≥ 0")
+    return value
+
+
 def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Reads a safetensors file → (tensors, metadata); raises :class:`SafetensorsError`
     naming the file and the problem."""
@@ -80,22 +88,27 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: __metadata__ is not a map of strings")
     body = memoryview(data)[8 + n :]
     out = {}
     for name, entry in header.items():
         try:
             dt = _DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            start, end = (int(v) for v in entry["data_offsets"])
+            shape = tuple(_dimension(s) for s in entry["shape"])
+            start, end = (_dimension(v) for v in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise SafetensorsError(
-                f"{path}: tensor {name!r} has a malformed entry ({exc})"
+                f"{path}: tensor {name!r} has a malformed entry ({exc!r})"
             ) from None
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # Python ints: no overflow on absurd shapes
         if not 0 <= start <= end <= len(body) or end - start != count * dt.itemsize:
             raise SafetensorsError(
                 f"{path}: tensor {name!r} claims bytes [{start}, {end}) for shape {shape} "
                 f"{entry['dtype']}, but the data section has {len(body)} bytes"
             )
-        out[name] = np.frombuffer(body[start:end], dtype=dt).reshape(shape).copy()
+        try:
+            out[name] = np.frombuffer(body[start:end], dtype=dt).reshape(shape).copy()
+        except ValueError as exc:  # a shape numpy cannot make (e.g. [0, 2**63 - 1])
+            raise SafetensorsError(f"{path}: tensor {name!r} shape {shape}: {exc}") from None
     return out, metadata

@@ -24,13 +24,18 @@ from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
 from moecore.ops.moe import set_aux_loss_scale
 from moecore.train import checkpoint
+from moecore.train.checkpoint import CheckpointError
 from moecore.train.checksum import param_checksums
 from moecore.train.config import ConfigError, RunConfig, config_from_dict
 from moecore.train.memory import keep_freed_memory
 from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
 from moecore.train.parallel import Layout
+from moecore.train.preemption import StopRequest
+from moecore.train.preflight import check_memory
 from moecore.train.progress import Progress
+from moecore.train.recovery import ResumeReport
+from moecore.train.rss import rss_record
 
 
 @dataclass
@@ -43,6 +48,8 @@ class TrainResult:
     interrupted: bool
     seconds: float
     run_dir: Path
+    #: Set when SIGTERM/SIGUSR1 stopped the run (after a checkpoint): what was received.
+    preempted_by: str | None = None
 
 
 def build_model(config: RunConfig) -> MoETransformer:
@@ -74,7 +81,7 @@ def _world(config: RunConfig) -> Group:
 
 #: Settings each rank may have its own of: where its copy of the data is, its memory tuning,
 #: how long it waits for the others.
-_RANK_LOCAL = ("data", "keep_freed_memory", "comm_timeout_s")
+_RANK_LOCAL = ("data", "keep_freed_memory", "comm_timeout_s", "memory_limit_gb")
 
 
 def _check_same_config(group: Group, config: RunConfig) -> None:
@@ -131,6 +138,9 @@ class Trainer:
             what = f"dp is {config.dp}" if config.ep == 1 else f"dp × ep is {config.dp * config.ep}"
             raise ConfigError([f"{what} but the job has {self.group.size} ranks (mpiexec -n)"])
         _check_same_config(self.group, config)
+        self.memory, problem = check_memory(config, self.group.size)
+        if problem is not None:
+            raise ConfigError([problem])
         # Only rank 0 shows progress and writes files.
         self.out = (out or sys.stdout) if self.group.is_root else open(os.devnull, "w")
         self.corpus = (
@@ -162,6 +172,9 @@ class Trainer:
             self.corpus.val, config.seq_len, config.batch_size, config.eval_batches
         )
         self.last_val: float | None = None
+        self.stop = StopRequest()
+        #: Set by :meth:`resume`: the checkpoint used and the damaged ones skipped.
+        self.resumed_from: ResumeReport | None = None
 
     def _data_parallel(self, warmup_steps: int) -> None:
         self.layout.data_parallel(
@@ -181,11 +194,24 @@ class Trainer:
         cls, run_dir: Path, out: TextIO | None = None, overrides: dict[str, Any] | None = None
     ) -> Trainer:
         """A trainer continuing the newest checkpoint of ``run_dir`` exactly where it was."""
-        groups, state = checkpoint.load(checkpoint.latest(run_dir))
+        notes: list[str] = []
+        used, groups, state, damaged = checkpoint.newest_intact(run_dir, notes)
         values = dict(state["config"])
         values.update(overrides or {})
         trainer = cls(config_from_dict(values), run_dir, out=out)
-        trainer._restore(groups, state)
+        try:
+            trainer._restore(groups, state)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise CheckpointError(f"{used / 'state.json'}: corrupt ({exc!r})") from None
+        # A rank that found another checkpoint intact (its own copy of the run) would
+        # continue another step: refused on every rank.
+        try:
+            check_ranks_agree(trainer.group, "moecore train --resume", [], {"from": used.name})
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        trainer.resumed_from = ResumeReport(used, damaged, notes)
+        if trainer.group.is_root:
+            trainer.resumed_from.warn()
         return trainer
 
     def _param_names(self) -> list[str]:
@@ -301,9 +327,11 @@ class Trainer:
         if g.size > 1:
             self.layout.finish()
             # Loss, routing statistics and the bias update use the whole global batch.
-            summed = np.array([total_loss, dropped], dtype=np.float64)
+            # … and the ranks' stop votes (SIGTERM/SIGUSR1), so all stop at the same step.
+            summed = np.array([total_loss, dropped, self.stop.flag()], dtype=np.float64)
             g.allreduce(summed)
             total_loss, dropped = float(summed[0]) / g.size, int(summed[1])
+            self.stop.agree(summed[2])
             for load in loads:
                 g.allreduce(load)
             for layer in self.moe_layers:
@@ -351,13 +379,19 @@ class Trainer:
                 f"model  {self.layout.num_parameters(self.model):,} parameters, {cfg.n_layers} layers, "
                 f"{cfg.n_experts} experts top-{cfg.top_k}; run dir {self.run_dir}"
             )
+            progress.message(f"memory {self.memory.describe()} per rank")
         else:
             progress.message(f"resuming {self.run_dir} at step {self.step}")
+        if self.resumed_from is not None and self.group.is_root:
+            for event in self.resumed_from.set_aside():
+                metrics.write({"step": self.step, **event})
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
         start = time.perf_counter()
         first_step = self.step
         record: dict[str, Any] = {"loss": float("nan")}
         interrupted = False
+        preempted_by = None
+        self.stop.install()
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -365,6 +399,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 record["tokens_per_s"] = tokens_per_step / dt
                 record["seconds"] = time.perf_counter() - start
+                record.update(rss_record())
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     self.last_val = self.evaluate()
                     record["val_loss"] = self.last_val
@@ -393,16 +428,24 @@ class Trainer:
                     and self.step < cfg.steps
                 ):
                     self.save_checkpoint(metrics)
+                if self.stop.should_stop(self.group.size) and self.step < cfg.steps:
+                    preempted_by = self.stop.describe(self.group.size)
+                    progress.message(f"{preempted_by} at step {self.step}: saving a checkpoint")
+                    break
         except KeyboardInterrupt:
             interrupted = True
             progress.message(f"interrupted at step {self.step}: saving a checkpoint")
         except BaseException:
+            self.stop.restore()
             metrics.close()
             raise
         if self.step > first_step or interrupted:
             path = self.save_checkpoint(metrics)
             progress.close()
             progress.message(f"checkpoint {path}")
+        if preempted_by is not None:
+            self.group.barrier()  # no rank leaves before rank 0 has written the checkpoint
+        self.stop.restore()
         metrics.close()
         return TrainResult(
             self.step,
@@ -411,4 +454,5 @@ class Trainer:
             interrupted,
             time.perf_counter() - start,
             self.run_dir,
+            preempted_by,
         )
