@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from moecore.models.config import ModelConfig
+from moecore.nn.init import INITS
+from moecore.train.optimizers import OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -27,7 +29,8 @@ class RunConfig(ModelConfig):
     """Every setting of a training run: the model's (inherited from :class:`ModelConfig`),
     then optimizer, schedule, data and checkpoints."""
 
-    # optimizer and schedule
+    # optimizer and schedule ("adamw", "adafactor" or "sgd"; see train/optimizers.py)
+    optimizer: str = "adamw"
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.95
@@ -38,6 +41,8 @@ class RunConfig(ModelConfig):
     decay_steps: int = 600
     min_lr: float = 1e-4
     clip: float = 1.0
+    # adaptive gradient clipping (NFNets): each unit's gradient ≤ agc · max(‖w‖, 1e-3); 0 = off
+    agc: float = 0.0
     # training
     steps: int = 600
     batch_size: int = 16
@@ -50,6 +55,9 @@ class RunConfig(ModelConfig):
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
     spike_factor: float = 3.0
+    # what a loss spike (loss > spike_factor × its moving average) does: "skip" the update
+    # or only "flag" it in the metrics
+    spike_action: str = "skip"
     # keep freed activation/gradient pages mapped for the next step (glibc malloc tuning)
     keep_freed_memory: bool = True
     # data
@@ -106,6 +114,9 @@ _CHOICES = {
     "schedule": ("cosine", "linear", "constant"),
     "dtype": ("float32",),
     "comm_policy": ("fifo", "priority"),
+    "init": INITS,
+    "optimizer": OPTIMIZERS,
+    "spike_action": ("skip", "flag"),
 }
 
 
@@ -195,6 +206,7 @@ def _check_values(c: RunConfig) -> list[str]:
         "z_loss",
         "bias_update_rate",
         "capacity_factor",
+        "agc",
     ):
         if getattr(c, key) < 0:
             p.append(f"{key} must be ≥ 0, got {getattr(c, key)}")
