@@ -172,6 +172,7 @@ class _EPMoE(Function):
             dropped=0,
             aux_loss=aux,
             z_loss=z,
+            router_entropy=_moe_op.router_entropy(probs),
             tokens=t,
         )
         ctx.save_for_backward(x2, router_w, w1, w2, idx, weights, probs, order, x_local, h, a)

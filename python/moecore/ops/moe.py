@@ -96,6 +96,16 @@ def add_z_loss(d_logits: Any, logits: Any, z_coef: float, t: int) -> float:
     return float(z_coef * (lse * lse).sum() / t)
 
 
+def router_entropy(probs: Any) -> float:
+    """Mean over tokens of the entropy (nats) of each token's routing distribution (the
+    scores renormalised to sum to 1): ln E when the router is undecided, 0 when it is sure."""
+    xp = xp_of(probs)
+    if probs.shape[0] == 0:
+        return 0.0
+    p = probs / xp.maximum(probs.sum(axis=1, keepdims=True), 1e-30)
+    return float(-(p * xp.log(xp.maximum(p, 1e-30))).sum(axis=1).mean())
+
+
 class MoEFunction(Function):
     @staticmethod
     def forward(
@@ -152,6 +162,7 @@ class MoEFunction(Function):
                 dropped=int(t * k - int(counts.sum())),
                 aux_loss=aux,
                 z_loss=z,
+                router_entropy=router_entropy(probs),
                 tokens=t,
             )
         ctx.save_for_backward(
