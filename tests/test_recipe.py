@@ -119,3 +119,23 @@ def test_eval_windows_matches_a_numpy_reference(tmp_path, corpus, capsys):
     assert json.loads(capsys.readouterr().out)["val_loss"] != printed["val_loss"]
     assert main(["eval", "--run", str(out), "--windows", "0"]) == 2
     assert "number of windows must be ≥ 1" in capsys.readouterr().err
+
+
+def test_moe_32_preset_and_its_documented_size():
+    cfg = build_config("moe-32")
+    assert (cfg.n_experts, cfg.top_k, cfg.aux_loss) == (32, 2, 0.01)
+    model = MoETransformer(ModelConfig.from_run(cfg))
+    d, f, e, L, v, t = (
+        cfg.d_model,
+        cfg.d_ff,
+        cfg.n_experts,
+        cfg.n_layers,
+        cfg.vocab_size,
+        cfg.seq_len,
+    )
+    per_layer_dense = 4 * d * d + 4 * d + e * d  # attention, two LayerNorms, router
+    expert = 2 * d * f
+    total = v * d + t * d + L * (per_layer_dense + e * expert) + 2 * d
+    assert model.num_parameters() == total == 17_994_240  # docs/recipe.md
+    active = total - L * (e - cfg.top_k) * expert
+    assert active == 2_265_600

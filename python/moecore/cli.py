@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--preset",
         default="moe-small",
-        help="named configuration to start from (moe-small, moe-tiny)",
+        help="named configuration to start from (moe-small, moe-32, moe-tiny)",
     )
     train.add_argument("--config", help="TOML run configuration (applied over the preset)")
     train.add_argument(
