@@ -281,6 +281,8 @@ class ExpertParallelMoE(Module):
     ) -> ExpertParallelMoE:
         """This rank's shard of ``moe`` (an :class:`moecore.nn.MoE`; dropless only — a
         capacity factor raises ``ValueError``). Parameters and buffers are copied."""
+        if getattr(moe, "b1", None) is not None:
+            raise ValueError("ExpertParallelMoE: expert biases (bias=True) are not supported")
         if moe.capacity_factor is not None:
             raise ValueError(
                 "ExpertParallelMoE: capacity dropping (capacity_factor) is not supported under "

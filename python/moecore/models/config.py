@@ -35,6 +35,8 @@ class ModelConfig:
     # "gpt2": N(0, 0.02²) weights, residual projections 0.02/sqrt(2·n_layers), zero biases;
     # "torch": PyTorch's fan-in uniform (see docs/recipe.md)
     init: str = "gpt2"
+    # biases on the attention's qkv and output projections and on each expert's two matrices
+    bias: bool = False
 
     @classmethod
     def from_run(cls, run: Any) -> ModelConfig:

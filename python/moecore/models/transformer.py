@@ -52,6 +52,7 @@ class Block(nn.Module):
         self.attn = nn.Attention(
             cfg.d_model,
             cfg.n_heads,
+            bias=cfg.bias,
             dropout=cfg.dropout,
             rope=cfg.position == "rope",
             max_len=cfg.seq_len,
@@ -74,6 +75,7 @@ class Block(nn.Module):
                 activation=cfg.activation,
                 init=cfg.init,
                 out_std=out_std,
+                bias=cfg.bias,
             )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff, cfg.activation, cfg.init, out_std)

@@ -53,6 +53,7 @@ class MoE(Module):
             ``"torch"`` (PyTorch's fan-in uniform, as if each were a Linear).
         out_std: std of ``w2`` (and the shared experts' output) under ``"gpt2"``: it writes
             into the residual stream (a model passes ``nn.init.residual_std(n_layers)``).
+        bias: learn a bias on each expert's two matrices (``b1``, ``b2``; see docs/recipe.md).
 
     Both auxiliary losses reach the router through the op's backward: nothing has to be
     added to the caller's loss. Each forward in training records ``last_stats``.
@@ -84,6 +85,7 @@ class MoE(Module):
         dtype: Any = np.float32,
         init: str = "gpt2",
         out_std: float = initializers.GPT2_STD,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         problems = []
@@ -116,6 +118,11 @@ class MoE(Module):
         self.router = Parameter(w((n_experts, d_model), d_model, init, std, dtype))
         self.w1 = Parameter(w((n_experts, d_model, gate * d_ff), d_model, init, std, dtype))
         self.w2 = Parameter(w((n_experts, d_ff, d_model), d_ff, init, out_std, dtype))
+        b = initializers.bias
+        b1 = Parameter(b((n_experts, gate * d_ff), d_model, init, dtype)) if bias else None
+        b2 = Parameter(b((n_experts, d_model), d_ff, init, dtype)) if bias else None
+        self.register_parameter("b1", b1)
+        self.register_parameter("b2", b2)
         if n_shared_experts:
             hidden = n_shared_experts * d_ff
             # n shared experts summed equal one FFN with their hidden units side by side.
@@ -148,6 +155,8 @@ class MoE(Module):
             aux_loss=self.aux_loss if self.training else 0.0,
             z_loss=self.z_loss if self.training else 0.0,
             stats=stats,
+            b1=self.b1,
+            b2=self.b2,
         )
         if self.n_shared_experts:
             y = y + shared_experts(self, x)

@@ -258,6 +258,8 @@ def _check_expert_parallel(c: RunConfig) -> list[str]:
             f"capacity_factor ({c.capacity_factor}) with ep ({c.ep}) > 1 is not supported: "
             "expert parallelism is dropless (set capacity_factor=0)"
         )
+    if c.bias:
+        p.append(f"bias with ep ({c.ep}) > 1 is not supported (expert biases are not sharded)")
     if c.ranks_per_node > 1:
         p.append(
             f"ranks_per_node ({c.ranks_per_node}) with ep ({c.ep}) > 1 is not supported "
