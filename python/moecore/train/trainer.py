@@ -299,6 +299,8 @@ class Trainer:
                 loads[i] += layer.last_stats["tokens_per_expert"]
                 dropped += layer.last_stats["dropped"]
             routing.add(self.moe_layers)
+        # The scale is process-wide: leave it at 1 for whatever runs after this step.
+        set_aux_loss_scale(1.0)
         if g.size > 1:
             self.layout.finish()
             # Loss, routing statistics and the bias update use the whole global batch.
