@@ -212,7 +212,18 @@ def test_moe_module_shared_experts_and_stats():
 
 def test_aux_loss_free_bias_balances_load():
     mc.manual_seed(0)
-    layer = nn.MoE(8, 4, n_experts=4, top_k=1, score="sigmoid", aux_loss=0.0, bias_update_rate=0.05)
+    # PyTorch's router scale (U(±1/sqrt(8))): the bias steps of 0.05 are small against its
+    # logits; under the N(0, 0.02²) default they would swamp them and the load oscillates.
+    layer = nn.MoE(
+        8,
+        4,
+        n_experts=4,
+        top_k=1,
+        score="sigmoid",
+        aux_loss=0.0,
+        bias_update_rate=0.05,
+        init="torch",
+    )
     layer.router.data[0] += 1.0  # with inputs of positive mean, expert 0 wins at first
     x = mc.Tensor(mc.randn(256, 8).numpy() + 1.0)
     layer(x)

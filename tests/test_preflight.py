@@ -19,6 +19,7 @@ from moecore.train.preflight import available_memory, check_memory, count_parame
         {},
         {"activation": "swiglu", "norm": "rmsnorm", "position": "rope", "n_shared_experts": 1},
         {"first_dense_layers": 1, "moe_every": 2, "n_layers": 4, "vocab_size": 300},
+        {"bias": True, "activation": "swiglu"},
     ],
 )
 def test_parameter_count_equals_the_models(overrides):
@@ -26,7 +27,10 @@ def test_parameter_count_equals_the_models(overrides):
     model = build_model(config)
     total, experts = count_parameters(config)
     assert total == model.num_parameters()
-    assert experts == sum(layer.w1.numel() + layer.w2.numel() for layer in model.moe_layers())
+    expert_tensors = [
+        t for layer in model.moe_layers() for t in (layer.w1, layer.w2, layer.b1, layer.b2)
+    ]
+    assert experts == sum(t.numel() for t in expert_tensors if t is not None)
 
 
 def test_seq_len_100000_is_refused_before_training(tmp_path):

@@ -264,23 +264,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from moecore.data import DataError
     from moecore.train import CheckpointError, ConfigError, Trainer
+    from moecore.train.eval_set import eval_batches, evaluate_windows
 
     if (problem := _missing_run(args.run)) is not None:
         return _fail(problem)
     try:
         trainer = Trainer.resume(Path(args.run))
-        loss = trainer.evaluate()
-    except (CheckpointError, ConfigError, DataError) as exc:
+        if args.windows is None:
+            loss = trainer.evaluate()
+        else:
+            batches = eval_batches(trainer.corpus.tokens, args.windows, trainer.config.seq_len)
+            loss = evaluate_windows(trainer.model, batches)
+    except (CheckpointError, ConfigError, DataError, ValueError) as exc:
         return _fail(str(exc))
-    print(
-        json.dumps(
-            {
-                "step": trainer.step,
-                "val_loss": loss,
-                "val_ppl_per_byte": float(2.718281828459045**loss),
-            }
-        )
-    )
+    record = {"step": trainer.step, "val_loss": loss}
+    if args.windows is not None:
+        record["windows"] = args.windows
+    record["val_ppl_per_byte"] = float(2.718281828459045**loss)
+    print(json.dumps(record))
     return 0
 
 
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--preset",
         default="moe-small",
-        help="named configuration to start from (moe-small, moe-tiny)",
+        help="named configuration to start from (moe-small, moe-32, moe-tiny)",
     )
     train.add_argument("--config", help="TOML run configuration (applied over the preset)")
     train.add_argument(
@@ -386,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="validation loss of a run's newest checkpoint")
     ev.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory")
+    ev.add_argument(
+        "--windows",
+        type=int,
+        metavar="N",
+        help="score N evenly strided windows of the last 1/20 of the corpus in batches of 16 "
+        "(512: the set of docs/recipe.md) instead of the run's own validation batches",
+    )
     ev.set_defaults(handler=_cmd_eval)
 
     rep = sub.add_parser("report", help="summary of a run (and a PNG with matplotlib)")

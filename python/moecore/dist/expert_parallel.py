@@ -172,6 +172,7 @@ class _EPMoE(Function):
             dropped=0,
             aux_loss=aux,
             z_loss=z,
+            router_entropy=_moe_op.router_entropy(probs),
             tokens=t,
         )
         ctx.save_for_backward(x2, router_w, w1, w2, idx, weights, probs, order, x_local, h, a)
@@ -280,6 +281,8 @@ class ExpertParallelMoE(Module):
     ) -> ExpertParallelMoE:
         """This rank's shard of ``moe`` (an :class:`moecore.nn.MoE`; dropless only — a
         capacity factor raises ``ValueError``). Parameters and buffers are copied."""
+        if getattr(moe, "b1", None) is not None:
+            raise ValueError("ExpertParallelMoE: expert biases (bias=True) are not supported")
         if moe.capacity_factor is not None:
             raise ValueError(
                 "ExpertParallelMoE: capacity dropping (capacity_factor) is not supported under "

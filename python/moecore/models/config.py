@@ -32,6 +32,11 @@ class ModelConfig:
     position: str = "learned"
     dropout: float = 0.0
     activation_checkpointing: bool = False
+    # "gpt2": N(0, 0.02²) weights, residual projections 0.02/sqrt(2·n_layers), zero biases;
+    # "torch": PyTorch's fan-in uniform (see docs/recipe.md)
+    init: str = "gpt2"
+    # biases on the attention's qkv and output projections and on each expert's two matrices
+    bias: bool = False
 
     @classmethod
     def from_run(cls, run: Any) -> ModelConfig:

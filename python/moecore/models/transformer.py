@@ -15,12 +15,19 @@ from moecore.nn import init
 class DenseFFN(nn.Module):
     """The dense feed-forward block: Linear → activation → Linear (no biases)."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        activation: str,
+        init: str = "gpt2",
+        out_std: float = nn.init.GPT2_STD,
+    ) -> None:
         super().__init__()
         gate = 2 if activation == "swiglu" else 1
         self.activation = activation
-        self.up = nn.Linear(d_model, gate * d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.up = nn.Linear(d_model, gate * d_ff, bias=False, init=init)
+        self.down = nn.Linear(d_ff, d_model, bias=False, init=init, std=out_std)
 
     def forward(self, x: Tensor) -> Tensor:
         """Applies the block to the last axis."""
@@ -40,13 +47,17 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool) -> None:
         super().__init__()
         norm = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
+        out_std = init.residual_std(cfg.n_layers)
         self.norm1 = norm(cfg.d_model)
         self.attn = nn.Attention(
             cfg.d_model,
             cfg.n_heads,
+            bias=cfg.bias,
             dropout=cfg.dropout,
             rope=cfg.position == "rope",
             max_len=cfg.seq_len,
+            init=cfg.init,
+            out_std=out_std,
         )
         self.norm2 = norm(cfg.d_model)
         if moe:
@@ -62,9 +73,12 @@ class Block(nn.Module):
                 bias_update_rate=cfg.bias_update_rate,
                 n_shared_experts=cfg.n_shared_experts,
                 activation=cfg.activation,
+                init=cfg.init,
+                out_std=out_std,
+                bias=cfg.bias,
             )
         else:
-            self.ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff, cfg.activation)
+            self.ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff, cfg.activation, cfg.init, out_std)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moecore.nn import init
 from moecore.nn.attention import Attention
 from moecore.nn.containers import ModuleList, Sequential
 from moecore.nn.layers import Dropout, Embedding, LayerNorm, Linear, RMSNorm
@@ -23,5 +24,6 @@ __all__ = [
     "Parameter",
     "RMSNorm",
     "Sequential",
+    "init",
     "update_router_biases",
 ]

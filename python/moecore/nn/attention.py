@@ -8,6 +8,7 @@ import numpy as np
 
 from moecore import ops
 from moecore.autograd.tensor import Tensor
+from moecore.nn.init import GPT2_STD
 from moecore.nn.layers import Dropout, Linear
 from moecore.nn.module import Module
 from moecore.ops.attention import rope_tables
@@ -25,6 +26,9 @@ class Attention(Module):
         causal: mask future positions.
         rope: rotary position embeddings on q and k (RoFormer), for up to ``max_len`` positions.
         max_len: longest sequence the rotary tables cover.
+        init: ``"gpt2"`` or ``"torch"`` (see :class:`Linear`).
+        out_std: std of the output projection under ``"gpt2"`` (it writes into the residual
+            stream: a model passes ``nn.init.residual_std(n_layers)``); default 0.02.
 
     Shape:
         ``[batch, T, d_model]`` → same.
@@ -44,13 +48,15 @@ class Attention(Module):
         rope: bool = False,
         max_len: int = 2048,
         dtype: Any = np.float32,
+        init: str = "gpt2",
+        out_std: float = GPT2_STD,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_heads, self.causal = d_model, n_heads, causal
-        self.qkv = Linear(d_model, 3 * d_model, bias=bias, dtype=dtype)
-        self.proj = Linear(d_model, d_model, bias=bias, dtype=dtype)
+        self.qkv = Linear(d_model, 3 * d_model, bias=bias, dtype=dtype, init=init)
+        self.proj = Linear(d_model, d_model, bias=bias, dtype=dtype, init=init, std=out_std)
         self.dropout = Dropout(dropout)
         self.rope = rope_tables(max_len, d_model // n_heads) if rope else None
 

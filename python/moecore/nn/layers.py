@@ -8,7 +8,7 @@ import numpy as np
 
 from moecore import ops
 from moecore.autograd.tensor import Tensor
-from moecore.nn import init
+from moecore.nn import init as initializers
 from moecore.nn.module import Module
 from moecore.nn.parameter import Parameter
 
@@ -20,6 +20,9 @@ class Linear(Module):
         in_features: size of each input sample.
         out_features: size of each output sample.
         bias: whether to learn an additive bias.
+        init: ``"gpt2"`` (weight N(0, std²), bias zero) or ``"torch"`` (PyTorch's
+            U(±1/sqrt(in_features)) for both).
+        std: the weight's standard deviation under ``"gpt2"``.
 
     Shape:
         input ``[..., in_features]`` → output ``[..., out_features]``.
@@ -31,15 +34,22 @@ class Linear(Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, dtype: Any = np.float32
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: Any = np.float32,
+        init: str = "gpt2",
+        std: float = initializers.GPT2_STD,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = Parameter(
-            init.fan_in_uniform((out_features, in_features), in_features, dtype)
-        )
+        shape = (out_features, in_features)
+        self.weight = Parameter(initializers.weight(shape, in_features, init, std, dtype))
         bias_param = (
-            Parameter(init.fan_in_uniform((out_features,), in_features, dtype)) if bias else None
+            Parameter(initializers.bias((out_features,), in_features, init, dtype))
+            if bias
+            else None
         )
         self.register_parameter("bias", bias_param)
 
@@ -58,7 +68,9 @@ class Embedding(Module):
     Args:
         num_embeddings: vocabulary size.
         embedding_dim: vector size.
-        std: standard deviation of the normal initialisation (PyTorch uses 1.0).
+        std: standard deviation of the normal initialisation; by default 0.02 under
+            ``init="gpt2"``, 1.0 (PyTorch's) under ``init="torch"``.
+        init: ``"gpt2"`` or ``"torch"``.
 
     Shape:
         integer ids ``[...]`` → ``[..., embedding_dim]``.
@@ -69,11 +81,19 @@ class Embedding(Module):
     """
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, std: float = 1.0, dtype: Any = np.float32
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        std: float | None = None,
+        dtype: Any = np.float32,
+        init: str = "gpt2",
     ) -> None:
         super().__init__()
+        initializers.check_init(init)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(init.normal((num_embeddings, embedding_dim), std, dtype))
+        if std is None:
+            std = initializers.GPT2_STD if init == "gpt2" else 1.0
+        self.weight = Parameter(initializers.normal((num_embeddings, embedding_dim), std, dtype))
 
     def forward(self, ids: Any) -> Tensor:
         """Rows of the table at ``ids``."""

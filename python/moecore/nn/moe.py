@@ -9,7 +9,7 @@ import numpy as np
 from moecore import ops
 from moecore.autograd.tensor import Tensor
 from moecore.backend import xp_of
-from moecore.nn import init
+from moecore.nn import init as initializers
 from moecore.nn.layers import Linear
 from moecore.nn.module import Module
 from moecore.nn.parameter import Parameter
@@ -49,6 +49,11 @@ class MoE(Module):
         n_shared_experts: experts every token always goes through (DeepSeek-MoE).
         n_groups, topk_groups: group-limited routing (DeepSeek-V3).
         activation: ``"gelu"`` (tanh approximation), ``"swiglu"`` or ``"relu"``.
+        init: ``"gpt2"`` (router and ``w1`` N(0, 0.02²), ``w2`` N(0, out_std²)) or
+            ``"torch"`` (PyTorch's fan-in uniform, as if each were a Linear).
+        out_std: std of ``w2`` (and the shared experts' output) under ``"gpt2"``: it writes
+            into the residual stream (a model passes ``nn.init.residual_std(n_layers)``).
+        bias: learn a bias on each expert's two matrices (``b1``, ``b2``; see docs/recipe.md).
 
     Both auxiliary losses reach the router through the op's backward: nothing has to be
     added to the caller's loss. Each forward in training records ``last_stats``.
@@ -78,9 +83,14 @@ class MoE(Module):
         topk_groups: int | None = None,
         activation: str = "gelu",
         dtype: Any = np.float32,
+        init: str = "gpt2",
+        out_std: float = initializers.GPT2_STD,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         problems = []
+        if init not in initializers.INITS:
+            problems.append(f"init must be one of {initializers.INITS}, got {init!r}")
         if n_experts < 1:
             problems.append(f"n_experts must be ≥ 1, got {n_experts}")
         if not 1 <= top_k <= max(n_experts, 1):
@@ -103,14 +113,23 @@ class MoE(Module):
         self.n_groups, self.topk_groups = n_groups, topk_groups
         self.n_shared_experts = n_shared_experts
         gate = 2 if activation == "swiglu" else 1
-        self.router = Parameter(init.fan_in_uniform((n_experts, d_model), d_model, dtype))
-        self.w1 = Parameter(init.fan_in_uniform((n_experts, d_model, gate * d_ff), d_model, dtype))
-        self.w2 = Parameter(init.fan_in_uniform((n_experts, d_ff, d_model), d_ff, dtype))
+        std = initializers.GPT2_STD
+        w = initializers.weight
+        self.router = Parameter(w((n_experts, d_model), d_model, init, std, dtype))
+        self.w1 = Parameter(w((n_experts, d_model, gate * d_ff), d_model, init, std, dtype))
+        self.w2 = Parameter(w((n_experts, d_ff, d_model), d_ff, init, out_std, dtype))
+        b = initializers.bias
+        b1 = Parameter(b((n_experts, gate * d_ff), d_model, init, dtype)) if bias else None
+        b2 = Parameter(b((n_experts, d_model), d_ff, init, dtype)) if bias else None
+        self.register_parameter("b1", b1)
+        self.register_parameter("b2", b2)
         if n_shared_experts:
             hidden = n_shared_experts * d_ff
             # n shared experts summed equal one FFN with their hidden units side by side.
-            self.shared_in = Linear(d_model, gate * hidden, bias=False, dtype=dtype)
-            self.shared_out = Linear(hidden, d_model, bias=False, dtype=dtype)
+            self.shared_in = Linear(d_model, gate * hidden, bias=False, dtype=dtype, init=init)
+            self.shared_out = Linear(
+                hidden, d_model, bias=False, dtype=dtype, init=init, std=out_std
+            )
         self.register_buffer("expert_bias", np.zeros(n_experts, np.float32))
         self.last_stats: dict[str, Any] = {}
         self._load_since_update = np.zeros(n_experts, np.int64)
@@ -136,6 +155,8 @@ class MoE(Module):
             aux_loss=self.aux_loss if self.training else 0.0,
             z_loss=self.z_loss if self.training else 0.0,
             stats=stats,
+            b1=self.b1,
+            b2=self.b2,
         )
         if self.n_shared_experts:
             y = y + shared_experts(self, x)

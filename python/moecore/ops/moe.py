@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
 from moecore.backend import xp_of
@@ -96,6 +98,23 @@ def add_z_loss(d_logits: Any, logits: Any, z_coef: float, t: int) -> float:
     return float(z_coef * (lse * lse).sum() / t)
 
 
+def _expert_onehot(counts: Any, xp: Any, dtype: Any) -> Any:
+    """``[E, rows]`` indicator of which expert each expert-sorted row belongs to."""
+    host = counts.get() if hasattr(counts, "get") else np.asarray(counts)
+    seg = xp.asarray(np.repeat(np.arange(len(host)), host.astype(np.int64)))
+    return (seg[None, :] == xp.arange(len(host))[:, None]).astype(dtype)
+
+
+def router_entropy(probs: Any) -> float:
+    """Mean over tokens of the entropy (nats) of each token's routing distribution (the
+    scores renormalised to sum to 1): ln E when the router is undecided, 0 when it is sure."""
+    xp = xp_of(probs)
+    if probs.shape[0] == 0:
+        return 0.0
+    p = probs / xp.maximum(probs.sum(axis=1, keepdims=True), 1e-30)
+    return float(-(p * xp.log(xp.maximum(p, 1e-30))).sum(axis=1).mean())
+
+
 class MoEFunction(Function):
     @staticmethod
     def forward(
@@ -104,6 +123,8 @@ class MoEFunction(Function):
         router_w: Any,
         w1: Any,
         w2: Any,
+        b1: Any,
+        b2: Any,
         *,
         k: int,
         score: str,
@@ -134,14 +155,19 @@ class MoEFunction(Function):
         if capacity_factor is not None:
             capacity = max(1, math.ceil(capacity_factor * t * k / e))
         x_sorted, order, counts = kern.permute(x2, idx, e, capacity, weights if capacity else None)
-        if activation == "gelu":
+        onehot = None if b1 is None and b2 is None else _expert_onehot(counts, xp, x2.dtype)
+        if activation == "gelu" and b1 is None:
             # One kernel for matmul → GELU → matmul (tiles run the whole chain per thread).
             h, a, y_sorted = kern.gelu_ffn(x_sorted, counts, w1, w2)
             act_saved = None
         else:
             h = kern.grouped_matmul(x_sorted, counts, w1)
+            if b1 is not None:
+                h = h + onehot.T @ b1
             a, act_saved = _activate(h, activation)
             y_sorted = kern.grouped_matmul(a, counts, w2)
+        if b2 is not None:
+            y_sorted = xp.ascontiguousarray(y_sorted + onehot.T @ b2)
         y = kern.unpermute(y_sorted, order, weights)
         aux, z, d_logits_aux = _aux_terms(logits, probs, idx, score, aux_loss, z_loss)
         if stats is not None:
@@ -152,6 +178,7 @@ class MoEFunction(Function):
                 dropped=int(t * k - int(counts.sum())),
                 aux_loss=aux,
                 z_loss=z,
+                router_entropy=router_entropy(probs),
                 tokens=t,
             )
         ctx.save_for_backward(
@@ -171,6 +198,7 @@ class MoEFunction(Function):
             y_sorted,
         )
         ctx.meta = (lead, d, k, score, normalize, activation, kern)
+        ctx.biases = (b1 is not None, b2 is not None, onehot)
         ctx.d_logits_aux = d_logits_aux
         return y.reshape(*lead, w2.shape[2])
 
@@ -198,7 +226,9 @@ class MoEFunction(Function):
         if not g2.flags.c_contiguous:
             g2 = g2.copy()
         d_y_sorted, d_weights = kern.unpermute_backward(g2, y_sorted, order, weights)
-        if activation == "gelu":
+        has_b1, has_b2, onehot = ctx.biases
+        d_h = None
+        if activation == "gelu" and not has_b1:
             d_x_sorted, d_w1, d_w2 = kern.gelu_ffn_backward(
                 x_sorted, counts, w1, w2, h, a, d_y_sorted
             )
@@ -214,7 +244,10 @@ class MoEFunction(Function):
         d_router = kern.router_backward(d_logits, x2, router_w, d_x)  # also d_x += d_logits·R
         # A reshape to the same shape would be a view, which autograd copies before
         # handing it to a leaf's .grad: return the array itself when no reshape is needed.
-        return d_x if lead == (t,) else d_x.reshape(*lead, d), d_router, d_w1, d_w2
+        d_b1 = onehot @ d_h if has_b1 else None
+        d_b2 = onehot @ d_y_sorted if has_b2 else None
+        d_x = d_x if lead == (t,) else d_x.reshape(*lead, d)
+        return d_x, d_router, d_w1, d_w2, d_b1, d_b2
 
 
 def moe(
@@ -232,9 +265,13 @@ def moe(
     aux_loss: float = 0.0,
     z_loss: float = 0.0,
     stats: dict[str, Any] | None = None,
+    b1: Tensor | None = None,
+    b2: Tensor | None = None,
 ) -> Tensor:
     """A routed-experts layer on ``x [..., d]``: router ``[E, d]``, experts ``w1 [E, d, h]``
-    (``[E, d, 2h]`` for SwiGLU) and ``w2 [E, h, d_out]``. Dropless unless
+    (``[E, d, 2h]`` for SwiGLU) and ``w2 [E, h, d_out]``, with optional expert biases
+    ``b1 [E, h]`` (``[E, 2h]``) and ``b2 [E, d_out]`` (a GELU layer with ``b1`` leaves the
+    fused expert kernel for the unfused path). Dropless unless
     ``capacity_factor`` is given; weights renormalised over the ``k`` chosen experts when
     ``k > 1``. ``aux_loss``/``z_loss`` coefficients add their gradients in backward; their
     values and the routing counts go to ``stats`` when a dict is given."""
@@ -245,6 +282,8 @@ def moe(
         router_w,
         w1,
         w2,
+        b1,
+        b2,
         k=k,
         score=score,
         bias=bias,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moecore.optim.adafactor import Adafactor
 from moecore.optim.adamw import AdamW
+from moecore.optim.agc import adaptive_clip_grad_
 from moecore.optim.clip import clip_grad_norm_, grad_norm
 from moecore.optim.optimizer import Optimizer
 from moecore.optim.schedule import LRScheduler, constant, linear, warmup_cosine
@@ -15,6 +16,7 @@ __all__ = [
     "AdamW",
     "LRScheduler",
     "Optimizer",
+    "adaptive_clip_grad_",
     "clip_grad_norm_",
     "constant",
     "grad_norm",

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from moecore.models.config import ModelConfig
+from moecore.nn.init import INITS
+from moecore.train.optimizers import OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -28,7 +30,8 @@ class RunConfig(ModelConfig):
     """Every setting of a training run: the model's (inherited from :class:`ModelConfig`),
     then optimizer, schedule, data and checkpoints."""
 
-    # optimizer and schedule
+    # optimizer and schedule ("adamw", "adafactor" or "sgd"; see train/optimizers.py)
+    optimizer: str = "adamw"
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.95
@@ -39,6 +42,8 @@ class RunConfig(ModelConfig):
     decay_steps: int = 600
     min_lr: float = 1e-4
     clip: float = 1.0
+    # adaptive gradient clipping (NFNets): each unit's gradient ≤ agc · max(‖w‖, 1e-3); 0 = off
+    agc: float = 0.0
     # training
     steps: int = 600
     batch_size: int = 16
@@ -55,6 +60,9 @@ class RunConfig(ModelConfig):
     # after the update) into metrics.jsonl: how tests prove that an N-rank run equals its
     # reference run
     param_checksum: bool = False
+    # what a loss spike (loss > spike_factor × its moving average) does: "skip" the update
+    # or only "flag" it in the metrics
+    spike_action: str = "skip"
     # keep freed activation/gradient pages mapped for the next step (glibc malloc tuning)
     keep_freed_memory: bool = True
     # data
@@ -84,6 +92,9 @@ class RunConfig(ModelConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     # The README's default run: 4 layers of 8 experts, top-2, on the built-in corpus.
     "moe-small": {},
+    # 32 experts, top-2, λ = 0.01: experts half as wide as moe-small's so a step costs about
+    # the same (18.0 M parameters, 2.27 M active per token; docs/recipe.md).
+    "moe-32": {"n_experts": 32, "top_k": 2, "aux_loss": 0.01, "d_ff": 256},
     # A few seconds on a laptop: for tests and smoke runs.
     "moe-tiny": {
         "d_model": 64,
@@ -114,6 +125,9 @@ _CHOICES = {
     "schedule": ("cosine", "linear", "constant"),
     "dtype": ("float32",),
     "comm_policy": ("fifo", "priority"),
+    "init": INITS,
+    "optimizer": OPTIMIZERS,
+    "spike_action": ("skip", "flag"),
 }
 
 
@@ -214,6 +228,7 @@ def _check_values(c: RunConfig) -> list[str]:
         "z_loss",
         "bias_update_rate",
         "capacity_factor",
+        "agc",
     ):
         if getattr(c, key) < 0:
             p.append(f"{key} must be ≥ 0, got {getattr(c, key)}")
@@ -262,6 +277,8 @@ def _check_expert_parallel(c: RunConfig) -> list[str]:
             f"capacity_factor ({c.capacity_factor}) with ep ({c.ep}) > 1 is not supported: "
             "expert parallelism is dropless (set capacity_factor=0)"
         )
+    if c.bias:
+        p.append(f"bias with ep ({c.ep}) > 1 is not supported (expert biases are not sharded)")
     if c.ranks_per_node > 1:
         p.append(
             f"ranks_per_node ({c.ranks_per_node}) with ep ({c.ep}) > 1 is not supported "

@@ -14,11 +14,12 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class Monitor:
     """Keeps an exponential moving average of the loss; a finite loss above
-    ``spike_factor`` × the average is a spike; ``max_bad_steps`` non-finite steps in a row
-    stop the run."""
+    ``spike_factor`` × the average is a spike (its update skipped when ``skip_spikes``);
+    ``max_bad_steps`` non-finite steps in a row stop the run."""
 
     spike_factor: float = 3.0
     max_bad_steps: int = 5
+    skip_spikes: bool = False
     ema: float | None = None
     bad_in_a_row: int = 0
     skipped: int = 0
@@ -42,7 +43,7 @@ class Monitor:
         if spike:
             self.spikes += 1
         self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
-        return {"skipped": False, "spike": bool(spike)}
+        return {"skipped": bool(spike and self.skip_spikes), "spike": bool(spike)}
 
     def check(self, loss: float, grad_norm: float) -> None:
         """Raises :class:`TrainingDiverged` once ``max_bad_steps`` steps in a row were bad."""

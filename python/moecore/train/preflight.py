@@ -78,11 +78,14 @@ def count_parameters(c: Any) -> tuple[int, int]:
     norm = 2 * d if c.norm == "layernorm" else d
     total = c.vocab_size * d + (c.seq_len * d if c.position == "learned" else 0) + norm
     experts = 0
+    bias = bool(getattr(c, "bias", False))  # qkv/out-projection and expert b1/b2 biases
     for i in range(c.n_layers):
-        total += 2 * norm + 4 * d * d  # norms, qkv and output projection
+        total += 2 * norm + 4 * d * d + (4 * d if bias else 0)  # norms, qkv, out projection
         moe = i >= c.first_dense_layers and (i - c.first_dense_layers) % c.moe_every == 0
         if moe:
             layer_experts = c.n_experts * (d * gate * c.d_ff + c.d_ff * d)
+            if bias:
+                layer_experts += c.n_experts * (gate * c.d_ff + d)
             shared = c.n_shared_experts * c.d_ff * d * (gate + 1)
             experts += layer_experts
             total += c.n_experts * d + layer_experts + shared

@@ -30,11 +30,13 @@ from moecore.train.config import ConfigError, RunConfig, config_from_dict
 from moecore.train.memory import keep_freed_memory
 from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
+from moecore.train.optimizers import make_optimizer
 from moecore.train.parallel import Layout
 from moecore.train.preemption import StopRequest
 from moecore.train.preflight import check_memory
 from moecore.train.progress import Progress
 from moecore.train.recovery import ResumeReport
+from moecore.train.routing_metrics import RoutingTotals
 from moecore.train.rss import rss_record
 
 
@@ -58,14 +60,10 @@ def build_model(config: RunConfig) -> MoETransformer:
     return MoETransformer(ModelConfig.from_run(config))
 
 
-def build_optimizer(model: nn.Module, config: RunConfig) -> optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases), as GPT-2 does."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+def build_optimizer(model: nn.Module, config: RunConfig) -> optim.Optimizer:
+    """The run's optimizer (``config.optimizer``, AdamW by default), with weight decay on
+    matrices only (not on norms and biases), as GPT-2 does."""
+    return make_optimizer(model, config)
 
 
 def _world(config: RunConfig) -> Group:
@@ -165,7 +163,9 @@ class Trainer:
             total=config.decay_steps,
             min_lr=config.min_lr,
         )
-        self.monitor = Monitor(config.spike_factor, config.max_bad_steps)
+        self.monitor = Monitor(
+            config.spike_factor, config.max_bad_steps, skip_spikes=config.spike_action == "skip"
+        )
         self.step = 0
         self._metrics_offset: int | None = None
         self._val = val_batches(
@@ -308,6 +308,7 @@ class Trainer:
         total_loss = 0.0
         loads = [np.zeros(cfg.n_experts, np.int64) for _ in self.moe_layers]
         dropped = 0
+        routing = RoutingTotals(len(self.moe_layers), accum)
         g = self.group
         rows = cfg.batch_size // g.size
         for micro in range(accum):
@@ -324,6 +325,9 @@ class Trainer:
             for i, layer in enumerate(self.moe_layers):
                 loads[i] += layer.last_stats["tokens_per_expert"]
                 dropped += layer.last_stats["dropped"]
+            routing.add(self.moe_layers)
+        # The scale is process-wide: leave it at 1 for whatever runs after this step.
+        set_aux_loss_scale(1.0)
         if g.size > 1:
             self.layout.finish()
             # Loss, routing statistics and the bias update use the whole global batch.
@@ -336,7 +340,10 @@ class Trainer:
                 g.allreduce(load)
             for layer in self.moe_layers:
                 g.allreduce(layer._load_since_update)
+            routing.allreduce(g)
         grad_norm = self.layout.clip_grad_norm_(cfg.clip)
+        if cfg.agc:
+            optim.adaptive_clip_grad_(self.model.parameters(), cfg.agc)
         flags = self.monitor.observe(total_loss, grad_norm)
         if not flags["skipped"]:
             self.optimizer.step()
@@ -357,6 +364,7 @@ class Trainer:
             "expert_load": [load.tolist() for load in loads],
             "load_cv": cvs,
             "dropped": dropped,
+            **routing.record(loads),
             **flags,
             **({"param_checksum": checksum} if checksum is not None else {}),
         }
@@ -405,9 +413,9 @@ class Trainer:
                     record["val_loss"] = self.last_val
                 metrics.write(record)
                 note = (
-                    "skipped (non-finite)"
-                    if record["skipped"]
-                    else ("loss spike" if record["spike"] else "")
+                    ("loss spike" + (" (skipped)" if record["skipped"] else ""))
+                    if record["spike"]
+                    else ("skipped (non-finite)" if record["skipped"] else "")
                 )
                 done = self.step - first_step
                 eta = (time.perf_counter() - start) / max(done, 1) * (cfg.steps - self.step)
