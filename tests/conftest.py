@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from corpora import write_stdlib_corpus
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +19,12 @@ def cupy():
     if n < 1:
         pytest.skip("no CUDA device")
     return cp
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A 400 kB corpus file (a slice of the standard library's source) for training tests."""
+    return write_stdlib_corpus(tmp_path_factory.mktemp("data"), 400_000)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

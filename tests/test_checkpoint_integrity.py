@@ -5,7 +5,6 @@ older checkpoints without a manifest still load."""
 
 import io
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -20,15 +19,6 @@ from moecore.train.integrity import CheckpointDamaged
 from moecore.train.metrics import read_metrics
 
 TINY = {"steps": 20, "eval_every": 0, "checkpoint_every": 10, "seq_len": 32, "batch_size": 4}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = Path(os.__file__).parent
-    text = b"".join(p.read_bytes() for p in sorted(root.glob("[a-c]*.py")))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(text[:400_000])
-    return path
 
 
 @pytest.fixture(scope="module")

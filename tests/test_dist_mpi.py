@@ -249,15 +249,6 @@ ROUNDING = Tolerance("float32 summation order", loss=2e-6, grad_norm=2e-6, param
 SAME_RUN = Tolerance("bit-exact resumption", loss=0.0, grad_norm=0.0, params=0.0)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = Path(os.__file__).parent
-    text = b"".join(p.read_bytes() for p in sorted(root.glob("[a-c]*.py")))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(text[:400_000])
-    return path
-
-
 def test_cli_train_dp2_equals_the_single_process_run(tmp_path, corpus):
     """Same global batch split over 2 ranks: every step's loss, gradient norm and parameter
     checksums are the single-process run's up to float32 summation order. (Plain data

@@ -3,27 +3,23 @@ nothing); both ranks stop after the same step, rank 0 writes a complete checkpoi
 exits 75, and a 2-rank resume continues the uninterrupted 2-rank curve bit-exactly. Run
 under MPICH and (CI) Open MPI, like ``test_dist_mpi.py`` whose launch helpers it uses."""
 
-import os
 import signal
 from pathlib import Path
 
 import pytest
-from test_dist_mpi import _cli, _entry, _losses, mpiexec, pytestmark  # noqa: F401
+from parallel_harness import Tolerance, assert_runs_agree, cli, mpiexec, read_records
+from parallel_harness import entry as cli_entry
 from test_preemption import start_and_signal
 
 from moecore.train import checkpoint as ckpt
 from moecore.train.preemption import PREEMPTED_EXIT
 
 SETS = ["eval_every=0", "checkpoint_every=1000", "seq_len=32", "batch_size=8"]
+SETS += ["param_checksum=true"]  # the resumed run is compared parameter by parameter
+#: The resumed run repeats the uninterrupted run's operations in the same order.
+BIT_EXACT = Tolerance("bit-exact resumption", loss=0.0, grad_norm=0.0, params=0.0)
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = Path(os.__file__).parent
-    text = b"".join(p.read_bytes() for p in sorted(root.glob("[a-c]*.py")))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(text[:400_000])
-    return path
+pytestmark = [pytest.mark.mpi]
 
 
 _RANK_VARS = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")
@@ -59,17 +55,17 @@ def _rank_pid(launcher: int, rank: int) -> int:
 def test_sigterm_on_one_rank_stops_both_at_the_same_step_and_resumes_bit_exactly(tmp_path, corpus):
     out = tmp_path / "run"
     args = ["train", "--preset", "moe-tiny", "--data", str(corpus), "--dp", "2"]
-    cmd = [*mpiexec(2), *_entry(), *args, "--out", str(out), "--set", "steps=100000", *SETS]
+    cmd = [*mpiexec(2), *cli_entry(), *args, "--out", str(out), "--set", "steps=100000", *SETS]
     code, text = start_and_signal(
         cmd, out, signal.SIGTERM, pid_of=lambda proc: _rank_pid(proc.pid, 1)
     )
     assert code == PREEMPTED_EXIT, text
     assert "on 1 of 2 ranks" in text, text
-    done = _losses(out)
+    done = read_records(out)
     _, state = ckpt.load(ckpt.latest(out))  # complete: every file matches its manifest
     assert state["step"] == len(done) >= 3, (state["step"], len(done))
     total = state["step"] + 3
-    _cli(2, ["train", "--resume", str(out), "--dp", "2", "--set", f"steps={total}"])
+    cli(2, ["train", "--resume", str(out), "--dp", "2", "--set", f"steps={total}"])
     reference = tmp_path / "reference"
-    _cli(2, [*args, "--out", str(reference), "--set", f"steps={total}", *SETS])
-    assert _losses(out) == _losses(reference)  # bit-exact
+    cli(2, [*args, "--out", str(reference), "--set", f"steps={total}", *SETS])
+    assert_runs_agree(read_records(reference), read_records(out), BIT_EXACT)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,15 +15,6 @@ from moecore.train.metrics import read_metrics
 from moecore.train.preemption import PREEMPTED_EXIT
 
 SETTINGS = {"eval_every": 0, "checkpoint_every": 1000, "seq_len": 32, "batch_size": 4}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = Path(os.__file__).parent
-    text = b"".join(p.read_bytes() for p in sorted(root.glob("[a-c]*.py")))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(text[:400_000])
-    return path
 
 
 def _cli(*args):

@@ -4,11 +4,10 @@ validation set of ``moecore eval --windows`` against an independent numpy comput
 import io
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from corpora import write_stdlib_corpus
 
 import moecore
 from moecore import nn
@@ -74,11 +73,9 @@ def test_layers_take_the_init_option():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = Path(os.__file__).parent
-    text = b"".join(p.read_bytes() for p in sorted(root.glob("[a-c]*.py")))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(text[:300_001])  # not a multiple of 20: n // 20 must be exact
-    return path
+    return write_stdlib_corpus(
+        tmp_path_factory.mktemp("data"), 300_001
+    )  # not a multiple of 20: n // 20 must be exact
 
 
 def reference_loss(model, tokens: np.ndarray, n_windows: int, seq_len: int) -> float:

@@ -22,16 +22,6 @@ from moecore.train.metrics import read_metrics
 TINY = {"steps": 20, "eval_every": 10, "checkpoint_every": 10, "seq_len": 32, "batch_size": 4}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    # The built-in corpus is 12 MB; a slice of the standard library keeps tests fast.
-    root = Path(os.__file__).parent
-    text = b"".join(p.read_bytes() for p in sorted(root.glob("[a-c]*.py")))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(text[:400_000])
-    return path
-
-
 def tiny(corpus, **extra):
     return build_config("moe-tiny", overrides={**TINY, "data": str(corpus), **extra})
 

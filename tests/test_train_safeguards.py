@@ -4,11 +4,10 @@ router metrics of every step (each checked against an independent computation)."
 
 import io
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from corpora import write_stdlib_corpus
 
 import moecore
 from moecore import optim
@@ -20,11 +19,7 @@ from moecore.train.metrics import read_metrics
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = Path(os.__file__).parent
-    text = b"".join(p.read_bytes() for p in sorted(root.glob("[a-c]*.py")))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(text[:200_000])
-    return path
+    return write_stdlib_corpus(tmp_path_factory.mktemp("data"), 200_000)
 
 
 def tiny(corpus, **extra):
