@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moecore", description="Mixture-of-Experts training with a Rust core."
     )
+    from moecore import __version__
+
+    parser.add_argument("--version", action="version", version=f"moecore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser(

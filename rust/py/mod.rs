@@ -18,6 +18,7 @@ mod optim;
 mod pool;
 mod pool_dtype;
 mod pool_handler;
+mod selftest;
 mod sparse;
 
 #[pyo3::pymodule]
@@ -57,6 +58,8 @@ mod _core {
     use super::optim::adamw_step;
     #[pymodule_export]
     use super::pool::{pool_random_trace, pool_replay, PoolCore};
+    #[pymodule_export]
+    use super::selftest::_panic_for_tests;
     #[pymodule_export]
     use super::sparse::{bsr_kernel_isa, bsr_linear, bsr_linear_dw, bsr_linear_dx, PyBsrPattern};
 
