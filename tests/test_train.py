@@ -122,6 +122,65 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, corpus)
     )  # the killed writer's temporary is cleaned
 
 
+def test_ctrl_c_inside_a_step_lets_it_finish_then_saves(tmp_path, corpus):
+    """Ctrl-C right after the optimizer's update, before the step is counted: the step
+    finishes, its metrics line is written, the checkpoint holds it, and resuming equals the
+    uninterrupted run bit for bit. (A KeyboardInterrupt there saved step N's weights under
+    step N−1's number: the resumed run applied step N twice.)"""
+    config = tiny(corpus, steps=8, eval_every=0, checkpoint_every=1000)
+    run(config, tmp_path / "full")
+    trainer = Trainer(config, tmp_path / "part", out=io.StringIO())
+    update = trainer.optimizer.step
+    calls = 0
+
+    def update_then_ctrl_c():
+        nonlocal calls
+        update()
+        calls += 1
+        if calls == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C
+
+    trainer.optimizer.step = update_then_ctrl_c
+    result = trainer.train()
+    assert result.interrupted and result.steps_done == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    _, state = ckpt.load(ckpt.latest(tmp_path / "part"))
+    assert state["step"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")] == [1, 2, 3]
+    Trainer.resume(tmp_path / "part", out=io.StringIO()).train()
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    part = read_metrics(tmp_path / "part" / "metrics.jsonl")
+    assert [r["loss"] for r in part] == [r["loss"] for r in full]  # bit-exact
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, corpus):
+    """Two Ctrl-C inside one step: KeyboardInterrupt at once, nothing saved (the update may
+    be half applied), the last checkpoint stays the latest."""
+    config = tiny(corpus, steps=8, eval_every=0, checkpoint_every=2)
+    trainer = Trainer(config, tmp_path / "run", out=io.StringIO())
+    update = trainer.optimizer.step
+    calls = 0
+
+    def update_then_ctrl_c_twice():
+        nonlocal calls
+        update()
+        calls += 1
+        if calls == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer.optimizer.step = update_then_ctrl_c_twice
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert ckpt.latest(tmp_path / "run").name == "step_00000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _sigint_as_default():
+    """Child processes of a background job inherit SIGINT ignored; Ctrl-C tests undo that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path, corpus):
     out = tmp_path / "run"
     settings = [f"{k}={v}" for k, v in {**TINY, "steps": 100_000, "eval_every": 0}.items()]
@@ -135,6 +194,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path, corpus):
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_sigint_as_default,
         )
         metrics = out / "metrics.jsonl"
         deadline = time.time() + 120

@@ -206,6 +206,9 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"moecore: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # a second Ctrl-C inside a step (the first one saves)
+        print("moecore: interrupted; the unfinished step was not saved", file=sys.stderr)
+        return 130
     if result.preempted_by is not None:
         from moecore.train.preemption import PREEMPTED_EXIT
 

@@ -332,10 +332,10 @@ class Trainer:
             self.layout.finish()
             # Loss, routing statistics and the bias update use the whole global batch.
             # … and the ranks' stop votes (SIGTERM/SIGUSR1), so all stop at the same step.
-            summed = np.array([total_loss, dropped, self.stop.flag()], dtype=np.float64)
+            summed = np.array([total_loss, dropped, *self.stop.flags()], dtype=np.float64)
             g.allreduce(summed)
             total_loss, dropped = float(summed[0]) / g.size, int(summed[1])
-            self.stop.agree(summed[2])
+            self.stop.agree(summed[2:])
             for load in loads:
                 g.allreduce(load)
             for layer in self.moe_layers:
@@ -370,8 +370,9 @@ class Trainer:
         }
 
     def train(self) -> TrainResult:
-        """Trains until ``config.steps`` (from wherever the run is); Ctrl-C saves a checkpoint
-        and returns with ``interrupted=True``."""
+        """Trains until ``config.steps`` (from wherever the run is). Ctrl-C finishes the step,
+        saves a checkpoint and returns with ``interrupted=True``; SIGTERM/SIGUSR1 the same
+        with ``preempted_by`` set; a second Ctrl-C raises KeyboardInterrupt without saving."""
         cfg = self.config
         progress = Progress(cfg.steps, self.out)
         metrics: Any = (
@@ -437,12 +438,21 @@ class Trainer:
                 ):
                     self.save_checkpoint(metrics)
                 if self.stop.should_stop(self.group.size) and self.step < cfg.steps:
-                    preempted_by = self.stop.describe(self.group.size)
-                    progress.message(f"{preempted_by} at step {self.step}: saving a checkpoint")
+                    if self.stop.preempted(self.group.size):
+                        preempted_by = self.stop.describe(self.group.size)
+                        progress.message(f"{preempted_by} at step {self.step}: saving a checkpoint")
+                    else:
+                        interrupted = True
+                        progress.message(f"interrupted at step {self.step}: saving a checkpoint")
                     break
         except KeyboardInterrupt:
-            interrupted = True
-            progress.message(f"interrupted at step {self.step}: saving a checkpoint")
+            # A second Ctrl-C, inside a step: its update may be half applied, so nothing is
+            # saved; the last checkpoint stays the latest.
+            self.stop.restore()
+            metrics.close()
+            progress.close()
+            progress.message(f"interrupted again during step {self.step + 1}: not saved")
+            raise
         except BaseException:
             self.stop.restore()
             metrics.close()
@@ -451,7 +461,7 @@ class Trainer:
             path = self.save_checkpoint(metrics)
             progress.close()
             progress.message(f"checkpoint {path}")
-        if preempted_by is not None:
+        if preempted_by is not None or interrupted:
             self.group.barrier()  # no rank leaves before rank 0 has written the checkpoint
         self.stop.restore()
         metrics.close()
