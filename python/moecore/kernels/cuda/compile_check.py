@@ -59,8 +59,8 @@ def parse_ptxas_log(log: str, family: str, arch: str) -> list[KernelStats]:
             current.stack_bytes, current.spill_stores, current.spill_loads = map(int, m.groups())
         elif current is not None and (m := _USED.search(line)):
             current.registers = int(m.group(1))
-            if s := _SMEM.search(line):
-                current.shared_bytes = int(s.group(1))
+            if smem := _SMEM.search(line):
+                current.shared_bytes = int(smem.group(1))
     for s in stats:
         if s.arch != arch:
             raise CompileFailure(f"{family}: ptxas compiled {s.kernel} for {s.arch}, not {arch}")
