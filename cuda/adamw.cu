@@ -7,7 +7,7 @@
 //
 // Thread indices are ints computed as blockIdx.x * blockDim.x + threadIdx.x: that cannot
 // overflow for n < 2^31 with the loader's launch shape (see THREADS in
-// moecore/kernels/gpu.py), which also checks every count passed as an int below 2^31.
+// moecore/kernels/cuda/launch.py), which also checks each count passed as an int < 2^31.
 extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g,
                                       float* __restrict__ m, float* __restrict__ v, int n,
                                       float beta1, float beta2, float eps, float step_size,

@@ -10,7 +10,7 @@
 
 // Thread indices are ints computed as blockIdx.x * blockDim.x + threadIdx.x: that cannot
 // overflow for n < 2^31 with the loader's launch shape (see THREADS in
-// moecore/kernels/gpu.py), which also checks every count passed as an int below 2^31.
+// moecore/kernels/cuda/launch.py), which also checks each count passed as an int < 2^31.
 
 // y[row, o] = bias[o] + sum over the blocks of block-row o / b of W[o, :] · x[row, :].
 // n = m * out_features; bias may be null.

@@ -9,7 +9,7 @@
 
 // Thread indices are ints computed as blockIdx.x * blockDim.x + threadIdx.x: that cannot
 // overflow for n < 2^31 with the loader's launch shape (see THREADS in
-// moecore/kernels/gpu.py), which also checks every count passed as an int below 2^31.
+// moecore/kernels/cuda/launch.py), which also checks each count passed as an int < 2^31.
 
 // out[idx[j]] = val[j] (the caller zeroed out for a plain decompress).
 extern "C" __global__ void codec_scatter(float* __restrict__ out, int n, const int* __restrict__ idx,

@@ -11,7 +11,7 @@
 //
 // One-thread-per-item indices are ints computed as blockIdx.x * blockDim.x + threadIdx.x:
 // that cannot overflow for n < 2^31 with the loader's launch shape (see THREADS in
-// moecore/kernels/gpu.py), which also checks every count passed as an int below 2^31.
+// moecore/kernels/cuda/launch.py), which also checks each count passed as an int < 2^31.
 
 #define MOE_MAX_EXPERTS 1024
 #define MOE_ORDER_TILE 256

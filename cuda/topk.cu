@@ -25,7 +25,7 @@
 //
 // One-thread-per-entry indices are ints computed as blockIdx.x * blockDim.x + threadIdx.x:
 // that cannot overflow for n < 2^31 with the loader's launch shape (see THREADS in
-// moecore/kernels/gpu.py), which also checks every count passed as an int below 2^31.
+// moecore/kernels/cuda/launch.py), which also checks each count passed as an int < 2^31.
 
 #define TOPK_DIGITS 2048  // 11-bit digits
 #define TOPK_MAX_WARPS 32

@@ -1,5 +1,5 @@
 """Runs moecore's CUDA kernels on the CPU: the sources shipped in the installed wheel
-(``moecore.kernels.cuda_sources``) are compiled unchanged with g++ and the shim header
+(``moecore.kernels.cuda.sources``) are compiled unchanged with g++ and the shim header
 ``gpu_emu/cuda_emu.h`` (one OS thread per CUDA thread, blocks in turn) into one shared
 library per family, cached in the temp directory, and called through ctypes with CuPy's
 RawKernel convention: ``kernel(grid, block, args)``, arrays by pointer, scalars as
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moecore.kernels import cuda_sources
+from moecore.kernels.cuda import sources
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "gpu_emu" / "cuda_emu.h"
@@ -88,7 +88,7 @@ def build(family: str, sanitizer: str = SANITIZER, src: str | None = None) -> Pa
     """Compiles a family (or the given source) into a shared library; cached by content."""
     if sanitizer not in _SANITIZER_FLAGS:
         raise ValueError(f"MOECORE_EMU_SANITIZER must be one of {list(_SANITIZER_FLAGS)}")
-    text = translation_unit(cuda_sources.source(family) if src is None else src)
+    text = translation_unit(sources.source(family) if src is None else src)
     flags = [
         "-std=c++20",
         "-O1",
@@ -185,7 +185,7 @@ class Module:
 
 
 class EmuBackend:
-    """A ``moecore.kernels.gpu.Backend`` over numpy arrays and emulated kernels, so the GPU
+    """A ``moecore.kernels.cuda.Backend`` over numpy arrays and emulated kernels, so the GPU
     host code runs unchanged on the CPU."""
 
     xp = np

@@ -11,27 +11,28 @@ import pytest
 
 import moecore as mc
 from moecore import _core, compress, nn, sparse
-from moecore.kernels import cuda_sources, gpu, moe_kernels_for
+from moecore.kernels import cuda, moe_kernels_for
+from moecore.kernels.cuda import sources
 from moecore.optim import AdamW
 
 pytestmark = pytest.mark.gpu
 
 
 def test_every_family_builds_with_rawmodule_on_the_device(cupy):
-    be = gpu.default_backend()
-    for family in cuda_sources.families():
+    be = cuda.default_backend()
+    for family in sources.families():
         mod = be.module(family)
-        for name in cuda_sources.kernel_names(family):
+        for name in sources.kernel_names(family):
             assert mod.get_function(name) is not None
 
 
 def test_launch_checks_contiguity_and_scalar_types(cupy):
     x = cupy.zeros((8, 8), np.float32)[:, ::2]
     with pytest.raises(ValueError, match="C-contiguous"):
-        gpu.default_backend().launch("codec", "codec_scatter", (1,), (32,), x, np.int32(0), None,
+        cuda.default_backend().launch("codec", "codec_scatter", (1,), (32,), x, np.int32(0), None,
                                      None, np.int32(0))  # fmt: skip
     with pytest.raises(TypeError, match="typed scalar"):
-        gpu.default_backend().launch("codec", "codec_scatter", (1,), (32,), cupy.zeros(4, np.float32),
+        cuda.default_backend().launch("codec", "codec_scatter", (1,), (32,), cupy.zeros(4, np.float32),
                                      4, None, None, np.int32(0))  # fmt: skip
 
 
@@ -78,7 +79,7 @@ def test_sparse_on_cupy_matches_the_cpu(cupy):
 def test_moe_kernels_dispatch_to_cuda_and_refuse_what_has_no_kernel(cupy):
     a = cupy.zeros((4, 4), np.float32)
     kern = moe_kernels_for(a)
-    assert kern.__name__ == "moecore.kernels.cuda_moe"
+    assert kern.__name__ == "moecore.kernels.cuda.moe_kernels"
     with pytest.raises(NotImplementedError, match="n_groups"):
         kern.route(a, 1, n_groups=2, topk_groups=1)
     with pytest.raises(NotImplementedError, match="capacity"):

@@ -1,5 +1,5 @@
 """What the second review of the CUDA kernels added: host-driver checks that keep every kernel
-index in bounds (``moecore.kernels.gpu``), and the emulation harness reporting warp intrinsics
+index in bounds (``moecore.kernels.cuda``), and the emulation harness reporting warp intrinsics
 whose mask names lanes that are not running. Runs on the CPU through the emulation backend;
 no test here allocates anything near the sizes it refuses.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _gpu_emu import EmuBackend, Module
 
-from moecore.kernels import gpu
+from moecore.kernels import cuda
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulation needs g++")
 
@@ -83,7 +83,7 @@ def test_full_mask_after_a_lane_returned_is_reported() -> None:
 
 def _unpermute_backward(order: np.ndarray, t: int = 3, k: int = 2, d: int = 5) -> None:
     r = np.random.default_rng(1)
-    gpu.moe_unpermute_backward(
+    cuda.moe_unpermute_backward(
         r.standard_normal((t, d)).astype(np.float32),
         r.standard_normal((order.size, d)).astype(np.float32),
         order,
@@ -108,10 +108,10 @@ def test_unpermute_and_its_backward_refuse_an_assignment_twice() -> None:
         _unpermute_backward(order)
     y_sorted = np.ones((order.size, 4), np.float32)
     with pytest.raises(ValueError, match="more than one row"):
-        gpu.moe_unpermute(y_sorted, order, np.ones((3, 2), np.float32), backend=_EMU)
+        cuda.moe_unpermute(y_sorted, order, np.ones((3, 2), np.float32), backend=_EMU)
     order[4] = -2
     with pytest.raises(ValueError, match=r"\[-1, 6\)"):
-        gpu.moe_unpermute(y_sorted, order, np.ones((3, 2), np.float32), backend=_EMU)
+        cuda.moe_unpermute(y_sorted, order, np.ones((3, 2), np.float32), backend=_EMU)
 
 
 # --- host checks: sizes past int32 refused before anything is allocated ---------------------
@@ -123,36 +123,36 @@ def test_permute_refuses_a_padding_past_int32_rows() -> None:
     x = np.ones((4, 1), np.float32)
     expert_idx = np.arange(4, dtype=np.int32).reshape(4, 1)
     with pytest.raises(ValueError, match="padded row count = 4294967296"):
-        gpu.moe_permute(x, expert_idx, 4, pad_to=2**30, backend=_EMU)
+        cuda.moe_permute(x, expert_idx, 4, pad_to=2**30, backend=_EMU)
     # 2^29 rows of d = 8: the rows fit int32, rows * d does not.
     with pytest.raises(ValueError, match="sorted rows x d = 8"):
-        gpu.moe_permute(np.ones((4, 8), np.float32), expert_idx, 4, pad_to=2**27, backend=_EMU)
+        cuda.moe_permute(np.ones((4, 8), np.float32), expert_idx, 4, pad_to=2**27, backend=_EMU)
 
 
 def test_permute_backward_refuses_tokens_past_int32() -> None:
     empty = np.zeros((0, 4), np.float32)
     no_rows = np.zeros(0, np.int32)
     with pytest.raises(ValueError, match="n_tokens \\* d"):
-        gpu.moe_permute_backward(empty, no_rows, 2**30, 1, backend=_EMU)
+        cuda.moe_permute_backward(empty, no_rows, 2**30, 1, backend=_EMU)
     with pytest.raises(ValueError, match="n_tokens \\* k"):
-        gpu.moe_permute_backward(np.zeros((0, 1), np.float32), no_rows, 2**28, 16, backend=_EMU)
+        cuda.moe_permute_backward(np.zeros((0, 1), np.float32), no_rows, 2**28, 16, backend=_EMU)
 
 
 def test_bsr_refuses_outputs_past_int32() -> None:
     b = 8
-    w = gpu.BsrDevice((2**20, b), b, np.zeros(2**20 // b + 1, np.int64), [], backend=_EMU)
+    w = cuda.BsrDevice((2**20, b), b, np.zeros(2**20 // b + 1, np.int64), [], backend=_EMU)
     data = np.zeros((0, b, b), np.float32)
     x = np.zeros((2**12, b), np.float32)  # 4096 rows x 2^20 outputs = 2^32 > int32
     with pytest.raises(ValueError, match="M \\* out_features"):
-        gpu.bsr_linear(x, w, data, backend=_EMU)
-    wt = gpu.BsrDevice((b, 2**20), b, np.zeros(2, np.int64), [], backend=_EMU)
+        cuda.bsr_linear(x, w, data, backend=_EMU)
+    wt = cuda.BsrDevice((b, 2**20), b, np.zeros(2, np.int64), [], backend=_EMU)
     with pytest.raises(ValueError, match="M \\* in_features"):
-        gpu.bsr_linear_dx(x, wt, data, backend=_EMU)
+        cuda.bsr_linear_dx(x, wt, data, backend=_EMU)
 
 
 def test_bsr_pattern_is_checked_on_construction() -> None:
     b = 4
-    ok = gpu.BsrDevice((8, 8), b, [0, 1, 2], [0, 1], backend=_EMU)
+    ok = cuda.BsrDevice((8, 8), b, [0, 1, 2], [0, 1], backend=_EMU)
     assert ok.nnzb == 2
     bad = {
         "indptr must be 3": ([0, 1], [0]),  # too short: the kernel would read indptr[2]
@@ -162,15 +162,15 @@ def test_bsr_pattern_is_checked_on_construction() -> None:
     }
     for message, (indptr, indices) in bad.items():
         with pytest.raises(ValueError, match=message):
-            gpu.BsrDevice((8, 8), b, indptr, indices, backend=_EMU)
+            cuda.BsrDevice((8, 8), b, indptr, indices, backend=_EMU)
     with pytest.raises(ValueError, match="multiples of the block"):
-        gpu.BsrDevice((8, 6), b, [0, 0, 0], [], backend=_EMU)
+        cuda.BsrDevice((8, 6), b, [0, 0, 0], [], backend=_EMU)
 
 
 def test_the_launch_shape_keeps_the_kernels_assumptions() -> None:
     # Whole warps (full-mask ballots and shuffles), a divisor of 2^31 (int thread indices
-    # cannot overflow on the last block, see gpu.THREADS) and at most moe_build_order's tile.
-    assert gpu.THREADS % 32 == 0
-    assert 2**31 % gpu.THREADS == 0
-    assert gpu.THREADS <= 256
-    assert gpu.launch_grid(2**31 - 1) * gpu.THREADS - 1 <= 2**31 - 1
+    # cannot overflow on the last block, see cuda.THREADS) and at most moe_build_order's tile.
+    assert cuda.THREADS % 32 == 0
+    assert 2**31 % cuda.THREADS == 0
+    assert cuda.THREADS <= 256
+    assert cuda.launch_grid(2**31 - 1) * cuda.THREADS - 1 <= 2**31 - 1

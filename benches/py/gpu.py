@@ -62,7 +62,7 @@ def main() -> int:
     cp = device_or_none()
     if cp is None:
         return 0
-    from moecore.kernels import generic, gpu
+    from moecore.kernels import cuda, generic
 
     n = int(args.n)
     rng = cp.random.default_rng(0)
@@ -74,12 +74,12 @@ def main() -> int:
         a, b = time_ms(cp, ours), time_ms(cp, base)
         rows.append([name, f"{a:.3f}", base_name, f"{b:.3f}", f"{b / a:.2f}"])
 
-    idx, _ = gpu.topk_select(g, k)
+    idx, _ = cuda.topk_select(g, k)
     ref = cp.sort(cp.argpartition(-cp.abs(g), k - 1)[:k])
     assert bool((cp.sort(cp.abs(g[idx])) == cp.sort(cp.abs(g[ref]))).all())
     bench(
         "topk_select",
-        lambda: gpu.topk_select(g, k),
+        lambda: cuda.topk_select(g, k),
         lambda: cp.argpartition(-cp.abs(g), k - 1)[:k],
         "cupy.argpartition",
     )
@@ -88,7 +88,7 @@ def main() -> int:
     vals = g[idx]
     bench(
         "scatter_add",
-        lambda: gpu.scatter(out, idx, vals, scale=0.5, add=True),
+        lambda: cuda.scatter(out, idx, vals, scale=0.5, add=True),
         lambda: out.__setitem__(idx, out[idx] + 0.5 * vals),
         "cupy fancy-index add",
     )
@@ -104,28 +104,28 @@ def main() -> int:
         v.__iadd__((1 - hp["beta2"]) * g * g)
         p.__isub__(hp["lr"] * m / (cp.sqrt(v) + hp["eps"]))
 
-    bench("adamw_step", lambda: gpu.adamw_step(p, g, m, v, step=1, **hp), cupy_adamw, "cupy ops")
+    bench("adamw_step", lambda: cuda.adamw_step(p, g, m, v, step=1, **hp), cupy_adamw, "cupy ops")
 
     t, e, d = 8192, 64, 1024
     logits = rng.standard_normal((t, e), dtype=cp.float32)
     x = rng.standard_normal((t, d), dtype=cp.float32)
     bench(
         "moe_route",
-        lambda: gpu.moe_route(logits, 2),
+        lambda: cuda.moe_route(logits, 2),
         lambda: generic.route(logits, 2),
         "generic (cupy)",
     )
-    ei, w, _ = gpu.moe_route(logits, 2)
+    ei, w, _ = cuda.moe_route(logits, 2)
     bench(
         "moe_permute",
-        lambda: gpu.moe_permute(x, ei, e),
+        lambda: cuda.moe_permute(x, ei, e),
         lambda: generic.permute(x, ei, e),
         "generic (cupy)",
     )
-    xs, order, _ = gpu.moe_permute(x, ei, e)
+    xs, order, _ = cuda.moe_permute(x, ei, e)
     bench(
         "moe_unpermute",
-        lambda: gpu.moe_unpermute(xs, order, w),
+        lambda: cuda.moe_unpermute(xs, order, w),
         lambda: generic.unpermute(xs, order, w),
         "generic (cupy)",
     )
@@ -133,14 +133,14 @@ def main() -> int:
     from moecore.sparse import BsrMatrix
 
     bw = BsrMatrix.random((4096, 4096), 32, density=0.1, seed=0)
-    dev = gpu.BsrDevice(bw.shape, bw.block, bw.indptr, bw.indices)
+    dev = cuda.BsrDevice(bw.shape, bw.block, bw.indptr, bw.indices)
     data = cp.asarray(bw.data)
     dense = cp.asarray(bw.to_dense())
     xb = rng.standard_normal((2048, 4096), dtype=cp.float32)
-    cp.testing.assert_allclose(gpu.bsr_linear(xb, dev, data), xb @ dense.T, rtol=1e-3, atol=1e-3)
+    cp.testing.assert_allclose(cuda.bsr_linear(xb, dev, data), xb @ dense.T, rtol=1e-3, atol=1e-3)
     bench(
         "bsr_forward (10% blocks)",
-        lambda: gpu.bsr_linear(xb, dev, data),
+        lambda: cuda.bsr_linear(xb, dev, data),
         lambda: xb @ dense.T,
         "dense cuBLAS",
     )

@@ -311,6 +311,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return verify_run(Path(args.run), sys.stdout)
 
 
+def _cmd_check_cuda(args: argparse.Namespace) -> int:
+    from moecore.kernels.cuda import compile_check
+
+    try:
+        return compile_check.check(tuple(args.arch or compile_check.DEFAULT_ARCHS))
+    except ModuleNotFoundError as exc:  # CuPy, whose NVRTC binding compiles the kernels
+        _fail(f'check-cuda needs CuPy and NVRTC ({exc}): pip install "moecore[gpu-ci]"')
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``moecore``, one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -447,6 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
     info.set_defaults(handler=_cmd_info)
+
+    cuda = sub.add_parser(
+        "check-cuda",
+        help="compile every CUDA kernel with NVRTC, no GPU needed; print registers, shared "
+        "memory and spills per kernel (exit 1 on any error, warning or spill)",
+    )
+    cuda.add_argument(
+        "--arch", nargs="+", metavar="SM", help="target architectures (default: sm_80 sm_90)"
+    )
+    cuda.set_defaults(handler=_cmd_check_cuda)
     return parser
 
 

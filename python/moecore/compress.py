@@ -189,9 +189,9 @@ def _stream_seed(seed: int, name: str | None, step: int) -> int:
 def _scatter_on_device(payloads: list[np.ndarray], out: Any, *, add: bool, scale: float) -> Any:
     """Decodes and validates every payload on the host, then scatters them in order into the
     CuPy array ``out`` (zeroed first unless ``add``)."""
-    from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+    from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
 
-    be = gpu.default_backend()
+    be = cuda.default_backend()
     decoded = []
     for i, p in enumerate(payloads):
         idx, vals, n = _core.compress_decode(p)
@@ -199,9 +199,11 @@ def _scatter_on_device(payloads: list[np.ndarray], out: Any, *, add: bool, scale
             raise CorruptPayload(f"payloads[{i}] describes n = {n} elements, out has {out.size}")
         decoded.append((idx.astype(np.int32), vals))
     if not add:
-        gpu.scatter(out, be.xp.zeros(0, np.int32), be.xp.zeros(0, np.float32), backend=be)
+        cuda.scatter(out, be.xp.zeros(0, np.int32), be.xp.zeros(0, np.float32), backend=be)
     for idx, vals in decoded:
-        gpu.scatter(out, be.xp.asarray(idx), be.xp.asarray(vals), scale=scale, add=True, backend=be)
+        cuda.scatter(
+            out, be.xp.asarray(idx), be.xp.asarray(vals), scale=scale, add=True, backend=be
+        )
     return out
 
 
@@ -475,9 +477,9 @@ class TopK(_Decoding):
 
         Raises like :meth:`compress` (a bad piece is named by its position)."""
         if any(_is_cupy(p) for p in pieces):
-            from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+            from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
 
-            xp = gpu.default_backend().xp
+            xp = cuda.default_backend().xp
             return self.compress(xp.concatenate([p.reshape(-1) for p in pieces]), name)
         flats = [_as_float32(p, f"pieces[{i}]").reshape(-1) for i, p in enumerate(pieces)]
         if not self.error_feedback or self.momentum is not None:
@@ -548,7 +550,7 @@ class TopK(_Decoding):
 
     def _compress_on_device(self, grad: Any, name: str | None) -> tuple[np.ndarray, Context]:
         """``compress`` for a CuPy gradient: selection and error feedback on the GPU."""
-        from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+        from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
 
         if self.momentum is not None or self.values != "f32":
             raise NotImplementedError(
@@ -566,14 +568,14 @@ class TopK(_Decoding):
         n = int(grad.size)
         k = self.k_for(n, self.ratio_at(slot.calls))
         if self.error_feedback:
-            xp = gpu.default_backend().xp
+            xp = cuda.default_backend().xp
             if slot.residual is None:
                 slot.residual = xp.zeros(n, dtype=np.float32)
             elif not _is_cupy(slot.residual):  # state from a CPU run or a checkpoint
                 slot.residual = xp.asarray(slot.residual)
-            idx, vals = gpu.topk_error_feedback(slot.residual, grad, k, method=self.method)
+            idx, vals = cuda.topk_error_feedback(slot.residual, grad, k, method=self.method)
         else:
-            idx, vals = gpu.topk_select(grad, k, method=self.method)
+            idx, vals = cuda.topk_select(grad, k, method=self.method)
         payload = _core.compress_encode(
             n,
             idx.get().astype(np.uint32),

@@ -327,18 +327,18 @@ def _is_cupy(a: object) -> bool:
 def _on_device(w: BsrMatrix) -> tuple[Any, Any]:
     """``w``'s pattern on the GPU (cached) and its values uploaded (``data`` stays the
     numpy truth an optimizer updates in place, so it is copied at each call)."""
-    from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+    from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
 
     if w._device is None:
-        w._device = gpu.BsrDevice(w.shape, w.block, w.indptr, w.indices)
-    return w._device, gpu.default_backend().xp.asarray(w.data)
+        w._device = cuda.BsrDevice(w.shape, w.block, w.indptr, w.indices)
+    return w._device, cuda.default_backend().xp.asarray(w.data)
 
 
 def _bsr_on_gpu(op: str, *arrays: Any) -> Any:
-    """Runs ``op`` of :mod:`moecore.kernels.gpu` on CuPy arrays flattened to 2-D."""
-    from moecore.kernels import gpu
+    """Runs ``op`` of :mod:`moecore.kernels.cuda` on CuPy arrays flattened to 2-D."""
+    from moecore.kernels import cuda
 
-    return getattr(gpu, op), [a.reshape(-1, a.shape[-1]) for a in arrays]
+    return getattr(cuda, op), [a.reshape(-1, a.shape[-1]) for a in arrays]
 
 
 def _check_matrix(w: object, name: str) -> BsrMatrix:

@@ -1,5 +1,5 @@
 //! The CUDA kernel sources (`cuda/*.cu`), embedded at build time so every wheel carries
-//! exactly the sources it was tested with; `moecore.kernels.gpu` compiles them with CuPy.
+//! exactly the sources it was tested with; `moecore.kernels.cuda` compiles them with CuPy.
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;

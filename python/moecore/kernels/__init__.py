@@ -1,8 +1,8 @@
 """Kernel dispatch: which implementation runs an op for a given array.
 
 - ``cpu``: float32 numpy arrays go to the Rust kernels in ``moecore._core`` (fast path);
-- ``cuda_moe``: float32 CuPy arrays go to the CUDA kernels of ``cuda/`` (loaded by
-  :mod:`moecore.kernels.gpu`) and CuPy's cuBLAS matmuls;
+- ``cuda.moe_kernels``: float32 CuPy arrays go to the CUDA kernels of ``cuda/`` (host code in
+  :mod:`moecore.kernels.cuda`) and CuPy's cuBLAS matmuls;
 - ``generic``: the same math in array-module code (``xp``), for other dtypes (float64, used
   by gradient checks, on numpy or CuPy).
 """
@@ -25,9 +25,9 @@ def moe_kernels_for(*arrays: Any) -> ModuleType:
 
         return moe_kernels
     if all(is_cupy_array(a) and a.dtype == np.float32 for a in arrays):
-        from moecore.kernels import cuda_moe
+        from moecore.kernels.cuda import moe_kernels as cuda_moe_kernels
 
-        return cuda_moe
+        return cuda_moe_kernels
     from moecore.kernels import generic
 
     return generic

@@ -104,10 +104,10 @@ class AdamW(Optimizer):
 
     @staticmethod
     def _update_cuda(p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
-        from moecore.kernels import gpu  # lazy: the GPU path imports CuPy
+        from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
 
         beta1, beta2 = group["betas"]
-        gpu.adamw_step(
+        cuda.adamw_step(
             p.data,
             p.grad,
             st["exp_avg"],

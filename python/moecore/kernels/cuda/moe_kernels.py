@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moecore.kernels import generic, gpu
+from moecore.kernels import generic
+from moecore.kernels.cuda import moe
 
 grouped_matmul = generic.grouped_matmul
 grouped_matmul_dx = generic.grouped_matmul_dx
@@ -35,7 +36,7 @@ def route(
     """See :func:`moecore.moe_kernels.route`."""
     if n_groups is not None or topk_groups is not None:
         raise NotImplementedError("moe route with n_groups/topk_groups has no GPU kernel yet")
-    return gpu.moe_route(logits, k, score, bias, normalize)
+    return moe.moe_route(logits, k, score, bias, normalize)
 
 
 def permute(
@@ -49,7 +50,7 @@ def permute(
     """See :func:`moecore.moe_kernels.permute`."""
     if capacity is not None:
         raise NotImplementedError("moe permute with a capacity has no GPU kernel yet")
-    return gpu.moe_permute(x, expert_idx, n_experts, pad_to)
+    return moe.moe_permute(x, expert_idx, n_experts, pad_to)
 
 
 def unpermute(
@@ -60,14 +61,14 @@ def unpermute(
     k: int | None = None,
 ) -> Any:
     """See :func:`moecore.moe_kernels.unpermute`."""
-    return gpu.moe_unpermute(y_sorted, order, weights, n_tokens, k)
+    return moe.moe_unpermute(y_sorted, order, weights, n_tokens, k)
 
 
 def permute_backward(dx_sorted: Any, order: Any, n_tokens: int, k: int) -> Any:
     """See :func:`moecore.moe_kernels.permute_backward`."""
-    return gpu.moe_permute_backward(dx_sorted, order, n_tokens, k)
+    return moe.moe_permute_backward(dx_sorted, order, n_tokens, k)
 
 
 def unpermute_backward(dy: Any, y_sorted: Any, order: Any, weights: Any) -> tuple[Any, Any]:
     """See :func:`moecore.moe_kernels.unpermute_backward`."""
-    return gpu.moe_unpermute_backward(dy, y_sorted, order, weights)
+    return moe.moe_unpermute_backward(dy, y_sorted, order, weights)

@@ -1,6 +1,6 @@
 """Compile every CUDA kernel with NVRTC, as ``cupy.RawModule`` would, without a GPU.
 
-``python -m moecore.kernels.gpu_compile [--arch sm_80 sm_90]`` compiles each family of
+``moecore check-cuda [--arch sm_80 sm_90]`` compiles each family of
 ``cuda/`` to a cubin per architecture with CuPy's own compiler options
 (``cupy._core.core.assemble_cupy_compiler_options``) plus ptxas verbosity, spill warnings and
 warnings-as-errors, prints a table (kernel x arch: registers, shared memory, spills) and
@@ -10,13 +10,11 @@ compile calls need a device, this does not.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any
 
-from moecore.kernels import cuda_sources
+from moecore.kernels.cuda import sources
 
 PTXAS_FLAGS = (
     "--ptxas-options=-v",
@@ -61,8 +59,8 @@ def parse_ptxas_log(log: str, family: str, arch: str) -> list[KernelStats]:
             current.stack_bytes, current.spill_stores, current.spill_loads = map(int, m.groups())
         elif current is not None and (m := _USED.search(line)):
             current.registers = int(m.group(1))
-            if s := _SMEM.search(line):
-                current.shared_bytes = int(s.group(1))
+            if smem := _SMEM.search(line):
+                current.shared_bytes = int(smem.group(1))
     for s in stats:
         if s.arch != arch:
             raise CompileFailure(f"{family}: ptxas compiled {s.kernel} for {s.arch}, not {arch}")
@@ -80,7 +78,7 @@ def compile_family(family: str, arch: str) -> tuple[list[KernelStats], bytes]:
     """Compiles one family to a cubin; returns the kernels' statistics and the cubin."""
     from cupy.cuda import nvrtc
 
-    src = cuda_sources.source(family)
+    src = sources.source(family)
     prog = nvrtc.createProgram(src, f"cuda/{family}.cu", [], [])
     try:
         try:
@@ -95,7 +93,7 @@ def compile_family(family: str, arch: str) -> tuple[list[KernelStats], bytes]:
     finally:
         nvrtc.destroyProgram(prog)
     stats = parse_ptxas_log(log, family, arch)
-    expected = set(cuda_sources.kernel_names(family))
+    expected = set(sources.kernel_names(family))
     if {s.kernel for s in stats} != expected:
         raise CompileFailure(
             f"{family} for {arch}: ptxas reported {sorted(s.kernel for s in stats)}, "
@@ -107,7 +105,7 @@ def compile_family(family: str, arch: str) -> tuple[list[KernelStats], bytes]:
 def compile_all(archs: tuple[str, ...] = DEFAULT_ARCHS) -> list[KernelStats]:
     """Compiles every family for every architecture; raises on the first failure."""
     out: list[KernelStats] = []
-    for family in cuda_sources.families():
+    for family in sources.families():
         for arch in archs:
             out.extend(compile_family(family, arch)[0])
     return sorted(out, key=lambda s: (s.family, s.kernel, s.arch))
@@ -134,13 +132,10 @@ def format_table(stats: list[KernelStats]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: compile, print the table, exit 1 on any failure or spill."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS))
-    args: Any = parser.parse_args(argv)
+def check(archs: tuple[str, ...] = DEFAULT_ARCHS) -> int:
+    """``moecore check-cuda``: compile, print the table; 1 on any failure or spill, else 0."""
     try:
-        stats = compile_all(tuple(args.arch))
+        stats = compile_all(archs)
     except CompileFailure as exc:
         print(f"CUDA compile failed: {exc}", file=sys.stderr)
         return 1
@@ -151,7 +146,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{len(stats)} kernel builds, no warnings, no spills")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
