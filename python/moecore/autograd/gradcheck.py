@@ -9,10 +9,7 @@ import numpy as np
 
 from moecore.autograd.grad_mode import no_grad
 from moecore.autograd.tensor import Tensor
-
-
-class GradcheckError(AssertionError):
-    """Raised by :func:`gradcheck` when analytic and numeric gradients disagree."""
+from moecore.errors import GradcheckError
 
 
 def _outputs(fn: Callable[..., Any], inputs: Sequence[Tensor]) -> list[Tensor]:

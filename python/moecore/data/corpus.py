@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from moecore.errors import DataError
+
 SKIPPED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test"})
 VALIDATION_FRACTION = 0.05
-
-
-class DataError(ValueError):
-    """The training data is missing, empty, too short or malformed."""
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,10 @@ from math import inf, isfinite
 from pathlib import Path
 from typing import Any
 
+from moecore.errors import ConfigError
 from moecore.models.config import ModelConfig
 from moecore.nn.init import INITS
 from moecore.train.optimizers import OPTIMIZERS
-
-
-class ConfigError(ValueError):
-    """The run configuration has unknown keys, wrong types or impossible values."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid run configuration:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass

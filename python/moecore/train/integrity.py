@@ -14,18 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moecore.errors import CheckpointDamaged, CheckpointError  # noqa: F401 (re-exported)
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or incompatible; the message names the file."""
-
-
-class CheckpointDamaged(CheckpointError):
-    """A checkpoint file does not match its manifest (bit rot, truncation, a partial copy):
-    the message names the file, what the manifest expects and what was found."""
 
 
 def digest(data: bytes) -> str:

@@ -6,9 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+from moecore.errors import TrainingDiverged
 
 
 @dataclass

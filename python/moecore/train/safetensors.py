@@ -11,6 +11,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from moecore.errors import SafetensorsError
+
 _DTYPES = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -27,10 +29,6 @@ _DTYPES = {
 }
 _CODES_BY_STR = {v.str: k for k, v in _DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
-
-
-class SafetensorsError(ValueError):
-    """A safetensors file is truncated, corrupt, or holds something numpy cannot read."""
 
 
 def write(

@@ -14,6 +14,7 @@ import re
 import sys
 from dataclasses import dataclass
 
+from moecore.errors import CompileFailure
 from moecore.kernels.cuda import sources
 
 PTXAS_FLAGS = (
@@ -41,10 +42,6 @@ class KernelStats:
     stack_bytes: int = 0
     spill_stores: int = 0
     spill_loads: int = 0
-
-
-class CompileFailure(RuntimeError):
-    """NVRTC or ptxas reported an error or a warning."""
 
 
 def parse_ptxas_log(log: str, family: str, arch: str) -> list[KernelStats]:
