@@ -6,7 +6,7 @@ import pytest
 import moecore as mc
 from moecore import nn, ops, optim
 from moecore.autograd import gradcheck
-from moecore.nn.sparse import cubic_density
+from moecore.nn.block_sparse import cubic_density
 from moecore.sparse import BsrMatrix
 
 

@@ -28,8 +28,8 @@ import numpy as np
 from moecore.comm import Action, GradSpec, Scheduler
 from moecore.compress import TopK
 from moecore.dist.agreement import check_ranks_agree
+from moecore.dist.driver import Driver
 from moecore.dist.group import Group, Request
-from moecore.dist.progress import Driver
 from moecore.dist.watchdog import check_timeout
 from moecore.errors import NonFiniteGradient
 
@@ -100,7 +100,7 @@ class DataParallel:
         first_bucket_mb, partition_mb, credit_mb, warmup_steps, compress_when: scheduler
             settings (see :class:`moecore.comm.Scheduler`).
         progress: how requests in flight progress: ``"hooks"`` (tested at every gradient
-            hook) or ``"thread"`` (also a polling thread; see :mod:`moecore.dist.progress`).
+            hook) or ``"thread"`` (also a polling thread; see :mod:`moecore.dist.driver`).
         gradient_as_bucket_view: as in PyTorch's DDP. False: :meth:`finish` copies the
             averages into each ``.grad``. True: each ``.grad`` becomes a view of its bucket,
             which saves a copy of every gradient per step; the bucket is then overwritten by

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from moecore.nn import init
 from moecore.nn.attention import Attention
+from moecore.nn.block_sparse import BlockSparseLinear
 from moecore.nn.containers import ModuleList, Sequential
 from moecore.nn.layers import Dropout, Embedding, LayerNorm, Linear, RMSNorm
 from moecore.nn.module import Module
 from moecore.nn.moe import MoE, update_router_biases
 from moecore.nn.parameter import Parameter
-from moecore.nn.sparse import BlockSparseLinear
 
 __all__ = [
     "Attention",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from moecore.ops import tensor_methods as _tensor_methods
 from moecore.ops.activation import gelu, log_softmax, silu, softmax, swiglu
 from moecore.ops.attention import packed_attention, scaled_dot_product_attention
+from moecore.ops.block_sparse import block_sparse_linear
 from moecore.ops.checkpoint import checkpoint
 from moecore.ops.dropout import dropout
 from moecore.ops.elementwise import (
@@ -32,7 +33,6 @@ from moecore.ops.moe import moe
 from moecore.ops.norm import layer_norm, rms_norm
 from moecore.ops.reduce import max, mean, sum
 from moecore.ops.shape import concat, getitem, permute, reshape, stack, transpose
-from moecore.ops.sparse import block_sparse_linear
 
 _tensor_methods.install()
 

@@ -32,7 +32,7 @@ mod permute;
 #[cfg(test)]
 mod proptests;
 mod route;
-mod router;
+mod router_matmul;
 mod unpermute;
 
 pub use error::MoeError;
@@ -41,5 +41,5 @@ pub use grouped::{grouped_matmul, grouped_matmul_dw, grouped_matmul_dx, MatrixSt
 pub use matrix::Matrix;
 pub use permute::{permute, permute_order, PermuteOptions, Permuted};
 pub use route::{route, route_backward, RouteOptions, Routing, Score};
-pub use router::{router_backward, router_logits};
+pub use router_matmul::{router_backward, router_logits};
 pub use unpermute::{permute_backward, unpermute, unpermute_backward, UnpermuteGrads};

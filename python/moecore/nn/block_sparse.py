@@ -13,7 +13,7 @@ from moecore.autograd.tensor import Tensor
 from moecore.nn import init
 from moecore.nn.module import Module
 from moecore.nn.parameter import Parameter
-from moecore.ops.sparse import block_sparse_linear
+from moecore.ops.block_sparse import block_sparse_linear
 from moecore.sparse import BsrMatrix
 
 
