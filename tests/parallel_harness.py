@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from moecore.dist.launch import mpi_family
+from moecore.distributed.launch import mpi_family
 
 
 def _find_mpiexec() -> str | None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import moecore as mc
-from moecore import dist, nn, ops
+import moecore.distributed as dist
+from moecore import nn, ops
 from moecore.compress import TopK
 
 
@@ -31,7 +32,7 @@ def test_init_without_launcher_never_imports_mpi4py():
         if not k.startswith(("PMI", "PMIX", "OMPI_", "MV2_", "MPI_"))
     }
     code = (
-        "import sys, moecore.dist as d; g = d.init(); "
+        "import sys, moecore.distributed as d; g = d.init(); "
         "assert type(g).__name__ == 'SingleProcess', g; "
         "assert 'mpi4py' not in sys.modules; print('fine')"
     )
@@ -140,7 +141,7 @@ def _described(entries, settings=None):
 
 
 def test_check_ranks_agree_names_a_missing_trailing_parameter():
-    from moecore.dist.agreement import check_ranks_agree
+    from moecore.distributed.agreement import check_ranks_agree
 
     p = nn.Linear(3, 2)
     named = list(p.named_parameters())  # weight [2, 3], bias [2]
@@ -166,7 +167,7 @@ def test_check_ranks_agree_names_a_missing_trailing_parameter():
 
 
 def test_check_ranks_agree_names_the_first_setting_that_differs():
-    from moecore.dist.agreement import check_ranks_agree
+    from moecore.distributed.agreement import check_ranks_agree
 
     named = list(nn.Linear(3, 2).named_parameters())
     params = [["weight", [2, 3], "float32"], ["bias", [2], "float32"]]
@@ -190,7 +191,7 @@ def test_watchdog_fires_only_for_a_wait_past_its_deadline():
     import threading
     import time
 
-    from moecore.dist.watchdog import PERIOD, Watchdog
+    from moecore.distributed.watchdog import PERIOD, Watchdog
 
     fired = []
     got = threading.Event()
@@ -217,7 +218,7 @@ def test_watchdog_fires_only_for_a_wait_past_its_deadline():
 def test_watchdog_fires_for_the_earliest_deadline_of_nested_waits():
     import threading
 
-    from moecore.dist.watchdog import PERIOD, Watchdog
+    from moecore.distributed.watchdog import PERIOD, Watchdog
 
     fired = []
     got = threading.Event()
@@ -310,3 +311,22 @@ def test_backward_wait_seconds_counts_only_waits_for_credit(policy):
     else:
         # Every launch but the first waited for the one before it: 0.02 s each.
         assert held >= 0.02 * (launched - 1) * 0.9
+
+
+def test_moecore_dist_is_an_alias_of_moecore_distributed():
+    """The former name gives the very same objects (one class per name), also when it is the
+    first one imported in a process."""
+    import moecore.dist as old
+    import moecore.dist.mpi as old_mpi
+    from moecore.dist.launch import mpi_family
+
+    assert old.DataParallel is dist.DataParallel and old.init is dist.init
+    assert old_mpi is sys.modules["moecore.distributed.mpi"]
+    assert mpi_family is sys.modules["moecore.distributed.launch"].mpi_family
+    code = (
+        "import sys; import moecore.dist.data_parallel as a; "
+        "import moecore.distributed.data_parallel as b; "
+        "assert a is b and a.DataParallel is sys.modules['moecore.dist'].DataParallel"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -169,7 +169,7 @@ def test_a_rank_that_hangs_outside_finish_ends_the_job_after_the_groups_timeout(
     assert "STUCK rank 1 before" in out, out
     assert (
         f"moecore: {operation} did not complete within 2 s: another rank is stuck or gone; "
-        "ending the job (the limit is the group's timeout: moecore.dist.init(timeout=...)"
+        "ending the job (the limit is the group's timeout: moecore.distributed.init(timeout=...)"
     ) in out, out
     assert seconds < 30, f"took {seconds:.1f} s"
 

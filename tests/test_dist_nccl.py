@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 
-from moecore import dist
+import moecore.distributed as dist
 
 # --- a stand-in for cupy and cupy.cuda.nccl ---------------------------------------------------
 
@@ -117,7 +117,7 @@ class _Bootstrap(dist.SingleProcess):
 
 
 def test_nccl_group_passes_element_counts_and_nccl_types(fake_cupy):
-    from moecore.dist.nccl import NCCLGroup
+    from moecore.distributed.nccl import NCCLGroup
 
     boot = _Bootstrap()
     g = NCCLGroup(boot)
@@ -143,7 +143,7 @@ def test_nccl_group_passes_element_counts_and_nccl_types(fake_cupy):
 
 
 def test_nccl_group_allgatherv_pads_to_the_longest_and_cuts_back(fake_cupy):
-    from moecore.dist.nccl import NCCLGroup
+    from moecore.distributed.nccl import NCCLGroup
 
     g = NCCLGroup(_Bootstrap())
     send = _device(np.array([3, 1, 4, 1, 5], np.uint8))
@@ -155,7 +155,7 @@ def test_nccl_group_allgatherv_pads_to_the_longest_and_cuts_back(fake_cupy):
 
 
 def test_nccl_group_refuses_what_it_cannot_move_and_aborts_through_mpi(fake_cupy):
-    from moecore.dist.nccl import NCCLGroup
+    from moecore.distributed.nccl import NCCLGroup
 
     boot = _Bootstrap()
     g = NCCLGroup(boot)
@@ -185,7 +185,7 @@ def cupy_nccl(cupy):
 @pytest.mark.gpu
 def test_nccl_group_of_one_gpu_moves_device_arrays(cupy_nccl):
     cupy = cupy_nccl
-    from moecore.dist.nccl import NCCLGroup
+    from moecore.distributed.nccl import NCCLGroup
 
     g = NCCLGroup(dist.SingleProcess())
     x = cupy.arange(1000, dtype=cupy.float32)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from parallel_harness import Tolerance, assert_runs_agree
 
-from moecore.dist import SingleProcess
+from moecore.distributed import SingleProcess
 from moecore.train import Trainer, build_config
 from moecore.train.checksum import param_checksums
 from moecore.train.metrics import read_metrics

@@ -189,7 +189,7 @@ def test_bias_option_adds_the_reference_parameters():
     with pytest.raises(ConfigError, match="bias with ep"):
         build_config(overrides={"bias": True, "ep": 2})
     with pytest.raises(ValueError, match="expert biases"):
-        from moecore.dist import SingleProcess
-        from moecore.dist.expert_parallel import ExpertParallelMoE
+        from moecore.distributed import SingleProcess
+        from moecore.distributed.expert_parallel import ExpertParallelMoE
 
         ExpertParallelMoE.from_moe(ffn, SingleProcess())

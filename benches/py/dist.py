@@ -52,7 +52,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import blas_info, table, write_results
 
-from moecore.dist.launch import mpi_family
+from moecore.distributed.launch import mpi_family
 
 VARIANTS = [
     ("none", {}),  # every rank trains alone: no gradient communication, one barrier
@@ -181,7 +181,8 @@ def _predict(dp, profile, link, group) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from moecore import dist, optim
+    import moecore.distributed as dist
+    from moecore import optim
     from moecore.train.plan import profile_step
 
     group = dist.init()

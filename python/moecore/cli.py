@@ -25,7 +25,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import numpy as np
 
     from moecore.comm import CostModel, Link
-    from moecore.dist import parse_compress
+    from moecore.distributed import parse_compress
     from moecore.train import ConfigError, build_config, parse_overrides
     from moecore.train.plan import compression_costs, copy_cost, plan, profile_step
     from moecore.train.trainer import build_model, build_optimizer
@@ -142,7 +142,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     """``moecore train``. Under mpiexec an error may be this rank's alone (a data file
     missing on one node, an exception in its step): shown, it then ends every rank
     (``MPI_Abort``), as the others would wait for this one forever in a collective."""
-    from moecore.dist import abort_job, world_size_from_env
+    from moecore.distributed import abort_job, world_size_from_env
     from moecore.train.preemption import PREEMPTED_EXIT
 
     try:

@@ -2,7 +2,7 @@
 
 The work happens in moecore's Rust core (``rust/comm``); it never touches the network. Give
 it the gradients (name, size, dtype, layer); during backward tell it which gradient is ready;
-it answers with what to launch now and what to wait for. :class:`moecore.dist.DataParallel`
+it answers with what to launch now and what to wait for. :class:`moecore.distributed.DataParallel`
 drives it; it is usable alone (e.g. to replay a schedule)::
 
     from moecore.comm import GradSpec, Scheduler

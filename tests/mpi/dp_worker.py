@@ -8,7 +8,8 @@ import sys
 import numpy as np
 
 import moecore as mc
-from moecore import dist, nn, ops, optim
+import moecore.distributed as dist
+from moecore import nn, ops, optim
 from moecore.compress import TopK
 from moecore.models import ModelConfig, MoETransformer
 
@@ -264,7 +265,7 @@ def local_rows(a, g):
 def mode_ep(g, tokens=12, d=8, experts=4):
     """Expert parallel (experts split over the ranks) forward and backward equal the
     single-process MoE layer on the concatenated tokens."""
-    from moecore.dist.expert_parallel import ExpertParallelMoE
+    from moecore.distributed.expert_parallel import ExpertParallelMoE
 
     mc.manual_seed(11)
     full = nn.MoE(d, 6, n_experts=experts, top_k=2, aux_loss=0.0)
@@ -298,7 +299,7 @@ def mode_ep_full(g, tokens=10, d=8, experts=4, ep=2):
     trainer uses — Switch aux loss, z-loss, shared experts, softmax and sigmoid with
     group-limited routing, the aux-loss-free bias — equals one process holding every token:
     outputs, averaged gradients, aux-loss value and the bias update."""
-    from moecore.dist.expert_parallel import ExpertParallelMoE
+    from moecore.distributed.expert_parallel import ExpertParallelMoE
 
     world = g.size
     ep_group = g.split(g.rank // ep)
@@ -401,7 +402,7 @@ def mode_layout(g, ep=2, max_norm=0.05):
 def mode_hier(g):
     """4 ranks as 2 nodes x 2: the hierarchical all-reduce equals the flat one (blocking and
     many non-blocking in flight), and data parallelism over it equals single process."""
-    from moecore.dist.hierarchical import HierarchicalGroup
+    from moecore.distributed.hierarchical import HierarchicalGroup
 
     h = HierarchicalGroup(g, ranks_per_node=2)
     rng = np.random.default_rng(g.rank)
@@ -510,7 +511,7 @@ def mode_stuck_at(g, where):
     all-to-alls): rank 0's group watchdog ends the job 2 s into its wait."""
     import time
 
-    from moecore.dist.expert_parallel import ExpertParallelMoE
+    from moecore.distributed.expert_parallel import ExpertParallelMoE
 
     g = dist.MPIGroup(timeout=2)
     mc.manual_seed(11)

@@ -1,34 +1,21 @@
-"""Distributed training: process groups and data parallelism.
-
-``init()`` returns the world group: :class:`MPIGroup` under ``mpiexec`` (mpi4py's buffer
-API), :class:`SingleProcess` otherwise (mpi4py is then never imported), or an
-:class:`NCCLGroup` on GPUs. :class:`DataParallel` averages a model's gradients over a group,
-launching buckets during backward as :mod:`moecore.comm` decides;
-:class:`ExpertParallelMoE` spreads an MoE layer's experts over a group (all-to-all-v).
-"""
+"""``moecore.dist``: the former name of :mod:`moecore.distributed` (renamed to PyTorch's word),
+kept so that existing code keeps working. ``moecore.dist.X`` and every submodule
+``moecore.dist.<module>`` are the very objects of ``moecore.distributed`` — one class per
+name, so ``isinstance`` checks and the groups' state agree whichever name imported them."""
 
 from __future__ import annotations
 
-from moecore.dist.data_parallel import DataParallel, parse_compress
-from moecore.dist.expert_parallel import ExpertParallelMoE
-from moecore.dist.group import Group, Request, SingleProcess
-from moecore.dist.hierarchical import HierarchicalGroup
-from moecore.dist.launch import abort_job, init, launched_by_mpi, world_size_from_env
-from moecore.dist.mpi import MPIGroup
-from moecore.dist.nccl import NCCLGroup
+import sys
 
-__all__ = [
-    "DataParallel",
-    "ExpertParallelMoE",
-    "Group",
-    "HierarchicalGroup",
-    "MPIGroup",
-    "NCCLGroup",
-    "Request",
-    "SingleProcess",
-    "abort_job",
-    "init",
-    "launched_by_mpi",
-    "parse_compress",
-    "world_size_from_env",
-]
+import moecore.distributed as _distributed
+from moecore.distributed import *  # noqa: F403
+from moecore.distributed import __all__  # noqa: F401
+
+# The package imports all of its submodules, so aliasing them costs nothing.
+for _name, _module in list(sys.modules.items()):
+    if _name.startswith(_distributed.__name__ + "."):
+        _short = _name[len(_distributed.__name__) + 1 :]
+        sys.modules[f"{__name__}.{_short}"] = _module
+        if "." not in _short:
+            globals()[_short] = _module
+del _name, _module, _short

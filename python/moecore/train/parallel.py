@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from moecore import nn
-from moecore.dist import DataParallel, ExpertParallelMoE, Group
+from moecore.distributed import DataParallel, ExpertParallelMoE, Group
 from moecore.optim.clip import grad_norm
 
 __all__ = ["Layout"]

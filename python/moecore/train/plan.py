@@ -87,7 +87,7 @@ def _median_seconds(work: Any, repeat: int) -> float:
 def compression_costs(ratio: float, n: int = 1 << 23, repeat: int = 5) -> tuple[float, float]:
     """Seconds per element of top-k compression with error feedback, and per entry of
     decoding the gathered payloads into a bucket, timed on this machine as
-    :class:`moecore.dist.DataParallel` does them. ``n`` (default 32 MiB of float32) should
+    :class:`moecore.distributed.DataParallel` does them. ``n`` (default 32 MiB of float32) should
     exceed the last-level cache, as a bucket does: timed in cache, both run several times
     faster than they do on real buckets."""
     g = np.random.default_rng(0).standard_normal(n).astype(np.float32)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from moecore.dist import Group
+from moecore.distributed import Group
 
 
 class RoutingTotals:

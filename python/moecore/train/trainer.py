@@ -18,8 +18,8 @@ import moecore
 from moecore import nn, optim
 from moecore.autograd.random import get_rng_state, set_rng_state
 from moecore.data import Corpus, load_corpus, train_batch, val_batches
-from moecore.dist import Group, HierarchicalGroup, MPIGroup, SingleProcess, init
-from moecore.dist.agreement import check_ranks_agree
+from moecore.distributed import Group, HierarchicalGroup, MPIGroup, SingleProcess, init
+from moecore.distributed.agreement import check_ranks_agree
 from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
 from moecore.ops.moe import set_aux_loss_scale

@@ -27,10 +27,10 @@ import numpy as np
 
 from moecore.comm import Action, GradSpec, Scheduler
 from moecore.compress import TopK
-from moecore.dist.agreement import check_ranks_agree
-from moecore.dist.driver import Driver
-from moecore.dist.group import Group, Request
-from moecore.dist.watchdog import check_timeout
+from moecore.distributed.agreement import check_ranks_agree
+from moecore.distributed.driver import Driver
+from moecore.distributed.group import Group, Request
+from moecore.distributed.watchdog import check_timeout
 from moecore.errors import NonFiniteGradient
 
 __all__ = ["DataParallel", "parse_compress"]
@@ -93,21 +93,21 @@ class DataParallel:
 
     Args:
         model: an :class:`moecore.nn.Module`; its parameters are broadcast from rank 0.
-        group: the data-parallel group (:func:`moecore.dist.init`).
+        group: the data-parallel group (:func:`moecore.distributed.init`).
         bucket_mb: bucket cap in MiB (the first bucket uses ``first_bucket_mb``).
         policy: ``"fifo"`` or ``"priority"`` (see :mod:`moecore.comm`).
         compress: None, ``"topk:<ratio>"`` or a :class:`moecore.compress.TopK`.
         first_bucket_mb, partition_mb, credit_mb, warmup_steps, compress_when: scheduler
             settings (see :class:`moecore.comm.Scheduler`).
         progress: how requests in flight progress: ``"hooks"`` (tested at every gradient
-            hook) or ``"thread"`` (also a polling thread; see :mod:`moecore.dist.driver`).
+            hook) or ``"thread"`` (also a polling thread; see :mod:`moecore.distributed.driver`).
         gradient_as_bucket_view: as in PyTorch's DDP. False: :meth:`finish` copies the
             averages into each ``.grad``. True: each ``.grad`` becomes a view of its bucket,
             which saves a copy of every gradient per step; the bucket is then overwritten by
             the next backward, so a ``.grad`` kept across steps changes with it.
         timeout: seconds :meth:`finish` waits for one operation before it prints why and
             ends the job (``group.abort``; a rank that hangs would otherwise hold every
-            other rank forever); None: the group's timeout (:func:`moecore.dist.init`),
+            other rank forever); None: the group's timeout (:func:`moecore.distributed.init`),
             which also bounds every other blocking call, this class's broadcasts included.
 
     Use::

@@ -13,8 +13,8 @@ import termios
 import time
 from collections.abc import Mapping
 
-from moecore.dist.group import DEFAULT_TIMEOUT, Group, SingleProcess
-from moecore.dist.watchdog import check_timeout
+from moecore.distributed.group import DEFAULT_TIMEOUT, Group, SingleProcess
+from moecore.distributed.watchdog import check_timeout
 
 __all__ = [
     "abort_job",
@@ -68,11 +68,11 @@ def init(backend: str = "auto", timeout: float | None = DEFAULT_TIMEOUT) -> Grou
     timeout = check_timeout(timeout)
     if backend == "single" or (backend == "auto" and not launched_by_mpi()):
         return SingleProcess()
-    from moecore.dist.mpi import MPIGroup
+    from moecore.distributed.mpi import MPIGroup
 
     world = MPIGroup(timeout=timeout)
     if backend == "nccl":
-        from moecore.dist.nccl import NCCLGroup
+        from moecore.distributed.nccl import NCCLGroup
 
         return NCCLGroup(world)
     return world

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from moecore.dist.group import Group
+from moecore.distributed.group import Group
 
 __all__ = ["check_ranks_agree"]
 

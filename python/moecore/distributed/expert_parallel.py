@@ -29,7 +29,7 @@ import numpy as np
 
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
-from moecore.dist.group import Group
+from moecore.distributed.group import Group
 from moecore.kernels import moe_kernels_for
 from moecore.nn.module import Module
 from moecore.nn.moe import routing_summary, shared_experts

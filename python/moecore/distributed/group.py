@@ -2,7 +2,7 @@
 
 A group moves bytes between the ranks of a job; it never decides what to send (that is
 :mod:`moecore.comm`'s job). Every operation works on numpy arrays (CuPy arrays for
-:class:`~moecore.dist.nccl.NCCLGroup`) that are C-contiguous, and writes into buffers the
+:class:`~moecore.distributed.nccl.NCCLGroup`) that are C-contiguous, and writes into buffers the
 caller preallocated wherever the size is known in advance.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moecore.dist.watchdog import Watchdog, check_timeout
+from moecore.distributed.watchdog import Watchdog, check_timeout
 
 __all__ = ["DEFAULT_TIMEOUT", "Group", "Request", "SingleProcess", "check_buffer"]
 
@@ -24,7 +24,7 @@ __all__ = ["DEFAULT_TIMEOUT", "Group", "Request", "SingleProcess", "check_buffer
 #: PyTorch's default for ``init_process_group``.
 DEFAULT_TIMEOUT = 1800.0
 _GROUP_LIMIT = (
-    "the group's timeout: moecore.dist.init(timeout=...), comm_timeout_s in a run's config"
+    "the group's timeout: moecore.distributed.init(timeout=...), comm_timeout_s in a run's config"
 )
 
 
@@ -178,7 +178,7 @@ class Group(ABC):
 
 class SingleProcess(Group):
     """The group of one process: every collective is the identity (copies where a result
-    buffer is separate). What :func:`moecore.dist.init` returns without an MPI launcher."""
+    buffer is separate). What :func:`moecore.distributed.init` returns without an MPI launcher."""
 
     def __init__(self) -> None:
         self.rank = 0

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from moecore.dist.group import Group, Request, check_buffer
-from moecore.dist.mpi import MPIGroup
+from moecore.distributed.group import Group, Request, check_buffer
+from moecore.distributed.mpi import MPIGroup
 
 __all__ = ["HierarchicalGroup"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moecore.dist.group import Group, Request
+from moecore.distributed.group import Group, Request
 
 __all__ = ["NCCLGroup"]
 
@@ -44,7 +44,7 @@ class _StreamRequest(Request):
 
 
 class NCCLGroup(Group):
-    """One GPU per rank; ``bootstrap`` (an :class:`~moecore.dist.mpi.MPIGroup`) hands out
+    """One GPU per rank; ``bootstrap`` (an :class:`~moecore.distributed.mpi.MPIGroup`) hands out
     the NCCL id and gives rank and size."""
 
     def __init__(self, bootstrap: Group) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
-from moecore.dist.group import Request
+from moecore.distributed.group import Request
 
 __all__ = ["Driver"]
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from moecore.dist.group import DEFAULT_TIMEOUT, Group, Request, check_buffer
-from moecore.dist.launch import drain_output
-from moecore.dist.watchdog import Watchdog, check_timeout
+from moecore.distributed.group import DEFAULT_TIMEOUT, Group, Request, check_buffer
+from moecore.distributed.launch import drain_output
+from moecore.distributed.watchdog import Watchdog, check_timeout
 
 __all__ = ["MPIGroup", "import_mpi"]
 
@@ -29,7 +29,7 @@ def import_mpi() -> Any:
         from mpi4py import MPI
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "moecore.dist over MPI needs mpi4py and an MPI library: "
+            "moecore.distributed over MPI needs mpi4py and an MPI library: "
             "pip install 'moecore[mpi]' (mpi4py + mpich)"
         ) from exc
     return MPI
@@ -96,7 +96,7 @@ class MPIGroup(Group):
     Args:
         comm: an ``mpi4py.MPI.Comm``; None for ``COMM_WORLD``.
         timeout: seconds any blocking call may last before the job is ended (None: for
-            ever); see :class:`moecore.dist.Group`.
+            ever); see :class:`moecore.distributed.Group`.
     """
 
     def __init__(self, comm: Any = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
