@@ -25,8 +25,9 @@ def _cupy() -> ModuleType:
 
 
 def is_cupy_array(a: object) -> bool:
-    """True for a ``cupy.ndarray`` (checked by its type's module, without importing CuPy)."""
-    return type(a).__module__.split(".")[0] == "cupy"
+    """True for a ``cupy.ndarray`` (or another ``cupy``/``cupyx`` object), checked by its
+    type's module, so CuPy is never imported for the check. moecore's one such check."""
+    return (type(a).__module__ or "").split(".")[0] in ("cupy", "cupyx")
 
 
 def xp_of(a: Any) -> ModuleType:

@@ -59,8 +59,10 @@ from typing import Any
 
 import numpy as np
 
-from moecore import _core
+from moecore.backend import is_cupy_array
 from moecore.errors import CorruptPayload
+from moecore.kernels import topk
+from moecore.kernels.registry import select
 
 __all__ = [
     "Context",
@@ -101,16 +103,11 @@ class Context:
 # --- argument conversion --------------------------------------------------------------------
 
 
-def _is_cupy(obj: object) -> bool:
-    # By module name, so that cupy is never imported here.
-    return (type(obj).__module__ or "").split(".")[0] in ("cupy", "cupyx")
-
-
 def _as_array(obj: Any, what: str) -> np.ndarray:
     """A numpy view of ``obj`` (numpy array or CPU DLPack exporter), never a copy."""
     if isinstance(obj, np.ndarray):
         return obj
-    if _is_cupy(obj):
+    if is_cupy_array(obj):
         raise NotImplementedError(
             f"{what} is a CuPy array: this operation has no GPU path; pass a numpy array "
             "(cupy.asnumpy)"
@@ -189,29 +186,20 @@ def _stream_seed(seed: int, name: str | None, step: int) -> int:
 def _scatter_on_device(payloads: list[np.ndarray], out: Any, *, add: bool, scale: float) -> Any:
     """Decodes and validates every payload on the host, then scatters them in order into the
     CuPy array ``out`` (zeroed first unless ``add``)."""
-    from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
-
-    be = cuda.default_backend()
     decoded = []
     for i, p in enumerate(payloads):
-        idx, vals, n = _core.compress_decode(p)
+        idx, vals, n = topk.decode(p)
         if int(n) != out.size:
             raise CorruptPayload(f"payloads[{i}] describes n = {n} elements, out has {out.size}")
         decoded.append((idx.astype(np.int32), vals))
-    if not add:
-        cuda.scatter(out, be.xp.zeros(0, np.int32), be.xp.zeros(0, np.float32), backend=be)
-    for idx, vals in decoded:
-        cuda.scatter(
-            out, be.xp.asarray(idx), be.xp.asarray(vals), scale=scale, add=True, backend=be
-        )
-    return out
+    return select("topk", "cuda", np.float32).scatter(decoded, out, add=add, scale=scale)
 
 
 def payload_info(payload: Any) -> dict[str, Any]:
     """The header of ``payload`` (version, index and value encodings, n, k, section sizes),
     after checking the header and total length; :func:`decompress` also checks the CRC and
     the contents."""
-    return dict(_core.compress_header(_as_payload(payload)))
+    return dict(topk.header(_as_payload(payload)))
 
 
 def decompress(
@@ -236,7 +224,7 @@ def decompress(
         CorruptPayload: the payload is damaged, foreign, or does not match ``ctx``/``out``.
     """
     p = _as_payload(payload)
-    if out is not None and _is_cupy(out):
+    if out is not None and is_cupy_array(out):
         if ctx is not None and ctx.size != out.size:
             raise ValueError(f"out has {out.size} elements, ctx describes {ctx.size}")
         return _scatter_on_device([p], out, add=False, scale=1.0)
@@ -244,26 +232,26 @@ def decompress(
         dst = _as_float32(out, "out", writable=True)
         if ctx is not None and ctx.size != dst.size:
             raise ValueError(f"out has {dst.size} elements, ctx describes {ctx.size}")
-        _core.compress_decompress_into(p, dst.reshape(-1), add=False)
+        topk.decompress_into(p, dst.reshape(-1), add=False)
         return dst if isinstance(out, np.ndarray) else out
     if ctx is not None:
-        return _core.compress_decompress(p, ctx.size).reshape(ctx.shape)
-    n = int(_core.compress_header(p)["n"])
+        return topk.decompress(p, ctx.size).reshape(ctx.shape)
+    n = int(topk.header(p)["n"])
     if n > max_elements:
         raise CorruptPayload(
             f"header claims n = {n} elements, more than max_elements = {max_elements}; "
             "pass ctx or out (or a larger max_elements) if the payload is trusted"
         )
-    return _core.compress_decompress(p, n)
+    return topk.decompress(p, n)
 
 
 def decompress_add(payload: Any, out: Any, scale: float = 1.0) -> Any:
     """``out += scale * dense(payload)`` in place (``out`` float32 of the payload's size);
     returns ``out``. Nothing is written unless the payload is valid."""
-    if _is_cupy(out):
+    if is_cupy_array(out):
         return _scatter_on_device([_as_payload(payload)], out, add=True, scale=scale)
     dst = _as_float32(out, "out", writable=True)
-    _core.compress_decompress_into(_as_payload(payload), dst.reshape(-1), add=True, scale=scale)
+    topk.decompress_into(_as_payload(payload), dst.reshape(-1), add=True, scale=scale)
     return out
 
 
@@ -276,10 +264,10 @@ def decompress_sum(
     is done piecewise in cache). Every payload is validated before ``out`` is touched; the
     result does not depend on the number of threads. Returns ``out``."""
     ps = [_as_payload(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
-    if _is_cupy(out):
+    if is_cupy_array(out):
         return _scatter_on_device(ps, out, add=not overwrite, scale=scale)
     dst = _as_float32(out, "out", writable=True)
-    _core.compress_decompress_sum(ps, dst.reshape(-1), scale=scale, overwrite=overwrite)
+    topk.decompress_sum(ps, dst.reshape(-1), scale=scale, overwrite=overwrite)
     return out
 
 
@@ -296,7 +284,7 @@ class _Decoding:
         self, payload: Any, out: Any, scale: float = 1.0, ctx: Context | None = None
     ) -> Any:
         """``out += scale * dense(payload)``; see :func:`moecore.compress.decompress_add`."""
-        size = out.size if _is_cupy(out) else _as_float32(out, "out").size
+        size = out.size if is_cupy_array(out) else _as_float32(out, "out").size
         if ctx is not None and ctx.size != size:
             raise ValueError(f"out has {size} elements, ctx describes {ctx.size}")
         return decompress_add(payload, out, scale)
@@ -448,13 +436,13 @@ class TopK(_Decoding):
             ValueError: non-contiguous, NaN or inf in ``grad``, or ``name``'s shape changed.
             NotImplementedError: a CuPy gradient with momentum or non-f32 values.
         """
-        if _is_cupy(grad):
+        if is_cupy_array(grad):
             return self._compress_on_device(grad, name)
         arr = _as_float32(grad, "grad")
         flat = arr.reshape(-1)
         shape = tuple(arr.shape)
         slot = self._host_slot(name, shape, flat.size)
-        payload = _core.compress_topk(
+        payload = select("topk", "cpu", np.float32).compress(
             flat,
             self.k_for(flat.size, self.ratio_at(slot.calls)),
             **self._options(name, slot.calls),
@@ -476,17 +464,15 @@ class TopK(_Decoding):
         with CuPy pieces, the pieces are concatenated first.
 
         Raises like :meth:`compress` (a bad piece is named by its position)."""
-        if any(_is_cupy(p) for p in pieces):
-            from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
-
-            xp = cuda.default_backend().xp
+        if any(is_cupy_array(p) for p in pieces):
+            xp = select("topk", "cuda", np.float32).xp()
             return self.compress(xp.concatenate([p.reshape(-1) for p in pieces]), name)
         flats = [_as_float32(p, f"pieces[{i}]").reshape(-1) for i, p in enumerate(pieces)]
         if not self.error_feedback or self.momentum is not None:
             return self.compress(np.concatenate(flats) if flats else np.zeros(0, np.float32), name)
         n = sum(f.size for f in flats)
         slot = self._host_slot(name, (n,), n)
-        payload = _core.compress_topk_pieces(
+        payload = select("topk", "cpu", np.float32).compress_pieces(
             flats,
             self.k_for(n, self.ratio_at(slot.calls)),
             slot.residual,
@@ -546,12 +532,11 @@ class TopK(_Decoding):
         slot.shape = shape
         slot.calls += 1
         self._slots[name] = slot
-        return payload, Context(shape=shape, name=name, k=int(_core.compress_header(payload)["k"]))
+        return payload, Context(shape=shape, name=name, k=int(topk.header(payload)["k"]))
 
     def _compress_on_device(self, grad: Any, name: str | None) -> tuple[np.ndarray, Context]:
         """``compress`` for a CuPy gradient: selection and error feedback on the GPU."""
-        from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
-
+        kernels = select("topk", "cuda", np.float32)
         if self.momentum is not None or self.values != "f32":
             raise NotImplementedError(
                 "TopK.compress of a CuPy array supports values='f32' without momentum only"
@@ -568,15 +553,15 @@ class TopK(_Decoding):
         n = int(grad.size)
         k = self.k_for(n, self.ratio_at(slot.calls))
         if self.error_feedback:
-            xp = cuda.default_backend().xp
+            xp = kernels.xp()
             if slot.residual is None:
                 slot.residual = xp.zeros(n, dtype=np.float32)
-            elif not _is_cupy(slot.residual):  # state from a CPU run or a checkpoint
+            elif not is_cupy_array(slot.residual):  # state from a CPU run or a checkpoint
                 slot.residual = xp.asarray(slot.residual)
-            idx, vals = cuda.topk_error_feedback(slot.residual, grad, k, method=self.method)
+            idx, vals = kernels.error_feedback(slot.residual, grad, k, self.method)
         else:
-            idx, vals = cuda.topk_select(grad, k, method=self.method)
-        payload = _core.compress_encode(
+            idx, vals = kernels.select(grad, k, self.method)
+        payload = topk.encode(
             n,
             idx.get().astype(np.uint32),
             vals.get(),
@@ -721,7 +706,7 @@ class Int8(_Decoding):
         Raises like :meth:`TopK.compress`."""
         arr = _as_float32(grad, "grad")
         calls = self._calls.get(name, 0)
-        payload = _core.compress_int8(
+        payload = topk.int8(
             arr.reshape(-1),
             chunk=self.chunk,
             stochastic=self.stochastic,

@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from moecore import _core
+from moecore.backend import device_of, is_cupy_array
+from moecore.kernels import bsr as bsr_kernels
+from moecore.kernels.registry import select
 
 __all__ = [
     "SUPPORTED_BLOCKS",
@@ -52,7 +54,7 @@ SUPPORTED_BLOCKS: tuple[int, ...] = (8, 16, 32, 64)
 def kernel_isa() -> str:
     """The instruction set the block micro-kernels use on this CPU (``"avx512"``, ``"avx2"``
     or ``"scalar"``)."""
-    return _core.bsr_kernel_isa()
+    return bsr_kernels.kernel_isa()
 
 
 def _check_block(block: object) -> int:
@@ -159,7 +161,7 @@ class BsrMatrix:
             )
         self.data: np.ndarray = data
         # Structural rules (indptr consistency, sorted, in range, no duplicates) in Rust.
-        self._pattern = _core.BsrPattern(self.shape, self.block, self.indptr, self.indices)
+        self._pattern = bsr_kernels.cpu_pattern(self.shape, self.block, self.indptr, self.indices)
         self._device: Any = None  # the pattern on the GPU, built on first CuPy use
 
     @property
@@ -296,19 +298,17 @@ class BsrMatrix:
 # ---- products --------------------------------------------------------------------------------
 
 
-def _as_matrix(a: np.ndarray, name: str, width: int, what: str) -> np.ndarray:
-    """``a`` ([..., width], float32, C-contiguous) viewed as [rows, width] without a copy."""
+def _check_matrix_operand(a: np.ndarray, name: str, width: int, what: str) -> None:
+    """Raises ``ValueError`` unless ``a`` is ``[..., width]``, float32, C-contiguous."""
     a = _float32_array(a, name)
     if a.ndim < 1 or a.shape[-1] != width:
         raise ValueError(f"{name}: expected shape (..., {width}) ({what} = {width}), got {a.shape}")
-    return a.reshape(math.prod(a.shape[:-1]), width)
 
 
-def _out_array(out: Any, shape: tuple[int, ...], rows: int | None = None) -> Any:
+def _out_array(out: Any, shape: tuple[int, ...]) -> Any:
     """``out`` checked to be exactly ``shape`` (the result's shape), so a wrongly shaped
-    ``out`` of the right size is refused rather than filled in the wrong layout; viewed as
-    ``[rows, shape[-1]]`` when ``rows`` is given (a view: ``out`` is C-contiguous)."""
-    if _is_cupy(out):
+    ``out`` of the right size is refused rather than filled in the wrong layout."""
+    if is_cupy_array(out):
         if out.dtype != np.float32 or tuple(out.shape) != shape:
             raise ValueError(f"out: expected float32 of shape {shape}, got {out.dtype} {out.shape}")
         return out
@@ -317,28 +317,7 @@ def _out_array(out: Any, shape: tuple[int, ...], rows: int | None = None) -> Any
         raise ValueError(f"out: expected shape {shape}, got {out.shape}")
     if not out.flags.writeable:
         raise ValueError("out: the array is read-only")
-    return out if rows is None else out.reshape(rows, shape[-1])
-
-
-def _is_cupy(a: object) -> bool:
-    return (type(a).__module__ or "").split(".")[0] == "cupy"
-
-
-def _on_device(w: BsrMatrix) -> tuple[Any, Any]:
-    """``w``'s pattern on the GPU (cached) and its values uploaded (``data`` stays the
-    numpy truth an optimizer updates in place, so it is copied at each call)."""
-    from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
-
-    if w._device is None:
-        w._device = cuda.BsrDevice(w.shape, w.block, w.indptr, w.indices)
-    return w._device, cuda.default_backend().xp.asarray(w.data)
-
-
-def _bsr_on_gpu(op: str, *arrays: Any) -> Any:
-    """Runs ``op`` of :mod:`moecore.kernels.cuda` on CuPy arrays flattened to 2-D."""
-    from moecore.kernels import cuda
-
-    return getattr(cuda, op), [a.reshape(-1, a.shape[-1]) for a in arrays]
+    return out
 
 
 def _check_matrix(w: object, name: str) -> BsrMatrix:
@@ -366,30 +345,16 @@ def bsr_linear(
     """
     w = _check_matrix(w, "w")
     shape = (*x.shape[:-1], w.shape[0])
-    if _is_cupy(x):
-        fn, (x2,) = _bsr_on_gpu("bsr_linear", x)
-        pattern, data = _on_device(w)
-        y = fn(x2, pattern, data, bias).reshape(shape)
-        return y if out is None else _copy_into(out, y, shape)
-    x2 = _as_matrix(x, "x", w.shape[1], "in_features")
-    if bias is not None:
-        bias = _float32_array(bias, "bias", ndim=1)
-        if bias.shape != (w.shape[0],):
-            raise ValueError(
-                f"bias: expected shape ({w.shape[0]},) (out_features), got {bias.shape}"
-            )
-    if out is not None:
-        _core.bsr_linear(x2, w._pattern, w.data, bias, _out_array(out, shape, x2.shape[0]))
-        return out
-    y = _core.bsr_linear(x2, w._pattern, w.data, bias)
-    return y.reshape(shape)
-
-
-def _copy_into(out: Any, result: Any, shape: tuple[int, ...]) -> Any:
-    """The GPU kernels return new arrays: ``out`` (checked) filled from ``result``."""
-    _out_array(out, shape)
-    out[...] = result
-    return out
+    if not is_cupy_array(x):
+        _check_matrix_operand(x, "x", w.shape[1], "in_features")
+        if bias is not None:
+            bias = _float32_array(bias, "bias", ndim=1)
+            if bias.shape != (w.shape[0],):
+                raise ValueError(
+                    f"bias: expected shape ({w.shape[0]},) (out_features), got {bias.shape}"
+                )
+    out = None if out is None else _out_array(out, shape)
+    return select("bsr", device_of(x), np.float32).linear(x, w, bias, out)
 
 
 def bsr_linear_dx(dy: np.ndarray, w: BsrMatrix, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -406,17 +371,10 @@ def bsr_linear_dx(dy: np.ndarray, w: BsrMatrix, *, out: np.ndarray | None = None
     """
     w = _check_matrix(w, "w")
     shape = (*dy.shape[:-1], w.shape[1])
-    if _is_cupy(dy):
-        fn, (dy2,) = _bsr_on_gpu("bsr_linear_dx", dy)
-        pattern, data = _on_device(w)
-        dx = fn(dy2, pattern, data).reshape(shape)
-        return dx if out is None else _copy_into(out, dx, shape)
-    dy2 = _as_matrix(dy, "dy", w.shape[0], "out_features")
-    if out is not None:
-        _core.bsr_linear_dx(dy2, w._pattern, w.data, _out_array(out, shape, dy2.shape[0]))
-        return out
-    dx = _core.bsr_linear_dx(dy2, w._pattern, w.data)
-    return dx.reshape(shape)
+    if not is_cupy_array(dy):
+        _check_matrix_operand(dy, "dy", w.shape[0], "out_features")
+    out = None if out is None else _out_array(out, shape)
+    return select("bsr", device_of(dy), np.float32).linear_dx(dy, w, out)
 
 
 def bsr_linear_dw(
@@ -437,19 +395,11 @@ def bsr_linear_dw(
         ``[nnzb, B, B]`` float32, laid out like ``pattern.data``: ``out`` when given.
     """
     pattern = _check_matrix(pattern, "pattern")
-    if _is_cupy(dy) or _is_cupy(x):
-        if dy.shape[:-1] != x.shape[:-1]:
-            raise ValueError(
-                f"x: expected the leading shape of dy {dy.shape[:-1]}, got {x.shape[:-1]}"
-            )
-        fn, (dy2, x2) = _bsr_on_gpu("bsr_linear_dw", dy, x)
-        dw = fn(dy2, x2, _on_device(pattern)[0])
-        return dw if out is None else _copy_into(out, dw, pattern.data.shape)
-    dy2 = _as_matrix(dy, "dy", pattern.shape[0], "out_features")
-    x2 = _as_matrix(x, "x", pattern.shape[1], "in_features")
+    on_device = is_cupy_array(dy) or is_cupy_array(x)
+    if not on_device:
+        _check_matrix_operand(dy, "dy", pattern.shape[0], "out_features")
+        _check_matrix_operand(x, "x", pattern.shape[1], "in_features")
     if dy.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"x: expected the leading shape of dy {dy.shape[:-1]}, got {x.shape[:-1]}")
-    if out is not None:
-        _core.bsr_linear_dw(dy2, x2, pattern._pattern, _out_array(out, pattern.data.shape))
-        return out
-    return _core.bsr_linear_dw(dy2, x2, pattern._pattern)
+    out = None if out is None else _out_array(out, pattern.data.shape)
+    return select("bsr", "cuda" if on_device else "cpu", np.float32).linear_dw(dy, x, pattern, out)

@@ -1,33 +1,21 @@
-"""Kernel dispatch: which implementation runs an op for a given array.
+"""Kernels: the array-level implementations of each op family, and the one place that
+chooses between them.
 
-- ``cpu``: float32 numpy arrays go to the Rust kernels in ``moecore._core`` (fast path);
-- ``cuda.moe_kernels``: float32 CuPy arrays go to the CUDA kernels of ``cuda/`` (host code in
-  :mod:`moecore.kernels.cuda`) and CuPy's cuBLAS matmuls;
-- ``generic``: the same math in array-module code (``xp``), for other dtypes (float64, used
-  by gradient checks, on numpy or CuPy).
+One module per family — :mod:`.moe` (its interface, :class:`~.moe.MoEKernels`), :mod:`.bsr`,
+:mod:`.topk`, :mod:`.adamw`, :mod:`.attention`, :mod:`.norm`, :mod:`.activation` — takes
+and returns plain numpy or CuPy arrays. Each family has an implementation per
+(device, dtype): the Rust one of ``moecore._core`` for float32 numpy, the CUDA one of
+:mod:`moecore.kernels.cuda` (imported lazily) for float32 CuPy, and an array-module (``xp``)
+one where the family has one (float64, e.g. for gradient checks).
+:mod:`.registry` holds the table and :func:`~.registry.select`; an unsupported
+(family, device, dtype) raises ``NotImplementedError`` naming all three.
+
+Nothing here imports ``ops``, ``nn`` or ``autograd``.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Any
+from moecore.kernels.moe import MoEKernels, moe_kernels_for
+from moecore.kernels.registry import FAMILIES, select, select_for
 
-import numpy as np
-
-from moecore.backend import is_cupy_array
-
-
-def moe_kernels_for(*arrays: Any) -> ModuleType:
-    """The MoE kernel module for these arrays: Rust for float32 numpy, CUDA for float32 CuPy,
-    generic otherwise."""
-    if all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays):
-        from moecore import moe_kernels
-
-        return moe_kernels
-    if all(is_cupy_array(a) and a.dtype == np.float32 for a in arrays):
-        from moecore.kernels.cuda import moe_kernels as cuda_moe_kernels
-
-        return cuda_moe_kernels
-    from moecore.kernels import generic
-
-    return generic
+__all__ = ["FAMILIES", "MoEKernels", "moe_kernels_for", "select", "select_for"]

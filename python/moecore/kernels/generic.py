@@ -1,4 +1,5 @@
-"""The MoE kernels written with array-module operations (numpy or CuPy, any float dtype).
+"""The MoE kernels written with array-module operations (numpy or CuPy, any float dtype): the
+array-module implementation of :class:`moecore.kernels.moe.MoEKernels`.
 
 Same names, arguments and semantics as :mod:`moecore.moe_kernels` (see its docstrings);
 slower, but dtype-generic: float64 gradient checks and CuPy arrays without a dedicated GPU
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from moecore.backend import xp_of
+from moecore.kernels.activation import gelu_backward, gelu_forward
 
 
 def _scores(logits: Any, score: str) -> Any:
@@ -194,8 +196,6 @@ def grouped_matmul_dw(x_sorted: Any, dy: Any, counts: Any) -> Any:
 
 def gelu_ffn(x_sorted: Any, counts: Any, w1: Any, w2: Any) -> tuple[Any, Any, Any]:
     """See :func:`moecore.moe_kernels.gelu_ffn`."""
-    from moecore.ops.activation import gelu_forward
-
     h = grouped_matmul(x_sorted, counts, w1)
     a = gelu_forward(h, "tanh")[0].astype(h.dtype, copy=False)
     return h, a, grouped_matmul(a, counts, w2)
@@ -205,8 +205,6 @@ def gelu_ffn_backward(
     x_sorted: Any, counts: Any, w1: Any, w2: Any, h: Any, a: Any, d_y_sorted: Any
 ) -> tuple[Any, Any, Any]:
     """See :func:`moecore.moe_kernels.gelu_ffn_backward`."""
-    from moecore.ops.activation import gelu_backward, gelu_forward
-
     d_a = grouped_matmul_dx(d_y_sorted, counts, w2)
     saved = gelu_forward(h, "tanh")[1]
     d_h = gelu_backward(d_a, h, saved, "tanh").astype(h.dtype, copy=False)

@@ -2,61 +2,28 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
-
-from moecore import _core
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
 from moecore.backend import xp_of
+from moecore.kernels.activation import erf, gelu_backward, gelu_forward
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-
-
-def erf(x: Any) -> Any:
-    """Elementwise error function (numpy has none): Abramowitz & Stegun 7.1.26, |error| ≤
-    1.5e-7, enough for float32 GELU."""
-    xp = xp_of(x)
-    s = xp.sign(x)
-    a = xp.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (
-        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
-    )
-    return (s * (1.0 - poly * xp.exp(-a * a))).astype(x.dtype, copy=False)
-
-
-def _fast(x: Any) -> bool:
-    return isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
-
-
-def gelu_forward(x: Any, approximate: str) -> tuple[Any, Any]:
-    """GELU of ``x`` and what its backward needs (shared with the fused MoE expert FFN)."""
-    xp = xp_of(x)
-    if approximate == "tanh" and _fast(x):
-        return _core.fused_gelu(x), None
-    if approximate == "tanh":
-        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
-        t = xp.tanh(inner)
-        return 0.5 * x * (1.0 + t), t
-    cdf = 0.5 * (1.0 + erf(x * _INV_SQRT_2))
-    return x * cdf, cdf
-
-
-def gelu_backward(g: Any, x: Any, saved: Any, approximate: str) -> Any:
-    """Gradient of GELU given ``saved`` from :func:`gelu_forward`."""
-    xp = xp_of(x)
-    if approximate == "tanh" and saved is None:
-        return _core.fused_gelu_backward(xp.ascontiguousarray(g, dtype=x.dtype), x)
-    if approximate == "tanh":
-        t = saved
-        d_inner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-        return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner)
-    pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2 * math.pi))
-    return g * (saved + x * pdf)
+__all__ = [
+    "Gelu",
+    "LogSoftmax",
+    "Silu",
+    "Softmax",
+    "SwiGlu",
+    "erf",
+    "gelu",
+    "gelu_backward",
+    "gelu_forward",
+    "log_softmax",
+    "silu",
+    "softmax",
+    "swiglu",
+]
 
 
 class Gelu(Function):

@@ -12,8 +12,9 @@ import numpy as np
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
 from moecore.backend import xp_of
-from moecore.kernels import moe_kernels_for
-from moecore.ops.activation import gelu_backward, gelu_forward
+from moecore.kernels.activation import activate as _activate
+from moecore.kernels.activation import activate_backward as _activate_backward
+from moecore.kernels.moe import MoEKernels, moe_kernels_for
 
 ACTIVATIONS = ("gelu", "swiglu", "relu")
 
@@ -25,29 +26,6 @@ def set_aux_loss_scale(scale: float) -> None:
     ``1/accumulation_steps`` when micro-batch losses are divided by it)."""
     global _aux_loss_scale
     _aux_loss_scale = float(scale)
-
-
-def _activate(h: Any, activation: str) -> tuple[Any, Any]:
-    xp = xp_of(h)
-    if activation == "gelu":
-        return gelu_forward(h, "tanh")
-    if activation == "relu":
-        return h * (h > 0), None
-    half = h.shape[1] // 2
-    a, b = h[:, :half], h[:, half:]
-    s = (0.5 * (1 + xp.tanh(0.5 * a))).astype(h.dtype, copy=False)
-    return a * s * b, s
-
-
-def _activate_backward(g: Any, h: Any, saved: Any, activation: str) -> Any:
-    xp = xp_of(h)
-    if activation == "gelu":
-        return gelu_backward(g, h, saved, "tanh").astype(h.dtype, copy=False)
-    if activation == "relu":
-        return g * (h > 0)
-    half = h.shape[1] // 2
-    a, b, s = h[:, :half], h[:, half:], saved
-    return xp.concatenate([g * b * s * (1 + a * (1 - s)), g * a * s], axis=1)
 
 
 def _aux_terms(
@@ -140,7 +118,7 @@ class MoEFunction(Function):
         lead, d = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d)
         t, e = x2.shape[0], router_w.shape[0]
-        kern = moe_kernels_for(x2, router_w, w1, w2)
+        kern: MoEKernels = moe_kernels_for(x2, router_w, w1, w2)
         xp = xp_of(x2)
         x2, router_w = xp.ascontiguousarray(x2), xp.ascontiguousarray(router_w)
         logits = kern.router_logits(x2, router_w)
@@ -220,7 +198,8 @@ class MoEFunction(Function):
             a,
             y_sorted,
         ) = ctx.saved_tensors
-        lead, d, k, score, normalize, activation, kern = ctx.meta
+        lead, d, k, score, normalize, activation = ctx.meta[:6]
+        kern: MoEKernels = ctx.meta[6]
         t = x2.shape[0]
         g2 = g.reshape(t, -1)
         if not g2.flags.c_contiguous:
