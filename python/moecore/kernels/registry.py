@@ -66,7 +66,9 @@ ARRAY_MODULE: dict[str, str] = {
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(f for f, _, _ in IMPLEMENTATIONS))
 
 _loaded: dict[str, Any] = {}
-_selected: dict[tuple[str, str, Any], Any] = {}
+#: (family, device, dtype as given) → (implementation, its ``accepts`` or None): the lookups
+#: of every op call, so a hit is one dict access.
+_selected: dict[tuple[str, str, Any], tuple[Any, Any]] = {}
 
 
 def _load(target: str) -> Any:
@@ -85,16 +87,10 @@ def implemented(family: str) -> list[tuple[str, str]]:
     return [(d, t) for f, d, t in IMPLEMENTATIONS if f == family]
 
 
-def select(family: str, device: str, dtype: Any) -> Any:
-    """The implementation of ``family`` for arrays of ``dtype`` on ``device``.
-
-    Raises:
-        NotImplementedError: no implementation is registered for (family, device, dtype);
-            the message names all three and what is implemented.
-    """
+def _entry(family: str, device: str, dtype: Any) -> tuple[Any, Any]:
     key = (family, device, dtype)
-    impl = _selected.get(key)
-    if impl is None:
+    entry = _selected.get(key)
+    if entry is None:
         try:
             name = np.dtype(dtype).name
         except TypeError:
@@ -105,8 +101,19 @@ def select(family: str, device: str, dtype: Any) -> Any:
             raise NotImplementedError(
                 f"no {family!r} kernel for device {device!r}, dtype {name}; implemented: {have}"
             )
-        impl = _selected[key] = _load(target)
-    return impl
+        impl = _load(target)
+        entry = _selected[key] = (impl, getattr(impl, "accepts", None))
+    return entry
+
+
+def select(family: str, device: str, dtype: Any) -> Any:
+    """The implementation of ``family`` for arrays of ``dtype`` on ``device``.
+
+    Raises:
+        NotImplementedError: no implementation is registered for (family, device, dtype);
+            the message names all three and what is implemented.
+    """
+    return _entry(family, device, dtype)[0]
 
 
 def array_module_implementation(family: str) -> Any:
@@ -115,6 +122,10 @@ def array_module_implementation(family: str) -> Any:
     if target is None:
         raise NotImplementedError(f"no array-module {family!r} kernel (only device kernels)")
     return _load(target)
+
+
+def _device(a: Any) -> str:
+    return "cpu" if type(a) is np.ndarray or not is_cupy_array(a) else "cuda"
 
 
 def select_for(family: str, *arrays: Any) -> Any:
@@ -126,13 +137,11 @@ def select_for(family: str, *arrays: Any) -> Any:
         NotImplementedError: as :func:`select`, for a device and dtype with no kernel.
     """
     first = arrays[0]
-    cuda = is_cupy_array(first)
-    dtype = first.dtype
+    device, dtype = _device(first), first.dtype
     for a in arrays[1:]:
-        if a is not None and (a.dtype != dtype or is_cupy_array(a) != cuda):
+        if a is not None and ((a.dtype is not dtype and a.dtype != dtype) or _device(a) != device):
             return array_module_implementation(family)
-    impl = select(family, "cuda" if cuda else "cpu", dtype)
-    accepts = getattr(impl, "accepts", None)
+    impl, accepts = _entry(family, device, dtype)
     if accepts is not None and not accepts(*arrays):
         return array_module_implementation(family)
     return impl
