@@ -111,6 +111,14 @@ class ArrayAttention:
         return dqkv.reshape(b, t, 3 * d)
 
 
+def _rotate_packed_qk(heads: Any, rope: Any, rotate: Any) -> None:
+    """Applies ``rotate`` (:func:`apply_rope` or :func:`rope_backward`) in place to the q and
+    k parts of packed heads ``[B, T, 3, H, head_dim]``."""
+    c, s_ = rope[0][:, None, :], rope[1][:, None, :]
+    heads[:, :, 0] = rotate(heads[:, :, 0], c, s_)
+    heads[:, :, 1] = rotate(heads[:, :, 1], c, s_)
+
+
 class RustAttention:
     """The fused attention kernel of ``moecore._core`` (float32 numpy)."""
 
@@ -127,10 +135,7 @@ class RustAttention:
         src = np.ascontiguousarray(qkv)
         if rope is not None:
             src = src.copy()
-            heads = src.reshape(b, t, 3, n_heads, hd)
-            c, s_ = rope[0][:, None, :], rope[1][:, None, :]
-            heads[:, :, 0] = apply_rope(heads[:, :, 0], c, s_)
-            heads[:, :, 1] = apply_rope(heads[:, :, 1], c, s_)
+            _rotate_packed_qk(src.reshape(b, t, 3, n_heads, hd), rope, apply_rope)
         out, probs = _core.fused_attention_forward(src, n_heads, causal)
         return out, (src, probs)
 
@@ -144,10 +149,7 @@ class RustAttention:
         src, probs = saved
         d_qkv = _core.fused_attention_backward(src, probs, np.ascontiguousarray(g), h, causal)
         if rope is not None:
-            c, s_ = rope[0][:, None, :], rope[1][:, None, :]
-            heads = d_qkv.reshape(b, t, 3, h, hd)
-            heads[:, :, 0] = rope_backward(heads[:, :, 0], c, s_)
-            heads[:, :, 1] = rope_backward(heads[:, :, 1], c, s_)
+            _rotate_packed_qk(d_qkv.reshape(b, t, 3, h, hd), rope, rope_backward)
         return d_qkv
 
 
