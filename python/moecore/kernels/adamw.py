@@ -58,7 +58,37 @@ class RustAdamW:
         )
 
 
-class CudaAdamW:
+class _EachTensor:
+    """An implementation that updates one tensor per call of its ``tensor_step``."""
+
+    @classmethod
+    def adamw_step(
+        cls,
+        params: list[Any],
+        grads: list[Any],
+        exp_avgs: list[Any],
+        exp_avg_sqs: list[Any],
+        *,
+        lr: Any,
+        beta1: Any,
+        beta2: Any,
+        eps: Any,
+        weight_decay: Any,
+        step: int,
+    ) -> None:
+        """As :meth:`RustAdamW.adamw_step`, one tensor after another."""
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+            cls.tensor_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+
+    @staticmethod
+    def tensor_step(
+        p: Any, g: Any, m: Any, v: Any, lr: Any, beta1: Any, beta2: Any, eps: Any, wd: Any, t: int
+    ) -> None:
+        """One AdamW step of one tensor, in place."""
+        raise NotImplementedError
+
+
+class CudaAdamW(_EachTensor):
     """The fused AdamW kernel of ``cuda/adamw.cu`` (float32 CuPy), one launch per tensor."""
 
     @staticmethod
@@ -73,64 +103,41 @@ class CudaAdamW:
         )
 
     @staticmethod
-    def adamw_step(
-        params: list[Any],
-        grads: list[Any],
-        exp_avgs: list[Any],
-        exp_avg_sqs: list[Any],
-        *,
-        lr: Any,
-        beta1: Any,
-        beta2: Any,
-        eps: Any,
-        weight_decay: Any,
-        step: int,
+    def tensor_step(
+        p: Any, g: Any, m: Any, v: Any, lr: Any, beta1: Any, beta2: Any, eps: Any, wd: Any, t: int
     ) -> None:
-        """As :meth:`RustAdamW.adamw_step`."""
+        """One launch of the fused kernel."""
         from moecore.kernels import cuda  # lazy: the GPU path imports CuPy
 
-        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-            cuda.adamw_step(
-                p,
-                g,
-                m,
-                v,
-                lr=float(lr),
-                beta1=float(beta1),
-                beta2=float(beta2),
-                eps=float(eps),
-                weight_decay=float(weight_decay),
-                step=int(step),
-            )
+        cuda.adamw_step(
+            p,
+            g,
+            m,
+            v,
+            lr=float(lr),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(eps),
+            weight_decay=float(wd),
+            step=int(t),
+        )
 
 
-class ArrayAdamW:
+class ArrayAdamW(_EachTensor):
     """AdamW in array-module operations (numpy or CuPy, any float dtype)."""
 
     @staticmethod
-    def adamw_step(
-        params: list[Any],
-        grads: list[Any],
-        exp_avgs: list[Any],
-        exp_avg_sqs: list[Any],
-        *,
-        lr: Any,
-        beta1: Any,
-        beta2: Any,
-        eps: Any,
-        weight_decay: Any,
-        step: int,
+    def tensor_step(
+        p: Any, g: Any, m: Any, v: Any, lr: Any, beta1: Any, beta2: Any, eps: Any, wd: Any, t: int
     ) -> None:
-        """As :meth:`RustAdamW.adamw_step`."""
-        t = step
-        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-            p *= 1 - lr * weight_decay
-            m *= beta1
-            m += (1 - beta1) * g
-            v *= beta2
-            v += (1 - beta2) * g * g
-            denom = (v**0.5) / (1 - beta2**t) ** 0.5 + eps
-            p -= (lr / (1 - beta1**t)) * m / denom
+        """The update written with array operations, in place."""
+        p *= 1 - lr * wd
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * g * g
+        denom = (v**0.5) / (1 - beta2**t) ** 0.5 + eps
+        p -= (lr / (1 - beta1**t)) * m / denom
 
 
 def adamw_kernels(p: Any, g: Any) -> Any:

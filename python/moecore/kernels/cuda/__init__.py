@@ -6,7 +6,8 @@ and returns device arrays; it validates its inputs (dtype, shape, contiguity, de
 the launch shape and runs its family's kernels through a :class:`Backend`
 (:mod:`.launch`: the CuPy backend by default, the test suite's CPU emulation otherwise).
 :mod:`.sources` reads the kernel sources embedded in the wheel, :mod:`.moe_kernels` is the
-MoE kernel interface of :mod:`moecore.moe_kernels` on CuPy arrays, and :mod:`.compile_check`
+CUDA implementation of :class:`moecore.kernels.MoEKernels` (chosen by
+:mod:`moecore.kernels.registry` for float32 CuPy arrays), and :mod:`.compile_check`
 is ``moecore check-cuda`` (every kernel compiled with NVRTC, no GPU needed).
 
 Exactness, compared with the CPU kernels in ``moecore._core``:
