@@ -93,10 +93,9 @@ class Function:
     @classmethod
     def apply(cls, *args: Any, **kwargs: Any) -> Any:
         """Runs forward on the arrays of ``args`` and records the call on the tape."""
-        from moecore.autograd.tensor import Tensor  # circular: Tensor methods call apply
-
-        parents = tuple(a if isinstance(a, Tensor) else None for a in args)
-        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
+        tensor_type = _tensor.Tensor
+        parents = tuple(a if isinstance(a, tensor_type) else None for a in args)
+        arrays = [a.data if isinstance(a, tensor_type) else a for a in args]
         devices = {p.device for p in parents if p is not None}
         if len(devices) > 1:
             raise ValueError(f"{cls.__name__}: inputs are on different devices {sorted(devices)}")
@@ -114,10 +113,20 @@ class Function:
 
 
 def _wrap(array: Any, ctx: Context, index: int, record: bool) -> Tensor:
-    from moecore.autograd.tensor import Tensor
-
-    t = Tensor._from_array(array, requires_grad=record)
+    t = _tensor.Tensor._from_array(array, requires_grad=record)
     if record:
         t._ctx = ctx
         t._out_index = index
     return t
+
+
+def array_of(x: Any) -> Any:
+    """The array a Tensor holds; anything else as it is (how ``apply`` reads its arguments)."""
+    return x.data if isinstance(x, _tensor.Tensor) else x
+
+
+# Last, not at the top: tensor.py builds Tensor's operators from the Functions defined above
+# (autograd/primitives/), so it can only run once this module's classes exist. Bound as a
+# module, which Python hands out even while it is still loading, so either module may be
+# imported first; ``apply`` reads ``_tensor.Tensor`` when called.
+from moecore.autograd import tensor as _tensor  # noqa: E402

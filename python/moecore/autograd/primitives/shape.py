@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moecore.autograd.function import Context, Function
-from moecore.autograd.tensor import Tensor
+from moecore.autograd.function import Context, Function, array_of
 from moecore.backend import device_of, to_device, xp_of
+
+if TYPE_CHECKING:
+    from moecore.autograd.tensor import Tensor  # Tensor's methods call these
 
 
 class Reshape(Function):
@@ -121,10 +123,10 @@ def permute(a: Tensor, *axes: int) -> Tensor:
 
 def getitem(a: Tensor, index: Any) -> Tensor:
     """``a[index]``; Tensor indices are used by value."""
-    if isinstance(index, Tensor):
-        index = index.data
-    elif isinstance(index, tuple):
-        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    if isinstance(index, tuple):
+        index = tuple(array_of(i) for i in index)
+    else:
+        index = array_of(index)
     return GetItem.apply(a, index)
 
 
