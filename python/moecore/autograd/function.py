@@ -26,9 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from moecore.autograd.grad_mode import is_grad_enabled
 
-if TYPE_CHECKING:
-    from moecore.autograd.tensor import Tensor
-
 
 class Context:
     """Per-call state of a Function: its inputs, what forward saved, and any attributes the
@@ -43,6 +40,11 @@ class Context:
         self.non_differentiable: frozenset[int] = frozenset()
         self._saved: tuple[Any, ...] = ()
         self.released = False
+
+    if TYPE_CHECKING:
+        # Each Function keeps its own per-call state on ctx (``ctx.shape``, ``ctx.axes``…).
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def save_for_backward(self, *arrays: Any) -> None:
         """Keeps arrays for backward (freed right after backward runs)."""
@@ -93,9 +95,8 @@ class Function:
     @classmethod
     def apply(cls, *args: Any, **kwargs: Any) -> Any:
         """Runs forward on the arrays of ``args`` and records the call on the tape."""
-        tensor_type = _tensor.Tensor
-        parents = tuple(a if isinstance(a, tensor_type) else None for a in args)
-        arrays = [a.data if isinstance(a, tensor_type) else a for a in args]
+        parents = tuple(a if isinstance(a, Tensor) else None for a in args)
+        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
         devices = {p.device for p in parents if p is not None}
         if len(devices) > 1:
             raise ValueError(f"{cls.__name__}: inputs are on different devices {sorted(devices)}")
@@ -113,7 +114,7 @@ class Function:
 
 
 def _wrap(array: Any, ctx: Context, index: int, record: bool) -> Tensor:
-    t = _tensor.Tensor._from_array(array, requires_grad=record)
+    t = Tensor._from_array(array, requires_grad=record)
     if record:
         t._ctx = ctx
         t._out_index = index
@@ -122,11 +123,10 @@ def _wrap(array: Any, ctx: Context, index: int, record: bool) -> Tensor:
 
 def array_of(x: Any) -> Any:
     """The array a Tensor holds; anything else as it is (how ``apply`` reads its arguments)."""
-    return x.data if isinstance(x, _tensor.Tensor) else x
+    return x.data if isinstance(x, Tensor) else x
 
 
 # Last, not at the top: tensor.py builds Tensor's operators from the Functions defined above
-# (autograd/primitives/), so it can only run once this module's classes exist. Bound as a
-# module, which Python hands out even while it is still loading, so either module may be
-# imported first; ``apply`` reads ``_tensor.Tensor`` when called.
-from moecore.autograd import tensor as _tensor  # noqa: E402
+# (autograd/primitives/), so it can only run once this module's classes exist. The package's
+# __init__ imports this module before tensor.py, so this line is what loads tensor.py.
+from moecore.autograd.tensor import Tensor  # noqa: E402

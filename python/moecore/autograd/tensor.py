@@ -76,9 +76,9 @@ class Tensor:
             data = _as_array(data, None)
         if requires_grad and data.dtype.kind != "f":
             raise TypeError(f"only floating-point tensors can require gradients, not {data.dtype}")
-        self.data = data
+        self.data: Any = data
         self.grad: Any = None
-        self.requires_grad = bool(requires_grad)
+        self.requires_grad: bool = bool(requires_grad)
         self._ctx: Context | None = None
         self._out_index = 0
         self._hooks: list[Callable[[Any], Any]] = []

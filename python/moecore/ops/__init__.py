@@ -8,31 +8,23 @@ are defined here; the primitives ``Tensor``'s operators are made of (``add``, ``
 
 from __future__ import annotations
 
-from moecore.autograd.primitives import (
+from moecore.autograd.primitives.elementwise import (
     add,
     cast,
-    concat,
     div,
     exp,
-    getitem,
-    linear,
     log,
-    matmul,
-    max,
-    mean,
     mul,
     neg,
-    permute,
     pow,
     relu,
-    reshape,
     sigmoid,
-    stack,
     sub,
-    sum,
     tanh,
-    transpose,
 )
+from moecore.autograd.primitives.matmul import linear, matmul
+from moecore.autograd.primitives.reduce import max, mean, sum
+from moecore.autograd.primitives.shape import concat, getitem, permute, reshape, stack, transpose
 from moecore.ops.activation import gelu, log_softmax, silu, softmax, swiglu
 from moecore.ops.attention import packed_attention, scaled_dot_product_attention
 from moecore.ops.block_sparse import block_sparse_linear
