@@ -70,6 +70,15 @@ def test_package_names_load_lazily_and_stay_listed() -> None:
         _ = moecore.Tensr
 
 
+def test_submodules_load_on_attribute_access_in_a_fresh_interpreter() -> None:
+    # `import moecore; moecore.autograd.gradcheck` worked when the package loaded eagerly.
+    code = (
+        "import sys, moecore; print('moecore.nn' in sys.modules, "
+        "moecore.autograd.gradcheck.__name__, moecore.nn.Linear.__name__)"
+    )
+    assert _fresh(code) == "False gradcheck Linear"
+
+
 def test_from_moecore_import_names_in_a_fresh_interpreter() -> None:
     code = (
         "from moecore import Tensor, errors, no_grad, ops, tensor; import moecore.dist as d; "

@@ -5,8 +5,9 @@ Tensors with autograd (:class:`Tensor`, :func:`tensor`, :func:`no_grad`), differ
 on runtime pieces that are usable alone on plain arrays: the memory pool, the top-k
 compressor, the sparse kernels and the communication scheduler.
 
-The names below load on first use (PEP 562), so ``import moecore.pool`` (or ``compress``,
-``sparse``, ``moe_kernels``, ``comm``) embeds a runtime piece without loading the autograd.
+The names below, and submodules such as ``moecore.autograd``, load on first use (PEP 562), so
+``import moecore.pool`` (or ``compress``, ``sparse``, ``moe_kernels``, ``comm``) embeds a
+runtime piece without loading the autograd.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 # First, before anything imports numpy: how OpenBLAS's idle threads wait (see the module).
 from moecore import _blas_env  # noqa: F401  # isort: skip
 import importlib as _importlib
+import importlib.util as _importlib_util
 from typing import TYPE_CHECKING, Any
 
 from moecore._core import build_info
@@ -58,15 +60,15 @@ __all__ = [
     "tensor",
     "zeros",
 ]
-_SUBMODULES = frozenset({"errors", "ops"})  # the rest of __all__ comes from moecore.autograd
 
 
 def __getattr__(name: str) -> Any:
-    """Loads ``moecore.Tensor``, ``moecore.ops``… on first use and keeps them."""
-    if name in _SUBMODULES:
-        value = _importlib.import_module(f"{__name__}.{name}")
-    elif name in __all__:
+    """Loads ``moecore.Tensor`` (and the rest of ``__all__``) or a submodule such as
+    ``moecore.ops`` on first use, and keeps it."""
+    if name in __all__ and name not in ("errors", "ops"):
         value = getattr(_importlib.import_module(f"{__name__}.autograd"), name)
+    elif not name.startswith("_") and _importlib_util.find_spec(f"{__name__}.{name}"):
+        value = _importlib.import_module(f"{__name__}.{name}")
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value  # later lookups skip this function
