@@ -1,5 +1,6 @@
 """Call overhead of two builds of the extension, side by side: e.g. the stable-ABI (abi3)
-wheel against a build for one CPython version.
+wheel against a build for one CPython version; or (``--suite tensor``) of two checkouts' Python
+layer: ``Tensor`` operators and methods on tiny tensors, recorded for backward.
 
 Two builds of ``moecore._core`` cannot share an interpreter, so each build runs in its own
 worker process, given as ``NAME=DIR`` where DIR holds an importable ``moecore`` package (an
@@ -14,6 +15,8 @@ call at a training shape shows how large that is next to a kernel's real work.
 Run:
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/call_overhead.py \\
       cp311=python abi3=/tmp/abi3-wheel-unpacked [--rounds 31] [--calls 2000]
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/call_overhead.py \\
+      --suite tensor before=/path/to/old/python after=python
 """
 
 from __future__ import annotations
@@ -68,12 +71,44 @@ def _kernels() -> dict[str, tuple[Callable[[], Any], int]]:
     }
 
 
-def _worker() -> None:
+def _tensor_calls() -> dict[str, tuple[Callable[[], Any], int]]:
+    """Tensor operators and methods on tiny tensors that require grad (so each call records
+    its Function), and one backward through a small graph: the Python layer's own cost."""
+    import numpy as np
+
+    import moecore
+
+    rng = np.random.default_rng(0)
+    x = moecore.tensor(rng.standard_normal((4, 8)), dtype=np.float32, requires_grad=True)
+    w = moecore.tensor(rng.standard_normal((8, 8)), dtype=np.float32, requires_grad=True)
+    rows = np.array([0, 2, 3])
+
+    def step() -> None:
+        ((x @ w).tanh() * 2.0 - x).mean().backward()
+
+    return {
+        "x + y": (lambda: x + x, 1),
+        "x * 2.0": (lambda: x * 2.0, 1),
+        "1.0 - x": (lambda: 1.0 - x, 1),
+        "x @ w": (lambda: x @ w, 1),
+        "x.exp()": (x.exp, 1),
+        "x.sum(axis=1)": (lambda: x.sum(axis=1), 1),
+        "x.reshape(8, 4)": (lambda: x.reshape(8, 4), 1),
+        "x.T": (lambda: x.T, 1),
+        "x[rows]": (lambda: x[rows], 1),
+        "forward+backward (5 ops)": (step, 5),
+    }
+
+
+SUITES = {"bindings": _kernels, "tensor": _tensor_calls}
+
+
+def _worker(suite: str) -> None:
     """Reads a batch size per line from stdin; answers with one JSON line of seconds per
     call for each kernel."""
     import moecore
 
-    kernels = _kernels()
+    kernels = SUITES[suite]()
     for f, _ in kernels.values():  # a failing kernel stops the worker before any timing
         f()
     print(json.dumps({"extension": moecore._core.__file__, "kernels": list(kernels)}), flush=True)
@@ -88,10 +123,10 @@ def _worker() -> None:
         print(json.dumps(out), flush=True)
 
 
-def _start(directory: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def _start(directory: str, suite: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     env = dict(os.environ, PYTHONPATH=str(Path(directory).resolve()))
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--worker"],
+        [sys.executable, __file__, "--worker", suite],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -121,6 +156,9 @@ def main() -> None:
     parser.add_argument("builds", nargs=2, metavar="NAME=DIR", help="the two builds")
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--calls", type=int, default=2000, help="calls per batch")
+    parser.add_argument(
+        "--suite", choices=sorted(SUITES), default="bindings", help="which calls to time"
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.calls < 1:
         raise SystemExit("--rounds and --calls must be >= 1")
@@ -129,7 +167,7 @@ def main() -> None:
         raise SystemExit("give two builds with different names: NAME=DIR NAME=DIR")
     workers = {}
     for name, directory in builds.items():
-        workers[name], hello = _start(directory)
+        workers[name], hello = _start(directory, args.suite)
         print(f"{name}: {hello['extension']}")
     names = list(workers)
     try:
@@ -172,12 +210,13 @@ def main() -> None:
         f"{args.rounds} rounds of {args.calls} calls, workers alternating; ns per call (median)"
     )
     print(table(rows, ["kernel", f"{first} ns", f"{second} ns", f"{second}/{first} [95 %]"]))
-    path = write_results("call_overhead", {"builds": builds, "results": results})
+    suffix = "" if args.suite == "bindings" else f"_{args.suite}"
+    path = write_results(f"call_overhead{suffix}", {"builds": builds, "results": results})
     print(f"\nresults: {path}")
 
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        _worker()
+        _worker(sys.argv[sys.argv.index("--worker") + 1])
     else:
         main()

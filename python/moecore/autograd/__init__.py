@@ -7,6 +7,7 @@ layer), so the tape stays short and the heavy work happens in kernels.
 
 from __future__ import annotations
 
+# function.py first: its last line loads tensor.py, whose operators need its classes.
 from moecore.autograd.function import Context, Function
 from moecore.autograd.grad_mode import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from moecore.autograd.gradcheck import GradcheckError, gradcheck

@@ -26,9 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from moecore.autograd.grad_mode import is_grad_enabled
 
-if TYPE_CHECKING:
-    from moecore.autograd.tensor import Tensor
-
 
 class Context:
     """Per-call state of a Function: its inputs, what forward saved, and any attributes the
@@ -43,6 +40,11 @@ class Context:
         self.non_differentiable: frozenset[int] = frozenset()
         self._saved: tuple[Any, ...] = ()
         self.released = False
+
+    if TYPE_CHECKING:
+        # Each Function keeps its own per-call state on ctx (``ctx.shape``, ``ctx.axes``…).
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def save_for_backward(self, *arrays: Any) -> None:
         """Keeps arrays for backward (freed right after backward runs)."""
@@ -93,8 +95,6 @@ class Function:
     @classmethod
     def apply(cls, *args: Any, **kwargs: Any) -> Any:
         """Runs forward on the arrays of ``args`` and records the call on the tape."""
-        from moecore.autograd.tensor import Tensor  # circular: Tensor methods call apply
-
         parents = tuple(a if isinstance(a, Tensor) else None for a in args)
         arrays = [a.data if isinstance(a, Tensor) else a for a in args]
         devices = {p.device for p in parents if p is not None}
@@ -114,10 +114,19 @@ class Function:
 
 
 def _wrap(array: Any, ctx: Context, index: int, record: bool) -> Tensor:
-    from moecore.autograd.tensor import Tensor
-
     t = Tensor._from_array(array, requires_grad=record)
     if record:
         t._ctx = ctx
         t._out_index = index
     return t
+
+
+def array_of(x: Any) -> Any:
+    """The array a Tensor holds; anything else as it is (how ``apply`` reads its arguments)."""
+    return x.data if isinstance(x, Tensor) else x
+
+
+# Last, not at the top: tensor.py builds Tensor's operators from the Functions defined above
+# (autograd/primitives/), so it can only run once this module's classes exist. The package's
+# __init__ imports this module before tensor.py, so this line is what loads tensor.py.
+from moecore.autograd.tensor import Tensor  # noqa: E402

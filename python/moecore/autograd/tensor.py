@@ -3,15 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from moecore.autograd.engine import run_backward
 from moecore.autograd.grad_mode import is_grad_enabled
-from moecore.backend import device_of, is_cupy_array, to_device, xp_of
+from moecore.autograd.primitives import shape as _shape_ops
+from moecore.autograd.primitives.elementwise import (
+    Add,
+    Cast,
+    Div,
+    Exp,
+    Log,
+    Mul,
+    Neg,
+    Pow,
+    Relu,
+    Sigmoid,
+    Sub,
+    Tanh,
+)
+from moecore.autograd.primitives.matmul import MatMul
+from moecore.autograd.primitives.reduce import Max, Mean, Sum
+from moecore.autograd.primitives.shape import ToDevice
+from moecore.autograd.random import generator
+from moecore.backend import device_of, is_cupy_array, to_device, xp_for, xp_of
 
 if TYPE_CHECKING:
     from moecore.autograd.function import Context
+
+# What arithmetic takes beside a Tensor: a Python number (which keeps the tensor's dtype, as
+# numpy's weak scalars do) or an array (a constant). Spelled here, not in the class, where
+# ``float`` names a method.
+Operand: TypeAlias = "Tensor | float | np.ndarray"
+Exponent: TypeAlias = float
+Axes: TypeAlias = "int | Sequence[int] | None"
 
 
 class Tensor:
@@ -49,9 +76,9 @@ class Tensor:
             data = _as_array(data, None)
         if requires_grad and data.dtype.kind != "f":
             raise TypeError(f"only floating-point tensors can require gradients, not {data.dtype}")
-        self.data = data
+        self.data: Any = data
         self.grad: Any = None
-        self.requires_grad = bool(requires_grad)
+        self.requires_grad: bool = bool(requires_grad)
         self._ctx: Context | None = None
         self._out_index = 0
         self._hooks: list[Callable[[Any], Any]] = []
@@ -132,15 +159,11 @@ class Tensor:
 
     def to(self, device: str | None = None, dtype: Any = None) -> Tensor:
         """A copy on ``device`` and/or with ``dtype`` (differentiable); ``self`` if unchanged."""
-        from moecore.ops.shape import to_device_op  # late: ops import Tensor
-
         out = self
         if dtype is not None and np.dtype(dtype) != self.dtype:
-            from moecore.ops.elementwise import cast
-
-            out = cast(out, np.dtype(dtype))
+            out = Cast.apply(out, np.dtype(dtype))
         if device is not None and device != out.device:
-            out = to_device_op(out, device)
+            out = ToDevice.apply(out, device)
         return out
 
     def float(self) -> Tensor:
@@ -161,12 +184,119 @@ class Tensor:
         a = self.numpy()
         return a if dtype is None else a.astype(dtype, copy=False)
 
+    # -- arithmetic (autograd/primitives/elementwise.py) --------------------------------
+    def __add__(self, other: Operand) -> Tensor:
+        """``self + other``, broadcasting."""
+        return Add.apply(self, other)
+
+    def __radd__(self, other: Operand) -> Tensor:
+        """``other + self``, broadcasting."""
+        return Add.apply(self, other)
+
+    def __sub__(self, other: Operand) -> Tensor:
+        """``self - other``, broadcasting."""
+        return Sub.apply(self, other)
+
+    def __rsub__(self, other: Operand) -> Tensor:
+        """``other - self``, broadcasting (recorded as ``-self + other``)."""
+        return Add.apply(Neg.apply(self), other)
+
+    def __mul__(self, other: Operand) -> Tensor:
+        """``self * other``, broadcasting."""
+        return Mul.apply(self, other)
+
+    def __rmul__(self, other: Operand) -> Tensor:
+        """``other * self``, broadcasting."""
+        return Mul.apply(self, other)
+
+    def __truediv__(self, other: Operand) -> Tensor:
+        """``self / other``, broadcasting."""
+        return Div.apply(self, other)
+
+    def __rtruediv__(self, other: Operand) -> Tensor:
+        """``other / self``, broadcasting (recorded as ``self ** -1 * other``)."""
+        return Mul.apply(Pow.apply(self, -1.0), other)
+
+    def __neg__(self) -> Tensor:
+        """``-self``."""
+        return Neg.apply(self)
+
+    def __pow__(self, exponent: Exponent) -> Tensor:
+        """``self ** exponent`` for a constant exponent."""
+        return Pow.apply(self, float(exponent))
+
+    def exp(self) -> Tensor:
+        """Elementwise ``e ** self``."""
+        return Exp.apply(self)
+
+    def log(self) -> Tensor:
+        """Elementwise natural logarithm."""
+        return Log.apply(self)
+
+    def tanh(self) -> Tensor:
+        """Elementwise hyperbolic tangent."""
+        return Tanh.apply(self)
+
+    def sigmoid(self) -> Tensor:
+        """Elementwise logistic function."""
+        return Sigmoid.apply(self)
+
+    def relu(self) -> Tensor:
+        """Elementwise ``max(self, 0)``."""
+        return Relu.apply(self)
+
+    # -- matrix product (autograd/primitives/matmul.py) ---------------------------------
+    def __matmul__(self, other: Tensor | np.ndarray) -> Tensor:
+        """``self @ other``: matrix product, leading dimensions broadcast."""
+        return MatMul.apply(self, other)
+
+    def matmul(self, other: Tensor | np.ndarray) -> Tensor:
+        """``self @ other``: matrix product, leading dimensions broadcast."""
+        return MatMul.apply(self, other)
+
+    # -- reductions (autograd/primitives/reduce.py) -------------------------------------
+    def sum(self, axis: Axes = None, keepdims: bool = False) -> Tensor:
+        """Sum over ``axis`` (all axes by default)."""
+        return Sum.apply(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis: Axes = None, keepdims: bool = False) -> Tensor:
+        """Mean over ``axis`` (all axes by default)."""
+        return Mean.apply(self, axis=axis, keepdims=keepdims)
+
+    def max(self, axis: Axes = None, keepdims: bool = False) -> Tensor:
+        """Maximum over ``axis`` (all axes by default); ties share the gradient evenly."""
+        return Max.apply(self, axis=axis, keepdims=keepdims)
+
+    # -- shape and indexing (autograd/primitives/shape.py) ------------------------------
+    def __getitem__(self, index: Any) -> Tensor:
+        """``self[index]``, basic or advanced indexing; Tensor indices are used by value."""
+        return _shape_ops.getitem(self, index)
+
+    def reshape(self, *shape: int | Sequence[int]) -> Tensor:
+        """This tensor with a new shape (one dimension may be -1), as ints or one tuple."""
+        return _shape_ops.reshape(self, *shape)
+
+    # PyTorch's name; numpy reshapes into a view whenever the layout allows.
+    view = reshape
+
+    def transpose(self, *axes: int | Sequence[int]) -> Tensor:
+        """Two axes: swaps them (PyTorch's ``transpose(d0, d1)``); none: reverses all axes;
+        otherwise a full permutation."""
+        return _shape_ops.transpose(self, *axes)
+
+    def permute(self, *axes: int | Sequence[int]) -> Tensor:
+        """Reorders all axes (PyTorch's ``permute``), as ints or one tuple."""
+        return _shape_ops.permute(self, *axes)
+
+    @property
+    def T(self) -> Tensor:
+        """All axes reversed (the transpose of a matrix)."""
+        return _shape_ops.transpose(self)
+
     # -- autograd ------------------------------------------------------------------------
     def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
         """Computes the gradient of this tensor w.r.t. every leaf that requires one and adds
         it to their ``.grad``. ``grad`` defaults to 1 for a one-element tensor."""
-        from moecore.autograd.engine import run_backward
-
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad")
         xp = xp_of(self.data)
@@ -255,8 +385,6 @@ def zeros(
     *shape: Any, dtype: Any = np.float32, device: str = "cpu", requires_grad: bool = False
 ) -> Tensor:
     """A tensor of zeros."""
-    from moecore.backend import xp_for
-
     return Tensor(xp_for(device).zeros(_shape(shape), dtype=dtype), requires_grad=requires_grad)
 
 
@@ -264,8 +392,6 @@ def ones(
     *shape: Any, dtype: Any = np.float32, device: str = "cpu", requires_grad: bool = False
 ) -> Tensor:
     """A tensor of ones."""
-    from moecore.backend import xp_for
-
     return Tensor(xp_for(device).ones(_shape(shape), dtype=dtype), requires_grad=requires_grad)
 
 
@@ -273,8 +399,6 @@ def randn(
     *shape: Any, dtype: Any = np.float32, device: str = "cpu", requires_grad: bool = False
 ) -> Tensor:
     """A tensor of standard normal samples from the default generator (see ``manual_seed``)."""
-    from moecore.autograd.random import generator
-
     data = generator(device).standard_normal(_shape(shape), dtype=np.dtype(dtype))
     return Tensor(data, requires_grad=requires_grad)
 
@@ -283,8 +407,6 @@ def arange(
     start: float, stop: float | None = None, step: float = 1, dtype: Any = None, device: str = "cpu"
 ) -> Tensor:
     """Evenly spaced values in [start, stop) (integers stay int64, as in PyTorch)."""
-    from moecore.backend import xp_for
-
     if stop is None:
         start, stop = 0, start
     return Tensor(xp_for(device).arange(start, stop, step, dtype=dtype))
@@ -295,8 +417,6 @@ def from_dlpack(obj: Any) -> Tensor:
     device_type = obj.__dlpack_device__()[0] if hasattr(obj, "__dlpack_device__") else 1
     if int(device_type) == 1:  # kDLCPU
         return Tensor(np.from_dlpack(obj))
-    from moecore.backend import xp_for
-
     return Tensor(xp_for("cuda").from_dlpack(obj))
 
 

@@ -1,18 +1,14 @@
 """Differentiable operations, one module per family.
 
 Each op is a :class:`moecore.autograd.Function` over raw arrays; the functions here are the
-public entry points, and ``Tensor`` operators (``+``, ``@``, ``.sum()``…) call them.
+public entry points. The coarse ops (activations, attention, norms, the MoE layer, losses…)
+are defined here; the primitives ``Tensor``'s operators are made of (``add``, ``reshape``,
+``sum``, ``matmul``…) live in :mod:`moecore.autograd.primitives` and are re-exported here.
 """
 
 from __future__ import annotations
 
-from moecore.ops import tensor_methods as _tensor_methods
-from moecore.ops.activation import gelu, log_softmax, silu, softmax, swiglu
-from moecore.ops.attention import packed_attention, scaled_dot_product_attention
-from moecore.ops.block_sparse import block_sparse_linear
-from moecore.ops.checkpoint import checkpoint
-from moecore.ops.dropout import dropout
-from moecore.ops.elementwise import (
+from moecore.autograd.primitives.elementwise import (
     add,
     cast,
     div,
@@ -26,15 +22,18 @@ from moecore.ops.elementwise import (
     sub,
     tanh,
 )
+from moecore.autograd.primitives.matmul import linear, matmul
+from moecore.autograd.primitives.reduce import max, mean, sum
+from moecore.autograd.primitives.shape import concat, getitem, permute, reshape, stack, transpose
+from moecore.ops.activation import gelu, log_softmax, silu, softmax, swiglu
+from moecore.ops.attention import packed_attention, scaled_dot_product_attention
+from moecore.ops.block_sparse import block_sparse_linear
+from moecore.ops.checkpoint import checkpoint
+from moecore.ops.dropout import dropout
 from moecore.ops.embedding import embedding
 from moecore.ops.loss import cross_entropy
-from moecore.ops.matmul import linear, matmul
 from moecore.ops.moe import moe
 from moecore.ops.norm import layer_norm, rms_norm
-from moecore.ops.reduce import max, mean, sum
-from moecore.ops.shape import concat, getitem, permute, reshape, stack, transpose
-
-_tensor_methods.install()
 
 __all__ = [
     "add",

@@ -1,4 +1,4 @@
-"""Helpers shared by the op families."""
+"""Shape arithmetic the primitives share: broadcasting undone, axes normalised."""
 
 from __future__ import annotations
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moecore.autograd.function import Context, Function
-from moecore.autograd.tensor import Tensor
+from moecore.autograd.primitives._shapes import normalize_axes
 from moecore.backend import xp_of
-from moecore.ops._util import normalize_axes
+
+if TYPE_CHECKING:
+    from moecore.autograd.tensor import Tensor  # Tensor's methods call these
 
 
 def _expand(g: Any, shape: tuple[int, ...], axes: tuple[int, ...] | None, keepdims: bool) -> Any:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from moecore.autograd.function import Context, Function
-from moecore.autograd.tensor import Tensor
+from moecore.autograd.function import Context, Function, array_of
 from moecore.backend import device_of, to_device, xp_of
+
+if TYPE_CHECKING:
+    from moecore.autograd.tensor import Tensor  # Tensor's methods call these
 
 
 class Reshape(Function):
@@ -92,39 +94,41 @@ class ToDevice(Function):
         return to_device(g, ctx.device), None
 
 
-def reshape(a: Tensor, *shape: Any) -> Tensor:
+def _unpack(args: tuple[int | Sequence[int], ...]) -> tuple[int, ...]:
+    """Dimensions given inline or as one tuple/list: ``f(2, 3)`` or ``f((2, 3))``."""
+    if len(args) == 1 and isinstance(args[0], tuple | list):
+        return tuple(args[0])
+    return cast("tuple[int, ...]", args)
+
+
+def reshape(a: Tensor, *shape: int | Sequence[int]) -> Tensor:
     """``a`` with a new shape (one dimension may be -1)."""
-    if len(shape) == 1 and isinstance(shape[0], tuple | list):
-        shape = tuple(shape[0])
-    return Reshape.apply(a, tuple(int(s) for s in shape))
+    return Reshape.apply(a, tuple(int(s) for s in _unpack(shape)))
 
 
-def transpose(a: Tensor, *axes: int) -> Tensor:
+def transpose(a: Tensor, *axes: int | Sequence[int]) -> Tensor:
     """Permutes axes; with two axes swaps just those (PyTorch's ``transpose(d0, d1)``); with
     none reverses them."""
-    if len(axes) == 1 and isinstance(axes[0], tuple | list):
-        axes = tuple(axes[0])
-    if len(axes) == 2:
+    dims = _unpack(axes)
+    if len(dims) == 2:
         perm = list(range(a.ndim))
-        i, j = axes[0] % a.ndim, axes[1] % a.ndim
+        i, j = dims[0] % a.ndim, dims[1] % a.ndim
         perm[i], perm[j] = perm[j], perm[i]
         return Transpose.apply(a, tuple(perm))
-    return Transpose.apply(a, tuple(axes) if axes else None)
+    return Transpose.apply(a, dims if dims else None)
 
 
-def permute(a: Tensor, *axes: int) -> Tensor:
+def permute(a: Tensor, *axes: int | Sequence[int]) -> Tensor:
     """Reorders all axes (PyTorch's ``permute``)."""
-    if len(axes) == 1 and isinstance(axes[0], tuple | list):
-        axes = tuple(axes[0])
-    return Transpose.apply(a, tuple(axes))
+    return Transpose.apply(a, _unpack(axes))
 
 
 def getitem(a: Tensor, index: Any) -> Tensor:
     """``a[index]``; Tensor indices are used by value."""
-    if isinstance(index, Tensor):
-        index = index.data
-    elif isinstance(index, tuple):
-        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    if isinstance(index, tuple):
+        index = tuple(array_of(i) for i in index)
+    else:
+        index = array_of(index)
     return GetItem.apply(a, index)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moecore.autograd.function import Context, Function
-from moecore.autograd.tensor import Tensor
+from moecore.autograd.primitives._shapes import shape_of, unbroadcast
 from moecore.backend import xp_of
-from moecore.ops._util import shape_of, unbroadcast
+
+if TYPE_CHECKING:
+    from moecore.autograd.tensor import Tensor  # Tensor's methods call these
 
 
 def _meta(x: Any) -> tuple[tuple[int, ...], Any]:
@@ -174,15 +176,6 @@ class Cast(Function):
     @staticmethod
     def backward(ctx: Context, g: Any) -> Any:
         return g.astype(ctx.dtype), None
-
-
-def _operand(x: Any, like: Tensor) -> Any:
-    """A Tensor stays a Tensor; a scalar or array becomes a constant of ``like``'s dtype."""
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, int | float):
-        return x  # weak scalar: numpy keeps the tensor's dtype
-    return xp_of(like.data).asarray(x, dtype=like.dtype)
 
 
 def add(a: Any, b: Any) -> Tensor:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moecore.autograd.function import Context, Function
-from moecore.autograd.tensor import Tensor
+from moecore.autograd.primitives._shapes import unbroadcast
 from moecore.backend import xp_of
-from moecore.ops._util import unbroadcast
+
+if TYPE_CHECKING:
+    from moecore.autograd.tensor import Tensor  # Tensor's methods call these
 
 
 def _swap_last(x: Any) -> Any:
