@@ -38,6 +38,18 @@ from moecore.nn.parameter import Parameter
 
 __all__ = ["AllToAllExchange", "ExpertParallelMoE"]
 
+#: What a shard takes over from the full layer unchanged (constructor keywords).
+_ROUTING_CONFIG = (
+    "top_k",
+    "score",
+    "activation",
+    "aux_loss",
+    "z_loss",
+    "bias_update_rate",
+    "n_groups",
+    "topk_groups",
+)
+
 
 class _AllToAllPlan:
     """Who sends which rows where, for one routing: built from this rank's rows per expert
@@ -166,7 +178,7 @@ class ExpertParallelMoE(MoE):
         self.w2 = Parameter(np.array(w2, dtype=np.float32))
         self.register_parameter("b1", None)
         self.register_parameter("b2", None)
-        if shared_in is not None:
+        if shared_in is not None and shared_out is not None:
             self.shared_in = shared_in
             self.shared_out = shared_out
         self.group = group
@@ -194,23 +206,20 @@ class ExpertParallelMoE(MoE):
         if moe.n_experts % group.size:
             raise ValueError(f"{moe.n_experts} experts cannot be split over {group.size} ranks")
         lo = group.rank * n
+        shared: dict[str, Any] = {
+            name: copy.deepcopy(getattr(moe, name)) if moe.n_shared_experts else None
+            for name in ("shared_in", "shared_out")
+        }
+        routing: dict[str, Any] = {name: getattr(moe, name) for name in _ROUTING_CONFIG}
         layer = cls(
             moe.router.data,
             moe.w1.data[lo : lo + n],
             moe.w2.data[lo : lo + n],
             group,
-            top_k=moe.top_k,
-            score=moe.score,
-            activation=moe.activation,
             stats_group=stats_group,
-            aux_loss=moe.aux_loss,
-            z_loss=moe.z_loss,
-            bias_update_rate=moe.bias_update_rate,
             expert_bias=moe.expert_bias,
-            n_groups=moe.n_groups,
-            topk_groups=moe.topk_groups,
-            shared_in=copy.deepcopy(moe.shared_in) if moe.n_shared_experts else None,
-            shared_out=copy.deepcopy(moe.shared_out) if moe.n_shared_experts else None,
+            **shared,
+            **routing,
         )
         layer.n_shared_experts = moe.n_shared_experts
         layer.aux_loss_scale = moe.aux_loss_scale

@@ -78,6 +78,9 @@ class MoE(Module):
     #: Expert parallelism's hooks (see Attributes); None: every expert is here.
     exchange: ExpertExchange | None = None
     stats_group: StatsGroup | None = None
+    #: The shared experts' two layers (only when ``n_shared_experts``).
+    shared_in: Module
+    shared_out: Module
 
     def __init__(
         self,

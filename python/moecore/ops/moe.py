@@ -31,7 +31,6 @@ from moecore.ops.activation import gelu_backward, gelu_forward
 ACTIVATIONS = ("gelu", "swiglu", "relu")
 
 
-
 class ExchangePlan(Protocol):
     """Where one routing's expert-sorted rows go: made by :meth:`ExpertExchange.plan`, used
     by the op's forward and (with the roles swapped) its backward."""
@@ -110,7 +109,7 @@ def _aux_terms(
     the whole batch's gradient). The z-loss is a per-token mean: each process's own mean,
     averaged over equal shares, is the whole batch's."""
     xp = xp_of(logits)
-    t, e = probs.shape
+    t = probs.shape[0]
     d_logits = xp.zeros_like(logits)
     aux = z = 0.0
     if aux_coef:
