@@ -120,7 +120,12 @@ def _aux_terms(
 
 
 def _add_switch_loss(
-    d_logits: Any, probs: Any, idx: Any, score: str, aux_coef: float, stats_group: Any
+    d_logits: Any,
+    probs: Any,
+    idx: Any,
+    score: str,
+    aux_coef: float,
+    stats_group: StatsGroup | None,
 ) -> float:
     """The Switch loss over this process's tokens (or ``stats_group``'s); adds its
     gradient w.r.t. this process's logits to ``d_logits``."""
