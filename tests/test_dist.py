@@ -102,6 +102,62 @@ def test_data_parallel_single_process_keeps_gradients():
 
 
 @pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(aux_loss=0.05, z_loss=0.01, n_shared_experts=1),
+        dict(score="sigmoid", n_groups=2, topk_groups=1, aux_loss=0.05, bias_update_rate=0.01),
+        dict(activation="swiglu", aux_loss=0.0),
+    ],
+)
+def test_expert_parallel_layer_over_one_process_is_the_moe_layer(kwargs):
+    """On a group of one, the expert-parallel layer (its exchange and statistics all-reduce
+    included) is the ``nn.MoE`` it was cut from: outputs equal to the bit, aux loss and
+    gradients to float rounding (its Switch statistics are summed in float64), the same
+    state-dict names, the scale copied, the same bias update."""
+    from moecore.distributed.expert_parallel import ExpertParallelMoE
+
+    mc.manual_seed(3)
+    full = nn.MoE(8, 6, n_experts=4, top_k=2, **kwargs)
+    full.aux_loss_scale = 0.5
+    layer = ExpertParallelMoE.from_moe(full, dist.SingleProcess())
+    assert isinstance(layer, nn.MoE) and layer.aux_loss_scale == 0.5
+    assert list(layer.state_dict()) == list(full.state_dict())
+    rng = np.random.default_rng(1)
+    xs = rng.standard_normal((2, 7, 8)).astype(np.float32)
+    c = mc.tensor(rng.standard_normal((2, 7, 8)).astype(np.float32))
+    outputs = []
+    for m in (full, layer):
+        x = mc.tensor(xs, requires_grad=True)
+        y = m(x)
+        (y * c).sum().backward()
+        outputs.append((y.data, x.grad, m.last_stats))
+    np.testing.assert_array_equal(outputs[1][0], outputs[0][0])
+    np.testing.assert_allclose(outputs[1][1], outputs[0][1], rtol=1e-5, atol=1e-7)
+    for key in ("aux_loss", "z_loss", "router_entropy"):
+        assert outputs[1][2][key] == pytest.approx(outputs[0][2][key], rel=1e-6), key
+    np.testing.assert_array_equal(
+        outputs[1][2]["tokens_per_expert"], outputs[0][2]["tokens_per_expert"]
+    )
+    grads = dict(full.named_parameters())
+    for name, p in layer.named_parameters():
+        np.testing.assert_allclose(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7, err_msg=name)
+    full.update_bias()
+    layer.update_bias()
+    np.testing.assert_array_equal(layer.expert_bias, full.expert_bias)
+    with pytest.raises(ValueError, match="already sharded"):
+        ExpertParallelMoE.from_moe(layer, dist.SingleProcess())
+
+
+def test_moe_op_refuses_capacity_dropping_with_an_exchange():
+    from moecore.distributed.expert_parallel import ExpertParallelMoE
+
+    layer = ExpertParallelMoE.from_moe(nn.MoE(8, 6, n_experts=4), dist.SingleProcess())
+    args = (mc.randn(5, 8), layer.router, layer.w1, layer.w2)
+    with pytest.raises(ValueError, match="capacity_factor with an exchange"):
+        ops.moe(*args, capacity_factor=1.0, exchange=layer.exchange)
+
+
+@pytest.mark.parametrize(
     "spec, err, match",
     [
         ("topk:abc", ValueError, "topk"),

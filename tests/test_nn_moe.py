@@ -254,3 +254,41 @@ def test_zero_tokens_and_eval_mode():
     y = layer(mc.zeros(0, 8))
     assert y.shape == (0, 8)
     assert layer.last_stats["dead"] == 4
+
+
+def test_aux_loss_scale_is_each_layers_own():
+    """Two stacked layers with ``aux_loss_scale`` 0.25 and 2: with zero upstream gradient,
+    backward gives the gradient of 0.25·(aux + z of the first) + 2·(aux + z of the second)
+    from the reported values, by central differences — the second layer's losses reach the
+    first router through the first layer's output, with the second layer's scale."""
+    mc.manual_seed(5)
+    common = dict(n_experts=4, top_k=2, dtype=np.float64, init="torch")
+    first = nn.MoE(5, 3, aux_loss=0.3, z_loss=0.05, **common)
+    second = nn.MoE(5, 3, score="sigmoid", aux_loss=0.2, z_loss=0.02, **common)
+    first.aux_loss_scale, second.aux_loss_scale = 0.25, 2.0
+    x = np.random.default_rng(4).standard_normal((9, 5))
+
+    def objective():
+        with mc.no_grad():
+            second(first(mc.Tensor(x)))
+        return sum(
+            m.aux_loss_scale * (m.last_stats["aux_loss"] + m.last_stats["z_loss"])
+            for m in (first, second)
+        )
+
+    y = second(first(mc.Tensor(x)))
+    y.backward(np.zeros_like(y.data))
+    for layer in (first, second):
+        router = layer.router.data
+        numeric = np.zeros_like(router)
+        for i in np.ndindex(router.shape):
+            keep = router[i]
+            router[i] = keep + 1e-6
+            plus = objective()
+            router[i] = keep - 1e-6
+            minus = objective()
+            router[i] = keep
+            numeric[i] = (plus - minus) / 2e-6
+        np.testing.assert_allclose(layer.router.grad, numeric, atol=1e-6, rtol=1e-4)
+    # Scale 1 (the default) would give other gradients: the check above can tell.
+    assert np.abs(first.router.grad).max() > 1e-3

@@ -213,6 +213,27 @@ def test_grad_accum_equals_one_big_batch(tmp_path, corpus, aux_loss):
         assert max(others.values()) < 0.05, others
 
 
+def test_grad_accum_scales_the_injected_aux_gradients_like_the_loss(tmp_path, corpus):
+    """With the aux and z losses, grad_accum = 2 makes the update of the MEAN of the two
+    micro-batches' gradients, each computed alone outside the trainer (its aux losses
+    injected at full weight): the trainer divides each micro-batch loss by 2 and sets every
+    MoE layer's ``aux_loss_scale`` to 1/2, so the injected gradients follow."""
+    common = {"steps": 1, "optimizer": "sgd", "beta1": 0.0, "weight_decay": 0.0}
+    config = tiny(
+        corpus, **common, clip=1e9, lr=1.0, aux_loss=0.05, z_loss=0.01, grad_accum=2, batch_size=2
+    )
+    before, after, _ = one_step(config, tmp_path)
+    micro = [
+        dict(reference_grads(config, corpus, micro_batches=(m,)).named_parameters()) for m in (0, 1)
+    ]
+    error = {}
+    for name, p in micro[0].items():
+        want = (p.grad.astype(np.float64) + micro[1][name].grad) / 2
+        step = before[name].astype(np.float64) - after[name]
+        error[name] = float(np.linalg.norm(step - want) / np.linalg.norm(want))
+    assert max(error.values()) < 1e-4, error
+
+
 # -- router metrics ------------------------------------------------------------------------
 
 

@@ -314,13 +314,19 @@ def mode_ep_full(g, tokens=10, d=8, experts=4, ep=2):
             bias_update_rate=0.01,
             activation="swiglu",
         ),
+        dict(score="softmax", aux_loss=0.05, z_loss=0.01),
     ]
+    # The last variant's injected aux gradients are halved (a micro-batch of grad_accum=2):
+    # from_moe copies the scale, and the sharded layer must apply it as the full one does.
+    scales = [1.0, 1.0, 0.5]
     for v, kwargs in enumerate(variants):
         mc.manual_seed(11 + v)
         full = nn.MoE(d, 6, n_experts=experts, top_k=2, **kwargs)
+        full.aux_loss_scale = scales[v]
         rng = np.random.default_rng(v)
         full.expert_bias[...] = 0.3 * rng.standard_normal(experts).astype(np.float32)
         layer = ExpertParallelMoE.from_moe(full, ep_group, stats_group=g)
+        assert layer.aux_loss_scale == scales[v]
         xs = rng.standard_normal((world, tokens, d)).astype(np.float32)
         xs[0] += 3 * full.router.data[0] / np.linalg.norm(full.router.data[0])
         cs = rng.standard_normal((world, tokens, d)).astype(np.float32)

@@ -17,33 +17,41 @@ does all this for the trainer).
 The Switch load-balancing loss uses the dispatch fractions and mean router probabilities of
 the whole ``stats_group`` (one all-reduce of 2·E+1 numbers per layer and step), so its
 value and gradient equal those of one process holding every token.
+
+The layer is :class:`moecore.nn.MoE` with its experts sharded: the MoE op
+(:func:`moecore.ops.moe`) does the routing, the expert FFN, the auxiliary losses and their
+gradients; this module adds only the exchange the op calls between routing and experts
+(:class:`AllToAllExchange`) and hands it the ``stats_group``.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any
 
 import numpy as np
 
-from moecore.autograd.function import Context, Function
-from moecore.autograd.tensor import Tensor
 from moecore.distributed.group import Group
-from moecore.kernels import moe_kernels_for
 from moecore.nn.module import Module
-from moecore.nn.moe import routing_summary, shared_experts
+from moecore.nn.moe import MoE
 from moecore.nn.parameter import Parameter
-from moecore.ops.moe import _activate, _activate_backward, add_balance_grad, add_z_loss
 
-__all__ = ["ExpertParallelMoE"]
+__all__ = ["AllToAllExchange", "ExpertParallelMoE"]
 
-# The op module (not the ``moe`` function ``moecore.ops`` re-exports under the same name):
-# its ``_aux_loss_scale`` is read at backward time, as the single-process op does.
-_moe_op = importlib.import_module("moecore.ops.moe")
+#: What a shard takes over from the full layer unchanged (constructor keywords).
+_ROUTING_CONFIG = (
+    "top_k",
+    "score",
+    "activation",
+    "aux_loss",
+    "z_loss",
+    "bias_update_rate",
+    "n_groups",
+    "topk_groups",
+)
 
 
-class _Exchange:
+class _AllToAllPlan:
     """Who sends which rows where, for one routing: built from this rank's rows per expert
     (``counts``, length E = size × local experts) after exchanging the counts."""
 
@@ -79,135 +87,27 @@ class _Exchange:
         return out
 
 
-def _group_aux_terms(
-    logits: np.ndarray,
-    probs: np.ndarray,
-    idx: np.ndarray,
-    score: str,
-    aux_coef: float,
-    z_coef: float,
-    stats_group: Group,
-) -> tuple[float, float, np.ndarray]:
-    """The Switch loss α·E·Σ fᵢ·Pᵢ over the tokens of every rank of ``stats_group`` and the
-    router z-loss, with their gradient w.r.t. this rank's logits scaled for averaging over
-    the group (a rank's share is ``size`` × its tokens' part of the global gradient)."""
-    t, e = probs.shape
-    d_logits = np.zeros_like(logits)
-    aux = z = 0.0
-    if aux_coef:
-        p = probs if score == "softmax" else probs / probs.sum(axis=1, keepdims=True)
-        # Token counts per expert, summed probabilities per expert, tokens: one all-reduce.
-        buf = np.concatenate(
-            [
-                np.bincount(idx.reshape(-1), minlength=e).astype(np.float64),
-                p.sum(axis=0, dtype=np.float64),
-                [float(t)],
-            ]
-        )
-        stats_group.allreduce(buf)
-        total = buf[-1]
-        if total > 0:
-            f = buf[:e] / (total * idx.shape[1])
-            aux = float(aux_coef * e * (f * buf[e : 2 * e] / total).sum())
-            # Single process: dL/dp[t, i] = α·E·fᵢ / T; averaging over the group divides by
-            # its size, so each rank applies size × that to its own tokens.
-            c = (aux_coef * e * stats_group.size / total * f).astype(logits.dtype)
-            if t:
-                add_balance_grad(d_logits, probs, p, c, score)
-    if z_coef and t:
-        # A per-token mean: this rank's mean, averaged over equal shares, is the global one.
-        z = add_z_loss(d_logits, logits, z_coef, t)
-    return aux, z, d_logits
+class AllToAllExchange:
+    """The :class:`moecore.ops.moe.ExpertExchange` of expert parallelism over ``group``:
+    rank r holds global experts ``[r·n_local, (r+1)·n_local)``; rows travel with
+    all-to-all-v, the per-expert counts first so every rank knows what it receives."""
+
+    def __init__(self, group: Group, n_local: int) -> None:
+        self.group, self.n_local = group, n_local
+
+    def plan(self, counts: Any) -> _AllToAllPlan:
+        """Exchanges the counts (a collective) and returns the plan of this routing."""
+        return _AllToAllPlan(self.group, np.asarray(counts), self.n_local)
 
 
-class _EPMoE(Function):
-    @staticmethod
-    def forward(
-        ctx: Context,
-        x: Any,
-        router_w: Any,
-        w1: Any,
-        w2: Any,
-        *,
-        group: Group,
-        stats_group: Group,
-        k: int,
-        score: str,
-        bias: Any,
-        n_groups: int | None,
-        topk_groups: int | None,
-        activation: str,
-        aux_loss: float,
-        z_loss: float,
-        stats: dict[str, Any],
-    ) -> Any:
-        lead, d = x.shape[:-1], x.shape[-1]
-        x2 = np.ascontiguousarray(x.reshape(-1, d))
-        t, e = x2.shape[0], router_w.shape[0]
-        kern = moe_kernels_for(x2, router_w, w1, w2)
-        normalize = k > 1
-        router_w = np.ascontiguousarray(router_w)
-        # The single-process op's router kernels, so both layouts round alike.
-        logits = kern.router_logits(x2, router_w)
-        if not bool(np.isfinite(logits).all()):
-            # As the single-process op: route somewhere so every rank completes the step.
-            logits = np.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
-        r_bias = None if bias is None else bias.astype(logits.dtype, copy=False)
-        idx, weights, probs = kern.route(logits, k, score, r_bias, n_groups, topk_groups, normalize)
-        x_sorted, order, counts = kern.permute(x2, idx, e, None, None)
-        plan = _Exchange(group, np.asarray(counts), w1.shape[0])
-        x_local = plan.dispatch(x_sorted)
-        h = kern.grouped_matmul(x_local, plan.local_counts, w1)
-        a, act_saved = _activate(h, activation)
-        y_local = kern.grouped_matmul(a, plan.local_counts, w2)
-        y_sorted = plan.combine(y_local)
-        y = kern.unpermute(y_sorted, order, weights)
-        aux, z, d_logits_aux = _group_aux_terms(
-            logits, probs, idx, score, aux_loss, z_loss, stats_group
-        )
-        tokens_per_expert = np.asarray(counts).astype(np.int64)
-        stats.update(
-            tokens_per_expert=tokens_per_expert,
-            kept_per_expert=tokens_per_expert,
-            dropped=0,
-            aux_loss=aux,
-            z_loss=z,
-            router_entropy=_moe_op.router_entropy(probs),
-            tokens=t,
-        )
-        ctx.save_for_backward(x2, router_w, w1, w2, idx, weights, probs, order, x_local, h, a)
-        ctx.meta = (lead, d, k, score, normalize, activation, kern, plan, act_saved, y_sorted)
-        ctx.d_logits_aux = d_logits_aux if (aux_loss or z_loss) else None
-        return y.reshape(*lead, w2.shape[2])
-
-    @staticmethod
-    def backward(ctx: Context, g: Any) -> Any:
-        x2, router_w, w1, w2, idx, weights, probs, order, x_local, h, a = ctx.saved_tensors
-        lead, d, k, score, normalize, activation, kern, plan, act_saved, y_sorted = ctx.meta
-        t = x2.shape[0]
-        g2 = np.ascontiguousarray(g.reshape(t, -1))
-        d_y_sorted, d_weights = kern.unpermute_backward(g2, y_sorted, order, weights)
-        d_y_local = plan.dispatch(d_y_sorted)  # backward of combine
-        lc = plan.local_counts
-        d_a = kern.grouped_matmul_dx(d_y_local, lc, w2)
-        d_w2 = kern.grouped_matmul_dw(a, d_y_local, lc)
-        d_h = _activate_backward(d_a, h, act_saved, activation)
-        d_x_local = kern.grouped_matmul_dx(d_h, lc, w1)
-        d_w1 = kern.grouped_matmul_dw(x_local, d_h, lc)
-        d_x_sorted = plan.combine(d_x_local)  # backward of dispatch
-        d_x = kern.permute_backward(d_x_sorted, order, t, k)
-        d_logits = kern.route_backward(d_weights, idx, probs, score, normalize)
-        if ctx.d_logits_aux is not None:
-            scale = _moe_op._aux_loss_scale
-            d_logits += (ctx.d_logits_aux * scale).astype(d_logits.dtype, copy=False)
-        d_router = kern.router_backward(d_logits, x2, router_w, d_x)  # also d_x += d_logits·R
-        return d_x.reshape(*lead, d), d_router, d_w1, d_w2
-
-
-class ExpertParallelMoE(Module):
+class ExpertParallelMoE(MoE):
     """An MoE layer whose routed experts are spread over ``group``: ``n_experts / size`` per
     rank, rank r holding global experts ``[r·E/P, (r+1)·E/P)`` (``w1[j]`` is expert
     ``r·E/P + j``). Router, router bias and shared experts are replicated.
+
+    It is a :class:`moecore.nn.MoE` (same forward, :meth:`update_bias`, auxiliary losses
+    and ``aux_loss_scale``) whose ``exchange`` moves token rows over ``group`` and whose
+    ``stats_group`` sums the Switch loss's statistics.
 
     Build it from a full :class:`moecore.nn.MoE` (identical on every rank, e.g. same seed)
     with :meth:`from_moe`. Supported: softmax/sigmoid scores, group-limited routing, the
@@ -246,7 +146,7 @@ class ExpertParallelMoE(Module):
         shared_in: Module | None = None,
         shared_out: Module | None = None,
     ) -> None:
-        super().__init__()
+        Module.__init__(self)  # the weights come from the caller, not MoE's initialisers
         e = router.shape[0]
         if e % group.size:
             raise ValueError(f"{e} experts cannot be split over {group.size} ranks")
@@ -256,31 +156,45 @@ class ExpertParallelMoE(Module):
             )
         if (shared_in is None) != (shared_out is None):
             raise ValueError("shared_in and shared_out go together")
-        self.group = group
-        self.stats_group = group if stats_group is None else stats_group
-        self.n_experts, self.top_k, self.score, self.activation = e, top_k, score, activation
-        self.aux_loss, self.z_loss, self.bias_update_rate = aux_loss, z_loss, bias_update_rate
-        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self._configure(
+            [],
+            router.shape[1],
+            w2.shape[1],
+            e,
+            top_k=top_k,
+            score=score,
+            capacity_factor=None,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            bias_update_rate=bias_update_rate,
+            n_shared_experts=0 if shared_in is None else 1,
+            n_groups=n_groups,
+            topk_groups=topk_groups,
+            activation=activation,
+            expert_bias=expert_bias,
+        )
         self.router = Parameter(np.array(router, dtype=np.float32))
         self.w1 = Parameter(np.array(w1, dtype=np.float32))
         self.w2 = Parameter(np.array(w2, dtype=np.float32))
-        self.n_shared_experts = 0
-        if shared_in is not None:
+        self.register_parameter("b1", None)
+        self.register_parameter("b2", None)
+        if shared_in is not None and shared_out is not None:
             self.shared_in = shared_in
             self.shared_out = shared_out
-            self.n_shared_experts = 1
-        bias = np.zeros(e, np.float32) if expert_bias is None else expert_bias
-        self.register_buffer("expert_bias", np.array(bias, dtype=np.float32))
+        self.group = group
+        self.stats_group = group if stats_group is None else stats_group
+        self.exchange = AllToAllExchange(group, e // group.size)
         self.first_expert = group.rank * (e // group.size)
-        self.last_stats: dict[str, Any] = {}
-        self._load_since_update = np.zeros(e, np.int64)
 
     @classmethod
     def from_moe(
         cls, moe: Any, group: Group, stats_group: Group | None = None
     ) -> ExpertParallelMoE:
         """This rank's shard of ``moe`` (an :class:`moecore.nn.MoE`; dropless only — a
-        capacity factor raises ``ValueError``). Parameters and buffers are copied."""
+        capacity factor raises ``ValueError``). Parameters and buffers are copied, and so
+        is ``aux_loss_scale``."""
+        if isinstance(moe, ExpertParallelMoE):
+            raise ValueError("ExpertParallelMoE.from_moe: this layer is already sharded")
         if getattr(moe, "b1", None) is not None:
             raise ValueError("ExpertParallelMoE: expert biases (bias=True) are not supported")
         if moe.capacity_factor is not None:
@@ -292,70 +206,25 @@ class ExpertParallelMoE(Module):
         if moe.n_experts % group.size:
             raise ValueError(f"{moe.n_experts} experts cannot be split over {group.size} ranks")
         lo = group.rank * n
+        shared: dict[str, Any] = {
+            name: copy.deepcopy(getattr(moe, name)) if moe.n_shared_experts else None
+            for name in ("shared_in", "shared_out")
+        }
+        routing: dict[str, Any] = {name: getattr(moe, name) for name in _ROUTING_CONFIG}
         layer = cls(
             moe.router.data,
             moe.w1.data[lo : lo + n],
             moe.w2.data[lo : lo + n],
             group,
-            top_k=moe.top_k,
-            score=moe.score,
-            activation=moe.activation,
             stats_group=stats_group,
-            aux_loss=moe.aux_loss,
-            z_loss=moe.z_loss,
-            bias_update_rate=moe.bias_update_rate,
             expert_bias=moe.expert_bias,
-            n_groups=moe.n_groups,
-            topk_groups=moe.topk_groups,
-            shared_in=copy.deepcopy(moe.shared_in) if moe.n_shared_experts else None,
-            shared_out=copy.deepcopy(moe.shared_out) if moe.n_shared_experts else None,
+            **shared,
+            **routing,
         )
         layer.n_shared_experts = moe.n_shared_experts
+        layer.aux_loss_scale = moe.aux_loss_scale
         layer.train(moe.training)
         return layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Routes ``x [..., d]`` over every rank's experts and combines the outputs."""
-        if x.shape[-1] != self.router.shape[1]:
-            raise ValueError(
-                f"ExpertParallelMoE expects [..., {self.router.shape[1]}], got {x.shape}"
-            )
-        stats: dict[str, Any] = {}
-        y = _EPMoE.apply(
-            x,
-            self.router,
-            self.w1,
-            self.w2,
-            group=self.group,
-            stats_group=self.stats_group,
-            k=self.top_k,
-            score=self.score,
-            bias=self.expert_bias if self.bias_update_rate else None,
-            n_groups=self.n_groups,
-            topk_groups=self.topk_groups,
-            activation=self.activation,
-            aux_loss=self.aux_loss if self.training else 0.0,
-            z_loss=self.z_loss if self.training else 0.0,
-            stats=stats,
-        )
-        if self.n_shared_experts:
-            y = y + shared_experts(self, x)
-        stats.update(routing_summary(stats["tokens_per_expert"]))
-        self.last_stats = stats
-        if self.training:
-            self._load_since_update += stats["tokens_per_expert"]
-        return y
-
-    def update_bias(self, load: Any = None) -> None:
-        """DeepSeek-V3 aux-loss-free balancing, as :meth:`moecore.nn.MoE.update_bias`: pass
-        (or first all-reduce into ``_load_since_update``) the load of every rank so that all
-        ranks move the replicated bias alike."""
-        if not self.bias_update_rate:
-            return
-        c = np.asarray(self._load_since_update if load is None else load, dtype=np.float64)
-        step = self.bias_update_rate * np.sign(c.mean() - c)
-        self.expert_bias += step.astype(self.expert_bias.dtype)
-        self._load_since_update[...] = 0
 
     def extra_repr(self) -> str:
         return (

@@ -13,7 +13,7 @@ from moecore.nn import init as initializers
 from moecore.nn.layers import Linear
 from moecore.nn.module import Module
 from moecore.nn.parameter import Parameter
-from moecore.ops.moe import ACTIVATIONS, moe
+from moecore.ops.moe import ACTIVATIONS, ExpertExchange, StatsGroup, moe
 
 
 def routing_summary(tokens_per_expert: Any) -> dict[str, Any]:
@@ -58,6 +58,14 @@ class MoE(Module):
     Both auxiliary losses reach the router through the op's backward: nothing has to be
     added to the caller's loss. Each forward in training records ``last_stats``.
 
+    Attributes:
+        aux_loss_scale: factor on those injected gradients, to match how the caller scales
+            its loss before backward (a trainer dividing ``n`` accumulated micro-batch
+            losses by ``n`` sets ``1/n``); 1 by default. Read at each forward.
+        exchange, stats_group: None here; :class:`moecore.distributed.ExpertParallelMoE`
+            (this layer with its experts spread over processes) sets them, see
+            :func:`moecore.ops.moe`.
+
     Shape:
         ``[..., d_model]`` → ``[..., d_model]``.
 
@@ -66,6 +74,13 @@ class MoE(Module):
         >>> layer(moecore.randn(2, 5, 16)).shape
         (2, 5, 16)
     """
+
+    #: Expert parallelism's hooks (see Attributes); None: every expert is here.
+    exchange: ExpertExchange | None = None
+    stats_group: StatsGroup | None = None
+    #: The shared experts' two layers (only when ``n_shared_experts``).
+    shared_in: Module
+    shared_out: Module
 
     def __init__(
         self,
@@ -91,27 +106,22 @@ class MoE(Module):
         problems = []
         if init not in initializers.INITS:
             problems.append(f"init must be one of {initializers.INITS}, got {init!r}")
-        if n_experts < 1:
-            problems.append(f"n_experts must be ≥ 1, got {n_experts}")
-        if not 1 <= top_k <= max(n_experts, 1):
-            problems.append(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
-        if score not in ("softmax", "sigmoid"):
-            problems.append(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-        if activation not in ACTIVATIONS:
-            problems.append(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            problems.append(f"capacity_factor must be positive or None, got {capacity_factor}")
-        if (n_groups is None) != (topk_groups is None):
-            problems.append("n_groups and topk_groups go together")
-        elif n_groups is not None and (n_experts % n_groups or not 1 <= topk_groups <= n_groups):
-            problems.append(f"n_groups={n_groups} must divide n_experts and topk_groups ≤ n_groups")
-        if problems:
-            raise ValueError("MoE: " + "; ".join(problems))
-        self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
-        self.score, self.capacity_factor, self.activation = score, capacity_factor, activation
-        self.aux_loss, self.z_loss, self.bias_update_rate = aux_loss, z_loss, bias_update_rate
-        self.n_groups, self.topk_groups = n_groups, topk_groups
-        self.n_shared_experts = n_shared_experts
+        self._configure(
+            problems,
+            d_model,
+            d_ff,
+            n_experts,
+            top_k=top_k,
+            score=score,
+            capacity_factor=capacity_factor,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            bias_update_rate=bias_update_rate,
+            n_shared_experts=n_shared_experts,
+            n_groups=n_groups,
+            topk_groups=topk_groups,
+            activation=activation,
+        )
         gate = 2 if activation == "swiglu" else 1
         std = initializers.GPT2_STD
         w = initializers.weight
@@ -130,14 +140,60 @@ class MoE(Module):
             self.shared_out = Linear(
                 hidden, d_model, bias=False, dtype=dtype, init=init, std=out_std
             )
-        self.register_buffer("expert_bias", np.zeros(n_experts, np.float32))
+
+    def _configure(
+        self,
+        problems: list[str],
+        d_model: int,
+        d_ff: int,
+        n_experts: int,
+        *,
+        top_k: int,
+        score: str,
+        capacity_factor: float | None,
+        aux_loss: float,
+        z_loss: float,
+        bias_update_rate: float,
+        n_shared_experts: int,
+        n_groups: int | None,
+        topk_groups: int | None,
+        activation: str,
+        expert_bias: Any = None,
+    ) -> None:
+        """Checks (raising every problem at once, with ``problems`` found by the caller)
+        and sets the routing configuration and state; the caller brings the weights."""
+        if n_experts < 1:
+            problems.append(f"n_experts must be ≥ 1, got {n_experts}")
+        if not 1 <= top_k <= max(n_experts, 1):
+            problems.append(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        if score not in ("softmax", "sigmoid"):
+            problems.append(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        if activation not in ACTIVATIONS:
+            problems.append(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            problems.append(f"capacity_factor must be positive or None, got {capacity_factor}")
+        if (n_groups is None) != (topk_groups is None):
+            problems.append("n_groups and topk_groups go together")
+        elif n_groups is not None and (n_experts % n_groups or not 1 <= topk_groups <= n_groups):
+            problems.append(f"n_groups={n_groups} must divide n_experts and topk_groups ≤ n_groups")
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+        self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
+        self.score, self.capacity_factor, self.activation = score, capacity_factor, activation
+        self.aux_loss, self.z_loss, self.bias_update_rate = aux_loss, z_loss, bias_update_rate
+        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.n_shared_experts = n_shared_experts
+        self.aux_loss_scale = 1.0
+        bias = np.zeros(n_experts, np.float32) if expert_bias is None else expert_bias
+        self.register_buffer("expert_bias", np.array(bias, dtype=np.float32))
         self.last_stats: dict[str, Any] = {}
         self._load_since_update = np.zeros(n_experts, np.int64)
 
     def forward(self, x: Tensor) -> Tensor:
         """Routes the tokens of ``x`` to their experts and combines the outputs."""
         if x.shape[-1] != self.d_model:
-            raise ValueError(f"MoE expects [..., {self.d_model}], got {x.shape}")
+            name = type(self).__name__
+            raise ValueError(f"{name} expects [..., {self.d_model}], got {x.shape}")
         stats: dict[str, Any] = {}
         bias = self.expert_bias if self.bias_update_rate else None
         y = moe(
@@ -157,6 +213,9 @@ class MoE(Module):
             stats=stats,
             b1=self.b1,
             b2=self.b2,
+            aux_loss_scale=self.aux_loss_scale,
+            exchange=self.exchange,
+            stats_group=self.stats_group,
         )
         if self.n_shared_experts:
             y = y + shared_experts(self, x)

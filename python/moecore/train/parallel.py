@@ -67,7 +67,7 @@ class Layout:
             return
         for name, module in list(model.named_modules()):
             for child_name, child in list(module._modules.items()):
-                if isinstance(child, nn.MoE):
+                if isinstance(child, nn.MoE) and not isinstance(child, ExpertParallelMoE):
                     layer = ExpertParallelMoE.from_moe(child, self.ep_group, self.world)
                     setattr(module, child_name, layer)
                     prefix = f"{name}.{child_name}" if name else child_name
@@ -94,7 +94,7 @@ class Layout:
 
     def moe_layers(self, model: nn.Module) -> list[Any]:
         """The MoE layers of ``model`` (sharded or not), in depth order."""
-        return [m for m in model.modules() if isinstance(m, nn.MoE | ExpertParallelMoE)]
+        return [m for m in model.modules() if isinstance(m, nn.MoE)]  # sharded ones too
 
     def num_parameters(self, model: nn.Module) -> int:
         """Learnable scalars of the whole model (every rank's experts counted)."""

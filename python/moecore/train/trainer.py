@@ -22,7 +22,6 @@ from moecore.distributed import Group, HierarchicalGroup, MPIGroup, SingleProces
 from moecore.distributed.agreement import check_ranks_agree
 from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
-from moecore.ops.moe import set_aux_loss_scale
 from moecore.train import checkpoint
 from moecore.train.checkpoint import CheckpointError
 from moecore.train.checksum import param_checksums
@@ -155,6 +154,10 @@ class Trainer:
         self.layout.shard_model(self.model)
         self._data_parallel(warmup_steps=config.compress_warmup)
         self.moe_layers = self.layout.moe_layers(self.model)
+        for layer in self.moe_layers:
+            # Micro-batch losses are divided by grad_accum: so are the aux-loss gradients
+            # the MoE op injects in backward.
+            layer.aux_loss_scale = 1.0 / config.grad_accum
         self.optimizer = build_optimizer(self.model, config)
         self.schedule = optim.LRScheduler(
             self.optimizer,
@@ -304,7 +307,6 @@ class Trainer:
     def _train_step(self) -> dict[str, Any]:
         cfg = self.config
         accum = cfg.grad_accum
-        set_aux_loss_scale(1.0 / accum)
         total_loss = 0.0
         loads = [np.zeros(cfg.n_experts, np.int64) for _ in self.moe_layers]
         dropped = 0
@@ -326,8 +328,6 @@ class Trainer:
                 loads[i] += layer.last_stats["tokens_per_expert"]
                 dropped += layer.last_stats["dropped"]
             routing.add(self.moe_layers)
-        # The scale is process-wide: leave it at 1 for whatever runs after this step.
-        set_aux_loss_scale(1.0)
         if g.size > 1:
             self.layout.finish()
             # Loss, routing statistics and the bias update use the whole global batch.
