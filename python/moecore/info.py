@@ -6,6 +6,7 @@ reported, never raised.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform
@@ -29,6 +30,10 @@ def _probe(fn: Callable[[], Any]) -> Any:
         return f"unavailable ({exc})"
 
 
+def _gpu_name(cupy: Any, index: int) -> str:
+    return str(cupy.cuda.runtime.getDeviceProperties(index)["name"].decode())
+
+
 def _cupy_status() -> dict[str, Any]:
     if importlib.util.find_spec("cupy") is None:
         return {"available": False, "reason": "cupy is not installed (pip install moecore[gpu])"}
@@ -47,10 +52,7 @@ def _cupy_status() -> dict[str, Any]:
     out["available"] = count > 0
     out["devices"] = count
     out["driver"] = _probe(lambda: _cuda_version(cupy.cuda.runtime.driverGetVersion()))
-    out["gpus"] = [
-        _probe(lambda i=i: cupy.cuda.runtime.getDeviceProperties(i)["name"].decode())
-        for i in range(count)
-    ]
+    out["gpus"] = [_probe(functools.partial(_gpu_name, cupy, i)) for i in range(count)]
     return out
 
 

@@ -234,7 +234,7 @@ def use_for_cupy(arena_bytes: int = 64 << 20, limit_bytes: int | None = None) ->
         mem = cupy.cuda.Memory(size)
         return int(mem.ptr), mem
 
-    class _PoolMemory(cupy.cuda.UnownedMemory):  # type: ignore[misc]
+    class _PoolMemory(cupy.cuda.UnownedMemory):
         """Device memory of a pool block: gives the block back when CuPy drops it."""
 
         def __init__(self, ptr: int, size: int, owner: Any, release: Callable[[], None]) -> None:

@@ -93,7 +93,7 @@ class HierarchicalGroup(Group):
         node, local_rank = divmod(world.rank, ranks_per_node)
         self.local = world.split(node, key=local_rank)
         self.cross = world.split(local_rank, key=node)
-        self.gather = self.local.dup()  # type: ignore[attr-defined]
+        self.gather = self.local.dup()
         self._chains: list[_Chain] = []
 
     def _progress(self) -> None:

@@ -221,7 +221,7 @@ class MPIGroup(Group):
         with self.watch("barrier"):
             self.comm.Barrier()
 
-    def split(self, color: int, key: int | None = None) -> Group:
+    def split(self, color: int, key: int | None = None) -> MPIGroup:
         with self.watch("split"):
             comm = self.comm.Split(int(color), self.rank if key is None else int(key))
         return self._sub(comm)

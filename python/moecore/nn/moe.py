@@ -174,7 +174,11 @@ class MoE(Module):
             problems.append(f"capacity_factor must be positive or None, got {capacity_factor}")
         if (n_groups is None) != (topk_groups is None):
             problems.append("n_groups and topk_groups go together")
-        elif n_groups is not None and (n_experts % n_groups or not 1 <= topk_groups <= n_groups):
+        elif (
+            n_groups is not None
+            and topk_groups is not None
+            and (n_experts % n_groups or not 1 <= topk_groups <= n_groups)
+        ):
             problems.append(f"n_groups={n_groups} must divide n_experts and topk_groups ≤ n_groups")
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))

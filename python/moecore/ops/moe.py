@@ -228,10 +228,12 @@ class MoEFunction(Function):
         else:
             h = kern.grouped_matmul(x_exp, n_exp, w1)
             if b1 is not None:
+                assert onehot is not None  # made above whenever a bias is given
                 h = h + onehot.T @ b1
             a, act_saved = _activate(h, activation)
             y_exp = kern.grouped_matmul(a, n_exp, w2)
         if b2 is not None:
+            assert onehot is not None
             y_exp = xp.ascontiguousarray(y_exp + onehot.T @ b2)
         y_sorted = y_exp if plan is None else plan.combine(y_exp)
         y = kern.unpermute(y_sorted, order, weights)

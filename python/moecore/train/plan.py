@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -122,7 +122,10 @@ def plan(
     Several bucket caps (``bucket_mb=[25, 4]``) show which hides the most communication for
     this model: with caps as PyTorch's DDP sets them, a model whose gradients make only a
     few buckets sends most of its bytes after backward has moved past them."""
-    caps = [float(bucket_mb)] if np.ndim(bucket_mb) == 0 else [float(c) for c in bucket_mb]
+    if np.ndim(bucket_mb) == 0:
+        caps = [float(cast(float, bucket_mb))]
+    else:
+        caps = [float(c) for c in cast(Sequence[float], bucket_mb)]
     if not caps or any(not c > 0 for c in caps):
         raise ValueError(f"bucket_mb: every bucket cap must be > 0 MiB, got {bucket_mb!r}")
     specs = []

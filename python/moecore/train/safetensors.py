@@ -13,7 +13,7 @@ import numpy as np
 
 from moecore.errors import SafetensorsError
 
-_DTYPES = {
+_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -59,7 +59,7 @@ def write(
     fh.write(struct.pack("<Q", len(blob)))
     fh.write(blob)
     for a in arrays:
-        fh.write(memoryview(a.reshape(-1)).cast("B"))
+        fh.write(memoryview(a.reshape(-1)).cast("B"))  # type: ignore[arg-type]  # ndarray is a buffer; numpy stubs lack __buffer__
 
 
 def _dimension(value: object) -> int:

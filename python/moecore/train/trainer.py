@@ -261,7 +261,8 @@ class Trainer:
         names = self._param_names()
         model_state = {n: lay.gather(n, v) for n, v in self.model.state_dict().items()}
         opt_state = self.optimizer.state_dict()
-        tensors, scalars = {}, {}
+        tensors: dict[str, np.ndarray] = {}
+        scalars: dict[str, Any] = {}
         for index, entry in opt_state["state"].items():
             for name, value in entry.items():
                 if isinstance(value, np.ndarray):
