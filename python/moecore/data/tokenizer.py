@@ -181,3 +181,13 @@ def describe(record: dict[str, Any]) -> str:
     if record.get("kind") == "bytes":
         return "bytes"
     return f"tokenizer.json (sha256 {str(record.get('sha256', ''))[:12]})"
+
+
+def run_tokenizer(run_dir: Path) -> Any:
+    """The tokenizer a run saved (``run_dir/tokenizer.json``, for decoding), or None: the
+    run's tokens are bytes."""
+    path = run_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    inner = require_tokenizers().Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    return TokenizersTokenizer(inner, -1)
