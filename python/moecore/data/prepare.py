@@ -25,6 +25,7 @@ from moecore.data.shards import FORMAT, INDEX, VERSION, sha256_file, shard_dtype
 from moecore.data.tokenizer import (
     ByteTokenizer,
     load_tokenizer,
+    require_tokenizers,
     tokenizer_from_json,
     tokenizer_record,
     train_bpe,
@@ -89,7 +90,9 @@ def plan_shards(files: Sequence[Path], shard_bytes: int) -> list[list[Piece]]:
     for path in files:
         size = path.stat().st_size
         jsonl = path.suffix in JSONL_SUFFIXES
-        pieces = _cut_jsonl(path, size, shard_bytes) if jsonl else [Piece(str(path), False, 0, size)]
+        pieces = (
+            _cut_jsonl(path, size, shard_bytes) if jsonl else [Piece(str(path), False, 0, size)]
+        )
         for piece in pieces:
             if filled >= shard_bytes:
                 shards.append([])
@@ -117,7 +120,9 @@ def documents(piece: Piece) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except ValueError as exc:
-                raise DataError(f"{piece.path} at byte {at - len(line)}: not JSON ({exc})") from None
+                raise DataError(
+                    f"{piece.path} at byte {at - len(line)}: not JSON ({exc})"
+                ) from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise DataError(
@@ -250,20 +255,13 @@ def _settings(
     }
 
 
-def _tokenizer_for(
-    out: Path, tokenizer: str, train_vocab: int | None, eod: str | None, plan: list[list[Piece]]
-) -> Any:
-    """The run's tokenizer: resumed from ``out/tokenizer.json``, trained, or loaded (and
-    copied into ``out``)."""
+def _trained_tokenizer(out: Path, train_vocab: int, plan: list[list[Piece]]) -> Any:
+    """The BPE trained on the inputs (resumed from ``out/tokenizer.json``), saved in ``out``."""
     saved = out / "tokenizer.json"
-    if train_vocab:
-        if saved.is_file():
-            return tokenizer_from_json(saved.read_text(encoding="utf-8"), None, str(saved))
-        tok = train_bpe((d for shard in plan for p in shard for d in documents(p)), train_vocab)
-    else:
-        tok = load_tokenizer(tokenizer, eod)
-    if tok.kind == "tokenizers":
-        write_atomic(saved, tok.to_json().encode("utf-8"))
+    if saved.is_file():
+        return tokenizer_from_json(saved.read_text(encoding="utf-8"), None, str(saved))
+    tok = train_bpe((d for shard in plan for p in shard for d in documents(p)), train_vocab)
+    write_atomic(saved, tok.to_json().encode("utf-8"))
     return tok
 
 
@@ -286,6 +284,8 @@ def prepare(
     log = log if log is not None else sys.stderr
     out = Path(out)
     files = input_files(inputs)
+    # A user's tokenizer (or the library to train one) is checked before anything is written.
+    tok = require_tokenizers() if train_vocab else load_tokenizer(tokenizer, eod)
     settings = _settings(files, tokenizer, train_vocab, eod, shard_mb)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a folder")
@@ -305,7 +305,10 @@ def prepare(
     else:
         write_atomic(recorded, json.dumps(settings, indent=1).encode())
     plan = plan_shards(files, max(1, int(shard_mb * 2**20)))
-    tok = _tokenizer_for(out, tokenizer, train_vocab, eod, plan)
+    if train_vocab:
+        tok = _trained_tokenizer(out, train_vocab, plan)
+    elif tok.kind == "tokenizers":
+        write_atomic(out / "tokenizer.json", tok.to_json().encode("utf-8"))
     record = tokenizer_record(tok)
     dtype = shard_dtype(tok.vocab_size)
     metas: dict[int, dict[str, Any]] = {}

@@ -171,7 +171,9 @@ def tokenizer_of_record(record: dict[str, Any], folder: Path) -> Any:
         raise DataError(f"{path} is missing (the index names it as the tokenizer)")
     text = path.read_text(encoding="utf-8")
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != record.get("sha256"):
-        raise DataError(f"{path} does not match the SHA-256 its index records (damaged or replaced)")
+        raise DataError(
+            f"{path} does not match the SHA-256 its index records (damaged or replaced)"
+        )
     tok = TokenizersTokenizer(require_tokenizers().Tokenizer.from_str(text), int(record["eod_id"]))
     return tok
 
