@@ -433,9 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (its newest checkpoint is used)",
     )
     gen.add_argument("--prompt", default="def ", help="text to continue")
-    gen.add_argument(
-        "--tokens", type=positive_int, default=200, help="tokens (bytes) to generate"
-    )
+    gen.add_argument("--tokens", type=positive_int, default=200, help="tokens (bytes) to generate")
     gen.add_argument(
         "--temperature",
         type=non_negative_float,

@@ -21,7 +21,7 @@ from moecore.data.corpus import Corpus, load_corpus
 from moecore.data.shards import is_prepared, read_index
 from moecore.errors import DataError
 
-_WEIGHTED = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*:(.+)")
+_WEIGHTED = re.compile(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*:(.+)")
 
 
 def parse_data_spec(spec: str) -> list[tuple[float, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,13 @@ class TokenView:
 
     def _map(self, i: int) -> np.ndarray:
         if i not in self._maps:
-            self._maps[i] = np.memmap(self.paths[i], self.dtype, mode="r", shape=(self.lengths[i],))
+            mm = np.memmap(self.paths[i], self.dtype, mode="r", shape=(self.lengths[i],))
+            # Windows are read at random: without this hint the kernel reads ahead (and maps,
+            # into our RSS) megabytes around each one.
+            raw = getattr(mm, "_mmap", None)
+            if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+                raw.madvise(mmap.MADV_RANDOM)
+            self._maps[i] = mm
         return self._maps[i]
 
     def __getitem__(self, key: Any) -> Any:
