@@ -42,7 +42,7 @@ def test_a_bpe_trained_on_a_small_corpus_round_trips_text():
     train = stdlib_texts("[a-c]*.py", 20)
     tok = train_bpe(iter(train), 600)
     assert tok.vocab_size == 600 and tok.inner.id_to_token(tok.eod_id) == "<|endoftext|>"
-    unseen = stdlib_texts("[x-z]*.py", 3) + ["héllo wörld — ∑ 日本語 🙂\n\ttabs  and  spaces\r\n"]
+    unseen = [*stdlib_texts("[x-z]*.py", 3), "héllo wörld — ∑ 日本語 🙂\n\ttabs  and  spaces\r\n"]
     for text in unseen:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
@@ -176,7 +176,7 @@ def test_damaged_or_missing_shards_are_named(tmp_path):
     with pytest.raises(DataError, match=r"s1\.bin is missing \(named by .*index\.json\)"):
         open_prepared(folder)
     (folder / "index.json").write_text("{")
-    with pytest.raises(DataError, match="cannot read .*index.json"):
+    with pytest.raises(DataError, match=r"cannot read .*index\.json"):
         open_prepared(folder)
 
 

@@ -8,6 +8,7 @@ temporary file and renamed, then recorded by its own ``shard_NNNNN.json``)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -80,7 +81,7 @@ def _cut_jsonl(path: Path, size: int, shard_bytes: int) -> list[Piece]:
                 break
             cuts.append(fh.tell())
     cuts.append(size)
-    return [Piece(str(path), True, a, b) for a, b in zip(cuts, cuts[1:])]
+    return [Piece(str(path), True, a, b) for a, b in itertools.pairwise(cuts)]
 
 
 def plan_shards(files: Sequence[Path], shard_bytes: int) -> list[list[Piece]]:
@@ -374,8 +375,7 @@ def _run(
     # could deadlock.
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(init,)) as pool:
-        for meta in pool.imap_unordered(_numbered_shard, todo):
-            yield meta
+        yield from pool.imap_unordered(_numbered_shard, todo)
 
 
 def _numbered_shard(job: tuple[str, int, list[Piece], str]) -> tuple[int, dict[str, Any]]:

@@ -103,7 +103,9 @@ def tokenizer_from_json(text: str, eod: str | None = None, source: str = "tokeni
     try:
         inner = tk.Tokenizer.from_str(text)
     except Exception as exc:  # the Rust side raises its own exception type
-        raise DataError(f"{source} is not a tokenizer.json the tokenizers library reads: {exc}")
+        raise DataError(
+            f"{source} is not a tokenizer.json the tokenizers library reads: {exc}"
+        ) from None
     names = [eod] if eod else list(EOD_CANDIDATES)
     for name in names:
         token_id = inner.token_to_id(name)
