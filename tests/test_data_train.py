@@ -179,3 +179,10 @@ def test_train_and_generate_with_a_trained_bpe(tmp_path, corpus, capsys):
     tok = run_tokenizer(out)
     ids = generate_ids(model, tok.encode("def "), 5, 0.8, None, 1)
     assert text == "def " + tok.decode(ids) + "\n"
+    # eval reports bits per byte over the held-out documents' text
+    assert main(["eval", "--run", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    prepared = open_prepared(data)
+    assert 0 < prepared.val_bytes < 0.06 * corpus.stat().st_size
+    expected = record["val_loss"] * len(prepared.val) / prepared.val_bytes / np.log(2)
+    assert record["val_bits_per_byte"] == pytest.approx(expected, rel=1e-12)

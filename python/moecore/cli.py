@@ -326,7 +326,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     record = {"step": trainer.step, "val_loss": loss}
     if args.windows is not None:
         record["windows"] = args.windows
-    record["val_ppl_per_byte"] = float(2.718281828459045**loss)
+    corpus = trainer.corpus
+    if corpus.tokenizer is None:  # raw bytes: a token is a byte
+        record["val_ppl_per_byte"] = float(2.718281828459045**loss)
+    else:
+        record["val_ppl_per_token"] = float(2.718281828459045**loss)
+        if corpus.val_bytes and len(trainer.data.corpora) == 1 and args.windows is None:
+            nats_per_byte = loss * len(corpus.val) / corpus.val_bytes
+            record["val_bits_per_byte"] = nats_per_byte / 0.6931471805599453
     print(json.dumps(record))
     return 0
 
