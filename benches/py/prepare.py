@@ -1,7 +1,7 @@
 """``moecore prepare`` speed, and bytes against BPE tokens at equal training FLOPs.
 
 Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/prepare.py
-          [--rounds N] [--preset moe-tiny] [--budget-steps 300] [--skip-train]
+          [--rounds N] [--preset moe-tiny] [--budget-steps 300] [--skip-train] [--skip-speed]
 
 1. Tokens/s of ``prepare`` on the built-in corpus (12 MB of standard-library source) with 1
    and 2 processes, for the byte tokenizer and a 4,096-id BPE (trained once first), rounds
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--preset", default="moe-tiny")
     parser.add_argument("--budget-steps", type=int, default=300)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="keep prepared data here")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moecore-prepare-bench-"))
@@ -137,7 +138,8 @@ def main() -> None:
             vocab = None if name == "bytes" else int(name.split("-")[1])
             prepare(["builtin"], folder, train_vocab=vocab, workers=2, log=io.StringIO())
             print(f"prepared {name} in {time.perf_counter() - t0:.0f} s (BPE training included)")
-    prepare_speed(work, folders["bpe-4096"] / "tokenizer.json", args.rounds)
+    if not args.skip_speed:
+        prepare_speed(work, folders["bpe-4096"] / "tokenizer.json", args.rounds)
     if not args.skip_train:
         equal_flops(work, folders, args.preset, args.budget_steps)
     if args.work is None:
