@@ -91,7 +91,7 @@ class Corpus:
 
 
 def _python_files(root: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
         found.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
