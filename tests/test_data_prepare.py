@@ -14,6 +14,7 @@ from corpora import write_prepared
 
 from moecore.cli import main
 from moecore.data import DataError, load_corpus, open_prepared
+from moecore.data import prepare as prepare_module
 from moecore.data.prepare import prepare
 from moecore.data.tokenizer import train_bpe
 
@@ -132,28 +133,42 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path):
     assert [decoder.decode(d) for d in docs] == texts + [t[:500] for t in texts]
 
 
-def test_prepare_resumes_keeping_finished_shards(tmp_path):
+def test_prepare_resumes_keeping_finished_shards(tmp_path, monkeypatch):
     (tmp_path / "in").mkdir()
     for i, text in enumerate(stdlib_texts("[g-i]*.py", 8)):
         (tmp_path / "in" / f"{i}.txt").write_text(text, encoding="utf-8")
     quiet = io.StringIO()
-    out = tmp_path / "out"
-    full = prepare([str(tmp_path / "in")], out, shard_mb=0.005, log=quiet)
+    full = prepare([str(tmp_path / "in")], tmp_path / "ref", shard_mb=0.005, log=quiet)
     assert len(full["shards"]) >= 4
-    # An interruption: the index and the last shards never got written, a temporary file
-    # was left half-written.
-    (out / "index.json").unlink()
-    for name in ("shard_00002", "shard_00003"):
-        (out / f"{name}.json").unlink()
-    (out / "shard_00003.bin").write_bytes(b"partial")
-    (out / ".shard_00004.bin.tmp-999").write_bytes(b"junk")
+    # Interrupted (Ctrl-C) while tokenizing the third shard, which leaves its temporary file.
+    out = tmp_path / "out"
+    original = prepare_module.write_shard
+
+    def interrupted(job):
+        if job[1] == 2:
+            (out / ".shard_00002.bin.tmp-999").write_bytes(b"half")
+            raise KeyboardInterrupt
+        return original(job)
+
+    monkeypatch.setattr(prepare_module, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(tmp_path / "in")], out, shard_mb=0.005, log=quiet)
+    assert not (out / "index.json").exists()
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard_0000[01].*")}
-    again = prepare([str(tmp_path / "in")], out, shard_mb=0.005, log=quiet)
+    assert len(kept) == 6  # .bin, .docs.npy and .json of shards 0 and 1
+    monkeypatch.setattr(prepare_module, "write_shard", original)
+    log = io.StringIO()
+    again = prepare([str(tmp_path / "in")], out, shard_mb=0.005, log=log)
+    assert f"2 of {len(full['shards'])} shards already written" in log.getvalue()
     assert again == full
-    assert {
-        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard_0000[01].*")
-    } == kept
+    assert not list(out.glob(".*tmp*"))
+    now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard_0000[01].*")}
+    assert now == kept
     open_prepared(out)  # every checksum holds
+    # A finished shard damaged since is redone, not kept.
+    (out / "index.json").unlink()
+    (out / "shard_00001.bin").write_bytes(b"xx")
+    assert prepare([str(tmp_path / "in")], out, shard_mb=0.005, log=quiet) == full
     # Other inputs into the same folder: refused, naming the folder.
     (tmp_path / "in" / "new.txt").write_text("x")
     with pytest.raises(DataError, match="other inputs or settings"):

@@ -318,6 +318,8 @@ def prepare(
             metas[number] = meta
     if metas:
         log.write(f"resuming: {len(metas)} of {len(plan)} shards already written\n")
+    for stale in out.glob(".shard_*.tmp-*"):  # left by an interrupted run
+        stale.unlink()
     todo = [(str(out), n, plan[n], dtype.name) for n in range(len(plan)) if n not in metas]
     sizes = [sum(p.end - p.start for p in shard) for shard in plan]
     line = _ProgressLine(sum(sizes), len(plan), log)
