@@ -102,6 +102,7 @@ def equal_flops(work: Path, folders: dict[str, Path], preset: str, budget_steps:
             },
         )
         t0 = time.perf_counter()
+        shutil.rmtree(work / f"run-{name}", ignore_errors=True)  # a fresh run each time
         trainer = Trainer(config, work / f"run-{name}", out=io.StringIO())
         trainer.train()
         nats = trainer.evaluate()
