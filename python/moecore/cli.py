@@ -248,19 +248,60 @@ def _load_run(run: str) -> Any:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from moecore.data.tokenizer import run_tokenizer
     from moecore.train import CheckpointError, ConfigError
-    from moecore.train.generate import generate
+    from moecore.train.generate import generate, generate_ids
 
     if (problem := _missing_run(args.run)) is not None:
         return _fail(problem)
     try:
         model, _, _ = _load_run(args.run)
-        text = generate(
-            model, args.prompt.encode(), args.tokens, args.temperature, args.top_k, args.seed
-        )
+        # A run on prepared data keeps its tokenizer.json; otherwise tokens are bytes.
+        tok = run_tokenizer(Path(args.run))
+        if tok is None:
+            out = generate(
+                model, args.prompt.encode(), args.tokens, args.temperature, args.top_k, args.seed
+            )
+            text = out.decode("utf-8", errors="replace")
+        else:
+            ids = generate_ids(
+                model,
+                tok.encode(args.prompt),
+                args.tokens,
+                args.temperature,
+                args.top_k,
+                args.seed,
+            )
+            text = tok.decode(ids)
     except (CheckpointError, ConfigError, ValueError) as exc:
         return _fail(str(exc))
-    sys.stdout.write(args.prompt + text.decode("utf-8", errors="replace") + "\n")
+    sys.stdout.write(args.prompt + text + "\n")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from moecore.data import DataError
+    from moecore.data.prepare import prepare
+
+    try:
+        index = prepare(
+            args.inputs,
+            args.out,
+            tokenizer=args.tokenizer,
+            train_vocab=args.train_bpe,
+            eod=args.eod,
+            workers=args.workers,
+            shard_mb=args.shard_mb,
+        )
+    except DataError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot prepare {args.out}: {exc}")
+    print(
+        f"{args.out}: {index['tokens']:,} tokens ({index['dtype']}, vocab {index['vocab_size']:,}) "
+        f"in {len(index['shards'])} shard(s), {index['documents']:,} documents from "
+        f"{index['files']} file(s); train with --data {args.out}"
+    )
     return 0
 
 
@@ -276,6 +317,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.windows is None:
             loss = trainer.evaluate()
         else:
+            if len(trainer.data.corpora) > 1:
+                raise DataError("--windows scores one corpus; this run trains on a mixture")
             batches = eval_batches(trainer.corpus.tokens, args.windows, trainer.config.seq_len)
             loss = evaluate_windows(trainer.model, batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as exc:
@@ -283,7 +326,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     record = {"step": trainer.step, "val_loss": loss}
     if args.windows is not None:
         record["windows"] = args.windows
-    record["val_ppl_per_byte"] = float(2.718281828459045**loss)
+    corpus = trainer.corpus
+    if corpus.tokenizer is None:  # raw bytes: a token is a byte
+        record["val_ppl_per_byte"] = float(2.718281828459045**loss)
+    else:
+        record["val_ppl_per_token"] = float(2.718281828459045**loss)
+        if corpus.val_bytes and len(trainer.data.corpora) == 1 and args.windows is None:
+            nats_per_byte = loss * len(corpus.val) / corpus.val_bytes
+            record["val_bits_per_byte"] = nats_per_byte / 0.6931471805599453
     print(json.dumps(record))
     return 0
 
@@ -353,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR exactly"
     )
     train.add_argument(
-        "--data", help="a text file, a folder of text files, or a .bin/.npy of uint16 token ids"
+        "--data",
+        help="a `moecore prepare` folder, a mixture 0.7:DIR_A,0.3:DIR_B, a text file, a folder "
+        "of text files, or a .bin/.npy of uint16 token ids (default: the built-in corpus)",
     )
     train.add_argument("--vocab", type=positive_int, help="vocabulary size of .bin/.npy token data")
     dist = train.add_argument_group(
@@ -388,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (its newest checkpoint is used)",
     )
     gen.add_argument("--prompt", default="def ", help="text to continue")
-    gen.add_argument("--tokens", type=positive_int, default=200, help="bytes to generate")
+    gen.add_argument("--tokens", type=positive_int, default=200, help="tokens (bytes) to generate")
     gen.add_argument(
         "--temperature",
         type=non_negative_float,
@@ -400,6 +452,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
     gen.set_defaults(handler=_cmd_generate)
+
+    prep = sub.add_parser(
+        "prepare",
+        help="tokenize text files, folders and JSON Lines into token shards for --data",
+    )
+    prep.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="text files (one document each), folders of them, JSON Lines (.jsonl: one "
+        "document per line, its 'text' field), or 'builtin' (the built-in corpus)",
+    )
+    prep.add_argument("--out", required=True, metavar="DIR", help="folder of shards to write")
+    how = prep.add_mutually_exclusive_group()
+    how.add_argument(
+        "--tokenizer",
+        default="bytes",
+        metavar="SPEC",
+        help="a tokenizer.json (pip install 'moecore[data]') or 'bytes' (default)",
+    )
+    how.add_argument(
+        "--train-bpe",
+        type=positive_int,
+        metavar="N",
+        help="train a byte-level BPE of N ids on the inputs (pip install 'moecore[data]')",
+    )
+    prep.add_argument(
+        "--eod", metavar="TOKEN", help="end-of-document token of --tokenizer (default: found)"
+    )
+    prep.add_argument(
+        "--workers", type=positive_int, default=1, help="processes tokenizing shards (1)"
+    )
+    prep.add_argument(
+        "--shard-mb", type=positive_float, default=64.0, help="input MiB per shard (64)"
+    )
+    prep.set_defaults(handler=_cmd_prepare)
 
     ev = sub.add_parser("eval", help="validation loss of a run's newest checkpoint")
     ev.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory")

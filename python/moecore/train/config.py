@@ -12,6 +12,7 @@ from math import inf, isfinite
 from pathlib import Path
 from typing import Any
 
+from moecore.data.mixture import data_vocab_size, mixture_from_table, parse_data_spec
 from moecore.errors import ConfigError
 from moecore.models.config import ModelConfig
 from moecore.nn.init import INITS
@@ -58,9 +59,13 @@ class RunConfig(ModelConfig):
     spike_action: str = "skip"
     # keep freed activation/gradient pages mapped for the next step (glibc malloc tuning)
     keep_freed_memory: bool = True
-    # data
+    # data: "" (the built-in corpus), a text file or folder, a .bin/.npy of uint16 ids
+    # (needs vocab), a `moecore prepare` folder, or a mixture "0.7:DIR_A,0.3:DIR_B" (in TOML
+    # also a table of path = weight); vocab_size defaults to the prepared data's vocabulary
     data: str = ""
     vocab: int = 0
+    # check the SHA-256 of every prepared shard before training (reads each file once)
+    data_verify: bool = True
     # distributed (``mpiexec -n dp·ep moecore train --dp dp --ep ep``): data-parallel ranks,
     # expert-parallel ranks (the experts of each MoE layer split over ep ranks), gradient
     # compression ("none" or "topk:<ratio>"), and the communication scheduler's settings
@@ -160,6 +165,12 @@ def _coerce(key: str, value: Any, problems: list[str]) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+        if key == "data" and isinstance(value, dict):  # a mixture table of path = weight
+            try:
+                return mixture_from_table(value)
+            except ValueError as exc:
+                problems.append(f"data: {exc}")
+                return None
     problems.append(f"{key}: expected {kind.__name__}, got {value!r}")
     return None
 
@@ -257,6 +268,10 @@ def _check_values(c: RunConfig) -> list[str]:
             p.append(f"compress must be 'none' or 'topk:<ratio in (0, 1]>', got {c.compress!r}")
     if c.data.endswith((".bin", ".npy")) and c.vocab < 1:
         p.append(f"data {c.data} holds token ids: set vocab to the vocabulary size")
+    try:
+        parse_data_spec(c.data)
+    except ValueError as exc:
+        p.append(f"data {c.data!r}: {exc}")
     return p
 
 
@@ -315,8 +330,10 @@ def build_config(
             raise ConfigError([f"config file {file} is not valid TOML: {exc}"]) from None
         flat: dict[str, Any] = {}
         for key, value in loaded.items():
-            # Sections ([model], [train] …) are allowed for readability; keys stay flat.
-            if isinstance(value, dict):
+            if key == "data" and isinstance(value, dict) and not set(value) & set(_TYPES):
+                flat["data"] = value  # [data] of path = weight: a mixture, not a section
+            elif isinstance(value, dict):
+                # Sections ([model], [train] …) are allowed for readability; keys stay flat.
                 flat.update(value)
             else:
                 flat[key] = value
@@ -331,6 +348,12 @@ def build_config(
             coerced = _coerce(key, value, problems)
             if coerced is not None:
                 values[key] = coerced
+    chosen = {key for _, entries in layers for key in entries}
+    if "vocab_size" not in chosen and values.get("data"):
+        # Prepared data says its vocabulary; the model takes it unless told otherwise.
+        vocab = data_vocab_size(str(values["data"]))
+        if vocab is not None:
+            values["vocab_size"] = vocab
     config = RunConfig(**values)
     problems.extend(_check_values(config))
     if problems:

@@ -17,7 +17,7 @@ import numpy as np
 import moecore
 from moecore import nn, optim
 from moecore.autograd.random import get_rng_state, set_rng_state
-from moecore.data import Corpus, load_corpus, train_batch, val_batches
+from moecore.data import Corpus, Mixture, as_mixture, load_data
 from moecore.distributed import Group, HierarchicalGroup, MPIGroup, SingleProcess, init
 from moecore.distributed.agreement import check_ranks_agree
 from moecore.models import ModelConfig, MoETransformer
@@ -114,7 +114,7 @@ class Trainer:
     Args:
         config: the run configuration (validated).
         run_dir: where metrics and checkpoints go (created).
-        corpus: the data; loaded from ``config.data`` when None.
+        corpus: the data (a corpus or a mixture); loaded from ``config.data`` when None.
         out: where progress goes (a terminal gets one live line).
     """
 
@@ -122,7 +122,7 @@ class Trainer:
         self,
         config: RunConfig,
         run_dir: Path,
-        corpus: Corpus | None = None,
+        corpus: Corpus | Mixture | None = None,
         out: TextIO | None = None,
         group: Group | None = None,
     ) -> None:
@@ -140,14 +140,21 @@ class Trainer:
             raise ConfigError([problem])
         # Only rank 0 shows progress and writes files.
         self.out = (out or sys.stdout) if self.group.is_root else open(os.devnull, "w")
-        self.corpus = (
-            corpus if corpus is not None else load_corpus(config.data or None, config.vocab or None)
+        self.data = (
+            as_mixture(corpus)
+            if corpus is not None
+            else load_data(config.data, config.vocab or None, config.data_verify)
         )
-        if self.corpus.vocab_size > config.vocab_size:
-            raise ValueError(
-                f"the data has vocabulary {self.corpus.vocab_size} but vocab_size is {config.vocab_size}"
+        #: The first (usually only) source of the data.
+        self.corpus = self.data.corpora[0]
+        if self.data.vocab_size > config.vocab_size:
+            raise ConfigError(
+                [
+                    f"vocab_size ({config.vocab_size}) is smaller than the data's vocabulary "
+                    f"({self.data.vocab_size}): drop the setting or raise it"
+                ]
             )
-        self.corpus.check_length(config.seq_len)
+        self.data.check_length(config.seq_len)
         self.model = build_model(config)
         # Expert parallel: each MoE layer keeps this rank's experts; then gradient averaging.
         self.layout = Layout(self.group, config.ep)
@@ -171,13 +178,18 @@ class Trainer:
         )
         self.step = 0
         self._metrics_offset: int | None = None
-        self._val = val_batches(
-            self.corpus.val, config.seq_len, config.batch_size, config.eval_batches
-        )
+        self._val = self.data.val_batches(config.seq_len, config.batch_size, config.eval_batches)
         self.last_val: float | None = None
         self.stop = StopRequest()
         #: Set by :meth:`resume`: the checkpoint used and the damaged ones skipped.
         self.resumed_from: ResumeReport | None = None
+
+    def _save_tokenizer(self) -> None:
+        """A copy of the data's ``tokenizer.json`` in the run, for ``moecore generate``."""
+        source = self.corpus.folder
+        if source is not None and (self.data.tokenizer or {}).get("kind") == "tokenizers":
+            copy = self.run_dir / "tokenizer.json"
+            copy.write_bytes((source / "tokenizer.json").read_bytes())
 
     def _data_parallel(self, warmup_steps: int) -> None:
         self.layout.data_parallel(
@@ -282,7 +294,7 @@ class Trainer:
             "rng": get_rng_state(),
             "metrics_offset": metrics.offset,
             "last_val": self.last_val,
-            "corpus": {"name": self.corpus.name, "sha256": self.corpus.digest},
+            "corpus": {"name": self.data.name, "sha256": self.data.digest},
             "moecore_version": moecore.__version__,
         }
         return checkpoint.save(
@@ -315,11 +327,11 @@ class Trainer:
         g = self.group
         rows = cfg.batch_size // g.size
         for micro in range(accum):
-            x, y = train_batch(
-                self.corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, self.step, micro
+            # Data parallel: each rank reads only its rows of the same global batch.
+            mine = slice(g.rank * rows, (g.rank + 1) * rows)
+            x, y = self.data.train_batch(
+                cfg.seq_len, cfg.batch_size, cfg.seed, self.step, micro, rows=mine
             )
-            # Data parallel: each rank takes its rows of the same global batch.
-            x, y = x[g.rank * rows : (g.rank + 1) * rows], y[g.rank * rows : (g.rank + 1) * rows]
             loss = self.model(x, y)
             total_loss += loss.item() / accum
             sync = g.size == 1 or micro == accum - 1
@@ -383,8 +395,9 @@ class Trainer:
         )
         if self.group.is_root:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            self._save_tokenizer()
         if self.step == 0:
-            progress.message(f"data   {self.corpus.describe()}")
+            progress.message(f"data   {self.data.describe()}")
             progress.message(
                 f"model  {self.layout.num_parameters(self.model):,} parameters, {cfg.n_layers} layers, "
                 f"{cfg.n_experts} experts top-{cfg.top_k}; run dir {self.run_dir}"
