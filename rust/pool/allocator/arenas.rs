@@ -58,3 +58,56 @@ impl Pool {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::tests::{check, MIB};
+    use crate::pool::*;
+
+    #[test]
+    fn arenas_are_carved_and_never_freed_by_the_pool() {
+        let mut p = Pool::new(Box::new(ArenasOnly), None);
+        assert!(matches!(
+            p.malloc(512, 0),
+            Err(PoolError::BackingExhausted { .. })
+        ));
+        let base = 0x1000_0000 + 100; // unaligned on purpose
+        p.register_arena(base, 4 * MIB).unwrap();
+        let snap = p.snapshot();
+        assert_eq!(snap[0].address, 0x1000_0000 + 512);
+        assert_eq!(snap[0].size, 4 * MIB - 512);
+        assert_eq!(snap[0].kind, SegmentKind::Arena);
+        assert_eq!(
+            p.register_arena(0x1000_0000 + MIB, MIB),
+            Err(PoolError::ArenaOverlap {
+                base: 0x1000_0000 + MIB,
+                size: MIB
+            })
+        );
+        assert!(matches!(
+            p.register_arena(0x2000_0000 + 1, 600),
+            Err(PoolError::ArenaTooSmall { .. })
+        ));
+        // Small and large requests both come from the arena.
+        let a = p.malloc(1000, 0).unwrap();
+        let b = p.malloc(2 * MIB, 0).unwrap();
+        assert!(a >= 0x1000_0000 && b + 2 * MIB <= base + 4 * MIB);
+        assert!(p.malloc(2 * MIB, 0).is_err());
+        check(&p);
+        assert_eq!(p.empty_cache(), 0);
+        assert_eq!(
+            p.unregister_arena(base),
+            Err(PoolError::ArenaInUse { base, live: 2 })
+        );
+        p.free(a).unwrap();
+        p.free(b).unwrap();
+        assert_eq!(p.empty_cache(), 0, "arenas are not the pool's to free");
+        p.unregister_arena(base).unwrap();
+        assert_eq!(
+            p.unregister_arena(base),
+            Err(PoolError::UnknownArena { base })
+        );
+        assert_eq!(p.stats().reserved_bytes.all().current, 0);
+        check(&p);
+    }
+}

@@ -160,3 +160,135 @@ impl Pool {
         PoolError::NotBlockStart { address }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::tests::{check, sim, KIB, MIB};
+    use crate::pool::*;
+
+    #[test]
+    fn the_free_cache_returns_a_freed_block_to_its_stream_and_counts_it_as_free() {
+        let mut p = sim();
+        let a = p.malloc(4 * KIB, 1).unwrap();
+        let guard = p.malloc(512, 1).unwrap();
+        p.free(a).unwrap();
+        check(&p);
+        // Free for every statistic: not allocated, not active, an inactive split block
+        // (as are the remainder before it: 2 MiB - 4.5 KiB, and nothing else).
+        let st = p.stats().clone();
+        assert_eq!(st.allocated_bytes.all().current, 512);
+        assert_eq!(st.active_bytes.all().current, 512);
+        assert_eq!(st.inactive_split.all().current, 2);
+        assert_eq!(
+            st.inactive_split_bytes.all().current,
+            (2 * MIB - 512) as u64
+        );
+        let snap = p.snapshot();
+        let blk = snap[0].blocks.iter().find(|b| b.cached).unwrap();
+        assert_eq!(snap[0].address + blk.offset, a);
+        assert_eq!(
+            (blk.size, blk.state, blk.stream, blk.requested),
+            (4 * KIB, BlockState::Free, Some(1), 0)
+        );
+        // Not merged, not in the index: other sizes do not get it ...
+        let other = p.malloc(2 * KIB, 1).unwrap();
+        assert!(other + 2 * KIB <= a || other >= a + 4 * KIB);
+        // ... and a double free or `record_stream` of it is still refused.
+        assert_eq!(p.free(a), Err(PoolError::DoubleFree { address: a }));
+        assert_eq!(
+            p.record_stream(a, 3),
+            Err(PoolError::DoubleFree { address: a })
+        );
+        // The same size on the same stream takes it back.
+        assert_eq!(p.malloc(4000, 1).unwrap(), a);
+        assert_eq!(p.requested_size(a), Some(4000));
+        check(&p);
+        p.free(a).unwrap();
+        p.free(other).unwrap();
+        // Flushing frees them for real: `other` merges with the free remainder before it.
+        assert_eq!(p.snapshot()[0].blocks.len(), 4);
+        // (Layout, downwards: remainder, other, guard, a.)
+        p.flush_caches();
+        check(&p);
+        assert_eq!(p.snapshot()[0].blocks.len(), 3);
+        // Stream 2 cannot use stream 1's segment: it grows, and growing flushes first.
+        p.free(guard).unwrap();
+        assert_ne!(p.malloc(4 * KIB, 2).unwrap(), a);
+        assert!(p
+            .snapshot()
+            .iter()
+            .all(|s| s.blocks.iter().all(|b| !b.cached)));
+        check(&p);
+    }
+
+    #[test]
+    fn cached_blocks_never_make_the_pool_grow() {
+        // Four 512 KiB blocks fill one small segment; freed, they sit in the cache. A 1 MiB
+        // request fits only once they are merged: the pool flushes instead of growing.
+        let mut p = sim();
+        let xs: Vec<usize> = (0..4).map(|_| p.malloc(512 * KIB, 0).unwrap()).collect();
+        assert_eq!(p.stats().segment.all().current, 1);
+        for &x in &xs {
+            p.free(x).unwrap();
+        }
+        check(&p);
+        let y = p.malloc(MIB, 0).unwrap();
+        check(&p);
+        assert_eq!(p.stats().segment.all().current, 1);
+        assert_eq!(p.stats().num_device_alloc, 1);
+        p.free(y).unwrap();
+        // synchronize() and empty_cache() flush too: everything is given back.
+        p.synchronize();
+        assert!(p.snapshot()[0].blocks.iter().all(|b| !b.cached));
+        assert_eq!(p.empty_cache(), 2 * MIB);
+        check(&p);
+    }
+
+    #[test]
+    fn misuse_is_an_error_never_undefined_behaviour() {
+        let mut p = sim();
+        assert_eq!(p.malloc(0, 0), Err(PoolError::ZeroSize));
+        assert!(matches!(
+            p.malloc(usize::MAX - 10, 0),
+            Err(PoolError::SizeOverflow { .. })
+        ));
+        assert_eq!(
+            p.malloc(8, RESERVED_STREAM),
+            Err(PoolError::ReservedStream {
+                stream: RESERVED_STREAM
+            })
+        );
+        assert_eq!(
+            p.malloc_aligned(8, 48, 0),
+            Err(PoolError::AlignmentNotPowerOfTwo { alignment: 48 })
+        );
+        assert_eq!(
+            p.malloc_aligned(8, 4096, 0),
+            Err(PoolError::AlignmentTooLarge {
+                alignment: 4096,
+                max: 512
+            })
+        );
+        let a = p.malloc_aligned(8, 256, 0).unwrap();
+        let b = p.malloc(4096, 0).unwrap();
+        assert_eq!(
+            p.free(12345),
+            Err(PoolError::ForeignAddress { address: 12345 })
+        );
+        assert_eq!(
+            p.free(b + 512),
+            Err(PoolError::NotBlockStart { address: b + 512 })
+        );
+        p.free(a).unwrap();
+        assert_eq!(p.free(a), Err(PoolError::DoubleFree { address: a }));
+        // `b` merges with the free `a` before it and the free tail after it; a second free of
+        // `b` points into that merged free block and is still recognised.
+        p.free(b).unwrap();
+        assert_eq!(p.free(b), Err(PoolError::DoubleFree { address: b }));
+        let h = p.malloc_handle(100, 0).unwrap();
+        assert_eq!(p.free(h), Err(PoolError::OwnedByArray { address: h }));
+        p.free_handle(h).unwrap();
+        assert!(p.record_stream(h, 3).is_err());
+        check(&p);
+    }
+}

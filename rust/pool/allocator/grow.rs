@@ -74,3 +74,64 @@ impl Pool {
         Ok(b)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::tests::{check, MIB};
+    use crate::pool::*;
+
+    #[test]
+    fn the_limit_raises_an_oom_naming_request_allocated_reserved_and_limit() {
+        let mut p = Pool::new(Box::new(Simulated::new()), Some((8 * MIB) as u64));
+        let a = p.malloc(6 * MIB, 0).unwrap();
+        let err = p.malloc(3 * MIB, 0).unwrap_err();
+        assert_eq!(
+            err,
+            PoolError::LimitExceeded {
+                requested: 3 * MIB,
+                allocated: (6 * MIB) as u64,
+                reserved: (6 * MIB) as u64,
+                limit: (8 * MIB) as u64,
+            }
+        );
+        let msg = err.to_string();
+        for n in ["3145728", "6291456", "8388608"] {
+            assert!(msg.contains(n), "{msg}");
+        }
+        assert_eq!(p.stats().num_ooms, 1);
+        // A cached segment is released and the request retried before failing.
+        p.free(a).unwrap();
+        let policy = Policy {
+            cache_ratio: f64::INFINITY,
+            large_fit_slack: f64::INFINITY,
+        };
+        let mut q = Pool::with_policy(Box::new(Simulated::new()), Some((8 * MIB) as u64), policy);
+        let a = q.malloc(6 * MIB, 0).unwrap();
+        q.free(a).unwrap();
+        q.malloc(9 * MIB, 0).unwrap_err(); // 10 MiB segment: over the limit even after release
+        assert_eq!(q.stats().num_alloc_retries, 1);
+        assert_eq!(q.stats().reserved_bytes.all().current, 0);
+        let b = q.malloc(5 * MIB, 0).unwrap();
+        check(&q);
+        q.free(b).unwrap();
+    }
+
+    #[test]
+    fn a_backing_that_runs_out_is_an_oom_after_one_retry() {
+        let policy = Policy {
+            cache_ratio: f64::INFINITY,
+            large_fit_slack: 0.0,
+        };
+        let mut p = Pool::with_policy(Box::new(Simulated::with_budget(8 * MIB)), None, policy);
+        let a = p.malloc(6 * MIB, 0).unwrap();
+        let err = p.malloc(4 * MIB, 0).unwrap_err();
+        assert!(matches!(err, PoolError::BackingExhausted { segment, .. } if segment == 4 * MIB));
+        p.free(a).unwrap();
+        // The cached 6 MiB segment is given back, then the 4 MiB one fits the budget.
+        let b = p.malloc(4 * MIB, 0).unwrap();
+        assert_eq!(p.stats().num_alloc_retries, 1);
+        assert_eq!(p.stats().num_ooms, 1);
+        check(&p);
+        p.free(b).unwrap();
+    }
+}

@@ -211,3 +211,102 @@ impl Pool {
         addr
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::tests::{check, sim, KIB, MIB};
+    use crate::pool::*;
+
+    #[test]
+    fn requests_round_to_512_and_small_ones_share_a_2mib_segment() {
+        let mut p = sim();
+        let a = p.malloc(1, 0).unwrap();
+        let b = p.malloc(513, 0).unwrap();
+        let c = p.malloc(MIB, 0).unwrap();
+        check(&p);
+        let snap = p.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].size, 2 * MIB);
+        assert_eq!(snap[0].kind, SegmentKind::Small);
+        // Requests are carved from the end of the free space, so they go downwards.
+        assert_eq!(a - b, 1024);
+        assert_eq!(b - c, MIB);
+        assert_eq!(a + 512, snap[0].address + snap[0].size);
+        assert_eq!(
+            p.stats().allocated_bytes.all().current,
+            (512 + 1024 + MIB) as u64
+        );
+        assert_eq!(
+            p.stats().requested_bytes.all().current,
+            (1 + 513 + MIB) as u64
+        );
+        for x in [a, b, c] {
+            p.free(x).unwrap();
+        }
+        check(&p);
+        // The freed blocks wait in the stream's free cache, free but not merged yet.
+        let cached = |p: &Pool| p.snapshot()[0].blocks.iter().filter(|b| b.cached).count();
+        assert_eq!(cached(&p), 3);
+        p.flush_caches();
+        check(&p);
+        assert_eq!(cached(&p), 0);
+        assert_eq!(p.snapshot()[0].blocks.len(), 1, "everything merged back");
+    }
+
+    #[test]
+    fn large_requests_get_their_own_segment_rounded_to_2mib() {
+        let mut p = sim();
+        let a = p.malloc(MIB + 1, 0).unwrap();
+        let b = p.malloc(5 * MIB, 0).unwrap();
+        check(&p);
+        let snap = p.snapshot();
+        assert_eq!(snap.len(), 2);
+        assert!(snap.iter().all(|s| s.kind == SegmentKind::Large));
+        assert_eq!(snap[0].size, 2 * MIB);
+        assert_eq!(snap[1].size, 6 * MIB);
+        // The 1 MiB + 512 request keeps its whole segment: a remainder of ≤ 1 MiB is not split.
+        assert_eq!(snap[0].blocks.len(), 1);
+        assert_eq!(
+            p.stats().allocated_bytes.all().current,
+            (2 * MIB + 6 * MIB) as u64
+        );
+        // Likewise 5 MiB in a 6 MiB segment; 9 MiB in a 10 MiB one.
+        assert_eq!(snap[1].blocks.len(), 1);
+        let c = p.malloc(9 * MIB, 0).unwrap();
+        assert_eq!(p.snapshot()[2].size, 10 * MIB);
+        for x in [a, b, c] {
+            p.free(x).unwrap();
+        }
+        check(&p);
+    }
+
+    #[test]
+    fn best_fit_picks_the_smallest_hole_and_frees_coalesce() {
+        let mut p = sim();
+        // Carve one small segment into blocks of 8, 2, 4, 2, 16 KiB with guards between holes.
+        let sizes = [8 * KIB, 2 * KIB, 4 * KIB, 2 * KIB, 16 * KIB, 2 * KIB];
+        let addrs: Vec<usize> = sizes.iter().map(|&s| p.malloc(s, 0).unwrap()).collect();
+        // Free the 8, 4 and 16 KiB blocks: holes of 8, 4, 16 KiB separated by live 2 KiB guards.
+        for i in [0, 2, 4] {
+            p.free(addrs[i]).unwrap();
+        }
+        // Out of the free cache, into the index (where best fit looks).
+        p.flush_caches();
+        check(&p);
+        // A 3 KiB request must land in the 4 KiB hole, a 6 KiB one in the 8 KiB hole.
+        let x = p.malloc(3 * KIB, 0).unwrap();
+        assert!(addrs[2] <= x && x + 3 * KIB <= addrs[2] + 4 * KIB);
+        let y = p.malloc(6 * KIB, 0).unwrap();
+        assert!(addrs[0] <= y && y + 6 * KIB <= addrs[0] + 8 * KIB);
+        check(&p);
+        // Freeing the guards merges everything around them.
+        for a in [x, y, addrs[1], addrs[3], addrs[5]] {
+            p.free(a).unwrap();
+        }
+        p.flush_caches();
+        check(&p);
+        let snap = p.snapshot();
+        assert_eq!(snap[0].blocks.len(), 1);
+        assert_eq!(p.stats().inactive_split_bytes.all().current, 0);
+    }
+}

@@ -242,3 +242,44 @@ impl Drop for Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{sim, KIB, MIB};
+    use crate::pool::*;
+
+    #[test]
+    fn host_blocks_are_real_aligned_disjoint_memory() {
+        let mut p = Pool::host(None);
+        let sizes = [512, 1000, 4096, 100_000, 3 * MIB];
+        let addrs: Vec<usize> = sizes.iter().map(|&s| p.malloc(s, 0).unwrap()).collect();
+        for (k, (&a, &s)) in addrs.iter().zip(&sizes).enumerate() {
+            assert_eq!(a % 512, 0);
+            // SAFETY: `a` is a live block of at least `s` bytes of host memory from this pool.
+            unsafe { std::ptr::write_bytes(a as *mut u8, k as u8 + 1, s) };
+        }
+        for (k, (&a, &s)) in addrs.iter().zip(&sizes).enumerate() {
+            // SAFETY: as above; nothing else wrote to these blocks, so each must still hold its
+            // own fill byte if no two blocks overlap.
+            let bytes = unsafe { std::slice::from_raw_parts(a as *const u8, s) };
+            assert!(bytes.iter().all(|&x| x == k as u8 + 1));
+        }
+        for a in addrs {
+            p.free(a).unwrap();
+        }
+    }
+
+    #[test]
+    fn reset_peak_stats_brings_peaks_down_to_current() {
+        let mut p = sim();
+        let a = p.malloc(5 * MIB, 0).unwrap();
+        let b = p.malloc(KIB, 0).unwrap();
+        p.free(a).unwrap();
+        assert_eq!(p.stats().allocated_bytes.all().peak, (6 * MIB + KIB) as u64);
+        p.reset_peak_stats();
+        assert_eq!(p.stats().allocated_bytes.all().peak, KIB as u64);
+        assert_eq!(p.stats().allocation.all().allocated, 2);
+        assert_eq!(p.stats().allocation.all().freed, 1);
+        p.free(b).unwrap();
+    }
+}

@@ -168,3 +168,32 @@ impl Pool {
         self.counts.iter().any(|c| c.wholly_free_segments > 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::tests::{check, MIB};
+    use crate::pool::*;
+
+    #[test]
+    fn empty_cache_releases_wholly_free_segments_only() {
+        let mut p = Pool::host(None);
+        let a = p.malloc(100, 0).unwrap();
+        let b = p.malloc(10 * MIB, 0).unwrap();
+        let c = p.malloc(3 * MIB, 0).unwrap();
+        p.free(b).unwrap();
+        check(&p);
+        assert_eq!(p.empty_cache(), 10 * MIB);
+        assert_eq!(
+            p.stats().reserved_bytes.all().current,
+            (2 * MIB + 4 * MIB) as u64
+        );
+        p.free(a).unwrap();
+        p.free(c).unwrap();
+        p.empty_cache();
+        check(&p);
+        assert_eq!(p.stats().reserved_bytes.all().current, 0);
+        assert_eq!(p.stats().num_device_alloc, 3);
+        assert_eq!(p.stats().num_device_free, 3);
+        assert_eq!(p.stats().reserved_bytes.all().peak, (16 * MIB) as u64);
+    }
+}

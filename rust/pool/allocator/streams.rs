@@ -118,3 +118,59 @@ impl Pool {
         slot
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::tests::{check, sim, KIB};
+    use crate::pool::*;
+
+    #[test]
+    fn a_freed_block_is_reused_only_by_its_stream_until_synchronize() {
+        let mut p = sim();
+        let a = p.malloc(4 * KIB, 1).unwrap();
+        let guard = p.malloc(4 * KIB, 1).unwrap();
+        p.free(a).unwrap();
+        check(&p);
+        // Stream 2 must not get stream 1's freed block.
+        let b = p.malloc(4 * KIB, 2).unwrap();
+        assert_ne!(b, a);
+        check(&p);
+        // Stream 1 gets it back.
+        let c = p.malloc(4 * KIB, 1).unwrap();
+        assert_eq!(c, a);
+        p.free(c).unwrap();
+        p.synchronize();
+        check(&p);
+        // After synchronize, any stream may reuse it.
+        let d = p.malloc(4 * KIB, 2).unwrap();
+        assert_eq!(d, a);
+        assert_eq!(p.stats().num_sync_all_streams, 1);
+        for x in [b, d, guard] {
+            p.free(x).unwrap();
+        }
+        check(&p);
+    }
+
+    #[test]
+    fn record_stream_keeps_a_block_pending_until_synchronize() {
+        let mut p = sim();
+        let a = p.malloc(4 * KIB, 1).unwrap();
+        p.record_stream(a, 7).unwrap();
+        p.free(a).unwrap();
+        check(&p);
+        assert_eq!(p.stats().allocated_bytes.all().current, 0);
+        assert_eq!(p.stats().active_bytes.all().current, (4 * KIB) as u64);
+        // Not reusable, not even by its own stream, and not freeable twice.
+        let b = p.malloc(4 * KIB, 1).unwrap();
+        assert_ne!(b, a);
+        assert_eq!(p.free(a), Err(PoolError::DoubleFree { address: a }));
+        p.synchronize();
+        check(&p);
+        assert_eq!(p.stats().active_bytes.all().current, (4 * KIB) as u64);
+        assert_eq!(p.malloc(4 * KIB, 3).unwrap(), a);
+        // Recording the block's own stream changes nothing.
+        p.record_stream(b, 1).unwrap();
+        p.free(b).unwrap();
+        assert_eq!(p.malloc(4 * KIB, 1).unwrap(), b);
+    }
+}
