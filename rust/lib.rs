@@ -14,3 +14,6 @@ pub mod sparse;
 
 #[cfg(feature = "python")]
 mod py;
+
+#[cfg(test)]
+mod module_cycles;

@@ -2,8 +2,8 @@
 //! fused into the selecting pass, then encoding, then the sent entries' residuals.
 
 use super::codec::{encode_checked, Encoding, Rounding, ValueFormat};
-use super::pieces::{Grad, Pieces};
-use super::scan::{Selection, Sweep};
+use super::pieces::Pieces;
+use super::scan::{Grad, Selection, Sweep};
 use super::select::{select_sweep, Method};
 use super::CompressError;
 use rayon::prelude::*;

@@ -3,8 +3,6 @@
 //! cost a pass of reads and writes over the whole bucket per step (stores to lines not in
 //! cache also read them), which is a visible share of a compressed step on a busy core.
 
-use super::scan::first_nonfinite;
-
 /// Pieces with their start offsets in the concatenation.
 pub struct Pieces<'a> {
     parts: &'a [&'a [f32]],
@@ -62,55 +60,6 @@ impl<'a> Pieces<'a> {
     }
 }
 
-/// The gradient of an accumulating sweep: one slice, or pieces read in place.
-#[derive(Clone, Copy)]
-pub(crate) enum Grad<'a> {
-    Flat(&'a [f32]),
-    Pieces(&'a Pieces<'a>),
-}
-
-impl Grad<'_> {
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Grad::Flat(x) => x.len(),
-            Grad::Pieces(p) => p.len(),
-        }
-    }
-
-    pub(crate) fn get(&self, i: usize) -> Option<f32> {
-        match self {
-            Grad::Flat(x) => x.get(i).copied(),
-            Grad::Pieces(p) => (i < p.len()).then(|| p.at(i)),
-        }
-    }
-
-    /// [`Pieces::for_range`] for either kind.
-    pub(crate) fn for_range(&self, lo: usize, hi: usize, mut f: impl FnMut(&[f32], usize) -> bool) {
-        match self {
-            Grad::Flat(x) => {
-                if lo < hi {
-                    f(&x[lo..hi], lo);
-                }
-            }
-            Grad::Pieces(p) => p.for_range(lo, hi, f),
-        }
-    }
-
-    pub(crate) fn first_nonfinite(&self) -> Option<usize> {
-        match self {
-            Grad::Flat(x) => first_nonfinite(x),
-            Grad::Pieces(p) => {
-                let mut found = None;
-                p.for_range(0, p.len(), |run, start| {
-                    found = first_nonfinite(run).map(|i| start + i);
-                    found.is_none()
-                });
-                found
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,15 +92,5 @@ mod tests {
             false
         });
         assert_eq!(calls, 1);
-    }
-
-    #[test]
-    fn first_nonfinite_is_a_global_index() {
-        let (a, b) = ([1.0f32; 40], [1.0f32, 2.0, f32::NAN, f32::INFINITY]);
-        let parts: [&[f32]; 2] = [&a, &b];
-        let p = Pieces::new(&parts);
-        assert_eq!(Grad::Pieces(&p).first_nonfinite(), Some(42));
-        assert_eq!(Grad::Pieces(&p).get(41), Some(2.0));
-        assert_eq!(Grad::Pieces(&p).get(44), None);
     }
 }

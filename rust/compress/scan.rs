@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rayon::prelude::*;
 
 use super::collect::{collect_run, Level};
-use super::pieces::Grad;
+use super::pieces::Pieces;
 use super::rng::mix64;
 
 /// Magnitude keys at or above this are NaN or ±inf.
@@ -28,6 +28,55 @@ const SAMPLE_RUN: usize = 128;
 #[inline(always)]
 pub(crate) fn key(x: f32) -> i32 {
     (x.to_bits() & 0x7fff_ffff) as i32
+}
+
+/// The gradient of an accumulating sweep: one slice, or pieces read in place.
+#[derive(Clone, Copy)]
+pub(crate) enum Grad<'a> {
+    Flat(&'a [f32]),
+    Pieces(&'a Pieces<'a>),
+}
+
+impl Grad<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Grad::Flat(x) => x.len(),
+            Grad::Pieces(p) => p.len(),
+        }
+    }
+
+    pub(crate) fn get(&self, i: usize) -> Option<f32> {
+        match self {
+            Grad::Flat(x) => x.get(i).copied(),
+            Grad::Pieces(p) => (i < p.len()).then(|| p.at(i)),
+        }
+    }
+
+    /// [`Pieces::for_range`] for either kind.
+    pub(crate) fn for_range(&self, lo: usize, hi: usize, mut f: impl FnMut(&[f32], usize) -> bool) {
+        match self {
+            Grad::Flat(x) => {
+                if lo < hi {
+                    f(&x[lo..hi], lo);
+                }
+            }
+            Grad::Pieces(p) => p.for_range(lo, hi, f),
+        }
+    }
+
+    pub(crate) fn first_nonfinite(&self) -> Option<usize> {
+        match self {
+            Grad::Flat(x) => first_nonfinite(x),
+            Grad::Pieces(p) => {
+                let mut found = None;
+                p.for_range(0, p.len(), |run, start| {
+                    found = first_nonfinite(run).map(|i| start + i);
+                    found.is_none()
+                });
+                found
+            }
+        }
+    }
 }
 
 /// What a sweep reads and, with error feedback, updates in place.
@@ -585,5 +634,20 @@ fn fill_sample<F: Fn(usize) -> f32 + Sync>(
             .with_min_len(TASK / span)
             .enumerate()
             .for_each(|(b, dst)| fill(b, dst));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_nonfinite_is_a_global_index() {
+        let (a, b) = ([1.0f32; 40], [1.0f32, 2.0, f32::NAN, f32::INFINITY]);
+        let parts: [&[f32]; 2] = [&a, &b];
+        let p = Pieces::new(&parts);
+        assert_eq!(Grad::Pieces(&p).first_nonfinite(), Some(42));
+        assert_eq!(Grad::Pieces(&p).get(41), Some(2.0));
+        assert_eq!(Grad::Pieces(&p).get(44), None);
     }
 }

@@ -38,20 +38,20 @@ pub mod large_block_cache;
 pub mod pluggable;
 mod replay;
 mod size;
-mod snapshot;
 mod stats;
 mod tlsf;
 
 #[cfg(test)]
 mod tests;
 
-pub use allocator::{Policy, Pool, SegmentKind, RESERVED_STREAM};
+pub use allocator::segment::SegmentKind;
+pub use allocator::snapshot::{BlockInfo, SegmentInfo};
+pub use allocator::{Policy, Pool, RESERVED_STREAM};
 pub use backing::{ArenasOnly, Backing, HostBacking, Simulated};
 pub use block::BlockState;
 pub use error::PoolError;
 pub use replay::{random_trace, replay, replay_on, ReplayReport, SplitMix64, TraceEvent};
 pub use size::{GRANULE, SEGMENT_ROUND, SMALL_MAX};
-pub use snapshot::{BlockInfo, SegmentInfo};
 pub use stats::{Stat, StatArray, StatPool, Stats};
 
 /// The free-block index and its block type, public only for `benches/pool.rs`, which

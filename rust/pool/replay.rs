@@ -175,3 +175,128 @@ pub fn random_trace(
     }
     events
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{sim, KIB, MIB};
+    use crate::pool::*;
+
+    #[test]
+    fn replay_reports_peaks_and_fragmentation() {
+        use TraceEvent::*;
+        let trace = [
+            Alloc {
+                id: 1,
+                size: 3 * MIB,
+                stream: 0,
+            },
+            Alloc {
+                id: 2,
+                size: 1000,
+                stream: 0,
+            },
+            Free { id: 1 },
+            Alloc {
+                id: 1,
+                size: 3 * MIB,
+                stream: 0,
+            },
+            Free { id: 1 },
+            Free { id: 2 },
+        ];
+        let r = replay(&trace).unwrap();
+        assert_eq!((r.allocs, r.frees), (3, 3));
+        assert_eq!(r.peak_allocated, (4 * MIB + 1024) as u64);
+        assert_eq!(r.peak_requested, (3 * MIB + 1000) as u64);
+        assert_eq!(r.peak_reserved, (6 * MIB) as u64);
+        assert_eq!(r.segments_obtained, 2);
+        assert_eq!(r.final_allocated, 0);
+        let f = r.fragmentation.unwrap();
+        assert!((f - 6.0 / (4.0 + 1.0 / 1024.0)).abs() < 1e-12);
+        assert_eq!(replay(&[]).unwrap().fragmentation, None);
+    }
+
+    #[test]
+    fn bad_traces_are_clear_errors() {
+        use TraceEvent::*;
+        assert_eq!(
+            replay(&[Free { id: 3 }]),
+            Err(PoolError::TraceUnknownId { index: 0, id: 3 })
+        );
+        let dup = [
+            Alloc {
+                id: 1,
+                size: 10,
+                stream: 0,
+            },
+            Alloc {
+                id: 1,
+                size: 10,
+                stream: 0,
+            },
+        ];
+        assert_eq!(
+            replay(&dup),
+            Err(PoolError::TraceDuplicateId { index: 1, id: 1 })
+        );
+        let zero = [Alloc {
+            id: 1,
+            size: 0,
+            stream: 0,
+        }];
+        let err = replay(&zero).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "trace event 0 failed: size must be positive, got 0 bytes"
+        );
+        // A failed replay leaves the pool with nothing allocated.
+        let mut p = sim();
+        let bad = [
+            Alloc {
+                id: 1,
+                size: 10,
+                stream: 0,
+            },
+            Free { id: 9 },
+        ];
+        assert!(replay_on(&mut p, &bad).is_err());
+        assert_eq!(p.stats().allocated_bytes.all().current, 0);
+    }
+
+    #[test]
+    fn random_trace_follows_the_rmm_workload() {
+        let t = random_trace(10_000, KIB, 64 * MIB, 16000 * MIB, 7);
+        let mut live = std::collections::HashMap::new();
+        let (mut allocs, mut max_live) = (0, 0usize);
+        let mut live_bytes = 0usize;
+        for ev in &t {
+            match *ev {
+                TraceEvent::Alloc { id, size, .. } => {
+                    assert!((KIB..=64 * MIB).contains(&size));
+                    assert!(live.insert(id, size).is_none());
+                    live_bytes += size;
+                    max_live = max_live.max(live_bytes);
+                    allocs += 1;
+                }
+                TraceEvent::Free { id } => live_bytes -= live.remove(&id).unwrap(),
+            }
+        }
+        assert_eq!(allocs, 10_000);
+        assert!(live.is_empty(), "the trace ends with everything freed");
+        assert!(
+            max_live < 16000 * MIB && max_live > 15000 * MIB,
+            "{max_live}"
+        );
+        assert_eq!(t, random_trace(10_000, KIB, 64 * MIB, 16000 * MIB, 7));
+    }
+
+    #[test]
+    fn the_random_trace_fragments_at_most_15_percent() {
+        for seed in 0..3 {
+            let t = random_trace(10_000, KIB, 64 * MIB, 16000 * MIB, seed);
+            let r = replay(&t).unwrap();
+            let f = r.fragmentation.unwrap();
+            assert!(f <= 1.15, "seed {seed}: fragmentation {f}");
+        }
+    }
+}
