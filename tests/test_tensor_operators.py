@@ -128,7 +128,11 @@ def test_a_type_checker_sees_the_operators(tmp_path: Path, monkeypatch) -> None:
     api = pytest.importorskip("mypy.api", reason="mypy is not installed (pip install mypy)")
     snippet = tmp_path / "snippet.py"
     snippet.write_text(textwrap.dedent(MYPY_SNIPPET))
-    monkeypatch.setenv("MYPYPATH", str(Path(mc.__file__).parent.parent))  # this moecore
+    root = Path(mc.__file__).parent.parent
+    if root.name not in ("site-packages", "dist-packages"):
+        # A source tree on PYTHONPATH: point mypy at it. (An installed moecore is found in
+        # site-packages through its py.typed, and mypy refuses site-packages in MYPYPATH.)
+        monkeypatch.setenv("MYPYPATH", str(root))
     args = ["--follow-imports=silent", "--ignore-missing-imports", "--no-error-summary"]
     out, err, _ = api.run([*args, "--cache-dir", str(tmp_path / "cache"), str(snippet)])
     lines = out.splitlines()
