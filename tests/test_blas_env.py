@@ -86,3 +86,14 @@ def test_the_restart_is_skipped_when_opted_out_or_the_user_chose(env: dict[str, 
     facts = json.loads(_run("import numpy\n" + RESTART, OPENBLAS_NUM_THREADS="2", **env))
     assert facts["libs"] == [] and facts["at_import"] == []
     assert facts["before"] == facts["after"]
+
+
+def test_the_restart_is_skipped_while_another_thread_runs() -> None:
+    # The other thread could be inside a BLAS call: stopping the pool would lose its work.
+    code = (
+        "import threading, numpy\nstop = threading.Event()\n"
+        "t = threading.Thread(target=stop.wait); t.start()\n"
+        "from moecore import _blas_env\nprint(_blas_env.RESTARTED, _blas_env.restart_blas_threads())\n"
+        "stop.set(); t.join()"
+    )
+    assert _run(code, OPENBLAS_NUM_THREADS="2") == "[] []"

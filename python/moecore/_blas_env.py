@@ -12,9 +12,10 @@ order most code has: the MoE layer then ran 1.4–1.6× slower, ``benches/py/bla
 Then :func:`restart_blas_threads` hands the value to each OpenBLAS already loaded: it makes
 the library read its environment again (``openblas_read_env``) and stops its thread pool
 (``blas_thread_shutdown_``, what OpenBLAS itself does around ``fork``); the next BLAS call
-starts the pool again, same size, with the short timeout. Both are exported symbols of every
-OpenBLAS build numpy and scipy ship, not documented API: a library without them is left
-alone. ``MOECORE_BLAS_RESTART=0`` turns this off. The process environment is left as it was.
+starts the pool again, same size, with the short timeout. Both are exported, undocumented
+symbols (checked in the scipy-openblas 0.3.31 that numpy 2.4 ships): a library without them is
+left alone; so is every library while another Python thread runs (it might be inside a BLAS call).
+``MOECORE_BLAS_RESTART=0`` turns this off. The process environment is left as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 
 THREAD_TIMEOUT = "4"
 
@@ -52,10 +54,13 @@ def restart_blas_threads() -> list[str]:
     """Gives each loaded OpenBLAS the short thread timeout by re-reading its environment and
     restarting its thread pool (see the module docstring); returns the libraries restarted.
 
-    Call it while no other thread runs a BLAS call (moecore does so at import). Does nothing
-    when the user set ``OPENBLAS_THREAD_TIMEOUT`` or ``MOECORE_BLAS_RESTART=0``.
+    Stopping the pool under a BLAS call running in another thread would lose that call's
+    work, so nothing is done while another Python thread is alive; nor when the user set
+    ``OPENBLAS_THREAD_TIMEOUT`` or ``MOECORE_BLAS_RESTART=0``.
     """
     if os.environ.get(RESTART_ENV, "1").strip() == "0" or "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        return []
+    if threading.active_count() > 1:
         return []
     restarted = []
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = THREAD_TIMEOUT
