@@ -7,6 +7,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -97,8 +98,12 @@ def paired_times(
     one, the ratio its time / the base's time is taken per round, and the result gives the
     median of those ratios with its 95 % interval (:func:`median_interval`), next to each
     function's median time in seconds."""
-    samples = interleaved_samples(fns, rounds, warmup)
-    base = samples[next(iter(fns))]
+    return paired_stats(interleaved_samples(fns, rounds, warmup))
+
+
+def paired_stats(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """:func:`paired_times`'s result from per-round times (the first entry is the base)."""
+    base = samples[next(iter(samples))]
     out = {}
     for name, times in samples.items():
         ratios = [t / b for t, b in zip(times, base)]
@@ -137,6 +142,41 @@ def try_torch() -> Any:
         return torch
     except ImportError:
         return None
+
+
+class Worker:
+    """A benchmark's worker process (``python SCRIPT --worker KIND ARGV...``), spoken to line
+    by line: it prints one line when ready, then one JSON line per command it reads."""
+
+    def __init__(self, script: str, kind: str, argv: list[str], env: dict[str, str]) -> None:
+        self.kind = kind
+        self.proc = subprocess.Popen(
+            [sys.executable, script, "--worker", kind, *argv],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            raise RuntimeError(f"{kind} worker died while starting")
+
+    def ask(self, cmd: str) -> dict[str, Any]:
+        """Sends ``cmd``; returns the worker's JSON reply."""
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.kind} worker died at {cmd!r}")
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        """Tells the worker to quit and waits for it."""
+        if self.proc.stdin:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:

@@ -7,9 +7,13 @@ against ``torch.nn.functional.scaled_dot_product_attention``.
 
 Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_layer.py [--rounds=21]
 (torch from PyPI, for the benchmark only; without it the torch columns are skipped).
-The implementations run in turn, one call each per round, so that a slow phase of this noisy
-machine hits all of them alike; each table gives the median time and the median of the
-per-round ratios to moecore with a distribution-free 95 % interval.
+Each implementation runs in a worker process of its own, so torch's OpenMP threads cannot
+take the cores from moecore's inside one process; "moecore beside torch" is moecore's layer
+in a process that runs torch's faster layer right before each timed call (what a user who
+embeds moecore next to torch meets). The workers run in turn, one call each per round, so
+that a slow phase of this noisy machine hits all of them alike; each table gives the median
+time and the median of the per-round ratios to moecore with a distribution-free 95 %
+interval. Every worker's outputs and gradients are checked against moecore's first.
 ``--keep-freed-memory`` first tunes glibc's malloc as ``moecore train`` does
 (:func:`moecore.train.memory.keep_freed_memory`), for moecore and torch alike: without it
 each iteration pays page faults for the ~100 MB of buffers it frees and allocates again.
@@ -17,14 +21,20 @@ each iteration pays page faults for the ~100 MB of buffers it frees and allocate
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import blas_info, paired_times, table, try_torch, write_results
+from _common import Worker, blas_info, paired_stats, table, write_results
 
-import moecore as mc
 from moecore import ops
 
 T, D, E, K, H = 4096, 256, 8, 2, 512
@@ -126,83 +136,172 @@ def report(timings: dict[str, dict[str, float]]) -> str:
     return table(rows, ["implementation", "median ms", "time / moecore", "95% interval"])
 
 
+MOE_KINDS = [
+    "moecore ops.moe",
+    "moecore beside torch",
+    "torch per-expert loop",
+    "torch sort-gather-scatter",
+    "floor: the 6 expert GEMMs alone (numpy)",
+]
+ATT_KINDS = ["moecore ops.packed_attention", "torch sdpa (causal, same packing)"]
+
+
+def moe_inputs() -> list[np.ndarray]:
+    """x, router, w1, w2 and the output gradient, the same in every worker."""
+    rng = np.random.default_rng(0)
+    return [
+        rng.standard_normal((T, D)).astype(np.float32),
+        (rng.standard_normal((E, D)) / 16).astype(np.float32),
+        (rng.standard_normal((E, D, H)) / 16).astype(np.float32),
+        (rng.standard_normal((E, H, D)) / 22).astype(np.float32),
+        rng.standard_normal((T, D)).astype(np.float32),
+    ]
+
+
+def att_inputs() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [
+        rng.standard_normal((B, S, 3 * NH * HD)).astype(np.float32),
+        rng.standard_normal((B, S, NH * HD)).astype(np.float32),
+    ]
+
+
+def _numpy(t: Any) -> np.ndarray:
+    return np.asarray(t.detach().numpy() if hasattr(t, "detach") else t.data)
+
+
+def build(kind: str) -> tuple[Any, Any, Any]:
+    """The timed function of one worker, one to call untimed before it (or None), and one
+    returning its outputs then gradients."""
+    if kind.startswith("floor"):
+        *arrays, dy = moe_inputs()
+        return gemm_floor(*arrays, dy), None, lambda: []
+    torch = None
+    if "torch" in kind:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    if kind in ATT_KINDS:
+        qkv, g = att_inputs()
+        if torch is None:
+            import moecore as mc
+            from moecore import ops
+
+            q, attention = mc.Tensor(qkv, requires_grad=True), ops.packed_attention
+        else:
+            q, tg = torch.tensor(qkv, requires_grad=True), torch.tensor(g)
+
+            def attention(t: Any, heads: int) -> Any:
+                qq, k, v = t.view(B, S, 3, heads, HD).permute(2, 0, 3, 1, 4)
+                out = torch.nn.functional.scaled_dot_product_attention(qq, k, v, is_causal=True)
+                return out.transpose(1, 2).reshape(B, S, heads * HD)
+
+        state: dict[str, Any] = {}
+
+        def att() -> None:
+            q.grad = None
+            state["out"] = attention(q, NH)
+            state["out"].backward(g if torch is None else tg)
+
+        def att_outputs() -> list[np.ndarray]:
+            att()
+            return [_numpy(state["out"]), _numpy(q.grad)]
+
+        return att, None, att_outputs
+    *arrays, dy = moe_inputs()
+    if kind.startswith("moecore"):
+        import moecore as mc
+
+        params = [mc.Tensor(a, requires_grad=True) for a in arrays]
+        fn = moecore_layer(*params, dy)
+        before = None
+        if kind == "moecore beside torch":
+            assert torch is not None
+            tp = [torch.tensor(a, requires_grad=True) for a in arrays]
+            before = torch_layers(torch, *tp, torch.tensor(dy))[1]  # torch's faster layer
+        return fn, before, lambda: [_numpy(fn()), *(_numpy(p.grad) for p in params)]
+    assert torch is not None
+    tp = [torch.tensor(a, requires_grad=True) for a in arrays]
+    loop, grouped = torch_layers(torch, *tp, torch.tensor(dy))
+    fn = loop if "loop" in kind else grouped
+    return fn, None, lambda: [_numpy(fn()), *(_numpy(p.grad) for p in tp)]
+
+
+def worker(kind: str, out: str) -> None:
+    """Serves one implementation: saves its outputs to ``out``, says ready, then times one
+    call per ``run`` command (after the untimed ``before`` call, if the kind has one)."""
+    if "--keep-freed-memory" in sys.argv:
+        from moecore.train.memory import keep_freed_memory
+
+        keep_freed_memory()
+    fn, before, outputs = build(kind)
+    np.savez(out, *outputs())
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            return
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+
+
+def run_workers(
+    kinds: list[str], rounds: int, flags: list[str], warmup: int = 2
+) -> dict[str, dict[str, float]]:
+    """Starts one worker per kind, checks every worker's outputs against the first's, and
+    times ``rounds`` calls each, in turn, the order rotating from round to round."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = [
+            Worker(__file__, k, ["--out", str(Path(tmp) / f"{i}.npz"), *flags], dict(os.environ))
+            for i, k in enumerate(kinds)
+        ]
+        ref = np.load(Path(tmp) / "0.npz")
+        for i in range(1, len(workers)):
+            got = np.load(Path(tmp) / f"{i}.npz")
+            for j, name in enumerate(got.files):
+                rtol, atol = (2e-3, 2e-3) if j == 0 else (2e-2, 2e-3)
+                np.testing.assert_allclose(got[name], ref[name], rtol=rtol, atol=atol)
+        samples: dict[str, list[float]] = {w.kind: [] for w in workers}
+        for r in range(-warmup, rounds):
+            shift = r % len(workers)
+            for w in workers[shift:] + workers[:shift]:
+                seconds = w.ask("run")["seconds"]
+                if r >= 0:
+                    samples[w.kind].append(seconds)
+        for w in workers:
+            w.close()
+    return paired_stats(samples)
+
+
 def main() -> None:
+    if "--worker" in sys.argv:
+        at = sys.argv.index
+        worker(sys.argv[at("--worker") + 1], sys.argv[at("--out") + 1])
+        return
     rounds = 21
     for arg in sys.argv[1:]:
         if arg.startswith("--rounds="):
             rounds = int(arg.split("=", 1)[1])
-    if "--keep-freed-memory" in sys.argv[1:]:
-        from moecore.train.memory import keep_freed_memory
-
-        print(f"keep_freed_memory: {keep_freed_memory()}")
-    rng = np.random.default_rng(0)
-    xa = rng.standard_normal((T, D)).astype(np.float32)
-    ra = (rng.standard_normal((E, D)) / 16).astype(np.float32)
-    w1a = (rng.standard_normal((E, D, H)) / 16).astype(np.float32)
-    w2a = (rng.standard_normal((E, H, D)) / 22).astype(np.float32)
-    dya = rng.standard_normal((T, D)).astype(np.float32)
-    params = [mc.Tensor(a.copy(), requires_grad=True) for a in (xa, ra, w1a, w2a)]
-    ours = moecore_layer(*params, dya)
-    y_ours = ours().data.copy()
-    grads_ours = [p.grad.copy() for p in params]
-    result = {"blas": blas_info(), "moe": {}, "attention": {}}
-    moe_fns = {"moecore ops.moe": ours}
-    torch = try_torch()
-    if torch is not None:
-        torch.set_num_threads(2)
-        tp = [torch.tensor(a.copy(), requires_grad=True) for a in (xa, ra, w1a, w2a)]
-        loop, grouped = torch_layers(torch, *tp, torch.tensor(dya))
-        for name, fn in (("torch per-expert loop", loop), ("torch sort-gather-scatter", grouped)):
-            y = fn().detach().numpy()
-            np.testing.assert_allclose(y, y_ours, rtol=2e-3, atol=2e-3)
-            for g_ours, p in zip(grads_ours, tp):
-                np.testing.assert_allclose(p.grad.numpy(), g_ours, rtol=2e-2, atol=2e-3)
-            moe_fns[name] = fn
-    floor_name = "floor: the 6 expert GEMMs alone (numpy)"
-    moe_fns[floor_name] = gemm_floor(xa, ra, w1a, w2a, dya)
-    result["moe"] = paired_times(moe_fns, rounds)
-    print(f"BLAS: {result['blas']}")
+    flags = [a for a in sys.argv[1:] if a == "--keep-freed-memory"]
+    have_torch = importlib.util.find_spec("torch") is not None
+    moe_kinds = [k for k in MOE_KINDS if have_torch or "torch" not in k]
+    att_kinds = [k for k in ATT_KINDS if have_torch or "torch" not in k]
+    result = {"blas": blas_info(), "load_average": os.getloadavg()[0]}
+    result["moe"] = run_workers(moe_kinds, rounds, flags)
+    print(f"BLAS: {result['blas']}; load average {result['load_average']:.2f}")
     print(f"\nMoE layer fwd+bwd: T={T} d={D} E={E} k={K} hidden={H}; {rounds} paired rounds")
     print(report(result["moe"]))
     torch_ms = [t["median_s"] * 1e3 for n, t in result["moe"].items() if n.startswith("torch")]
     if torch_ms:
-        floor_ms = result["moe"][floor_name]["median_s"] * 1e3
+        floor_ms = result["moe"][MOE_KINDS[-1]]["median_s"] * 1e3
         print(
             f"1.5x the faster torch version is {min(torch_ms) / 1.5:.1f} ms; the six products "
             f"alone take {floor_ms:.1f} ms, leaving {min(torch_ms) / 1.5 - floor_ms:.1f} ms for "
             "routing, GELU, gathers, scatters and the aux loss"
         )
-
-    # Attention as a model runs it: from the packed q/k/v projection [B, T, 3·D] to [B, T, D].
-    qkv = rng.standard_normal((B, S, 3 * NH * HD)).astype(np.float32)
-    g = rng.standard_normal((B, S, NH * HD)).astype(np.float32)
-    qt = mc.Tensor(qkv.copy(), requires_grad=True)
-
-    def ours_att():
-        qt.grad = None
-        out = ops.packed_attention(qt, NH)
-        out.backward(g)
-        return out
-
-    out_ours = ours_att().data.copy()
-    grad_ours = qt.grad.copy()
-    att_fns = {"moecore ops.packed_attention": ours_att}
-    if torch is not None:
-        tq = torch.tensor(qkv.copy(), requires_grad=True)
-        tg = torch.tensor(g)
-
-        def torch_att():
-            tq.grad = None
-            q, k, v = tq.view(B, S, 3, NH, HD).permute(2, 0, 3, 1, 4)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            out = out.transpose(1, 2).reshape(B, S, NH * HD)
-            out.backward(tg)
-            return out
-
-        np.testing.assert_allclose(torch_att().detach().numpy(), out_ours, rtol=1e-3, atol=1e-4)
-        np.testing.assert_allclose(tq.grad.numpy(), grad_ours, rtol=1e-2, atol=1e-3)
-        att_fns["torch sdpa (causal, same packing)"] = torch_att
-    result["attention"] = paired_times(att_fns, rounds)
+    result["attention"] = run_workers(att_kinds, rounds, flags)
     print(
         f"\nattention fwd+bwd: batch {B}, heads {NH}, T {S}, head dim {HD}; {rounds} paired rounds"
     )

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import blas_info, table, write_results
+from _common import Worker, blas_info, table, write_results
 
 EVAL_AT = (100, 300, 600)
 
@@ -135,47 +134,17 @@ def torch_worker(args: argparse.Namespace) -> None:
 
 
 # -- driver ----------------------------------------------------------------------------------
-class Worker:
-    """A worker process spoken to line by line."""
-
-    def __init__(self, kind: str, argv: list[str], threads: int) -> None:
-        self.kind = kind
-        env = dict(os.environ)
-        for var in ("RAYON_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-            env[var] = str(threads)
-        if kind == "moecore":
-            # What `moecore train` gets by importing moecore before numpy (this script
-            # imports numpy first): OpenBLAS's idle threads sleep at once instead of
-            # spinning through the Rust kernels (moecore/_blas_env.py).
-            env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", kind, "--threads", str(threads), *argv],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.ask_ready()
-
-    def ask_ready(self) -> None:
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line:
-            raise RuntimeError(f"{self.kind} worker died while starting")
-
-    def ask(self, cmd: str) -> dict[str, Any]:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.kind} worker died at {cmd!r}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def start_worker(kind: str, argv: list[str], threads: int) -> Worker:
+    """A trainer worker process of ``kind`` on ``threads`` threads."""
+    env = dict(os.environ)
+    for var in ("RAYON_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        env[var] = str(threads)
+    if kind == "moecore":
+        # What `moecore train` gets by importing moecore before numpy (this script
+        # imports numpy first): OpenBLAS's idle threads sleep at once instead of
+        # spinning through the Rust kernels (moecore/_blas_env.py).
+        env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    return Worker(__file__, kind, ["--threads", str(threads), *argv], env)
 
 
 def dense_gemm_gflops(threads: int, n: int = 2048, repeat: int = 5) -> float:
@@ -232,8 +201,8 @@ def main() -> None:
         np.savez(init, **dict(build_model(cfg).state_dict()))
         passthrough = ["--preset", args.preset] + [f"--set={kv}" for kv in args.set]
         workers = [
-            Worker("moecore", passthrough, args.threads),
-            Worker("torch", [*passthrough, "--init", str(init)], args.threads),
+            start_worker("moecore", passthrough, args.threads),
+            start_worker("torch", [*passthrough, "--init", str(init)], args.threads),
         ]
         times: dict[str, list[float]] = {w.kind: [] for w in workers}
         cpu: dict[str, list[float]] = {w.kind: [] for w in workers}

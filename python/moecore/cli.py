@@ -98,7 +98,7 @@ def _fastest_cap(rows: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from moecore.info import collect  # lazy: keep `moecore --help` fast
+    from moecore.info import collect, format_kernel_level  # lazy: keep `moecore --help` fast
 
     facts = collect()
     if args.json:
@@ -109,6 +109,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("build profile", facts["build_profile"]),
         ("target", facts["target"]),
         ("CPU features", " ".join(facts["cpu_features"]) or "(none detected)"),
+        ("kernel level", format_kernel_level(facts["kernel_level"])),
         ("CPU cores", f"{facts['cpu_count']} (rayon threads {facts['rayon_threads']})"),
         ("python", facts["python"]),
         ("numpy", facts["numpy"]),

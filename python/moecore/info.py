@@ -17,6 +17,16 @@ import numpy as np
 
 from moecore._core import build_info
 
+# MOECORE_CPU_LEVEL caps moecore's own kernels; the `gemm` crate behind the MoE FFN, router
+# and attention products detects the CPU itself (no hook to cap it without patching it).
+GEMM_NOTE = "the gemm crate's GEMM still uses the CPU's widest"
+
+
+def format_kernel_level(level: dict[str, str]) -> str:
+    """One line for ``moecore info``: the level in force, where it came from, and what it
+    does not govern."""
+    return f"{level['level']} ({level['source']}; {level['note']})"
+
 
 def _cuda_version(v: int) -> str:
     """CUDA's integer version (12040) as text ("12.4")."""
@@ -79,6 +89,12 @@ def collect() -> dict[str, Any]:
         "build_profile": build["profile"],
         "target": f"{build['target_arch']}-{build['target_os']}",
         "cpu_features": list(build["cpu_features"]),
+        "kernel_level": {
+            "level": build["cpu_level"],
+            "native": build["cpu_level_native"],
+            "source": build["cpu_level_source"],
+            "note": GEMM_NOTE,
+        },
         "cpu_count": os.cpu_count(),
         "rayon_threads": build["rayon_threads"],
         "python": platform.python_version(),

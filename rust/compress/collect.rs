@@ -29,12 +29,13 @@ pub(crate) enum Level {
 }
 
 impl Level {
-    /// The best level this CPU supports (std caches the detection).
+    /// The best level this CPU supports and `MOECORE_CPU_LEVEL` allows (`crate::cpu::level`).
     pub(crate) fn detect() -> Level {
-        [Level::Avx512, Level::Avx2]
+        use crate::cpu::{allows, Level as Cpu};
+        [(Level::Avx512, Cpu::Avx512), (Level::Avx2, Cpu::Avx2)]
             .into_iter()
-            .find(|l| l.is_supported())
-            .unwrap_or(Level::Scalar)
+            .find(|&(l, cpu)| allows(cpu) && l.is_supported())
+            .map_or(Level::Scalar, |(l, _)| l)
     }
 
     /// Whether this CPU can run this level.

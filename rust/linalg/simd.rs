@@ -5,31 +5,12 @@
 //! a copy of it (the closure is inlined into a `#[target_feature]` function) for AVX-512 and
 //! for AVX2 + FMA, and picks one at run time. The loops stay ordinary safe Rust.
 
-/// The instruction sets [`vectorized`] chooses between.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Level {
-    Avx512,
-    Avx2,
-    Baseline,
-}
+/// The instruction sets [`vectorized`] chooses between (`crate::cpu` decides which runs).
+pub(crate) use crate::cpu::Level;
 
-/// The widest level this CPU supports (detection is cached by std).
+/// The level [`vectorized`] runs: the CPU's widest, capped by `MOECORE_CPU_LEVEL`.
 pub(crate) fn level() -> Level {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512dq")
-            && std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-        {
-            return Level::Avx512;
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return Level::Avx2;
-        }
-    }
-    Level::Baseline
+    crate::cpu::level()
 }
 
 /// `f()`, compiled for [`level()`]. Pass `f` as `#[inline(always)] || { … }`: `f` is called
@@ -41,12 +22,12 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// `f()` compiled for `level`, or for the baseline if this CPU lacks `level` (so tests can
-/// force every path on any machine).
+/// run every path the CPU has, whatever `MOECORE_CPU_LEVEL` says).
 #[inline(always)]
 pub(crate) fn vectorized_at<R>(level: Level, f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        let have = self::level();
+        let have = crate::cpu::native_level();
         match level {
             // SAFETY: `have` is what the CPU supports; these functions are only entered when
             // it includes every feature they enable.

@@ -65,6 +65,7 @@ mod _core {
 
     #[pymodule_init]
     fn init(_m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        super::info::check_cpu_level_from_env()?;
         super::kernel_memory::configure_from_env()
     }
 }

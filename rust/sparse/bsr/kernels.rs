@@ -340,8 +340,19 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best instruction set this CPU supports (detected at run time, cached by std).
+    /// The instruction set the kernels run: the best this CPU supports, capped by
+    /// `MOECORE_CPU_LEVEL` (`crate::cpu::level`).
     pub fn detect() -> Isa {
+        let best = Isa::native();
+        match crate::cpu::level() {
+            crate::cpu::Level::Avx512 => best,
+            crate::cpu::Level::Avx2 if best != Isa::Scalar => Isa::Avx2,
+            _ => Isa::Scalar,
+        }
+    }
+
+    /// The best instruction set this CPU supports (detected at run time, cached by std).
+    fn native() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx512f") {
@@ -354,9 +365,10 @@ impl Isa {
         Isa::Scalar
     }
 
-    /// Every instruction set this CPU can run, best first (for tests and benchmarks).
+    /// Every instruction set this CPU can run, best first, whatever `MOECORE_CPU_LEVEL` says
+    /// (for tests and benchmarks).
     pub fn available() -> Vec<Isa> {
-        let best = Isa::detect();
+        let best = Isa::native();
         [Isa::Avx512, Isa::Avx2, Isa::Scalar]
             .into_iter()
             .filter(|isa| match best {
@@ -460,7 +472,7 @@ pub(crate) fn sddmm_kernel(isa: Isa, block: usize) -> SddmmKernel {
 pub(crate) fn transpose_block(src: &[f32], dst: &mut [f32], b: usize) {
     assert!(b.is_multiple_of(8) && src.len() >= b * b && dst.len() >= b * b);
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx") {
+    if crate::cpu::allows(crate::cpu::Level::Avx2) && std::is_x86_feature_detected!("avx") {
         // SAFETY: AVX is present (checked above) and both slices hold b² floats (asserted).
         unsafe { x86_ops::transpose_block_avx(src.as_ptr(), dst.as_mut_ptr(), b) };
         return;
