@@ -6,6 +6,8 @@ sort-gather-scatter "grouped" version. Attention: 4 heads, T = 256, batch 16, ca
 against ``torch.nn.functional.scaled_dot_product_attention``.
 
 Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_layer.py [--rounds=21]
+[--baseline=OTHER/python] (the last adds the moecore layers of another tree, imported from
+OTHER/python with its extension built or copied there: a before/after in one run)
 (torch from PyPI, for the benchmark only; without it the torch columns are skipped).
 Each implementation runs in a worker process of its own, so torch's OpenMP threads cannot
 take the cores from moecore's inside one process; "moecore beside torch" is moecore's layer
@@ -144,6 +146,8 @@ MOE_KINDS = [
     "floor: the 6 expert GEMMs alone (numpy)",
 ]
 ATT_KINDS = ["moecore ops.packed_attention", "torch sdpa (causal, same packing)"]
+#: Suffix of the kinds run from the ``--baseline`` tree (same code path, other moecore).
+BASELINE = " (baseline tree)"
 
 
 def moe_inputs() -> list[np.ndarray]:
@@ -230,6 +234,7 @@ def build(kind: str) -> tuple[Any, Any, Any]:
 def worker(kind: str, out: str) -> None:
     """Serves one implementation: saves its outputs to ``out``, says ready, then times one
     call per ``run`` command (after the untimed ``before`` call, if the kind has one)."""
+    kind = kind.removesuffix(BASELINE)  # the worker's PYTHONPATH chose the tree
     if "--keep-freed-memory" in sys.argv:
         from moecore.train.memory import keep_freed_memory
 
@@ -247,14 +252,28 @@ def worker(kind: str, out: str) -> None:
         print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
 
 
+def worker_env(kind: str, baseline: str | None) -> dict[str, str]:
+    """The environment of ``kind``'s worker: the baseline tree first on its path if it is one
+    of the baseline kinds."""
+    env = dict(os.environ)
+    if baseline and kind.endswith(BASELINE):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [baseline, env.get("PYTHONPATH")]))
+    return env
+
+
 def run_workers(
-    kinds: list[str], rounds: int, flags: list[str], warmup: int = 2
+    kinds: list[str], rounds: int, flags: list[str], warmup: int = 2, baseline: str | None = None
 ) -> dict[str, dict[str, float]]:
     """Starts one worker per kind, checks every worker's outputs against the first's, and
     times ``rounds`` calls each, in turn, the order rotating from round to round."""
     with tempfile.TemporaryDirectory() as tmp:
         workers = [
-            Worker(__file__, k, ["--out", str(Path(tmp) / f"{i}.npz"), *flags], dict(os.environ))
+            Worker(
+                __file__,
+                k,
+                ["--out", str(Path(tmp) / f"{i}.npz"), *flags],
+                worker_env(k, baseline),
+            )
             for i, k in enumerate(kinds)
         ]
         ref = np.load(Path(tmp) / "0.npz")
@@ -285,11 +304,17 @@ def main() -> None:
         if arg.startswith("--rounds="):
             rounds = int(arg.split("=", 1)[1])
     flags = [a for a in sys.argv[1:] if a == "--keep-freed-memory"]
+    baseline = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--baseline=")), None)
     have_torch = importlib.util.find_spec("torch") is not None
     moe_kinds = [k for k in MOE_KINDS if have_torch or "torch" not in k]
     att_kinds = [k for k in ATT_KINDS if have_torch or "torch" not in k]
-    result = {"blas": blas_info(), "load_average": os.getloadavg()[0]}
-    result["moe"] = run_workers(moe_kinds, rounds, flags)
+    if baseline:
+        moe_kinds.insert(1, MOE_KINDS[0] + BASELINE)
+        att_kinds.insert(1, ATT_KINDS[0] + BASELINE)
+    result: dict[str, Any] = {"blas": blas_info(), "load_average": os.getloadavg()[0]}
+    if baseline:
+        result["baseline"] = baseline
+    result["moe"] = run_workers(moe_kinds, rounds, flags, baseline=baseline)
     print(f"BLAS: {result['blas']}; load average {result['load_average']:.2f}")
     print(f"\nMoE layer fwd+bwd: T={T} d={D} E={E} k={K} hidden={H}; {rounds} paired rounds")
     print(report(result["moe"]))
@@ -301,7 +326,7 @@ def main() -> None:
             f"alone take {floor_ms:.1f} ms, leaving {min(torch_ms) / 1.5 - floor_ms:.1f} ms for "
             "routing, GELU, gathers, scatters and the aux loss"
         )
-    result["attention"] = run_workers(att_kinds, rounds, flags)
+    result["attention"] = run_workers(att_kinds, rounds, flags, baseline=baseline)
     print(
         f"\nattention fwd+bwd: batch {B}, heads {NH}, T {S}, head dim {HD}; {rounds} paired rounds"
     )
