@@ -61,3 +61,65 @@ def to_device(a: Any, device: str) -> Any:
     if device == "cpu":
         return a.get()
     return _cupy().asarray(a)
+
+
+# DLPack device types (dlpack.h's DLDeviceType) the doorway tells apart.
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+
+
+def _dlpack_device_type(obj: Any) -> int:
+    """The DLPack device type ``obj`` reports (CPU when it reports none)."""
+    device = getattr(obj, "__dlpack_device__", None)
+    return int(device()[0]) if device is not None else _DL_CPU
+
+
+def as_array(obj: Any, what: str, *, gpu: bool = False) -> Any:
+    """The runtime faces' one doorway for array arguments: ``obj`` as a numpy array (or, on
+    a GPU path, a CuPy array) sharing its memory, never a copy.
+
+    - numpy arrays come back as they are, CuPy arrays too when ``gpu`` (else
+      ``NotImplementedError``: the operation has no GPU path);
+    - any other DLPack exporter on the CPU (a PyTorch or JAX CPU tensor, a numpy array behind
+      another type) is viewed through ``numpy.from_dlpack``; a CUDA exporter (a torch CUDA
+      tensor) through ``cupy.from_dlpack`` when ``gpu``, else ``NotImplementedError``;
+    - an exporter that cannot be viewed (a torch tensor that requires grad, a dtype numpy
+      lacks such as bfloat16) is a ``TypeError`` naming ``what``;
+    - anything else comes back unchanged, for the caller's own check to name.
+
+    Dtype, layout and shape are not converted here: the caller checks them and refuses, naming
+    ``what``, what it cannot use in place (a non-contiguous view stays non-contiguous).
+    """
+    if isinstance(obj, np.ndarray):
+        return obj
+    if is_cupy_array(obj):
+        if gpu:
+            return obj
+        raise NotImplementedError(
+            f"{what} is a CuPy array: this operation has no GPU path; pass a numpy array "
+            "(cupy.asnumpy)"
+        )
+    if not hasattr(obj, "__dlpack__"):
+        return obj
+    kind = type(obj).__name__
+    try:
+        device = _dlpack_device_type(obj)
+    except Exception as exc:  # an exporter's own failure, reported with the argument's name
+        raise TypeError(f"{what}: {kind}.__dlpack_device__() failed: {exc}") from exc
+    if device in (_DL_CUDA, _DL_CUDA_MANAGED):
+        if not gpu:
+            raise NotImplementedError(
+                f"{what} is a CUDA {kind} (DLPack device {device}): this operation has no GPU "
+                "path; pass a CPU tensor or array"
+            )
+        xp, where = _cupy(), "the GPU (CuPy)"
+    elif device in (_DL_CPU, _DL_CUDA_HOST):
+        xp, where = np, "the CPU"
+    else:
+        raise TypeError(f"{what}: {kind} lives on DLPack device {device}, neither CPU nor CUDA")
+    try:
+        return xp.from_dlpack(obj)
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        raise TypeError(
+            f"{what}: could not view {kind} through DLPack on {where} without a copy "
+            f"(a tensor that requires grad needs .detach()): {exc}"
+        ) from exc

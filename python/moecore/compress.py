@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from moecore.backend import is_cupy_array
+from moecore.backend import as_array, is_cupy_array
 from moecore.errors import CorruptPayload
 from moecore.kernels import topk
 from moecore.kernels.registry import select
@@ -105,25 +105,13 @@ class Context:
 
 def _as_array(obj: Any, what: str) -> np.ndarray:
     """A numpy view of ``obj`` (numpy array or CPU DLPack exporter), never a copy."""
-    if isinstance(obj, np.ndarray):
-        return obj
-    if is_cupy_array(obj):
-        raise NotImplementedError(
-            f"{what} is a CuPy array: this operation has no GPU path; pass a numpy array "
-            "(cupy.asnumpy)"
+    arr = as_array(obj, what)
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(
+            f"{what} must be a numpy float32 array or a CPU object exporting DLPack, "
+            f"got {type(obj).__name__}"
         )
-    if hasattr(obj, "__dlpack__"):
-        try:
-            return np.from_dlpack(obj)
-        except (BufferError, RuntimeError, TypeError, ValueError) as exc:
-            raise TypeError(
-                f"{what}: could not view {type(obj).__name__} through DLPack on the CPU "
-                f"(only CPU exporters work; a tensor that requires grad needs .detach()): {exc}"
-            ) from exc
-    raise TypeError(
-        f"{what} must be a numpy float32 array or a CPU object exporting DLPack, "
-        f"got {type(obj).__name__}"
-    )
+    return arr
 
 
 def _as_float32(obj: Any, what: str, *, writable: bool = False) -> np.ndarray:
@@ -143,6 +131,7 @@ def _as_float32(obj: Any, what: str, *, writable: bool = False) -> np.ndarray:
 def _as_payload(obj: Any, what: str = "payload") -> np.ndarray:
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return np.frombuffer(obj, dtype=np.uint8)
+    obj = as_array(obj, what)  # e.g. a torch uint8 tensor from an all-gather
     if not isinstance(obj, np.ndarray):
         raise TypeError(f"{what} must be a numpy uint8 array or bytes, got {type(obj).__name__}")
     if obj.dtype != np.uint8 or obj.ndim != 1:
@@ -224,16 +213,18 @@ def decompress(
         CorruptPayload: the payload is damaged, foreign, or does not match ``ctx``/``out``.
     """
     p = _as_payload(payload)
-    if out is not None and is_cupy_array(out):
-        if ctx is not None and ctx.size != out.size:
-            raise ValueError(f"out has {out.size} elements, ctx describes {ctx.size}")
-        return _scatter_on_device([p], out, add=False, scale=1.0)
-    if out is not None:
-        dst = _as_float32(out, "out", writable=True)
+    dev = None if out is None else as_array(out, "out", gpu=True)
+    if dev is not None and is_cupy_array(dev):
+        if ctx is not None and ctx.size != dev.size:
+            raise ValueError(f"out has {dev.size} elements, ctx describes {ctx.size}")
+        _scatter_on_device([p], dev, add=False, scale=1.0)
+        return out
+    if dev is not None:
+        dst = _as_float32(dev, "out", writable=True)
         if ctx is not None and ctx.size != dst.size:
             raise ValueError(f"out has {dst.size} elements, ctx describes {ctx.size}")
         topk.decompress_into(p, dst.reshape(-1), add=False)
-        return dst if isinstance(out, np.ndarray) else out
+        return out
     if ctx is not None:
         return topk.decompress(p, ctx.size).reshape(ctx.shape)
     n = int(topk.header(p)["n"])
@@ -248,9 +239,11 @@ def decompress(
 def decompress_add(payload: Any, out: Any, scale: float = 1.0) -> Any:
     """``out += scale * dense(payload)`` in place (``out`` float32 of the payload's size);
     returns ``out``. Nothing is written unless the payload is valid."""
-    if is_cupy_array(out):
-        return _scatter_on_device([_as_payload(payload)], out, add=True, scale=scale)
-    dst = _as_float32(out, "out", writable=True)
+    dev = as_array(out, "out", gpu=True)
+    if is_cupy_array(dev):
+        _scatter_on_device([_as_payload(payload)], dev, add=True, scale=scale)
+        return out
+    dst = _as_float32(dev, "out", writable=True)
     topk.decompress_into(_as_payload(payload), dst.reshape(-1), add=True, scale=scale)
     return out
 
@@ -264,9 +257,11 @@ def decompress_sum(
     is done piecewise in cache). Every payload is validated before ``out`` is touched; the
     result does not depend on the number of threads. Returns ``out``."""
     ps = [_as_payload(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
-    if is_cupy_array(out):
-        return _scatter_on_device(ps, out, add=not overwrite, scale=scale)
-    dst = _as_float32(out, "out", writable=True)
+    dev = as_array(out, "out", gpu=True)
+    if is_cupy_array(dev):
+        _scatter_on_device(ps, dev, add=not overwrite, scale=scale)
+        return out
+    dst = _as_float32(dev, "out", writable=True)
     topk.decompress_sum(ps, dst.reshape(-1), scale=scale, overwrite=overwrite)
     return out
 
@@ -284,7 +279,8 @@ class _Decoding:
         self, payload: Any, out: Any, scale: float = 1.0, ctx: Context | None = None
     ) -> Any:
         """``out += scale * dense(payload)``; see :func:`moecore.compress.decompress_add`."""
-        size = out.size if is_cupy_array(out) else _as_float32(out, "out").size
+        dev = as_array(out, "out", gpu=True)
+        size = dev.size if is_cupy_array(dev) else _as_float32(dev, "out").size
         if ctx is not None and ctx.size != size:
             raise ValueError(f"out has {size} elements, ctx describes {ctx.size}")
         return decompress_add(payload, out, scale)
@@ -436,6 +432,7 @@ class TopK(_Decoding):
             ValueError: non-contiguous, NaN or inf in ``grad``, or ``name``'s shape changed.
             NotImplementedError: a CuPy gradient with momentum or non-f32 values.
         """
+        grad = as_array(grad, "grad", gpu=True)
         if is_cupy_array(grad):
             return self._compress_on_device(grad, name)
         arr = _as_float32(grad, "grad")
@@ -464,6 +461,7 @@ class TopK(_Decoding):
         with CuPy pieces, the pieces are concatenated first.
 
         Raises like :meth:`compress` (a bad piece is named by its position)."""
+        pieces = [as_array(p, f"pieces[{i}]", gpu=True) for i, p in enumerate(pieces)]
         if any(is_cupy_array(p) for p in pieces):
             xp = select("topk", "cuda", np.float32).xp()
             return self.compress(xp.concatenate([p.reshape(-1) for p in pieces]), name)

@@ -15,7 +15,8 @@ semantics (DeepSeek-V3 for the biased and group-limited routing).
 Conventions, for every function here:
 
 - Floating arrays are ``float32`` and index arrays ``int32``, C-contiguous, of the stated number
-  of dimensions. Nothing is converted or copied on the way in (wrong dtype, layout or shape is a
+  of dimensions: numpy arrays or any CPU DLPack exporter (a PyTorch or JAX CPU tensor), viewed
+  in place (:func:`moecore.backend.as_array`). Nothing is converted or copied on the way in (wrong dtype, layout or shape is a
   ``ValueError`` naming the argument, the expected and the actual value) and results are fresh
   numpy arrays that own memory allocated by the kernel (no copy on the way out either).
 - ``T`` tokens, ``E`` experts, ``k`` experts per token, ``R`` sorted rows. The *flat assignment
@@ -34,6 +35,7 @@ from typing import Literal
 import numpy as np
 
 from moecore import _core
+from moecore.backend import as_array
 
 __all__ = [
     "gelu_ffn",
@@ -107,10 +109,10 @@ def route(
         (renormalised if asked); ``probs`` ``[T, E]`` float32, the softmax or sigmoid.
     """
     return _core.moe_route(
-        logits,
+        as_array(logits, "logits"),
         _int("k", k),
         _score(score),
-        bias,
+        as_array(bias, "bias"),
         _opt_int("n_groups", n_groups),
         _opt_int("topk_groups", topk_groups),
         bool(normalize),
@@ -138,7 +140,13 @@ def route_backward(
         the softmax or sigmoid. Experts a token did not choose still get gradient through the
         softmax's denominator; under ``"sigmoid"`` they get 0.
     """
-    return _core.moe_route_backward(d_weights, expert_idx, probs, _score(score), bool(normalize))
+    return _core.moe_route_backward(
+        as_array(d_weights, "d_weights"),
+        as_array(expert_idx, "expert_idx"),
+        as_array(probs, "probs"),
+        _score(score),
+        bool(normalize),
+    )
 
 
 def permute(
@@ -173,11 +181,11 @@ def permute(
         experts' blocks.
     """
     return _core.moe_permute(
-        x,
-        expert_idx,
+        as_array(x, "x"),
+        as_array(expert_idx, "expert_idx"),
         _int("n_experts", n_experts),
         _opt_int("capacity", capacity),
-        weights,
+        as_array(weights, "weights"),
         _int("pad_to", pad_to),
     )
 
@@ -227,8 +235,11 @@ def unpermute(
     Returns:
         ``y`` ``[T, d]`` float32.
     """
+    weights = as_array(weights, "weights")
     t, kk = _tokens_and_k(weights, n_tokens, k)
-    return _core.moe_unpermute(y_sorted, order, weights, t, kk)
+    return _core.moe_unpermute(
+        as_array(y_sorted, "y_sorted"), as_array(order, "order"), weights, t, kk
+    )
 
 
 def permute_backward(dx_sorted: np.ndarray, order: np.ndarray, n_tokens: int, k: int) -> np.ndarray:
@@ -241,7 +252,12 @@ def permute_backward(dx_sorted: np.ndarray, order: np.ndarray, n_tokens: int, k:
     Returns:
         ``dx`` ``[n_tokens, d]`` float32.
     """
-    return _core.moe_permute_backward(dx_sorted, order, _int("n_tokens", n_tokens), _int("k", k))
+    return _core.moe_permute_backward(
+        as_array(dx_sorted, "dx_sorted"),
+        as_array(order, "order"),
+        _int("n_tokens", n_tokens),
+        _int("k", k),
+    )
 
 
 def unpermute_backward(
@@ -260,7 +276,12 @@ def unpermute_backward(
         ``t*k+j`` is ``weights[t, j] * dy[t]``, padding rows 0; ``d_weights`` ``[T, k]``
         float32, ``dy[t] . y_sorted[r]``, 0 for dropped assignments.
     """
-    return _core.moe_unpermute_backward(dy, y_sorted, order, weights)
+    return _core.moe_unpermute_backward(
+        as_array(dy, "dy"),
+        as_array(y_sorted, "y_sorted"),
+        as_array(order, "order"),
+        as_array(weights, "weights"),
+    )
 
 
 def grouped_matmul(x_sorted: np.ndarray, counts: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -275,7 +296,9 @@ def grouped_matmul(x_sorted: np.ndarray, counts: np.ndarray, w: np.ndarray) -> n
         ``[R, d_out]`` float32: rows of expert ``e`` times ``w[e]``. Experts with no rows cost
         nothing.
     """
-    return _core.moe_grouped_matmul(x_sorted, counts, w)
+    return _core.moe_grouped_matmul(
+        as_array(x_sorted, "x_sorted"), as_array(counts, "counts"), as_array(w, "w")
+    )
 
 
 def grouped_matmul_dx(dy: np.ndarray, counts: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -287,7 +310,9 @@ def grouped_matmul_dx(dy: np.ndarray, counts: np.ndarray, w: np.ndarray) -> np.n
     Returns:
         ``[R, d_in]`` float32: rows of expert ``e`` of ``dy`` times ``w[e].T``.
     """
-    return _core.moe_grouped_matmul_dx(dy, counts, w)
+    return _core.moe_grouped_matmul_dx(
+        as_array(dy, "dy"), as_array(counts, "counts"), as_array(w, "w")
+    )
 
 
 def grouped_matmul_dw(x_sorted: np.ndarray, dy: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -300,7 +325,9 @@ def grouped_matmul_dw(x_sorted: np.ndarray, dy: np.ndarray, counts: np.ndarray) 
         ``[E, d_in, d_out]`` float32: ``x_e.T @ dy_e`` per expert, zeros for experts with no
         rows.
     """
-    return _core.moe_grouped_matmul_dw(x_sorted, dy, counts)
+    return _core.moe_grouped_matmul_dw(
+        as_array(x_sorted, "x_sorted"), as_array(dy, "dy"), as_array(counts, "counts")
+    )
 
 
 def gelu_ffn(
@@ -322,7 +349,12 @@ def gelu_ffn(
         (``[R, hidden]``, what :func:`gelu_ffn_backward` needs) and ``y_sorted``
         ``[R, d_out]``.
     """
-    return _core.moe_gelu_ffn(x_sorted, counts, w1, w2)
+    return _core.moe_gelu_ffn(
+        as_array(x_sorted, "x_sorted"),
+        as_array(counts, "counts"),
+        as_array(w1, "w1"),
+        as_array(w2, "w2"),
+    )
 
 
 def gelu_ffn_backward(
@@ -345,7 +377,15 @@ def gelu_ffn_backward(
         ``(d_x_sorted, d_w1, d_w2)``: ``[R, d_in]``, ``[E, d_in, hidden]`` and
         ``[E, hidden, d_out]`` float32 (zeros for experts with no rows).
     """
-    return _core.moe_gelu_ffn_backward(x_sorted, counts, w1, w2, h, a, d_y_sorted)
+    return _core.moe_gelu_ffn_backward(
+        as_array(x_sorted, "x_sorted"),
+        as_array(counts, "counts"),
+        as_array(w1, "w1"),
+        as_array(w2, "w2"),
+        as_array(h, "h"),
+        as_array(a, "a"),
+        as_array(d_y_sorted, "d_y_sorted"),
+    )
 
 
 def router_logits(x: np.ndarray, router_w: np.ndarray) -> np.ndarray:
@@ -355,7 +395,7 @@ def router_logits(x: np.ndarray, router_w: np.ndarray) -> np.ndarray:
     Runs on rayon's threads rather than numpy's BLAS: OpenBLAS's worker threads keep
     spinning after a call and took the cores from the rayon kernels of the rest of the layer.
     """
-    return _core.moe_router_logits(x, router_w)
+    return _core.moe_router_logits(as_array(x, "x"), as_array(router_w, "router_w"))
 
 
 def router_backward(
@@ -364,4 +404,9 @@ def router_backward(
     """Backward of :func:`router_logits`: adds ``d_logits @ router_w`` to ``d_x`` in place
     (``[T, d]`` float32, C-contiguous and writable) and returns
     ``d_router_w = d_logits.T @ x`` (``[E, d]`` float32)."""
-    return _core.moe_router_backward(d_logits, x, router_w, d_x)
+    return _core.moe_router_backward(
+        as_array(d_logits, "d_logits"),
+        as_array(x, "x"),
+        as_array(router_w, "router_w"),
+        as_array(d_x, "d_x"),
+    )

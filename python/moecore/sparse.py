@@ -12,8 +12,10 @@ blocks cost nothing in the forward pass or either gradient:
 
 They run in Rust on every core (rayon) with the GIL released, with block micro-kernels for
 AVX-512 or AVX2 picked at run time (:func:`kernel_isa`), read their inputs in place and return
-new float32 arrays without copying. Inputs must be float32 and C-contiguous: anything else is a
-``ValueError`` naming the argument, not a silent conversion. Leading batch dimensions of ``x``
+new float32 arrays without copying. Inputs are numpy arrays or any DLPack exporter (a PyTorch
+CPU tensor is viewed in place; a CUDA one takes the GPU path, as a CuPy array does) and must be
+float32 and C-contiguous: anything else is a ``ValueError`` naming the argument, not a silent
+conversion. Leading batch dimensions of ``x``
 and ``dy`` are allowed (``[..., features]``) and kept in the result.
 
 Example::
@@ -34,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from moecore.backend import device_of, is_cupy_array
+from moecore.backend import as_array, device_of, is_cupy_array
 from moecore.kernels import bsr as bsr_kernels
 from moecore.kernels.registry import select
 
@@ -97,7 +99,8 @@ def _index_array(a: object, name: str) -> np.ndarray:
 
 def _float32_array(a: object, name: str, ndim: int | None = None) -> np.ndarray:
     """``a`` itself when it is a C-contiguous float32 ndarray (of ``ndim`` dimensions), else a
-    ValueError naming what is wrong."""
+    ValueError naming what is wrong (a CPU DLPack exporter is viewed in place first)."""
+    a = as_array(a, name)
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
     if a.dtype != np.float32:
@@ -308,6 +311,7 @@ def _check_matrix_operand(a: np.ndarray, name: str, width: int, what: str) -> No
 def _out_array(out: Any, shape: tuple[int, ...]) -> Any:
     """``out`` checked to be exactly ``shape`` (the result's shape), so a wrongly shaped
     ``out`` of the right size is refused rather than filled in the wrong layout."""
+    out = as_array(out, "out", gpu=True)
     if is_cupy_array(out):
         if out.dtype != np.float32 or tuple(out.shape) != shape:
             raise ValueError(f"out: expected float32 of shape {shape}, got {out.dtype} {out.shape}")
@@ -344,6 +348,8 @@ def bsr_linear(
         ``[..., out_features]`` float32: ``out`` when given, else a new array.
     """
     w = _check_matrix(w, "w")
+    x = as_array(x, "x", gpu=True)
+    bias = as_array(bias, "bias", gpu=True)
     shape = (*x.shape[:-1], w.shape[0])
     if not is_cupy_array(x):
         _check_matrix_operand(x, "x", w.shape[1], "in_features")
@@ -353,8 +359,9 @@ def bsr_linear(
                 raise ValueError(
                     f"bias: expected shape ({w.shape[0]},) (out_features), got {bias.shape}"
                 )
-    out = None if out is None else _out_array(out, shape)
-    return select("bsr", device_of(x), np.float32).linear(x, w, bias, out)
+    dst = None if out is None else _out_array(out, shape)
+    y = select("bsr", device_of(x), np.float32).linear(x, w, bias, dst)
+    return y if out is None else out
 
 
 def bsr_linear_dx(dy: np.ndarray, w: BsrMatrix, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -370,11 +377,13 @@ def bsr_linear_dx(dy: np.ndarray, w: BsrMatrix, *, out: np.ndarray | None = None
         ``[..., in_features]`` float32: ``out`` when given, else a new array.
     """
     w = _check_matrix(w, "w")
+    dy = as_array(dy, "dy", gpu=True)
     shape = (*dy.shape[:-1], w.shape[1])
     if not is_cupy_array(dy):
         _check_matrix_operand(dy, "dy", w.shape[0], "out_features")
-    out = None if out is None else _out_array(out, shape)
-    return select("bsr", device_of(dy), np.float32).linear_dx(dy, w, out)
+    dst = None if out is None else _out_array(out, shape)
+    dx = select("bsr", device_of(dy), np.float32).linear_dx(dy, w, dst)
+    return dx if out is None else out
 
 
 def bsr_linear_dw(
@@ -395,11 +404,13 @@ def bsr_linear_dw(
         ``[nnzb, B, B]`` float32, laid out like ``pattern.data``: ``out`` when given.
     """
     pattern = _check_matrix(pattern, "pattern")
+    dy, x = as_array(dy, "dy", gpu=True), as_array(x, "x", gpu=True)
     on_device = is_cupy_array(dy) or is_cupy_array(x)
     if not on_device:
         _check_matrix_operand(dy, "dy", pattern.shape[0], "out_features")
         _check_matrix_operand(x, "x", pattern.shape[1], "in_features")
     if dy.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"x: expected the leading shape of dy {dy.shape[:-1]}, got {x.shape[:-1]}")
-    out = None if out is None else _out_array(out, pattern.data.shape)
-    return select("bsr", "cuda" if on_device else "cpu", np.float32).linear_dw(dy, x, pattern, out)
+    dst = None if out is None else _out_array(out, pattern.data.shape)
+    dw = select("bsr", "cuda" if on_device else "cpu", np.float32).linear_dw(dy, x, pattern, dst)
+    return dw if out is None else out
