@@ -1,0 +1,32 @@
+"""moecore in PyTorch: the MoE layer and a block-sparse linear as ``torch.nn.Module`` s over
+moecore's kernels, and a DDP communication hook compressing gradients with moecore's top-k.
+
+Importing this module imports torch (which moecore never depends on)::
+
+    from moecore.integrations.torch import MoE, BlockSparseLinear, TopKHookState, topk_hook
+
+Tensors cross into moecore through DLPack without a copy (:func:`moecore.backend.as_array`),
+and moecore's results come back the same way. See docs/embedding.md.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch  # noqa: F401  (fails early, with the reason, when torch is missing)
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "moecore.integrations.torch needs PyTorch (pip install torch); moecore itself does not"
+    ) from exc
+
+from moecore.integrations.torch.ddp import TopKHookState, topk_hook
+from moecore.integrations.torch.moe import MoE, MoEFunction
+from moecore.integrations.torch.sparse import BlockSparseLinear, BsrLinearFunction
+
+__all__ = [
+    "BlockSparseLinear",
+    "BsrLinearFunction",
+    "MoE",
+    "MoEFunction",
+    "TopKHookState",
+    "topk_hook",
+]
