@@ -1,7 +1,8 @@
 """A ``torch.distributed`` DDP communication hook that sends each gradient bucket as
 moecore's top-k payload (error feedback, DGC warm-up) over an all-gather."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: DDP checks the hook's annotations at run time
+# (``bucket: dist.GradBucket``, returning ``torch.futures.Future[torch.Tensor]``).
 
 from dataclasses import dataclass, field
 from typing import Any
