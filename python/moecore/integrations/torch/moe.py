@@ -34,7 +34,7 @@ class MoEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         router_w: torch.Tensor,
@@ -43,9 +43,15 @@ class MoEFunction(torch.autograd.Function):
         options: dict[str, Any],
     ) -> torch.Tensor:
         state = Context(OpMoEFunction, ())
-        arrays = [to_array(t, n) for t, n in ((x, "x"), (router_w, "router_w"), (w1, "w1"))]
         y = OpMoEFunction.forward(
-            state, *arrays, to_array(w2, "w2"), None, None, **_op_options(options)
+            state,
+            to_array(x, "x"),
+            to_array(router_w, "router_w"),
+            to_array(w1, "w1"),
+            to_array(w2, "w2"),
+            None,
+            None,
+            **_op_options(options),
         )
         ctx.moe_state = state
         return to_tensor(y)

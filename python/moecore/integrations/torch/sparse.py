@@ -21,7 +21,7 @@ class BsrLinearFunction(torch.autograd.Function):
     blocks only (an SDDMM), never a dense weight gradient."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         values: torch.Tensor,
