@@ -27,9 +27,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "moecore.integrations.torch needs PyTorch (pip install torch); moecore itself does not"
     ) from exc
 
-from moecore.integrations.torch.ddp import TopKHookState, topk_hook
-from moecore.integrations.torch.moe import MoE, MoEFunction
-from moecore.integrations.torch.sparse import BlockSparseLinear, BsrLinearFunction
+# After the OpenMP setting and the torch check, on purpose (hence E402).
+from moecore.integrations.torch.ddp import TopKHookState, topk_hook  # noqa: E402
+from moecore.integrations.torch.moe import MoE, MoEFunction  # noqa: E402
+from moecore.integrations.torch.sparse import BlockSparseLinear, BsrLinearFunction  # noqa: E402
 
 __all__ = [
     "OPENMP_PASSIVE",
