@@ -12,7 +12,9 @@ Horovod and GRACE::
 
 **Inputs.** Gradients are numpy ``float32`` C-contiguous arrays of any shape, or any CPU
 object exporting DLPack (e.g. a PyTorch CPU tensor), used in place through
-``numpy.from_dlpack``. A wrong dtype raises ``TypeError``; a non-contiguous array, NaN or
+``numpy.from_dlpack`` (:func:`moecore.backend.as_array`, the doorway every runtime face
+shares; a CUDA exporter such as a torch CUDA tensor is taken as a CuPy array, below). Payloads
+may be DLPack uint8 tensors too (an all-gather's). A wrong dtype raises ``TypeError``; a non-contiguous array, NaN or
 ±inf in the gradient, or a bad argument raises ``ValueError``. After a NaN/inf gradient the
 state is as it was: momentum state exactly (checked before the update), an error-feedback
 residual up to float32 rounding (the single fused pass checks each block before adding it
