@@ -182,12 +182,6 @@ unsafe fn product(
         }
         return;
     }
-    if own_kernel(m, n, k) {
-        // SAFETY: as for gemm below (the asserts prove the spans, the contract the aliasing);
-        // `own_kernel` only says yes when the CPU has AVX2 and FMA.
-        unsafe { own_product((m, n, k), dst, dst_rs, lhs, rhs, threaded, accumulate) };
-        return;
-    }
     let stride = |s: usize| isize::try_from(s).expect("gemm: stride fits isize");
     // SAFETY: the three asserts above prove every element gemm touches (indices below
     // (m-1)·rs + (n-1)·cs and the like) lies inside its buffer; by the contract `dst` aliases
@@ -219,77 +213,6 @@ unsafe fn product(
                 gemm::Parallelism::None
             },
         );
-    }
-}
-
-/// Whether [`product`] runs moecore's AVX2 kernel (`sgemm_avx2`) rather than the `gemm`
-/// crate: on the AVX2 path, for products big enough that packing pays.
-fn own_kernel(m: usize, n: usize, k: usize) -> bool {
-    cfg!(target_arch = "x86_64")
-        && crate::cpu::level() == crate::cpu::Level::Avx2
-        && m >= 4
-        && n >= 8
-        && m.saturating_mul(n).saturating_mul(k) >= OWN_KERNEL_MIN_FLOPS
-}
-
-/// Multiply-adds below which a product stays with the `gemm` crate (0 in unit tests).
-const OWN_KERNEL_MIN_FLOPS: usize = if cfg!(test) { 0 } else { 16 * 16 * 16 };
-
-/// [`product`] through `sgemm_avx2`: on this thread, or with `threaded` cut by rows over
-/// rayon's threads.
-///
-/// # Safety
-/// As [`product`], with `k ≥ 1`, and the CPU must support AVX2 and FMA.
-#[allow(clippy::too_many_arguments)]
-unsafe fn own_product(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: Strided<'_>,
-    rhs: Strided<'_>,
-    threaded: bool,
-    accumulate: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::sgemm_avx2::sgemm;
-        let threads = if threaded {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
-        let blocks = threads
-            .min(m.saturating_mul(n).saturating_mul(k) >> 21)
-            .max(1);
-        if blocks <= 1 {
-            // SAFETY: the caller's contract is sgemm's.
-            unsafe { sgemm((m, n, k), dst, dst_rs, lhs, rhs, accumulate) };
-            return;
-        }
-        let rows = m.div_ceil(blocks).next_multiple_of(6);
-        let base = dst as usize;
-        rayon::scope(|s| {
-            for r0 in (0..m).step_by(rows) {
-                let len = rows.min(m - r0);
-                s.spawn(move |_| {
-                    let part = Strided {
-                        data: &lhs.data[r0 * lhs.rs..],
-                        ..lhs
-                    };
-                    // SAFETY: rows r0 .. r0 + len of the result, disjoint from every other
-                    // block's rows; the rest is the caller's contract.
-                    unsafe {
-                        let out = (base as *mut f32).add(r0 * dst_rs);
-                        sgemm((len, n, k), out, dst_rs, part, rhs, accumulate);
-                    }
-                });
-            }
-        });
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (m, n, k, dst, dst_rs, lhs, rhs, threaded, accumulate);
-        unreachable!("own_kernel is false off x86-64");
     }
 }
 

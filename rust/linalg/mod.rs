@@ -5,7 +5,5 @@
 pub(crate) mod buffers;
 pub(crate) mod fastmath;
 pub(crate) mod gemm;
-#[cfg(target_arch = "x86_64")]
-mod sgemm_avx2;
 pub(crate) mod simd;
 pub(crate) mod tiles;
