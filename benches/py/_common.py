@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -148,10 +149,17 @@ class Worker:
     """A benchmark's worker process (``python SCRIPT --worker KIND ARGV...``), spoken to line
     by line: it prints one line when ready, then one JSON line per command it reads."""
 
-    def __init__(self, script: str, kind: str, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        script: str,
+        kind: str,
+        argv: list[str],
+        env: dict[str, str],
+        python: str | None = None,
+    ) -> None:
         self.kind = kind
         self.proc = subprocess.Popen(
-            [sys.executable, script, "--worker", kind, *argv],
+            [python or sys.executable, script, "--worker", kind, *argv],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -195,3 +203,17 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def torch_python(python: str | None) -> str | None:
+    """The interpreter that runs the PyTorch workers: ``python`` (``--torch-python=PATH``: a
+    venv with torch, e.g. ``/work/venv-torch/bin/python``, so torch is imported only in its
+    workers) if it can import torch, else this interpreter if it can, else None (the caller
+    skips the torch contenders). Workers inherit ``PYTHONPATH``, so they find this moecore.
+    """
+    if python:
+        probe = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise SystemExit(f"--torch-python={python} cannot import torch:\n{probe.stderr}")
+        return python
+    return sys.executable if importlib.util.find_spec("torch") is not None else None

@@ -8,7 +8,10 @@ against ``torch.nn.functional.scaled_dot_product_attention``.
 Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_layer.py [--rounds=21]
 [--baseline=OTHER/python] (the last adds the moecore layers of another tree, imported from
 OTHER/python with its extension built or copied there: a before/after in one run)
-(torch from PyPI, for the benchmark only; without it the torch columns are skipped).
+[--torch-python=/work/venv-torch/bin/python] (torch from PyPI, for the benchmark only: the
+interpreter of another venv runs the torch workers, "moecore beside torch" included, so torch
+need not be installed beside moecore; without the option the torch workers use this
+interpreter if it has torch, and without torch the torch columns are skipped).
 Each implementation runs in a worker process of its own, so torch's OpenMP threads cannot
 take the cores from moecore's inside one process; "moecore beside torch" is moecore's layer
 in a process that runs torch's faster layer right before each timed call (what a user who
@@ -23,7 +26,6 @@ each iteration pays page faults for the ~100 MB of buffers it frees and allocate
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import Worker, blas_info, paired_stats, table, write_results
+from _common import Worker, blas_info, paired_stats, table, torch_python, write_results
 
 from moecore import ops
 
@@ -262,10 +264,16 @@ def worker_env(kind: str, baseline: str | None) -> dict[str, str]:
 
 
 def run_workers(
-    kinds: list[str], rounds: int, flags: list[str], warmup: int = 2, baseline: str | None = None
+    kinds: list[str],
+    rounds: int,
+    flags: list[str],
+    warmup: int = 2,
+    baseline: str | None = None,
+    torch_py: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Starts one worker per kind, checks every worker's outputs against the first's, and
-    times ``rounds`` calls each, in turn, the order rotating from round to round."""
+    """Starts one worker per kind (the kinds with torch under ``torch_py``), checks every
+    worker's outputs against the first's, and times ``rounds`` calls each, in turn, the order
+    rotating from round to round."""
     with tempfile.TemporaryDirectory() as tmp:
         workers = [
             Worker(
@@ -273,6 +281,7 @@ def run_workers(
                 k,
                 ["--out", str(Path(tmp) / f"{i}.npz"), *flags],
                 worker_env(k, baseline),
+                python=torch_py if "torch" in k else None,
             )
             for i, k in enumerate(kinds)
         ]
@@ -305,7 +314,10 @@ def main() -> None:
             rounds = int(arg.split("=", 1)[1])
     flags = [a for a in sys.argv[1:] if a == "--keep-freed-memory"]
     baseline = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--baseline=")), None)
-    have_torch = importlib.util.find_spec("torch") is not None
+    torch_py = torch_python(
+        next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--torch-python=")), None)
+    )
+    have_torch = torch_py is not None
     moe_kinds = [k for k in MOE_KINDS if have_torch or "torch" not in k]
     att_kinds = [k for k in ATT_KINDS if have_torch or "torch" not in k]
     if baseline:
@@ -314,7 +326,9 @@ def main() -> None:
     result: dict[str, Any] = {"blas": blas_info(), "load_average": os.getloadavg()[0]}
     if baseline:
         result["baseline"] = baseline
-    result["moe"] = run_workers(moe_kinds, rounds, flags, baseline=baseline)
+    if torch_py:
+        result["torch_python"] = torch_py
+    result["moe"] = run_workers(moe_kinds, rounds, flags, baseline=baseline, torch_py=torch_py)
     print(f"BLAS: {result['blas']}; load average {result['load_average']:.2f}")
     print(f"\nMoE layer fwd+bwd: T={T} d={D} E={E} k={K} hidden={H}; {rounds} paired rounds")
     print(report(result["moe"]))
@@ -326,7 +340,9 @@ def main() -> None:
             f"alone take {floor_ms:.1f} ms, leaving {min(torch_ms) / 1.5 - floor_ms:.1f} ms for "
             "routing, GELU, gathers, scatters and the aux loss"
         )
-    result["attention"] = run_workers(att_kinds, rounds, flags, baseline=baseline)
+    result["attention"] = run_workers(
+        att_kinds, rounds, flags, baseline=baseline, torch_py=torch_py
+    )
     print(
         f"\nattention fwd+bwd: batch {B}, heads {NH}, T {S}, head dim {HD}; {rounds} paired rounds"
     )

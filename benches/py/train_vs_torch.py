@@ -11,6 +11,8 @@ end-to-end wall time of each run.
 
 Run (torch from PyPI, for the benchmark only):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/train_vs_torch.py
+(``--torch-python=/work/venv-torch/bin/python`` runs the torch worker under another venv's
+interpreter, so torch need not be installed beside moecore.)
 Options: ``--steps`` (600), ``--preset`` (moe-small), ``--set key=value`` (repeatable).
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Worker, blas_info, table, write_results
+from _common import Worker, blas_info, table, torch_python, write_results
 
 EVAL_AT = (100, 300, 600)
 
@@ -134,8 +136,9 @@ def torch_worker(args: argparse.Namespace) -> None:
 
 
 # -- driver ----------------------------------------------------------------------------------
-def start_worker(kind: str, argv: list[str], threads: int) -> Worker:
-    """A trainer worker process of ``kind`` on ``threads`` threads."""
+def start_worker(kind: str, argv: list[str], threads: int, python: str | None = None) -> Worker:
+    """A trainer worker process of ``kind`` on ``threads`` threads, under ``python`` (default:
+    this interpreter)."""
     env = dict(os.environ)
     for var in ("RAYON_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         env[var] = str(threads)
@@ -144,7 +147,7 @@ def start_worker(kind: str, argv: list[str], threads: int) -> Worker:
         # imports numpy first): OpenBLAS's idle threads sleep at once instead of
         # spinning through the Rust kernels (moecore/_blas_env.py).
         env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-    return Worker(__file__, kind, ["--threads", str(threads), *argv], env)
+    return Worker(__file__, kind, ["--threads", str(threads), *argv], env, python=python)
 
 
 def dense_gemm_gflops(threads: int, n: int = 2048, repeat: int = 5) -> float:
@@ -179,6 +182,11 @@ def main() -> None:
     ap.add_argument("--preset", default="moe-small")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=2, help="threads of each trainer (2)")
+    ap.add_argument(
+        "--torch-python",
+        metavar="PATH",
+        help="interpreter with torch for the torch worker (e.g. /work/venv-torch/bin/python)",
+    )
     ap.add_argument("--init", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "moecore":
@@ -191,6 +199,11 @@ def main() -> None:
     from moecore.train.trainer import build_model
 
     cfg = _config(args)
+    torch_py = torch_python(args.torch_python)
+    if torch_py is None:
+        raise SystemExit(
+            "torch is not importable here: pass --torch-python=PATH (a venv with torch)"
+        )
     print(f"BLAS: {blas_info()}; load average {os.getloadavg()[0]:.2f}")
     gemm = dense_gemm_gflops(args.threads)
     print(f"dense numpy GEMM 2048³, {args.threads} thread(s): {gemm:.1f} GFLOP/s")
@@ -202,7 +215,7 @@ def main() -> None:
         passthrough = ["--preset", args.preset] + [f"--set={kv}" for kv in args.set]
         workers = [
             start_worker("moecore", passthrough, args.threads),
-            start_worker("torch", [*passthrough, "--init", str(init)], args.threads),
+            start_worker("torch", [*passthrough, "--init", str(init)], args.threads, torch_py),
         ]
         times: dict[str, list[float]] = {w.kind: [] for w in workers}
         cpu: dict[str, list[float]] = {w.kind: [] for w in workers}
