@@ -85,23 +85,25 @@ def test_speculative_decoding_equals_greedy_whatever_the_drafts(monkeypatch):
 
     # oracle drafts (the greedy continuation itself): every draft accepted, D + 1 tokens
     # per forward while the window has room
-    truth = [5, 6, 7] + greedy
+    truth = [5, 6, 7, *greedy]
 
     def oracle(model_, h, ids):
         return truth[len(ids) : len(ids) + model_.config.mtp_depth]
 
     monkeypatch.setattr(gen, "mtp_drafts", oracle)
     stats = {}
-    assert generate_ids(model, [5, 6, 7], 12, temperature=0, speculative=True, stats=stats) == (
-        greedy[:12]
+    assert (
+        generate_ids(model, [5, 6, 7], 12, temperature=0, speculative=True, stats=stats)
+        == (greedy[:12])
     )
     assert stats["accept_rate"] == 1.0 and stats["forwards"] == 5  # 1 + 3 + 3 + 3 + 2
 
     # adversarial drafts (always wrong): nothing accepted, output unchanged
     monkeypatch.setattr(gen, "mtp_drafts", lambda m, h, ids: [(truth[len(ids)] + 1) % 256] * 2)
     stats = {}
-    assert generate_ids(model, [5, 6, 7], 12, temperature=0, speculative=True, stats=stats) == (
-        greedy[:12]
+    assert (
+        generate_ids(model, [5, 6, 7], 12, temperature=0, speculative=True, stats=stats)
+        == (greedy[:12])
     )
     assert stats["accepted"] == 0 and stats["forwards"] == 12
 

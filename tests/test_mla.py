@@ -62,8 +62,15 @@ def mla_reference(m: nn.MultiHeadLatentAttention, x: np.ndarray) -> np.ndarray:
 def make(gate=None, q_lora_rank=12, dtype=np.float32, seed=0):
     mc.manual_seed(seed)
     return nn.MultiHeadLatentAttention(
-        16, 2, kv_lora_rank=6, q_lora_rank=q_lora_rank, rope_head_dim=4, max_len=16,
-        gate=gate, dtype=dtype, init="torch",
+        16,
+        2,
+        kv_lora_rank=6,
+        q_lora_rank=q_lora_rank,
+        rope_head_dim=4,
+        max_len=16,
+        gate=gate,
+        dtype=dtype,
+        init="torch",
     )
 
 

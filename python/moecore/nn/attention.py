@@ -8,9 +8,9 @@ import numpy as np
 
 from moecore import ops
 from moecore.autograd.tensor import Tensor
+from moecore.nn.gating import attention_gate
 from moecore.nn.init import GPT2_STD
 from moecore.nn.layers import Dropout, Linear
-from moecore.nn.gating import attention_gate
 from moecore.nn.module import Module
 from moecore.ops.attention import rope_tables
 

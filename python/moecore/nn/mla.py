@@ -124,9 +124,7 @@ class MultiHeadLatentAttention(Module):
             raise ValueError(f"MLA expects [batch, T, {self.d_model}], got {x.shape}")
         b, t, _ = x.shape
         if t > self.rope[0].shape[0]:
-            raise ValueError(
-                f"sequence of {t} exceeds the rotary tables ({self.rope[0].shape[0]})"
-            )
+            raise ValueError(f"sequence of {t} exceeds the rotary tables ({self.rope[0].shape[0]})")
         h, hd, dr, dc = self.n_heads, self.head_dim, self.rope_dim, self.kv_lora_rank
         cos, sin = self.rope[0][:t], self.rope[1][:t]
         q = self._query(x).reshape(b, t, h, hd + dr)
@@ -162,7 +160,7 @@ class MultiHeadLatentAttention(Module):
         """Attention output for the new positions ``x [B, n, d_model]`` following the
         ``len(cache)`` cached ones, computed on the latent cache with the absorbed
         projections; appends the new latents and RoPE keys to ``cache``. Inference only."""
-        b, n, _ = x.shape
+        _b, n, _ = x.shape
         start = len(cache)
         if start + n > self.rope[0].shape[0]:
             raise ValueError(

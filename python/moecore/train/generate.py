@@ -147,7 +147,7 @@ def _speculative(model: MoETransformer, ids: list[int], tokens: int, stats: dict
         drafted += len(drafts)
         accepted += n_ok
         forwards += 1
-        ids.extend((drafts[:n_ok] + [greedy[n_ok]])[: target - len(ids)])
+        ids.extend(([*drafts[:n_ok], greedy[n_ok]])[: target - len(ids)])
         drafts = []
         if whole and len(ids) < target and len(ids) + depth <= window:
             # The MTP modules read the main model's states up to the second-to-last
