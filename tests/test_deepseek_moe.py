@@ -188,3 +188,18 @@ def test_deepseek_tiny_reaches_every_option():
 def test_bad_deepseek_configuration_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         build_config("deepseek-tiny", overrides=overrides)
+
+
+def test_node_limited_routing_keeps_each_token_on_at_most_m_ranks():
+    """Groups of the expert-parallel layout: 32 experts on ep = 4 ranks as 4 groups (one per
+    rank), top-8 within the best 2 groups → every token's rows go to at most 2 ranks."""
+    from moecore import moe_kernels as mk
+
+    r = np.random.default_rng(9)
+    logits = r.standard_normal((500, 32)).astype(np.float32)
+    bias = (r.standard_normal(32) * 0.1).astype(np.float32)
+    ranks_of = lambda idx: np.array([len(set(row // 8)) for row in idx])  # noqa: E731
+    idx, _, _ = mk.route(logits, 8, "sigmoid", bias, n_groups=4, topk_groups=2)
+    assert ranks_of(idx).max() <= 2
+    free, _, _ = mk.route(logits, 8, "sigmoid", bias)
+    assert ranks_of(free).max() > 2  # without the limit tokens spread further
