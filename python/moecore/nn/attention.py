@@ -67,9 +67,6 @@ class Attention(Module):
         self.dropout = Dropout(dropout)
         self.rope = rope_tables(max_len, d_model // n_heads) if rope else None
         self.gate = Linear(d_model, 1, bias=True, dtype=dtype, init=init) if gate else None
-        if gate:
-            # 1 on the query columns of the packed projection, 0 on the keys' and values'
-            self._query_columns = (np.arange(3 * d_model) < d_model).astype(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """Attends each position to itself and the positions before it."""
@@ -81,9 +78,8 @@ class Attention(Module):
             )
         qkv = self.qkv(x)
         if self.gate is not None:
-            # q·g, k, v: the packed projection times 1 + (g − 1)·[column is a query's]
-            g = attention_gate(self.gate, x)
-            qkv = qkv * ((g - 1.0) * self._query_columns.astype(x.dtype) + 1.0)
+            d = self.d_model
+            qkv = ops.concat([qkv[..., :d] * attention_gate(self.gate, x), qkv[..., d:]], axis=-1)
         h = ops.packed_attention(qkv, self.n_heads, causal=self.causal, rope=self.rope)
         return self.dropout(self.proj(h))
 

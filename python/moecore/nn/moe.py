@@ -193,6 +193,15 @@ class MoE(Module):
             and (n_experts % n_groups or not 1 <= topk_groups <= n_groups)
         ):
             problems.append(f"n_groups={n_groups} must divide n_experts and topk_groups ≤ n_groups")
+        elif (
+            n_groups is not None
+            and topk_groups is not None
+            and topk_groups * (n_experts // n_groups) < min(top_k, n_experts)
+        ):
+            problems.append(
+                f"topk_groups={topk_groups} groups of {n_experts // n_groups} experts cannot "
+                f"hold top_k={top_k} experts"
+            )
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
