@@ -9,7 +9,9 @@
   training FLOPs, each scored on the fixed validation set (64 windows, train/eval_set.py),
   with their tokens/s and, for deepseek-small, the MTP accepted-draft rate of greedy
   speculative decoding from a few prompts;
-- ``--dao``: the same pair of runs with the DAO attention gate (its cost and its effect).
+- ``--dao-steps N``: ``--dao-preset`` (default ``deepseek-tiny``, multi-head and MLA) for
+  N steps without and with the DAO attention gate, interleaved: its cost in tokens/s and its
+  effect on the validation loss.
 
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/deepseek.py
 --budget-steps 60``. Tokens/s in lock-step: ``benches/py/train_ab.py --preset moe-small
@@ -112,7 +114,8 @@ def accept_rate(model: Any, prompts: list[bytes], tokens: int) -> tuple[int, int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-steps", type=int, default=0, help="moe-small steps (0: skip)")
-    ap.add_argument("--dao", action="store_true", help="also both runs with the DAO gate")
+    ap.add_argument("--dao-steps", type=int, default=0, help="gate on/off runs (0: skip)")
+    ap.add_argument("--dao-preset", default="deepseek-tiny")
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f}")
@@ -130,26 +133,32 @@ def main() -> None:
         f"(kv_lora_rank {ds.kv_lora_rank} + rope_head_dim {ds.rope_head_dim}), "
         f"MHA of width {ds.d_model}: {mha:,.0f} B — {mha / mla:.2f}× less"
     )
-    if not args.budget_steps:
-        return
-    mc.manual_seed(0)
     work = args.work or Path(tempfile.mkdtemp(prefix="deepseek-bench-"))
-    base = build_config("moe-small")
-    budget = flops_per_token(base) * args.budget_steps
-    ds_steps = max(1, round(budget / flops_per_token(ds)))
-    variants = [{}, {"attention_gate": "dao"}] if args.dao else [{}]
-    for sets in variants:
-        label = "DAO gate" if sets else "no gate"
+    if args.budget_steps:
+        base = build_config("moe-small")
+        budget = flops_per_token(base) * args.budget_steps
+        ds_steps = max(1, round(budget / flops_per_token(ds)))
         for preset, steps in (("moe-small", args.budget_steps), ("deepseek-small", ds_steps)):
-            r = train_and_score(preset, steps, work, sets)
+            mc.manual_seed(0)
+            r = train_and_score(preset, steps, work, {})
             line = (
-                f"{label}: {preset:<15} {steps:>5} steps  val {r['val']:.4f} (64 windows)  "
+                f"{preset:<15} {steps:>5} steps  val {r['val']:.4f} (64 windows)  "
                 f"{r['tok/s']:,.0f} tok/s  {r['seconds']:.0f} s"
             )
             if preset == "deepseek-small":
                 ok, drafted = accept_rate(r["trainer"].model, [b"def ", b"import ", b"class "], 64)
                 line += f"  MTP accepted {ok}/{drafted} = {ok / max(drafted, 1):.3f}"
             print(line, flush=True)
+    for attention in ("mha", "mla") if args.dao_steps else ():
+        for gate in ("none", "dao"):
+            mc.manual_seed(0)
+            sets = {"attention": attention, "attention_gate": gate}
+            r = train_and_score(args.dao_preset, args.dao_steps, work, sets)
+            print(
+                f"{args.dao_preset} {attention} gate {gate:<4} {args.dao_steps} steps  "
+                f"val {r['val']:.4f} (64 windows)  {r['tok/s']:,.0f} tok/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
