@@ -86,7 +86,8 @@ def train_and_score(preset: str, steps: int, work: Path, sets: dict[str, Any]) -
             **sets,
         },
     )
-    trainer = Trainer(config, work / f"{preset}-{steps}-{len(sets)}", out=io.StringIO())
+    name = "-".join([preset, str(steps), *map(str, sets.values())])
+    trainer = Trainer(config, work / name, out=io.StringIO())
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
