@@ -19,6 +19,8 @@ WITHIN_1E5 = Tolerance("deepseek-tiny within 1e-5", loss=1e-5, grad_norm=1e-5, p
 def _run(tmp_path, corpus, name, n, *extra, steps=12):
     args = ["--preset", "deepseek-tiny", "--data", str(corpus), "--set", f"steps={steps}"]
     args += ["eval_every=0", "checkpoint_every=0", "seq_len=32", "batch_size=8", "eps=1e-6"]
+    # a sequence-wise loss strong enough that a wrong scale of its gradient would show
+    args += ["seq_aux_loss=0.01"]
     records = train_run(tmp_path / name, n, [*args, *extra])
     assert len(records) == steps
     return records

@@ -3,6 +3,8 @@ gradcheck through the MTP modules, and speculative decoding equal to greedy deco
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,21 @@ def test_speculative_needs_greedy_and_mtp():
         generate_ids(tiny(depth=1), [1], 3, temperature=0.5, speculative=True)
     with pytest.raises(ValueError, match="mtp_depth"):
         generate_ids(tiny(depth=0), [1], 3, temperature=0, speculative=True)
+
+
+def test_cli_train_deepseek_tiny_then_speculative_generate(tmp_path, corpus, capsys):
+    from moecore.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--preset", "deepseek-tiny", "--data", str(corpus), "--out", str(out)]
+    assert main([*args, "--set", "steps=3", "eval_every=0", "seq_len=32"]) == 0
+    capsys.readouterr()
+    gen_args = ["generate", "--run", str(out), "--prompt", "def ", "--tokens", "20"]
+    assert main([*gen_args, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*gen_args, "--temperature", "0", "--speculative"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == greedy
+    assert re.search(r"speculative decoding: \d+/\d+ MTP drafts accepted \(rate", captured.err)
+    assert main([*gen_args, "--speculative"]) == 2  # sampling: refused
+    assert "greedy" in capsys.readouterr().err
