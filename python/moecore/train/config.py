@@ -385,9 +385,8 @@ def _check_expert_parallel(c: RunConfig) -> list[str]:
     """What expert parallelism (ep > 1) cannot do exactly: refused rather than different."""
     p = []
     if c.n_experts >= 1 and c.n_experts * max(c.expert_split, 1) % c.ep:
-        p.append(
-            f"ep ({c.ep}) must divide n_experts × expert_split ({c.n_experts} × {c.expert_split})"
-        )
+        split = f" × expert_split ({c.expert_split})" if c.expert_split > 1 else ""
+        p.append(f"ep ({c.ep}) must divide n_experts ({c.n_experts}){split}")
     if c.capacity_factor:
         p.append(
             f"capacity_factor ({c.capacity_factor}) with ep ({c.ep}) > 1 is not supported: "
