@@ -259,9 +259,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model, _, _ = _load_run(args.run)
         # A run on prepared data keeps its tokenizer.json; otherwise tokens are bytes.
         tok = run_tokenizer(Path(args.run))
+        stats: dict[str, Any] = {}
+        spec = {"speculative": args.speculative, "stats": stats}
         if tok is None:
             out = generate(
-                model, args.prompt.encode(), args.tokens, args.temperature, args.top_k, args.seed
+                model,
+                args.prompt.encode(),
+                args.tokens,
+                args.temperature,
+                args.top_k,
+                args.seed,
+                **spec,
             )
             text = out.decode("utf-8", errors="replace")
         else:
@@ -272,11 +280,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 args.temperature,
                 args.top_k,
                 args.seed,
+                **spec,
             )
             text = tok.decode(ids)
     except (CheckpointError, ConfigError, ValueError) as exc:
         return _fail(str(exc))
     sys.stdout.write(args.prompt + text + "\n")
+    if args.speculative:
+        sys.stderr.write(
+            f"speculative decoding: {stats['accepted']}/{stats['drafted']} MTP drafts accepted "
+            f"(rate {stats['accept_rate']:.3f}), {stats['forwards']} forwards for "
+            f"{args.tokens} tokens\n"
+        )
     return 0
 
 
@@ -452,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=positive_int, default=None, help="sample among the k most likely bytes"
     )
     gen.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
+    gen.add_argument(
+        "--speculative",
+        action="store_true",
+        help="greedy speculative decoding with the model's MTP modules (needs --temperature 0); "
+        "reports the accepted-draft rate",
+    )
     gen.set_defaults(handler=_cmd_generate)
 
     prep = sub.add_parser(

@@ -48,6 +48,8 @@ _ROUTING_CONFIG = (
     "bias_update_rate",
     "n_groups",
     "topk_groups",
+    "seq_aux_loss",
+    "routed_scale",
 )
 
 
@@ -145,6 +147,8 @@ class ExpertParallelMoE(MoE):
         topk_groups: int | None = None,
         shared_in: Module | None = None,
         shared_out: Module | None = None,
+        seq_aux_loss: float = 0.0,
+        routed_scale: float = 1.0,
     ) -> None:
         Module.__init__(self)  # the weights come from the caller, not MoE's initialisers
         e = router.shape[0]
@@ -172,6 +176,8 @@ class ExpertParallelMoE(MoE):
             topk_groups=topk_groups,
             activation=activation,
             expert_bias=expert_bias,
+            seq_aux_loss=seq_aux_loss,
+            routed_scale=routed_scale,
         )
         self.router = Parameter(np.array(router, dtype=np.float32))
         self.w1 = Parameter(np.array(w1, dtype=np.float32))

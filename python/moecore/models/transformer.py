@@ -9,6 +9,7 @@ import numpy as np
 from moecore import nn, ops
 from moecore.autograd.tensor import Tensor
 from moecore.models.config import ModelConfig
+from moecore.models.mtp import MTPModule, mtp_losses
 from moecore.nn import init
 
 
@@ -49,33 +50,54 @@ class Block(nn.Module):
         norm = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
         out_std = init.residual_std(cfg.n_layers)
         self.norm1 = norm(cfg.d_model)
-        self.attn = nn.Attention(
-            cfg.d_model,
-            cfg.n_heads,
-            bias=cfg.bias,
-            dropout=cfg.dropout,
-            rope=cfg.position == "rope",
-            max_len=cfg.seq_len,
-            init=cfg.init,
-            out_std=out_std,
-        )
+        gate = None if cfg.attention_gate == "none" else cfg.attention_gate
+        if cfg.attention == "mla":
+            self.attn: nn.Module = nn.MultiHeadLatentAttention(
+                cfg.d_model,
+                cfg.n_heads,
+                cfg.kv_lora_rank,
+                q_lora_rank=cfg.q_lora_rank,
+                rope_head_dim=cfg.rope_head_dim,
+                max_len=cfg.seq_len,
+                dropout=cfg.dropout,
+                gate=gate,
+                init=cfg.init,
+                out_std=out_std,
+            )
+        else:
+            self.attn = nn.Attention(
+                cfg.d_model,
+                cfg.n_heads,
+                bias=cfg.bias,
+                dropout=cfg.dropout,
+                rope=cfg.position == "rope",
+                max_len=cfg.seq_len,
+                init=cfg.init,
+                out_std=out_std,
+                gate=gate,
+            )
         self.norm2 = norm(cfg.d_model)
         if moe:
+            n_experts, top_k, d_ff = cfg.routed_experts()
             self.ffn: nn.Module = nn.MoE(
                 cfg.d_model,
-                cfg.d_ff,
-                cfg.n_experts,
-                top_k=cfg.top_k,
+                d_ff,
+                n_experts,
+                top_k=top_k,
                 score=cfg.score,
                 capacity_factor=cfg.capacity_factor or None,
                 aux_loss=cfg.aux_loss,
                 z_loss=cfg.z_loss,
                 bias_update_rate=cfg.bias_update_rate,
                 n_shared_experts=cfg.n_shared_experts,
+                n_groups=cfg.n_groups or None,
+                topk_groups=cfg.topk_groups or None,
                 activation=cfg.activation,
                 init=cfg.init,
                 out_std=out_std,
                 bias=cfg.bias,
+                seq_aux_loss=cfg.seq_aux_loss,
+                routed_scale=cfg.routed_scale,
             )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff, cfg.activation, cfg.init, out_std)
@@ -117,10 +139,33 @@ class MoETransformer(nn.Module):
         norm = nn.LayerNorm if config.norm == "layernorm" else nn.RMSNorm
         self.norm = norm(config.d_model)
         self.drop = nn.Dropout(config.dropout)
+        if config.mtp_depth:
+            self.mtp = nn.ModuleList(
+                MTPModule(config, Block(config, config.is_moe_layer(config.n_layers)))
+                for _ in range(config.mtp_depth)
+            )
+        #: The multi-token prediction losses of the last training forward (one per depth).
+        self.last_mtp_losses: list[float] = []
 
     def forward(self, ids: Any, targets: Any = None) -> Tensor:
-        """Logits for every position, or the mean cross-entropy against ``targets``."""
+        """Logits for every position, or the mean cross-entropy against ``targets`` (in
+        training, plus ``mtp_weight`` × the mean multi-token prediction loss)."""
         ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)
+        h = self.hidden_states(ids)
+        logits = ops.linear(self.norm(h), self.tok_emb.weight)
+        if targets is None:
+            return logits
+        targets = np.asarray(targets)
+        loss = ops.cross_entropy(logits, targets)
+        if self.config.mtp_depth and self.training:
+            extra = mtp_losses(self, h, ids, targets)
+            self.last_mtp_losses = [e.item() for e in extra]
+            if extra:
+                loss = loss + sum(extra[1:], extra[0]) * (self.config.mtp_weight / len(extra))
+        return loss
+
+    def hidden_states(self, ids: Any) -> Tensor:
+        """The last block's output ``[batch, T, d_model]`` (before the final norm)."""
         if ids.ndim != 2 or ids.shape[1] > self.config.seq_len:
             raise ValueError(f"ids must be [batch, T ≤ {self.config.seq_len}], got {ids.shape}")
         x = self.tok_emb(ids)
@@ -132,14 +177,11 @@ class MoETransformer(nn.Module):
                 x = ops.checkpoint(block, x)
             else:
                 x = block(x)
-        logits = ops.linear(self.norm(x), self.tok_emb.weight)
-        if targets is None:
-            return logits
-        return ops.cross_entropy(logits, np.asarray(targets))
+        return x
 
     def moe_layers(self) -> list[nn.MoE]:
-        """The MoE layers, in depth order."""
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, nn.MoE)]
+        """The MoE layers, in depth order (the MTP modules' last)."""
+        return [m for m in self.modules() if isinstance(m, nn.MoE)]
 
     def num_parameters(self) -> int:
         """Number of learnable scalars (the tied output layer counted once)."""

@@ -7,6 +7,7 @@ from moecore.nn.attention import Attention
 from moecore.nn.block_sparse import BlockSparseLinear
 from moecore.nn.containers import ModuleList, Sequential
 from moecore.nn.layers import Dropout, Embedding, LayerNorm, Linear, RMSNorm
+from moecore.nn.mla import LatentCache, MultiHeadLatentAttention
 from moecore.nn.module import Module
 from moecore.nn.moe import MoE, update_router_biases
 from moecore.nn.parameter import Parameter
@@ -16,11 +17,13 @@ __all__ = [
     "BlockSparseLinear",
     "Dropout",
     "Embedding",
+    "LatentCache",
     "LayerNorm",
     "Linear",
     "MoE",
     "Module",
     "ModuleList",
+    "MultiHeadLatentAttention",
     "Parameter",
     "RMSNorm",
     "Sequential",

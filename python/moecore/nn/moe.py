@@ -47,7 +47,14 @@ class MoE(Module):
             step, :meth:`update_bias` moves bᵢ by γ·sign(mean(c) − cᵢ); the bias changes
             which experts are chosen, never the weights.
         n_shared_experts: experts every token always goes through (DeepSeek-MoE).
-        n_groups, topk_groups: group-limited routing (DeepSeek-V3).
+        n_groups, topk_groups: group-limited routing (DeepSeek-V3): the experts form
+            ``n_groups`` contiguous groups, a group scores the sum of its two best (biased)
+            scores and each token picks its experts among its ``topk_groups`` best groups.
+        seq_aux_loss: α of DeepSeek-V3's complementary sequence-wise balance loss
+            (:func:`moecore.ops.moe.add_sequence_balance_loss`; ``x [batch, T, d]`` is
+            ``batch`` sequences), injected in backward like ``aux_loss``.
+        routed_scale: factor on the routed experts' weighted sum (DeepSeek-V3's
+            ``routed_scaling_factor``), before the shared experts are added.
         activation: ``"gelu"`` (tanh approximation), ``"swiglu"`` or ``"relu"``.
         init: ``"gpt2"`` (router and ``w1`` N(0, 0.02²), ``w2`` N(0, out_std²)) or
             ``"torch"`` (PyTorch's fan-in uniform, as if each were a Linear).
@@ -101,6 +108,8 @@ class MoE(Module):
         init: str = "gpt2",
         out_std: float = initializers.GPT2_STD,
         bias: bool = False,
+        seq_aux_loss: float = 0.0,
+        routed_scale: float = 1.0,
     ) -> None:
         super().__init__()
         problems = []
@@ -121,6 +130,8 @@ class MoE(Module):
             n_groups=n_groups,
             topk_groups=topk_groups,
             activation=activation,
+            seq_aux_loss=seq_aux_loss,
+            routed_scale=routed_scale,
         )
         gate = 2 if activation == "swiglu" else 1
         std = initializers.GPT2_STD
@@ -159,6 +170,8 @@ class MoE(Module):
         topk_groups: int | None,
         activation: str,
         expert_bias: Any = None,
+        seq_aux_loss: float = 0.0,
+        routed_scale: float = 1.0,
     ) -> None:
         """Checks (raising every problem at once, with ``problems`` found by the caller)
         and sets the routing configuration and state; the caller brings the weights."""
@@ -180,12 +193,22 @@ class MoE(Module):
             and (n_experts % n_groups or not 1 <= topk_groups <= n_groups)
         ):
             problems.append(f"n_groups={n_groups} must divide n_experts and topk_groups ≤ n_groups")
+        elif (
+            n_groups is not None
+            and topk_groups is not None
+            and topk_groups * (n_experts // n_groups) < min(top_k, n_experts)
+        ):
+            problems.append(
+                f"topk_groups={topk_groups} groups of {n_experts // n_groups} experts cannot "
+                f"hold top_k={top_k} experts"
+            )
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
         self.score, self.capacity_factor, self.activation = score, capacity_factor, activation
         self.aux_loss, self.z_loss, self.bias_update_rate = aux_loss, z_loss, bias_update_rate
         self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.seq_aux_loss, self.routed_scale = seq_aux_loss, routed_scale
         self.n_shared_experts = n_shared_experts
         self.aux_loss_scale = 1.0
         bias = np.zeros(n_experts, np.float32) if expert_bias is None else expert_bias
@@ -220,7 +243,10 @@ class MoE(Module):
             aux_loss_scale=self.aux_loss_scale,
             exchange=self.exchange,
             stats_group=self.stats_group,
+            seq_aux_loss=self.seq_aux_loss if self.training else 0.0,
         )
+        if self.routed_scale != 1.0:
+            y = y * self.routed_scale
         if self.n_shared_experts:
             y = y + shared_experts(self, x)
         load = np.asarray(
@@ -252,6 +278,8 @@ class MoE(Module):
             f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, "
             f"top_k={self.top_k}, score={self.score}, {cap}, activation={self.activation}, "
             f"shared={self.n_shared_experts}"
+            + (f", groups={self.topk_groups}/{self.n_groups}" if self.n_groups else "")
+            + (f", routed_scale={self.routed_scale}" if self.routed_scale != 1.0 else "")
         )
 
 

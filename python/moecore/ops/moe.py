@@ -131,6 +131,34 @@ def _add_switch_loss(
     return aux
 
 
+def add_sequence_balance_loss(
+    d_logits: Any, probs: Any, idx: Any, score: str, alpha: float, seq_len: int
+) -> float:
+    """DeepSeek-V3's complementary sequence-wise balance loss (V3-TR eqs. 17-20), the mean
+    over sequences of α·Σᵢ fᵢ·Pᵢ with, per sequence of ``seq_len`` tokens,
+    fᵢ = E/(k·T)·(tokens choosing expert i), Pᵢ = mean over tokens of the normalised scores
+    sᵢ/Σⱼsⱼ; adds its gradient w.r.t. the logits to ``d_logits`` (the fᵢ are constants).
+
+    Each process's tokens are whole sequences, so no statistics cross processes: the mean
+    over this process's sequences, averaged over equal shares, is the batch's mean."""
+    xp = xp_of(probs)
+    t, e = probs.shape
+    if t == 0:
+        return 0.0
+    n_seq, k = t // seq_len, idx.shape[1]
+    p = probs if score == "softmax" else probs / probs.sum(axis=1, keepdims=True)
+    seq_of = xp.repeat(xp.arange(n_seq), seq_len * k)
+    flat = seq_of * e + idx.reshape(-1).astype(xp.int64)
+    counts = xp.bincount(flat, minlength=n_seq * e).reshape(n_seq, e)
+    f = counts.astype(d_logits.dtype) * (e / (k * seq_len))
+    mean_p = p.reshape(n_seq, seq_len, e).mean(axis=1)
+    loss = float(alpha * (f * mean_p).sum() / n_seq)
+    # dL/dp[t, i] = α·fᵢ(seq of t) / (T · n_seq)
+    c = xp.repeat(f * (alpha / (seq_len * n_seq)), seq_len, axis=0).astype(d_logits.dtype)
+    add_balance_grad(d_logits, probs, p, c, score)
+    return loss
+
+
 def add_balance_grad(d_logits: Any, probs: Any, p: Any, c: Any, score: str) -> None:
     """Adds to ``d_logits`` the gradient of Σ_t Σ_i cᵢ·p[t, i] through the router scores
     (``p`` is ``probs`` for softmax, the normalised sigmoid scores otherwise)."""
@@ -195,6 +223,7 @@ class MoEFunction(Function):
         aux_loss_scale: float = 1.0,
         exchange: ExpertExchange | None = None,
         stats_group: StatsGroup | None = None,
+        seq_aux_loss: float = 0.0,
     ) -> Any:
         lead, d = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d)
@@ -238,6 +267,13 @@ class MoEFunction(Function):
         y_sorted = y_exp if plan is None else plan.combine(y_exp)
         y = kern.unpermute(y_sorted, order, weights)
         aux, z, d_logits_aux = _aux_terms(logits, probs, idx, score, aux_loss, z_loss, stats_group)
+        seq_aux = 0.0
+        if seq_aux_loss:
+            # x [batch, T, d]: sequences of T tokens; any other shape is one sequence.
+            seq_len = lead[-1] if len(lead) >= 2 and lead[-1] else t
+            seq_aux = add_sequence_balance_loss(
+                d_logits_aux, probs, idx, score, seq_aux_loss, seq_len
+            )
         if stats is not None:
             stats.update(
                 # what the router asked for (before any capacity drop), and what was computed
@@ -245,6 +281,7 @@ class MoEFunction(Function):
                 kept_per_expert=xp.asarray(counts).astype("int64"),
                 dropped=int(t * k - int(counts.sum())),
                 aux_loss=aux,
+                seq_aux_loss=seq_aux,
                 z_loss=z,
                 router_entropy=router_entropy(probs),
                 tokens=t,
@@ -343,6 +380,7 @@ def moe(
     aux_loss_scale: float = 1.0,
     exchange: ExpertExchange | None = None,
     stats_group: StatsGroup | None = None,
+    seq_aux_loss: float = 0.0,
 ) -> Tensor:
     """A routed-experts layer on ``x [..., d]``: router ``[E, d]``, experts ``w1 [E, d, h]``
     (``[E, d, 2h]`` for SwiGLU) and ``w2 [E, h, d_out]``, with optional expert biases
@@ -387,4 +425,5 @@ def moe(
         aux_loss_scale=aux_loss_scale,
         exchange=exchange,
         stats_group=stats_group,
+        seq_aux_loss=seq_aux_loss,
     )

@@ -321,7 +321,7 @@ class Trainer:
         cfg = self.config
         accum = cfg.grad_accum
         total_loss = 0.0
-        loads = [np.zeros(cfg.n_experts, np.int64) for _ in self.moe_layers]
+        loads = [np.zeros(layer.n_experts, np.int64) for layer in self.moe_layers]
         dropped = 0
         routing = RoutingTotals(len(self.moe_layers), accum)
         g = self.group
@@ -400,7 +400,7 @@ class Trainer:
             progress.message(f"data   {self.data.describe()}")
             progress.message(
                 f"model  {self.layout.num_parameters(self.model):,} parameters, {cfg.n_layers} layers, "
-                f"{cfg.n_experts} experts top-{cfg.top_k}; run dir {self.run_dir}"
+                f"{cfg.routed_experts()[0]} experts top-{cfg.routed_experts()[1]}; run dir {self.run_dir}"
             )
             progress.message(f"memory {self.memory.describe()} per rank")
         else:
