@@ -181,6 +181,7 @@ def _train(args: argparse.Namespace) -> int:
             ("compress", "compress"),
             ("bucket_mb", "bucket_mb"),
             ("comm_policy", "comm_policy"),
+            ("zero", "zero"),
             ("compress_warmup", "compress_warmup"),
             ("ranks_per_node", "ranks_per_node"),
         ):
@@ -425,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--bucket-mb", type=positive_float, help="gradient bucket cap in MiB (25)")
     dist.add_argument(
         "--comm-policy", choices=["fifo", "priority"], help="bucket launch policy (fifo)"
+    )
+    dist.add_argument(
+        "--zero",
+        type=int,
+        choices=[0, 1, 2],
+        help="ZeRO stage: 1 shards the optimizer state over the ranks, 2 also the gradients (0)",
     )
     dist.add_argument(
         "--ranks-per-node",

@@ -75,6 +75,9 @@ class RunConfig(ModelConfig):
     compress_warmup: int = 0
     bucket_mb: float = 25.0
     comm_policy: str = "fifo"
+    # ZeRO stage over the data-parallel ranks: 0 off, 1 optimizer state sharded, 2 also
+    # gradients (reduce-scattered during backward); see docs/zero.md
+    zero: int = 0
     ranks_per_node: int = 1
     # seconds any blocking communication may last before the job ends (a rank that hangs)
     comm_timeout_s: float = 1800.0
@@ -266,12 +269,38 @@ def _check_values(c: RunConfig) -> list[str]:
             ratio = -1.0
         if not 0 < ratio <= 1:
             p.append(f"compress must be 'none' or 'topk:<ratio in (0, 1]>', got {c.compress!r}")
+    p.extend(_check_zero(c))
     if c.data.endswith((".bin", ".npy")) and c.vocab < 1:
         p.append(f"data {c.data} holds token ids: set vocab to the vocabulary size")
     try:
         parse_data_spec(c.data)
     except ValueError as exc:
         p.append(f"data {c.data!r}: {exc}")
+    return p
+
+
+def _check_zero(c: RunConfig) -> list[str]:
+    """ZeRO stages and what they cannot be combined with (refused rather than different)."""
+    if c.zero not in (0, 1, 2):
+        return [f"zero must be 0, 1 or 2 (stage 3 is not implemented), got {c.zero!r}"]
+    if not c.zero:
+        return []
+    p = []
+    if c.zero >= 2 and c.compress != "none":
+        p.append(
+            f"compress ({c.compress}) with zero={c.zero} is not supported: stage 2 "
+            "reduce-scatters the gradients, compression composes with zero=1 only"
+        )
+    if c.optimizer == "adafactor":
+        p.append(
+            f"optimizer adafactor with zero={c.zero} is not supported: its factored second "
+            "moment needs whole matrices, ZeRO shards them (use adamw or sgd)"
+        )
+    if c.agc:
+        p.append(
+            f"agc ({c.agc}) with zero={c.zero} is not supported: adaptive clipping needs "
+            "each unit's whole gradient, ZeRO shards it"
+        )
     return p
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from moecore import nn
+from moecore import nn, optim
 from moecore.distributed import DataParallel, ExpertParallelMoE, Group
+from moecore.distributed.zero import ShardedOptimizer, ZeRO
 from moecore.optim.clip import grad_norm
 
 __all__ = ["Layout"]
@@ -42,12 +43,14 @@ class Layout:
     Args:
         world: the job's group (size ``dp · ep``).
         ep: expert-parallel ranks (1: plain data parallelism).
+        zero: ZeRO stage (0: none): replicated parameters sharded over the world, an
+            expert's over its expert-data-parallel group (the ranks holding it).
     """
 
-    def __init__(self, world: Group, ep: int) -> None:
+    def __init__(self, world: Group, ep: int, zero: int = 0) -> None:
         if world.size % ep:
             raise ValueError(f"the job's {world.size} ranks are not a multiple of ep={ep}")
-        self.world, self.ep = world, ep
+        self.world, self.ep, self.zero = world, ep, zero
         self.dp = world.size // ep
         if ep > 1:
             self.ep_group = world.split(world.rank // ep)
@@ -85,10 +88,13 @@ class Layout:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         dense = [(n, p) for n, p in named if n not in self.sharded]
         experts = [(n, p) for n, p in named if n in self.sharded]
+        if self.zero:
+            kwargs = {**kwargs, "stage": self.zero}
+        cls: Any = ZeRO if self.zero else DataParallel
         if self.world.size > 1:
-            self.dense = DataParallel(_Subset(dense), self.world, **kwargs)
+            self.dense = cls(_Subset(dense), self.world, **kwargs)
         if experts and self.dp > 1:
-            self.experts = DataParallel(_Subset(experts), self.expert_dp_group, **kwargs)
+            self.experts = cls(_Subset(experts), self.expert_dp_group, **kwargs)
         self._expert_params = [p for _, p in experts]
         self._dense_params = [p for _, p in dense]
 
@@ -121,14 +127,16 @@ class Layout:
             for p in self._expert_params:
                 if p.grad is not None:
                     p.grad *= inv
+            if isinstance(self.experts, ZeRO) and self.experts.stage >= 2:
+                self.experts.scale_grads(inv)  # stage 2 keeps no whole gradient
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """:func:`moecore.optim.clip_grad_norm_` over the whole (sharded) model: the norm of
         the replicated gradients and of every rank's experts, the same on every rank."""
+        if self._zeros():
+            return self._clip_sharded(max_norm)
         if self.ep == 1:
-            from moecore.optim import clip_grad_norm_
-
-            return clip_grad_norm_(self._dense_params, max_norm)
+            return optim.clip_grad_norm_(self._dense_params, max_norm)
         dense = [p for p in self._dense_params if p.grad is not None]
         experts = [p for p in self._expert_params if p.grad is not None]
         squares = np.array([grad_norm(experts) ** 2], dtype=np.float64)
@@ -139,6 +147,52 @@ class Layout:
             for p in dense + experts:
                 p.grad *= p.grad.dtype.type(scale)
         return norm
+
+    def _zeros(self) -> list[ZeRO]:
+        return [z for z in (self.dense, self.experts) if isinstance(z, ZeRO)]
+
+    def _clip_sharded(self, max_norm: float) -> float:
+        """The global norm from each rank's owned gradient elements (plus the experts no
+        ZeRO shards, dp = 1: each on one rank only), summed over the world."""
+        whole = [] if self.experts is not None else self._expert_params
+        whole = [p for p in whole if p.grad is not None]
+        squares = np.array(
+            [sum(z.grad_square_sum() for z in self._zeros()) + grad_norm(whole) ** 2]
+        )
+        self.world.allreduce(squares)
+        norm = math.sqrt(float(squares[0]))
+        if math.isfinite(norm) and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for z in self._zeros():
+                z.scale_grads(scale)
+            for p in whole:
+                p.grad *= p.grad.dtype.type(scale)
+        return norm
+
+    def shard_optimizer(self, optimizer: optim.Optimizer) -> optim.Optimizer:
+        """``optimizer`` (over the whole parameters, or a previous wrapping of it) as this
+        rank updates it: over its ZeRO pieces, or as it is without ZeRO."""
+        if isinstance(optimizer, ShardedOptimizer):
+            optimizer = optimizer.full
+        zeros = self._zeros()
+        return ShardedOptimizer(optimizer, zeros) if zeros else optimizer
+
+    def state_bytes(self, optimizer: optim.Optimizer) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients and optimizer state."""
+        params = sum(p.data.nbytes for p in self._dense_params + self._expert_params)
+        grads = sum(p.data.nbytes for p in self._dense_params + self._expert_params)
+        if self._zeros():
+            zs = self._zeros()
+            params = sum(z.state_bytes()["param_bytes"] for z in zs)
+            grads = sum(z.state_bytes()["grad_bytes"] for z in zs)
+            if self.experts is None:  # experts no ZeRO takes care of
+                params += sum(p.data.nbytes for p in self._expert_params)
+                grads += sum(p.data.nbytes for p in self._expert_params)
+        inner = optimizer.inner if isinstance(optimizer, ShardedOptimizer) else optimizer
+        state = sum(
+            v.nbytes for st in inner.state.values() for v in st.values() if hasattr(v, "nbytes")
+        )
+        return {"param_bytes": params, "grad_bytes": grads, "optimizer_bytes": state}
 
     # -- checkpoints -----------------------------------------------------------------------
     def gather(self, name: str, local: np.ndarray) -> np.ndarray:

@@ -157,7 +157,7 @@ class Trainer:
         self.data.check_length(config.seq_len)
         self.model = build_model(config)
         # Expert parallel: each MoE layer keeps this rank's experts; then gradient averaging.
-        self.layout = Layout(self.group, config.ep)
+        self.layout = Layout(self.group, config.ep, config.zero)
         self.layout.shard_model(self.model)
         self._data_parallel(warmup_steps=config.compress_warmup)
         self.moe_layers = self.layout.moe_layers(self.model)
@@ -165,7 +165,8 @@ class Trainer:
             # Micro-batch losses are divided by grad_accum: so are the aux-loss gradients
             # the MoE op injects in backward.
             layer.aux_loss_scale = 1.0 / config.grad_accum
-        self.optimizer = build_optimizer(self.model, config)
+        # With ZeRO, each rank updates its own part of the parameters.
+        self.optimizer = self.layout.shard_optimizer(build_optimizer(self.model, config))
         self.schedule = optim.LRScheduler(
             self.optimizer,
             config.schedule,
@@ -235,6 +236,14 @@ class Trainer:
         return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def _restore(self, groups: dict[str, dict[str, np.ndarray]], state: dict[str, Any]) -> None:
+        cfg = self.config
+        if self.group.size > 1 and cfg.compress != "none" and cfg.compress_warmup:
+            # The dense warm-up counts from the run's first step, not from this resume. (The
+            # error-feedback residuals restart at zero: they are per rank and per bucket
+            # layout, a checkpoint is neither; see the README.) Before the optimizer state
+            # is loaded: under ZeRO the optimizer follows the new buckets' shards.
+            self._data_parallel(warmup_steps=max(0, cfg.compress_warmup - int(state["step"])))
+            self.optimizer = self.layout.shard_optimizer(self.optimizer)
         # Checkpoints hold every expert (single-process layout): keep this rank's.
         lay = self.layout
         self.model.load_state_dict(
@@ -256,12 +265,6 @@ class Trainer:
             layer._load_since_update[...] = load
         set_rng_state(state["rng"])
         self.step = int(state["step"])
-        cfg = self.config
-        if self.group.size > 1 and cfg.compress != "none" and cfg.compress_warmup:
-            # The dense warm-up counts from the run's first step, not from this resume. (The
-            # error-feedback residuals restart at zero: they are per rank and per bucket
-            # layout, a checkpoint is neither; see the README.)
-            self._data_parallel(warmup_steps=max(0, cfg.compress_warmup - self.step))
         self._metrics_offset = int(state["metrics_offset"])
         self.last_val = state.get("last_val")
 
