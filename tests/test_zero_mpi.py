@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import pytest
-from parallel_harness import Tolerance, assert_runs_agree, launch, mpiexec, read_records, train_run
+import sys
+from pathlib import Path
+
+from parallel_harness import Tolerance, assert_runs_agree, launch, mpiexec, train_run
 from parallel_harness import entry as _entry
 
 pytestmark = [pytest.mark.mpi]
@@ -37,3 +40,88 @@ def test_zero_stage_equals_plain_data_parallelism(tmp_path, corpus, n, stage):
     zero = _run(tmp_path, corpus, "zero", n, "--dp", str(n), "--zero", str(stage))
     worst = assert_runs_agree(plain, zero, ZERO_TOL)
     print(f"zero={stage} n={n}: worst {worst}, loss relative {_relative_loss(plain, zero):.3g}")
+    _assert_sharded(plain[-1], zero[-1], n, stage)
+
+
+def _assert_sharded(plain, zero, n, stage):
+    """Per-rank bytes (metrics.jsonl): plain DP holds everything on every rank; ZeRO's
+    optimizer state (and with stage 2 the gradients) is cut in n parts that add up to
+    plain's, none above 1/n (up to each bucket's rounding)."""
+    sharded = ["rank_optimizer_bytes"] + (["rank_grad_bytes"] if stage >= 2 else [])
+    for key in ("rank_param_bytes", "rank_grad_bytes", "rank_optimizer_bytes"):
+        whole = plain[key]
+        assert len(whole) == n and len(set(whole)) == 1, (key, whole)
+        if key in sharded:
+            parts = zero[key]
+            assert sum(parts) == whole[0], (key, parts, whole)
+            assert max(parts) <= whole[0] / n + 4096, (key, parts, whole)
+        else:
+            assert zero[key] == whole, (key, zero[key], whole)
+
+
+# The MoE features the trainer uses together (as tests/test_dist_mpi.py's FEATURES):
+# aux-loss-free bias, shared expert, z-loss, sigmoid scores, SwiGLU, gradient accumulation.
+FEATURES = ["bias_update_rate=0.01", "n_shared_experts=1", "z_loss=0.001", "score=sigmoid"]
+FEATURES += ["activation=swiglu", "grad_accum=2"]
+
+
+@pytest.mark.parametrize(
+    ("n", "layout", "stage"),
+    [
+        (2, ["--dp", "2"], 2),
+        (2, ["--ep", "2"], 2),
+        (4, ["--dp", "2", "--ep", "2"], 1),
+        (4, ["--dp", "2", "--ep", "2"], 2),
+    ],
+    ids=["dp2-zero2", "ep2-zero2", "dp2ep2-zero1", "dp2ep2-zero2"],
+)
+def test_zero_composes_with_expert_parallelism_and_accumulation(tmp_path, corpus, n, layout, stage):
+    """Gradient accumulation (stage 2 accumulates its parts), the global-norm clip, the MoE
+    aux loss and bias update over the global batch, and ``--ep 2`` (an expert's parameters
+    sharded over the ranks holding it, the rest over all ranks): the same curves as the
+    same layout without ZeRO."""
+    sets = ["--set", *FEATURES]
+    plain = _run(tmp_path, corpus, "plain", n, *layout, *sets)
+    zero = _run(tmp_path, corpus, "zero", n, *layout, *sets, "--zero", str(stage))
+    worst = assert_runs_agree(plain, zero, ZERO_TOL)
+    print(f"zero={stage} {layout}: worst {worst}")
+
+
+def test_zero_clip_engages_and_matches(tmp_path, corpus):
+    """A clip threshold below every step's norm: the sharded clip scales each rank's part
+    by the same factor plain data parallelism scales the whole gradient by."""
+    sets = ["--set", "clip=0.05"]
+    plain = _run(tmp_path, corpus, "plain", 2, "--dp", "2", *sets)
+    assert all(r["grad_norm"] > 0.05 for r in plain)
+    zero = _run(tmp_path, corpus, "zero", 2, "--dp", "2", *sets, "--zero", "2")
+    assert_runs_agree(plain, zero, ZERO_TOL)
+
+
+def test_zero_with_compression_follows_plain_compressed_run(tmp_path, corpus):
+    """Compression composes with stage 1 (gradients are still all-reduced, here as top-k
+    all-gathers): the same curve as plain data parallelism with the same compression."""
+    sets = ["--compress", "topk:0.1"]
+    plain = _run(tmp_path, corpus, "plain", 2, "--dp", "2", *sets)
+    zero = _run(tmp_path, corpus, "zero", 2, "--dp", "2", *sets, "--zero", "1")
+    assert_runs_agree(plain, zero, ZERO_TOL)
+
+
+def test_ranks_with_different_zero_are_refused_on_every_rank(tmp_path, corpus):
+    """One rank with ``--zero 2``, the other with ``--zero 1`` (MPMD): both refuse, naming
+    the setting, within seconds."""
+    args = ["train", "--preset", "moe-tiny", "--data", str(corpus), "--out", str(tmp_path / "r")]
+    args += ["--set", "steps=2", "eval_every=0", "checkpoint_every=0", "seq_len=32", "--dp", "2"]
+    cmd = [*mpiexec(1), *_entry(), *args, "--zero", "1", ":"]
+    cmd += ["-n", "1", *_entry(), *args, "--zero", "2"]
+    code, out, seconds = launch(cmd, timeout=60)
+    assert code != 0, out
+    assert out.count("zero is 1 on rank 0 but 2 on rank 1") == 2, out
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path, corpus):
+    worker = Path(__file__).parent / "mpi" / "zero_worker.py"
+    cmd = [*mpiexec(2), sys.executable, "-m", "mpi4py", str(worker), "nonfinite"]
+    code, out, _ = launch([*cmd, str(corpus), str(tmp_path / "run")], timeout=120)
+    assert code == 0, out
+    assert "OK nonfinite size=2" in out, out

@@ -22,6 +22,7 @@ from moecore import nn, optim
 from moecore.distributed import DataParallel, ExpertParallelMoE, Group
 from moecore.distributed.zero import ShardedOptimizer, ZeRO
 from moecore.optim.clip import grad_norm
+from moecore.train.rss import rss_record
 
 __all__ = ["Layout"]
 
@@ -193,6 +194,21 @@ class Layout:
             v.nbytes for st in inner.state.values() for v in st.values() if hasattr(v, "nbytes")
         )
         return {"param_bytes": params, "grad_bytes": grads, "optimizer_bytes": state}
+
+    def memory_record(self, optimizer: optim.Optimizer) -> dict[str, list[float]]:
+        """Every rank's bytes of parameters, gradients and optimizer state, and its peak
+        RSS in MiB, as lists in rank order (a collective: an all-gather of 4 numbers)."""
+        mine = self.state_bytes(optimizer)
+        peak = rss_record().get("peak_rss_mb", float("nan"))
+        keys = ("param_bytes", "grad_bytes", "optimizer_bytes")
+        send = np.array([*(float(mine[k]) for k in keys), peak], dtype=np.float64)
+        out = np.empty((self.world.size, 4), dtype=np.float64)
+        self.world.allgather(send, out)
+        record: dict[str, list[float]] = {
+            f"rank_{k}": [int(v) for v in out[:, i]] for i, k in enumerate(keys)
+        }
+        record["rank_peak_rss_mb"] = [float(v) for v in out[:, 3]]
+        return record
 
     # -- checkpoints -----------------------------------------------------------------------
     def gather(self, name: str, local: np.ndarray) -> np.ndarray:

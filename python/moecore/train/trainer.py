@@ -426,6 +426,7 @@ class Trainer:
                 record["tokens_per_s"] = tokens_per_step / dt
                 record["seconds"] = time.perf_counter() - start
                 record.update(rss_record())
+                record.update(self.layout.memory_record(self.optimizer))
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     self.last_val = self.evaluate()
                     record["val_loss"] = self.last_val
