@@ -129,7 +129,7 @@ class Layout:
                 if p.grad is not None:
                     p.grad *= inv
             if isinstance(self.experts, ZeRO) and self.experts.stage >= 2:
-                self.experts.scale_grads(inv)  # stage 2 keeps no whole gradient
+                self.experts.scale_grads(1.0 / self.ep)  # stage 2 keeps no whole gradient
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """:func:`moecore.optim.clip_grad_norm_` over the whole (sharded) model: the norm of

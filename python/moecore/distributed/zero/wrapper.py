@@ -254,7 +254,7 @@ class ZeRO(DataParallel):
         n = len(self.params)
         for key, kind in sorted(merged.items()):
             if kind == "array":
-                fulls = self.allgather_pieces(lambda p, k=key: state_of(p).get(k))
+                fulls = self.allgather_pieces(_entry(state_of, key))
                 for g, (bi, off, size) in self._where.items():
                     shape = self.params[g].data.shape
                     out.setdefault(g, {})[key] = fulls[bi][off : off + size].reshape(shape).copy()
@@ -269,3 +269,10 @@ class ZeRO(DataParallel):
                 if np.isfinite(values[g]):
                     out.setdefault(g, {})[key] = cast(values[g])
         return out
+
+
+def _entry(
+    state_of: Callable[[Piece], dict[str, Any]], key: str
+) -> Callable[[Piece], np.ndarray | None]:
+    """Reads entry ``key`` of a piece's state (None where it has none)."""
+    return lambda piece: state_of(piece).get(key)
