@@ -22,8 +22,9 @@ from moecore.train import ConfigError, build_config
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"zero": 3}, "zero must be 0, 1 or 2 (stage 3 is not implemented), got 3"),
-        ({"zero": -1}, "zero must be 0, 1 or 2"),
+        ({"zero": 4}, "zero must be 0, 1, 2 or 3, got 4"),
+        ({"zero": 3, "ep": 2}, "stage 3 gathers each block's parameters over one group"),
+        ({"zero": -1}, "zero must be 0, 1, 2 or 3"),
         ({"zero": 2, "compress": "topk:0.1"}, "compression composes with zero=1 only"),
         ({"zero": 1, "optimizer": "adafactor"}, "factored second moment needs whole matrices"),
         ({"zero": 2, "agc": 0.01}, "adaptive clipping needs each unit's whole gradient"),
@@ -75,7 +76,7 @@ def _model():
 
 def test_zero_refuses_stages_it_does_not_have_and_compression_with_stage_2():
     with pytest.raises(ValueError, match="stage must be one of"):
-        ZeRO(_model(), SingleProcess(), stage=3)
+        ZeRO(_model(), SingleProcess(), stage=4)
     with pytest.raises(ValueError, match="compression composes with stage 1 only"):
         ZeRO(_model(), SingleProcess(), stage=2, compress="topk:0.1")
 

@@ -43,7 +43,7 @@ def _relative_loss(ref, got):
 
 
 @pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_equals_plain_data_parallelism(tmp_path, corpus, n, stage):
     """Loss, gradient-norm and parameter curves of ``--zero stage`` on n ranks equal plain
     data parallelism's on the same n ranks within 1e-5 relative."""
@@ -59,6 +59,7 @@ def _assert_sharded(plain, zero, n, stage):
     optimizer state (and with stage 2 the gradients) is cut in n parts that add up to
     plain's, none above 1/n (up to each bucket's rounding)."""
     sharded = ["rank_optimizer_bytes"] + (["rank_grad_bytes"] if stage >= 2 else [])
+    sharded += ["rank_param_bytes"] if stage >= 3 else []
     for key in ("rank_param_bytes", "rank_grad_bytes", "rank_optimizer_bytes"):
         whole = plain[key]
         assert len(whole) == n and len(set(whole)) == 1, (key, whole)
@@ -80,11 +81,12 @@ FEATURES += ["activation=swiglu", "grad_accum=2"]
     ("n", "layout", "stage"),
     [
         (2, ["--dp", "2"], 2),
+        (2, ["--dp", "2"], 3),
         (2, ["--ep", "2"], 2),
         (4, ["--dp", "2", "--ep", "2"], 1),
         (4, ["--dp", "2", "--ep", "2"], 2),
     ],
-    ids=["dp2-zero2", "ep2-zero2", "dp2ep2-zero1", "dp2ep2-zero2"],
+    ids=["dp2-zero2", "dp2-zero3", "ep2-zero2", "dp2ep2-zero1", "dp2ep2-zero2"],
 )
 def test_zero_composes_with_expert_parallelism_and_accumulation(tmp_path, corpus, n, layout, stage):
     """Gradient accumulation (stage 2 accumulates its parts), the global-norm clip, the MoE
@@ -159,11 +161,11 @@ def _resume(run_dir, n, *extra):
 @pytest.mark.parametrize(
     ("first", "then"),
     [
-        ((2, "2"), (4, "1")),  # stage 2 on 2 ranks, then stage 1 on 4
-        ((2, "0"), (2, "2")),  # a checkpoint of plain data parallelism, then stage 2
+        ((2, "3"), (4, "1")),  # stage 3 on 2 ranks, then stage 1 on 4
+        ((2, "0"), (2, "3")),  # a checkpoint of plain data parallelism, then stage 3
         ((4, "2"), (1, "0")),  # stage 2 on 4 ranks, then one process
     ],
-    ids=["zero2-dp2-to-zero1-dp4", "plain-dp2-to-zero2-dp2", "zero2-dp4-to-single"],
+    ids=["zero3-dp2-to-zero1-dp4", "plain-dp2-to-zero3-dp2", "zero2-dp4-to-single"],
 )
 def test_resume_across_stages_and_world_sizes_follows_the_same_curve(tmp_path, corpus, first, then):
     """10 steps with one stage and world size, 10 more with another from its checkpoint:
@@ -177,3 +179,11 @@ def test_resume_across_stages_and_world_sizes_follows_the_same_curve(tmp_path, c
     assert_runs_agree(whole[:10], part, ACROSS_WORLDS)
     _resume(tmp_path / "part", n2, "--zero", z2)
     assert_runs_agree(whole, read_records(tmp_path / "part"), ACROSS_WORLDS)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_stage3_gathers_per_block_with_prefetch_and_frees(tmp_path, corpus, n):
+    """Stage 3 on a three-block model: the parameters of plain data parallelism after 3
+    steps; the next block's gather in flight during each block's forward; blocks freed
+    after forward and between steps; a block forward skips refused on every rank."""
+    _worker(n, "stage3", corpus, tmp_path)

@@ -430,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument(
         "--zero",
         type=int,
-        choices=[0, 1, 2],
-        help="ZeRO stage: 1 shards the optimizer state over the ranks, 2 also the gradients (0)",
+        choices=[0, 1, 2, 3],
+        help="ZeRO stage: 1 shards the optimizer state over the ranks, 2 also the gradients, "
+        "3 also the parameters (0)",
     )
     dist.add_argument(
         "--ranks-per-node",

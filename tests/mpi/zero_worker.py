@@ -6,6 +6,11 @@ Modes:
   the initial parameters): the global norm is NaN on every rank, so every rank skips the
   same steps and stops with ``TrainingDiverged`` after ``max_bad_steps``.
 - ``reduce_scatter``: the group's reduce-scatter with uneven counts against numpy.
+- ``stage3``: a small model of three blocks under ``ZeRO(stage=3)`` against plain
+  :class:`DataParallel`: the same parameters after 3 AdamW steps; during each block's
+  forward the next block's gather is in flight (prefetch) and the blocks before it are
+  freed; after forward and between steps every parameter is freed (reads zero); a fourth
+  block that forward skips raises the same error on every rank.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+import moecore as mc
 import moecore.distributed as dist
+from moecore import nn, optim
+from moecore.distributed.zero import ShardedOptimizer, ZeRO
+from moecore.distributed.zero.stage3 import UnusedParameters
 from moecore.train import Trainer, TrainingDiverged, build_config
 
 
@@ -74,8 +83,103 @@ def reduce_scatter(corpus: str, out: Path) -> None:
         raise AssertionError("wrong counts accepted")
 
 
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        object.__setattr__(self, "probe", None)
+
+    def forward(self, x):
+        if self.probe is not None:  # what the test looks at while the block computes
+            self.probe()
+        return self.lin(x).tanh() + x
+
+
+class _Net(nn.Module):
+    def __init__(self, blocks: int, used: int) -> None:
+        super().__init__()
+        mc.manual_seed(3)
+        self.emb = nn.Linear(5, 8)
+        self.blocks = nn.ModuleList([_Block(8) for _ in range(blocks)])
+        self.head = nn.Linear(8, 1)
+        self.used = used
+
+    def forward(self, x):
+        h = self.emb(x)
+        for block in list(self.blocks)[: self.used]:
+            h = block(h)
+        return (self.head(h) * self.head(h)).mean()
+
+
+def stage3(corpus: str, out: Path) -> None:
+    group = dist.init()
+    rng = np.random.default_rng(11)
+    batches = [rng.standard_normal((4 * group.size, 5)).astype(np.float32) for _ in range(3)]
+    mine = slice(4 * group.rank, 4 * group.rank + 4)
+    ref = _Net(3, 3)
+    dp = dist.DataParallel(ref, group)
+    ref_opt = optim.AdamW(ref.parameters(), lr=1e-2)
+    net = _Net(3, 3)
+    zero = ZeRO(net, group, stage=3)
+    units = zero.sharded.units
+    assert [u.label for u in units] == ["root", "blocks.0", "blocks.1", "blocks.2"]
+    seen = []
+
+    def probe(i):
+        def look():
+            seen.append(
+                (
+                    i,
+                    units[i + 1].gathered,
+                    i + 2 >= len(units) or bool(units[i + 2].pending),  # prefetch
+                    [u.gathered for u in units[1 : i + 1]],  # earlier blocks freed
+                )
+            )
+
+        return look
+
+    for i, block in enumerate(net.blocks):
+        object.__setattr__(block, "probe", probe(i))
+    opt = ShardedOptimizer(optim.AdamW(net.parameters(), lr=1e-2), [zero])
+    for x in batches:
+        loss = ref(mc.Tensor(x[mine]))
+        loss.backward()
+        dp.finish()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        loss = net(mc.Tensor(x[mine]))
+        for p in net.blocks[1].parameters():  # freed after its forward
+            assert not p.data.any(), "a block's parameters were not freed after forward"
+        loss.backward()
+        zero.finish()
+        opt.step()
+        opt.zero_grad()
+        assert not any(u.gathered for u in units)
+    assert len(seen) == 9, seen
+    for i, gathered, prefetched, earlier in seen:
+        assert gathered, f"block {i} ran without its parameters"
+        assert prefetched, f"block {i + 1}'s gather was not in flight during block {i}"
+        assert not any(earlier[:-1]), f"blocks before {i} still gathered: {earlier}"
+    with zero.gathered():
+        for (name, a), b in zip(ref.named_parameters(), net.parameters()):
+            np.testing.assert_allclose(b.data, a.data, rtol=1e-6, atol=1e-7, err_msg=name)
+    for p in net.parameters():
+        assert not p.data.any(), "parameters not freed after gathered()"
+    unused = _Net(4, 3)
+    zero = ZeRO(unused, group, stage=3)
+    loss = unused(mc.Tensor(batches[0][mine]))
+    try:
+        loss.backward()
+    except UnusedParameters as exc:
+        assert "modules ['blocks.3'] took no part in forward" in str(exc), exc
+        assert "blocks.3.lin.weight" in str(exc), exc
+    else:
+        raise AssertionError("a block that forward skipped was not refused")
+
+
 if __name__ == "__main__":
     mode, corpus, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    {"nonfinite": nonfinite, "reduce_scatter": reduce_scatter}[mode](corpus, out)
+    modes = {"nonfinite": nonfinite, "reduce_scatter": reduce_scatter, "stage3": stage3}
+    modes[mode](corpus, out)
     if dist.init().rank == 0:
         print(f"OK {mode} size={dist.init().size}")

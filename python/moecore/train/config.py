@@ -76,7 +76,8 @@ class RunConfig(ModelConfig):
     bucket_mb: float = 25.0
     comm_policy: str = "fifo"
     # ZeRO stage over the data-parallel ranks: 0 off, 1 optimizer state sharded, 2 also
-    # gradients (reduce-scattered during backward); see docs/zero.md
+    # gradients (reduce-scattered during backward), 3 also parameters (gathered per block
+    # as it runs); see docs/zero.md
     zero: int = 0
     ranks_per_node: int = 1
     # seconds any blocking communication may last before the job ends (a rank that hangs)
@@ -281,11 +282,16 @@ def _check_values(c: RunConfig) -> list[str]:
 
 def _check_zero(c: RunConfig) -> list[str]:
     """ZeRO stages and what they cannot be combined with (refused rather than different)."""
-    if c.zero not in (0, 1, 2):
-        return [f"zero must be 0, 1 or 2 (stage 3 is not implemented), got {c.zero!r}"]
+    if c.zero not in (0, 1, 2, 3):
+        return [f"zero must be 0, 1, 2 or 3, got {c.zero!r}"]
     if not c.zero:
         return []
     p = []
+    if c.zero == 3 and c.ep > 1:
+        p.append(
+            f"zero=3 with ep ({c.ep}) > 1 is not supported: stage 3 gathers each block's "
+            "parameters over one group, expert parallelism holds them over two (use zero=2)"
+        )
     if c.zero >= 2 and c.compress != "none":
         p.append(
             f"compress ({c.compress}) with zero={c.zero} is not supported: stage 2 "

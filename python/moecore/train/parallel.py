@@ -93,7 +93,10 @@ class Layout:
             kwargs = {**kwargs, "stage": self.zero}
         cls: Any = ZeRO if self.zero else DataParallel
         if self.world.size > 1:
-            self.dense = cls(_Subset(dense), self.world, **kwargs)
+            # Stage 3 gathers per module: it needs the model itself (ep = 1: every
+            # parameter is replicated).
+            whole = self.zero == 3 and not experts
+            self.dense = cls(model if whole else _Subset(dense), self.world, **kwargs)
         if experts and self.dp > 1:
             self.experts = cls(_Subset(experts), self.expert_dp_group, **kwargs)
         self._expert_params = [p for _, p in experts]
@@ -148,6 +151,15 @@ class Layout:
             for p in dense + experts:
                 p.grad *= p.grad.dtype.type(scale)
         return norm
+
+    @contextlib.contextmanager
+    def full_params(self, writeback: bool = False) -> Iterator[None]:
+        """Every parameter whole inside (ZeRO stage 3 holds parts at rest); with
+        ``writeback`` the values found there become the ranks' parts (loading)."""
+        with contextlib.ExitStack() as stack:
+            for z in self._zeros():
+                stack.enter_context(z.gathered(writeback))
+            yield
 
     def _zeros(self) -> list[ZeRO]:
         return [z for z in (self.dense, self.experts) if isinstance(z, ZeRO)]

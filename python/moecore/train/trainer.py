@@ -246,9 +246,10 @@ class Trainer:
             self.optimizer = self.layout.shard_optimizer(self.optimizer)
         # Checkpoints hold every expert (single-process layout): keep this rank's.
         lay = self.layout
-        self.model.load_state_dict(
-            {n: lay.shard(n, v) for n, v in groups["model"].items()}, strict=True
-        )
+        with lay.full_params(writeback=True):
+            self.model.load_state_dict(
+                {n: lay.shard(n, v) for n, v in groups["model"].items()}, strict=True
+            )
         names = self._param_names()
         saved_opt = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
         for key, value in groups.get("optimizer", {}).items():
@@ -274,7 +275,9 @@ class Trainer:
         has the single-process layout whatever ``dp`` and ``ep`` are."""
         lay = self.layout
         names = self._param_names()
-        model_state = {n: lay.gather(n, v) for n, v in self.model.state_dict().items()}
+        with lay.full_params():  # stage 3: gathered inside, copied before they are freed
+            keep = (lambda v: v.copy()) if lay.zero == 3 else (lambda v: v)
+            model_state = {n: lay.gather(n, keep(v)) for n, v in self.model.state_dict().items()}
         opt_state = self.optimizer.state_dict()
         tensors: dict[str, np.ndarray] = {}
         scalars: dict[str, Any] = {}
@@ -371,7 +374,10 @@ class Trainer:
         self.step += 1
         cvs = [routing_summary(load)["cv"] for load in loads]
         # A collective under expert parallelism: every rank computes it.
-        checksum = param_checksums(self.model, self.layout) if cfg.param_checksum else None
+        checksum = None
+        if cfg.param_checksum:
+            with self.layout.full_params():
+                checksum = param_checksums(self.model, self.layout)
         return {
             "step": self.step,
             "loss": total_loss,

@@ -11,15 +11,17 @@ from typing import Any
 
 import numpy as np
 
+from moecore import nn
 from moecore.comm import Action
 from moecore.distributed.data_parallel import DataParallel
 from moecore.distributed.group import Group, Request
 from moecore.distributed.zero.shards import Piece, owned_range, reduce_scatter_counts
+from moecore.distributed.zero.stage3 import ShardedParams
 
 __all__ = ["STAGES", "ZeRO"]
 
 #: The stages :class:`ZeRO` implements.
-STAGES = (1, 2)
+STAGES = (1, 2, 3)
 
 
 class ZeRO(DataParallel):
@@ -30,7 +32,9 @@ class ZeRO(DataParallel):
         group: the data-parallel group.
         stage: 1 — gradients all-reduced as by :class:`DataParallel`, optimizer state kept
             for the owned elements only; 2 — gradients also reduce-scattered during backward
-            (bucket by bucket, on the same scheduler), so each rank keeps only its part.
+            (bucket by bucket, on the same scheduler), so each rank keeps only its part;
+            3 — parameters too, gathered per module as it runs
+            (:mod:`moecore.distributed.zero.stage3`; ``model`` must be an ``nn.Module``).
         **kwargs: as for :class:`DataParallel`; compression only with stage 1 (stage 2 sends
             no all-reduce to compress).
 
@@ -55,7 +59,12 @@ class ZeRO(DataParallel):
                 "gradients, there is no all-reduce left to compress)"
             )
         self.stage = self._zero_stage = stage
+        self.sharded: ShardedParams | None = None
         super().__init__(model, group, **kwargs)
+        if stage == 3:
+            if not isinstance(model, nn.Module):
+                raise TypeError("ZeRO stage 3 needs an nn.Module (it gathers per module)")
+            self.sharded = ShardedParams(self, model)
 
     # --- layout -------------------------------------------------------------------------
 
@@ -83,13 +92,38 @@ class ZeRO(DataParallel):
                 if a < e:
                     self.pieces.append(Piece.of(self.params[g], g, bi, a, a - off, e - a))
 
+    def remove_hooks(self) -> None:
+        """As :meth:`DataParallel.remove_hooks`; stage 3 leaves every parameter whole."""
+        if self.sharded is not None:
+            self.sharded.remove()
+        super().remove_hooks()
+
+    def _ready(self, index: int) -> None:
+        super()._ready(index)
+        if self.sharded is not None:
+            self.sharded.grad_ready(index)
+
+    @contextlib.contextmanager
+    def gathered(self, writeback: bool = False) -> Iterator[None]:
+        """Every parameter whole inside (stage 3 holds only parts at rest; other stages
+        always hold them whole); ``writeback``: values put there become this rank's parts."""
+        if self.sharded is None or self.group.size == 1:
+            yield
+            return
+        with self.sharded.gathered(writeback):
+            yield
+
     def _rebuild(self) -> None:
         """Kept out: the shards (and the optimizer state over them) follow the buckets."""
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for the parameters (whole) and the gradients (whole with
         stage 1, its part with stage 2)."""
-        params = sum(p.data.nbytes for p in self.params)
+        params = (
+            sum(p.data.nbytes for p in self.params)
+            if self.sharded is None
+            else self.sharded.state_bytes()
+        )
         grads = sum(b.nbytes for b in self.buffers) + sum(s.nbytes for s in self.grad_shards)
         return {"param_bytes": params, "grad_bytes": grads}
 
@@ -148,6 +182,8 @@ class ZeRO(DataParallel):
             raise RuntimeError(f"ZeRO: operations {sorted(self._requests)} never waited for")
         for p in self.params:
             p.grad = None
+        if self.sharded is not None:
+            self.sharded.end_of_backward()
 
     def finish(self) -> dict[str, Any]:
         """Completes the gradients' communication and points each owned piece's ``.grad``
@@ -155,6 +191,8 @@ class ZeRO(DataParallel):
         rank's parts). Returns the step's statistics (:meth:`DataParallel.finish`)."""
         if self.stage == 1 or self.group.size == 1:
             stats = super().finish()
+            if self.sharded is not None:
+                self.sharded.end_of_backward()
             for piece in self.pieces:
                 grad = self.params[piece.index].grad
                 piece.tensor.grad = (
@@ -231,8 +269,8 @@ class ZeRO(DataParallel):
 
     def gather_params(self) -> None:
         """All-gathers the parameters after this rank updated its pieces."""
-        if self.group.size == 1:
-            return
+        if self.group.size == 1 or self.sharded is not None:
+            return  # stage 3 gathers each module when it runs
         for bi, full in enumerate(self.allgather_pieces(lambda p: p.tensor.data)):
             for g, off, n in self.buckets[bi].slices:
                 self.params[g].data.reshape(-1)[...] = full[off : off + n]
