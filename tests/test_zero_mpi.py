@@ -187,3 +187,84 @@ def test_stage3_gathers_per_block_with_prefetch_and_frees(tmp_path, corpus, n):
     steps; the next block's gather in flight during each block's forward; blocks freed
     after forward and between steps; a block forward skips refused on every rank."""
     _worker(n, "stage3", corpus, tmp_path)
+
+
+def test_resume_from_dp2_ep2_stage2_in_one_process_follows_the_same_curve(tmp_path, corpus):
+    """Experts in a sharded checkpoint: each expert's elements written by the rank that
+    owns them within the ranks holding that expert, in the single-process coordinates."""
+    sets = ["--set", *FEATURES]
+    whole = _run(tmp_path, corpus, "whole", 1, *sets)
+    layout = ["--dp", "2", "--ep", "2", "--zero", "2"]
+    part = _run(tmp_path, corpus, "part", 4, *layout, *sets, steps=10)
+    assert_runs_agree(whole[:10], part, ACROSS_WORLDS)
+    _resume(tmp_path / "part", 1, "--ep", "1", "--zero", "0")
+    assert_runs_agree(whole, read_records(tmp_path / "part"), ACROSS_WORLDS)
+
+
+def _only_checkpoint(run_dir):
+    (folder,) = (run_dir / "checkpoints").iterdir()
+    return folder
+
+
+def test_each_rank_writes_its_part_and_export_consolidates(tmp_path, corpus):
+    """A stage-2 run on 2 ranks writes one shard per rank (each about half of the model
+    and optimizer bytes), named with the layout in state.json and the manifest;
+    ``moecore export`` consolidates them into the weights a plain data-parallel run's
+    (unsharded) checkpoint holds, up to float32 rounding."""
+    import json
+
+    from moecore.train import safetensors
+
+    plain = tmp_path / "plain"
+    _run(tmp_path, corpus, "plain", 2, "--dp", "2", steps=6)
+    _run(tmp_path, corpus, "zero", 2, "--dp", "2", "--zero", "2", steps=6)
+    folder = _only_checkpoint(tmp_path / "zero")
+    state = json.loads((folder / "state.json").read_text())
+    assert state["sharded"]["shards"] == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    assert (state["sharded"]["world"], state["sharded"]["zero"]) == (2, 2)
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"state.json", *state["sharded"]["shards"]}
+    sizes = [(folder / s).stat().st_size for s in state["sharded"]["shards"]]
+    whole = sum(f.stat().st_size for f in _only_checkpoint(plain).glob("*.safetensors"))
+    assert abs(sum(sizes) - whole) < 0.02 * whole, (sizes, whole)
+    assert max(sizes) < 0.55 * whole, (sizes, whole)
+    for name, run in (("zero", tmp_path / "zero"), ("plain", plain)):
+        target = tmp_path / f"{name}.safetensors"
+        code, out, _ = launch([*_entry(), "export", str(run), "--out", str(target)])
+        assert code == 0, out
+    got, _ = safetensors.read(str(tmp_path / "zero.safetensors"))
+    want, _ = safetensors.read(str(tmp_path / "plain.safetensors"))
+    ref, _ = safetensors.read(str(_only_checkpoint(plain) / "model.safetensors"))
+    assert sorted(got) == sorted(want) == sorted(ref)
+    for key, value in want.items():
+        assert value.shape == got[key].shape and value.dtype == got[key].dtype, key
+        scale = max(float(abs(value).max()), 1e-30)
+        assert float(abs(got[key] - value).max()) <= 1e-5 * scale, key
+        assert (ref[key] == value).all(), key
+
+
+@pytest.mark.parametrize("damage", ["missing", "flipped"])
+def test_a_shard_missing_or_damaged_is_refused_and_nothing_is_overwritten(
+    tmp_path, corpus, damage
+):
+    """With one shard deleted or one byte changed, resuming and exporting both fail with a
+    message naming the shard; no file of the checkpoint changes, no export is written."""
+    _run(tmp_path, corpus, "run", 2, "--dp", "2", "--zero", "2", steps=3)
+    folder = _only_checkpoint(tmp_path / "run")
+    shard = folder / "shard_00001.safetensors"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[-3] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    cmd = [*mpiexec(2), *_entry(), "train", "--resume", str(tmp_path / "run"), "--dp", "2"]
+    code, out, _ = launch([*cmd, "--set", "steps=6"], timeout=60)
+    assert code != 0, out
+    assert str(shard) in out, out
+    code, out, _ = launch([*_entry(), "export", str(folder), "--out", str(tmp_path / "w")])
+    assert code != 0 and str(shard) in out, out
+    assert not (tmp_path / "w").exists()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [folder.name]

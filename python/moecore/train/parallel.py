@@ -222,6 +222,48 @@ class Layout:
         record["rank_peak_rss_mb"] = [float(v) for v in out[:, 3]]
         return record
 
+    # -- checkpoints ---------------------------------------------------------------------
+    def owned(self, model: nn.Module, optimizer: optim.Optimizer) -> list[Any]:
+        """Under ZeRO, what this rank writes of a sharded checkpoint: (parameter name,
+        first element in the single-process flat tensor, values, their optimizer state)
+        for every piece it owns (and the experts no ZeRO holds, dp = 1: its own, whole).
+        Every element of the model is owned by exactly one rank."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        inner = optimizer.inner if isinstance(optimizer, ShardedOptimizer) else optimizer
+        ep_pos = self.ep_group.rank if self.ep > 1 else 0
+        out: list[Any] = []
+        for z in self._zeros():
+            for piece in z.pieces:
+                p = z.params[piece.index]
+                name = names[id(p)]
+                base = ep_pos * p.data.size if name in self.sharded else 0
+                state = inner.state.get(id(piece.tensor), {})
+                out.append((name, base + piece.start, piece.tensor.data, state))
+        if self.experts is None:
+            for p in self._expert_params:
+                state = inner.state.get(id(p), {})
+                out.append((names[id(p)], ep_pos * p.data.size, p.data, state))
+        return out
+
+    def sharded_layout(self, model: nn.Module, names: list[str]) -> dict[str, Any]:
+        """What a sharded checkpoint records of the layout: world, dp, ep, stage, and every
+        parameter's name and single-process shape, in ``names``' (the optimizer's) order."""
+        shapes = {n: list(p.data.shape) for n, p in model.named_parameters()}
+        for name in self.sharded:
+            shapes[name][0] *= self.ep
+        params = [[n, shapes[n]] for n in names]
+        return {
+            "world": self.world.size,
+            "dp": self.dp,
+            "ep": self.ep,
+            "zero": self.zero,
+            "params": params,
+        }
+
+    def sharded_checkpoints(self) -> bool:
+        """Whether each rank writes its own part of a checkpoint (ZeRO on several ranks)."""
+        return bool(self._zeros())
+
     # -- checkpoints -----------------------------------------------------------------------
     def gather(self, name: str, local: np.ndarray) -> np.ndarray:
         """The full (all experts) tensor of sharded parameter ``name`` from this rank's

@@ -22,7 +22,7 @@ from moecore.distributed import Group, HierarchicalGroup, MPIGroup, SingleProces
 from moecore.distributed.agreement import check_ranks_agree
 from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
-from moecore.train import checkpoint
+from moecore.train import checkpoint, sharded_checkpoint
 from moecore.train.checkpoint import CheckpointError
 from moecore.train.checksum import param_checksums
 from moecore.train.config import ConfigError, RunConfig, config_from_dict
@@ -272,12 +272,14 @@ class Trainer:
     def save_checkpoint(self, metrics: MetricsLog) -> Path | None:
         """Writes a checkpoint of the current step (atomically): every rank must call it
         (expert shards are gathered), rank 0 writes (None on the others). The checkpoint
-        has the single-process layout whatever ``dp`` and ``ep`` are."""
+        has the single-process layout whatever ``dp`` and ``ep`` are — or, under ZeRO,
+        every rank writes its own part (:mod:`moecore.train.sharded_checkpoint`), read back
+        in the single-process layout."""
         lay = self.layout
         names = self._param_names()
-        with lay.full_params():  # stage 3: gathered inside, copied before they are freed
-            keep = (lambda v: v.copy()) if lay.zero == 3 else (lambda v: v)
-            model_state = {n: lay.gather(n, keep(v)) for n, v in self.model.state_dict().items()}
+        if lay.sharded_checkpoints():
+            return self._save_sharded(metrics, names)
+        model_state = {n: lay.gather(n, v) for n, v in self.model.state_dict().items()}
         opt_state = self.optimizer.state_dict()
         tensors: dict[str, np.ndarray] = {}
         scalars: dict[str, Any] = {}
@@ -291,7 +293,46 @@ class Trainer:
             return None
         metrics.sync()
         groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
-        state = {
+        return checkpoint.save(
+            self.run_dir,
+            self.step,
+            {"model": model_state, "optimizer": tensors},
+            self._checkpoint_state(metrics, groups, scalars),
+            self.config.keep_checkpoints,
+        )
+
+    def _save_sharded(self, metrics: MetricsLog, names: list[str]) -> Path | None:
+        lay = self.layout
+        params = {n for n, _ in self.model.named_parameters()}
+        owned = lay.owned(self.model, self.optimizer)
+        # Buffers (e.g. routing biases) are the same on every rank: rank 0 writes them.
+        buffers = {n: v for n, v in self.model.state_dict().items() if n not in params}
+        if self.group.is_root:
+            owned += [(n, 0, v, {}) for n, v in buffers.items()]
+            metrics.sync()
+        layout = lay.sharded_layout(self.model, names)
+        layout["buffers"] = [[n, list(v.shape)] for n, v in buffers.items()]
+        index = 0
+        groups = []
+        for g in self.optimizer.param_groups:
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            groups.append({**hyper, "params": list(range(index, index + len(g["params"])))})
+            index += len(g["params"])
+        return sharded_checkpoint.save_sharded(
+            self.run_dir,
+            self.step,
+            self.group,
+            owned,
+            layout,
+            self._checkpoint_state(metrics, groups, {}),
+            self.config.keep_checkpoints,
+        )
+
+    def _checkpoint_state(
+        self, metrics: MetricsLog, groups: list[dict[str, Any]], scalars: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Everything of a checkpoint but the tensors."""
+        return {
             "config": self.config.to_dict(),
             "optimizer": {"param_groups": groups, "scalars": scalars},
             "schedule": self.schedule.state_dict(),
@@ -303,13 +344,6 @@ class Trainer:
             "corpus": {"name": self.data.name, "sha256": self.data.digest},
             "moecore_version": moecore.__version__,
         }
-        return checkpoint.save(
-            self.run_dir,
-            self.step,
-            {"model": model_state, "optimizer": tensors},
-            state,
-            self.config.keep_checkpoints,
-        )
 
     # -- the loop ------------------------------------------------------------------------
     def evaluate(self) -> float:
