@@ -244,9 +244,7 @@ def test_each_rank_writes_its_part_and_export_consolidates(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("damage", ["missing", "flipped"])
-def test_a_shard_missing_or_damaged_is_refused_and_nothing_is_overwritten(
-    tmp_path, corpus, damage
-):
+def test_a_shard_missing_or_damaged_is_refused_and_nothing_is_overwritten(tmp_path, corpus, damage):
     """With one shard deleted or one byte changed, resuming and exporting both fail with a
     message naming the shard; no file of the checkpoint changes, no export is written."""
     _run(tmp_path, corpus, "run", 2, "--dp", "2", "--zero", "2", steps=3)
