@@ -26,7 +26,7 @@ import moecore as mc
 import moecore.distributed as dist
 from moecore import nn, optim
 from moecore.distributed.zero import ShardedOptimizer, ZeRO
-from moecore.distributed.zero.stage3 import UnusedParameters
+from moecore.errors import UnusedParameters
 from moecore.train import Trainer, TrainingDiverged, build_config
 
 

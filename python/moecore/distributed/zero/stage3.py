@@ -32,16 +32,12 @@ from moecore.autograd.grad_mode import is_grad_enabled
 from moecore.autograd.tensor import Tensor
 from moecore.distributed.group import Request
 from moecore.distributed.zero.shards import reduce_scatter_counts
+from moecore.errors import UnusedParameters
 
 if TYPE_CHECKING:
     from moecore.distributed.zero.wrapper import ZeRO
 
 __all__ = ["ShardedParams", "UnusedParameters"]
-
-
-class UnusedParameters(RuntimeError):
-    """Stage 3 met a unit (module) whose forward did not run: its parameters were never
-    gathered, and every rank raises the same (the modules run the same on every rank)."""
 
 
 @dataclass
