@@ -375,19 +375,7 @@ class DataParallel:
             self.last_stats = {"finish_seconds": 0.0, **self._new_stats()}
             return self.last_stats
         t0 = time.perf_counter()
-        if not self.scheduler.in_step:
-            self.scheduler.begin_step()
-        # Gradients that never became ready go as zeros (`_fill`, `_grad`).
-        self._missing = set(self.scheduler.unready())
-        try:
-            self._run(self.scheduler.finish(), "launched_at_finish")
-        finally:
-            self._missing = set()
-        self._driver.clear()
-        if self._requests:
-            raise RuntimeError(
-                f"DataParallel: operations {sorted(self._requests)} never waited for"
-            )
+        self._send_rest()
         for i, p in enumerate(self.params):
             b, off, n = self._where[i]
             avg = self.buffers[b][off : off + n].reshape(p.data.shape)
@@ -402,6 +390,22 @@ class DataParallel:
         self._stats["finish_seconds"] = time.perf_counter() - t0
         self.last_stats, self._stats = self._stats, self._new_stats()
         return self.last_stats
+
+    def _send_rest(self) -> None:
+        """Launches what this backward left to the end and waits for every operation."""
+        if not self.scheduler.in_step:
+            self.scheduler.begin_step()
+        # Gradients that never became ready go as zeros (`_fill`, `_grad`).
+        self._missing = set(self.scheduler.unready())
+        try:
+            self._run(self.scheduler.finish(), "launched_at_finish")
+        finally:
+            self._missing = set()
+        self._driver.clear()
+        if self._requests:
+            raise RuntimeError(
+                f"{type(self).__name__}: operations {sorted(self._requests)} never waited for"
+            )
 
     def _rebuild(self) -> None:
         """DDP's one-time rebuild: buckets from rank 0's observed ready order."""

@@ -139,8 +139,6 @@ class Group(ABC):
         cut into consecutive pieces of ``counts[r]`` elements; rank ``r``'s ``recv``
         (``counts[r]`` elements) becomes the sum over ranks of piece ``r``. This default
         all-reduces a copy; backends override it with the real collective."""
-        check_buffer(send, "send")
-        check_buffer(recv, "recv", writable=True)
         lo, hi = check_reduce_scatter(send, recv, counts, self.rank, self.size)
         summed = send.copy()
         return self.iallreduce(summed, on_done=_copy_then(summed[lo:hi], recv, on_done))
@@ -204,6 +202,8 @@ def check_reduce_scatter(
     send: np.ndarray, recv: np.ndarray, counts: Sequence[int], rank: int, size: int
 ) -> tuple[int, int]:
     """Checks a reduce-scatter's arguments; returns this rank's piece of ``send``."""
+    check_buffer(send, "send")
+    check_buffer(recv, "recv", writable=True)
     if len(counts) != size or any(int(c) < 0 for c in counts):
         raise ValueError(f"counts must be {size} non-negative numbers, got {list(counts)}")
     if send.ndim != 1 or send.size != sum(int(c) for c in counts):

@@ -162,8 +162,6 @@ class MPIGroup(Group):
         counts: Sequence[int],
         on_done: Callable[[], None] | None = None,
     ) -> Request:
-        check_buffer(send, "send")
-        check_buffer(recv, "recv", writable=True)
         check_reduce_scatter(send, recv, counts, self.rank, self.size)
         req = self.comm.Ireduce_scatter(
             send, recv, recvcounts=[int(c) for c in counts], op=self.mpi.SUM

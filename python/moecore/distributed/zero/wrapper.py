@@ -170,16 +170,7 @@ class ZeRO(DataParallel):
 
     def _flush(self) -> None:
         """Stage 2: sends what this backward left, waits, and drops the whole gradients."""
-        if not self.scheduler.in_step:
-            self.scheduler.begin_step()
-        self._missing = set(self.scheduler.unready())
-        try:
-            self._run(self.scheduler.finish(), "launched_at_finish")
-        finally:
-            self._missing = set()
-        self._driver.clear()
-        if self._requests:
-            raise RuntimeError(f"ZeRO: operations {sorted(self._requests)} never waited for")
+        self._send_rest()
         for p in self.params:
             p.grad = None
         if self.sharded is not None:
