@@ -181,6 +181,7 @@ def _train(args: argparse.Namespace) -> int:
             ("compress", "compress"),
             ("bucket_mb", "bucket_mb"),
             ("comm_policy", "comm_policy"),
+            ("zero", "zero"),
             ("compress_warmup", "compress_warmup"),
             ("ranks_per_node", "ranks_per_node"),
         ):
@@ -377,6 +378,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return verify_run(Path(args.run), sys.stdout)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from moecore.train.export import export
+
+    try:
+        source = export(Path(args.source), Path(args.out))
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {args.out} from {source}")
+    return 0
+
+
 def _cmd_check_cuda(args: argparse.Namespace) -> int:
     from moecore.kernels.cuda import compile_check
 
@@ -440,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--bucket-mb", type=positive_float, help="gradient bucket cap in MiB (25)")
     dist.add_argument(
         "--comm-policy", choices=["fifo", "priority"], help="bucket launch policy (fifo)"
+    )
+    dist.add_argument(
+        "--zero",
+        type=int,
+        choices=[0, 1, 2, 3],
+        help="ZeRO stage: 1 shards the optimizer state over the ranks, 2 also the gradients, "
+        "3 also the parameters (0)",
     )
     dist.add_argument(
         "--ranks-per-node",
@@ -533,6 +552,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("run", metavar="RUN_DIR", help="run directory")
     ver.set_defaults(handler=_cmd_verify)
+    exp = sub.add_parser(
+        "export",
+        help="the model weights of a checkpoint (sharded by ZeRO or not) in one safetensors "
+        "file of the single-process layout",
+    )
+    exp.add_argument(
+        "source",
+        metavar="RUN_OR_CHECKPOINT",
+        help="a run (its newest intact checkpoint) or a checkpoint folder",
+    )
+    exp.add_argument("--out", required=True, help="the .safetensors file to write")
+    exp.set_defaults(handler=_cmd_export)
 
     pl = sub.add_parser(
         "plan", help="predict step time and exposed communication at 2 to 1024 workers"

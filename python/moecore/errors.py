@@ -35,6 +35,7 @@ __all__ = [
     "GradcheckError",
     "SafetensorsError",
     "TrainingDiverged",
+    "UnusedParameters",
 ]
 
 
@@ -73,3 +74,8 @@ class GradcheckError(AssertionError):
 
 class CompileFailure(RuntimeError):
     """NVRTC or ptxas reported an error or a warning."""
+
+
+class UnusedParameters(RuntimeError):
+    """ZeRO stage 3 met a module whose forward did not run: its parameters were never
+    gathered (the same on every rank: the modules run the same everywhere)."""

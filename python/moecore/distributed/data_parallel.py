@@ -116,6 +116,9 @@ class DataParallel:
         loss = loss_fn(dp(x), y); loss.backward(); dp.finish(); opt.step()
     """
 
+    #: The ZeRO stage (:class:`moecore.distributed.zero.ZeRO`); part of what ranks agree on.
+    _zero_stage = 0
+
     def __init__(
         self,
         model: Any,
@@ -164,6 +167,7 @@ class DataParallel:
             "warmup_steps": warmup_steps,
             "compress_when": compress_when,
             "compress": _wire_format(self.compressor),
+            "zero": self._zero_stage,
         }
         check_ranks_agree(group, "DataParallel", named, wire)
         layers = _layers(self.names)
@@ -266,15 +270,18 @@ class DataParallel:
                     self._stats["backward_wait_seconds"] += time.perf_counter() - t0
                 continue
             self._stats[counter] += 1
-            view = self.buffers[a.bucket][a.offset : a.offset + a.numel]
-            if a.transport == "allreduce":
-                self._fill(a.bucket, a.offset, a.offset + a.numel)
-                req = self.group.iallreduce(view, on_done=self._scaler(view))
-            else:
-                # A compressed bucket goes whole, compressed straight from the gradients.
-                req = self._launch_compressed(a.bucket, view, self._pieces(a.bucket))
+            req = self._launch(a)
             self._requests[a.op] = req
             self._driver.add(req)
+
+    def _launch(self, a: Action) -> Request:
+        """Starts the collective of launch action ``a``."""
+        view = self.buffers[a.bucket][a.offset : a.offset + a.numel]
+        if a.transport == "allreduce":
+            self._fill(a.bucket, a.offset, a.offset + a.numel)
+            return self.group.iallreduce(view, on_done=self._scaler(view))
+        # A compressed bucket goes whole, compressed straight from the gradients.
+        return self._launch_compressed(a.bucket, view, self._pieces(a.bucket))
 
     def _grad(self, index: int) -> np.ndarray:
         """Parameter ``index``'s flat gradient this step (zeros if it got none)."""
@@ -282,15 +289,16 @@ class DataParallel:
             return np.zeros(self.params[index].data.size, dtype=np.float32)
         return np.asarray(self.params[index].grad, dtype=np.float32).reshape(-1)
 
-    def _fill(self, bucket: int, lo: int, hi: int) -> None:
-        """Copies the gradients into elements ``lo:hi`` of the bucket's buffer just before
-        they are sent (an all-reduce works in place)."""
-        buf = self.buffers[bucket]
+    def _fill(self, bucket: int, lo: int, hi: int, out: np.ndarray | None = None) -> None:
+        """Copies the gradients into elements ``lo:hi`` of the bucket's buffer (or into
+        ``out``, which then stands for those elements) just before they are sent (an
+        all-reduce works in place)."""
+        buf, base = (self.buffers[bucket], 0) if out is None else (out, lo)
         for g, off, n in self.buckets[bucket].slices:
             a, b = max(lo, off), min(hi, off + n)
             if a >= b:
                 continue
-            dst = buf[a:b]
+            dst = buf[a - base : b - base]
             if g in self._missing:
                 dst[...] = 0.0
                 continue
@@ -367,19 +375,7 @@ class DataParallel:
             self.last_stats = {"finish_seconds": 0.0, **self._new_stats()}
             return self.last_stats
         t0 = time.perf_counter()
-        if not self.scheduler.in_step:
-            self.scheduler.begin_step()
-        # Gradients that never became ready go as zeros (`_fill`, `_grad`).
-        self._missing = set(self.scheduler.unready())
-        try:
-            self._run(self.scheduler.finish(), "launched_at_finish")
-        finally:
-            self._missing = set()
-        self._driver.clear()
-        if self._requests:
-            raise RuntimeError(
-                f"DataParallel: operations {sorted(self._requests)} never waited for"
-            )
+        self._send_rest()
         for i, p in enumerate(self.params):
             b, off, n = self._where[i]
             avg = self.buffers[b][off : off + n].reshape(p.data.shape)
@@ -394,6 +390,22 @@ class DataParallel:
         self._stats["finish_seconds"] = time.perf_counter() - t0
         self.last_stats, self._stats = self._stats, self._new_stats()
         return self.last_stats
+
+    def _send_rest(self) -> None:
+        """Launches what this backward left to the end and waits for every operation."""
+        if not self.scheduler.in_step:
+            self.scheduler.begin_step()
+        # Gradients that never became ready go as zeros (`_fill`, `_grad`).
+        self._missing = set(self.scheduler.unready())
+        try:
+            self._run(self.scheduler.finish(), "launched_at_finish")
+        finally:
+            self._missing = set()
+        self._driver.clear()
+        if self._requests:
+            raise RuntimeError(
+                f"{type(self).__name__}: operations {sorted(self._requests)} never waited for"
+            )
 
     def _rebuild(self) -> None:
         """DDP's one-time rebuild: buckets from rank 0's observed ready order."""

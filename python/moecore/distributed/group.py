@@ -18,7 +18,14 @@ import numpy as np
 
 from moecore.distributed.watchdog import Watchdog, check_timeout
 
-__all__ = ["DEFAULT_TIMEOUT", "Group", "Request", "SingleProcess", "check_buffer"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Group",
+    "Request",
+    "SingleProcess",
+    "check_buffer",
+    "check_reduce_scatter",
+]
 
 #: Seconds a blocking operation of a group may last before the job is ended: 30 minutes,
 #: PyTorch's default for ``init_process_group``.
@@ -121,6 +128,21 @@ class Group(ABC):
         self.iallgatherv(send, on_done=out.extend).wait()
         return out
 
+    def ireduce_scatter(
+        self,
+        send: Any,
+        recv: Any,
+        counts: Sequence[int],
+        on_done: Callable[[], None] | None = None,
+    ) -> Request:
+        """Non-blocking reduce-scatter (sum): ``send`` (1-D, ``sum(counts)`` elements) is
+        cut into consecutive pieces of ``counts[r]`` elements; rank ``r``'s ``recv``
+        (``counts[r]`` elements) becomes the sum over ranks of piece ``r``. This default
+        all-reduces a copy; backends override it with the real collective."""
+        lo, hi = check_reduce_scatter(send, recv, counts, self.rank, self.size)
+        summed = send.copy()
+        return self.iallreduce(summed, on_done=_copy_then(summed[lo:hi], recv, on_done))
+
     @abstractmethod
     def alltoall(self, send: Any, recv: Any) -> Any:
         """``recv[r] = send[this rank] of rank r``; both have shape ``(size, ...)``."""
@@ -174,6 +196,36 @@ class Group(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+
+def check_reduce_scatter(
+    send: np.ndarray, recv: np.ndarray, counts: Sequence[int], rank: int, size: int
+) -> tuple[int, int]:
+    """Checks a reduce-scatter's arguments; returns this rank's piece of ``send``."""
+    check_buffer(send, "send")
+    check_buffer(recv, "recv", writable=True)
+    if len(counts) != size or any(int(c) < 0 for c in counts):
+        raise ValueError(f"counts must be {size} non-negative numbers, got {list(counts)}")
+    if send.ndim != 1 or send.size != sum(int(c) for c in counts):
+        raise ValueError(f"send must be 1-D with sum(counts) elements, got shape {send.shape}")
+    if recv.shape != (int(counts[rank]),) or recv.dtype != send.dtype:
+        raise ValueError(
+            f"recv must have shape ({int(counts[rank])},) and dtype {send.dtype}, "
+            f"got {recv.shape} {recv.dtype}"
+        )
+    lo = sum(int(c) for c in counts[:rank])
+    return lo, lo + int(counts[rank])
+
+
+def _copy_then(
+    src: np.ndarray, dst: np.ndarray, on_done: Callable[[], None] | None
+) -> Callable[[], None]:
+    def done() -> None:
+        dst[...] = src
+        if on_done is not None:
+            on_done()
+
+    return done
 
 
 class SingleProcess(Group):

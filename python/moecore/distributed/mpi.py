@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from moecore.distributed.group import DEFAULT_TIMEOUT, Group, Request, check_buffer
+from moecore.distributed.group import (
+    DEFAULT_TIMEOUT,
+    Group,
+    Request,
+    check_buffer,
+    check_reduce_scatter,
+)
 from moecore.distributed.launch import drain_output
 from moecore.distributed.watchdog import Watchdog, check_timeout
 
@@ -148,6 +154,20 @@ class MPIGroup(Group):
             )
         req = self.comm.Iallgather(send, recv)
         return _MPIRequest(self, f"an all-gather of {_describe(send)}", req, (send, recv), on_done)
+
+    def ireduce_scatter(
+        self,
+        send: Any,
+        recv: Any,
+        counts: Sequence[int],
+        on_done: Callable[[], None] | None = None,
+    ) -> Request:
+        check_reduce_scatter(send, recv, counts, self.rank, self.size)
+        req = self.comm.Ireduce_scatter(
+            send, recv, recvcounts=[int(c) for c in counts], op=self.mpi.SUM
+        )
+        what = f"a reduce-scatter of {_describe(send)}"
+        return _MPIRequest(self, what, req, (send, recv), on_done)
 
     def iallgatherv(self, send: Any, on_done: Callable[[list[Any]], None] | None = None) -> Request:
         check_buffer(send, "send")

@@ -24,12 +24,15 @@ __all__ = [
     "CheckpointDamaged",
     "CheckpointError",
     "checkpoint_dirs",
+    "fsync_dir",
     "latest",
     "load",
     "newest_intact",
+    "publish",
     "quarantine",
     "save",
     "write_atomic",
+    "write_file",
 ]
 
 FORMAT_VERSION = 1
@@ -40,7 +43,8 @@ _GROUP_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _PAUSE_ENV = "MOECORE_CHECKPOINT_PAUSE"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes a folder's entries (a file created or renamed in it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -48,7 +52,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, write: Any) -> None:
+def write_file(path: Path, write: Any) -> None:
+    """Creates ``path`` with what ``write(fh)`` writes, flushed to disk."""
     with open(path, "wb") as fh:
         write(fh)
         fh.flush()
@@ -58,9 +63,9 @@ def _write_file(path: Path, write: Any) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Replaces ``path`` with ``data`` atomically (temporary file, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_file(tmp, lambda fh: fh.write(data))
+    write_file(tmp, lambda fh: fh.write(data))
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -87,24 +92,31 @@ def save(
     ``state.json``) and keeps only the newest ``keep`` checkpoints. Returns its folder."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     for name, tensors in groups.items():
-        _write_file(
+        write_file(
             tmp / f"{name}.safetensors",
             lambda fh, t=tensors: safetensors.write(fh, t, {"format": "pt"}),
         )
     meta = {"format_version": FORMAT_VERSION, "step": step, "files": sorted(groups), **state}
-    _write_file(tmp / "state.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+    write_file(tmp / "state.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
     # Last: the checksums of what is now on disk (read back, so a write that went wrong
     # between our buffer and the file is caught by the next load, not recorded as good).
     names = [f"{name}.safetensors" for name in groups] + ["state.json"]
     manifest = integrity.manifest_bytes(tmp, names)
-    _write_file(tmp / integrity.MANIFEST, lambda fh: fh.write(manifest))
-    _fsync_dir(tmp)
+    write_file(tmp / integrity.MANIFEST, lambda fh: fh.write(manifest))
+    fsync_dir(tmp)
+    return publish(run_dir, step, tmp, keep)
+
+
+def publish(run_dir: Path, step: int, tmp: Path, keep: int) -> Path:
+    """Renames the complete temporary folder ``tmp`` to checkpoint ``step`` (atomically)
+    and keeps only the newest ``keep`` checkpoints. Returns the checkpoint's folder."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
     pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
     if pause:
         time.sleep(pause)
@@ -115,7 +127,7 @@ def save(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for stale in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     for leftover in root.glob(".step_*"):  # temporaries of killed writers
@@ -169,6 +181,10 @@ def load(
     if note is not None and notes is not None:
         notes.append(note)
     state = _read_state(path / "state.json")
+    if "sharded" in state:  # written by every rank (ZeRO): consolidated here
+        from moecore.train.sharded_checkpoint import consolidate
+
+        return consolidate(path, state), state
     groups = {}
     for name in state.get("files", []):
         file = path / f"{name}.safetensors"
@@ -215,7 +231,7 @@ def quarantine(path: Path) -> Path:
         target = path.with_name(f"{path.name}.damaged-{n}")
         n += 1
     os.replace(path, target)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return target
 
 

@@ -75,6 +75,10 @@ class RunConfig(ModelConfig):
     compress_warmup: int = 0
     bucket_mb: float = 25.0
     comm_policy: str = "fifo"
+    # ZeRO stage over the data-parallel ranks: 0 off, 1 optimizer state sharded, 2 also
+    # gradients (reduce-scattered during backward), 3 also parameters (gathered per block
+    # as it runs); see docs/zero.md
+    zero: int = 0
     ranks_per_node: int = 1
     # seconds any blocking communication may last before the job ends (a rank that hangs)
     comm_timeout_s: float = 1800.0
@@ -327,6 +331,7 @@ def _check_values(c: RunConfig) -> list[str]:
             ratio = -1.0
         if not 0 < ratio <= 1:
             p.append(f"compress must be 'none' or 'topk:<ratio in (0, 1]>', got {c.compress!r}")
+    p.extend(_check_zero(c))
     if c.data.endswith((".bin", ".npy")) and c.vocab < 1:
         p.append(f"data {c.data} holds token ids: set vocab to the vocabulary size")
     try:
@@ -378,6 +383,36 @@ def _check_deepseek(c: RunConfig) -> list[str]:
             p.append("bias with attention 'mla' is not supported (its projections have none)")
     if c.mtp_depth >= c.seq_len:
         p.append(f"mtp_depth ({c.mtp_depth}) must be < seq_len ({c.seq_len})")
+    return p
+
+
+def _check_zero(c: RunConfig) -> list[str]:
+    """ZeRO stages and what they cannot be combined with (refused rather than different)."""
+    if c.zero not in (0, 1, 2, 3):
+        return [f"zero must be 0, 1, 2 or 3, got {c.zero!r}"]
+    if not c.zero:
+        return []
+    p = []
+    if c.zero == 3 and c.ep > 1:
+        p.append(
+            f"zero=3 with ep ({c.ep}) > 1 is not supported: stage 3 gathers each block's "
+            "parameters over one group, expert parallelism holds them over two (use zero=2)"
+        )
+    if c.zero >= 2 and c.compress != "none":
+        p.append(
+            f"compress ({c.compress}) with zero={c.zero} is not supported: stage 2 "
+            "reduce-scatters the gradients, compression composes with zero=1 only"
+        )
+    if c.optimizer == "adafactor":
+        p.append(
+            f"optimizer adafactor with zero={c.zero} is not supported: its factored second "
+            "moment needs whole matrices, ZeRO shards them (use adamw or sgd)"
+        )
+    if c.agc:
+        p.append(
+            f"agc ({c.agc}) with zero={c.zero} is not supported: adaptive clipping needs "
+            "each unit's whole gradient, ZeRO shards it"
+        )
     return p
 
 

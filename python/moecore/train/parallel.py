@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from moecore import nn
+from moecore import nn, optim
 from moecore.distributed import DataParallel, ExpertParallelMoE, Group
+from moecore.distributed.zero import ShardedOptimizer, ZeRO
 from moecore.optim.clip import grad_norm
+from moecore.train.rss import rss_record
 
 __all__ = ["Layout"]
 
@@ -42,12 +44,14 @@ class Layout:
     Args:
         world: the job's group (size ``dp · ep``).
         ep: expert-parallel ranks (1: plain data parallelism).
+        zero: ZeRO stage (0: none): replicated parameters sharded over the world, an
+            expert's over its expert-data-parallel group (the ranks holding it).
     """
 
-    def __init__(self, world: Group, ep: int) -> None:
+    def __init__(self, world: Group, ep: int, zero: int = 0) -> None:
         if world.size % ep:
             raise ValueError(f"the job's {world.size} ranks are not a multiple of ep={ep}")
-        self.world, self.ep = world, ep
+        self.world, self.ep, self.zero = world, ep, zero
         self.dp = world.size // ep
         if ep > 1:
             self.ep_group = world.split(world.rank // ep)
@@ -85,10 +89,16 @@ class Layout:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         dense = [(n, p) for n, p in named if n not in self.sharded]
         experts = [(n, p) for n, p in named if n in self.sharded]
+        if self.zero:
+            kwargs = {**kwargs, "stage": self.zero}
+        cls: Any = ZeRO if self.zero else DataParallel
         if self.world.size > 1:
-            self.dense = DataParallel(_Subset(dense), self.world, **kwargs)
+            # Stage 3 gathers per module: it needs the model itself (ep = 1: every
+            # parameter is replicated).
+            whole = self.zero == 3 and not experts
+            self.dense = cls(model if whole else _Subset(dense), self.world, **kwargs)
         if experts and self.dp > 1:
-            self.experts = DataParallel(_Subset(experts), self.expert_dp_group, **kwargs)
+            self.experts = cls(_Subset(experts), self.expert_dp_group, **kwargs)
         self._expert_params = [p for _, p in experts]
         self._dense_params = [p for _, p in dense]
 
@@ -121,14 +131,16 @@ class Layout:
             for p in self._expert_params:
                 if p.grad is not None:
                     p.grad *= inv
+            if isinstance(self.experts, ZeRO) and self.experts.stage >= 2:
+                self.experts.scale_grads(1.0 / self.ep)  # stage 2 keeps no whole gradient
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """:func:`moecore.optim.clip_grad_norm_` over the whole (sharded) model: the norm of
         the replicated gradients and of every rank's experts, the same on every rank."""
+        if self._zeros():
+            return self._clip_sharded(max_norm)
         if self.ep == 1:
-            from moecore.optim import clip_grad_norm_
-
-            return clip_grad_norm_(self._dense_params, max_norm)
+            return optim.clip_grad_norm_(self._dense_params, max_norm)
         dense = [p for p in self._dense_params if p.grad is not None]
         experts = [p for p in self._expert_params if p.grad is not None]
         squares = np.array([grad_norm(experts) ** 2], dtype=np.float64)
@@ -139,6 +151,118 @@ class Layout:
             for p in dense + experts:
                 p.grad *= p.grad.dtype.type(scale)
         return norm
+
+    @contextlib.contextmanager
+    def full_params(self, writeback: bool = False) -> Iterator[None]:
+        """Every parameter whole inside (ZeRO stage 3 holds parts at rest); with
+        ``writeback`` the values found there become the ranks' parts (loading)."""
+        with contextlib.ExitStack() as stack:
+            for z in self._zeros():
+                stack.enter_context(z.gathered(writeback))
+            yield
+
+    def _zeros(self) -> list[ZeRO]:
+        return [z for z in (self.dense, self.experts) if isinstance(z, ZeRO)]
+
+    def _clip_sharded(self, max_norm: float) -> float:
+        """The global norm from each rank's owned gradient elements (plus the experts no
+        ZeRO shards, dp = 1: each on one rank only), summed over the world."""
+        whole = [] if self.experts is not None else self._expert_params
+        whole = [p for p in whole if p.grad is not None]
+        squares = np.array(
+            [sum(z.grad_square_sum() for z in self._zeros()) + grad_norm(whole) ** 2]
+        )
+        self.world.allreduce(squares)
+        norm = math.sqrt(float(squares[0]))
+        if math.isfinite(norm) and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for z in self._zeros():
+                z.scale_grads(scale)
+            for p in whole:
+                p.grad *= p.grad.dtype.type(scale)
+        return norm
+
+    def shard_optimizer(self, optimizer: optim.Optimizer) -> optim.Optimizer:
+        """``optimizer`` (over the whole parameters, or a previous wrapping of it) as this
+        rank updates it: over its ZeRO pieces, or as it is without ZeRO."""
+        if isinstance(optimizer, ShardedOptimizer):
+            optimizer = optimizer.full
+        zeros = self._zeros()
+        return ShardedOptimizer(optimizer, zeros) if zeros else optimizer
+
+    def state_bytes(self, optimizer: optim.Optimizer) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients and optimizer state."""
+        params = sum(p.data.nbytes for p in self._dense_params + self._expert_params)
+        grads = sum(p.data.nbytes for p in self._dense_params + self._expert_params)
+        if self._zeros():
+            zs = self._zeros()
+            params = sum(z.state_bytes()["param_bytes"] for z in zs)
+            grads = sum(z.state_bytes()["grad_bytes"] for z in zs)
+            if self.experts is None:  # experts no ZeRO takes care of
+                params += sum(p.data.nbytes for p in self._expert_params)
+                grads += sum(p.data.nbytes for p in self._expert_params)
+        inner = optimizer.inner if isinstance(optimizer, ShardedOptimizer) else optimizer
+        state = sum(
+            v.nbytes for st in inner.state.values() for v in st.values() if hasattr(v, "nbytes")
+        )
+        return {"param_bytes": params, "grad_bytes": grads, "optimizer_bytes": state}
+
+    def memory_record(self, optimizer: optim.Optimizer) -> dict[str, list[float]]:
+        """Every rank's bytes of parameters, gradients and optimizer state, and its peak
+        RSS in MiB, as lists in rank order (a collective: an all-gather of 4 numbers)."""
+        mine = self.state_bytes(optimizer)
+        peak = rss_record().get("peak_rss_mb", float("nan"))
+        keys = ("param_bytes", "grad_bytes", "optimizer_bytes")
+        send = np.array([*(float(mine[k]) for k in keys), peak], dtype=np.float64)
+        out = np.empty((self.world.size, 4), dtype=np.float64)
+        self.world.allgather(send, out)
+        record: dict[str, list[float]] = {
+            f"rank_{k}": [int(v) for v in out[:, i]] for i, k in enumerate(keys)
+        }
+        record["rank_peak_rss_mb"] = [float(v) for v in out[:, 3]]
+        return record
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def owned(self, model: nn.Module, optimizer: optim.Optimizer) -> list[Any]:
+        """Under ZeRO, what this rank writes of a sharded checkpoint: (parameter name,
+        first element in the single-process flat tensor, values, their optimizer state)
+        for every piece it owns (and the experts no ZeRO holds, dp = 1: its own, whole).
+        Every element of the model is owned by exactly one rank."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        inner = optimizer.inner if isinstance(optimizer, ShardedOptimizer) else optimizer
+        ep_pos = self.ep_group.rank if self.ep > 1 else 0
+        out: list[Any] = []
+        for z in self._zeros():
+            for piece in z.pieces:
+                p = z.params[piece.index]
+                name = names[id(p)]
+                base = ep_pos * p.data.size if name in self.sharded else 0
+                state = inner.state.get(id(piece.tensor), {})
+                out.append((name, base + piece.start, piece.tensor.data, state))
+        if self.experts is None:
+            for p in self._expert_params:
+                state = inner.state.get(id(p), {})
+                out.append((names[id(p)], ep_pos * p.data.size, p.data, state))
+        return out
+
+    def sharded_layout(self, model: nn.Module, names: list[str]) -> dict[str, Any]:
+        """What a sharded checkpoint records of the layout: world, dp, ep, stage, and every
+        parameter's name and single-process shape, in ``names``' (the optimizer's) order."""
+        shapes = {n: list(p.data.shape) for n, p in model.named_parameters()}
+        for name in self.sharded:
+            shapes[name][0] *= self.ep
+        params = [[n, shapes[n]] for n in names]
+        return {
+            "world": self.world.size,
+            "dp": self.dp,
+            "ep": self.ep,
+            "zero": self.zero,
+            "params": params,
+        }
+
+    def sharded_checkpoints(self) -> bool:
+        """Whether each rank writes its own part of a checkpoint (ZeRO on several ranks)."""
+        return bool(self._zeros())
 
     # -- checkpoints -----------------------------------------------------------------------
     def gather(self, name: str, local: np.ndarray) -> np.ndarray:

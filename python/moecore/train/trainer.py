@@ -22,7 +22,7 @@ from moecore.distributed import Group, HierarchicalGroup, MPIGroup, SingleProces
 from moecore.distributed.agreement import check_ranks_agree
 from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
-from moecore.train import checkpoint
+from moecore.train import checkpoint, sharded_checkpoint
 from moecore.train.checkpoint import CheckpointError
 from moecore.train.checksum import param_checksums
 from moecore.train.config import ConfigError, RunConfig, config_from_dict
@@ -157,7 +157,7 @@ class Trainer:
         self.data.check_length(config.seq_len)
         self.model = build_model(config)
         # Expert parallel: each MoE layer keeps this rank's experts; then gradient averaging.
-        self.layout = Layout(self.group, config.ep)
+        self.layout = Layout(self.group, config.ep, config.zero)
         self.layout.shard_model(self.model)
         self._data_parallel(warmup_steps=config.compress_warmup)
         self.moe_layers = self.layout.moe_layers(self.model)
@@ -165,7 +165,8 @@ class Trainer:
             # Micro-batch losses are divided by grad_accum: so are the aux-loss gradients
             # the MoE op injects in backward.
             layer.aux_loss_scale = 1.0 / config.grad_accum
-        self.optimizer = build_optimizer(self.model, config)
+        # With ZeRO, each rank updates its own part of the parameters.
+        self.optimizer = self.layout.shard_optimizer(build_optimizer(self.model, config))
         self.schedule = optim.LRScheduler(
             self.optimizer,
             config.schedule,
@@ -235,11 +236,20 @@ class Trainer:
         return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def _restore(self, groups: dict[str, dict[str, np.ndarray]], state: dict[str, Any]) -> None:
+        cfg = self.config
+        if self.group.size > 1 and cfg.compress != "none" and cfg.compress_warmup:
+            # The dense warm-up counts from the run's first step, not from this resume. (The
+            # error-feedback residuals restart at zero: they are per rank and per bucket
+            # layout, a checkpoint is neither; see the README.) Before the optimizer state
+            # is loaded: under ZeRO the optimizer follows the new buckets' shards.
+            self._data_parallel(warmup_steps=max(0, cfg.compress_warmup - int(state["step"])))
+            self.optimizer = self.layout.shard_optimizer(self.optimizer)
         # Checkpoints hold every expert (single-process layout): keep this rank's.
         lay = self.layout
-        self.model.load_state_dict(
-            {n: lay.shard(n, v) for n, v in groups["model"].items()}, strict=True
-        )
+        with lay.full_params(writeback=True):
+            self.model.load_state_dict(
+                {n: lay.shard(n, v) for n, v in groups["model"].items()}, strict=True
+            )
         names = self._param_names()
         saved_opt = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
         for key, value in groups.get("optimizer", {}).items():
@@ -256,21 +266,19 @@ class Trainer:
             layer._load_since_update[...] = load
         set_rng_state(state["rng"])
         self.step = int(state["step"])
-        cfg = self.config
-        if self.group.size > 1 and cfg.compress != "none" and cfg.compress_warmup:
-            # The dense warm-up counts from the run's first step, not from this resume. (The
-            # error-feedback residuals restart at zero: they are per rank and per bucket
-            # layout, a checkpoint is neither; see the README.)
-            self._data_parallel(warmup_steps=max(0, cfg.compress_warmup - self.step))
         self._metrics_offset = int(state["metrics_offset"])
         self.last_val = state.get("last_val")
 
     def save_checkpoint(self, metrics: MetricsLog) -> Path | None:
         """Writes a checkpoint of the current step (atomically): every rank must call it
         (expert shards are gathered), rank 0 writes (None on the others). The checkpoint
-        has the single-process layout whatever ``dp`` and ``ep`` are."""
+        has the single-process layout whatever ``dp`` and ``ep`` are — or, under ZeRO,
+        every rank writes its own part (:mod:`moecore.train.sharded_checkpoint`), read back
+        in the single-process layout."""
         lay = self.layout
         names = self._param_names()
+        if lay.sharded_checkpoints():
+            return self._save_sharded(metrics, names)
         model_state = {n: lay.gather(n, v) for n, v in self.model.state_dict().items()}
         opt_state = self.optimizer.state_dict()
         tensors: dict[str, np.ndarray] = {}
@@ -285,7 +293,46 @@ class Trainer:
             return None
         metrics.sync()
         groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
-        state = {
+        return checkpoint.save(
+            self.run_dir,
+            self.step,
+            {"model": model_state, "optimizer": tensors},
+            self._checkpoint_state(metrics, groups, scalars),
+            self.config.keep_checkpoints,
+        )
+
+    def _save_sharded(self, metrics: MetricsLog, names: list[str]) -> Path | None:
+        lay = self.layout
+        params = {n for n, _ in self.model.named_parameters()}
+        owned = lay.owned(self.model, self.optimizer)
+        # Buffers (e.g. routing biases) are the same on every rank: rank 0 writes them.
+        buffers = {n: v for n, v in self.model.state_dict().items() if n not in params}
+        if self.group.is_root:
+            owned += [(n, 0, v, {}) for n, v in buffers.items()]
+            metrics.sync()
+        layout = lay.sharded_layout(self.model, names)
+        layout["buffers"] = [[n, list(v.shape)] for n, v in buffers.items()]
+        index = 0
+        groups = []
+        for g in self.optimizer.param_groups:
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            groups.append({**hyper, "params": list(range(index, index + len(g["params"])))})
+            index += len(g["params"])
+        return sharded_checkpoint.save_sharded(
+            self.run_dir,
+            self.step,
+            self.group,
+            owned,
+            layout,
+            self._checkpoint_state(metrics, groups, {}),
+            self.config.keep_checkpoints,
+        )
+
+    def _checkpoint_state(
+        self, metrics: MetricsLog, groups: list[dict[str, Any]], scalars: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Everything of a checkpoint but the tensors."""
+        return {
             "config": self.config.to_dict(),
             "optimizer": {"param_groups": groups, "scalars": scalars},
             "schedule": self.schedule.state_dict(),
@@ -297,13 +344,6 @@ class Trainer:
             "corpus": {"name": self.data.name, "sha256": self.data.digest},
             "moecore_version": moecore.__version__,
         }
-        return checkpoint.save(
-            self.run_dir,
-            self.step,
-            {"model": model_state, "optimizer": tensors},
-            state,
-            self.config.keep_checkpoints,
-        )
 
     # -- the loop ------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -368,7 +408,10 @@ class Trainer:
         self.step += 1
         cvs = [routing_summary(load)["cv"] for load in loads]
         # A collective under expert parallelism: every rank computes it.
-        checksum = param_checksums(self.model, self.layout) if cfg.param_checksum else None
+        checksum = None
+        if cfg.param_checksum:
+            with self.layout.full_params():
+                checksum = param_checksums(self.model, self.layout)
         return {
             "step": self.step,
             "loss": total_loss,
@@ -423,6 +466,7 @@ class Trainer:
                 record["tokens_per_s"] = tokens_per_step / dt
                 record["seconds"] = time.perf_counter() - start
                 record.update(rss_record())
+                record.update(self.layout.memory_record(self.optimizer))
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     self.last_val = self.evaluate()
                     record["val_loss"] = self.last_val

@@ -1,0 +1,305 @@
+"""ZeRO stage 3: parameters sharded at rest, gathered per unit (a block of the model) just
+before its forward and again before its backward, freed right after each, the next unit's
+gather prefetched while the current one computes (FSDP's forward and backward prefetch).
+
+Units are the elements of the model's top-level :class:`moecore.nn.ModuleList` s (the
+transformer blocks), plus the root (every other parameter: embeddings, final norm, the
+tied head), which stays gathered from the start of forward to its end and from the start
+of backward to its end. Each parameter's whole array lives in the unit's anonymous private
+mapping: freeing it is ``madvise(MADV_DONTNEED)``, which returns the pages to the system
+while the arrays (which the autograd graph saved for backward) keep their identity; the
+gather before backward writes the values back into them. The truth between steps is this
+rank's part of every bucket (:attr:`ShardedParams.shards`), which the optimizer updates.
+
+The gathers go over their own communicator (a duplicate of the group): the gradients'
+reduce-scatters are issued when buckets complete, which may differ between ranks (an
+expert that got no token on one rank), and MPI requires one collective order per
+communicator. The gathers themselves follow the modules' order, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moecore import nn
+from moecore.autograd.grad_mode import is_grad_enabled
+from moecore.autograd.tensor import Tensor
+from moecore.distributed.group import Request
+from moecore.distributed.zero.shards import reduce_scatter_counts
+from moecore.errors import UnusedParameters
+
+if TYPE_CHECKING:
+    from moecore.distributed.zero.wrapper import ZeRO
+
+__all__ = ["ShardedParams", "UnusedParameters"]
+
+
+@dataclass
+class _Unit:
+    label: str
+    module: Any
+    params: list[int]
+    #: (bucket, lo, hi): runs of the unit's consecutive elements in the buckets.
+    ranges: list[tuple[int, int, int]] = field(default_factory=list)
+    memory: Any = None
+    flat: Any = None
+    gathered: bool = False
+    pending: list[tuple[Request, np.ndarray, list[int], int, int]] = field(default_factory=list)
+    ran: bool = False
+    ready: set[int] = field(default_factory=set)
+
+
+def _units(model: Any, index: dict[int, int]) -> list[tuple[str, Any, list[int]]]:
+    """(label, module, parameter indices) of each unit in forward order, the root first."""
+    found: list[tuple[str, Any, list[int]]] = []
+    taken: set[int] = set()
+    for name, child in model._modules.items():
+        if isinstance(child, nn.ModuleList):
+            for i, block in enumerate(child):
+                params = [index[id(p)] for p in block.parameters() if id(p) in index]
+                if params:
+                    found.append((f"{name}.{i}", block, params))
+                    taken.update(params)
+    root = [i for i in sorted(index.values()) if i not in taken]
+    return [("root", model, root), *found]
+
+
+def _anonymous(nbytes: int) -> tuple[Any, np.ndarray]:
+    """A private anonymous mapping (pages released by :func:`_release`) and a float32
+    view of it."""
+    size = max(nbytes, 1)
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    memory = mmap.mmap(-1, size, flags=flags) if flags else bytearray(size)
+    return memory, np.frombuffer(memory, dtype=np.uint8)[:nbytes].view(np.float32)
+
+
+def _release(memory: Any, view: np.ndarray) -> None:
+    advise = getattr(memory, "madvise", None)
+    if advise is not None and hasattr(mmap, "MADV_DONTNEED"):
+        advise(mmap.MADV_DONTNEED)
+    else:  # no madvise here: at least the values are gone
+        view.fill(0.0)
+
+
+class ShardedParams:
+    """Stage 3's parameter handling for a :class:`ZeRO` over ``model`` (see the module
+    docstring). Built after the parameters were broadcast."""
+
+    def __init__(self, zero: ZeRO, model: Any) -> None:
+        self.zero = zero
+        self.comm = zero.group.split(0)
+        index = {id(p): i for i, p in enumerate(zero.params)}
+        #: This rank's part of every bucket's parameters: what persists between steps.
+        self.shards = []
+        for bi, b in enumerate(zero.buckets):
+            lo, hi = zero.owned[bi]
+            shard = np.zeros(hi - lo, dtype=np.float32)
+            for g, off, n in b.slices:
+                a, e = max(lo, off), min(hi, off + n)
+                if a < e:
+                    shard[a - lo : e - lo] = zero.params[g].data.reshape(-1)[a - off : e - off]
+            self.shards.append(shard)
+        for piece in zero.pieces:
+            at = piece.lo - zero.owned[piece.bucket][0]
+            piece.tensor = nn.Parameter(self.shards[piece.bucket][at : at + piece.numel])
+        self.units: list[_Unit] = []
+        self._unit_of: dict[int, int] = {}
+        for u, (label, module, params) in enumerate(_units(model, index)):
+            unit = _Unit(label, module, params)
+            for g in params:
+                self._unit_of[g] = u
+            self._place(unit)
+            self.units.append(unit)
+        self._hooks: list[Any] = []
+        for u, unit in enumerate(self.units):
+            self._wrap(u, unit.module)
+        self._free_all()
+
+    # --- layout ---------------------------------------------------------------------------
+
+    def _place(self, unit: _Unit) -> None:
+        """Moves the unit's parameters into one mapping and finds its bucket ranges."""
+        params = [self.zero.params[g] for g in unit.params]
+        total = sum(p.data.size for p in params)
+        unit.memory, flat = _anonymous(4 * total)
+        at = 0
+        for p in params:
+            n = p.data.size
+            view = flat[at : at + n].reshape(p.data.shape)
+            view[...] = p.data
+            p.data = view
+            at += n
+        unit.flat = flat
+        # Runs of consecutive elements (the root's parameters come before and after the
+        # blocks'): one gather each.
+        runs: list[list[int]] = []
+        for bi, off, n in sorted(self.zero._where[g] for g in unit.params):
+            if runs and runs[-1][0] == bi and runs[-1][2] == off:
+                runs[-1][2] = off + n
+            else:
+                runs.append([bi, off, off + n])
+        unit.ranges = [(bi, lo, hi) for bi, lo, hi in runs]
+
+    def state_bytes(self) -> int:
+        """Bytes of parameters this rank holds at rest (its parts)."""
+        return sum(s.nbytes for s in self.shards)
+
+    # --- gathering ------------------------------------------------------------------------
+
+    def _launch(self, u: int) -> None:
+        unit = self.units[u]
+        if unit.gathered or unit.pending:
+            return
+        world = self.comm.size
+        for bi, lo, hi in unit.ranges:
+            numel = self.zero.buckets[bi].numel
+            counts = reduce_scatter_counts(numel, lo, hi, world)
+            slot = max(counts)
+            send = np.zeros(slot, dtype=np.float32)
+            own_lo, own_hi = self.zero.owned[bi]
+            a, e = max(lo, own_lo), min(hi, own_hi)
+            if a < e:
+                send[: e - a] = self.shards[bi][a - own_lo : e - own_lo]
+            recv = np.empty((world, slot), dtype=np.float32)
+            req = self.comm.iallgather(send, recv)
+            unit.pending.append((req, recv, counts, bi, lo))
+
+    def _complete(self, u: int) -> None:
+        unit = self.units[u]
+        if unit.gathered:
+            return
+        self._launch(u)
+        for req, recv, counts, bi, lo in unit.pending:
+            with self.comm.watch(f"ZeRO stage 3: gather of {unit.label}", self.zero.timeout):
+                req.wait()
+            flat = np.concatenate([recv[r, : counts[r]] for r in range(len(counts))])
+            hi = lo + flat.size
+            for g in unit.params:
+                b, off, n = self.zero._where[g]
+                if b == bi and lo <= off < hi:
+                    self.zero.params[g].data.reshape(-1)[...] = flat[off - lo : off - lo + n]
+        unit.pending = []
+        unit.gathered = True
+
+    def _free(self, u: int) -> None:
+        unit = self.units[u]
+        if unit.pending:  # a prefetch nobody used: complete it, MPI needs its buffers
+            self._complete(u)
+        if unit.gathered:
+            _release(unit.memory, unit.flat)
+            unit.gathered = False
+
+    def _free_all(self) -> None:
+        for u in range(len(self.units)):
+            self._free(u)
+
+    @contextlib.contextmanager
+    def gathered(self, writeback: bool = False) -> Iterator[None]:
+        """Every parameter whole inside (checkpoints, checksums); with ``writeback`` the
+        values found there on exit (e.g. a loaded checkpoint, the same on every rank)
+        become this rank's parts."""
+        for u in range(len(self.units)):
+            self._launch(u)
+        for u in range(len(self.units)):
+            self._complete(u)
+        try:
+            yield
+            if writeback:
+                for bi, b in enumerate(self.zero.buckets):
+                    lo, hi = self.zero.owned[bi]
+                    for g, off, n in b.slices:
+                        a, e = max(lo, off), min(hi, off + n)
+                        if a < e:
+                            src = self.zero.params[g].data.reshape(-1)[a - off : e - off]
+                            self.shards[bi][a - lo : e - lo] = src
+        finally:
+            self._free_all()
+
+    # --- forward and backward -------------------------------------------------------------
+
+    def _wrap(self, u: int, module: Any) -> None:
+        original = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self._before_forward(u)
+            out = original(*args, **kwargs)
+            self._after_forward(u, out)
+            return out
+
+        object.__setattr__(module, "forward", forward)
+        self._hooks.append(lambda: object.__delattr__(module, "forward"))
+
+    def _before_forward(self, u: int) -> None:
+        if u == 0:
+            for unit in self.units:
+                unit.ran = False
+                unit.ready = set()
+        self._complete(u)
+        self.units[u].ran = True
+        if u + 1 < len(self.units):
+            self._launch(u + 1)  # forward prefetch
+
+    def _after_forward(self, u: int, out: Any) -> None:
+        if u != 0:
+            self._free(u)
+        if isinstance(out, Tensor) and out.requires_grad and is_grad_enabled():
+            out.register_hook(self._backward_hook(u))
+        if u == 0:
+            self._free(0)
+
+    def _backward_hook(self, u: int) -> Callable[[Any], None]:
+        """Runs when the gradient of unit ``u``'s output is complete: its backward is next."""
+
+        def hook(_grad: Any) -> None:
+            self._before_backward(u)
+
+        return hook
+
+    def _before_backward(self, u: int) -> None:
+        if u == 0:
+            self._check_all_ran()
+            if len(self.units) > 1:
+                self._launch(len(self.units) - 1)  # the last unit's backward comes next
+        self._complete(u)
+        if u > 1:
+            self._launch(u - 1)  # backward prefetch (FSDP's BACKWARD_PRE)
+
+    def _check_all_ran(self) -> None:
+        idle = [unit for unit in self.units if not unit.ran]
+        if idle:
+            names = [self.zero.names[g] for unit in idle for g in unit.params]
+            raise UnusedParameters(
+                f"ZeRO stage 3: modules {[unit.label for unit in idle]} took no part in "
+                f"forward, so their parameters {names[:6]}{' …' if len(names) > 6 else ''} "
+                "were never gathered; stage 3 gathers each module as it runs. Remove them "
+                "from the model or use zero=2"
+            )
+
+    def grad_ready(self, index: int) -> None:
+        """A parameter's gradient is final: its unit is freed once all of them are."""
+        u = self._unit_of[index]
+        unit = self.units[u]
+        unit.ready.add(index)
+        if u != 0 and len(unit.ready) == len(unit.params):
+            self._free(u)
+
+    def end_of_backward(self) -> None:
+        """Frees what backward left gathered (the root, units with unused gradients)."""
+        self._free_all()
+
+    def remove(self) -> None:
+        """Leaves every parameter whole (as without stage 3) and puts the modules' own
+        forward back."""
+        for u in range(len(self.units)):
+            self._launch(u)
+        for u in range(len(self.units)):
+            self._complete(u)
+        for undo in self._hooks:
+            undo()
+        self._hooks.clear()

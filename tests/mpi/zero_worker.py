@@ -1,0 +1,185 @@
+"""Run under ``mpiexec -n P python -m mpi4py zero_worker.py MODE CORPUS OUT``; raises (and so
+aborts every rank) when a check fails. Rank 0 prints ``OK <mode>`` at the end.
+
+Modes:
+- ``nonfinite``: ``--zero 2`` on P ranks, rank 1's embedding NaN (after the broadcast of
+  the initial parameters): the global norm is NaN on every rank, so every rank skips the
+  same steps and stops with ``TrainingDiverged`` after ``max_bad_steps``.
+- ``reduce_scatter``: the group's reduce-scatter with uneven counts against numpy.
+- ``stage3``: a small model of three blocks under ``ZeRO(stage=3)`` against plain
+  :class:`DataParallel`: the same parameters after 3 AdamW steps; during each block's
+  forward the next block's gather is in flight (prefetch) and the blocks before it are
+  freed; after forward and between steps every parameter is freed (reads zero); a fourth
+  block that forward skips raises the same error on every rank.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import moecore as mc
+import moecore.distributed as dist
+from moecore import nn, optim
+from moecore.distributed.zero import ShardedOptimizer, ZeRO
+from moecore.errors import UnusedParameters
+from moecore.train import Trainer, TrainingDiverged, build_config
+
+
+def nonfinite(corpus: str, out: Path) -> None:
+    group = dist.init()
+    values = {"data": corpus, "steps": 6, "eval_every": 0, "checkpoint_every": 0}
+    values.update(seq_len=32, batch_size=8, max_bad_steps=3, dp=group.size, zero=2)
+    trainer = Trainer(
+        build_config("moe-tiny", overrides=values), out, out=io.StringIO(), group=group
+    )
+    if group.rank == 1:
+        trainer.model.tok_emb.weight.data[:] = np.nan
+    before = {k: v.copy() for k, v in trainer.model.state_dict().items()}
+    try:
+        trainer.train()
+    except TrainingDiverged as exc:
+        assert "3 consecutive steps" in str(exc), exc
+    else:
+        raise AssertionError(f"rank {group.rank}: the run did not stop")
+    # Skipped steps leave every parameter as it was, on every rank (no rank updated its
+    # part, no all-gather spread a NaN).
+    for name, value in trainer.model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    group.barrier()
+    if group.rank == 0:
+        records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["skipped"] for r in records] == [True, True, True], records
+
+
+def reduce_scatter(corpus: str, out: Path) -> None:
+    """``Group.ireduce_scatter`` with uneven counts (one rank getting none) against numpy's
+    sum of every rank's array, which each rank rebuilds from the ranks' seeds."""
+    group = dist.init()
+    counts = [3 * r + (r == 1) for r in range(group.size)]  # rank 0 receives nothing
+    total = sum(counts)
+
+    def send_of(rank: int) -> np.ndarray:
+        return np.random.default_rng(7 + rank).standard_normal(total).astype(np.float32)
+
+    lo = sum(counts[: group.rank])
+    expected = sum(send_of(r).astype(np.float64) for r in range(group.size))[
+        lo : lo + counts[group.rank]
+    ]
+    recv = np.full(counts[group.rank], np.nan, dtype=np.float32)
+    done = []
+    group.ireduce_scatter(send_of(group.rank), recv, counts, on_done=lambda: done.append(1)).wait()
+    assert done == [1]
+    np.testing.assert_allclose(recv, expected, rtol=1e-6, atol=1e-6)
+    try:
+        group.ireduce_scatter(send_of(group.rank), recv, counts[:-1])
+    except ValueError as exc:
+        assert "counts must be" in str(exc), exc
+    else:
+        raise AssertionError("wrong counts accepted")
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        object.__setattr__(self, "probe", None)
+
+    def forward(self, x):
+        if self.probe is not None:  # what the test looks at while the block computes
+            self.probe()
+        return self.lin(x).tanh() + x
+
+
+class _Net(nn.Module):
+    def __init__(self, blocks: int, used: int) -> None:
+        super().__init__()
+        mc.manual_seed(3)
+        self.emb = nn.Linear(5, 8)
+        self.blocks = nn.ModuleList([_Block(8) for _ in range(blocks)])
+        self.head = nn.Linear(8, 1)
+        self.used = used
+
+    def forward(self, x):
+        h = self.emb(x)
+        for block in list(self.blocks)[: self.used]:
+            h = block(h)
+        return (self.head(h) * self.head(h)).mean()
+
+
+def stage3(corpus: str, out: Path) -> None:
+    group = dist.init()
+    rng = np.random.default_rng(11)
+    batches = [rng.standard_normal((4 * group.size, 5)).astype(np.float32) for _ in range(3)]
+    mine = slice(4 * group.rank, 4 * group.rank + 4)
+    ref = _Net(3, 3)
+    dp = dist.DataParallel(ref, group)
+    ref_opt = optim.AdamW(ref.parameters(), lr=1e-2)
+    net = _Net(3, 3)
+    zero = ZeRO(net, group, stage=3)
+    units = zero.sharded.units
+    assert [u.label for u in units] == ["root", "blocks.0", "blocks.1", "blocks.2"]
+    seen = []
+
+    def probe(i):
+        def look():
+            seen.append(
+                (
+                    i,
+                    units[i + 1].gathered,
+                    i + 2 >= len(units) or bool(units[i + 2].pending),  # prefetch
+                    [u.gathered for u in units[1 : i + 1]],  # earlier blocks freed
+                )
+            )
+
+        return look
+
+    for i, block in enumerate(net.blocks):
+        object.__setattr__(block, "probe", probe(i))
+    opt = ShardedOptimizer(optim.AdamW(net.parameters(), lr=1e-2), [zero])
+    for x in batches:
+        loss = ref(mc.Tensor(x[mine]))
+        loss.backward()
+        dp.finish()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        loss = net(mc.Tensor(x[mine]))
+        for p in net.blocks[1].parameters():  # freed after its forward
+            assert not p.data.any(), "a block's parameters were not freed after forward"
+        loss.backward()
+        zero.finish()
+        opt.step()
+        opt.zero_grad()
+        assert not any(u.gathered for u in units)
+    assert len(seen) == 9, seen
+    for i, gathered, prefetched, earlier in seen:
+        assert gathered, f"block {i} ran without its parameters"
+        assert prefetched, f"block {i + 1}'s gather was not in flight during block {i}"
+        assert not any(earlier[:-1]), f"blocks before {i} still gathered: {earlier}"
+    with zero.gathered():
+        for (name, a), b in zip(ref.named_parameters(), net.parameters()):
+            np.testing.assert_allclose(b.data, a.data, rtol=1e-6, atol=1e-7, err_msg=name)
+    for p in net.parameters():
+        assert not p.data.any(), "parameters not freed after gathered()"
+    unused = _Net(4, 3)
+    zero = ZeRO(unused, group, stage=3)
+    loss = unused(mc.Tensor(batches[0][mine]))
+    try:
+        loss.backward()
+    except UnusedParameters as exc:
+        assert "modules ['blocks.3'] took no part in forward" in str(exc), exc
+        assert "blocks.3.lin.weight" in str(exc), exc
+    else:
+        raise AssertionError("a block that forward skipped was not refused")
+
+
+if __name__ == "__main__":
+    mode, corpus, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    modes = {"nonfinite": nonfinite, "reduce_scatter": reduce_scatter, "stage3": stage3}
+    modes[mode](corpus, out)
+    if dist.init().rank == 0:
+        print(f"OK {mode} size={dist.init().size}")
