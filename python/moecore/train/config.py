@@ -43,7 +43,13 @@ class RunConfig(ModelConfig):
     batch_size: int = 16
     grad_accum: int = 1
     seed: int = 0
+    # compute format: "float32", or "bf16" / "fp16" / "fp8" with float32 master weights and
+    # optimizer state (docs/precision.md)
     dtype: str = "float32"
+    # fp16's dynamic loss scaling (torch.amp.GradScaler's rules): first scale, and finite
+    # steps in a row before it doubles
+    loss_scale_init: float = 65536.0
+    loss_scale_growth_interval: int = 2000
     eval_every: int = 100
     eval_batches: int = 4
     checkpoint_every: int = 100
@@ -121,7 +127,7 @@ _CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "position": ("learned", "rope"),
     "schedule": ("cosine", "linear", "constant"),
-    "dtype": ("float32",),
+    "dtype": ("float32", "bf16", "fp16", "fp8"),
     "comm_policy": ("fifo", "priority"),
     "init": INITS,
     "optimizer": OPTIMIZERS,
@@ -239,6 +245,7 @@ def _check_values(c: RunConfig) -> list[str]:
     for key in ("beta1", "beta2", "dropout"):
         if not 0 <= getattr(c, key) < 1:
             p.append(f"{key} must be in [0, 1), got {getattr(c, key)}")
+    p.extend(_check_precision(c))
     if c.eps <= 0 or c.clip <= 0 or c.spike_factor <= 1:
         p.append(
             f"eps and clip must be > 0 and spike_factor > 1, got {c.eps}, {c.clip}, {c.spike_factor}"
@@ -272,6 +279,16 @@ def _check_values(c: RunConfig) -> list[str]:
         parse_data_spec(c.data)
     except ValueError as exc:
         p.append(f"data {c.data!r}: {exc}")
+    return p
+
+
+def _check_precision(c: RunConfig) -> list[str]:
+    """The loss scaler's settings (used under ``dtype = "fp16"``)."""
+    p = []
+    if not c.loss_scale_init > 0:
+        p.append(f"loss_scale_init must be > 0, got {c.loss_scale_init}")
+    if c.loss_scale_growth_interval < 1:
+        p.append(f"loss_scale_growth_interval must be ≥ 1, got {c.loss_scale_growth_interval}")
     return p
 
 
