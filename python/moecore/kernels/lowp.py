@@ -11,7 +11,7 @@ holds the array-level pieces, usable without autograd:
 - :func:`round_to` — a float32 array whose values are those of the low format, as a store
   into that format and a load back would give (round to nearest even, overflow to ±inf for
   fp16/bf16; fp8 e4m3 has no infinity and saturates here, as the fp8 recipes do);
-- :class:`Float32Doorway` — a kernel family's bf16/fp16 implementation made from its float32
+- :func:`float32_doorway` — a kernel family's bf16/fp16 implementation made from its float32
   one: inputs converted to float32 at the doorway, the float32 kernel run, the activation
   it returns stored back in the input's format (its saved state stays float32, so a norm's
   statistics and attention's probabilities keep float32).
@@ -19,6 +19,7 @@ holds the array-level pieces, usable without autograd:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import ml_dtypes
@@ -40,7 +41,9 @@ LOW_PRECISION_NAMES = ("bfloat16", "float16")
 def is_low_precision(dtype: Any) -> bool:
     """Whether ``dtype`` is a float format narrower than float32 (bf16, fp16, fp8)."""
     dt = np.dtype(dtype)
-    return dt.itemsize < 4 and (dt.kind == "f" or dt.name in LOW_PRECISION_NAMES or "float8" in dt.name)
+    return dt.itemsize < 4 and (
+        dt.kind == "f" or dt.name in LOW_PRECISION_NAMES or "float8" in dt.name
+    )
 
 
 def round_to(x: Any, dtype: Any) -> np.ndarray:
@@ -64,8 +67,10 @@ def unit_roundoff(dtype: Any) -> float:
     of one rounding to nearest of a normal number (2⁻⁸ for bf16, 2⁻¹¹ for fp16, 2⁻⁴ for
     e4m3)."""
     dt = np.dtype(dtype)
-    eps = float(ml_dtypes.finfo(dt).eps) if dt.kind == "V" or "float8" in dt.name else float(
-        np.finfo(dt).eps
+    eps = (
+        float(ml_dtypes.finfo(dt).eps)
+        if dt.kind == "V" or "float8" in dt.name
+        else float(np.finfo(dt).eps)
     )
     return eps / 2
 
@@ -94,50 +99,52 @@ def _store(out: Any, dtype: Any) -> Any:
     return out.astype(dtype)
 
 
-class Float32Doorway:
-    """A family's implementation for bf16/fp16 numpy arrays made from its float32 one: each
-    method converts its low-precision array arguments to float32, runs the float32 method,
-    and stores the first result (the activation in forward, the input's gradient in
-    backward) in the low format of the first such argument. What the kernel saves for
-    backward and the parameters' gradients stay float32 (they feed the float32 master
-    weights).
+def _through(method: Any) -> Any:
+    @functools.wraps(method)
+    def through_doorway(*args: Any, **kwargs: Any) -> Any:
+        dtype = _first_low(args)
+        return _store(method(*(_to_f32(a) for a in args), **kwargs), dtype)
 
-    Args:
-        fp32: the float32 implementation (a class of static methods).
-    """
-
-    def __init__(self, fp32: Any) -> None:
-        self._fp32 = fp32
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._fp32, name)
-        if name == "accepts":
-            return method
-
-        def through_doorway(*args: Any, **kwargs: Any) -> Any:
-            dtype = _first_low(args)
-            return _store(method(*(_to_f32(a) for a in args), **kwargs), dtype)
-
-        through_doorway.__name__ = name
-        return through_doorway
+    return through_doorway
 
 
-def _norm() -> Float32Doorway:
+def float32_doorway(fp32: type, name: str) -> type:
+    """A family's implementation for bf16/fp16 numpy arrays made from its float32 one
+    ``fp32`` (a class of static methods): each method converts its low-precision array
+    arguments to float32, runs ``fp32``'s, and stores the first result (the activation in
+    forward, the input's gradient in backward) in the low format of the first such
+    argument. What the kernel saves for backward and the parameters' gradients stay float32
+    (they feed the float32 master weights). ``accepts`` is ``fp32``'s."""
+    methods: dict[str, Any] = {
+        "__module__": __name__,
+        "__doc__": f"{fp32.__name__} behind the float32 doorway (bf16/fp16 numpy arrays).",
+    }
+    for attr in dir(fp32):
+        if attr.startswith("_"):
+            continue
+        method = getattr(fp32, attr)
+        methods[attr] = staticmethod(method if attr == "accepts" else _through(method))
+    cls = type(name, (), methods)
+    cls.__qualname__ = name
+    return cls
+
+
+def _norm() -> type:
     from moecore.kernels.norm import RustNorm
 
-    return Float32Doorway(RustNorm)
+    return float32_doorway(RustNorm, "DoorwayNorm")
 
 
-def _attention() -> Float32Doorway:
+def _attention() -> type:
     from moecore.kernels.attention import RustAttention
 
-    return Float32Doorway(RustAttention)
+    return float32_doorway(RustAttention, "DoorwayAttention")
 
 
-#: The doorway implementations the registry names (``moecore.kernels.lowp:NORM`` …), built
-#: on first attribute access so importing this module loads no other kernel module.
+#: The doorway implementations the registry names (``moecore.kernels.lowp:DoorwayNorm`` …),
+#: built on first access so importing this module loads no other kernel module.
 def __getattr__(name: str) -> Any:
-    makers = {"NORM": _norm, "ATTENTION": _attention}
+    makers = {"DoorwayNorm": _norm, "DoorwayAttention": _attention}
     if name in makers:
         value = makers[name]()
         globals()[name] = value

@@ -95,7 +95,7 @@ def parameter_roles(model: Module) -> dict[int, str]:
     roles: dict[int, str] = {}
     for module in model.modules():
         for name, p in module._parameters.items():
-            if p is None or id(p) in roles and roles[id(p)] != STORED:
+            if p is None or (id(p) in roles and roles[id(p)] != STORED):
                 continue
             if isinstance(module, LayerNorm | RMSNorm) or (
                 isinstance(module, MoE) and name == "router"

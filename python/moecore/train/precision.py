@@ -9,6 +9,8 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from moecore import nn
 from moecore.autograd.tensor import Tensor
 from moecore.kernels.lowp import COMPUTE_DTYPES
@@ -47,8 +49,15 @@ class RunPrecision:
 
     @contextlib.contextmanager
     def compute(self) -> Iterator[None]:
-        """Forward and backward run inside: the parameters hold their compute copies."""
-        with self.masters.compute_copies():
+        """Forward and backward run inside: the parameters hold their compute copies. Under
+        fp16, overflow to inf is expected (the loss scaler detects it and skips the step), so
+        numpy's overflow and invalid-value warnings are off inside."""
+        quiet = (
+            np.errstate(over="ignore", invalid="ignore")
+            if self.scaler is not None
+            else contextlib.nullcontext()
+        )
+        with self.masters.compute_copies(), quiet:
             yield
 
     def scaled(self, loss: Tensor) -> Tensor:

@@ -32,8 +32,8 @@ from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
 from moecore.train.optimizers import make_optimizer
 from moecore.train.parallel import Layout
-from moecore.train.preemption import StopRequest
 from moecore.train.precision import RunPrecision
+from moecore.train.preemption import StopRequest
 from moecore.train.preflight import check_memory
 from moecore.train.progress import Progress
 from moecore.train.recovery import ResumeReport
