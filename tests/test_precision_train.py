@@ -96,3 +96,46 @@ def test_bad_dtype_and_loss_scale_settings_name_the_key(corpus):
         tiny(corpus, dtype="int8", loss_scale_init=0, loss_scale_growth_interval=0)
     msg = str(info.value)
     assert "dtype" in msg and "loss_scale_init" in msg and "loss_scale_growth_interval" in msg
+
+
+def test_hpts_decides_each_sensitive_group_from_its_gradient_norm(tmp_path, corpus):
+    from moecore.kernels.lowp import round_to
+    from moecore.train.hpts import decide, sensitive_groups
+
+    t = 0.1
+    assert [decide(g, t) for g in (0.0, 0.049, 0.05, 0.099, 0.1, 7.0, float("nan"))] == [
+        "fp16",
+        "fp16",
+        "bf16",
+        "bf16",
+        "float32",
+        "float32",
+        "float32",
+    ]
+    records = {}
+    for name, threshold in (("huge", 1e9), ("tiny", 1e-9)):
+        config = tiny(
+            corpus, dtype="bf16", steps=3, precision_schedule="hpts", hpts_threshold=threshold
+        )
+        trainer = Trainer(config, tmp_path / name, out=io.StringIO())
+        groups = sensitive_groups(trainer.model)
+        assert sorted(groups) == [
+            "blocks.0.residual",
+            "blocks.0.router",
+            "blocks.1.residual",
+            "blocks.1.router",
+        ]
+        trainer.train()
+        records[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+        # the next step's compute copies follow the last decision
+        router = groups["blocks.0.router"][0]
+        master = router.data
+        with trainer.precision.compute():
+            expected = round_to(master, np.float16) if name == "huge" else master
+            np.testing.assert_array_equal(router.data, expected)
+    # step 1 runs in float32 (no gradient yet); then every gradient norm is < 1e9 / 2 (fp16)
+    # and ≥ 1e-9 (float32)
+    for name, after in (("huge", "fp16"), ("tiny", "float32")):
+        decisions = [r["hpts"] for r in records[name]]
+        assert set(decisions[0].values()) == {"float32"}
+        assert all(set(d.values()) == {after} for d in decisions[1:])

@@ -110,14 +110,21 @@ def parameter_roles(model: Module) -> dict[int, str]:
     return roles
 
 
-def compute_copy_fn(model: Module, dtype_name: str) -> Callable[[Tensor], np.ndarray | None]:
+def compute_copy_fn(
+    model: Module, dtype_name: str, scheduled: dict[int, Any] | None = None
+) -> Callable[[Tensor], np.ndarray | None]:
     """The function making a parameter's compute copy from its float32 master under
-    ``dtype_name`` (None: the master itself, for float32 and the float32-kept roles)."""
+    ``dtype_name`` (None: the master itself, for float32 and the float32-kept roles).
+    ``scheduled`` (``id(parameter)`` → a dtype, read at each call) overrides the format of
+    the parameters it names (the HPTS scheduler's decisions)."""
     dtype = COMPUTE_DTYPES[dtype_name]
     roles = parameter_roles(model)
     fp8 = dtype_name == "fp8"
 
     def copy(p: Tensor) -> np.ndarray | None:
+        if scheduled is not None and id(p) in scheduled:
+            chosen = scheduled[id(p)]
+            return round_to(p.data, chosen) if is_low_precision(chosen) else None
         role = roles.get(id(p), STORED)
         if role == FP32 or not is_low_precision(dtype):
             return None

@@ -50,6 +50,10 @@ class RunConfig(ModelConfig):
     # steps in a row before it doubles
     loss_scale_init: float = 65536.0
     loss_scale_growth_interval: int = 2000
+    # "hpts": the router's and the residual projections' formats follow their gradient norm
+    # each step (fp16 < t/2 ≤ bf16 < t ≤ float32, t = hpts_threshold); "none": fixed
+    precision_schedule: str = "none"
+    hpts_threshold: float = 0.1
     eval_every: int = 100
     eval_batches: int = 4
     checkpoint_every: int = 100
@@ -128,6 +132,7 @@ _CHOICES = {
     "position": ("learned", "rope"),
     "schedule": ("cosine", "linear", "constant"),
     "dtype": ("float32", "bf16", "fp16", "fp8"),
+    "precision_schedule": ("none", "hpts"),
     "comm_policy": ("fifo", "priority"),
     "init": INITS,
     "optimizer": OPTIMIZERS,
@@ -289,6 +294,8 @@ def _check_precision(c: RunConfig) -> list[str]:
         p.append(f"loss_scale_init must be > 0, got {c.loss_scale_init}")
     if c.loss_scale_growth_interval < 1:
         p.append(f"loss_scale_growth_interval must be ≥ 1, got {c.loss_scale_growth_interval}")
+    if not c.hpts_threshold > 0:
+        p.append(f"hpts_threshold must be > 0, got {c.hpts_threshold}")
     return p
 
 

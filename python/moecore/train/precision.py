@@ -16,6 +16,7 @@ from moecore.autograd.tensor import Tensor
 from moecore.kernels.lowp import COMPUTE_DTYPES
 from moecore.nn.precision import apply_precision, compute_copy_fn
 from moecore.optim.loss_scaler import LossScaler
+from moecore.train.hpts import HPTSScheduler
 from moecore.optim.master_weights import MasterWeights
 
 
@@ -33,11 +34,18 @@ class RunPrecision:
     ) -> None:
         self.dtype_name = config.dtype
         apply_precision(model, config.dtype, residual)
+        #: ``precision_schedule = "hpts"``: the sensitive groups' formats, step by step.
+        self.hpts = (
+            HPTSScheduler(model, config.hpts_threshold)
+            if config.precision_schedule == "hpts"
+            else None
+        )
         self.masters = MasterWeights(
             model.parameters(),
             COMPUTE_DTYPES[config.dtype],
-            compute_copy_fn(model, config.dtype),
+            compute_copy_fn(model, config.dtype, self.hpts.scheduled if self.hpts else None),
         )
+        self._hpts_ran: dict[str, str] = {}
         self.scaler = (
             LossScaler(
                 init_scale=config.loss_scale_init,
@@ -70,6 +78,8 @@ class RunPrecision:
         on every rank."""
         if self.scaler is not None:
             self.scaler.unscale_(params)
+        if self.hpts is not None:
+            self._hpts_ran = self.hpts.observe()
 
     def overflowed(self, grad_norm: float) -> bool | None:
         """fp16: whether this step's gradients overflowed (the step is then skipped, and is
@@ -81,15 +91,28 @@ class RunPrecision:
         return found_inf
 
     def record(self) -> dict[str, Any]:
-        """The step's metrics: the loss scale after the update (fp16)."""
-        return {} if self.scaler is None else {"loss_scale": self.scaler.scale}
+        """The step's metrics: the loss scale after the update (fp16), the formats the
+        sensitive groups ran in (HPTS)."""
+        out: dict[str, Any] = {}
+        if self.scaler is not None:
+            out["loss_scale"] = self.scaler.scale
+        if self.hpts is not None:
+            out["hpts"] = self._hpts_ran
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """For checkpoints (the loss scaler's state; the weights are the float32 masters)."""
-        return {} if self.scaler is None else {"loss_scaler": self.scaler.state_dict()}
+        out: dict[str, Any] = {}
+        if self.scaler is not None:
+            out["loss_scaler"] = self.scaler.state_dict()
+        if self.hpts is not None:
+            out["hpts"] = self.hpts.state_dict()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; a checkpoint of another dtype restores nothing
         (a run resumed in fp16 from bf16 starts its loss scale afresh)."""
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
+        if self.hpts is not None and "hpts" in state:
+            self.hpts.load_state_dict(state["hpts"])
