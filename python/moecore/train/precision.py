@@ -16,8 +16,8 @@ from moecore.autograd.tensor import Tensor
 from moecore.kernels.lowp import COMPUTE_DTYPES
 from moecore.nn.precision import apply_precision, compute_copy_fn
 from moecore.optim.loss_scaler import LossScaler
-from moecore.train.hpts import HPTSScheduler
 from moecore.optim.master_weights import MasterWeights
+from moecore.train.hpts import HPTSScheduler
 
 
 class RunPrecision:
