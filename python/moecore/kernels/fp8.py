@@ -23,6 +23,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from moecore.errors import NonFiniteInput
+
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 #: The largest finite e4m3 value: a tile's amax maps onto it.
 E4M3_MAX = float(ml_dtypes.finfo(E4M3).max)
@@ -43,7 +45,7 @@ def _scales(amax: np.ndarray) -> np.ndarray:
     scale = (amax / E4M3_MAX).astype(np.float32)
     scale[scale == 0] = 1.0
     if not np.all(np.isfinite(scale)):
-        raise ValueError("fp8 quantization of a non-finite value")
+        raise NonFiniteInput("fp8 quantization of a non-finite value")
     return scale
 
 
@@ -119,17 +121,24 @@ def fp8_gemm(xq: Any, x_scale: Any, wq: Any, w_scale: Any) -> np.ndarray:
 
 def fake_quantize_activation(x: Any) -> np.ndarray:
     """``x`` ``[..., K]`` through 1 × 128-tile e4m3 and back (float32): what an fp8 GEMM sees
-    of it."""
+    of it. An ``x`` holding inf or NaN is returned as it is (as float32), so a diverging
+    step reaches the loss and is skipped rather than stopping the run here."""
     x = np.asarray(x)
     x2 = x.reshape(-1, x.shape[-1])
-    return dequantize_activation(*quantize_activation(x2)).reshape(x.shape)
+    try:
+        return dequantize_activation(*quantize_activation(x2)).reshape(x.shape)
+    except NonFiniteInput:
+        return x.astype(np.float32)  # passed through: the trainer sees the inf/NaN and skips
 
 
 def fake_quantize_weight(w: Any) -> np.ndarray:
     """``w`` ``[N, K]`` (or ``[E, N, K]``, a block grid per leading index) through
     128 × 128-block e4m3 and back (float32)."""
     w = np.asarray(w)
-    if w.ndim == 2:
-        return dequantize_weight(*quantize_weight(w))
-    flat = w.reshape(-1, *w.shape[-2:])
-    return np.stack([dequantize_weight(*quantize_weight(m)) for m in flat]).reshape(w.shape)
+    try:
+        if w.ndim == 2:
+            return dequantize_weight(*quantize_weight(w))
+        flat = w.reshape(-1, *w.shape[-2:])
+        return np.stack([dequantize_weight(*quantize_weight(m)) for m in flat]).reshape(w.shape)
+    except NonFiniteInput:
+        return w.astype(np.float32)
