@@ -26,6 +26,7 @@ from moecore import errors
         (errors.TrainingDiverged, RuntimeError),
         (errors.GradcheckError, AssertionError),
         (errors.CompileFailure, RuntimeError),
+        (errors.NonFiniteInput, ValueError),
     ],
 )
 def test_exceptions_subclass_builtins(cls, builtin):

@@ -21,6 +21,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for np.dtype("bfloat16"))
 import numpy as np
 import pytest
 
@@ -56,6 +57,10 @@ EXPECTED = {
     ("activation", "cpu", "float64"): "moecore.kernels.activation.ArrayActivation",
     ("activation", "cuda", "float32"): "moecore.kernels.activation.ArrayActivation",
     ("activation", "cuda", "float64"): "moecore.kernels.activation.ArrayActivation",
+    ("attention", "cpu", "bfloat16"): "moecore.kernels.lowp.DoorwayAttention",
+    ("attention", "cpu", "float16"): "moecore.kernels.lowp.DoorwayAttention",
+    ("norm", "cpu", "bfloat16"): "moecore.kernels.lowp.DoorwayNorm",
+    ("norm", "cpu", "float16"): "moecore.kernels.lowp.DoorwayNorm",
 }
 
 
@@ -96,7 +101,9 @@ def test_every_registered_key_selects_the_expected_implementation(key):
     family, device, dtype = key
     assert _qualified(registry.select(family, device, np.dtype(dtype))) == EXPECTED[key]
     # the dtype may be given as a numpy type or a name; the answer is the same object
-    assert registry.select(family, device, getattr(np, dtype)) is registry.select(*key)
+    # (bfloat16 is ml_dtypes' type, named by numpy once ml_dtypes is loaded)
+    as_type = getattr(np, dtype, None) or np.dtype(dtype).type
+    assert registry.select(family, device, as_type) is registry.select(*key)
 
 
 @pytest.mark.parametrize(

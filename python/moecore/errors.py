@@ -33,6 +33,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "GradcheckError",
+    "NonFiniteInput",
     "SafetensorsError",
     "TrainingDiverged",
     "UnusedParameters",
@@ -70,6 +71,10 @@ class TrainingDiverged(RuntimeError):
 
 class GradcheckError(AssertionError):
     """Raised by :func:`moecore.autograd.gradcheck` when analytic and numeric gradients disagree."""
+
+
+class NonFiniteInput(ValueError):
+    """A value to quantize (an fp8 tile or block) is inf or NaN: it has no scale."""
 
 
 class CompileFailure(RuntimeError):

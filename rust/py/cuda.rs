@@ -9,6 +9,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("adamw", include_str!("../../cuda/adamw.cu")),
     ("bsr", include_str!("../../cuda/bsr.cu")),
     ("codec", include_str!("../../cuda/codec.cu")),
+    ("fp8", include_str!("../../cuda/fp8.cu")),
     ("moe", include_str!("../../cuda/moe.cu")),
     ("topk", include_str!("../../cuda/topk.cu")),
 ];

@@ -50,6 +50,11 @@ IMPLEMENTATIONS: dict[tuple[str, str, str], str] = {
     ("activation", "cpu", "float64"): "moecore.kernels.activation:ArrayActivation",
     ("activation", "cuda", "float32"): "moecore.kernels.activation:ArrayActivation",
     ("activation", "cuda", "float64"): "moecore.kernels.activation:ArrayActivation",
+    # bf16/fp16: the float32 kernel behind a converting doorway (kernels/lowp.py)
+    ("attention", "cpu", "bfloat16"): "moecore.kernels.lowp:DoorwayAttention",
+    ("attention", "cpu", "float16"): "moecore.kernels.lowp:DoorwayAttention",
+    ("norm", "cpu", "bfloat16"): "moecore.kernels.lowp:DoorwayNorm",
+    ("norm", "cpu", "float16"): "moecore.kernels.lowp:DoorwayNorm",
 }
 
 #: family → its array-module implementation (any device, any float dtype), for arrays an

@@ -6,6 +6,8 @@ from moecore.optim.adafactor import Adafactor
 from moecore.optim.adamw import AdamW
 from moecore.optim.agc import adaptive_clip_grad_
 from moecore.optim.clip import clip_grad_norm_, grad_norm
+from moecore.optim.loss_scaler import LossScaler
+from moecore.optim.master_weights import MasterWeights
 from moecore.optim.optimizer import Optimizer
 from moecore.optim.schedule import LRScheduler, constant, linear, warmup_cosine
 from moecore.optim.sgd import SGD
@@ -15,6 +17,8 @@ __all__ = [
     "Adafactor",
     "AdamW",
     "LRScheduler",
+    "LossScaler",
+    "MasterWeights",
     "Optimizer",
     "adaptive_clip_grad_",
     "clip_grad_norm_",

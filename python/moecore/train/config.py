@@ -43,7 +43,17 @@ class RunConfig(ModelConfig):
     batch_size: int = 16
     grad_accum: int = 1
     seed: int = 0
+    # compute format: "float32", or "bf16" / "fp16" / "fp8" with float32 master weights and
+    # optimizer state (docs/precision.md)
     dtype: str = "float32"
+    # fp16's dynamic loss scaling (torch.amp.GradScaler's rules): first scale, and finite
+    # steps in a row before it doubles
+    loss_scale_init: float = 65536.0
+    loss_scale_growth_interval: int = 2000
+    # "hpts": the router's and the residual projections' formats follow their gradient norm
+    # each step (fp16 < t/2 ≤ bf16 < t ≤ float32, t = hpts_threshold); "none": fixed
+    precision_schedule: str = "none"
+    hpts_threshold: float = 0.1
     eval_every: int = 100
     eval_batches: int = 4
     checkpoint_every: int = 100
@@ -176,7 +186,8 @@ _CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "position": ("learned", "rope"),
     "schedule": ("cosine", "linear", "constant"),
-    "dtype": ("float32",),
+    "dtype": ("float32", "bf16", "fp16", "fp8"),
+    "precision_schedule": ("none", "hpts"),
     "comm_policy": ("fifo", "priority"),
     "init": INITS,
     "optimizer": OPTIMIZERS,
@@ -304,6 +315,7 @@ def _check_values(c: RunConfig) -> list[str]:
     for key in ("beta1", "beta2", "dropout"):
         if not 0 <= getattr(c, key) < 1:
             p.append(f"{key} must be in [0, 1), got {getattr(c, key)}")
+    p.extend(_check_precision(c))
     if c.eps <= 0 or c.clip <= 0 or c.spike_factor <= 1:
         p.append(
             f"eps and clip must be > 0 and spike_factor > 1, got {c.eps}, {c.clip}, {c.spike_factor}"
@@ -413,6 +425,18 @@ def _check_zero(c: RunConfig) -> list[str]:
             f"agc ({c.agc}) with zero={c.zero} is not supported: adaptive clipping needs "
             "each unit's whole gradient, ZeRO shards it"
         )
+    return p
+
+
+def _check_precision(c: RunConfig) -> list[str]:
+    """The loss scaler's settings (used under ``dtype = "fp16"``)."""
+    p = []
+    if not c.loss_scale_init > 0:
+        p.append(f"loss_scale_init must be > 0, got {c.loss_scale_init}")
+    if c.loss_scale_growth_interval < 1:
+        p.append(f"loss_scale_growth_interval must be ≥ 1, got {c.loss_scale_growth_interval}")
+    if not c.hpts_threshold > 0:
+        p.append(f"hpts_threshold must be > 0, got {c.hpts_threshold}")
     return p
 
 

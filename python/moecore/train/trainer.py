@@ -21,6 +21,7 @@ from moecore.data import Corpus, Mixture, as_mixture, load_data
 from moecore.distributed import Group, HierarchicalGroup, MPIGroup, SingleProcess, init
 from moecore.distributed.agreement import check_ranks_agree
 from moecore.models import ModelConfig, MoETransformer
+from moecore.models.transformer import Block
 from moecore.nn.moe import routing_summary
 from moecore.train import checkpoint, sharded_checkpoint
 from moecore.train.checkpoint import CheckpointError
@@ -31,6 +32,7 @@ from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
 from moecore.train.optimizers import make_optimizer
 from moecore.train.parallel import Layout
+from moecore.train.precision import RunPrecision
 from moecore.train.preemption import StopRequest
 from moecore.train.preflight import check_memory
 from moecore.train.progress import Progress
@@ -165,7 +167,9 @@ class Trainer:
             # Micro-batch losses are divided by grad_accum: so are the aux-loss gradients
             # the MoE op injects in backward.
             layer.aux_loss_scale = 1.0 / config.grad_accum
-        # With ZeRO, each rank updates its own part of the parameters.
+        #: ``config.dtype``: compute copies, rounded activations, fp16's loss scale.
+        self.precision = RunPrecision(self.model, config, residual=(Block,))
+        # With ZeRO, each rank updates its own part of the (float32 master) parameters.
         self.optimizer = self.layout.shard_optimizer(build_optimizer(self.model, config))
         self.schedule = optim.LRScheduler(
             self.optimizer,
@@ -262,6 +266,7 @@ class Trainer:
         self.optimizer.load_state_dict(saved_opt)
         self.schedule.load_state_dict(state["schedule"])
         self.monitor.load_state_dict(state["monitor"])
+        self.precision.load_state_dict(state.get("precision", {}))
         for layer, load in zip(self.moe_layers, state.get("moe_load", [])):
             layer._load_since_update[...] = load
         set_rng_state(state["rng"])
@@ -337,6 +342,7 @@ class Trainer:
             "optimizer": {"param_groups": groups, "scalars": scalars},
             "schedule": self.schedule.state_dict(),
             "monitor": self.monitor.state_dict(),
+            "precision": self.precision.state_dict(),
             "moe_load": [layer._load_since_update.tolist() for layer in self.moe_layers],
             "rng": get_rng_state(),
             "metrics_offset": metrics.offset,
@@ -351,7 +357,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with moecore.no_grad():
+            with moecore.no_grad(), self.precision.compute():
                 losses = [self.model(x, y).item() for x, y in self._val]
         finally:
             self.model.train(was_training)
@@ -372,11 +378,13 @@ class Trainer:
             x, y = self.data.train_batch(
                 cfg.seq_len, cfg.batch_size, cfg.seed, self.step, micro, rows=mine
             )
-            loss = self.model(x, y)
-            total_loss += loss.item() / accum
-            sync = g.size == 1 or micro == accum - 1
-            with contextlib.nullcontext() if sync else self.layout.no_sync():
-                (loss * (1.0 / accum) if accum > 1 else loss).backward()
+            with self.precision.compute():
+                loss = self.model(x, y)
+                total_loss += loss.item() / accum
+                sync = g.size == 1 or micro == accum - 1
+                with contextlib.nullcontext() if sync else self.layout.no_sync():
+                    loss = self.precision.scaled(loss)
+                    (loss * (1.0 / accum) if accum > 1 else loss).backward()
             for i, layer in enumerate(self.moe_layers):
                 loads[i] += layer.last_stats["tokens_per_expert"]
                 dropped += layer.last_stats["dropped"]
@@ -394,10 +402,17 @@ class Trainer:
             for layer in self.moe_layers:
                 g.allreduce(layer._load_since_update)
             routing.allreduce(g)
+        self.precision.unscale_(list(self.model.parameters()))
         grad_norm = self.layout.clip_grad_norm_(cfg.clip)
         if cfg.agc:
             optim.adaptive_clip_grad_(self.model.parameters(), cfg.agc)
-        flags = self.monitor.observe(total_loss, grad_norm)
+        overflow = self.precision.overflowed(grad_norm)
+        # fp16: an overflowed step is skipped and the scale backs off; not a bad step.
+        flags = (
+            {"skipped": True, "spike": False, "overflow": True}
+            if overflow
+            else self.monitor.observe(total_loss, grad_norm)
+        )
         if not flags["skipped"]:
             self.optimizer.step()
             for layer in self.moe_layers:
@@ -422,6 +437,7 @@ class Trainer:
             "dropped": dropped,
             **routing.record(loads),
             **flags,
+            **self.precision.record(),
             **({"param_checksum": checksum} if checksum is not None else {}),
         }
 

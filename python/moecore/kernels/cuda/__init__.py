@@ -1,7 +1,8 @@
 """The GPU kernels (``cuda/*.cu``) and the host code that drives them, for CuPy arrays.
 
 One module per kernel family of ``cuda/``: :mod:`.topk`, :mod:`.codec` (decompression
-scatter), :mod:`.adamw`, :mod:`.moe` and :mod:`.bsr`. Each public function takes device arrays
+scatter), :mod:`.adamw`, :mod:`.moe`, :mod:`.bsr` and :mod:`.fp8` (FP8 quantization).
+Each public function takes device arrays
 and returns device arrays; it validates its inputs (dtype, shape, contiguity, device), chooses
 the launch shape and runs its family's kernels through a :class:`Backend`
 (:mod:`.launch`: the CuPy backend by default, the test suite's CPU emulation otherwise).
