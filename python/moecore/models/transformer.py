@@ -120,18 +120,32 @@ class MoETransformer(nn.Module):
 
     def forward(self, ids: Any, targets: Any = None) -> Tensor:
         """Logits for every position, or the mean cross-entropy against ``targets``."""
+        x = self.run_blocks(self.embed(ids), 0, len(self.blocks))
+        return self.head(x, targets)
+
+    # The three parts of forward, which pipeline parallelism runs on different ranks.
+    def embed(self, ids: Any) -> Tensor:
+        """Token (+ position) embeddings of ``ids [batch, T]``: the input of block 0."""
         ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)
         if ids.ndim != 2 or ids.shape[1] > self.config.seq_len:
             raise ValueError(f"ids must be [batch, T ≤ {self.config.seq_len}], got {ids.shape}")
         x = self.tok_emb(ids)
         if self.config.position == "learned":
             x = x + self.pos_emb[: ids.shape[1]]
-        x = self.drop(x)
-        for block in self.blocks:
+        return self.drop(x)
+
+    def run_blocks(self, x: Tensor, lo: int, hi: int) -> Tensor:
+        """Blocks ``lo`` to ``hi − 1`` applied to ``x``."""
+        for block in list(self.blocks)[lo:hi]:
             if self.config.activation_checkpointing and self.training:
                 x = ops.checkpoint(block, x)
             else:
                 x = block(x)
+        return x
+
+    def head(self, x: Tensor, targets: Any = None) -> Tensor:
+        """Final norm and the tied output layer: logits, or the mean cross-entropy against
+        ``targets``."""
         logits = ops.linear(self.norm(x), self.tok_emb.weight)
         if targets is None:
             return logits

@@ -76,6 +76,14 @@ class RunConfig(ModelConfig):
     bucket_mb: float = 25.0
     comm_policy: str = "fifo"
     ranks_per_node: int = 1
+    # pipeline parallel (``mpiexec -n pp·dp moecore train --pp pp --dp dp``): pipeline ranks,
+    # the schedule ("gpipe", "1f1b", "interleaved", "dualpipe"), model chunks per rank of the
+    # interleaved schedule, and how layers are cut into stages ("uniform" or "profile": by
+    # each layer's measured time); a step's micro-batches are its grad_accum
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 2
+    pp_balance: str = "uniform"
     # seconds any blocking communication may last before the job ends (a rank that hangs)
     comm_timeout_s: float = 1800.0
     # GiB a rank may use (0: what the machine has free, MemAvailable or the cgroup limit);
@@ -126,6 +134,8 @@ _CHOICES = {
     "init": INITS,
     "optimizer": OPTIMIZERS,
     "spike_action": ("skip", "flag"),
+    "pp_schedule": ("gpipe", "1f1b", "interleaved", "dualpipe"),
+    "pp_balance": ("uniform", "profile"),
 }
 
 
@@ -197,6 +207,8 @@ def _check_values(c: RunConfig) -> list[str]:
         "dp",
         "ep",
         "ranks_per_node",
+        "pp",
+        "virtual_stages",
     ]
     for key in positive:
         if getattr(c, key) < 1:
@@ -252,6 +264,8 @@ def _check_values(c: RunConfig) -> list[str]:
         p.append(f"batch_size ({c.batch_size}) must be a multiple of {what}")
     if c.ep > 1:
         p.extend(_check_expert_parallel(c))
+    if c.pp > 1:
+        p.extend(_check_pipeline(c))
     if c.dp >= 1 and c.ranks_per_node >= 1 and c.dp % c.ranks_per_node:
         p.append(f"ranks_per_node ({c.ranks_per_node}) must divide dp ({c.dp})")
     if not c.bucket_mb > 0:
@@ -291,6 +305,31 @@ def _check_expert_parallel(c: RunConfig) -> list[str]:
         p.append(
             f"ranks_per_node ({c.ranks_per_node}) with ep ({c.ep}) > 1 is not supported "
             "(hierarchical all-reduce is for pure data parallelism)"
+        )
+    return p
+
+
+def _check_pipeline(c: RunConfig) -> list[str]:
+    """What the pipeline engine needs (the schedule's own sizes are checked in Rust)."""
+    p = []
+    if c.ep > 1:
+        p.append(f"pp ({c.pp}) with ep ({c.ep}) > 1 is not supported yet")
+    if c.dropout:
+        p.append(
+            f"dropout ({c.dropout}) with pp ({c.pp}) > 1 is not supported: the stages would "
+            "draw the random masks in another order than one process"
+        )
+    if c.ranks_per_node > 1:
+        p.append(f"ranks_per_node ({c.ranks_per_node}) with pp ({c.pp}) > 1 is not supported")
+    if c.pp_schedule == "interleaved" and (c.virtual_stages < 2 or c.grad_accum % c.pp):
+        p.append(
+            f"pp_schedule 'interleaved' needs virtual_stages >= 2 and grad_accum (micro-batches, "
+            f"{c.grad_accum}) a multiple of pp ({c.pp})"
+        )
+    if c.pp_schedule == "dualpipe" and (c.pp % 2 or c.grad_accum % 2 or c.grad_accum < 2 * c.pp):
+        p.append(
+            f"pp_schedule 'dualpipe' needs an even pp and an even grad_accum (micro-batches) "
+            f">= 2 x pp, got pp {c.pp} and grad_accum {c.grad_accum}"
         )
     return p
 

@@ -31,6 +31,7 @@ from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
 from moecore.train.optimizers import make_optimizer
 from moecore.train.parallel import Layout
+from moecore.train.pipeline import PipelineStep
 from moecore.train.preemption import StopRequest
 from moecore.train.preflight import check_memory
 from moecore.train.progress import Progress
@@ -131,8 +132,9 @@ class Trainer:
             keep_freed_memory()
         self.run_dir = Path(run_dir)
         self.group = group if group is not None else _world(config)
-        if self.group.size != config.dp * config.ep:
+        if self.group.size != config.dp * config.ep * config.pp:
             what = f"dp is {config.dp}" if config.ep == 1 else f"dp × ep is {config.dp * config.ep}"
+            what = what if config.pp == 1 else f"pp × dp is {config.pp * config.dp}"
             raise ConfigError([f"{what} but the job has {self.group.size} ranks (mpiexec -n)"])
         _check_same_config(self.group, config)
         self.memory, problem = check_memory(config, self.group.size)
@@ -157,7 +159,13 @@ class Trainer:
         self.data.check_length(config.seq_len)
         self.model = build_model(config)
         # Expert parallel: each MoE layer keeps this rank's experts; then gradient averaging.
-        self.layout = Layout(self.group, config.ep)
+        # Pipeline parallel: gradients are summed by train/pipeline.py, not by the layout.
+        self.pipeline: PipelineStep | None = None
+        if config.pp > 1:
+            sample, _ = self.data.train_batch(config.seq_len, config.batch_size, config.seed, 0, 0)
+            rows = config.batch_size // config.dp
+            self.pipeline = PipelineStep(self.model, config, self.group, sample[:rows])
+        self.layout = Layout(self.group if config.pp == 1 else SingleProcess(), config.ep)
         self.layout.shard_model(self.model)
         self._data_parallel(warmup_steps=config.compress_warmup)
         self.moe_layers = self.layout.moe_layers(self.model)
@@ -326,7 +334,9 @@ class Trainer:
         routing = RoutingTotals(len(self.moe_layers), accum)
         g = self.group
         rows = cfg.batch_size // g.size
-        for micro in range(accum):
+        if self.pipeline is not None:
+            total_loss, dropped = self._pipeline_step(loads, routing)
+        for micro in range(accum if self.pipeline is None else 0):
             # Data parallel: each rank reads only its rows of the same global batch.
             mine = slice(g.rank * rows, (g.rank + 1) * rows)
             x, y = self.data.train_batch(
@@ -347,13 +357,13 @@ class Trainer:
             # … and the ranks' stop votes (SIGTERM/SIGUSR1), so all stop at the same step.
             summed = np.array([total_loss, dropped, *self.stop.flags()], dtype=np.float64)
             g.allreduce(summed)
-            total_loss, dropped = float(summed[0]) / g.size, int(summed[1])
+            total_loss, dropped = float(summed[0]) / cfg.dp / cfg.ep, int(summed[1])
             self.stop.agree(summed[2:])
             for load in loads:
                 g.allreduce(load)
             for layer in self.moe_layers:
                 g.allreduce(layer._load_since_update)
-            routing.allreduce(g)
+            routing.allreduce(g, replicas=cfg.dp * cfg.ep)
         grad_norm = self.layout.clip_grad_norm_(cfg.clip)
         if cfg.agc:
             optim.adaptive_clip_grad_(self.model.parameters(), cfg.agc)
@@ -381,6 +391,30 @@ class Trainer:
             **flags,
             **({"param_checksum": checksum} if checksum is not None else {}),
         }
+
+    def _pipeline_step(self, loads: list[np.ndarray], routing: RoutingTotals) -> tuple[float, int]:
+        """The step's micro-batches through this rank's pipeline stages; (this rank's share
+        of the mean loss, tokens dropped here)."""
+        assert self.pipeline is not None
+        cfg, rows = self.config, self.config.batch_size // self.config.dp
+        mine = slice(
+            self.pipeline.mesh.coord("dp") * rows, (self.pipeline.mesh.coord("dp") + 1) * rows
+        )
+        dropped = 0
+
+        def batch(mb: int) -> tuple[Any, Any]:
+            return self.data.train_batch(
+                cfg.seq_len, cfg.batch_size, cfg.seed, self.step, mb, rows=mine
+            )
+
+        def on_moe(i: int, layer: Any) -> None:
+            nonlocal dropped
+            loads[i] += layer.last_stats["tokens_per_expert"]
+            dropped += layer.last_stats["dropped"]
+            routing.add_layer(i, layer)
+
+        loss = self.pipeline.run(batch, on_moe)
+        return loss, dropped
 
     def train(self) -> TrainResult:
         """Trains until ``config.steps`` (from wherever the run is). Ctrl-C finishes the step,
