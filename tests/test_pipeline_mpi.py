@@ -14,8 +14,11 @@ pytestmark = [pytest.mark.mpi]
 # eps at 1e-6 for the reason test_dist_mpi.py's EXACT_SETS gives; the MoE aux loss stays on:
 # every micro-batch's is that of one process.
 SETS = ["eps=1e-6", "n_layers=4", "eval_every=0", "checkpoint_every=0", "seq_len=32"]
-#: The issue's bound: 1e-5 relative (loss absolute at ~5, so 1e-5 relative is 5e-5).
-PIPELINE = Tolerance("1e-5 relative (issue 31)", loss=5e-5, grad_norm=1e-5, params=1e-5)
+#: The issue's bound on the curves: 1e-5 relative (the loss, ~5, compared absolutely: 5e-5).
+#: Parameter checksums as test_dist_mpi.py's ROUNDING (2e-5): pp 2 × dp 2 measured 1.26e-5
+#: on Σ² of a layer-norm bias whose norm is 0.03 (the data-parallel summation order); the
+#: pure pipelines stay below 4e-7 everywhere (measured, MPICH, Zen 3).
+PIPELINE = Tolerance("1e-5 relative (issue 31)", loss=5e-5, grad_norm=1e-5, params=2e-5)
 
 
 def _args(corpus, m, *extra, steps=20):
@@ -44,7 +47,9 @@ def reference(tmp_path_factory, corpus):
         (2, "1f1b", 4),
         (2, "interleaved", 4),
         (2, "dualpipe", 4),
+        (4, "gpipe", 8),
         (4, "1f1b", 8),
+        (4, "interleaved", 8),
         (4, "dualpipe", 8),
     ],
 )
@@ -55,7 +60,8 @@ def test_pipeline_follows_gradient_accumulation(tmp_path, corpus, reference, pp,
         [*_args(corpus, m), "--pp", str(pp), "--schedule", schedule],
         timeout=600,
     )
-    assert_runs_agree(reference(m), got, PIPELINE)
+    worst = assert_runs_agree(reference(m), got, PIPELINE)
+    print(f"pp={pp} {schedule} m={m}: worst {worst}")
 
 
 def test_pp2_dp2_follows_gradient_accumulation(tmp_path, corpus, reference):
@@ -69,7 +75,7 @@ def test_pp2_dp2_follows_gradient_accumulation(tmp_path, corpus, reference):
         [*_args(corpus, 4, "--set", "aux_loss=0"), "--pp", "2", "--dp", "2"],
         timeout=600,
     )
-    assert_runs_agree(ref, got, PIPELINE)
+    print(f"pp=2 dp=2: worst {assert_runs_agree(ref, got, PIPELINE)}")
 
 
 def test_mismatched_pp_schedule_is_refused_on_every_rank(tmp_path, corpus):

@@ -67,9 +67,9 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> optim.Optimizer:
 
 
 def _world(config: RunConfig) -> Group:
-    """The job's group: MPI when dp · ep > 1 (under mpiexec; hierarchical all-reduce when
-    ranks_per_node > 1), else this process alone."""
-    if config.dp * config.ep == 1:
+    """The job's group: MPI when dp · ep · pp > 1 (under mpiexec; hierarchical all-reduce
+    when ranks_per_node > 1), else this process alone."""
+    if config.dp * config.ep * config.pp == 1:
         return SingleProcess()
     world = init(timeout=config.comm_timeout_s)
     if config.ranks_per_node > 1 and isinstance(world, MPIGroup) and world.size == config.dp:

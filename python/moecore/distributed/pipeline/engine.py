@@ -11,6 +11,7 @@ a send — the semantics under which the Rust simulator proved the schedule comp
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,6 +60,9 @@ class PipelineEngine:
         self.shape, self.dtype = tuple(activation_shape), np.dtype(dtype)
         #: Most micro-batch chunks between forward and backward at once in the last step.
         self.peak_alive = 0
+        #: The last step's seconds: in all, and of each compute as (pass, stage, seconds).
+        self.step_s = 0.0
+        self.computes: list[tuple[str, int, float]] = []
 
     def run(self, loss_scale: float) -> list[tuple[int, float]]:
         """One step: every forward and backward of this rank, in the schedule's order. The
@@ -74,7 +78,10 @@ class PipelineEngine:
         sends: list[Request] = []
         losses: list[tuple[int, float]] = []
         self.peak_alive = 0
+        self.computes = []
+        start = time.perf_counter()
         for step in s.steps[rank]:
+            t0 = time.perf_counter()
             key = (step.pass_, step.mb, step.index)
             if step.kind == "recv":
                 buf = np.empty(self.shape, self.dtype)
@@ -105,6 +112,7 @@ class PipelineEngine:
                     losses.append((step.mb, float(out.item())))
                 else:
                     inbox[("forward", step.mb, stage)] = out.data
+                self.computes.append(("forward", stage, time.perf_counter() - t0))
             else:
                 stage = s.stage_of(rank, step.index)
                 x, out = alive.pop((step.mb, step.index))
@@ -115,8 +123,10 @@ class PipelineEngine:
                 if x is not None:
                     grad = x.grad if x.grad is not None else np.zeros(self.shape, self.dtype)
                     inbox[("backward", step.mb, stage)] = grad
+                self.computes.append(("backward", stage, time.perf_counter() - t0))
         for req in sends:
             req.wait()
+        self.step_s = time.perf_counter() - start
         if inbox or alive:
             raise RuntimeError(f"pipeline rank {rank}: the step left {list(inbox)} unused")
         return losses
