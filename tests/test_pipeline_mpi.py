@@ -4,8 +4,19 @@ micro_batches``), step by step, within float32 summation order (the proof harnes
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-from parallel_harness import Tolerance, assert_runs_agree, launch, mpiexec, train_run
+from parallel_harness import (
+    Tolerance,
+    assert_runs_agree,
+    cli,
+    launch,
+    mpiexec,
+    read_records,
+    train_run,
+)
 from parallel_harness import entry as _entry
 
 pytestmark = [pytest.mark.mpi]
@@ -86,3 +97,37 @@ def test_mismatched_pp_schedule_is_refused_on_every_rank(tmp_path, corpus):
     code, out, _ = launch(cmd, timeout=120)
     assert code != 0, out
     assert "pp_schedule" in out, out
+
+
+WORKER = Path(__file__).parent / "mpi" / "pipeline_worker.py"
+
+
+@pytest.mark.parametrize("mode", ["stuck", "killed"])
+def test_a_stage_that_hangs_or_dies_ends_the_job_naming_stage_and_operation(mode):
+    code, out, seconds = launch(
+        [*mpiexec(2), sys.executable, "-m", "mpi4py", str(WORKER), mode], timeout=90
+    )
+    assert code != 0, out
+    assert f"STAGE 1 {mode} in micro-batch 1" in out, out
+    if mode == "stuck":
+        # 1F1B on 2 ranks: stage 0 sent micro-batch 1's activation and got micro-batch 0's
+        # gradient; it waits for micro-batch 1's, which stage 1 never computes.
+        assert (
+            "moecore: waiting for pipeline stage 0 (pipeline rank 0): receiving the backward "
+            "message of micro-batch 1 from stage 1 on pipeline rank 1 on rank 0 of 2 did not "
+            "complete within 2 s"
+        ) in out, out
+    assert "finished?" not in out, out
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
+def test_checkpoint_from_pp2_resumes_in_one_process_and_back(tmp_path, corpus, reference):
+    """Checkpoints do not depend on pp: 10 steps with pp 2 then 10 in one process (and the
+    other way round) follow the 20-step single-process curve."""
+    base = [*_args(corpus, 4, steps=10), "--set", "checkpoint_every=10"]
+    train_run(tmp_path / "a", 2, [*base, "--pp", "2", "--schedule", "dualpipe"])
+    cli(1, ["train", "--resume", str(tmp_path / "a"), "--pp", "1", "--set", "steps=20"])
+    train_run(tmp_path / "b", 1, base)
+    cli(2, ["train", "--resume", str(tmp_path / "b"), "--pp", "2", "--set", "steps=20"])
+    for run in ("a", "b"):
+        assert_runs_agree(reference(4), read_records(tmp_path / run), PIPELINE)
