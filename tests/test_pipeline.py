@@ -34,13 +34,13 @@ def test_schedule_steps_match_each_other_across_ranks():
     for kind, p, m in [("gpipe", 3, 5), ("1f1b", 4, 6), ("interleaved", 2, 4), ("dualpipe", 4, 8)]:
         s = schedule(kind, p, m, virtual_stages=2)
         sends = {
-            (r, st.peer, st.pass_, st.mb, st.index)
+            (r, st.peer, st.pass_, st.mb, st.where)
             for r in range(p)
             for st in s.steps[r]
             if st.kind == "send"
         }
         recvs = {
-            (st.peer, r, st.pass_, st.mb, st.index)
+            (st.peer, r, st.pass_, st.mb, st.where)
             for r in range(p)
             for st in s.steps[r]
             if st.kind == "recv"

@@ -82,6 +82,15 @@ def test_pp2_dp2_follows_plain_data_parallelism(tmp_path, corpus):
     print(f"pp=2 dp=2: worst {assert_runs_agree(ref, got, PIPELINE)}")
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe"])
+def test_pp2_ep2_follows_one_process(tmp_path, corpus, reference, schedule):
+    """pp 2 × ep 2: each stage's MoE layers exchange tokens between its 2 ranks; the aux
+    loss over the stage's ranks is one process's, so the reference is one process."""
+    args = [*_args(corpus, 4), "--pp", "2", "--ep", "2", "--schedule", schedule]
+    got = train_run(tmp_path / "pp", 4, args, timeout=600)
+    print(f"pp=2 ep=2 {schedule}: worst {assert_runs_agree(reference(4), got, PIPELINE)}")
+
+
 def test_mismatched_pp_schedule_is_refused_on_every_rank(tmp_path, corpus):
     """Rank 1 asks for another schedule: every rank refuses (the config agreement)."""
     base = [*_entry(), "train", "--out", str(tmp_path / "run"), *_args(corpus, 4, steps=2)]

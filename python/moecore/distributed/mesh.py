@@ -48,6 +48,7 @@ class Mesh:
         self.dims = dict(dims)
         self.coords = self.coords_of(world.rank)
         self._groups: dict[str, Group] = {}
+        self._multi: dict[tuple[str, ...], Group] = {}
         for name in self.dims:
             # Ranks that agree on every other coordinate: same colour; ordered by this one.
             others = {n: c for n, c in self.coords.items() if n != name}
@@ -71,6 +72,24 @@ class Mesh:
         """The ranks that differ from this one only along ``name``; their rank in it is
         their coordinate along ``name``."""
         return self._groups[self._check(name)]
+
+    def subgroup(self, *names: str) -> Group:
+        """The ranks that differ from this one only along ``names`` (e.g. ``("dp", "ep")``:
+        one pipeline stage's ranks), ordered as in the mesh. A collective over the world:
+        every rank must ask for the same ``names`` in the same order. One name: as
+        :meth:`group`."""
+        for name in names:
+            self._check(name)
+        if len(names) == 1:
+            return self._groups[names[0]]
+        key = tuple(n for n in self.dims if n in names)
+        if key not in self._multi:
+            others = {n: (0 if n in key else c) for n, c in self.coords.items()}
+            position = 0
+            for n in key:
+                position = position * self.dims[n] + self.coords[n]
+            self._multi[key] = self.world.split(self.rank_of(**others), position)
+        return self._multi[key]
 
     def coords_of(self, rank: int) -> dict[str, int]:
         """The coordinates of world rank ``rank``."""

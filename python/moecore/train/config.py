@@ -312,8 +312,6 @@ def _check_expert_parallel(c: RunConfig) -> list[str]:
 def _check_pipeline(c: RunConfig) -> list[str]:
     """What the pipeline engine needs (the schedule's own sizes are checked in Rust)."""
     p = []
-    if c.ep > 1:
-        p.append(f"pp ({c.pp}) with ep ({c.ep}) > 1 is not supported yet")
     if c.dropout:
         p.append(
             f"dropout ({c.dropout}) with pp ({c.pp}) > 1 is not supported: the stages would "

@@ -42,12 +42,14 @@ class Layout:
     Args:
         world: the job's group (size ``dp · ep``).
         ep: expert-parallel ranks (1: plain data parallelism).
+        reduce_gradients: False when someone else sums the gradients (the pipeline step of
+            ``train/pipeline.py``): :meth:`data_parallel` then wraps nothing.
     """
 
-    def __init__(self, world: Group, ep: int) -> None:
+    def __init__(self, world: Group, ep: int, reduce_gradients: bool = True) -> None:
         if world.size % ep:
             raise ValueError(f"the job's {world.size} ranks are not a multiple of ep={ep}")
-        self.world, self.ep = world, ep
+        self.world, self.ep, self.reduce_gradients = world, ep, reduce_gradients
         self.dp = world.size // ep
         if ep > 1:
             self.ep_group = world.split(world.rank // ep)
@@ -85,9 +87,9 @@ class Layout:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         dense = [(n, p) for n, p in named if n not in self.sharded]
         experts = [(n, p) for n, p in named if n in self.sharded]
-        if self.world.size > 1:
+        if self.world.size > 1 and self.reduce_gradients:
             self.dense = DataParallel(_Subset(dense), self.world, **kwargs)
-        if experts and self.dp > 1:
+        if experts and self.dp > 1 and self.reduce_gradients:
             self.experts = DataParallel(_Subset(experts), self.expert_dp_group, **kwargs)
         self._expert_params = [p for _, p in experts]
         self._dense_params = [p for _, p in dense]
@@ -116,7 +118,7 @@ class Layout:
         for dp in (self.dense, self.experts):
             if dp is not None:
                 dp.finish()
-        if self.ep > 1:
+        if self.ep > 1 and self.reduce_gradients:
             inv = np.float32(1.0 / self.ep)
             for p in self._expert_params:
                 if p.grad is not None:

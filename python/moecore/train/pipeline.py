@@ -1,13 +1,17 @@
-"""Pipeline parallelism in the trainer: ``world = pp × dp`` (:class:`~moecore.distributed.mesh.Mesh`,
-pp slowest: ranks ``r·dp … r·dp + dp − 1`` are pipeline rank ``r``).
+"""Pipeline parallelism in the trainer: ``world = pp × dp × ep`` on a
+:class:`~moecore.distributed.mesh.Mesh` (pp slowest: the ``dp · ep`` consecutive ranks
+``r·dp·ep …`` are pipeline rank ``r``, laid out among themselves as ``Layout``'s ``dp × ep``).
 
 Every rank builds the whole model (same seed, same parameters) and runs only its stages'
 layers — stage 0 the embeddings, the last stage the final norm, the tied output layer and
 the loss — in the order the schedule gives (:class:`~moecore.distributed.pipeline.PipelineEngine`).
-After the step one all-reduce over the world sums every gradient: over the pipeline ranks
-it assembles the whole gradient (each parameter's comes from the stages that use it; the
-tied embedding's from the first and the last stage, DualPipe's two copies of a stage from
-their two ranks), over the data-parallel ranks it sums the replicas, divided by ``dp``.
+After the step one all-reduce over the world sums every replicated gradient: over the
+pipeline ranks it assembles the whole gradient (each parameter's comes from the stages that
+use it; the tied embedding's from the first and the last stage, DualPipe's two copies of a
+stage from their two ranks), over the data-parallel (and expert-parallel) ranks it sums the
+replicas, divided by ``dp · ep``; the experts' shards are summed the same way over the
+``pp · dp`` ranks that hold them. Under expert parallelism the MoE layers of a stage
+exchange tokens among that stage's ``dp · ep`` ranks, which run the same schedule.
 Every rank then holds the gradient one process gets with ``grad_accum = micro_batches`` (up
 to float32 summation order) and takes the same clipped optimizer step, so checkpoints,
 clipping, the non-finite skip and the router-bias update are those of the single-process
@@ -90,7 +94,11 @@ class PipelineStep:
 
     def __init__(self, model: MoETransformer, config: Any, world: Group, sample_ids: Any) -> None:
         self.model, self.config, self.world = model, config, world
-        self.mesh = Mesh(world, pp=config.pp, dp=config.dp)
+        self.mesh = Mesh(world, pp=config.pp, dp=config.dp, ep=config.ep)
+        #: This stage's ranks (dp · ep): the layout of the expert-parallel MoE layers.
+        self.stage_world = self.mesh.subgroup("dp", "ep")
+        #: The ranks holding the same experts, over every stage (pp · dp).
+        self.expert_world = self.mesh.subgroup("pp", "dp")
         self.schedule = schedule(
             config.pp_schedule, config.pp, config.grad_accum, config.virtual_stages
         )
@@ -103,7 +111,7 @@ class PipelineStep:
         blocks_moe = [isinstance(b.ffn, nn.MoE) for b in model.blocks]
         # MoE layer index (depth order) of each block, for the per-stage routing statistics.
         self._moe_index = {b: i for i, b in enumerate(j for j, m in enumerate(blocks_moe) if m)}
-        self.rows = config.batch_size // config.dp
+        self.rows = config.batch_size // (config.dp * config.ep)
         self.engine = PipelineEngine(
             self.schedule,
             self.mesh.group("pp"),
@@ -127,30 +135,44 @@ class PipelineStep:
             return self.model.head(h, targets)
         return h
 
-    def run(self, batch: Any, on_moe: Any) -> float:
+    def run(self, batch: Any, on_moe: Any, sharded: set[str]) -> float:
         """Runs the step: ``batch(mb)`` gives micro-batch ``mb``'s (ids, targets) of this
-        data-parallel rank; ``on_moe(i, layer)`` is called after MoE layer ``i``'s forward
-        of a micro-batch. Leaves every parameter's gradient summed over the pipeline ranks
-        and averaged over the data-parallel ones; returns this rank's share of the step's
-        mean loss (summed over the world it is the global mean times dp)."""
+        rank; ``on_moe(i, layer)`` is called after MoE layer ``i``'s forward of a
+        micro-batch. Leaves every gradient as the single-process layout's (data parallel's
+        mean convention): replicated parameters summed over the world, expert shards (the
+        parameter names in ``sharded``) over the ranks holding them, both divided by
+        ``dp · ep``. Returns this rank's share of the step's mean loss (summed over the world
+        it is the global mean times ``dp · ep``)."""
         self._batch, self._on_moe = batch, on_moe
         m = self.config.grad_accum
         losses = self.engine.run(loss_scale=1.0 / m)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        flat = np.concatenate(
-            [
-                (p.grad if p.grad is not None else np.zeros(p.shape, np.float32))
-                .reshape(-1)
-                .astype(np.float32)
-                for p in params
-            ]
-        )
-        self.world.allreduce(flat)
-        if self.config.dp > 1:
-            flat *= np.float32(1.0 / self.config.dp)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].reshape(p.shape).copy()
-            offset += n
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        replicas = self.config.dp * self.config.ep
+        for group, params in (
+            (self.world, [p for n, p in named if n not in sharded]),
+            (self.expert_world, [p for n, p in named if n in sharded]),
+        ):
+            if params:
+                _sum_grads(group, params, 1.0 / replicas)
         return sum(loss for _, loss in losses) / m
+
+
+def _sum_grads(group: Group, params: list[Any], scale: float) -> None:
+    """Every parameter's gradient (zero where this rank has none) summed over ``group``
+    in one all-reduce, times ``scale``."""
+    flat = np.concatenate(
+        [
+            (p.grad if p.grad is not None else np.zeros(p.shape, np.float32))
+            .reshape(-1)
+            .astype(np.float32)
+            for p in params
+        ]
+    )
+    group.allreduce(flat)
+    if scale != 1.0:
+        flat *= np.float32(scale)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].reshape(p.shape).copy()
+        offset += n

@@ -134,7 +134,8 @@ class Trainer:
         self.group = group if group is not None else _world(config)
         if self.group.size != config.dp * config.ep * config.pp:
             what = f"dp is {config.dp}" if config.ep == 1 else f"dp × ep is {config.dp * config.ep}"
-            what = what if config.pp == 1 else f"pp × dp is {config.pp * config.dp}"
+            if config.pp > 1:
+                what = f"pp × dp × ep is {config.pp * config.dp * config.ep}"
             raise ConfigError([f"{what} but the job has {self.group.size} ranks (mpiexec -n)"])
         _check_same_config(self.group, config)
         self.memory, problem = check_memory(config, self.group.size)
@@ -163,9 +164,12 @@ class Trainer:
         self.pipeline: PipelineStep | None = None
         if config.pp > 1:
             sample, _ = self.data.train_batch(config.seq_len, config.batch_size, config.seed, 0, 0)
-            rows = config.batch_size // config.dp
+            rows = config.batch_size // (config.dp * config.ep)
             self.pipeline = PipelineStep(self.model, config, self.group, sample[:rows])
-        self.layout = Layout(self.group if config.pp == 1 else SingleProcess(), config.ep)
+        if self.pipeline is None:
+            self.layout = Layout(self.group, config.ep)
+        else:
+            self.layout = Layout(self.pipeline.stage_world, config.ep, reduce_gradients=False)
         self.layout.shard_model(self.model)
         self._data_parallel(warmup_steps=config.compress_warmup)
         self.moe_layers = self.layout.moe_layers(self.model)
@@ -396,10 +400,8 @@ class Trainer:
         """The step's micro-batches through this rank's pipeline stages; (this rank's share
         of the mean loss, tokens dropped here)."""
         assert self.pipeline is not None
-        cfg, rows = self.config, self.config.batch_size // self.config.dp
-        mine = slice(
-            self.pipeline.mesh.coord("dp") * rows, (self.pipeline.mesh.coord("dp") + 1) * rows
-        )
+        cfg, rows, at = self.config, self.pipeline.rows, self.pipeline.stage_world.rank
+        mine = slice(at * rows, (at + 1) * rows)
         dropped = 0
 
         def batch(mb: int) -> tuple[Any, Any]:
@@ -413,7 +415,7 @@ class Trainer:
             dropped += layer.last_stats["dropped"]
             routing.add_layer(i, layer)
 
-        loss = self.pipeline.run(batch, on_moe)
+        loss = self.pipeline.run(batch, on_moe, set(self.layout.sharded))
         return loss, dropped
 
     def train(self) -> TrainResult:

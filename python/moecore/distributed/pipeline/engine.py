@@ -82,13 +82,13 @@ class PipelineEngine:
         start = time.perf_counter()
         for step in s.steps[rank]:
             t0 = time.perf_counter()
-            key = (step.pass_, step.mb, step.index)
+            key = (step.pass_, step.mb, step.where)
             if step.kind == "recv":
                 buf = np.empty(self.shape, self.dtype)
-                into = step.index + (1 if step.pass_ == "forward" else -1)
+                into = step.where + (1 if step.pass_ == "forward" else -1)
                 what = (
                     f"pipeline stage {into} (pipeline rank {rank}): receiving the "
-                    f"{step.pass_} message of micro-batch {step.mb} from stage {step.index} "
+                    f"{step.pass_} message of micro-batch {step.mb} from stage {step.where} "
                     f"on pipeline rank {step.peer}"
                 )
                 self.group.irecv(buf, step.peer, s.tag(*key), what).wait()
@@ -97,16 +97,16 @@ class PipelineEngine:
                 buf = np.ascontiguousarray(inbox.pop(key), dtype=self.dtype)
                 what = (
                     f"pipeline rank {rank}: sending the {step.pass_} message of micro-batch "
-                    f"{step.mb} from stage {step.index} to pipeline rank {step.peer}"
+                    f"{step.mb} from stage {step.where} to pipeline rank {step.peer}"
                 )
                 sends.append(self.group.isend(buf, step.peer, s.tag(*key), what))
             elif step.pass_ == "forward":
-                stage = s.stage_of(rank, step.index)
+                stage = s.stage_of(rank, step.where)
                 x = None
                 if stage > 0:
                     x = Tensor(inbox.pop(("forward", step.mb, stage - 1)), requires_grad=True)
                 out = self.runner.forward(stage, step.mb, x)
-                alive[(step.mb, step.index)] = (x, out)
+                alive[(step.mb, step.where)] = (x, out)
                 self.peak_alive = max(self.peak_alive, len(alive))
                 if stage == last:
                     losses.append((step.mb, float(out.item())))
@@ -114,8 +114,8 @@ class PipelineEngine:
                     inbox[("forward", step.mb, stage)] = out.data
                 self.computes.append(("forward", stage, time.perf_counter() - t0))
             else:
-                stage = s.stage_of(rank, step.index)
-                x, out = alive.pop((step.mb, step.index))
+                stage = s.stage_of(rank, step.where)
+                x, out = alive.pop((step.mb, step.where))
                 if stage == last:
                     out.backward(np.full(out.shape, loss_scale, out.dtype))
                 else:

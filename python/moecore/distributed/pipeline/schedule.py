@@ -27,13 +27,13 @@ KINDS = ("gpipe", "1f1b", "interleaved", "dualpipe")
 
 
 class Step(NamedTuple):
-    """One action: ``kind`` is ``"compute"`` (``index`` = the local chunk, ``peer`` = -1),
-    ``"send"`` or ``"recv"`` (``index`` = the stage that produced the message)."""
+    """One action: ``kind`` is ``"compute"`` (``where`` = the local chunk, ``peer`` = -1),
+    ``"send"`` or ``"recv"`` (``where`` = the stage that produced the message)."""
 
     kind: str
     pass_: str
     mb: int
-    index: int
+    where: int
     peer: int
 
 
