@@ -162,3 +162,22 @@ def test_engine_on_one_rank_equals_gradient_accumulation(kind, v, bounds):
     assert sorted(losses) == [(mb, pytest.approx(ref_losses[mb], rel=1e-6)) for mb in range(m)]
     for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
         np.testing.assert_allclose(q.grad, p.grad, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"pp": 2, "pp_schedule": "zb"}, "pp_schedule must be one of"),
+        ({"pp": 2, "pp_balance": "time"}, "pp_balance must be one of"),
+        ({"pp": 0}, "pp must be ≥ 1"),
+        ({"pp": 2, "pp_schedule": "interleaved", "grad_accum": 3}, "pp_schedule 'interleaved'"),
+        ({"pp": 3, "pp_schedule": "dualpipe", "grad_accum": 6}, "pp_schedule 'dualpipe'"),
+        ({"pp": 2, "pp_schedule": "dualpipe", "grad_accum": 2}, "pp_schedule 'dualpipe'"),
+        ({"pp": 2, "dropout": 0.1}, "dropout"),
+    ],
+)
+def test_bad_pipeline_settings_name_their_key(values, message):
+    from moecore.train.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(values)

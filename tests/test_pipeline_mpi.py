@@ -51,27 +51,31 @@ def reference(tmp_path_factory, corpus):
 
 
 @pytest.mark.parametrize(
-    ("pp", "schedule", "m"),
+    ("pp", "schedule", "m", "extra"),
     [
-        (2, "gpipe", 4),
-        (2, "1f1b", 4),
-        (2, "interleaved", 4),
-        (2, "dualpipe", 4),
-        (4, "gpipe", 8),
-        (4, "1f1b", 8),
-        (4, "interleaved", 8),
-        (4, "dualpipe", 8),
+        (2, "gpipe", 4, []),
+        (2, "1f1b", 4, []),
+        (2, "interleaved", 4, []),
+        (2, "dualpipe", 4, []),
+        (4, "gpipe", 8, []),
+        (4, "1f1b", 8, []),
+        (4, "interleaved", 8, []),
+        (4, "dualpipe", 8, []),
+        (2, "1f1b", 4, ["--pp-balance", "profile"]),
     ],
+    ids=lambda v: "-".join(v) if isinstance(v, list) else str(v),
 )
-def test_pipeline_follows_gradient_accumulation(tmp_path, corpus, reference, pp, schedule, m):
+def test_pipeline_follows_gradient_accumulation(
+    tmp_path, corpus, reference, pp, schedule, m, extra
+):
     got = train_run(
         tmp_path / "pp",
         pp,
-        [*_args(corpus, m), "--pp", str(pp), "--schedule", schedule],
+        [*_args(corpus, m), "--pp", str(pp), "--schedule", schedule, *extra],
         timeout=600,
     )
     worst = assert_runs_agree(reference(m), got, PIPELINE)
-    print(f"pp={pp} {schedule} m={m}: worst {worst}")
+    print(f"pp={pp} {schedule} m={m} {extra}: worst {worst}")
 
 
 def test_pp2_dp2_follows_plain_data_parallelism(tmp_path, corpus):
