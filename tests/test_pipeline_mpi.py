@@ -95,14 +95,24 @@ def test_pp2_ep2_follows_one_process(tmp_path, corpus, reference, schedule):
     print(f"pp=2 ep=2 {schedule}: worst {assert_runs_agree(reference(4), got, PIPELINE)}")
 
 
-def test_mismatched_pp_schedule_is_refused_on_every_rank(tmp_path, corpus):
-    """Rank 1 asks for another schedule: every rank refuses (the config agreement)."""
+@pytest.mark.parametrize(
+    ("rank1", "difference"),
+    [
+        (
+            ["--pp", "2", "--schedule", "gpipe"],
+            "pp_schedule is '1f1b' on rank 0 but 'gpipe' on rank 1",
+        ),
+        (["--pp", "1"], "pp is 2 on rank 0 but 1 on rank 1"),
+    ],
+)
+def test_mismatched_pp_or_schedule_is_refused_on_every_rank(tmp_path, corpus, rank1, difference):
+    """Rank 1 launched with another schedule or pp (MPMD): every rank refuses, naming it."""
     base = [*_entry(), "train", "--out", str(tmp_path / "run"), *_args(corpus, 4, steps=2)]
-    cmd = [*mpiexec(1), *base, "--pp", "2", "--schedule", "1f1b", ":"]
-    cmd += ["-n", "1", *base, "--pp", "2", "--schedule", "gpipe"]
-    code, out, _ = launch(cmd, timeout=120)
+    cmd = [*mpiexec(1), *base, "--pp", "2", "--schedule", "1f1b", ":", "-n", "1", *base, *rank1]
+    code, out, seconds = launch(cmd, timeout=120)
     assert code != 0, out
-    assert "pp_schedule" in out, out
+    assert out.count(difference) == 2, out
+    assert seconds < 60, f"took {seconds:.1f} s"
 
 
 WORKER = Path(__file__).parent / "mpi" / "pipeline_worker.py"

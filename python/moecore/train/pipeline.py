@@ -104,7 +104,9 @@ class PipelineStep:
         )
         n = len(model.blocks)
         if config.pp_balance == "profile":
-            costs = profile_layers(model, np.asarray(sample_ids))
+            # Rank 0's timings for everyone: every rank must cut the model the same way.
+            times = np.array(profile_layers(model, np.asarray(sample_ids)), dtype=np.float64)
+            costs = [float(t) for t in world.broadcast(times, root=0)]
         else:
             costs = [1.0] * n
         self.bounds = balance_stages(costs, self.schedule.stages)

@@ -18,7 +18,14 @@ import moecore
 from moecore import nn, optim
 from moecore.autograd.random import get_rng_state, set_rng_state
 from moecore.data import Corpus, Mixture, as_mixture, load_data
-from moecore.distributed import Group, HierarchicalGroup, MPIGroup, SingleProcess, init
+from moecore.distributed import (
+    Group,
+    HierarchicalGroup,
+    MPIGroup,
+    SingleProcess,
+    init,
+    world_size_from_env,
+)
 from moecore.distributed.agreement import check_ranks_agree
 from moecore.models import ModelConfig, MoETransformer
 from moecore.nn.moe import routing_summary
@@ -69,7 +76,10 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> optim.Optimizer:
 def _world(config: RunConfig) -> Group:
     """The job's group: MPI when dp · ep · pp > 1 (under mpiexec; hierarchical all-reduce
     when ranks_per_node > 1), else this process alone."""
-    if config.dp * config.ep * config.pp == 1:
+    # Under mpiexec -n N > 1 the world is MPI even if the config says one rank: a rank whose
+    # settings differ from the others' is then refused (with the others) instead of
+    # training alone while they wait for it.
+    if config.dp * config.ep * config.pp == 1 and (world_size_from_env() or 1) <= 1:
         return SingleProcess()
     world = init(timeout=config.comm_timeout_s)
     if config.ranks_per_node > 1 and isinstance(world, MPIGroup) and world.size == config.dp:
@@ -132,12 +142,13 @@ class Trainer:
             keep_freed_memory()
         self.run_dir = Path(run_dir)
         self.group = group if group is not None else _world(config)
+        # Settings first: a rank launched with another pp (or dp, ep) is named on every rank.
+        _check_same_config(self.group, config)
         if self.group.size != config.dp * config.ep * config.pp:
             what = f"dp is {config.dp}" if config.ep == 1 else f"dp × ep is {config.dp * config.ep}"
             if config.pp > 1:
                 what = f"pp × dp × ep is {config.pp * config.dp * config.ep}"
             raise ConfigError([f"{what} but the job has {self.group.size} ranks (mpiexec -n)"])
-        _check_same_config(self.group, config)
         self.memory, problem = check_memory(config, self.group.size)
         if problem is not None:
             raise ConfigError([problem])

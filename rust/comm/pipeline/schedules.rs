@@ -83,22 +83,22 @@ struct Phase {
 }
 
 impl Phase {
+    /// The phase's next forward or backward.
+    fn next(&mut self, pass: Pass) -> (Pass, usize, usize) {
+        let count = match pass {
+            Pass::Forward => &mut self.next_forward,
+            Pass::Backward => &mut self.next_backward,
+        };
+        *count += 1;
+        (pass, self.first_mb + *count - 1, self.chunk)
+    }
+
     fn forward(&mut self) -> (Pass, usize, usize) {
-        self.next_forward += 1;
-        (
-            Pass::Forward,
-            self.first_mb + self.next_forward - 1,
-            self.chunk,
-        )
+        self.next(Pass::Forward)
     }
 
     fn backward(&mut self) -> (Pass, usize, usize) {
-        self.next_backward += 1;
-        (
-            Pass::Backward,
-            self.first_mb + self.next_backward - 1,
-            self.chunk,
-        )
+        self.next(Pass::Backward)
     }
 }
 
