@@ -303,3 +303,19 @@ def comm_simulate(
     decode_s_per_entry: float = 0.0,
     copy_s_per_byte: float = 0.0,
 ) -> dict[str, Any]: ...
+
+# -- pipeline schedules (rust/py/pipeline.rs) ----------------------------------------------
+def pipeline_schedule(
+    kind: str, ranks: int, micro_batches: int, virtual_stages: int = 1
+) -> dict[str, Any]: ...
+def pipeline_simulate(
+    kind: str,
+    ranks: int,
+    micro_batches: int,
+    forward_s: Sequence[float],
+    backward_s: Sequence[float],
+    *,
+    virtual_stages: int = 1,
+    latency_s: float = 0.0,
+    transfer_s: float = 0.0,
+) -> dict[str, Any]: ...

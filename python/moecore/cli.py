@@ -184,6 +184,11 @@ def _train(args: argparse.Namespace) -> int:
             ("zero", "zero"),
             ("compress_warmup", "compress_warmup"),
             ("ranks_per_node", "ranks_per_node"),
+            ("pp", "pp"),
+            ("micro_batches", "grad_accum"),
+            ("pp_schedule", "pp_schedule"),
+            ("virtual_stages", "virtual_stages"),
+            ("pp_balance", "pp_balance"),
         ):
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
@@ -444,6 +449,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--ep",
         type=positive_int,
         help="expert-parallel ranks (mpiexec -n dp·ep; n_experts / ep each)",
+    )
+    dist.add_argument("--pp", type=positive_int, help="pipeline-parallel ranks (mpiexec -n pp·dp)")
+    dist.add_argument(
+        "--micro-batches", type=positive_int, help="micro-batches per step (= grad_accum)"
+    )
+    dist.add_argument(
+        "--schedule",
+        dest="pp_schedule",
+        choices=("gpipe", "1f1b", "interleaved", "dualpipe"),
+        help="pipeline schedule (1f1b)",
+    )
+    dist.add_argument(
+        "--virtual-stages", type=positive_int, help="model chunks per rank, interleaved (2)"
+    )
+    dist.add_argument(
+        "--pp-balance", choices=("uniform", "profile"), help="stage cut by layer count or time"
     )
     dist.add_argument("--compress", help="gradient compression: none or topk:<ratio>")
     dist.add_argument(

@@ -23,6 +23,7 @@
 //! times or some gradients never become ready (they are flushed, as zeros, at `finish`).
 
 pub mod bucket;
+pub mod pipeline;
 pub mod policy;
 pub mod scheduler;
 pub mod sim;

@@ -15,6 +15,7 @@ mod info;
 mod kernel_memory;
 mod moe;
 mod optim;
+mod pipeline;
 mod pool;
 mod pool_dtype;
 mod pool_handler;
@@ -56,6 +57,8 @@ mod _core {
     };
     #[pymodule_export]
     use super::optim::adamw_step;
+    #[pymodule_export]
+    use super::pipeline::{pipeline_schedule, pipeline_simulate};
     #[pymodule_export]
     use super::pool::{pool_random_trace, pool_replay, PoolCore};
     #[pymodule_export]

@@ -166,6 +166,16 @@ class Group(ABC):
         """The sub-group of the ranks that passed the same ``color``, ordered by ``key``
         (default: this rank). Every rank of this group must call it."""
 
+    def isend(self, buf: Any, dest: int, tag: int, what: str = "a send") -> Request:
+        """Non-blocking point-to-point send of ``buf`` to rank ``dest`` with ``tag``; ``buf``
+        must not change until the request is done. ``what`` names it to the watchdog."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point messages")
+
+    def irecv(self, buf: Any, source: int, tag: int, what: str = "a receive") -> Request:
+        """Non-blocking receive into ``buf`` from rank ``source`` with ``tag``; waiting on
+        it is bounded by the group's timeout, naming ``what``."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point messages")
+
     def abort(self, code: int = 1) -> None:  # noqa: B027 - a no-op default is intended
         """Ends every rank of the job (used when one rank failed); a single process just
         returns and lets the exception propagate."""

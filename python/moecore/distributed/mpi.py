@@ -237,6 +237,16 @@ class MPIGroup(Group):
             self.comm.Bcast(buf, root=root)
         return buf
 
+    def isend(self, buf: Any, dest: int, tag: int, what: str = "a send") -> Request:
+        check_buffer(buf, "buf")
+        req = self.comm.Isend(buf, dest=int(dest), tag=int(tag))
+        return _MPIRequest(self, what, req, (buf,), None)
+
+    def irecv(self, buf: Any, source: int, tag: int, what: str = "a receive") -> Request:
+        check_buffer(buf, "buf", writable=True)
+        req = self.comm.Irecv(buf, source=int(source), tag=int(tag))
+        return _MPIRequest(self, what, req, (buf,), None)
+
     def barrier(self) -> None:
         with self.watch("barrier"):
             self.comm.Barrier()

@@ -152,11 +152,10 @@ class MoETransformer(nn.Module):
         training, plus ``mtp_weight`` × the mean multi-token prediction loss)."""
         ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)
         h = self.hidden_states(ids)
-        logits = ops.linear(self.norm(h), self.tok_emb.weight)
         if targets is None:
-            return logits
+            return self.head(h)
         targets = np.asarray(targets)
-        loss = ops.cross_entropy(logits, targets)
+        loss = self.head(h, targets)
         if self.config.mtp_depth and self.training:
             extra = mtp_losses(self, h, ids, targets)
             self.last_mtp_losses = [e.item() for e in extra]
@@ -166,18 +165,36 @@ class MoETransformer(nn.Module):
 
     def hidden_states(self, ids: Any) -> Tensor:
         """The last block's output ``[batch, T, d_model]`` (before the final norm)."""
+        return self.run_blocks(self.embed(ids), 0, len(self.blocks))
+
+    # The three parts of forward, which pipeline parallelism runs on different ranks
+    # (the MTP modules are not among them: pp > 1 refuses mtp_depth > 0).
+    def embed(self, ids: Any) -> Tensor:
+        """Token (+ position) embeddings of ``ids [batch, T]``: the input of block 0."""
+        ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)
         if ids.ndim != 2 or ids.shape[1] > self.config.seq_len:
             raise ValueError(f"ids must be [batch, T ≤ {self.config.seq_len}], got {ids.shape}")
         x = self.tok_emb(ids)
         if self.config.position == "learned":
             x = x + self.pos_emb[: ids.shape[1]]
-        x = self.drop(x)
-        for block in self.blocks:
+        return self.drop(x)
+
+    def run_blocks(self, x: Tensor, lo: int, hi: int) -> Tensor:
+        """Blocks ``lo`` to ``hi − 1`` applied to ``x``."""
+        for block in list(self.blocks)[lo:hi]:
             if self.config.activation_checkpointing and self.training:
                 x = ops.checkpoint(block, x)
             else:
                 x = block(x)
         return x
+
+    def head(self, x: Tensor, targets: Any = None) -> Tensor:
+        """Final norm and the tied output layer: logits, or the mean cross-entropy against
+        ``targets``."""
+        logits = ops.linear(self.norm(x), self.tok_emb.weight)
+        if targets is None:
+            return logits
+        return ops.cross_entropy(logits, np.asarray(targets))
 
     def moe_layers(self) -> list[nn.MoE]:
         """The MoE layers, in depth order (the MTP modules' last)."""

@@ -90,6 +90,14 @@ class RunConfig(ModelConfig):
     # as it runs); see docs/zero.md
     zero: int = 0
     ranks_per_node: int = 1
+    # pipeline parallel (``mpiexec -n pp·dp moecore train --pp pp --dp dp``): pipeline ranks,
+    # the schedule ("gpipe", "1f1b", "interleaved", "dualpipe"), model chunks per rank of the
+    # interleaved schedule, and how layers are cut into stages ("uniform" or "profile": by
+    # each layer's measured time); a step's micro-batches are its grad_accum
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 2
+    pp_balance: str = "uniform"
     # seconds any blocking communication may last before the job ends (a rank that hangs)
     comm_timeout_s: float = 1800.0
     # GiB a rank may use (0: what the machine has free, MemAvailable or the cgroup limit);
@@ -194,6 +202,8 @@ _CHOICES = {
     "spike_action": ("skip", "flag"),
     "attention": ("mha", "mla"),
     "attention_gate": ("none", "dao"),
+    "pp_schedule": ("gpipe", "1f1b", "interleaved", "dualpipe"),
+    "pp_balance": ("uniform", "profile"),
 }
 
 
@@ -266,6 +276,8 @@ def _check_values(c: RunConfig) -> list[str]:
         "ep",
         "ranks_per_node",
         "expert_split",
+        "pp",
+        "virtual_stages",
     ]
     for key in positive:
         if getattr(c, key) < 1:
@@ -329,6 +341,8 @@ def _check_values(c: RunConfig) -> list[str]:
         p.append(f"batch_size ({c.batch_size}) must be a multiple of {what}")
     if c.ep > 1:
         p.extend(_check_expert_parallel(c))
+    if c.pp > 1:
+        p.extend(_check_pipeline(c))
     if c.dp >= 1 and c.ranks_per_node >= 1 and c.dp % c.ranks_per_node:
         p.append(f"ranks_per_node ({c.ranks_per_node}) must divide dp ({c.dp})")
     if not c.bucket_mb > 0:
@@ -457,6 +471,45 @@ def _check_expert_parallel(c: RunConfig) -> list[str]:
         p.append(
             f"ranks_per_node ({c.ranks_per_node}) with ep ({c.ep}) > 1 is not supported "
             "(hierarchical all-reduce is for pure data parallelism)"
+        )
+    return p
+
+
+def _check_pipeline(c: RunConfig) -> list[str]:
+    """What the pipeline engine needs (the schedule's own sizes are checked in Rust)."""
+    p = []
+    if c.dropout:
+        p.append(
+            f"dropout ({c.dropout}) with pp ({c.pp}) > 1 is not supported: the stages would "
+            "draw the random masks in another order than one process"
+        )
+    if c.ranks_per_node > 1:
+        p.append(f"ranks_per_node ({c.ranks_per_node}) with pp ({c.pp}) > 1 is not supported")
+    # Combinations the pipeline step does not implement yet: refused, never silently different.
+    if c.zero:
+        p.append(
+            f"zero ({c.zero}) with pp ({c.pp}) > 1 is not supported: the pipeline step sums "
+            "whole gradients over stages and replicas itself (use zero = 0)"
+        )
+    if c.dtype != "float32":
+        p.append(
+            f"dtype {c.dtype!r} with pp ({c.pp}) > 1 is not supported yet: the pipeline "
+            "stages run in float32 (use dtype = 'float32')"
+        )
+    if c.mtp_depth:
+        p.append(
+            f"mtp_depth ({c.mtp_depth}) with pp ({c.pp}) > 1 is not supported: the MTP modules "
+            "are not part of any stage (use mtp_depth = 0)"
+        )
+    if c.pp_schedule == "interleaved" and (c.virtual_stages < 2 or c.grad_accum % c.pp):
+        p.append(
+            f"pp_schedule 'interleaved' needs virtual_stages >= 2 and grad_accum (micro-batches, "
+            f"{c.grad_accum}) a multiple of pp ({c.pp})"
+        )
+    if c.pp_schedule == "dualpipe" and (c.pp % 2 or c.grad_accum % 2 or c.grad_accum < 2 * c.pp):
+        p.append(
+            f"pp_schedule 'dualpipe' needs an even pp and an even grad_accum (micro-batches) "
+            f">= 2 x pp, got pp {c.pp} and grad_accum {c.grad_accum}"
         )
     return p
 

@@ -46,12 +46,15 @@ class Layout:
         ep: expert-parallel ranks (1: plain data parallelism).
         zero: ZeRO stage (0: none): replicated parameters sharded over the world, an
             expert's over its expert-data-parallel group (the ranks holding it).
+        reduce_gradients: False when someone else sums the gradients (the pipeline step of
+            ``train/pipeline.py``): :meth:`data_parallel` then wraps nothing.
     """
 
-    def __init__(self, world: Group, ep: int, zero: int = 0) -> None:
+    def __init__(self, world: Group, ep: int, zero: int = 0, reduce_gradients: bool = True) -> None:
         if world.size % ep:
             raise ValueError(f"the job's {world.size} ranks are not a multiple of ep={ep}")
         self.world, self.ep, self.zero = world, ep, zero
+        self.reduce_gradients = reduce_gradients
         self.dp = world.size // ep
         if ep > 1:
             self.ep_group = world.split(world.rank // ep)
@@ -92,12 +95,12 @@ class Layout:
         if self.zero:
             kwargs = {**kwargs, "stage": self.zero}
         cls: Any = ZeRO if self.zero else DataParallel
-        if self.world.size > 1:
+        if self.world.size > 1 and self.reduce_gradients:
             # Stage 3 gathers per module: it needs the model itself (ep = 1: every
             # parameter is replicated).
             whole = self.zero == 3 and not experts
             self.dense = cls(model if whole else _Subset(dense), self.world, **kwargs)
-        if experts and self.dp > 1:
+        if experts and self.dp > 1 and self.reduce_gradients:
             self.experts = cls(_Subset(experts), self.expert_dp_group, **kwargs)
         self._expert_params = [p for _, p in experts]
         self._dense_params = [p for _, p in dense]
@@ -126,7 +129,7 @@ class Layout:
         for dp in (self.dense, self.experts):
             if dp is not None:
                 dp.finish()
-        if self.ep > 1:
+        if self.ep > 1 and self.reduce_gradients:
             inv = np.float32(1.0 / self.ep)
             for p in self._expert_params:
                 if p.grad is not None:

@@ -21,15 +21,21 @@ class RoutingTotals:
     def add(self, layers: list[Any]) -> None:
         """Adds the ``last_stats`` of every layer after a micro-batch's forward."""
         for i, layer in enumerate(layers):
-            s = layer.last_stats
-            self._sums[:, i] += self._weight * np.array(
-                [s.get("aux_loss", 0.0), s.get("z_loss", 0.0), s.get("router_entropy", 0.0)]
-            )
+            self.add_layer(i, layer)
 
-    def allreduce(self, group: Group) -> None:
-        """Averages the totals over the ranks of ``group`` (each saw its own rows)."""
+    def add_layer(self, i: int, layer: Any) -> None:
+        """Adds layer ``i``'s ``last_stats`` after a micro-batch's forward."""
+        s = layer.last_stats
+        self._sums[:, i] += self._weight * np.array(
+            [s.get("aux_loss", 0.0), s.get("z_loss", 0.0), s.get("router_entropy", 0.0)]
+        )
+
+    def allreduce(self, group: Group, replicas: int | None = None) -> None:
+        """Averages the totals over the ranks of ``group`` (each saw its own rows), or sums
+        them and divides by ``replicas`` (pipeline parallel: each layer's statistics come
+        from one rank of each data-parallel replica)."""
         group.allreduce(self._sums)
-        self._sums /= group.size
+        self._sums /= group.size if replicas is None else replicas
 
     def record(self, loads: list[np.ndarray]) -> dict[str, Any]:
         """The metrics fields: per layer ``aux_loss``, ``z_loss``, ``router_entropy`` (nats)

@@ -18,7 +18,14 @@ import moecore
 from moecore import nn, optim
 from moecore.autograd.random import get_rng_state, set_rng_state
 from moecore.data import Corpus, Mixture, as_mixture, load_data
-from moecore.distributed import Group, HierarchicalGroup, MPIGroup, SingleProcess, init
+from moecore.distributed import (
+    Group,
+    HierarchicalGroup,
+    MPIGroup,
+    SingleProcess,
+    init,
+    world_size_from_env,
+)
 from moecore.distributed.agreement import check_ranks_agree
 from moecore.models import ModelConfig, MoETransformer
 from moecore.models.transformer import Block
@@ -32,6 +39,7 @@ from moecore.train.metrics import MetricsLog
 from moecore.train.monitor import Monitor
 from moecore.train.optimizers import make_optimizer
 from moecore.train.parallel import Layout
+from moecore.train.pipeline import PipelineStep
 from moecore.train.precision import RunPrecision
 from moecore.train.preemption import StopRequest
 from moecore.train.preflight import check_memory
@@ -68,9 +76,12 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> optim.Optimizer:
 
 
 def _world(config: RunConfig) -> Group:
-    """The job's group: MPI when dp · ep > 1 (under mpiexec; hierarchical all-reduce when
-    ranks_per_node > 1), else this process alone."""
-    if config.dp * config.ep == 1:
+    """The job's group: MPI when dp · ep · pp > 1 (under mpiexec; hierarchical all-reduce
+    when ranks_per_node > 1), else this process alone."""
+    # Under mpiexec -n N > 1 the world is MPI even if the config says one rank: a rank whose
+    # settings differ from the others' is then refused (with the others) instead of
+    # training alone while they wait for it.
+    if config.dp * config.ep * config.pp == 1 and (world_size_from_env() or 1) <= 1:
         return SingleProcess()
     world = init(timeout=config.comm_timeout_s)
     if config.ranks_per_node > 1 and isinstance(world, MPIGroup) and world.size == config.dp:
@@ -133,10 +144,13 @@ class Trainer:
             keep_freed_memory()
         self.run_dir = Path(run_dir)
         self.group = group if group is not None else _world(config)
-        if self.group.size != config.dp * config.ep:
-            what = f"dp is {config.dp}" if config.ep == 1 else f"dp × ep is {config.dp * config.ep}"
-            raise ConfigError([f"{what} but the job has {self.group.size} ranks (mpiexec -n)"])
+        # Settings first: a rank launched with another pp (or dp, ep) is named on every rank.
         _check_same_config(self.group, config)
+        if self.group.size != config.dp * config.ep * config.pp:
+            what = f"dp is {config.dp}" if config.ep == 1 else f"dp × ep is {config.dp * config.ep}"
+            if config.pp > 1:
+                what = f"pp × dp × ep is {config.pp * config.dp * config.ep}"
+            raise ConfigError([f"{what} but the job has {self.group.size} ranks (mpiexec -n)"])
         self.memory, problem = check_memory(config, self.group.size)
         if problem is not None:
             raise ConfigError([problem])
@@ -159,7 +173,16 @@ class Trainer:
         self.data.check_length(config.seq_len)
         self.model = build_model(config)
         # Expert parallel: each MoE layer keeps this rank's experts; then gradient averaging.
-        self.layout = Layout(self.group, config.ep, config.zero)
+        # Pipeline parallel: gradients are summed by train/pipeline.py, not by the layout.
+        self.pipeline: PipelineStep | None = None
+        if config.pp > 1:
+            sample, _ = self.data.train_batch(config.seq_len, config.batch_size, config.seed, 0, 0)
+            rows = config.batch_size // (config.dp * config.ep)
+            self.pipeline = PipelineStep(self.model, config, self.group, sample[:rows])
+        if self.pipeline is None:
+            self.layout = Layout(self.group, config.ep, config.zero)
+        else:
+            self.layout = Layout(self.pipeline.stage_world, config.ep, reduce_gradients=False)
         self.layout.shard_model(self.model)
         self._data_parallel(warmup_steps=config.compress_warmup)
         self.moe_layers = self.layout.moe_layers(self.model)
@@ -372,7 +395,9 @@ class Trainer:
         routing = RoutingTotals(len(self.moe_layers), accum)
         g = self.group
         rows = cfg.batch_size // g.size
-        for micro in range(accum):
+        if self.pipeline is not None:
+            total_loss, dropped = self._pipeline_step(loads, routing)
+        for micro in range(accum if self.pipeline is None else 0):
             # Data parallel: each rank reads only its rows of the same global batch.
             mine = slice(g.rank * rows, (g.rank + 1) * rows)
             x, y = self.data.train_batch(
@@ -395,13 +420,13 @@ class Trainer:
             # … and the ranks' stop votes (SIGTERM/SIGUSR1), so all stop at the same step.
             summed = np.array([total_loss, dropped, *self.stop.flags()], dtype=np.float64)
             g.allreduce(summed)
-            total_loss, dropped = float(summed[0]) / g.size, int(summed[1])
+            total_loss, dropped = float(summed[0]) / cfg.dp / cfg.ep, int(summed[1])
             self.stop.agree(summed[2:])
             for load in loads:
                 g.allreduce(load)
             for layer in self.moe_layers:
                 g.allreduce(layer._load_since_update)
-            routing.allreduce(g)
+            routing.allreduce(g, replicas=cfg.dp * cfg.ep)
         self.precision.unscale_(list(self.model.parameters()))
         grad_norm = self.layout.clip_grad_norm_(cfg.clip)
         if cfg.agc:
@@ -440,6 +465,28 @@ class Trainer:
             **self.precision.record(),
             **({"param_checksum": checksum} if checksum is not None else {}),
         }
+
+    def _pipeline_step(self, loads: list[np.ndarray], routing: RoutingTotals) -> tuple[float, int]:
+        """The step's micro-batches through this rank's pipeline stages; (this rank's share
+        of the mean loss, tokens dropped here)."""
+        assert self.pipeline is not None
+        cfg, rows, at = self.config, self.pipeline.rows, self.pipeline.stage_world.rank
+        mine = slice(at * rows, (at + 1) * rows)
+        dropped = 0
+
+        def batch(mb: int) -> tuple[Any, Any]:
+            return self.data.train_batch(
+                cfg.seq_len, cfg.batch_size, cfg.seed, self.step, mb, rows=mine
+            )
+
+        def on_moe(i: int, layer: Any) -> None:
+            nonlocal dropped
+            loads[i] += layer.last_stats["tokens_per_expert"]
+            dropped += layer.last_stats["dropped"]
+            routing.add_layer(i, layer)
+
+        loss = self.pipeline.run(batch, on_moe, set(self.layout.sharded))
+        return loss, dropped
 
     def train(self) -> TrainResult:
         """Trains until ``config.steps`` (from wherever the run is). Ctrl-C finishes the step,
