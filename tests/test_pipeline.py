@@ -174,6 +174,9 @@ def test_engine_on_one_rank_equals_gradient_accumulation(kind, v, bounds):
         ({"pp": 3, "pp_schedule": "dualpipe", "grad_accum": 6}, "pp_schedule 'dualpipe'"),
         ({"pp": 2, "pp_schedule": "dualpipe", "grad_accum": 2}, "pp_schedule 'dualpipe'"),
         ({"pp": 2, "dropout": 0.1}, "dropout"),
+        ({"pp": 2, "zero": 1}, r"zero \(1\) with pp"),
+        ({"pp": 2, "dtype": "bf16"}, "dtype 'bf16' with pp"),
+        ({"pp": 2, "mtp_depth": 1}, r"mtp_depth \(1\) with pp"),
     ],
 )
 def test_bad_pipeline_settings_name_their_key(values, message):

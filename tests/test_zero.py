@@ -28,6 +28,8 @@ from moecore.train import ConfigError, build_config
         ({"zero": 2, "compress": "topk:0.1"}, "compression composes with zero=1 only"),
         ({"zero": 1, "optimizer": "adafactor"}, "factored second moment needs whole matrices"),
         ({"zero": 2, "agc": 0.01}, "adaptive clipping needs each unit's whole gradient"),
+        ({"zero": 3, "dtype": "bf16"}, "stage 3 gathers the float32 masters"),
+        ({"zero": 2, "dtype": "fp16"}, "the loss scaler unscales whole gradients"),
     ],
 )
 def test_config_refuses_what_zero_cannot_do(values, message):

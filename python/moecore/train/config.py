@@ -439,6 +439,20 @@ def _check_zero(c: RunConfig) -> list[str]:
             f"agc ({c.agc}) with zero={c.zero} is not supported: adaptive clipping needs "
             "each unit's whole gradient, ZeRO shards it"
         )
+    # Tried after merging [precision] and [zero]: stage 3 gathers float32 masters inside the
+    # low-precision step (its first loss differs from plain DP's in bf16), and fp16's loss
+    # scaler unscales whole gradients, which stage 2 has already reduce-scattered away (the
+    # logged gradient norm stayed multiplied by the scale).
+    if c.zero == 3 and c.dtype != "float32":
+        p.append(
+            f"dtype {c.dtype!r} with zero=3 is not supported yet: stage 3 gathers the float32 "
+            "masters, not the compute copies (use zero=2, or dtype float32)"
+        )
+    elif c.zero >= 2 and c.dtype == "fp16":
+        p.append(
+            f"dtype 'fp16' with zero={c.zero} is not supported yet: the loss scaler unscales "
+            "whole gradients and stage 2 keeps only this rank's part (use zero=1, or bf16)"
+        )
     return p
 
 
