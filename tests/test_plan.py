@@ -82,6 +82,26 @@ def test_bad_profile_raises():
         simulate(four_buckets(2), profile(0.01), CostModel(inter=Link(0.0, 0.0)))
 
 
+def test_zero_stages_by_hand():
+    # 2 ms per reduce-scatter or all-gather of a 4000-byte bucket; the optimizer's half from
+    # stage 1 on; stages 1-2 all-gather the 4 buckets at the end (8 ms).
+    want = {0: 0.5 + 0.04 + 0.004 + 0.25, 1: 0.5 + 0.04 + 0.004 + 0.125 + 0.008}
+    want[2] = 0.5 + 0.04 + 0.002 + 0.125 + 0.008
+    for stage, step in want.items():
+        r = simulate(four_buckets(2), profile(0.010), COST, zero=stage)
+        assert r["step_s"] == pytest.approx(step), stage
+    # Stage 3, the root and 3 blocks of one gradient and 0.1 s forward each: forward pays
+    # the root's and the first block's gathers (4 ms); backward the root's behind the last
+    # block's prefetch (4 ms), then 2 ms of the last reduce-scatter; optimizer's half.
+    units = [([u], 0.1) for u in range(4)]
+    r = simulate(four_buckets(2), profile(0.010), COST, zero=3, units=units)
+    assert r["step_s"] == pytest.approx(0.004 + 0.4 + 0.004 + 0.04 + 0.002 + 0.125)
+    with pytest.raises(SchedulerMisuse, match="gradient 3 is in none"):
+        simulate(four_buckets(2), profile(0.010), COST, zero=3, units=[([0, 1, 2], 0.1)])
+    with pytest.raises(ValueError, match="zero: a stage 0-3"):
+        simulate(four_buckets(2), profile(0.010), COST, zero=5)
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()

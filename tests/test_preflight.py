@@ -77,6 +77,28 @@ def test_estimate_grows_as_the_keys_it_names(tmp_path):
     assert split.parameters < base.parameters  # half of each layer's experts
 
 
+def test_estimate_divides_what_zero_shards():
+    # By hand from the model's own count: stage 1 shards AdamW's moments, 2 the gradients
+    # too, 3 the parameters too; replicated elements over the world, an expert's over the
+    # ranks holding it (dp).
+    c = build_config("moe-tiny", overrides={"dp": 2})
+    total, experts = count_parameters(c)
+    half = -(-total // 2) * 4
+    plain = estimate(c, world_size=2)
+    for stage, want in {
+        1: (4 * total, 4 * total, 2 * half),
+        2: (4 * total, half, 2 * half),
+    }.items():
+        est = estimate(build_config("moe-tiny", overrides={"dp": 2, "zero": stage}), 2)
+        assert (est.parameters, est.gradients, est.optimizer) == want, stage
+        assert est.activations == plain.activations
+    est = estimate(build_config("moe-tiny", overrides={"dp": 2, "zero": 3}), 2)
+    assert (est.parameters, est.gradients, est.optimizer) == (half, half, 2 * half)
+    mesh = build_config("moe-tiny", overrides={"dp": 2, "ep": 2, "zero": 2})
+    mine = -(-(total - experts) // 4) + -(-(experts // 2) // 2)
+    assert estimate(mesh, world_size=4).gradients == 4 * mine
+
+
 def test_estimate_is_printed_with_the_configuration(tmp_path):
     config = build_config("moe-tiny", overrides={"steps": 1, "eval_every": 0, "seq_len": 32})
     out = io.StringIO()

@@ -302,6 +302,8 @@ def comm_simulate(
     compress_s_per_elem: float = 0.0,
     decode_s_per_entry: float = 0.0,
     copy_s_per_byte: float = 0.0,
+    zero: int = 0,
+    units: Sequence[tuple[Sequence[int], float]] = ...,
 ) -> dict[str, Any]: ...
 
 # -- pipeline schedules (rust/py/pipeline.rs) ----------------------------------------------

@@ -265,7 +265,13 @@ class StepProfile:
     optimizer_s: float
 
 
-def simulate(scheduler: Scheduler, profile: StepProfile, cost: CostModel) -> dict[str, Any]:
+def simulate(
+    scheduler: Scheduler,
+    profile: StepProfile,
+    cost: CostModel,
+    zero: int = 0,
+    units: Sequence[tuple[Sequence[int], float]] = (),
+) -> dict[str, Any]:
     """Predicts a steady-state step (buckets rebuilt from ``profile.ready_order``, past the
     warm-up) by replaying ``scheduler``'s own decisions on ``cost``: operations queue on one
     link and run one at a time (α–β ring model; hierarchical all-reduce when asked). It
@@ -274,6 +280,17 @@ def simulate(scheduler: Scheduler, profile: StepProfile, cost: CostModel) -> dic
     gradients into its buffer and the compression of a compressed bucket (from the gradients
     in place), both before the launch, and the decoding of the gathered payloads when the
     rank waits for them.
+
+    ``zero`` (1–3) simulates :class:`moecore.distributed.zero.ZeRO` of that stage instead
+    of plain data parallelism: the first step's buckets (ZeRO never rebuilds them); the
+    optimizer on 1/P of the elements (``profile.optimizer_s`` is the whole model's); from
+    stage 2, reduce-scatters (half a ring all-reduce each, the copy into the send buffer
+    before it and the addition into the shard after); stages 1–2 end with an all-gather of
+    every bucket. Stage 3 needs ``units``: (gradient indices, forward seconds) per gather
+    unit in forward order, the root (embeddings, head: what is outside the blocks) first,
+    every gradient in one unit — their forward times replace ``profile.forward_s``. Each
+    unit is gathered before its forward and again before its backward, the next unit's
+    gather launched as one starts (FSDP's prefetch); no all-gather at the end.
 
     Returns ``step_s``, ``compute_s``, ``exposed_s`` (step minus compute), ``comm_s`` (sum
     of operation times), ``ops`` and ``compressed_buckets``."""
@@ -293,5 +310,7 @@ def simulate(scheduler: Scheduler, profile: StepProfile, cost: CostModel) -> dic
             compress_s_per_elem=cost.compress_s_per_elem,
             decode_s_per_entry=cost.decode_s_per_entry,
             copy_s_per_byte=cost.copy_s_per_byte,
+            zero=zero,
+            units=[(list(grads), float(fwd)) for grads, fwd in units],
         )
     )

@@ -32,7 +32,9 @@ pub mod transport;
 pub use bucket::{assign_buckets, Bucket, BucketConfig, GradInfo, Slice};
 pub use policy::{plan_ops, Op, Policy};
 pub use scheduler::{Action, Scheduler, SchedulerConfig};
-pub use sim::{simulate, CostModel, Link, SimResult, StepProfile};
+pub use sim::{
+    simulate, simulate_sharded, CostModel, Link, Sharding, SimResult, StepProfile, Unit,
+};
 pub use transport::{choose_transport, CompressPlan, CompressWhen, Transport};
 
 /// What the scheduler rejects.

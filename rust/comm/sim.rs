@@ -12,6 +12,15 @@
 //! compression (both at the launch, which waits for them; compression reads the gradients
 //! in place), and decoding the gathered payloads (when the rank waits for the operation).
 //! These run on the same core (or GPU stream) as backward, so they delay it.
+//!
+//! ZeRO ([`Sharding`]): from stage 2 the gradient operations are reduce-scatters (half a
+//! ring all-reduce on the link; each rank adds its received part into its shard), the
+//! optimizer updates 1/P of the elements, and stages 1–2 end with an all-gather of every
+//! bucket's parameters. Stage 3 keeps no all-gather at the end but gathers each unit (a
+//! block) before its forward and again before its backward, the next unit's gather
+//! launched when the current one starts (FSDP's prefetch); the root unit (embeddings, head)
+//! is gathered first in forward and first in backward, behind the last block's prefetch.
+//! Its buckets are the first step's (ZeRO cuts its shards from them and never rebuilds).
 
 use super::bucket::GradInfo;
 use super::scheduler::{Action, Scheduler, SchedulerConfig};
@@ -55,6 +64,59 @@ pub struct StepProfile {
     pub backward_s: Vec<f64>,
     /// Optimizer step and everything after the communication.
     pub optimizer_s: f64,
+}
+
+/// A unit of ZeRO stage 3: the gradients (parameters) gathered together, and its forward
+/// compute.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Unit {
+    pub grads: Vec<usize>,
+    pub forward_s: f64,
+}
+
+/// How the data-parallel state is sharded (ZeRO).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Sharding {
+    /// 0 (plain data parallelism) to 3.
+    pub stage: u8,
+    /// Stage 3: the units in forward order, the root first; together they hold every
+    /// gradient once. Their forward times replace `StepProfile::forward_s`.
+    pub units: Vec<Unit>,
+}
+
+impl Sharding {
+    fn check(&self, n_grads: usize) -> Result<(), CommError> {
+        if self.stage > 3 {
+            return Err(CommError::BadConfig(format!(
+                "sharding: ZeRO stage must be 0-3, got {}",
+                self.stage
+            )));
+        }
+        if self.stage < 3 {
+            return Ok(());
+        }
+        let mut seen = vec![false; n_grads];
+        for (u, unit) in self.units.iter().enumerate() {
+            if !(unit.forward_s.is_finite() && unit.forward_s >= 0.0) {
+                return Err(CommError::BadConfig(format!(
+                    "sharding: unit {u}'s forward_s must be finite and >= 0"
+                )));
+            }
+            for &g in &unit.grads {
+                if g >= n_grads || std::mem::replace(&mut seen[g], true) {
+                    return Err(CommError::BadConfig(format!(
+                        "sharding: unit {u} names gradient {g}, out of range or already in a unit"
+                    )));
+                }
+            }
+        }
+        if let Some(g) = seen.iter().position(|s| !s) {
+            return Err(CommError::BadConfig(format!(
+                "sharding: stage 3 needs every gradient in a unit; gradient {g} is in none"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// What the simulator predicts for one step.
@@ -139,6 +201,30 @@ pub fn op_cost(
     }
 }
 
+/// A reduce-scatter (`gather == false`: copy into the send buffer before, add the received
+/// 1/P into the shard after) or an all-gather (unpack the whole after) of `bytes` on
+/// `world` ranks.
+fn half_ring_cost(m: &CostModel, bytes: f64, world: usize, gather: bool) -> OpCost {
+    if world <= 1 {
+        return OpCost::default();
+    }
+    let nodes = world.div_ceil(m.ranks_per_node.clamp(1, world));
+    let slowest = if nodes > 1 { m.inter } else { m.intra };
+    let (before_s, after_s) = if gather {
+        (0.0, m.copy_s_per_byte * bytes)
+    } else {
+        (
+            m.copy_s_per_byte * bytes,
+            m.copy_s_per_byte * bytes / world as f64,
+        )
+    };
+    OpCost {
+        before_s,
+        link_s: ring_half(slowest, world, bytes),
+        after_s,
+    }
+}
+
 /// Predicts one steady-state step of `grads` under `cfg` (world size and policy included).
 pub fn simulate(
     grads: &[GradInfo],
@@ -146,6 +232,36 @@ pub fn simulate(
     model: &CostModel,
     profile: &StepProfile,
 ) -> Result<SimResult, CommError> {
+    simulate_sharded(grads, cfg, model, profile, &Sharding::default())
+}
+
+/// The link: operations run one at a time in launch order.
+struct Wire {
+    free: f64,
+}
+
+impl Wire {
+    /// Launches `c` at compute time `t` (which pays `before_s` first); returns when it
+    /// leaves the link and the compute it needs after.
+    fn launch(&mut self, c: OpCost, t: &mut f64, res: &mut SimResult) -> (f64, f64) {
+        *t += c.before_s;
+        let start = t.max(self.free);
+        self.free = start + c.link_s;
+        res.comm_s += c.total();
+        res.ops += 1;
+        (self.free, c.after_s)
+    }
+}
+
+/// [`simulate`] with the data-parallel state sharded as `sharding` says (module docs).
+pub fn simulate_sharded(
+    grads: &[GradInfo],
+    cfg: SchedulerConfig,
+    model: &CostModel,
+    profile: &StepProfile,
+    sharding: &Sharding,
+) -> Result<SimResult, CommError> {
+    sharding.check(grads.len())?;
     if profile.backward_s.len() != profile.ready_order.len() {
         return Err(CommError::BadConfig(format!(
             "profile: {} backward times for {} gradients",
@@ -180,8 +296,11 @@ pub fn simulate(
         )));
     }
     let mut s = Scheduler::new(grads.to_vec(), cfg)?;
-    // Steady state: buckets rebuilt from the ready order, past the dense warm-up.
-    s.rebuild(&profile.ready_order)?;
+    let stage = sharding.stage;
+    if stage == 0 {
+        // Steady state: buckets rebuilt from the ready order, past the dense warm-up.
+        s.rebuild(&profile.ready_order)?;
+    }
     let warmup = cfg.compress.map(|c| c.warmup_steps).unwrap_or(0);
     for _ in 0..warmup {
         s.begin_step()?;
@@ -194,44 +313,131 @@ pub fn simulate(
         .iter()
         .filter(|t| **t == Transport::CompressedAllGather)
         .count();
-    let mut t = profile.forward_s;
-    let mut link_free = 0.0f64;
-    // Per operation: when it leaves the link, and the compute it needs after that.
-    let mut end = vec![(0.0f64, 0.0f64); s.ops().len()];
+    let world = cfg.world;
+    let units = &sharding.units;
+    let unit_bytes: Vec<f64> = units
+        .iter()
+        .map(|u| {
+            u.grads
+                .iter()
+                .map(|&g| (grads[g].numel * grads[g].elem_bytes) as f64)
+                .sum()
+        })
+        .collect();
+    let mut unit_of = vec![0usize; grads.len()];
+    for (u, unit) in units.iter().enumerate() {
+        for &g in &unit.grads {
+            unit_of[g] = u;
+        }
+    }
+    let mut wire = Wire { free: 0.0 };
     let mut res = SimResult {
         compressed_buckets,
         ..SimResult::default()
     };
-    let mut run = |actions: Vec<Action>, t: &mut f64, res: &mut SimResult, s: &Scheduler| {
-        for a in actions {
-            match a {
-                Action::Launch { op, transport } => {
-                    let b = &s.buckets()[op.bucket];
-                    let c = op_cost(model, transport, op.numel, b.elem_bytes, cfg.world, ratio);
-                    *t += c.before_s;
-                    let start = t.max(link_free);
-                    link_free = start + c.link_s;
-                    end[op.id] = (link_free, c.after_s);
-                    res.comm_s += c.total();
-                    res.ops += 1;
+    let mut t = 0.0f64;
+    // Stage 3: when each unit's gather leaves the link (and its unpacking), if launched.
+    let mut gather: Vec<Option<(f64, f64)>> = vec![None; units.len()];
+    let launch_gather = |u: usize,
+                         t: &mut f64,
+                         res: &mut SimResult,
+                         wire: &mut Wire,
+                         gather: &mut Vec<Option<(f64, f64)>>| {
+        if u < units.len() && gather[u].is_none() {
+            let c = half_ring_cost(model, unit_bytes[u], world, true);
+            gather[u] = Some(wire.launch(c, t, res));
+        }
+    };
+    let wait = |t: &mut f64, (done, after): (f64, f64)| *t = t.max(done) + after;
+    let forward_s = if stage == 3 {
+        // The root's gather is waited for at once, the first block's launched behind it;
+        // each block waits for its own and launches the next; the root's compute (the
+        // head and the loss, mostly) runs after the blocks.
+        launch_gather(0, &mut t, &mut res, &mut wire, &mut gather);
+        wait(&mut t, gather[0].unwrap_or_default());
+        launch_gather(1, &mut t, &mut res, &mut wire, &mut gather);
+        for u in 1..units.len() {
+            wait(&mut t, gather[u].unwrap_or_default());
+            launch_gather(u + 1, &mut t, &mut res, &mut wire, &mut gather);
+            t += units[u].forward_s;
+        }
+        t += units.first().map_or(0.0, |r| r.forward_s);
+        units.iter().map(|u| u.forward_s).sum()
+    } else {
+        t = profile.forward_s;
+        profile.forward_s
+    };
+    if stage == 3 {
+        // Backward: the last block's prefetch, then the root's gather, waited for.
+        gather = vec![None; units.len()];
+        if units.len() > 1 {
+            launch_gather(units.len() - 1, &mut t, &mut res, &mut wire, &mut gather);
+        }
+        launch_gather(0, &mut t, &mut res, &mut wire, &mut gather);
+        wait(&mut t, gather[0].unwrap_or_default());
+    }
+    // Per operation: when it leaves the link, and the compute it needs after that.
+    let mut end = vec![(0.0f64, 0.0f64); s.ops().len()];
+    let mut run =
+        |actions: Vec<Action>, t: &mut f64, res: &mut SimResult, wire: &mut Wire, s: &Scheduler| {
+            for a in actions {
+                match a {
+                    Action::Launch { op, transport } => {
+                        let b = &s.buckets()[op.bucket];
+                        let c = if stage >= 2 {
+                            half_ring_cost(model, (op.numel * b.elem_bytes) as f64, world, false)
+                        } else {
+                            op_cost(model, transport, op.numel, b.elem_bytes, world, ratio)
+                        };
+                        end[op.id] = wire.launch(c, t, res);
+                    }
+                    Action::Wait { op } => wait(t, end[op]),
                 }
-                Action::Wait { op } => {
-                    let (done, after) = end[op];
-                    *t = t.max(done) + after;
+            }
+        };
+    let mut begun = vec![false; units.len()];
+    for (&g, &dt) in profile.ready_order.iter().zip(&profile.backward_s) {
+        if stage == 3 {
+            let u = unit_of[g];
+            if u != 0 && !std::mem::replace(&mut begun[u], true) {
+                // This block's backward starts: its gather, and the next block's prefetch.
+                launch_gather(u, &mut t, &mut res, &mut wire, &mut gather);
+                wait(&mut t, gather[u].unwrap_or_default());
+                if u > 1 {
+                    launch_gather(u - 1, &mut t, &mut res, &mut wire, &mut gather);
                 }
             }
         }
-    };
-    for (&g, &dt) in profile.ready_order.iter().zip(&profile.backward_s) {
         t += dt;
         let actions = s.ready(g)?;
-        run(actions, &mut t, &mut res, &s);
+        run(actions, &mut t, &mut res, &mut wire, &s);
     }
     let actions = s.finish()?;
-    run(actions, &mut t, &mut res, &s);
-    res.step_s = t + profile.optimizer_s;
-    res.compute_s =
-        profile.forward_s + profile.backward_s.iter().sum::<f64>() + profile.optimizer_s;
+    run(actions, &mut t, &mut res, &mut wire, &s);
+    // The optimizer updates this rank's 1/P of the elements from stage 1 on.
+    let optimizer_s = if stage >= 1 {
+        profile.optimizer_s / world as f64
+    } else {
+        profile.optimizer_s
+    };
+    t += optimizer_s;
+    if stage == 1 || stage == 2 {
+        // Every bucket's updated parameters all-gathered, launched together, unpacked in
+        // order as each arrives.
+        let launched: Vec<(f64, f64)> = s
+            .buckets()
+            .iter()
+            .map(|b| {
+                let c = half_ring_cost(model, b.bytes() as f64, world, true);
+                wire.launch(c, &mut t, &mut res)
+            })
+            .collect();
+        for done in launched {
+            wait(&mut t, done);
+        }
+    }
+    res.step_s = t;
+    res.compute_s = forward_s + profile.backward_s.iter().sum::<f64>() + optimizer_s;
     res.exposed_s = (res.step_s - res.compute_s).max(0.0);
     Ok(res)
 }
@@ -407,3 +613,7 @@ mod tests {
         assert!(simulate(&g, cfg(2, None), &m, &profile(2, 0.001)).is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "sim_zero_tests.rs"]
+mod zero_tests;

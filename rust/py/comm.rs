@@ -6,8 +6,8 @@ use pyo3::types::PyDict;
 
 use crate::comm::scheduler::SchedulerConfig;
 use crate::comm::{
-    simulate, Action, BucketConfig, CommError, CompressPlan, CompressWhen, CostModel, GradInfo,
-    Link, Op, Policy, Scheduler, StepProfile,
+    simulate_sharded, Action, BucketConfig, CommError, CompressPlan, CompressWhen, CostModel,
+    GradInfo, Link, Op, Policy, Scheduler, Sharding, StepProfile, Unit,
 };
 
 use super::errors::SchedulerMisuse;
@@ -211,13 +211,15 @@ impl PyScheduler {
 }
 
 /// Predicts one steady-state step of `scheduler`'s gradients and configuration on a cost
-/// model (see `rust/comm/sim.rs`). Returns step_s, compute_s, exposed_s, comm_s, ops,
-/// compressed_buckets.
+/// model (see `rust/comm/sim.rs`), the state sharded by ZeRO stage `zero` (stage 3: over
+/// `units`, (gradient indices, forward seconds) in forward order, the root first). Returns
+/// step_s, compute_s, exposed_s, comm_s, ops, compressed_buckets.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (scheduler, *, forward_s, ready_order, backward_s, optimizer_s,
     ranks_per_node, intra_latency_s, intra_bytes_per_s, inter_latency_s, inter_bytes_per_s,
-    hierarchical=false, compress_s_per_elem=0.0, decode_s_per_entry=0.0, copy_s_per_byte=0.0))]
+    hierarchical=false, compress_s_per_elem=0.0, decode_s_per_entry=0.0, copy_s_per_byte=0.0,
+    zero=0, units=Vec::new()))]
 pub fn comm_simulate<'py>(
     py: Python<'py>,
     scheduler: PyRef<'py, PyScheduler>,
@@ -234,7 +236,19 @@ pub fn comm_simulate<'py>(
     compress_s_per_elem: f64,
     decode_s_per_entry: f64,
     copy_s_per_byte: f64,
+    zero: i128,
+    units: Vec<(Vec<usize>, f64)>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let sharding = Sharding {
+        stage: u8::try_from(zero)
+            .ok()
+            .filter(|s| *s <= 3)
+            .ok_or_else(|| PyValueError::new_err(format!("zero: a stage 0-3, got {zero}")))?,
+        units: units
+            .into_iter()
+            .map(|(grads, forward_s)| Unit { grads, forward_s })
+            .collect(),
+    };
     let model = CostModel {
         ranks_per_node: usize_arg("ranks_per_node", ranks_per_node)?,
         intra: Link {
@@ -258,7 +272,9 @@ pub fn comm_simulate<'py>(
     };
     let grads = scheduler.inner.grads().to_vec();
     let cfg = *scheduler.inner.config();
-    let r = guarded("comm_simulate", || simulate(&grads, cfg, &model, &profile))??;
+    let r = guarded("comm_simulate", || {
+        simulate_sharded(&grads, cfg, &model, &profile, &sharding)
+    })??;
     let d = PyDict::new(py);
     d.set_item("step_s", r.step_s)?;
     d.set_item("compute_s", r.compute_s)?;

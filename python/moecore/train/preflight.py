@@ -2,7 +2,9 @@
 configuration alone (nothing allocated), checked against the memory the machine has before
 the first step, so an impossible setting is refused at once instead of dying in a step.
 
-The estimate counts float32 parameters, their gradients, AdamW's two moments, the
+The estimate counts float32 parameters, their gradients, AdamW's two moments (each divided
+by the ranks that share it under ZeRO: optimizer state from stage 1, gradients from 2,
+parameters from 3 — the replicated ones over the world, an expert's over its replicas), the
 activations one micro-batch keeps for backward in every layer (attention probabilities
 apart: ``rows × heads × seq_len²`` per layer, what grows fastest), the logits of the output
 layer, and the process's own baseline (Python, numpy, the extension). ``benches/py/soak.py
@@ -94,10 +96,18 @@ def count_parameters(c: Any) -> tuple[int, int]:
     return total, experts
 
 
+def _sharded(dense: int, expert: int, c: Any, world_size: int, from_stage: int) -> int:
+    """Elements this rank keeps of ``dense`` replicated and ``expert`` (its own experts')
+    elements when ZeRO shards that part from stage ``from_stage`` on (rounded up)."""
+    if getattr(c, "zero", 0) < from_stage:
+        return dense + expert
+    return -(-dense // max(world_size, 1)) + -(-expert // max(c.dp, 1))
+
+
 def estimate(c: Any, world_size: int = 1) -> MemoryEstimate:
     """The peak memory of one rank of a ``dp × ep`` job running run configuration ``c``."""
     params, experts = count_parameters(c)
-    local = params - experts + experts // max(c.ep, 1)
+    dense, expert = params - experts, experts // max(c.ep, 1)
     rows = max(c.batch_size // max(world_size, 1), 1)
     n = rows * c.seq_len  # tokens of one micro-batch on this rank
     d, k = c.d_model, c.top_k
@@ -113,9 +123,9 @@ def estimate(c: Any, world_size: int = 1) -> MemoryEstimate:
         activations = c.n_layers * per_layer * _F32
         attention = (c.n_layers + 1) * probs * _F32  # saved per layer, + backward's gradient
     return MemoryEstimate(
-        parameters=local * _F32,
-        gradients=local * _F32,
-        optimizer=2 * local * _F32,
+        parameters=_sharded(dense, expert, c, world_size, 3) * _F32,
+        gradients=_sharded(dense, expert, c, world_size, 2) * _F32,
+        optimizer=2 * _sharded(dense, expert, c, world_size, 1) * _F32,
         activations=activations,
         attention=attention,
         logits=3 * n * c.vocab_size * _F32,  # logits, softmax, their gradient

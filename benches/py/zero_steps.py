@@ -1,0 +1,243 @@
+"""ZeRO step times against plain data parallelism, measured and predicted by
+``moecore.comm.simulate``, on loopback MPI and (``--shaped``, root) on a loopback shaped to
+1 Gbit/s — the link of ``dist.py``.
+
+Run (release build and the ``mpi`` extra installed)::
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/zero_steps.py [--shaped]
+
+It launches itself under ``mpiexec -n P`` (one BLAS thread per rank) and, in each rank:
+builds ``--preset`` (moe-small) once per stage 0 (plain :class:`DataParallel`, the buckets
+as the trainer keeps them) … 3 (:class:`ZeRO` with :class:`ShardedOptimizer` over AdamW),
+profiles one step of it before wrapping (forward, each gradient's ready time, the
+optimizer; for stage 3 also each block's forward), then in ``--rounds`` rounds times
+``--steps`` steps of every stage in turn (2 warm-up steps first), each step from a barrier
+to the end of the optimizer (stages 1–2 include the all-gather of the parameters, stage 3
+its gathers). Medians over all steps of rank 0.
+
+The prediction: ``simulate`` replays the stage's own scheduler on an α–β link fitted to
+blocking all-reduces of 4 KiB and 16 MiB on the same group (as ``dist.py``), with the
+measured cost of copying a byte (``moecore.train.plan.copy_cost``), from that rank's
+profile. It assumes operations progress while compute runs; ``--progress thread`` runs
+the wrappers with their polling thread, which does that, and ``hooks`` (the trainer's
+default) progresses MPI only at gradient hooks and waits.
+Results go to ``benches/results/zero_steps.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import blas_info, table, write_results
+from dist import NAMESPACE, TCP_ONLY, _batch, _link, _model, shaped_namespace
+
+from moecore.distributed.launch import mpi_family
+
+STAGES = (0, 1, 2, 3)
+
+
+def _unit_forward_times(model, x, y, repeat: int = 3) -> list[float]:
+    """Seconds of forward of each stage-3 unit (the root first: the whole forward minus the
+    blocks'), the median of ``repeat`` runs after a warm-up."""
+    from moecore import nn
+
+    blocks = [
+        b for child in model._modules.values() if isinstance(child, nn.ModuleList) for b in child
+    ]
+    spent = [0.0] * len(blocks)
+
+    def timed(i, original):
+        def forward(*a, **k):
+            t0 = time.perf_counter()
+            out = original(*a, **k)
+            spent[i] += time.perf_counter() - t0
+            return out
+
+        return forward
+
+    for i, b in enumerate(blocks):
+        object.__setattr__(b, "forward", timed(i, b.forward))
+    runs = []
+    try:
+        for r in range(1 + repeat):
+            spent[:] = [0.0] * len(blocks)
+            t0 = time.perf_counter()
+            model(x, y)
+            total = time.perf_counter() - t0
+            if r:
+                runs.append([total - sum(spent), *spent])
+    finally:
+        for b in blocks:
+            object.__delattr__(b, "forward")
+    return [float(v) for v in np.median(np.asarray(runs), axis=0)]
+
+
+def _predict(wrapper, stage: int, profile, units_fwd, link) -> float:
+    from moecore.comm import CostModel, simulate
+    from moecore.train.plan import copy_cost
+
+    cost = CostModel(intra=link, inter=link, copy_s_per_byte=copy_cost())
+    units = ()
+    if stage == 3:
+        units = [(u.params, fwd) for u, fwd in zip(wrapper.sharded.units, units_fwd)]
+    return simulate(wrapper.scheduler, profile, cost, zero=stage, units=units)["step_s"]
+
+
+def worker(args: argparse.Namespace) -> None:
+    import moecore.distributed as dist
+    from moecore import optim
+    from moecore.distributed.zero import ShardedOptimizer, ZeRO
+    from moecore.train.plan import profile_step
+
+    group = dist.init()
+    rows = args.global_batch // group.size
+    link = _link(group)
+    runs = []
+    for stage in STAGES:
+        model, cfg = _model(args.preset, args.seq)
+        x, y = _batch(cfg, 0, rows, group.rank)
+        plain_opt = optim.AdamW(model.parameters(), lr=1e-4)
+        profile = profile_step(model, x, y, plain_opt)  # before the hooks exist
+        units_fwd = _unit_forward_times(model, x, y) if stage == 3 else []
+        kw = {"progress": args.progress}
+        if stage == 0:
+            wrapper = dist.DataParallel(model, group, gradient_as_bucket_view=True, **kw)
+            opt = optim.AdamW(model.parameters(), lr=1e-4)
+        else:
+            wrapper = ZeRO(model, group, stage=stage, **kw)
+            opt = ShardedOptimizer(optim.AdamW(model.parameters(), lr=1e-4), [wrapper])
+        runs.append((stage, model, cfg, wrapper, opt, profile, units_fwd, []))
+    done = [0] * len(runs)
+    for r in range(args.rounds):
+        for v in [(r + j) % len(runs) for j in range(len(runs))]:
+            stage, model, cfg, wrapper, opt, profile, units_fwd, times = runs[v]
+            for _ in range((2 if r == 0 else 0) + args.steps):
+                step, done[v] = done[v], done[v] + 1
+                x, y = _batch(cfg, step, rows, group.rank)
+                group.barrier()
+                t0 = time.perf_counter()
+                loss = model(x, y)
+                loss.backward()
+                wrapper.finish()
+                opt.step()
+                opt.zero_grad()
+                if step >= 2:
+                    times.append(time.perf_counter() - t0)
+    out = []
+    for stage, _, _cfg, wrapper, _opt, profile, units_fwd, times in runs:
+        predicted = _predict(wrapper, stage, profile, units_fwd, link)
+        out.append(
+            {
+                "stage": stage,
+                "ranks": group.size,
+                "step_s": float(np.median(times)),
+                "steps": times,
+                "predicted_s": predicted,
+                "profile_compute_s": profile.forward_s
+                + sum(profile.backward_s)
+                + profile.optimizer_s,
+                "link_gbit": link.gbit_per_s,
+                "link_latency_us": link.latency_s * 1e6,
+                "buckets": len(wrapper.buckets),
+            }
+        )
+    if group.rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="moe-small")
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (the preset's)")
+    ap.add_argument(
+        "--global-batch", type=int, default=None, help="sequences per step (the preset's)"
+    )
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2])
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per stage and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--progress", choices=("hooks", "thread"), default="hooks")
+    ap.add_argument("--shaped", action="store_true", help="also on a 1 Gbit/s loopback (root)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.seq is None or args.global_batch is None:
+        from moecore.train.config import build_config
+
+        preset = build_config(args.preset)
+        args.seq = args.seq or preset.seq_len
+        args.global_batch = args.global_batch or preset.batch_size
+    if args.worker:
+        worker(args)
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", RAYON_NUM_THREADS="1")
+    me = [sys.executable, "-m", "mpi4py", __file__, "--worker"]
+    opts = ["--preset", args.preset, "--seq", str(args.seq), "--progress", args.progress]
+    opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
+    opts += ["--rounds", str(args.rounds)]
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    family = mpi_family(mpiexec)
+    if family is None:
+        raise SystemExit(f"{mpiexec} is neither MPICH nor Open MPI")
+    if family == "Open MPI" and os.geteuid() == 0:
+        env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    runs = [("loopback", [mpiexec, "-n", str(p), *me, *opts]) for p in args.ranks]
+    if args.shaped:
+        inside = ["ip", "netns", "exec", NAMESPACE, "env", *TCP_ONLY[family]]
+        runs += [("1gbit", [*inside, mpiexec, "-n", str(p), *me, *opts]) for p in args.ranks]
+    results = []
+    load = [open("/proc/loadavg").read().split()[:3]]
+    with shaped_namespace(args.shaped):
+        for link, cmd in runs:
+            done = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=3600,
+            )
+            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if done.returncode or not line:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+            results += [{"link": link, **r} for r in json.loads(line[0][7:])]
+            load.append(open("/proc/loadavg").read().split()[:3])
+    rows = []
+    for r in results:
+        plain = next(
+            q
+            for q in results
+            if q["link"] == r["link"] and q["ranks"] == r["ranks"] and q["stage"] == 0
+        )
+        err = r["predicted_s"] / r["step_s"] - 1
+        rows.append(
+            [
+                r["link"],
+                r["ranks"],
+                r["stage"],
+                f"{r['step_s'] * 1e3:.0f}",
+                f"{r['step_s'] / plain['step_s']:.2f}",
+                f"{r['predicted_s'] * 1e3:.0f}",
+                f"{err:+.1%}",
+                f"{r['link_gbit']:.2f}",
+                f"{r['link_latency_us']:.0f}",
+            ]
+        )
+    print(f"model {args.preset}, seq {args.seq}, global batch {args.global_batch}, ", end="")
+    print(f"progress {args.progress}; BLAS: {blas_info()}; MPI: {family}")
+    header = ["link", "P", "stage", "step ms", "vs plain", "predicted ms", "error"]
+    print(table(rows, [*header, "fitted Gbit/s", "fitted α µs"]))
+    print(f"load average (1/5/15 min) before and after each run: {load}")
+    path = write_results("zero_steps", {"args": vars(args), "results": results, "load": load})
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
