@@ -83,21 +83,40 @@ FEATURES += ["activation=swiglu", "grad_accum=2"]
         (2, ["--dp", "2"], 2),
         (2, ["--dp", "2"], 3),
         (2, ["--ep", "2"], 2),
+        (2, ["--ep", "2"], 3),
         (4, ["--dp", "2", "--ep", "2"], 1),
         (4, ["--dp", "2", "--ep", "2"], 2),
+        (4, ["--dp", "2", "--ep", "2"], 3),
     ],
-    ids=["dp2-zero2", "dp2-zero3", "ep2-zero2", "dp2ep2-zero1", "dp2ep2-zero2"],
+    ids=["dp2-zero2", "dp2-zero3", "ep2-zero2", "ep2-zero3", "dp2ep2-zero1", "dp2ep2-zero2",
+         "dp2ep2-zero3"],
 )
 def test_zero_composes_with_expert_parallelism_and_accumulation(tmp_path, corpus, n, layout, stage):
     """Gradient accumulation (stage 2 accumulates its parts), the global-norm clip, the MoE
     aux loss and bias update over the global batch, and ``--ep 2`` (an expert's parameters
-    sharded over the ranks holding it, the rest over all ranks): the same curves as the
-    same layout without ZeRO."""
+    sharded over the ranks holding it, the rest over all ranks; with stage 3 both gathered
+    block by block, each over its own ranks): the same curves as the same layout without
+    ZeRO."""
     sets = ["--set", *FEATURES]
     plain = _run(tmp_path, corpus, "plain", n, *layout, *sets)
     zero = _run(tmp_path, corpus, "zero", n, *layout, *sets, "--zero", str(stage))
     worst = assert_runs_agree(plain, zero, ZERO_TOL)
-    print(f"zero={stage} {layout}: worst {worst}")
+    print(f"zero={stage} {layout}: worst {worst}, loss relative {_relative_loss(plain, zero):.3g}")
+    if stage == 3 and "--ep" in layout:
+        _assert_ep_params_sharded(plain[-1], zero[-1], n)
+
+
+def _assert_ep_params_sharded(plain, zero, n):
+    """Stage 3 with ``--ep 2``: every rank holds fewer parameter bytes than without ZeRO
+    (its part of the replicated ones; of its experts, its part over the ranks holding them,
+    all of them when no other rank does); with dp 2 × ep 2 at most half (a quarter of the
+    replicated ones, half of the experts), up to each bucket's rounding."""
+    whole = plain["rank_param_bytes"]
+    assert len(whole) == n and len(set(whole)) == 1, whole
+    parts = zero["rank_param_bytes"]
+    assert all(part < whole[0] for part in parts), (parts, whole)
+    if n == 4:
+        assert max(parts) <= whole[0] / 2 + 4096, (parts, whole)
 
 
 def test_zero_clip_engages_and_matches(tmp_path, corpus):

@@ -419,11 +419,6 @@ def _check_zero(c: RunConfig) -> list[str]:
     if not c.zero:
         return []
     p = []
-    if c.zero == 3 and c.ep > 1:
-        p.append(
-            f"zero=3 with ep ({c.ep}) > 1 is not supported: stage 3 gathers each block's "
-            "parameters over one group, expert parallelism holds them over two (use zero=2)"
-        )
     if c.zero >= 2 and c.compress != "none":
         p.append(
             f"compress ({c.compress}) with zero={c.zero} is not supported: stage 2 "
