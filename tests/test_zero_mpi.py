@@ -170,9 +170,10 @@ def test_reduce_scatter_with_uneven_counts_equals_numpy(tmp_path, corpus, n):
     _worker(n, "reduce_scatter", corpus, tmp_path)
 
 
-def _resume(run_dir, n, *extra):
+def _resume(run_dir, n, *extra, layout=None):
     cmd = [*mpiexec(n)] if n > 1 else []
-    cmd += [*_entry(), "train", "--resume", str(run_dir), "--dp", str(n), *extra]
+    layout = ["--dp", str(n)] if layout is None else layout
+    cmd += [*_entry(), "train", "--resume", str(run_dir), *layout, *extra]
     code, out, _ = launch([*cmd, "--set", "steps=20"], timeout=300)
     assert code == 0, out
 
@@ -200,12 +201,51 @@ def test_resume_across_stages_and_world_sizes_follows_the_same_curve(tmp_path, c
     assert_runs_agree(whole, read_records(tmp_path / "part"), ACROSS_WORLDS)
 
 
+EP2 = ["--dp", "1", "--ep", "2"]
+DP2EP2 = ["--dp", "2", "--ep", "2"]
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        ((2, EP2, "3"), (2, EP2, "1")),  # stage 3 with ep 2, then stage 1 with ep 2
+        ((4, DP2EP2, "3"), (2, EP2, "0")),  # stage 3 on dp 2 × ep 2, then plain ep 2
+    ],
+    ids=["zero3-ep2-to-zero1-ep2", "zero3-dp2ep2-to-plain-ep2"],
+)
+def test_resume_from_stage3_with_expert_parallelism_follows_the_same_curve(
+    tmp_path, corpus, first, then
+):
+    """10 steps of stage 3 with ``--ep 2`` (each expert's elements written by the rank
+    owning them among the ranks holding it, the replicated ones by their owner among all
+    ranks), 10 more from its checkpoint under another stage (and world size): the 20-step
+    curve of plain expert parallelism without interruption. Aux loss off, as above."""
+    sets = ["--set", "aux_loss=0"]
+    whole = _run(tmp_path, corpus, "whole", 2, *EP2, *sets)
+    (n1, layout1, z1), (n2, layout2, z2) = first, then
+    part = _run(tmp_path, corpus, "part", n1, *layout1, *sets, "--zero", z1, steps=10)
+    tol = ZERO_TOL if n1 == n2 else ACROSS_WORLDS
+    assert_runs_agree(whole[:10], part, tol)
+    _resume(tmp_path / "part", n2, "--zero", z2, layout=layout2)
+    worst = assert_runs_agree(whole, read_records(tmp_path / "part"), tol)
+    print(f"resume {first} -> {then}: worst {worst}")
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_stage3_gathers_per_block_with_prefetch_and_frees(tmp_path, corpus, n):
     """Stage 3 on a three-block model: the parameters of plain data parallelism after 3
     steps; the next block's gather in flight during each block's forward; blocks freed
     after forward and between steps; a block forward skips refused on every rank."""
     _worker(n, "stage3", corpus, tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_two_stage3_zeros_hook_the_same_blocks_and_refuse_unused_ones(tmp_path, corpus, n):
+    """Two stage-3 ZeROs over parts of one model (as the replicated parameters and the
+    experts under ``--ep``), each gathering its own over its own communicator: the
+    parameters of plain data parallelism after 3 steps; a block forward skips refused on
+    every rank, whichever of the two holds its parameters."""
+    _worker(n, "stage3_two", corpus, tmp_path)
 
 
 def test_resume_from_dp2_ep2_stage2_in_one_process_follows_the_same_curve(tmp_path, corpus):
