@@ -88,8 +88,15 @@ FEATURES += ["activation=swiglu", "grad_accum=2"]
         (4, ["--dp", "2", "--ep", "2"], 2),
         (4, ["--dp", "2", "--ep", "2"], 3),
     ],
-    ids=["dp2-zero2", "dp2-zero3", "ep2-zero2", "ep2-zero3", "dp2ep2-zero1", "dp2ep2-zero2",
-         "dp2ep2-zero3"],
+    ids=[
+        "dp2-zero2",
+        "dp2-zero3",
+        "ep2-zero2",
+        "ep2-zero3",
+        "dp2ep2-zero1",
+        "dp2ep2-zero2",
+        "dp2ep2-zero3",
+    ],
 )
 def test_zero_composes_with_expert_parallelism_and_accumulation(tmp_path, corpus, n, layout, stage):
     """Gradient accumulation (stage 2 accumulates its parts), the global-norm clip, the MoE
