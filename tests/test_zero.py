@@ -15,6 +15,7 @@ import moecore as mc
 from moecore import nn, optim
 from moecore.distributed import SingleProcess
 from moecore.distributed.zero import ShardedOptimizer, ZeRO
+from moecore.distributed.zero.forward_hooks import add_forward_hook
 from moecore.distributed.zero.shards import owned_range, reduce_scatter_counts
 from moecore.train import ConfigError, build_config
 
@@ -23,13 +24,13 @@ from moecore.train import ConfigError, build_config
     ("values", "message"),
     [
         ({"zero": 4}, "zero must be 0, 1, 2 or 3, got 4"),
-        ({"zero": 3, "ep": 2}, "stage 3 gathers each block's parameters over one group"),
         ({"zero": -1}, "zero must be 0, 1, 2 or 3"),
         ({"zero": 2, "compress": "topk:0.1"}, "compression composes with zero=1 only"),
         ({"zero": 1, "optimizer": "adafactor"}, "factored second moment needs whole matrices"),
         ({"zero": 2, "agc": 0.01}, "adaptive clipping needs each unit's whole gradient"),
         ({"zero": 3, "dtype": "bf16"}, "stage 3 gathers the float32 masters"),
         ({"zero": 2, "dtype": "fp16"}, "the loss scaler unscales whole gradients"),
+        ({"zero": 3, "mtp_depth": 1}, "final norm outside its forward"),
     ],
 )
 def test_config_refuses_what_zero_cannot_do(values, message):
@@ -38,8 +39,9 @@ def test_config_refuses_what_zero_cannot_do(values, message):
     assert message in str(info.value)
 
 
-def test_config_accepts_compression_with_stage_1():
+def test_config_accepts_compression_with_stage_1_and_stage_3_with_expert_parallelism():
     assert build_config("moe-tiny", overrides={"zero": 1, "compress": "topk:0.1"}).zero == 1
+    assert build_config("moe-tiny", overrides={"zero": 3, "ep": 2, "dp": 2}).zero == 3
 
 
 @given(st.integers(0, 10_000), st.integers(1, 9))
@@ -121,3 +123,122 @@ def test_sharded_optimizer_in_one_process_equals_adamw_and_round_trips_its_state
     again = fresh.state_dict()
     for i, entry in saved["state"].items():
         np.testing.assert_array_equal(again["state"][i]["exp_avg"], entry["exp_avg"])
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_forward_hooks_nest_and_removing_them_in_any_order_restores_forward(first):
+    """Two owners hook one module (stage 3's ZeROs of the replicated parameters and of the
+    experts): the hook added last wraps the other; removing them in either order leaves
+    exactly what was there before — the class's forward, or an instance forward set by
+    someone else."""
+    events = []
+    for previous in (None, lambda x: 3 * x):
+        module = _Double()
+        if previous is not None:
+            object.__setattr__(module, "forward", previous)
+        before = dict(module.__dict__)
+        removers = [
+            add_forward_hook(
+                module,
+                lambda name=name: events.append(f"{name} before"),
+                lambda out, name=name: events.append(f"{name} after {out}"),
+            )
+            for name in ("a", "b")
+        ]
+        events.clear()
+        assert module(1) == (2 if previous is None else 3)
+        out = 2 if previous is None else 3
+        assert events == ["b before", "a before", f"a after {out}", f"b after {out}"]
+        removers[first]()
+        events.clear()
+        assert module(1) == out
+        left = "ab"[1 - first]
+        assert events == [f"{left} before", f"{left} after {out}"]
+        removers[first]()  # removing twice is harmless
+        removers[1 - first]()
+        assert module.__dict__ == before
+        events.clear()
+        assert module(1) == out and events == []
+
+
+class _Subset:
+    def __init__(self, named):
+        self._named = named
+
+    def named_parameters(self):
+        return list(self._named)
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        mc.manual_seed(5)
+        self.emb = nn.Linear(6, 5)
+        self.blocks = nn.ModuleList([nn.Linear(5, 5), nn.Linear(5, 5)])
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for block in self.blocks:
+            h = block(h).tanh() + h
+        return (self.head(h) * self.head(h)).mean()
+
+
+def _split(model):
+    """The blocks' biases (as experts would be: inside blocks only) and the rest."""
+    named = list(model.named_parameters())
+    chosen = {n for n, _ in named if n.startswith("blocks.") and n.endswith(".bias")}
+    return [(n, p) for n, p in named if n not in chosen], [(n, p) for n, p in named if n in chosen]
+
+
+@pytest.mark.parametrize("order", ["outer-first", "inner-first"])
+def test_two_stage3_zeros_over_parts_of_one_module_equal_adamw(order):
+    """Stage 3 as with expert parallelism, in one process: two ZeROs over disjoint parts
+    of one model (``module=`` the model) hook the same blocks; each gathers only its own
+    parameters (a block with none of them is no unit; the root may be empty). Three steps
+    equal plain AdamW's; removing the hooks in either order leaves the parameters whole
+    and the model's own forward."""
+    rng = np.random.default_rng(1)
+    xs = [mc.Tensor(rng.standard_normal((4, 6)).astype(np.float32)) for _ in range(3)]
+    ref, got = _Stack(), _Stack()
+    ref_opt = optim.AdamW(ref.parameters(), lr=1e-2)
+    dense, inner = _split(got)
+    zeros = [
+        ZeRO(_Subset(dense), SingleProcess(), stage=3, module=got),
+        ZeRO(_Subset(inner), SingleProcess(), stage=3, module=got),
+    ]
+    labels = [[u.label for u in z.sharded.units] for z in zeros]
+    assert labels == [["root", "blocks.0", "blocks.1"]] * 2
+    assert zeros[1].sharded.units[0].params == []
+    opt = ShardedOptimizer(optim.AdamW(got.parameters(), lr=1e-2), zeros)
+    for x in xs:
+        ref(x).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        got(x).backward()
+        for z in zeros:
+            z.finish()
+        opt.step()
+        opt.zero_grad()
+        assert not any(p.data.any() for p in got.parameters())  # freed between steps
+    for z in zeros if order == "inner-first" else zeros[::-1]:
+        z.remove_hooks()
+    assert "forward" not in got.__dict__
+    assert not any("forward" in block.__dict__ for block in got.blocks)
+    for (name, a), b in zip(ref.named_parameters(), got.parameters()):
+        np.testing.assert_array_equal(b.data, a.data, err_msg=name)
+
+
+def test_stage3_refuses_parameters_outside_its_module_and_module_without_stage_3():
+    model, other = _Stack(), _Stack()
+    with pytest.raises(ValueError, match="not in the module whose blocks define"):
+        ZeRO(_Subset(list(other.named_parameters())), SingleProcess(), stage=3, module=model)
+    with pytest.raises(ValueError, match="module= is for stage 3"):
+        ZeRO(model, SingleProcess(), stage=2, module=model)
+    with pytest.raises(TypeError, match="or module= the model"):
+        ZeRO(_Subset(list(model.named_parameters())), SingleProcess(), stage=3)

@@ -83,21 +83,47 @@ FEATURES += ["activation=swiglu", "grad_accum=2"]
         (2, ["--dp", "2"], 2),
         (2, ["--dp", "2"], 3),
         (2, ["--ep", "2"], 2),
+        (2, ["--ep", "2"], 3),
         (4, ["--dp", "2", "--ep", "2"], 1),
         (4, ["--dp", "2", "--ep", "2"], 2),
+        (4, ["--dp", "2", "--ep", "2"], 3),
     ],
-    ids=["dp2-zero2", "dp2-zero3", "ep2-zero2", "dp2ep2-zero1", "dp2ep2-zero2"],
+    ids=[
+        "dp2-zero2",
+        "dp2-zero3",
+        "ep2-zero2",
+        "ep2-zero3",
+        "dp2ep2-zero1",
+        "dp2ep2-zero2",
+        "dp2ep2-zero3",
+    ],
 )
 def test_zero_composes_with_expert_parallelism_and_accumulation(tmp_path, corpus, n, layout, stage):
     """Gradient accumulation (stage 2 accumulates its parts), the global-norm clip, the MoE
     aux loss and bias update over the global batch, and ``--ep 2`` (an expert's parameters
-    sharded over the ranks holding it, the rest over all ranks): the same curves as the
-    same layout without ZeRO."""
+    sharded over the ranks holding it, the rest over all ranks; with stage 3 both gathered
+    block by block, each over its own ranks): the same curves as the same layout without
+    ZeRO."""
     sets = ["--set", *FEATURES]
     plain = _run(tmp_path, corpus, "plain", n, *layout, *sets)
     zero = _run(tmp_path, corpus, "zero", n, *layout, *sets, "--zero", str(stage))
     worst = assert_runs_agree(plain, zero, ZERO_TOL)
-    print(f"zero={stage} {layout}: worst {worst}")
+    print(f"zero={stage} {layout}: worst {worst}, loss relative {_relative_loss(plain, zero):.3g}")
+    if stage == 3 and "--ep" in layout:
+        _assert_ep_params_sharded(plain[-1], zero[-1], n)
+
+
+def _assert_ep_params_sharded(plain, zero, n):
+    """Stage 3 with ``--ep 2``: every rank holds fewer parameter bytes than without ZeRO
+    (its part of the replicated ones; of its experts, its part over the ranks holding them,
+    all of them when no other rank does); with dp 2 × ep 2 at most half (a quarter of the
+    replicated ones, half of the experts), up to each bucket's rounding."""
+    whole = plain["rank_param_bytes"]
+    assert len(whole) == n and len(set(whole)) == 1, whole
+    parts = zero["rank_param_bytes"]
+    assert all(part < whole[0] for part in parts), (parts, whole)
+    if n == 4:
+        assert max(parts) <= whole[0] / 2 + 4096, (parts, whole)
 
 
 def test_zero_clip_engages_and_matches(tmp_path, corpus):
@@ -151,9 +177,10 @@ def test_reduce_scatter_with_uneven_counts_equals_numpy(tmp_path, corpus, n):
     _worker(n, "reduce_scatter", corpus, tmp_path)
 
 
-def _resume(run_dir, n, *extra):
+def _resume(run_dir, n, *extra, layout=None):
     cmd = [*mpiexec(n)] if n > 1 else []
-    cmd += [*_entry(), "train", "--resume", str(run_dir), "--dp", str(n), *extra]
+    layout = ["--dp", str(n)] if layout is None else layout
+    cmd += [*_entry(), "train", "--resume", str(run_dir), *layout, *extra]
     code, out, _ = launch([*cmd, "--set", "steps=20"], timeout=300)
     assert code == 0, out
 
@@ -181,12 +208,51 @@ def test_resume_across_stages_and_world_sizes_follows_the_same_curve(tmp_path, c
     assert_runs_agree(whole, read_records(tmp_path / "part"), ACROSS_WORLDS)
 
 
+EP2 = ["--dp", "1", "--ep", "2"]
+DP2EP2 = ["--dp", "2", "--ep", "2"]
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        ((2, EP2, "3"), (2, EP2, "1")),  # stage 3 with ep 2, then stage 1 with ep 2
+        ((4, DP2EP2, "3"), (2, EP2, "0")),  # stage 3 on dp 2 × ep 2, then plain ep 2
+    ],
+    ids=["zero3-ep2-to-zero1-ep2", "zero3-dp2ep2-to-plain-ep2"],
+)
+def test_resume_from_stage3_with_expert_parallelism_follows_the_same_curve(
+    tmp_path, corpus, first, then
+):
+    """10 steps of stage 3 with ``--ep 2`` (each expert's elements written by the rank
+    owning them among the ranks holding it, the replicated ones by their owner among all
+    ranks), 10 more from its checkpoint under another stage (and world size): the 20-step
+    curve of plain expert parallelism without interruption. Aux loss off, as above."""
+    sets = ["--set", "aux_loss=0"]
+    whole = _run(tmp_path, corpus, "whole", 2, *EP2, *sets)
+    (n1, layout1, z1), (n2, layout2, z2) = first, then
+    part = _run(tmp_path, corpus, "part", n1, *layout1, *sets, "--zero", z1, steps=10)
+    tol = ZERO_TOL if n1 == n2 else ACROSS_WORLDS
+    assert_runs_agree(whole[:10], part, tol)
+    _resume(tmp_path / "part", n2, "--zero", z2, layout=layout2)
+    worst = assert_runs_agree(whole, read_records(tmp_path / "part"), tol)
+    print(f"resume {first} -> {then}: worst {worst}")
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_stage3_gathers_per_block_with_prefetch_and_frees(tmp_path, corpus, n):
     """Stage 3 on a three-block model: the parameters of plain data parallelism after 3
     steps; the next block's gather in flight during each block's forward; blocks freed
     after forward and between steps; a block forward skips refused on every rank."""
     _worker(n, "stage3", corpus, tmp_path)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_two_stage3_zeros_hook_the_same_blocks_and_refuse_unused_ones(tmp_path, corpus, n):
+    """Two stage-3 ZeROs over parts of one model (as the replicated parameters and the
+    experts under ``--ep``), each gathering its own over its own communicator: the
+    parameters of plain data parallelism after 3 steps; a block forward skips refused on
+    every rank, whichever of the two holds its parameters."""
+    _worker(n, "stage3_two", corpus, tmp_path)
 
 
 def test_resume_from_dp2_ep2_stage2_in_one_process_follows_the_same_curve(tmp_path, corpus):

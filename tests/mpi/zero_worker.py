@@ -11,6 +11,12 @@ Modes:
   forward the next block's gather is in flight (prefetch) and the blocks before it are
   freed; after forward and between steps every parameter is freed (reads zero); a fourth
   block that forward skips raises the same error on every rank.
+- ``stage3_two``: the same model under two stage-3 ZeROs hooking the same blocks, as with
+  expert parallelism (``module=`` the model; the blocks' biases in one, everything else in
+  the other, each over its own communicator): the parameters of plain
+  :class:`DataParallel` after 3 steps; a block that forward skips raises
+  ``UnusedParameters`` on every rank, also when only the second ZeRO holds parameters of
+  it.
 """
 
 from __future__ import annotations
@@ -111,14 +117,42 @@ class _Net(nn.Module):
         return (self.head(h) * self.head(h)).mean()
 
 
-def stage3(corpus: str, out: Path) -> None:
-    group = dist.init()
-    rng = np.random.default_rng(11)
+def _plain(group, seed):
+    """Three batches (this rank's rows: ``mine``) and ``_Net(3, 3)`` after 3 AdamW steps
+    on them under plain :class:`DataParallel`."""
+    rng = np.random.default_rng(seed)
     batches = [rng.standard_normal((4 * group.size, 5)).astype(np.float32) for _ in range(3)]
     mine = slice(4 * group.rank, 4 * group.rank + 4)
     ref = _Net(3, 3)
     dp = dist.DataParallel(ref, group)
     ref_opt = optim.AdamW(ref.parameters(), lr=1e-2)
+    for x in batches:
+        ref(mc.Tensor(x[mine])).backward()
+        dp.finish()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    dp.remove_hooks()
+    return batches, mine, ref
+
+
+def _expect_unused(loss, block, name):
+    try:
+        loss.backward()
+    except UnusedParameters as exc:
+        assert f"modules ['{block}'] took no part in forward" in str(exc), exc
+        assert name in str(exc), exc
+    else:
+        raise AssertionError("a block that forward skipped was not refused")
+
+
+def _assert_equal_params(ref, net):
+    for (name, a), b in zip(ref.named_parameters(), net.parameters()):
+        np.testing.assert_allclose(b.data, a.data, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def stage3(corpus: str, out: Path) -> None:
+    group = dist.init()
+    batches, mine, ref = _plain(group, 11)
     net = _Net(3, 3)
     zero = ZeRO(net, group, stage=3)
     units = zero.sharded.units
@@ -142,11 +176,6 @@ def stage3(corpus: str, out: Path) -> None:
         object.__setattr__(block, "probe", probe(i))
     opt = ShardedOptimizer(optim.AdamW(net.parameters(), lr=1e-2), [zero])
     for x in batches:
-        loss = ref(mc.Tensor(x[mine]))
-        loss.backward()
-        dp.finish()
-        ref_opt.step()
-        ref_opt.zero_grad()
         loss = net(mc.Tensor(x[mine]))
         for p in net.blocks[1].parameters():  # freed after its forward
             assert not p.data.any(), "a block's parameters were not freed after forward"
@@ -161,25 +190,66 @@ def stage3(corpus: str, out: Path) -> None:
         assert prefetched, f"block {i + 1}'s gather was not in flight during block {i}"
         assert not any(earlier[:-1]), f"blocks before {i} still gathered: {earlier}"
     with zero.gathered():
-        for (name, a), b in zip(ref.named_parameters(), net.parameters()):
-            np.testing.assert_allclose(b.data, a.data, rtol=1e-6, atol=1e-7, err_msg=name)
+        _assert_equal_params(ref, net)
     for p in net.parameters():
         assert not p.data.any(), "parameters not freed after gathered()"
     unused = _Net(4, 3)
     zero = ZeRO(unused, group, stage=3)
-    loss = unused(mc.Tensor(batches[0][mine]))
-    try:
-        loss.backward()
-    except UnusedParameters as exc:
-        assert "modules ['blocks.3'] took no part in forward" in str(exc), exc
-        assert "blocks.3.lin.weight" in str(exc), exc
-    else:
-        raise AssertionError("a block that forward skipped was not refused")
+    _expect_unused(unused(mc.Tensor(batches[0][mine])), "blocks.3", "blocks.3.lin.weight")
+
+
+class _Subset:
+    def __init__(self, named):
+        self._named = named
+
+    def named_parameters(self):
+        return list(self._named)
+
+
+def _two_zeros(net, group, inner, skip=()):
+    """Two stage-3 ZeROs over ``net``: parameters named in ``inner`` over a duplicate of
+    ``group``, the others but ``skip`` over ``group``."""
+    named = list(net.named_parameters())
+    outer = [(n, p) for n, p in named if n not in inner and n not in skip]
+    first = ZeRO(_Subset(outer), group, stage=3, module=net)
+    second = ZeRO(
+        _Subset([(n, p) for n, p in named if n in inner]), group.split(0), stage=3, module=net
+    )
+    return [first, second]
+
+
+def stage3_two(corpus: str, out: Path) -> None:
+    group = dist.init()
+    batches, mine, ref = _plain(group, 12)
+    net = _Net(3, 3)
+    biases = {f"blocks.{i}.lin.bias" for i in range(3)}
+    zeros = _two_zeros(net, group, biases)
+    assert [u.label for u in zeros[1].sharded.units] == ["root", "blocks.0", "blocks.1", "blocks.2"]
+    assert zeros[1].sharded.units[0].params == []
+    opt = ShardedOptimizer(optim.AdamW(net.parameters(), lr=1e-2), zeros)
+    for x in batches:
+        net(mc.Tensor(x[mine])).backward()
+        for zero in zeros:
+            zero.finish()
+        opt.step()
+        opt.zero_grad()
+        assert not any(p.data.any() for p in net.parameters()), "not freed between steps"
+    with zeros[0].gathered(), zeros[1].gathered():
+        _assert_equal_params(ref, net)
+    # A block forward skips, in both ZeROs: the first one's check names it.
+    unused = _Net(4, 3)
+    _two_zeros(unused, group, {f"blocks.{i}.lin.bias" for i in range(4)})
+    _expect_unused(unused(mc.Tensor(batches[0][mine])), "blocks.3", "blocks.3.lin.weight")
+    # ... in the second only (the first holds nothing of it): the second one's check.
+    unused = _Net(4, 3)
+    _two_zeros(unused, group, {"blocks.3.lin.bias"}, skip={"blocks.3.lin.weight"})
+    _expect_unused(unused(mc.Tensor(batches[0][mine])), "blocks.3", "blocks.3.lin.bias")
 
 
 if __name__ == "__main__":
     mode, corpus, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     modes = {"nonfinite": nonfinite, "reduce_scatter": reduce_scatter, "stage3": stage3}
+    modes["stage3_two"] = stage3_two
     modes[mode](corpus, out)
     if dist.init().rank == 0:
         print(f"OK {mode} size={dist.init().size}")

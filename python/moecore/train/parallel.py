@@ -94,12 +94,13 @@ class Layout:
         experts = [(n, p) for n, p in named if n in self.sharded]
         if self.zero:
             kwargs = {**kwargs, "stage": self.zero}
+        if self.zero == 3:
+            # Stage 3 gathers block by block: both ZeROs take their units from the model's
+            # blocks (each restricted to its own parameters) and hook the same forwards.
+            kwargs["module"] = model
         cls: Any = ZeRO if self.zero else DataParallel
         if self.world.size > 1 and self.reduce_gradients:
-            # Stage 3 gathers per module: it needs the model itself (ep = 1: every
-            # parameter is replicated).
-            whole = self.zero == 3 and not experts
-            self.dense = cls(model if whole else _Subset(dense), self.world, **kwargs)
+            self.dense = cls(_Subset(dense), self.world, **kwargs)
         if experts and self.dp > 1 and self.reduce_gradients:
             self.experts = cls(_Subset(experts), self.expert_dp_group, **kwargs)
         self._expert_params = [p for _, p in experts]

@@ -5,10 +5,17 @@ gather prefetched while the current one computes (FSDP's forward and backward pr
 Units are the elements of the model's top-level :class:`moecore.nn.ModuleList` s (the
 transformer blocks), plus the root (every other parameter: embeddings, final norm, the
 tied head), which stays gathered from the start of forward to its end and from the start
-of backward to its end. Each parameter's whole array lives in the unit's anonymous private
-mapping: freeing it is ``madvise(MADV_DONTNEED)``, which returns the pages to the system
-while the arrays (which the autograd graph saved for backward) keep their identity; the
-gather before backward writes the values back into them. The truth between steps is this
+of backward to its end. A unit holds only the parameters of its :class:`ZeRO`: under
+expert parallelism two of them hook the same blocks (the replicated parameters gathered
+over every rank, the experts over the ranks holding them); a block with none of a ZeRO's
+parameters is no unit of it, and its root may be empty (it still marks where forward and
+backward begin). The two hook each block's ``forward`` through
+:func:`moecore.distributed.zero.forward_hooks.add_forward_hook`, removable in any order.
+
+Each parameter's whole array lives in the unit's anonymous private mapping: freeing it is
+``madvise(MADV_DONTNEED)``, which returns the pages to the system while the arrays (which
+the autograd graph saved for backward) keep their identity; the gather before backward
+writes the values back into them. The truth between steps is this
 rank's part of every bucket (:attr:`ShardedParams.shards`), which the optimizer updates.
 
 The gathers go over their own communicator (a duplicate of the group): the gradients'
@@ -31,6 +38,7 @@ from moecore import nn
 from moecore.autograd.grad_mode import is_grad_enabled
 from moecore.autograd.tensor import Tensor
 from moecore.distributed.group import Request
+from moecore.distributed.zero.forward_hooks import add_forward_hook
 from moecore.distributed.zero.shards import reduce_scatter_counts
 from moecore.errors import UnusedParameters
 
@@ -56,7 +64,16 @@ class _Unit:
 
 
 def _units(model: Any, index: dict[int, int]) -> list[tuple[str, Any, list[int]]]:
-    """(label, module, parameter indices) of each unit in forward order, the root first."""
+    """(label, module, parameter indices) of each unit in forward order, the root first:
+    ``model``'s blocks restricted to the parameters in ``index`` (those with none left
+    out), the root with the rest of them."""
+    inside = {id(p) for p in model.parameters()}
+    stray = [i for pid, i in index.items() if pid not in inside]
+    if stray:
+        raise ValueError(
+            f"ZeRO stage 3: {len(stray)} parameters are not in the module whose blocks "
+            "define the gather units"
+        )
     found: list[tuple[str, Any, list[int]]] = []
     taken: set[int] = set()
     for name, child in model._modules.items():
@@ -88,8 +105,10 @@ def _release(memory: Any, view: np.ndarray) -> None:
 
 
 class ShardedParams:
-    """Stage 3's parameter handling for a :class:`ZeRO` over ``model`` (see the module
-    docstring). Built after the parameters were broadcast."""
+    """Stage 3's parameter handling for a :class:`ZeRO` (see the module docstring):
+    ``model`` is the module whose blocks are the units and whose forward marks a step's
+    start (it holds the ZeRO's parameters, possibly among others). Built after the
+    parameters were broadcast."""
 
     def __init__(self, zero: ZeRO, model: Any) -> None:
         self.zero = zero
@@ -224,16 +243,10 @@ class ShardedParams:
     # --- forward and backward -------------------------------------------------------------
 
     def _wrap(self, u: int, module: Any) -> None:
-        original = module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            self._before_forward(u)
-            out = original(*args, **kwargs)
-            self._after_forward(u, out)
-            return out
-
-        object.__setattr__(module, "forward", forward)
-        self._hooks.append(lambda: object.__delattr__(module, "forward"))
+        remove = add_forward_hook(
+            module, lambda: self._before_forward(u), lambda out: self._after_forward(u, out)
+        )
+        self._hooks.append(remove)
 
     def _before_forward(self, u: int) -> None:
         if u == 0:

@@ -34,7 +34,12 @@ class ZeRO(DataParallel):
             for the owned elements only; 2 — gradients also reduce-scattered during backward
             (bucket by bucket, on the same scheduler), so each rank keeps only its part;
             3 — parameters too, gathered per module as it runs
-            (:mod:`moecore.distributed.zero.stage3`; ``model`` must be an ``nn.Module``).
+            (:mod:`moecore.distributed.zero.stage3`).
+        module: stage 3 only: the :class:`moecore.nn.Module` whose blocks are gathered
+            one by one (their parameters in ``model``) and whose forward starts a step;
+            default ``model`` itself, which must then be an ``nn.Module``. Given when
+            ``model`` is a subset of a module's parameters (expert parallelism: one ZeRO
+            of the replicated parameters, one of the experts, both over the same model).
         **kwargs: as for :class:`DataParallel`; compression only with stage 1 (stage 2 sends
             no all-reduce to compress).
 
@@ -50,7 +55,9 @@ class ZeRO(DataParallel):
         loss.backward(); zero.finish(); opt.step(); opt.zero_grad()
     """
 
-    def __init__(self, model: Any, group: Group, stage: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self, model: Any, group: Group, stage: int = 1, *, module: Any = None, **kwargs: Any
+    ) -> None:
         if stage not in STAGES:
             raise ValueError(f"ZeRO: stage must be one of {list(STAGES)}, got {stage!r}")
         if stage >= 2 and kwargs.get("compress") not in (None, "", "none"):
@@ -58,13 +65,20 @@ class ZeRO(DataParallel):
                 "ZeRO: compression composes with stage 1 only (stage 2 reduce-scatters the "
                 "gradients, there is no all-reduce left to compress)"
             )
+        if module is not None and stage != 3:
+            raise ValueError("ZeRO: module= is for stage 3 (the blocks it gathers one by one)")
+        if stage == 3:
+            module = model if module is None else module
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    "ZeRO stage 3 needs an nn.Module (it gathers per module): pass the model, "
+                    "or module= the model a parameter subset belongs to"
+                )
         self.stage = self._zero_stage = stage
         self.sharded: ShardedParams | None = None
         super().__init__(model, group, **kwargs)
         if stage == 3:
-            if not isinstance(model, nn.Module):
-                raise TypeError("ZeRO stage 3 needs an nn.Module (it gathers per module)")
-            self.sharded = ShardedParams(self, model)
+            self.sharded = ShardedParams(self, module)
 
     # --- layout -------------------------------------------------------------------------
 
