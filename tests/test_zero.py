@@ -30,7 +30,6 @@ from moecore.train import ConfigError, build_config
         ({"zero": 2, "agc": 0.01}, "adaptive clipping needs each unit's whole gradient"),
         ({"zero": 3, "dtype": "bf16"}, "stage 3 gathers the float32 masters"),
         ({"zero": 2, "dtype": "fp16"}, "the loss scaler unscales whole gradients"),
-        ({"zero": 3, "mtp_depth": 1}, "final norm outside its forward"),
     ],
 )
 def test_config_refuses_what_zero_cannot_do(values, message):

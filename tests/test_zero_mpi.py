@@ -54,6 +54,17 @@ def test_zero_stage_equals_plain_data_parallelism(tmp_path, corpus, n, stage):
     _assert_sharded(plain[-1], zero[-1], n, stage)
 
 
+def test_stage3_with_multi_token_prediction_equals_plain_data_parallelism(tmp_path, corpus):
+    """The MTP loss applies each MTP module's final norm after the module's forward, so
+    stage 3 gathers those modules with the root: the curves equal plain DP's with MTP."""
+    mtp = ["--set", "mtp_depth=1", "mtp_weight=0.3"]
+    plain = _run(tmp_path, corpus, "plain", 2, "--dp", "2", *mtp)
+    zero = _run(tmp_path, corpus, "zero", 2, "--dp", "2", "--zero", "3", *mtp)
+    worst = assert_runs_agree(plain, zero, ZERO_TOL)
+    print(f"zero=3 with MTP: worst {worst}, loss relative {_relative_loss(plain, zero):.3g}")
+    _assert_sharded(plain[-1], zero[-1], 2, 3)
+
+
 def _assert_sharded(plain, zero, n, stage):
     """Per-rank bytes (metrics.jsonl): plain DP holds everything on every rank; ZeRO's
     optimizer state (and with stage 2 the gradients) is cut in n parts that add up to

@@ -102,11 +102,11 @@ def worker(args: argparse.Namespace) -> None:
     rows = args.global_batch // group.size
     link = _link(group)
     runs = []
-    for stage in STAGES:
+    for stage in args.stages:
         model, cfg = _model(args.preset, args.seq)
         x, y = _batch(cfg, 0, rows, group.rank)
         plain_opt = optim.AdamW(model.parameters(), lr=1e-4)
-        profile = profile_step(model, x, y, plain_opt)  # before the hooks exist
+        profile = profile_step(model, x, y, plain_opt, repeat=5)  # before the hooks exist
         units_fwd = _unit_forward_times(model, x, y) if stage == 3 else []
         kw = {"progress": args.progress}
         if stage == 0:
@@ -126,12 +126,15 @@ def worker(args: argparse.Namespace) -> None:
                 group.barrier()
                 t0 = time.perf_counter()
                 loss = model(x, y)
+                t1 = time.perf_counter()
                 loss.backward()
                 wrapper.finish()
+                t2 = time.perf_counter()
                 opt.step()
                 opt.zero_grad()
+                t3 = time.perf_counter()
                 if step >= 2:
-                    times.append(time.perf_counter() - t0)
+                    times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
     out = []
     for stage, _, _cfg, wrapper, _opt, profile, units_fwd, times in runs:
         predicted = _predict(wrapper, stage, profile, units_fwd, link)
@@ -139,8 +142,16 @@ def worker(args: argparse.Namespace) -> None:
             {
                 "stage": stage,
                 "ranks": group.size,
-                "step_s": float(np.median(times)),
-                "steps": times,
+                "step_s": float(np.median([t[0] for t in times])),
+                # Medians of the parts: forward; backward with finish; optimizer step
+                # (with the all-gather of stages 1-2).
+                "forward_s": float(np.median([t[1] for t in times])),
+                "backward_s": float(np.median([t[2] for t in times])),
+                "optimizer_s": float(np.median([t[3] for t in times])),
+                "steps": [t[0] for t in times],
+                "profile_forward_s": profile.forward_s,
+                "profile_backward_s": sum(profile.backward_s),
+                "profile_optimizer_s": profile.optimizer_s,
                 "predicted_s": predicted,
                 "profile_compute_s": profile.forward_s
                 + sum(profile.backward_s)
@@ -165,6 +176,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per stage and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--progress", choices=("hooks", "thread"), default="hooks")
+    ap.add_argument("--stages", type=int, nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--shaped", action="store_true", help="also on a 1 Gbit/s loopback (root)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -181,7 +193,7 @@ def main() -> None:
     me = [sys.executable, "-m", "mpi4py", __file__, "--worker"]
     opts = ["--preset", args.preset, "--seq", str(args.seq), "--progress", args.progress]
     opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
-    opts += ["--rounds", str(args.rounds)]
+    opts += ["--rounds", str(args.rounds), "--stages", *map(str, args.stages)]
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     family = mpi_family(mpiexec)
     if family is None:
@@ -211,11 +223,8 @@ def main() -> None:
             load.append(open("/proc/loadavg").read().split()[:3])
     rows = []
     for r in results:
-        plain = next(
-            q
-            for q in results
-            if q["link"] == r["link"] and q["ranks"] == r["ranks"] and q["stage"] == 0
-        )
+        same = [q for q in results if q["link"] == r["link"] and q["ranks"] == r["ranks"]]
+        plain = next((q for q in same if q["stage"] == 0), None)
         err = r["predicted_s"] / r["step_s"] - 1
         rows.append(
             [
@@ -223,7 +232,7 @@ def main() -> None:
                 r["ranks"],
                 r["stage"],
                 f"{r['step_s'] * 1e3:.0f}",
-                f"{r['step_s'] / plain['step_s']:.2f}",
+                f"{r['step_s'] / plain['step_s']:.2f}" if plain else "",
                 f"{r['predicted_s'] * 1e3:.0f}",
                 f"{err:+.1%}",
                 f"{r['link_gbit']:.2f}",

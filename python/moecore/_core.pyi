@@ -269,6 +269,7 @@ class CommScheduler:
         compress_ratio: float | None = None,
         warmup_steps: int = 0,
         compress_when: str = "auto",
+        split_layers: bool = False,
     ) -> Self: ...
     @property
     def step(self) -> int: ...

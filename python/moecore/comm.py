@@ -120,6 +120,8 @@ class Scheduler:
         compress_ratio: top-k density; None never compresses.
         warmup_steps: steps sent dense before compression starts.
         compress_when: ``"auto"`` (when it moves fewer bytes) or ``"always"``.
+        split_layers: never let a bucket span two ``GradSpec.layer`` s (ZeRO stage 3: each
+            layer's parameters are then gathered from whole buckets, split evenly).
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class Scheduler:
         compress_ratio: float | None = None,
         warmup_steps: int = 0,
         compress_when: str = "auto",
+        split_layers: bool = False,
     ) -> None:
         self.grads = list(grads)
         self.world = world
@@ -150,6 +153,7 @@ class Scheduler:
             compress_ratio=compress_ratio,
             warmup_steps=warmup_steps,
             compress_when=compress_when,
+            split_layers=split_layers,
         )
 
     @property

@@ -29,6 +29,10 @@ pub struct BucketConfig {
     pub first_bucket_bytes: usize,
     /// Limit of every other bucket (DDP: 25 MiB).
     pub cap_bytes: usize,
+    /// Close a bucket whenever the next gradient is of another layer, so no bucket spans
+    /// two: ZeRO stage 3 gathers a layer from its buckets' parts, which are then whole
+    /// buckets split evenly over the ranks rather than one rank's stretch of a shared one.
+    pub split_layers: bool,
 }
 
 impl Default for BucketConfig {
@@ -36,6 +40,7 @@ impl Default for BucketConfig {
         BucketConfig {
             first_bucket_bytes: 1 << 20,
             cap_bytes: 25 << 20,
+            split_layers: false,
         }
     }
 }
@@ -149,6 +154,24 @@ pub fn assign_buckets(
                 open.len() - 1
             }
         };
+        let other_layer = |b: &Bucket| {
+            b.slices
+                .last()
+                .is_some_and(|s| grads[s.grad].layer != g.layer)
+        };
+        let pos = if cfg.split_layers && other_layer(&open[pos]) {
+            done.push(open.remove(pos));
+            open.push(Bucket {
+                slices: Vec::new(),
+                numel: 0,
+                elem_bytes: g.elem_bytes,
+                dtype: g.dtype.clone(),
+                layer: g.layer,
+            });
+            open.len() - 1
+        } else {
+            pos
+        };
         let b = &mut open[pos];
         b.slices.push(Slice {
             grad: gi,
@@ -223,6 +246,7 @@ mod tests {
         let cfg = BucketConfig {
             first_bucket_bytes: 16,
             cap_bytes: 100,
+            split_layers: false,
         };
         let b = assign_buckets(&g, &[2, 1, 0], cfg).unwrap();
         let sets: Vec<Vec<usize>> = b
@@ -230,6 +254,32 @@ mod tests {
             .map(|b| b.slices.iter().map(|s| s.grad).collect())
             .collect();
         assert_eq!(sets, vec![vec![2], vec![1], vec![0]]);
+    }
+
+    #[test]
+    fn split_layers_never_lets_a_bucket_span_two_layers() {
+        // Layers 3 3 2 2 1 0 in ready order, caps far above everything: one bucket
+        // without the split, one per layer with it (grouped as the order has them).
+        let layers = [0, 1, 2, 2, 3, 3];
+        let g: Vec<GradInfo> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| grad(&format!("g{i}"), 10, l))
+            .collect();
+        let order = [5, 4, 3, 2, 1, 0];
+        let mut cfg = BucketConfig {
+            first_bucket_bytes: 1 << 20,
+            cap_bytes: 1 << 20,
+            split_layers: false,
+        };
+        assert_eq!(assign_buckets(&g, &order, cfg).unwrap().len(), 1);
+        cfg.split_layers = true;
+        let sets: Vec<Vec<usize>> = assign_buckets(&g, &order, cfg)
+            .unwrap()
+            .iter()
+            .map(|b| b.slices.iter().map(|s| s.grad).collect())
+            .collect();
+        assert_eq!(sets, vec![vec![5, 4], vec![3, 2], vec![1], vec![0]]);
     }
 
     #[test]

@@ -61,7 +61,7 @@ proptest! {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             order.swap(i, (x >> 33) as usize % (i + 1));
         }
-        let cfg = BucketConfig { first_bucket_bytes: first, cap_bytes: cap };
+        let cfg = BucketConfig { first_bucket_bytes: first, cap_bytes: cap, split_layers: false };
         let buckets = assign_buckets(&grads, &order, cfg).unwrap();
         let mut seen = vec![0; n];
         for (bi, b) in buckets.iter().enumerate() {
@@ -94,7 +94,7 @@ proptest! {
     ) {
         let n = grads.len();
         let cfg = SchedulerConfig {
-            buckets: BucketConfig { first_bucket_bytes: first, cap_bytes: cap },
+            buckets: BucketConfig { first_bucket_bytes: first, cap_bytes: cap, split_layers: false },
             policy,
             world: 3,
             compress: compress.map(|(ratio, warmup_steps)| CompressPlan {

@@ -331,6 +331,7 @@ mod tests {
             buckets: BucketConfig {
                 first_bucket_bytes: 40,
                 cap_bytes: 80,
+                split_layers: false,
             },
             policy,
             world: 2,

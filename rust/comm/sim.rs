@@ -482,6 +482,7 @@ mod tests {
             buckets: BucketConfig {
                 first_bucket_bytes: 4000,
                 cap_bytes: 4000,
+                split_layers: false,
             },
             policy: Policy::Fifo,
             world,

@@ -20,6 +20,7 @@ fn setup() -> (Vec<GradInfo>, SchedulerConfig, CostModel, StepProfile) {
         buckets: BucketConfig {
             first_bucket_bytes: 4000,
             cap_bytes: 4000,
+            split_layers: false,
         },
         policy: Policy::Fifo,
         world: 2,

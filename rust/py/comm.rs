@@ -56,7 +56,7 @@ impl PyScheduler {
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (grads, *, world, first_bucket_bytes=1048576, cap_bytes=26214400,
         policy="fifo", partition_bytes=4194304, credit_bytes=16777216, compress_ratio=None,
-        warmup_steps=0, compress_when="auto"))]
+        warmup_steps=0, compress_when="auto", split_layers=false))]
     fn new(
         grads: Vec<(String, i128, String, i128, i128)>,
         world: i128,
@@ -68,6 +68,7 @@ impl PyScheduler {
         compress_ratio: Option<f64>,
         warmup_steps: i128,
         compress_when: &str,
+        split_layers: bool,
     ) -> PyResult<Self> {
         let grads = grads
             .into_iter()
@@ -111,6 +112,7 @@ impl PyScheduler {
             buckets: BucketConfig {
                 first_bucket_bytes: usize_arg("first_bucket_bytes", first_bucket_bytes)?,
                 cap_bytes: usize_arg("cap_bytes", cap_bytes)?,
+                split_layers,
             },
             policy,
             world: usize_arg("world", world)?,

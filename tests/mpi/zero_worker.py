@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,8 @@ def nonfinite(corpus: str, out: Path) -> None:
 
 def reduce_scatter(corpus: str, out: Path) -> None:
     """``Group.ireduce_scatter`` with uneven counts (one rank getting none) against numpy's
-    sum of every rank's array, which each rank rebuilds from the ranks' seeds."""
+    sum of every rank's array, which each rank rebuilds from the ranks' seeds; and
+    ``Group.iallgather_counts``, its inverse, against numpy's concatenation."""
     group = dist.init()
     counts = [3 * r + (r == 1) for r in range(group.size)]  # rank 0 receives nothing
     total = sum(counts)
@@ -87,6 +89,22 @@ def reduce_scatter(corpus: str, out: Path) -> None:
         assert "counts must be" in str(exc), exc
     else:
         raise AssertionError("wrong counts accepted")
+    # Its inverse, as stage 3 gathers: every rank's piece (rank 0's empty) in rank order,
+    # against numpy's concatenation of the pieces each rank rebuilds; also through the
+    # base class's padded default, which other backends use.
+    pieces = [send_of(r)[: counts[r]] for r in range(group.size)]
+    for gather in (group.iallgather_counts, partial(dist.Group.iallgather_counts, group)):
+        whole = np.full(total, np.nan, dtype=np.float32)
+        done.clear()
+        gather(pieces[group.rank], whole, counts, on_done=lambda: done.append(1)).wait()
+        assert done == [1]
+        np.testing.assert_array_equal(whole, np.concatenate(pieces))
+    try:
+        group.iallgather_counts(pieces[group.rank], np.empty(total + 1, np.float32), counts)
+    except ValueError as exc:
+        assert "sum(counts)" in str(exc), exc
+    else:
+        raise AssertionError("a receive buffer of the wrong length accepted")
 
 
 class _Block(nn.Module):

@@ -118,6 +118,8 @@ class DataParallel:
 
     #: The ZeRO stage (:class:`moecore.distributed.zero.ZeRO`); part of what ranks agree on.
     _zero_stage = 0
+    #: Buckets never span two layers (see :meth:`_grad_layers`).
+    _split_layers = False
 
     def __init__(
         self,
@@ -170,7 +172,7 @@ class DataParallel:
             "zero": self._zero_stage,
         }
         check_ranks_agree(group, "DataParallel", named, wire)
-        layers = _layers(self.names)
+        layers = self._grad_layers(named)
         self.scheduler = Scheduler(
             [GradSpec(n, p.data.size, "float32", layer) for (n, p), layer in zip(named, layers)],
             world=group.size,
@@ -182,6 +184,7 @@ class DataParallel:
             compress_ratio=None if self.compressor is None else self.compressor.ratio,
             warmup_steps=warmup_steps,
             compress_when=compress_when,
+            split_layers=self._split_layers,
         )
         self._layout()
         self._requests: dict[int, Request] = {}
@@ -237,6 +240,11 @@ class DataParallel:
                 self._ready(index)
 
         return hook
+
+    def _grad_layers(self, named: list[tuple[str, Any]]) -> list[int]:
+        """The scheduler's layer of each gradient: its owning module, in registration
+        order (ZeRO stage 3: its gather unit)."""
+        return _layers([n for n, _ in named])
 
     def remove_hooks(self) -> None:
         """Detaches from the model (its gradients are no longer communicated) and stops the

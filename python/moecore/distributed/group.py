@@ -143,6 +143,35 @@ class Group(ABC):
         summed = send.copy()
         return self.iallreduce(summed, on_done=_copy_then(summed[lo:hi], recv, on_done))
 
+    def iallgather_counts(
+        self,
+        send: Any,
+        recv: Any,
+        counts: Sequence[int],
+        on_done: Callable[[], None] | None = None,
+    ) -> Request:
+        """Non-blocking all-gather of pieces whose lengths every rank already knows (the
+        inverse of :meth:`ireduce_scatter`): rank ``r``'s ``send`` (``counts[r]`` elements)
+        lands at ``recv[sum(counts[:r]) : sum(counts[:r + 1])]`` on every rank; ``recv`` is
+        1-D with ``sum(counts)`` elements. No lengths are exchanged and no padding is sent
+        (an uneven split costs only its bytes). This default all-gathers padded copies;
+        backends override it with the real collective."""
+        check_allgather_counts(send, recv, counts, self.rank, self.size)
+        slot = max(int(c) for c in counts)
+        padded = np.zeros(slot, dtype=send.dtype)
+        padded[: send.size] = send
+        parts = np.empty((self.size, slot), dtype=send.dtype)
+
+        def unpack() -> None:
+            at = 0
+            for r, c in enumerate(int(c) for c in counts):
+                recv[at : at + c] = parts[r, :c]
+                at += c
+            if on_done is not None:
+                on_done()
+
+        return self.iallgather(padded, parts, on_done=unpack)
+
     @abstractmethod
     def alltoall(self, send: Any, recv: Any) -> Any:
         """``recv[r] = send[this rank] of rank r``; both have shape ``(size, ...)``."""
@@ -225,6 +254,23 @@ def check_reduce_scatter(
         )
     lo = sum(int(c) for c in counts[:rank])
     return lo, lo + int(counts[rank])
+
+
+def check_allgather_counts(
+    send: np.ndarray, recv: np.ndarray, counts: Sequence[int], rank: int, size: int
+) -> None:
+    """Checks :meth:`Group.iallgather_counts`'s arguments."""
+    check_buffer(send, "send")
+    check_buffer(recv, "recv", writable=True)
+    if len(counts) != size or any(int(c) < 0 for c in counts):
+        raise ValueError(f"counts must be {size} non-negative numbers, got {list(counts)}")
+    if recv.ndim != 1 or recv.size != sum(int(c) for c in counts):
+        raise ValueError(f"recv must be 1-D with sum(counts) elements, got shape {recv.shape}")
+    if send.shape != (int(counts[rank]),) or recv.dtype != send.dtype:
+        raise ValueError(
+            f"send must have shape ({int(counts[rank])},) and dtype {recv.dtype}, "
+            f"got {send.shape} {send.dtype}"
+        )
 
 
 def _copy_then(

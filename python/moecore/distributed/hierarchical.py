@@ -126,6 +126,15 @@ class HierarchicalGroup(Group):
     def iallgatherv(self, send: Any, on_done: Callable[[list[Any]], None] | None = None) -> Request:
         return self.world.iallgatherv(send, on_done)
 
+    def iallgather_counts(
+        self,
+        send: Any,
+        recv: Any,
+        counts: Sequence[int],
+        on_done: Callable[[], None] | None = None,
+    ) -> Request:
+        return self.world.iallgather_counts(send, recv, counts, on_done)
+
     def alltoall(self, send: Any, recv: Any) -> Any:
         return self.world.alltoall(send, recv)
 

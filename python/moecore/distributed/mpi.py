@@ -18,6 +18,7 @@ from moecore.distributed.group import (
     DEFAULT_TIMEOUT,
     Group,
     Request,
+    check_allgather_counts,
     check_buffer,
     check_reduce_scatter,
 )
@@ -167,6 +168,23 @@ class MPIGroup(Group):
             send, recv, recvcounts=[int(c) for c in counts], op=self.mpi.SUM
         )
         what = f"a reduce-scatter of {_describe(send)}"
+        return _MPIRequest(self, what, req, (send, recv), on_done)
+
+    def iallgather_counts(
+        self,
+        send: Any,
+        recv: Any,
+        counts: Sequence[int],
+        on_done: Callable[[], None] | None = None,
+    ) -> Request:
+        check_allgather_counts(send, recv, counts, self.rank, self.size)
+        byte_counts = _byte_counts(np.asarray(counts, dtype=np.int64), send.itemsize, "allgather")
+        MPI = self.mpi
+        req = self.comm.Iallgatherv(
+            [send.reshape(-1).view(np.uint8), MPI.BYTE],
+            [recv.view(np.uint8), (byte_counts, _displacements(byte_counts)), MPI.BYTE],
+        )
+        what = f"an all-gather of {recv.size} {recv.dtype} in pieces {list(counts)}"
         return _MPIRequest(self, what, req, (send, recv), on_done)
 
     def iallgatherv(self, send: Any, on_done: Callable[[list[Any]], None] | None = None) -> Request:

@@ -22,6 +22,11 @@ class MTPModule(nn.Module):
         block: the module's transformer block (the model builds one like its own).
     """
 
+    #: ZeRO stage 3 gathers this module's parameters with the root's (from the start of
+    #: forward to its end, and through backward), not around its own forward: the MTP loss
+    #: applies :attr:`norm` to the forward's output afterwards.
+    gathered_with_root = True
+
     def __init__(self, config: ModelConfig, block: nn.Module) -> None:
         super().__init__()
         norm = nn.LayerNorm if config.norm == "layernorm" else nn.RMSNorm

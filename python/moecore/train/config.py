@@ -448,15 +448,6 @@ def _check_zero(c: RunConfig) -> list[str]:
             f"dtype 'fp16' with zero={c.zero} is not supported yet: the loss scaler unscales "
             "whole gradients and stage 2 keeps only this rank's part (use zero=1, or bf16)"
         )
-    # Found while composing stage 3 with ep: the MTP losses apply each module's final norm
-    # after its forward returned, when stage 3 has already freed the module's parameters
-    # (the loss silently differed from plain DP's, with and without ep).
-    if c.zero == 3 and c.mtp_depth:
-        p.append(
-            f"mtp_depth ({c.mtp_depth}) with zero=3 is not supported yet: the MTP loss uses "
-            "each module's final norm outside its forward, where stage 3 has freed it "
-            "(use zero=2)"
-        )
     return p
 
 

@@ -45,7 +45,7 @@ from moecore.errors import UnusedParameters
 if TYPE_CHECKING:
     from moecore.distributed.zero.wrapper import ZeRO
 
-__all__ = ["ShardedParams", "UnusedParameters"]
+__all__ = ["ShardedParams", "UnusedParameters", "units"]
 
 
 @dataclass
@@ -58,15 +58,17 @@ class _Unit:
     memory: Any = None
     flat: Any = None
     gathered: bool = False
-    pending: list[tuple[Request, np.ndarray, list[int], int, int]] = field(default_factory=list)
+    pending: list[tuple[Request, np.ndarray, int, int]] = field(default_factory=list)
     ran: bool = False
     ready: set[int] = field(default_factory=set)
 
 
-def _units(model: Any, index: dict[int, int]) -> list[tuple[str, Any, list[int]]]:
+def units(model: Any, index: dict[int, int]) -> list[tuple[str, Any, list[int]]]:
     """(label, module, parameter indices) of each unit in forward order, the root first:
     ``model``'s blocks restricted to the parameters in ``index`` (those with none left
-    out), the root with the rest of them."""
+    out), the root with the rest of them — including the blocks that say
+    ``gathered_with_root = True`` (a module whose parameters are used after its forward
+    returned, which a unit's gathers would have freed by then)."""
     inside = {id(p) for p in model.parameters()}
     stray = [i for pid, i in index.items() if pid not in inside]
     if stray:
@@ -79,12 +81,17 @@ def _units(model: Any, index: dict[int, int]) -> list[tuple[str, Any, list[int]]
     for name, child in model._modules.items():
         if isinstance(child, nn.ModuleList):
             for i, block in enumerate(child):
+                if getattr(block, "gathered_with_root", False):
+                    continue  # used outside its own forward: its parameters join the root's
                 params = [index[id(p)] for p in block.parameters() if id(p) in index]
                 if params:
                     found.append((f"{name}.{i}", block, params))
                     taken.update(params)
     root = [i for i in sorted(index.values()) if i not in taken]
     return [("root", model, root), *found]
+
+
+_EMPTY = np.zeros(0, dtype=np.float32)
 
 
 def _anonymous(nbytes: int) -> tuple[Any, np.ndarray]:
@@ -129,7 +136,7 @@ class ShardedParams:
             piece.tensor = nn.Parameter(self.shards[piece.bucket][at : at + piece.numel])
         self.units: list[_Unit] = []
         self._unit_of: dict[int, int] = {}
-        for u, (label, module, params) in enumerate(_units(model, index)):
+        for u, (label, module, params) in enumerate(units(model, index)):
             unit = _Unit(label, module, params)
             for g in params:
                 self._unit_of[g] = u
@@ -179,25 +186,27 @@ class ShardedParams:
         for bi, lo, hi in unit.ranges:
             numel = self.zero.buckets[bi].numel
             counts = reduce_scatter_counts(numel, lo, hi, world)
-            slot = max(counts)
-            send = np.zeros(slot, dtype=np.float32)
             own_lo, own_hi = self.zero.owned[bi]
             a, e = max(lo, own_lo), min(hi, own_hi)
-            if a < e:
-                send[: e - a] = self.shards[bi][a - own_lo : e - own_lo]
-            recv = np.empty((world, slot), dtype=np.float32)
-            req = self.comm.iallgather(send, recv)
-            unit.pending.append((req, recv, counts, bi, lo))
+            # This rank's piece of the range (the shards split each bucket, not the unit:
+            # pieces differ in length, and an equal-slot all-gather would send padding).
+            send = self.shards[bi][a - own_lo : e - own_lo] if a < e else _EMPTY
+            recv = np.empty(hi - lo, dtype=np.float32)
+            req = self.comm.iallgather_counts(send, recv, counts)
+            # The wrapper's driver progresses it with the gradients' operations (at the
+            # hooks, or on the polling thread while this rank computes): MPI moves no
+            # bytes otherwise, and a prefetch would only start when it is waited for.
+            self.zero._driver.add(req)
+            unit.pending.append((req, recv, bi, lo))
 
     def _complete(self, u: int) -> None:
         unit = self.units[u]
         if unit.gathered:
             return
         self._launch(u)
-        for req, recv, counts, bi, lo in unit.pending:
+        for req, flat, bi, lo in unit.pending:
             with self.comm.watch(f"ZeRO stage 3: gather of {unit.label}", self.zero.timeout):
-                req.wait()
-            flat = np.concatenate([recv[r, : counts[r]] for r in range(len(counts))])
+                self.zero._driver.wait(req)
             hi = lo + flat.size
             for g in unit.params:
                 b, off, n = self.zero._where[g]

@@ -16,7 +16,7 @@ from moecore.comm import Action
 from moecore.distributed.data_parallel import DataParallel
 from moecore.distributed.group import Group, Request
 from moecore.distributed.zero.shards import Piece, owned_range, reduce_scatter_counts
-from moecore.distributed.zero.stage3 import ShardedParams
+from moecore.distributed.zero.stage3 import ShardedParams, units
 
 __all__ = ["STAGES", "ZeRO"]
 
@@ -76,9 +76,24 @@ class ZeRO(DataParallel):
                 )
         self.stage = self._zero_stage = stage
         self.sharded: ShardedParams | None = None
+        self._unit_module = module
+        # Stage 3 gathers a unit at a time from its buckets' owned parts: buckets within
+        # one unit make those parts even (no rank sends a whole unit alone).
+        self._split_layers = stage == 3
         super().__init__(model, group, **kwargs)
         if stage == 3:
             self.sharded = ShardedParams(self, module)
+
+    def _grad_layers(self, named: list[tuple[str, Any]]) -> list[int]:
+        """Stage 3: each gradient's gather unit (the root 0, then the blocks)."""
+        if self._unit_module is None:
+            return super()._grad_layers(named)
+        layer = [0] * len(named)
+        index = {id(p): i for i, (_, p) in enumerate(named)}
+        for u, (_, _, params) in enumerate(units(self._unit_module, index)):
+            for i in params:
+                layer[i] = u
+        return layer
 
     # --- layout -------------------------------------------------------------------------
 
