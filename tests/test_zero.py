@@ -84,6 +84,30 @@ def test_zero_refuses_stages_it_does_not_have_and_compression_with_stage_2():
         ZeRO(_model(), SingleProcess(), stage=2, compress="topk:0.1")
 
 
+def test_stage3_buckets_never_span_two_gather_units():
+    """Each block's parameters fill buckets of their own (so each rank owns an even part
+    of every block and gathers are balanced), where stage 2 packs them together."""
+    from moecore.models import MoETransformer
+    from moecore.models.config import ModelConfig
+
+    def model():
+        mc.manual_seed(0)
+        return MoETransformer(ModelConfig.from_run(build_config("moe-tiny")))
+
+    def unit_of(name):  # the root, or "blocks.i"
+        head = name.split(".")[:2]
+        return ".".join(head) if head[0] == "blocks" else "root"
+
+    packed = ZeRO(model(), SingleProcess(), stage=2)
+    mixed = [{unit_of(packed.names[g]) for g, _, _ in b.slices} for b in packed.buckets]
+    assert max(len(u) for u in mixed) > 1  # the default 25 MiB buckets hold several
+    split = ZeRO(model(), SingleProcess(), stage=3)
+    per_bucket = [{unit_of(split.names[g]) for g, _, _ in b.slices} for b in split.buckets]
+    assert all(len(u) == 1 for u in per_bucket), per_bucket
+    blocks = {u for us in per_bucket for u in us} - {"root"}
+    assert len(blocks) == build_config("moe-tiny").n_layers
+
+
 def test_sharded_optimizer_refuses_adafactor():
     model = _model()
     zero = ZeRO(model, SingleProcess(), stage=1)

@@ -17,8 +17,8 @@ its gathers). Medians over all steps of rank 0.
 
 The prediction: ``simulate`` replays the stage's own scheduler on an α–β link fitted to
 blocking all-reduces of 4 KiB and 16 MiB on the same group (as ``dist.py``), with the
-measured cost of copying a byte (``moecore.train.plan.copy_cost``), from that rank's
-profile. It assumes operations progress while compute runs; ``--progress thread`` runs
+measured cost of copying a byte (``moecore.train.plan.copy_cost``), from each rank's own
+profile; the largest of the ranks' predictions is the step's (the slowest rank sets it). It assumes operations progress while compute runs; ``--progress thread`` runs
 the wrappers with their polling thread, which does that, and ``hooks`` (the trainer's
 default) progresses MPI only at gradient hooks and waits.
 Results go to ``benches/results/zero_steps.json``.
@@ -137,7 +137,10 @@ def worker(args: argparse.Namespace) -> None:
                     times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
     out = []
     for stage, _, _cfg, wrapper, _opt, profile, units_fwd, times in runs:
-        predicted = _predict(wrapper, stage, profile, units_fwd, link)
+        # A synchronous step lasts as long as its slowest rank's: each rank predicts from
+        # its own profile, the step is the largest prediction.
+        mine = np.array([_predict(wrapper, stage, profile, units_fwd, link)])
+        predicted = float(group.allreduce(mine, op="max")[0])
         out.append(
             {
                 "stage": stage,
