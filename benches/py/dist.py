@@ -96,6 +96,44 @@ def shaped_namespace(wanted: bool):
         subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
 
 
+def mpi_launcher(env: dict[str, str]) -> tuple[str, str]:
+    """The ``mpiexec`` beside this Python and its MPI family; lets Open MPI run as root
+    (in ``env``)."""
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    family = mpi_family(mpiexec)
+    if family is None:
+        raise SystemExit(f"{mpiexec} is neither MPICH nor Open MPI")
+    if family == "Open MPI" and os.geteuid() == 0:
+        env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    return mpiexec, family
+
+
+def run_links(
+    runs: list[tuple[str, list[str]]], env: dict[str, str], shaped: bool
+) -> tuple[list[dict], list[list[str]]]:
+    """Runs each ``(link, command)`` (inside the shaped namespace when ``shaped``) and
+    collects the ``RESULT`` JSON list its rank 0 prints, each record tagged with its link;
+    also the load average before and after each run."""
+    results: list[dict] = []
+    load = [open("/proc/loadavg").read().split()[:3]]
+    with shaped_namespace(shaped):
+        for link, cmd in runs:
+            done = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=3600,
+            )
+            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if done.returncode or not line:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+            results += [{"link": link, **r} for r in json.loads(line[0][7:])]
+            load.append(open("/proc/loadavg").read().split()[:3])
+    return results, load
+
+
 def _model(preset: str, seq: int):
     import moecore as mc
     from moecore.models import MoETransformer
@@ -328,34 +366,13 @@ def main() -> None:
     opts = ["--preset", args.preset, "--seq", str(args.seq)]
     opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
     opts += ["--rounds", str(args.rounds)]
-    mpiexec = str(Path(sys.executable).parent / "mpiexec")
-    family = mpi_family(mpiexec)
-    if family is None:
-        raise SystemExit(f"{mpiexec} is neither MPICH nor Open MPI")
-    if family == "Open MPI" and os.geteuid() == 0:
-        env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    mpiexec, family = mpi_launcher(env)
     runs = [("loopback", [*me, *opts]), ("loopback", [mpiexec, "-n", "2", *me, *opts])]
     if args.shaped:
         # TCP (no shared memory) inside the namespace, whose loopback is shaped.
         inside = ["ip", "netns", "exec", NAMESPACE, "env", *TCP_ONLY[family]]
         runs.append(("1gbit", [*inside, mpiexec, "-n", "2", *me, *opts]))
-    results = []
-    load = [open("/proc/loadavg").read().split()[:3]]
-    with shaped_namespace(args.shaped):
-        for link, cmd in runs:
-            done = subprocess.run(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=3600,
-            )
-            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if done.returncode or not line:
-                raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
-            results += [{"link": link, **r} for r in json.loads(line[0][7:])]
-            load.append(open("/proc/loadavg").read().split()[:3])
+    results, load = run_links(runs, env, args.shaped)
     base = results[0]
     rows = []
     for r in results:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,9 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import blas_info, table, write_results
-from dist import NAMESPACE, TCP_ONLY, _batch, _link, _model, shaped_namespace
-
-from moecore.distributed.launch import mpi_family
+from dist import NAMESPACE, TCP_ONLY, _batch, _link, _model, mpi_launcher, run_links
 
 STAGES = (0, 1, 2, 3)
 
@@ -197,33 +194,12 @@ def main() -> None:
     opts = ["--preset", args.preset, "--seq", str(args.seq), "--progress", args.progress]
     opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
     opts += ["--rounds", str(args.rounds), "--stages", *map(str, args.stages)]
-    mpiexec = str(Path(sys.executable).parent / "mpiexec")
-    family = mpi_family(mpiexec)
-    if family is None:
-        raise SystemExit(f"{mpiexec} is neither MPICH nor Open MPI")
-    if family == "Open MPI" and os.geteuid() == 0:
-        env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    mpiexec, family = mpi_launcher(env)
     runs = [("loopback", [mpiexec, "-n", str(p), *me, *opts]) for p in args.ranks]
     if args.shaped:
         inside = ["ip", "netns", "exec", NAMESPACE, "env", *TCP_ONLY[family]]
         runs += [("1gbit", [*inside, mpiexec, "-n", str(p), *me, *opts]) for p in args.ranks]
-    results = []
-    load = [open("/proc/loadavg").read().split()[:3]]
-    with shaped_namespace(args.shaped):
-        for link, cmd in runs:
-            done = subprocess.run(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=3600,
-            )
-            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if done.returncode or not line:
-                raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
-            results += [{"link": link, **r} for r in json.loads(line[0][7:])]
-            load.append(open("/proc/loadavg").read().split()[:3])
+    results, load = run_links(runs, env, args.shaped)
     rows = []
     for r in results:
         same = [q for q in results if q["link"] == r["link"] and q["ranks"] == r["ranks"]]

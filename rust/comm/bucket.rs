@@ -65,6 +65,17 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// An empty bucket for gradients of `g`'s dtype (and, so far, its layer).
+    fn starting_with(g: &GradInfo) -> Bucket {
+        Bucket {
+            slices: Vec::new(),
+            numel: 0,
+            elem_bytes: g.elem_bytes,
+            dtype: g.dtype.clone(),
+            layer: g.layer,
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         self.numel * self.elem_bytes
     }
@@ -144,13 +155,7 @@ pub fn assign_buckets(
         let pos = match open.iter().position(|b| b.dtype == g.dtype) {
             Some(p) => p,
             None => {
-                open.push(Bucket {
-                    slices: Vec::new(),
-                    numel: 0,
-                    elem_bytes: g.elem_bytes,
-                    dtype: g.dtype.clone(),
-                    layer: g.layer,
-                });
+                open.push(Bucket::starting_with(g));
                 open.len() - 1
             }
         };
@@ -161,13 +166,7 @@ pub fn assign_buckets(
         };
         let pos = if cfg.split_layers && other_layer(&open[pos]) {
             done.push(open.remove(pos));
-            open.push(Bucket {
-                slices: Vec::new(),
-                numel: 0,
-                elem_bytes: g.elem_bytes,
-                dtype: g.dtype.clone(),
-                layer: g.layer,
-            });
+            open.push(Bucket::starting_with(g));
             open.len() - 1
         } else {
             pos

@@ -243,17 +243,7 @@ def check_reduce_scatter(
     """Checks a reduce-scatter's arguments; returns this rank's piece of ``send``."""
     check_buffer(send, "send")
     check_buffer(recv, "recv", writable=True)
-    if len(counts) != size or any(int(c) < 0 for c in counts):
-        raise ValueError(f"counts must be {size} non-negative numbers, got {list(counts)}")
-    if send.ndim != 1 or send.size != sum(int(c) for c in counts):
-        raise ValueError(f"send must be 1-D with sum(counts) elements, got shape {send.shape}")
-    if recv.shape != (int(counts[rank]),) or recv.dtype != send.dtype:
-        raise ValueError(
-            f"recv must have shape ({int(counts[rank])},) and dtype {send.dtype}, "
-            f"got {recv.shape} {recv.dtype}"
-        )
-    lo = sum(int(c) for c in counts[:rank])
-    return lo, lo + int(counts[rank])
+    return _check_split(("send", send), ("recv", recv), counts, rank, size)
 
 
 def check_allgather_counts(
@@ -262,15 +252,30 @@ def check_allgather_counts(
     """Checks :meth:`Group.iallgather_counts`'s arguments."""
     check_buffer(send, "send")
     check_buffer(recv, "recv", writable=True)
+    _check_split(("recv", recv), ("send", send), counts, rank, size)
+
+
+def _check_split(
+    whole: tuple[str, np.ndarray],
+    piece: tuple[str, np.ndarray],
+    counts: Sequence[int],
+    rank: int,
+    size: int,
+) -> tuple[int, int]:
+    """A 1-D array of ``sum(counts)`` elements cut into per-rank pieces, and this rank's
+    piece (``counts[rank]`` elements, the same dtype); returns where that piece lies."""
+    (wname, w), (pname, p) = whole, piece
     if len(counts) != size or any(int(c) < 0 for c in counts):
         raise ValueError(f"counts must be {size} non-negative numbers, got {list(counts)}")
-    if recv.ndim != 1 or recv.size != sum(int(c) for c in counts):
-        raise ValueError(f"recv must be 1-D with sum(counts) elements, got shape {recv.shape}")
-    if send.shape != (int(counts[rank]),) or recv.dtype != send.dtype:
+    if w.ndim != 1 or w.size != sum(int(c) for c in counts):
+        raise ValueError(f"{wname} must be 1-D with sum(counts) elements, got shape {w.shape}")
+    if p.shape != (int(counts[rank]),) or p.dtype != w.dtype:
         raise ValueError(
-            f"send must have shape ({int(counts[rank])},) and dtype {recv.dtype}, "
-            f"got {send.shape} {send.dtype}"
+            f"{pname} must have shape ({int(counts[rank])},) and dtype {w.dtype}, "
+            f"got {p.shape} {p.dtype}"
         )
+    lo = sum(int(c) for c in counts[:rank])
+    return lo, lo + int(counts[rank])
 
 
 def _copy_then(
