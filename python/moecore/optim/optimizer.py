@@ -140,8 +140,8 @@ class Optimizer:
             restored = {}
             for k, v in entry.items():
                 if isinstance(v, np.ndarray | Tensor) or hasattr(v, "__array__"):
-                    arr = np.array(v, dtype=p.dtype if np.asarray(v).dtype.kind == "f" else None)
-                    restored[k] = arr
+                    arr = np.asarray(v)  # once: a lazily read array is read here
+                    restored[k] = np.array(arr, dtype=p.dtype if arr.dtype.kind == "f" else None)
                 else:
                     restored[k] = v
             new_state[id(p)] = restored

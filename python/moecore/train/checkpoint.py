@@ -170,12 +170,14 @@ def _read_state(state_file: Path) -> dict[str, Any]:
 
 
 def load(
-    path: Path, notes: list[str] | None = None
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    path: Path, notes: list[str] | None = None, lazy: bool = False
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Reads a checkpoint folder → (tensor groups, state), after checking every file against
     the manifest; raises :class:`CheckpointDamaged` when a file differs from it and
     :class:`CheckpointError` naming the file and the problem otherwise. A checkpoint without
-    a manifest (older moecore) is read unverified, with a note appended to ``notes``."""
+    a manifest (older moecore) is read unverified, with a note appended to ``notes``.
+    ``lazy``: a sharded checkpoint's tensors come as memory-mapped
+    :class:`~moecore.train.sharded_checkpoint.Assembled` views, read only where used."""
     path = Path(path)
     note = integrity.verify(path) if (path / "state.json").is_file() else None
     if note is not None and notes is not None:
@@ -184,7 +186,7 @@ def load(
     if "sharded" in state:  # written by every rank (ZeRO): consolidated here
         from moecore.train.sharded_checkpoint import consolidate
 
-        return consolidate(path, state), state
+        return consolidate(path, state, lazy), state
     groups = {}
     for name in state.get("files", []):
         file = path / f"{name}.safetensors"
@@ -198,18 +200,19 @@ def load(
 
 
 def newest_intact(
-    run_dir: Path, notes: list[str] | None = None
-) -> tuple[Path, dict[str, dict[str, np.ndarray]], dict[str, Any], list[tuple[Path, str]]]:
+    run_dir: Path, notes: list[str] | None = None, lazy: bool = False
+) -> tuple[Path, dict[str, dict[str, Any]], dict[str, Any], list[tuple[Path, str]]]:
     """The newest checkpoint of a run that loads and matches its manifest → (folder, tensor
     groups, state, [(damaged newer folder, what is wrong)]). Damaged checkpoints are skipped,
-    never changed; :class:`CheckpointError` (listing them) when none is intact."""
+    never changed; :class:`CheckpointError` (listing them) when none is intact. ``lazy``:
+    as :func:`load`'s."""
     dirs = checkpoint_dirs(run_dir)
     if not dirs:
         raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint found")
     damaged: list[tuple[Path, str]] = []
     for path in reversed(dirs):
         try:
-            groups, state = load(path, notes)
+            groups, state = load(path, notes, lazy)
         except CheckpointError as exc:
             damaged.append((path, str(exc)))
             continue

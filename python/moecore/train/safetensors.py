@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 import struct
 from typing import IO, Any
 
@@ -69,11 +71,20 @@ def _dimension(value: object) -> int:
     return value
 
 
-def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read(path: str, mapped: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Reads a safetensors file → (tensors, metadata); raises :class:`SafetensorsError`
-    naming the file and the problem."""
+    naming the file and the problem.
+
+    With ``mapped`` the file is memory-mapped and the tensors are read-only views of it:
+    nothing is read until used, so a caller that needs a slice of a tensor (a rank resuming
+    its shard) never holds the rest. Without it they are owned, writable copies."""
+    data: Any
     with open(path, "rb") as fh:
-        data = fh.read()
+        if mapped and os.fstat(fh.fileno()).st_size > 0:
+            # The mapping outlives the file object; the arrays keep it alive.
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            data = fh.read()
     if len(data) < 8:
         raise SafetensorsError(f"{path}: truncated ({len(data)} bytes, no header)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -106,7 +117,8 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                 f"{entry['dtype']}, but the data section has {len(body)} bytes"
             )
         try:
-            out[name] = np.frombuffer(body[start:end], dtype=dt).reshape(shape).copy()
+            view = np.frombuffer(body[start:end], dtype=dt).reshape(shape)
+            out[name] = view if mapped else view.copy()
         except ValueError as exc:  # a shape numpy cannot make (e.g. [0, 2**63 - 1])
             raise SafetensorsError(f"{path}: tensor {name!r} shape {shape}: {exc}") from None
     return out, metadata

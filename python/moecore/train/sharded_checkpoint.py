@@ -30,7 +30,7 @@ from moecore.train import integrity, safetensors
 from moecore.train.checkpoint import fsync_dir, publish, write_file
 from moecore.train.integrity import CheckpointError
 
-__all__ = ["Owned", "consolidate", "save_sharded"]
+__all__ = ["Assembled", "Owned", "consolidate", "save_sharded"]
 
 #: (parameter name, first element in the flat single-process tensor, values, optimizer
 #: state of those elements: arrays of the same length and scalars).
@@ -90,10 +90,60 @@ def save_sharded(
     return out
 
 
-def consolidate(path: Path, state: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+class Assembled:
+    """A tensor of the single-process layout assembled from the pieces the shards hold,
+    read only where asked: ``read(lo, hi)`` gives flat elements ``lo…hi`` from the pieces
+    that overlap them (memory-mapped shard files: nothing else is read), ``x[a:b]`` rows
+    ``a…b``, and ``np.asarray(x)`` the whole tensor. This is how a rank resuming a sharded
+    checkpoint takes its part without holding the model's and the optimizer's whole state
+    (:meth:`moecore.distributed.zero.ShardedOptimizer.load_state_dict` cuts its pieces from
+    it)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.size = int(np.prod(shape))
+        self.ndim = len(shape)
+        self.dtype = np.dtype(np.float32)
+        self._pieces: list[tuple[int, np.ndarray]] = []
+
+    def add(self, start: int, values: np.ndarray) -> None:
+        """Records that flat elements ``start…start + values.size`` are ``values``."""
+        self._pieces.append((start, values.reshape(-1)))
+
+    def covered(self) -> int:
+        """How many elements the recorded pieces hold (each element once in a good
+        checkpoint: the writer's ranks own disjoint ranges)."""
+        return sum(v.size for _, v in self._pieces)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Flat elements ``lo…hi`` as a new float32 array."""
+        out = np.zeros(max(0, hi - lo), dtype=np.float32)
+        for start, values in self._pieces:
+            a, b = max(lo, start), min(hi, start + values.size)
+            if a < b:
+                out[a - lo : b - lo] = values[a - start : b - start]
+        return out
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1) or not self.shape:
+            return np.asarray(self)[rows]
+        lo, hi, _ = rows.indices(self.shape[0])
+        hi = max(lo, hi)
+        row = self.size // self.shape[0] if self.shape[0] else 0
+        return self.read(lo * row, hi * row).reshape(hi - lo, *self.shape[1:])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self.read(0, self.size).reshape(self.shape)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+def consolidate(path: Path, state: dict[str, Any], lazy: bool = False) -> dict[str, dict[str, Any]]:
     """The tensor groups of a sharded checkpoint in the single-process layout (``model``:
     name → tensor; ``optimizer``: ``"INDEX.KEY"`` → tensor), its optimizer scalars put in
-    ``state["optimizer"]["scalars"]``; :class:`CheckpointError` naming what is wrong."""
+    ``state["optimizer"]["scalars"]``; :class:`CheckpointError` naming what is wrong.
+
+    With ``lazy`` the parameters and optimizer arrays are :class:`Assembled` views of the
+    memory-mapped shards (what a resuming rank reads only its part of); otherwise arrays."""
     layout = state["sharded"]
     try:
         params = [(str(n), tuple(int(d) for d in shape)) for n, shape in layout["params"]]
@@ -105,19 +155,15 @@ def consolidate(path: Path, state: dict[str, Any]) -> dict[str, dict[str, np.nda
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path / 'state.json'}: corrupt 'sharded' entry ({exc!r})") from None
     index = {name: i for i, (name, _) in enumerate(params)}
-    shapes = {**dict(params), **buffers}
-    model: dict[str, np.ndarray] = {
-        n: np.zeros(int(np.prod(s)), dtype=np.float32) for n, s in params
-    }
-    covered = {n: 0 for n in shapes}
-    optimizer: dict[str, np.ndarray] = {}
+    model: dict[str, Any] = {n: Assembled(s) for n, s in params}
+    optimizer: dict[str, Assembled] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for shard in shards:
         file = path / shard
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (state.json lists it)")
         try:
-            tensors, meta = safetensors.read(str(file))
+            tensors, meta = safetensors.read(str(file), mapped=True)
             piece_scalars = json.loads(meta.get("scalars", "{}"))
         except (safetensors.SafetensorsError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{file}: {exc}") from None
@@ -125,30 +171,32 @@ def consolidate(path: Path, state: dict[str, Any]) -> dict[str, dict[str, np.nda
             what, _, where = key.rpartition("/")
             name, _, start_text = where.rpartition("@")
             if name in buffers and not what:  # whole, in its own dtype
-                model[name] = values.reshape(-1)
-                covered[name] = values.size
+                if values.size != int(np.prod(buffers[name])):
+                    raise CheckpointError(f"{file}: buffer {name!r} has {values.size} elements")
+                model[name] = values.reshape(buffers[name]).copy()
                 continue
-            if name not in model or not start_text.isdigit():
+            if name not in index or not start_text.isdigit():
                 raise CheckpointError(f"{file}: tensor {key!r} names no parameter of the model")
             start, n = int(start_text), values.size
-            if start + n > model[name].size:
-                raise CheckpointError(f"{file}: {key!r} runs past {name}'s {model[name].size}")
+            whole = model[name]
+            if start + n > whole.size:
+                raise CheckpointError(f"{file}: {key!r} runs past {name}'s {whole.size}")
             if not what:
-                model[name][start : start + n] = values
-                covered[name] += n
+                whole.add(start, values)
                 for k, v in piece_scalars.get(key, {}).items():
                     scalars.setdefault(str(index[name]), {})[k] = v
             else:
-                full = optimizer.setdefault(
-                    f"{index[name]}.{what}", np.zeros(model[name].size, dtype=np.float32)
+                optimizer.setdefault(f"{index[name]}.{what}", Assembled(whole.shape)).add(
+                    start, values
                 )
-                full[start : start + n] = values
-    gaps = [n for n, c in covered.items() if c != int(np.prod(shapes[n]))]
+    gaps = [n for n, _ in params if model[n].covered() != model[n].size]
+    gaps += [n for n in buffers if n not in model]
     if gaps:
         raise CheckpointError(f"{path}: the shards do not cover parameters {gaps[:4]}")
     state.setdefault("optimizer", {})["scalars"] = scalars
-    out_model = {n: v.reshape(shapes[n]) for n, v in model.items()}
-    for key in optimizer:
-        i = int(key.split(".", 1)[0])
-        optimizer[key] = optimizer[key].reshape(params[i][1])
-    return {"model": out_model, "optimizer": optimizer}
+    if lazy:
+        return {"model": model, "optimizer": dict(optimizer)}
+    return {
+        "model": {n: np.asarray(v) for n, v in model.items()},
+        "optimizer": {k: np.asarray(v) for k, v in optimizer.items()},
+    }

@@ -238,7 +238,8 @@ class Trainer:
     ) -> Trainer:
         """A trainer continuing the newest checkpoint of ``run_dir`` exactly where it was."""
         notes: list[str] = []
-        used, groups, state, damaged = checkpoint.newest_intact(run_dir, notes)
+        # lazy: a rank resuming a sharded checkpoint reads only its part of the optimizer state.
+        used, groups, state, damaged = checkpoint.newest_intact(run_dir, notes, lazy=True)
         values = dict(state["config"])
         values.update(overrides or {})
         trainer = cls(config_from_dict(values), run_dir, out=out)

@@ -102,20 +102,48 @@ class ShardedOptimizer(Optimizer):
             self.full.state = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a ``state_dict`` of the unsharded layout: each rank keeps its pieces."""
+        """Loads a ``state_dict`` of the unsharded layout: each rank keeps its pieces. An
+        array may be any object with ``shape`` and ``read(lo, hi)`` (a resumed sharded
+        checkpoint's :class:`~moecore.train.sharded_checkpoint.Assembled`): only this
+        rank's pieces are read, so the whole state never exists on one rank."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        managed = {i for i, p in enumerate(params) if id(p) in self._managed}
+        # The unsharded optimizer checks indices, keys and groups; the managed parameters'
+        # arrays reach it as empty placeholders and are cut here, piece by piece.
+        saved = state_dict.get("state")
+        entries: dict[int, dict[str, Any]] = {}
+        if isinstance(saved, dict):
+            for key, entry in saved.items():
+                i = _index(key)
+                if i in managed and isinstance(entry, dict):
+                    entries[i] = entry
+            placeholders = {
+                key: {k: _EMPTY if _is_array(v) else v for k, v in entry.items()}
+                if _index(key) in entries
+                else entry
+                for key, entry in saved.items()
+            }
+            state_dict = {**state_dict, "state": placeholders}
         self.full.load_state_dict(state_dict)
         try:
             state: dict[int, dict[str, Any]] = {}
-            for p in (p for g in self.param_groups for p in g["params"]):
+            for i, p in enumerate(params):
                 whole = self.full.state.get(id(p))
                 if whole is None:
                     continue
                 if id(p) not in self._managed:
                     state[id(p)] = whole
                     continue
+                entry = entries[i]
+                for k, v in entry.items():
+                    if _is_array(v) and int(np.prod(v.shape)) != p.data.size:
+                        raise ValueError(
+                            f"optimizer state {k!r} of parameter {i} has shape {tuple(v.shape)}; "
+                            f"the parameter has {p.data.size} elements"
+                        )
                 for piece in self._pieces.get(id(p), []):
                     state[id(piece.tensor)] = {
-                        k: _cut(v, piece) if isinstance(v, np.ndarray) else v
+                        k: _cut(entry[k], piece) if _is_array(entry[k]) else v
                         for k, v in whole.items()
                     }
             self.inner.state = self.state = state
@@ -123,5 +151,26 @@ class ShardedOptimizer(Optimizer):
             self.full.state = {}
 
 
-def _cut(value: np.ndarray, piece: Piece) -> np.ndarray:
-    return value.reshape(-1)[piece.start : piece.start + piece.numel].copy()
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or hasattr(value, "read")
+
+
+def _index(key: Any) -> int | None:
+    """A saved state's key as a parameter index (None when it is not one: the unsharded
+    optimizer then says what is wrong)."""
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cut(value: Any, piece: Piece) -> np.ndarray:
+    """The piece's elements of a whole (flattened) state array: read from it alone when it
+    can (:class:`~moecore.train.sharded_checkpoint.Assembled`), else sliced and copied."""
+    lo, hi = piece.start, piece.start + piece.numel
+    if hasattr(value, "read"):
+        return np.asarray(value.read(lo, hi), dtype=np.float32)
+    return np.asarray(value).reshape(-1)[lo:hi].astype(np.float32, copy=True)
