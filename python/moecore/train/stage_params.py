@@ -263,7 +263,7 @@ def _sum_grads(group: Group, params: list[Any], scale: float) -> None:
     if scale != 1.0:
         flat *= np.float32(scale)
     offset = 0
-    for p in params:
+    for p in params:  # views of the summed buffer (disjoint): no second copy of the grads
         n = p.numel()
-        p.grad = flat[offset : offset + n].reshape(p.shape).copy()
+        p.grad = flat[offset : offset + n].reshape(p.shape)
         offset += n
