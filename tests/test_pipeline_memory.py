@@ -4,6 +4,8 @@ share, counted here by hand from the single-process model, and its peak RSS shri
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from parallel_harness import train_run
 
@@ -59,7 +61,9 @@ def test_each_rank_holds_its_stages_parameters_and_optimizer_state(
     tmp_path, corpus, pp, schedule, m, held
 ):
     got = train_run(tmp_path / "pp", pp, [*_args(corpus, m), "--pp", str(pp), "--schedule", schedule])
-    whole = build_model(config_from_dict({"preset": "moe-tiny", "n_layers": 4, "seq_len": 32}))
+    # The whole model as one process builds it from the run's configuration.
+    config = json.loads((tmp_path / "pp" / "config.json").read_text())
+    whole = build_model(config_from_dict({**config, "pp": 1}))
     sizes = {n: p.data.nbytes for n, p in whole.named_parameters()}
     for record in got:
         for r, (blocks, first, last) in enumerate(held):
@@ -71,12 +75,12 @@ def test_each_rank_holds_its_stages_parameters_and_optimizer_state(
 
 
 def test_memory_per_rank_shrinks_with_pp(tmp_path, corpus):
-    """A model whose experts dominate memory (4 MoE layers × 64 experts of d_ff 1024, ~34 MB
-    each): parameters and optimizer state per rank halve from one process to pp 2 and
+    """A model whose experts dominate memory (4 MoE layers × 64 experts of d_ff 512, ~17 MB
+    each), one step: parameters and optimizer state per rank halve from one process to pp 2 and
     again to pp 4, and so does the largest peak RSS, by at least a third of the difference
     in state (the process itself and the activations are not split; at start-up a rank
     briefly builds the whole model)."""
-    big = ["--set", "n_experts=64", "d_ff=1024"]
+    big = ["--set", "n_experts=64", "d_ff=512", "steps=1"]
     one = _last(train_run(tmp_path / "one", 1, [*_args(corpus, 4), *big]))
     runs = {1: one}
     for pp in (2, 4):

@@ -149,10 +149,10 @@ def test_pp2_with_mtp_follows_one_process(tmp_path, corpus, schedule):
     print(f"pp=2 mtp {schedule}: worst {assert_runs_agree(ref, got, PIPELINE)}")
 
 
-@pytest.mark.slow
 def test_pp2_dp2_ep2_follows_dp2_ep2(tmp_path, corpus):
     """All three at once on 8 ranks (2 cores, oversubscribed): each stage's 4 ranks are a
-    dp 2 × ep 2 layout; the reference is dp 2 × ep 2 with grad_accum = micro_batches."""
+    dp 2 × ep 2 layout; the reference is dp 2 × ep 2 with grad_accum = micro_batches. Ten
+    steps (~40 s with its reference on 2 cores)."""
     args = [*_args(corpus, 4, steps=10), "--dp", "2", "--ep", "2"]
     ref = train_run(tmp_path / "ref", 4, args, timeout=600)
     got = train_run(tmp_path / "pp", 8, [*args, "--pp", "2"], timeout=900)
