@@ -53,14 +53,21 @@ def _stage_names(names, blocks, first, last):
             4,
             "dualpipe",
             8,
-            [({0, 3}, True, True), ({1, 2}, False, False), ({1, 2}, False, False), ({0, 3}, True, True)],
+            [
+                ({0, 3}, True, True),
+                ({1, 2}, False, False),
+                ({1, 2}, False, False),
+                ({0, 3}, True, True),
+            ],
         ),
     ],
 )
 def test_each_rank_holds_its_stages_parameters_and_optimizer_state(
     tmp_path, corpus, pp, schedule, m, held
 ):
-    got = train_run(tmp_path / "pp", pp, [*_args(corpus, m), "--pp", str(pp), "--schedule", schedule])
+    got = train_run(
+        tmp_path / "pp", pp, [*_args(corpus, m), "--pp", str(pp), "--schedule", schedule]
+    )
     # The whole model as one process builds it from the run's configuration.
     config = json.loads((tmp_path / "pp" / "config.json").read_text())
     whole = build_model(config_from_dict({**config, "pp": 1}))
@@ -86,7 +93,10 @@ def test_memory_per_rank_shrinks_with_pp(tmp_path, corpus):
     for pp in (2, 4):
         args = [*_args(corpus, 4 if pp == 2 else 8), *big, "--pp", str(pp)]
         runs[pp] = _last(train_run(tmp_path / f"pp{pp}", pp, args))
-    state = {pp: max(p + o for p, o in zip(r["rank_param_bytes"], r["rank_optimizer_bytes"])) for pp, r in runs.items()}
+    state = {
+        pp: max(p + o for p, o in zip(r["rank_param_bytes"], r["rank_optimizer_bytes"]))
+        for pp, r in runs.items()
+    }
     assert state[2] < 0.55 * state[1] and state[4] < 0.55 * state[2], state
     peak = {pp: max(r["rank_peak_rss_mb"]) for pp, r in runs.items()}
     for a, b in ((1, 2), (2, 4)):

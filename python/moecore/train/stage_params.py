@@ -96,7 +96,9 @@ class StageParameters:
         self.moe_experts = [m.n_experts for _, m in moe]
         ep = mesh.size("ep")
         #: The expert shards under expert parallelism (summed over dp only).
-        self.experts = {f"{n}.{w}" for n in self.moe_index for w in ("w1", "w2")} if ep > 1 else set()
+        self.experts = (
+            {f"{n}.{w}" for n in self.moe_index for w in ("w1", "w2")} if ep > 1 else set()
+        )
         self._drop(model, block_stage, holders, last)
         self._groups = self._gradient_groups()
 
@@ -111,7 +113,11 @@ class StageParameters:
         return first and (c["ep"] == 0 or name in self.experts)
 
     def _drop(
-        self, model: nn.Module, block_stage: dict[int, int], holders: list[tuple[int, ...]], last: int
+        self,
+        model: nn.Module,
+        block_stage: dict[int, int],
+        holders: list[tuple[int, ...]],
+        last: int,
     ) -> None:
         blocks = model._modules["blocks"]
         for b, s in block_stage.items():
@@ -132,7 +138,11 @@ class StageParameters:
             ranks, expert = key
             if len(ranks) == 1:  # one pipeline rank: its stage's replicas
                 mine = coords["pp"] == ranks[0]
-                out[key] = (self.mesh.group("dp") if expert else self.mesh.subgroup("dp", "ep")) if mine else None
+                out[key] = (
+                    (self.mesh.group("dp") if expert else self.mesh.subgroup("dp", "ep"))
+                    if mine
+                    else None
+                )
                 continue
             member = coords["pp"] in ranks
             color = (1 + (coords["ep"] if expert else 0)) if member else 0
@@ -147,7 +157,9 @@ class StageParameters:
         for (ranks, expert), group in self._groups.items():
             if group is None:
                 continue
-            params = [p for n, p in local if self.holders[n] == ranks and (n in self.experts) == expert]
+            params = [
+                p for n, p in local if self.holders[n] == ranks and (n in self.experts) == expert
+            ]
             if params:
                 _sum_grads(group, params, scale)
 
@@ -240,7 +252,10 @@ class StageParameters:
         }
         # A rank without norms (no block here) has no second group: its hyper-parameters
         # are the first's without weight decay, as decay_groups makes them.
-        hyper = [*hyper, *[{**hyper[0], "weight_decay": 0.0}] * (len(self.group_sizes) - len(hyper))]
+        hyper = [
+            *hyper,
+            *[{**hyper[0], "weight_decay": 0.0}] * (len(self.group_sizes) - len(hyper)),
+        ]
         groups, start = [], 0
         for h, size in zip(hyper, self.group_sizes):
             groups.append({**h, "params": list(range(start, start + size))})

@@ -360,31 +360,32 @@ class Trainer:
         )
 
     def _save_sharded(self, metrics: MetricsLog, names: list[str]) -> Path | None:
+        extra: dict[str, Any] = {}
+        if self.pipeline is not None:
+            owned, layout, groups, extra = self._pipeline_pieces()
+        else:
+            owned, layout, groups = self._zero_pieces(names)
+        if self.group.is_root:
+            metrics.sync()
+        return sharded_checkpoint.save_sharded(
+            self.run_dir,
+            self.step,
+            self.group,
+            owned,
+            layout,
+            {**self._checkpoint_state(metrics, groups, {}), **extra},
+            self.config.keep_checkpoints,
+        )
+
+    def _zero_pieces(self, names: list[str]) -> tuple[list[Any], dict[str, Any], list[Any]]:
+        """ZeRO: (this rank's pieces, the layout, the optimizer groups) of a checkpoint."""
         lay = self.layout
-        if self.pipeline is not None:  # every rank writes the tensors it counts
-            stage = self.pipeline.params
-            ep_rank = lay.ep_group.rank if lay.ep > 1 else 0
-            hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            layout, groups = stage.checkpoint_layout(hyper)
-            moe_load = stage.moe_loads(self.model)
-            if self.group.is_root:
-                metrics.sync()
-            return sharded_checkpoint.save_sharded(
-                self.run_dir,
-                self.step,
-                self.group,
-                stage.owned(self.model, self.optimizer, ep_rank),
-                layout,
-                {**self._checkpoint_state(metrics, groups, {}), "moe_load": moe_load},
-                self.config.keep_checkpoints,
-            )
         params = {n for n, _ in self.model.named_parameters()}
         owned = lay.owned(self.model, self.optimizer)
         # Buffers (e.g. routing biases) are the same on every rank: rank 0 writes them.
         buffers = {n: v for n, v in self.model.state_dict().items() if n not in params}
         if self.group.is_root:
             owned += [(n, 0, v, {}) for n, v in buffers.items()]
-            metrics.sync()
         layout = lay.sharded_layout(self.model, names)
         layout["buffers"] = [[n, list(v.shape)] for n, v in buffers.items()]
         index = 0
@@ -393,15 +394,18 @@ class Trainer:
             hyper = {k: v for k, v in g.items() if k != "params"}
             groups.append({**hyper, "params": list(range(index, index + len(g["params"])))})
             index += len(g["params"])
-        return sharded_checkpoint.save_sharded(
-            self.run_dir,
-            self.step,
-            self.group,
-            owned,
-            layout,
-            self._checkpoint_state(metrics, groups, {}),
-            self.config.keep_checkpoints,
-        )
+        return owned, layout, groups
+
+    def _pipeline_pieces(self) -> tuple[list[Any], dict[str, Any], list[Any], dict[str, Any]]:
+        """Pipeline: the same, every rank writing the tensors it counts, plus the MoE loads
+        of the whole model (a collective)."""
+        assert self.pipeline is not None
+        stage, lay = self.pipeline.params, self.layout
+        ep_rank = lay.ep_group.rank if lay.ep > 1 else 0
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        layout, groups = stage.checkpoint_layout(hyper)
+        owned = stage.owned(self.model, self.optimizer, ep_rank)
+        return owned, layout, groups, {"moe_load": stage.moe_loads(self.model)}
 
     def _checkpoint_state(
         self, metrics: MetricsLog, groups: list[dict[str, Any]], scalars: dict[str, Any]
