@@ -169,3 +169,22 @@ def test_checkpoint_from_pp2_resumes_in_one_process_and_back(tmp_path, corpus, r
     cli(2, ["train", "--resume", str(tmp_path / "b"), "--pp", "2", "--set", "steps=20"])
     for run in ("a", "b"):
         assert_runs_agree(reference(4), read_records(tmp_path / run), PIPELINE)
+
+
+def test_pp2_ep2_evaluates_and_its_checkpoint_resumes_in_one_process(tmp_path, corpus):
+    """Validation runs through the stages (the same val_loss as one process), and a
+    pp 2 × ep 2 checkpoint — experts written by the ranks holding them — resumes in one
+    process on the one-process curve."""
+    base = [*_args(corpus, 4, steps=6), "--set", "eval_every=3", "checkpoint_every=6"]
+    ref = train_run(tmp_path / "ref", 1, [*_args(corpus, 4, steps=12), "--set", "eval_every=3"])
+    train_run(tmp_path / "pp", 4, [*base, "--pp", "2", "--ep", "2"], timeout=600)
+    cli(
+        1,
+        ["train", "--resume", str(tmp_path / "pp"), "--pp", "1", "--ep", "1", "--set", "steps=12"],
+    )
+    got = read_records(tmp_path / "pp")
+    assert_runs_agree(ref, got, PIPELINE)
+    vals = [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
+    assert [s for s, _ in vals] == [3, 6, 9, 12], vals
+    for (step, val), r in zip(vals, [r for r in ref if "val_loss" in r]):
+        assert abs(val - r["val_loss"]) <= PIPELINE.loss, (step, val, r["val_loss"])
