@@ -176,7 +176,7 @@ def test_engine_on_one_rank_equals_gradient_accumulation(kind, v, bounds):
         ({"pp": 2, "dropout": 0.1}, "dropout"),
         ({"pp": 2, "zero": 1}, r"zero \(1\) with pp"),
         ({"pp": 2, "dtype": "bf16"}, "dtype 'bf16' with pp"),
-        ({"pp": 2, "mtp_depth": 1}, r"mtp_depth \(1\) with pp"),
+        ({"pp": 2, "optimizer": "adafactor"}, "optimizer adafactor with pp"),
     ],
 )
 def test_bad_pipeline_settings_name_their_key(values, message):

@@ -137,6 +137,28 @@ def test_a_stage_that_hangs_or_dies_ends_the_job_naming_stage_and_operation(mode
     assert seconds < 30, f"took {seconds:.1f} s"
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe"])
+def test_pp2_with_mtp_follows_one_process(tmp_path, corpus, schedule):
+    """The multi-token-prediction module runs with the head on the last stage (DualPipe:
+    on both ranks, for the two directions' micro-batches): one process with grad_accum = m."""
+    mtp = ["--set", "mtp_depth=1"]
+    ref = train_run(tmp_path / "ref", 1, [*_args(corpus, 4), *mtp])
+    got = train_run(
+        tmp_path / "pp", 2, [*_args(corpus, 4), *mtp, "--pp", "2", "--schedule", schedule]
+    )
+    print(f"pp=2 mtp {schedule}: worst {assert_runs_agree(ref, got, PIPELINE)}")
+
+
+def test_pp2_dp2_ep2_follows_dp2_ep2(tmp_path, corpus):
+    """All three at once on 8 ranks (2 cores, oversubscribed): each stage's 4 ranks are a
+    dp 2 × ep 2 layout; the reference is dp 2 × ep 2 with grad_accum = micro_batches. Ten
+    steps (~40 s with its reference on 2 cores)."""
+    args = [*_args(corpus, 4, steps=10), "--dp", "2", "--ep", "2"]
+    ref = train_run(tmp_path / "ref", 4, args, timeout=600)
+    got = train_run(tmp_path / "pp", 8, [*args, "--pp", "2"], timeout=900)
+    print(f"pp=2 dp=2 ep=2: worst {assert_runs_agree(ref, got, PIPELINE)}")
+
+
 def test_checkpoint_from_pp2_resumes_in_one_process_and_back(tmp_path, corpus, reference):
     """Checkpoints do not depend on pp: 10 steps with pp 2 then 10 in one process (and the
     other way round) follow the 20-step single-process curve."""
@@ -147,3 +169,22 @@ def test_checkpoint_from_pp2_resumes_in_one_process_and_back(tmp_path, corpus, r
     cli(2, ["train", "--resume", str(tmp_path / "b"), "--pp", "2", "--set", "steps=20"])
     for run in ("a", "b"):
         assert_runs_agree(reference(4), read_records(tmp_path / run), PIPELINE)
+
+
+def test_pp2_ep2_evaluates_and_its_checkpoint_resumes_in_one_process(tmp_path, corpus):
+    """Validation runs through the stages (the same val_loss as one process), and a
+    pp 2 × ep 2 checkpoint — experts written by the ranks holding them — resumes in one
+    process on the one-process curve."""
+    base = [*_args(corpus, 4, steps=6), "--set", "eval_every=3", "checkpoint_every=6"]
+    ref = train_run(tmp_path / "ref", 1, [*_args(corpus, 4, steps=12), "--set", "eval_every=3"])
+    train_run(tmp_path / "pp", 4, [*base, "--pp", "2", "--ep", "2"], timeout=600)
+    cli(
+        1,
+        ["train", "--resume", str(tmp_path / "pp"), "--pp", "1", "--ep", "1", "--set", "steps=12"],
+    )
+    got = read_records(tmp_path / "pp")
+    assert_runs_agree(ref, got, PIPELINE)
+    vals = [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
+    assert [s for s, _ in vals] == [3, 6, 9, 12], vals
+    for (step, val), r in zip(vals, [r for r in ref if "val_loss" in r]):
+        assert abs(val - r["val_loss"]) <= PIPELINE.loss, (step, val, r["val_loss"])

@@ -154,7 +154,12 @@ class MoETransformer(nn.Module):
         h = self.hidden_states(ids)
         if targets is None:
             return self.head(h)
-        targets = np.asarray(targets)
+        return self.head_loss(h, ids, np.asarray(targets))
+
+    def head_loss(self, h: Tensor, ids: np.ndarray, targets: np.ndarray) -> Tensor:
+        """The training loss from the last block's output ``h``: the mean cross-entropy
+        against ``targets`` (in training, plus ``mtp_weight`` × the mean multi-token
+        prediction loss, which also reads the input ``ids``)."""
         loss = self.head(h, targets)
         if self.config.mtp_depth and self.training:
             extra = mtp_losses(self, h, ids, targets)
@@ -167,8 +172,8 @@ class MoETransformer(nn.Module):
         """The last block's output ``[batch, T, d_model]`` (before the final norm)."""
         return self.run_blocks(self.embed(ids), 0, len(self.blocks))
 
-    # The three parts of forward, which pipeline parallelism runs on different ranks
-    # (the MTP modules are not among them: pp > 1 refuses mtp_depth > 0).
+    # The parts of forward (embed, run_blocks, head_loss), which pipeline parallelism runs
+    # on different ranks (the MTP modules with the head, on the last stage).
     def embed(self, ids: Any) -> Tensor:
         """Token (+ position) embeddings of ``ids [batch, T]``: the input of block 0."""
         ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)

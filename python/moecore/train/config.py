@@ -505,10 +505,10 @@ def _check_pipeline(c: RunConfig) -> list[str]:
             f"dtype {c.dtype!r} with pp ({c.pp}) > 1 is not supported yet: the pipeline "
             "stages run in float32 (use dtype = 'float32')"
         )
-    if c.mtp_depth:
+    if c.optimizer == "adafactor":
         p.append(
-            f"mtp_depth ({c.mtp_depth}) with pp ({c.pp}) > 1 is not supported: the MTP modules "
-            "are not part of any stage (use mtp_depth = 0)"
+            f"optimizer adafactor with pp ({c.pp}) > 1 is not supported: its factored second "
+            "moments do not fit the per-element checkpoint pieces each stage writes"
         )
     if c.pp_schedule == "interleaved" and (c.virtual_stages < 2 or c.grad_accum % c.pp):
         p.append(

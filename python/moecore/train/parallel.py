@@ -211,15 +211,19 @@ class Layout:
         )
         return {"param_bytes": params, "grad_bytes": grads, "optimizer_bytes": state}
 
-    def memory_record(self, optimizer: optim.Optimizer) -> dict[str, list[float]]:
+    def memory_record(
+        self, optimizer: optim.Optimizer, group: Group | None = None
+    ) -> dict[str, list[float]]:
         """Every rank's bytes of parameters, gradients and optimizer state, and its peak
-        RSS in MiB, as lists in rank order (a collective: an all-gather of 4 numbers)."""
+        RSS in MiB, as lists in rank order (a collective over ``group``, by default the
+        layout's world: an all-gather of 4 numbers)."""
+        group = self.world if group is None else group
         mine = self.state_bytes(optimizer)
         peak = rss_record().get("peak_rss_mb", float("nan"))
         keys = ("param_bytes", "grad_bytes", "optimizer_bytes")
         send = np.array([*(float(mine[k]) for k in keys), peak], dtype=np.float64)
-        out = np.empty((self.world.size, 4), dtype=np.float64)
-        self.world.allgather(send, out)
+        out = np.empty((group.size, 4), dtype=np.float64)
+        group.allgather(send, out)
         record: dict[str, list[float]] = {
             f"rank_{k}": [int(v) for v in out[:, i]] for i, k in enumerate(keys)
         }

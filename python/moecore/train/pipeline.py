@@ -2,21 +2,19 @@
 :class:`~moecore.distributed.mesh.Mesh` (pp slowest: the ``dp · ep`` consecutive ranks
 ``r·dp·ep …`` are pipeline rank ``r``, laid out among themselves as ``Layout``'s ``dp × ep``).
 
-Every rank builds the whole model (same seed, same parameters) and runs only its stages'
-layers — stage 0 the embeddings, the last stage the final norm, the tied output layer and
-the loss — in the order the schedule gives (:class:`~moecore.distributed.pipeline.PipelineEngine`).
-After the step one all-reduce over the world sums every replicated gradient: over the
-pipeline ranks it assembles the whole gradient (each parameter's comes from the stages that
-use it; the tied embedding's from the first and the last stage, DualPipe's two copies of a
-stage from their two ranks), over the data-parallel (and expert-parallel) ranks it sums the
-replicas, divided by ``dp · ep``; the experts' shards are summed the same way over the
-``pp · dp`` ranks that hold them. Under expert parallelism the MoE layers of a stage
+Every rank builds the whole model (same seed, same values as one process) and keeps only
+its stages' parameters (:class:`~moecore.train.stage_params.StageParameters`): stage 0 the
+embeddings, the last stage the final norm, the tied output layer, the MTP modules and the
+loss. It runs them in the order the schedule gives
+(:class:`~moecore.distributed.pipeline.PipelineEngine`). After the step each held gradient
+is summed over the ranks holding its tensor — the stage's ``dp · ep`` replicas (an expert
+shard's ``dp``), the first and last stage for the tied embedding, DualPipe's two copies of
+a stage — and divided by ``dp · ep``: every held gradient is then the one a process gets
+with ``grad_accum = micro_batches`` (up to float32 summation order). The global-norm clip
+sums the squared norms over the pipeline, the non-finite skip and the router-bias update
+are agreed on by the whole world, so every rank takes the same clipped optimizer step on its
+own parameters and optimizer state. Under expert parallelism the MoE layers of a stage
 exchange tokens among that stage's ``dp · ep`` ranks, which run the same schedule.
-Every rank then holds the gradient one process gets with ``grad_accum = micro_batches`` (up
-to float32 summation order) and takes the same clipped optimizer step, so checkpoints,
-clipping, the non-finite skip and the router-bias update are those of the single-process
-run. (Memory: every rank keeps every parameter and its optimizer state — only activations
-are split; sharding the parameters by stage is left to do.)
 """
 
 from __future__ import annotations
@@ -26,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from moecore import nn
 from moecore.autograd.tensor import Tensor
 from moecore.distributed import Group
 from moecore.distributed.mesh import Mesh
 from moecore.distributed.pipeline import PipelineEngine, schedule
 from moecore.models.transformer import MoETransformer
+from moecore.train.stage_params import StageParameters
 
 __all__ = ["PipelineStep", "balance_stages"]
 
@@ -85,10 +83,11 @@ class PipelineStep:
     """One training step of this rank's pipeline stages.
 
     Args:
-        model: the whole model (identical on every rank).
+        model: the whole model as one process builds it (same seed on every rank); the
+            parts other pipeline ranks run are dropped from it (:class:`StageParameters`).
         config: the run config (``pp``, ``pp_schedule``, ``virtual_stages``, ``pp_balance``,
-            ``grad_accum`` = micro-batches per step, ``dp``).
-        world: the job's group (``pp · dp`` ranks).
+            ``grad_accum`` = micro-batches per step, ``dp``, ``ep``).
+        world: the job's group (``pp · dp · ep`` ranks).
         sample_ids: one micro-batch of token ids, for ``pp_balance = "profile"``.
     """
 
@@ -97,8 +96,6 @@ class PipelineStep:
         self.mesh = Mesh(world, pp=config.pp, dp=config.dp, ep=config.ep)
         #: This stage's ranks (dp · ep): the layout of the expert-parallel MoE layers.
         self.stage_world = self.mesh.subgroup("dp", "ep")
-        #: The ranks holding the same experts, over every stage (pp · dp).
-        self.expert_world = self.mesh.subgroup("pp", "dp")
         self.schedule = schedule(
             config.pp_schedule, config.pp, config.grad_accum, config.virtual_stages
         )
@@ -110,9 +107,8 @@ class PipelineStep:
         else:
             costs = [1.0] * n
         self.bounds = balance_stages(costs, self.schedule.stages)
-        blocks_moe = [isinstance(b.ffn, nn.MoE) for b in model.blocks]
-        # MoE layer index (depth order) of each block, for the per-stage routing statistics.
-        self._moe_index = {b: i for i, b in enumerate(j for j, m in enumerate(blocks_moe) if m)}
+        #: Who holds what; this rank keeps only its stages' parameters from here on.
+        self.params = StageParameters(model, self.mesh, self.schedule, self.bounds)
         self.rows = config.batch_size // (config.dp * config.ep)
         self.engine = PipelineEngine(
             self.schedule,
@@ -126,55 +122,62 @@ class PipelineStep:
     def forward(self, stage: int, mb: int, x: Tensor | None) -> Tensor:
         """Stage ``stage`` of micro-batch ``mb`` (the :class:`StageRunner` protocol)."""
         ids, targets = self._batch(mb)
+        return self._stage(stage, x, ids, targets, self._on_moe)
+
+    def _stage(self, stage: int, x: Tensor | None, ids: Any, targets: Any, on_moe: Any) -> Tensor:
+        """Stage ``stage``'s forward (the loss on the last); ``on_moe(i, layer)`` after each
+        MoE layer it ran (None: not called)."""
         lo, hi = self.bounds[stage]
         h = self.model.embed(ids) if stage == 0 else x
         assert h is not None
         h = self.model.run_blocks(h, lo, hi)
-        for b in range(lo, hi):
-            if b in self._moe_index:
-                self._on_moe(self._moe_index[b], self.model.blocks[b].ffn)
-        if stage == self.schedule.stages - 1:
-            return self.model.head(h, targets)
+        last = stage == self.schedule.stages - 1
+        if last:
+            h = self.model.head_loss(h, np.asarray(ids), np.asarray(targets))
+        if on_moe is not None:
+            prefixes = tuple(f"blocks.{b}." for b in range(lo, hi)) + (("mtp.",) if last else ())
+            for i, name, layer in self.params.local_moe(self.model):
+                if name.startswith(prefixes):
+                    on_moe(i, layer)
         return h
 
-    def run(self, batch: Any, on_moe: Any, sharded: set[str]) -> float:
+    def run(self, batch: Any, on_moe: Any) -> float:
         """Runs the step: ``batch(mb)`` gives micro-batch ``mb``'s (ids, targets) of this
         rank; ``on_moe(i, layer)`` is called after MoE layer ``i``'s forward of a
-        micro-batch. Leaves every gradient as the single-process layout's (data parallel's
-        mean convention): replicated parameters summed over the world, expert shards (the
-        parameter names in ``sharded``) over the ranks holding them, both divided by
-        ``dp · ep``. Returns this rank's share of the step's mean loss (summed over the world
-        it is the global mean times ``dp · ep``)."""
+        micro-batch (``i`` over the whole model). Leaves every held gradient as the
+        single-process layout's (data parallel's mean convention): summed over the ranks
+        holding the tensor, divided by ``dp · ep``. Returns this rank's share of the step's
+        mean loss (summed over the world it is the global mean times ``dp · ep``)."""
         self._batch, self._on_moe = batch, on_moe
         m = self.config.grad_accum
         losses = self.engine.run(loss_scale=1.0 / m)
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        replicas = self.config.dp * self.config.ep
-        for group, params in (
-            (self.world, [p for n, p in named if n not in sharded]),
-            (self.expert_world, [p for n, p in named if n in sharded]),
-        ):
-            if params:
-                _sum_grads(group, params, 1.0 / replicas)
+        self.params.sum_grads(self.model, 1.0 / (self.config.dp * self.config.ep))
         return sum(loss for _, loss in losses) / m
 
-
-def _sum_grads(group: Group, params: list[Any], scale: float) -> None:
-    """Every parameter's gradient (zero where this rank has none) summed over ``group``
-    in one all-reduce, times ``scale``."""
-    flat = np.concatenate(
-        [
-            (p.grad if p.grad is not None else np.zeros(p.shape, np.float32))
-            .reshape(-1)
-            .astype(np.float32)
-            for p in params
-        ]
-    )
-    group.allreduce(flat)
-    if scale != 1.0:
-        flat *= np.float32(scale)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].reshape(p.shape).copy()
-        offset += n
+    def evaluate(self, batches: list[tuple[Any, Any]]) -> float:
+        """The mean loss over ``batches`` (each run whole by every rank of a stage), the
+        stages in order on their first holders, activations sent between them with
+        point-to-point messages; the same number on every rank."""
+        s, pp = self.schedule, self.mesh.group("pp")
+        first = [min(r for r in range(s.ranks) if st in s.placement[r]) for st in range(s.stages)]
+        total = np.zeros(1, np.float64)
+        for k, (ids, targets) in enumerate(batches):
+            x: Tensor | None = None
+            shape = (*np.asarray(ids).shape, self.model.config.d_model)
+            for stage, rank in enumerate(first):
+                if stage > 0 and first[stage - 1] != rank:
+                    tag = (k * s.stages + stage) * 2
+                    if pp.rank == first[stage - 1]:
+                        what = f"evaluation: sending stage {stage - 1}'s output to rank {rank}"
+                        pp.isend(np.ascontiguousarray(x.data), rank, tag, what).wait()  # type: ignore[union-attr]
+                    if pp.rank == rank:
+                        buf = np.empty(shape, np.float32)
+                        what = f"evaluation: receiving stage {stage - 1}'s output"
+                        pp.irecv(buf, first[stage - 1], tag, what).wait()
+                        x = Tensor(buf)
+                if pp.rank == rank:
+                    x = self._stage(stage, x, ids, targets, None)
+            if pp.rank == first[-1]:
+                total[0] += float(x.item())  # type: ignore[union-attr]
+        pp.broadcast(total, root=first[-1])
+        return float(total[0]) / len(batches)

@@ -186,6 +186,12 @@ class Trainer:
         self.layout.shard_model(self.model)
         self._data_parallel(warmup_steps=config.compress_warmup)
         self.moe_layers = self.layout.moe_layers(self.model)
+        #: Experts of every MoE layer of the whole model (pipeline ranks hold some layers).
+        self.moe_experts = (
+            self.pipeline.params.moe_experts
+            if self.pipeline is not None
+            else [layer.n_experts for layer in self.moe_layers]
+        )
         for layer in self.moe_layers:
             # Micro-batch losses are divided by grad_accum: so are the aux-loss gradients
             # the MoE op injects in backward.
@@ -274,25 +280,49 @@ class Trainer:
             self.optimizer = self.layout.shard_optimizer(self.optimizer)
         # Checkpoints hold every expert (single-process layout): keep this rank's.
         lay = self.layout
+        model_state = groups["model"]
+        if self.pipeline is not None:  # this rank's stages only
+            model_state = {n: v for n, v in model_state.items() if self.pipeline.params.holds(n)}
         with lay.full_params(writeback=True):
             self.model.load_state_dict(
-                {n: lay.shard(n, v) for n, v in groups["model"].items()}, strict=True
+                {n: lay.shard(n, v) for n, v in model_state.items()}, strict=True
             )
         names = self._param_names()
-        saved_opt = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+        # The checkpoint numbers the parameters as one process's optimizer does; a pipeline
+        # rank's optimizer has only its own, numbered among themselves.
+        saved_names = self.pipeline.params.param_names if self.pipeline is not None else names
+        local = {n: i for i, n in enumerate(names)}
+
+        def renumber(index: int) -> int | None:
+            if index >= len(saved_names):
+                return index  # refused by load_state_dict, naming it
+            return local.get(saved_names[index])
+
+        saved_groups = [
+            {**g, "params": [j for i in g["params"] if (j := renumber(i)) is not None]}
+            for g in state["optimizer"]["param_groups"]
+        ]
+        saved_opt: dict[str, Any] = {"state": {}, "param_groups": saved_groups}
         for key, value in groups.get("optimizer", {}).items():
             index, name = key.split(".", 1)
-            if int(index) < len(names):
-                value = lay.shard(names[int(index)], value)
-            saved_opt["state"].setdefault(int(index), {})[name] = value
+            if (i := renumber(int(index))) is None:
+                continue
+            if i < len(names):
+                value = lay.shard(names[i], value)
+            saved_opt["state"].setdefault(i, {})[name] = value
         for index, scalars in state["optimizer"]["scalars"].items():
-            saved_opt["state"].setdefault(int(index), {}).update(scalars)
+            if (i := renumber(int(index))) is not None:
+                saved_opt["state"].setdefault(i, {}).update(scalars)
+        if self.pipeline is not None and len(saved_groups) > len(self.optimizer.param_groups):
+            saved_opt["param_groups"] = [g for g in saved_groups if g["params"]]
         self.optimizer.load_state_dict(saved_opt)
         self.schedule.load_state_dict(state["schedule"])
         self.monitor.load_state_dict(state["monitor"])
         self.precision.load_state_dict(state.get("precision", {}))
-        for layer, load in zip(self.moe_layers, state.get("moe_load", [])):
-            layer._load_since_update[...] = load
+        saved_loads = state.get("moe_load", [])
+        for i, layer in self._moe_indexed():
+            if i < len(saved_loads):
+                layer._load_since_update[...] = saved_loads[i]
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self._metrics_offset = int(state["metrics_offset"])
@@ -306,7 +336,7 @@ class Trainer:
         in the single-process layout."""
         lay = self.layout
         names = self._param_names()
-        if lay.sharded_checkpoints():
+        if lay.sharded_checkpoints() or self.pipeline is not None:
             return self._save_sharded(metrics, names)
         model_state = {n: lay.gather(n, v) for n, v in self.model.state_dict().items()}
         opt_state = self.optimizer.state_dict()
@@ -331,6 +361,25 @@ class Trainer:
         )
 
     def _save_sharded(self, metrics: MetricsLog, names: list[str]) -> Path | None:
+        extra: dict[str, Any] = {}
+        if self.pipeline is not None:
+            owned, layout, groups, extra = self._pipeline_pieces()
+        else:
+            owned, layout, groups = self._zero_pieces(names)
+        if self.group.is_root:
+            metrics.sync()
+        return sharded_checkpoint.save_sharded(
+            self.run_dir,
+            self.step,
+            self.group,
+            owned,
+            layout,
+            {**self._checkpoint_state(metrics, groups, {}), **extra},
+            self.config.keep_checkpoints,
+        )
+
+    def _zero_pieces(self, names: list[str]) -> tuple[list[Any], dict[str, Any], list[Any]]:
+        """ZeRO: (this rank's pieces, the layout, the optimizer groups) of a checkpoint."""
         lay = self.layout
         params = {n for n, _ in self.model.named_parameters()}
         owned = lay.owned(self.model, self.optimizer)
@@ -338,7 +387,6 @@ class Trainer:
         buffers = {n: v for n, v in self.model.state_dict().items() if n not in params}
         if self.group.is_root:
             owned += [(n, 0, v, {}) for n, v in buffers.items()]
-            metrics.sync()
         layout = lay.sharded_layout(self.model, names)
         layout["buffers"] = [[n, list(v.shape)] for n, v in buffers.items()]
         index = 0
@@ -347,15 +395,18 @@ class Trainer:
             hyper = {k: v for k, v in g.items() if k != "params"}
             groups.append({**hyper, "params": list(range(index, index + len(g["params"])))})
             index += len(g["params"])
-        return sharded_checkpoint.save_sharded(
-            self.run_dir,
-            self.step,
-            self.group,
-            owned,
-            layout,
-            self._checkpoint_state(metrics, groups, {}),
-            self.config.keep_checkpoints,
-        )
+        return owned, layout, groups
+
+    def _pipeline_pieces(self) -> tuple[list[Any], dict[str, Any], list[Any], dict[str, Any]]:
+        """Pipeline: the same, every rank writing the tensors it counts, plus the MoE loads
+        of the whole model (a collective)."""
+        assert self.pipeline is not None
+        stage, lay = self.pipeline.params, self.layout
+        ep_rank = lay.ep_group.rank if lay.ep > 1 else 0
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        layout, groups = stage.checkpoint_layout(hyper)
+        owned = stage.owned(self.model, self.optimizer, ep_rank)
+        return owned, layout, groups, {"moe_load": stage.moe_loads(self.model)}
 
     def _checkpoint_state(
         self, metrics: MetricsLog, groups: list[dict[str, Any]], scalars: dict[str, Any]
@@ -382,6 +433,8 @@ class Trainer:
         self.model.eval()
         try:
             with moecore.no_grad(), self.precision.compute():
+                if self.pipeline is not None:
+                    return self.pipeline.evaluate(self._val)
                 losses = [self.model(x, y).item() for x, y in self._val]
         finally:
             self.model.train(was_training)
@@ -391,9 +444,9 @@ class Trainer:
         cfg = self.config
         accum = cfg.grad_accum
         total_loss = 0.0
-        loads = [np.zeros(layer.n_experts, np.int64) for layer in self.moe_layers]
+        loads = [np.zeros(n, np.int64) for n in self.moe_experts]
         dropped = 0
-        routing = RoutingTotals(len(self.moe_layers), accum)
+        routing = RoutingTotals(len(self.moe_experts), accum)
         g = self.group
         rows = cfg.batch_size // g.size
         if self.pipeline is not None:
@@ -425,11 +478,16 @@ class Trainer:
             self.stop.agree(summed[2:])
             for load in loads:
                 g.allreduce(load)
-            for layer in self.moe_layers:
+            if self.pipeline is not None:
+                self.pipeline.params.sum_moe_loads(self.model)
+            for layer in self.moe_layers if self.pipeline is None else []:
                 g.allreduce(layer._load_since_update)
             routing.allreduce(g, replicas=cfg.dp * cfg.ep)
         self.precision.unscale_(list(self.model.parameters()))
-        grad_norm = self.layout.clip_grad_norm_(cfg.clip)
+        if self.pipeline is not None:
+            grad_norm = self.pipeline.params.clip_grad_norm_(self.model, cfg.clip)
+        else:
+            grad_norm = self.layout.clip_grad_norm_(cfg.clip)
         if cfg.agc:
             optim.adaptive_clip_grad_(self.model.parameters(), cfg.agc)
         overflow = self.precision.overflowed(grad_norm)
@@ -450,7 +508,9 @@ class Trainer:
         cvs = [routing_summary(load)["cv"] for load in loads]
         # A collective under expert parallelism: every rank computes it.
         checksum = None
-        if cfg.param_checksum:
+        if cfg.param_checksum and self.pipeline is not None:
+            checksum = self.pipeline.params.checksums(self.model)
+        elif cfg.param_checksum:
             with self.layout.full_params():
                 checksum = param_checksums(self.model, self.layout)
         return {
@@ -466,6 +526,18 @@ class Trainer:
             **self.precision.record(),
             **({"param_checksum": checksum} if checksum is not None else {}),
         }
+
+    def _moe_indexed(self) -> list[tuple[int, Any]]:
+        """(index over the whole model, layer) of the MoE layers this rank holds."""
+        if self.pipeline is None:
+            return list(enumerate(self.moe_layers))
+        return [(i, layer) for i, _, layer in self.pipeline.params.local_moe(self.model)]
+
+    def _num_parameters(self) -> int:
+        """Learnable scalars of the whole model."""
+        if self.pipeline is not None:
+            return self.pipeline.params.num_parameters
+        return self.layout.num_parameters(self.model)
 
     def _pipeline_step(self, loads: list[np.ndarray], routing: RoutingTotals) -> tuple[float, int]:
         """The step's micro-batches through this rank's pipeline stages; (this rank's share
@@ -486,7 +558,7 @@ class Trainer:
             dropped += layer.last_stats["dropped"]
             routing.add_layer(i, layer)
 
-        loss = self.pipeline.run(batch, on_moe, set(self.layout.sharded))
+        loss = self.pipeline.run(batch, on_moe)
         return loss, dropped
 
     def train(self) -> TrainResult:
@@ -506,7 +578,7 @@ class Trainer:
         if self.step == 0:
             progress.message(f"data   {self.data.describe()}")
             progress.message(
-                f"model  {self.layout.num_parameters(self.model):,} parameters, {cfg.n_layers} layers, "
+                f"model  {self._num_parameters():,} parameters, {cfg.n_layers} layers, "
                 f"{cfg.routed_experts()[0]} experts top-{cfg.routed_experts()[1]}; run dir {self.run_dir}"
             )
             progress.message(f"memory {self.memory.describe()} per rank")
@@ -530,7 +602,9 @@ class Trainer:
                 record["tokens_per_s"] = tokens_per_step / dt
                 record["seconds"] = time.perf_counter() - start
                 record.update(rss_record())
-                record.update(self.layout.memory_record(self.optimizer))
+                # Under pp every rank of the world (stage = rank // (dp · ep)).
+                world = self.group if self.pipeline is not None else None
+                record.update(self.layout.memory_record(self.optimizer, world))
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     self.last_val = self.evaluate()
                     record["val_loss"] = self.last_val
