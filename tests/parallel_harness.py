@@ -119,10 +119,27 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def train_run(out: Path, n: int, args: list[str], timeout: float = 300.0) -> list[dict[str, Any]]:
+#: Reference runs already made in this session: (ranks, arguments, MPI) → run folder.
+_REFERENCES: dict[tuple[int, tuple[str, ...], str], Path] = {}
+
+
+def train_run(
+    out: Path, n: int, args: list[str], timeout: float = 300.0, reference: bool = False
+) -> list[dict[str, Any]]:
     """``moecore train --out out <args> --set param_checksum=true`` on ``n`` ranks; returns
-    its metrics records (one per step)."""
+    its metrics records (one per step).
+
+    ``reference=True`` marks a run that only serves as what others are compared with (the
+    single-process or plain data-parallel curve): when the session already made one with
+    the same ranks, arguments and MPI, its folder is copied to ``out`` instead of training
+    again (the runs are deterministic). Never for a run under test."""
+    key = (n, tuple(args), os.environ.get("MOECORE_TEST_MPI", ""))
+    if reference and key in _REFERENCES and _REFERENCES[key].is_dir():
+        shutil.copytree(_REFERENCES[key], out)
+        return read_records(out)
     cli(n, ["train", "--out", str(out), *args, "--set", "param_checksum=true"], timeout)
+    if reference:
+        _REFERENCES[key] = out
     return read_records(out)
 
 
