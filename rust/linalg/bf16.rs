@@ -58,9 +58,6 @@ pub(crate) trait Elem: ZeroBits + Send + Sync + 'static {
     /// Runs `f` on an f32 buffer of `dst.len()` elements whose values end up in `dst`: `dst`
     /// itself for f32; for bf16 a scratch buffer (initially zero) rounded into `dst` after.
     fn through_f32(dst: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32]));
-
-    /// `src` rounded into `dst` (same length).
-    fn store(src: &[f32], dst: &mut [Self]);
 }
 
 impl Elem for f32 {
@@ -90,10 +87,6 @@ impl Elem for f32 {
 
     fn through_f32(dst: &mut [f32], _scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
         f(dst)
-    }
-
-    fn store(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src)
     }
 }
 
@@ -148,10 +141,6 @@ impl Elem for bf16 {
         scratch.resize(dst.len(), 0.0);
         f(scratch);
         dst.convert_from_f32_slice(scratch);
-    }
-
-    fn store(src: &[f32], dst: &mut [bf16]) {
-        dst.convert_from_f32_slice(src)
     }
 }
 
