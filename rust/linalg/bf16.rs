@@ -166,11 +166,7 @@ pub(crate) fn matmul_elem<A: Elem, B: Elem>(
     accumulate: bool,
     panels: &mut Panels,
 ) {
-    let step = if A::IS_F32 && B::IS_F32 {
-        k.max(1)
-    } else {
-        KC
-    };
+    let step = if A::IS_F32 && B::IS_F32 { k.max(1) } else { KC };
     if k == 0 {
         let (l, r) = (
             A::block(lhs, (0, 0), (0, 0), &mut panels.lhs),
@@ -229,22 +225,20 @@ pub(crate) fn matmul_bf16(
             cs: 1,
         }
     };
-    out.par_chunks_mut(MC * n)
-        .enumerate()
-        .for_each_init(
-            || (Panels::default(), Vec::new()),
-            |(panels, acc), (b, dst)| {
-                let rows = dst.len() / n;
-                let lhs_view = View {
-                    data: &lhs[b * MC * k..],
-                    rs: k,
-                    cs: 1,
-                };
-                <bf16 as Elem>::through_f32(dst, acc, |d| {
-                    matmul_elem((rows, n, k), d, n, lhs_view, rhs_view, false, false, panels)
-                });
-            },
-        );
+    out.par_chunks_mut(MC * n).enumerate().for_each_init(
+        || (Panels::default(), Vec::new()),
+        |(panels, acc), (b, dst)| {
+            let rows = dst.len() / n;
+            let lhs_view = View {
+                data: &lhs[b * MC * k..],
+                rs: k,
+                cs: 1,
+            };
+            <bf16 as Elem>::through_f32(dst, acc, |d| {
+                matmul_elem((rows, n, k), d, n, lhs_view, rhs_view, false, false, panels)
+            });
+        },
+    );
 }
 
 #[cfg(test)]

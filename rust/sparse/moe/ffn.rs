@@ -161,12 +161,30 @@ fn forward_of<T: Elem>(
         let (mut sh, mut sa, mut sy) = (Vec::new(), Vec::new(), Vec::new());
         T::through_f32(h, &mut sh, |h| {
             let x = rows_of(x_sorted.data(), row0, d_in);
-            matmul_elem((tile.len, hidden, d_in), h, hidden, x, w1e, false, false, &mut panels);
+            matmul_elem(
+                (tile.len, hidden, d_in),
+                h,
+                hidden,
+                x,
+                w1e,
+                false,
+                false,
+                &mut panels,
+            );
             T::through_f32(a, &mut sa, |a| {
                 gelu_serial(h, a);
                 T::through_f32(y, &mut sy, |y| {
                     let a = rows_of(&*a, 0, hidden);
-                    matmul_elem((tile.len, d_out, hidden), y, d_out, a, w2e, false, false, &mut panels);
+                    matmul_elem(
+                        (tile.len, d_out, hidden),
+                        y,
+                        d_out,
+                        a,
+                        w2e,
+                        false,
+                        false,
+                        &mut panels,
+                    );
                 });
             });
         });

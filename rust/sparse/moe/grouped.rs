@@ -359,18 +359,30 @@ fn rows_times_experts_bf16<'w>(
     let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
     let work = tiles(&sizes, |_| k * n);
     let mut out = zeroed(what, rows.saturating_mul(n))?;
-    execute(split_by_tiles(&mut out, &work, off, n), |tile, dst, threaded| {
-        let row0 = off[tile.expert] + tile.start;
-        let left = View {
-            data: &a[row0 * k..],
-            rs: k,
-            cs: 1,
-        };
-        let mut panels = Panels::default();
-        <bf16 as Elem>::through_f32(dst, &mut Vec::new(), |d| {
-            matmul_elem((tile.len, n, k), d, n, left, right(tile.expert), threaded, false, &mut panels)
-        });
-    });
+    execute(
+        split_by_tiles(&mut out, &work, off, n),
+        |tile, dst, threaded| {
+            let row0 = off[tile.expert] + tile.start;
+            let left = View {
+                data: &a[row0 * k..],
+                rs: k,
+                cs: 1,
+            };
+            let mut panels = Panels::default();
+            <bf16 as Elem>::through_f32(dst, &mut Vec::new(), |d| {
+                matmul_elem(
+                    (tile.len, n, k),
+                    d,
+                    n,
+                    left,
+                    right(tile.expert),
+                    threaded,
+                    false,
+                    &mut panels,
+                )
+            });
+        },
+    );
     Ok(out)
 }
 

@@ -39,8 +39,8 @@ mod unpermute;
 
 pub use error::MoeError;
 pub use ffn::{
-    gelu_ffn_backward, gelu_ffn_backward_bf16, gelu_ffn_forward, gelu_ffn_forward_bf16,
-    FfnForward, FfnGrads,
+    gelu_ffn_backward, gelu_ffn_backward_bf16, gelu_ffn_forward, gelu_ffn_forward_bf16, FfnForward,
+    FfnGrads,
 };
 pub use grouped::{
     grouped_matmul, grouped_matmul_bf16, grouped_matmul_dw, grouped_matmul_dw_bf16,
