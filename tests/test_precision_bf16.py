@@ -20,8 +20,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from moecore.kernels import registry
 from moecore.kernels import moe_bf16 as moe
+from moecore.kernels import registry
 from moecore.kernels.adamw import RustAdamW
 from moecore.kernels.bf16 import BF16, BF16Attention, BF16Norm, matmul
 from moecore.kernels.lowp import unit_roundoff
@@ -151,17 +151,32 @@ def test_gelu_ffn_forward_and_backward_against_float64():
         # by up to ~|h|³ terms: an absolute error of at most 8·2⁻²⁴·(1 + |h|³) per element
         dh_eval = (np.abs(dye) @ np.abs(w2e.T)) * 8 * F32 * (1 + np.abs(hs) ** 3)
         assert_within(
-            d_w2[ex], as_.T @ dye, np.abs(as_.T) @ np.abs(dye), len(rows), rounded=False,
+            d_w2[ex],
+            as_.T @ dye,
+            np.abs(as_.T) @ np.abs(dye),
+            len(rows),
+            rounded=False,
             what="d_w2",
         )
         dx_abs = dh_abs @ np.abs(w1e.T)
         assert_within(
-            d_x[rows], d_h @ w1e.T, dx_abs, hidden + d_out, c=3.0,
-            extra=dh_eval @ np.abs(w1e.T), what="d_x",
+            d_x[rows],
+            d_h @ w1e.T,
+            dx_abs,
+            hidden + d_out,
+            c=3.0,
+            extra=dh_eval @ np.abs(w1e.T),
+            what="d_x",
         )
         assert_within(
-            d_w1[ex], xe.T @ d_h, np.abs(xe.T) @ dh_abs, len(rows) + d_out, rounded=False,
-            c=3.0, extra=np.abs(xe.T) @ dh_eval, what="d_w1",
+            d_w1[ex],
+            xe.T @ d_h,
+            np.abs(xe.T) @ dh_abs,
+            len(rows) + d_out,
+            rounded=False,
+            c=3.0,
+            extra=np.abs(xe.T) @ dh_eval,
+            what="d_w1",
         )
     empty = [ex for ex, c in enumerate(COUNTS) if c == 0]
     assert not d_w1[empty].any() and not d_w2[empty].any()
@@ -180,13 +195,13 @@ def test_the_router_stays_float32_and_the_rows_bf16():
     logits = moe.router_logits(x, router_w)
     assert logits.dtype == np.float32
     np.testing.assert_allclose(logits, f64(x) @ f64(router_w).T, rtol=1e-5, atol=1e-5)
-    idx, weights, probs = moe.route(logits, k)
-    x_sorted, order, counts = moe.permute(x, idx, e)
+    idx, weights, _ = moe.route(logits, k)
+    x_sorted, order, _ = moe.permute(x, idx, e)
     assert x_sorted.dtype == BF16
     # a gather moves bf16 values exactly
     np.testing.assert_array_equal(f64(x_sorted), f64(x)[order // k])
     y = moe.unpermute(x_sorted, order, weights)
-    ref = (f64(x) * f64(weights).sum(1, keepdims=True))
+    ref = f64(x) * f64(weights).sum(1, keepdims=True)
     assert y.dtype == BF16
     assert_within(y, ref, np.abs(ref), k, what="unpermute")
     d_x = np.zeros((t, d), BF16)
@@ -216,7 +231,7 @@ def test_norm_against_float64(center):
     # the statistics reduce over cols values
     assert_within(out, ref, terms, cols, c=4.0, what="y")
     g = bf16(rows, cols)
-    dx, dw, db = BF16Norm.backward(g, saved, True, True, center)
+    dx, dw, _ = BF16Norm.backward(g, saved, True, True, center)
     assert dx.dtype == BF16 and dw.dtype == np.float32
     g64 = f64(g)
     gw = g64 * w
@@ -226,7 +241,12 @@ def test_norm_against_float64(center):
     dx_terms = rstd * (np.abs(gw) + np.abs(gw).mean(-1, keepdims=True) * (1 + np.abs(xhat) ** 2))
     assert_within(dx, dx_ref, dx_terms, cols, c=4.0, what="dx")
     assert_within(
-        dw, (g64 * xhat).sum(0), (np.abs(g64 * xhat)).sum(0), rows, rounded=False, c=4.0,
+        dw,
+        (g64 * xhat).sum(0),
+        (np.abs(g64 * xhat)).sum(0),
+        rows,
+        rounded=False,
+        c=4.0,
         what="dw",
     )
 
@@ -267,11 +287,18 @@ def test_attention_against_float64(causal):
     ref = np.stack([dq, dk, dv], axis=2)  # [b, h, 3, t, hd]
     ref = ref.transpose(0, 3, 2, 1, 4).reshape(qkv.shape)
     abs_ds = p * (np.abs(g4) @ np.abs(v).transpose(0, 1, 3, 2)) * 2 / math.sqrt(hd)
-    terms = np.stack(
-        [abs_ds @ np.abs(k), abs_ds.transpose(0, 1, 3, 2) @ np.abs(q),
-         p.transpose(0, 1, 3, 2) @ np.abs(g4)],
-        axis=2,
-    ).transpose(0, 3, 2, 1, 4).reshape(qkv.shape)
+    terms = (
+        np.stack(
+            [
+                abs_ds @ np.abs(k),
+                abs_ds.transpose(0, 1, 3, 2) @ np.abs(q),
+                p.transpose(0, 1, 3, 2) @ np.abs(g4),
+            ],
+            axis=2,
+        )
+        .transpose(0, 3, 2, 1, 4)
+        .reshape(qkv.shape)
+    )
     assert_within(d_qkv, ref, terms, 2 * t + hd, c=4.0, what="d_qkv")
 
 
@@ -292,9 +319,7 @@ def test_adamw_writes_the_bf16_compute_copy_in_the_same_pass():
         g64 = f64(g)
         m64 = 0.9 * 0.01 + 0.1 * g64
         v64 = 0.99 * 0.02 + 0.01 * g64**2
-        p64 = p64 * (1 - 1e-3) - 1e-2 * (m64 / (1 - 0.9**3)) / (
-            np.sqrt(v64 / (1 - 0.99**3)) + 1e-8
-        )
+        p64 = p64 * (1 - 1e-3) - 1e-2 * (m64 / (1 - 0.9**3)) / (np.sqrt(v64 / (1 - 0.99**3)) + 1e-8)
         np.testing.assert_allclose(p, p64, rtol=1e-5, atol=1e-6)
         # the copy is the updated float32 master rounded to nearest even, bit for bit
         np.testing.assert_array_equal(c.view(np.uint16), p.astype(BF16).view(np.uint16))

@@ -37,7 +37,7 @@ def router_logits(x: np.ndarray, router_w: np.ndarray) -> np.ndarray:
 def route(
     logits: np.ndarray,
     k: int,
-    score: str = "softmax",
+    score: f32.Score = "softmax",
     bias: np.ndarray | None = None,
     n_groups: int | None = None,
     topk_groups: int | None = None,
@@ -51,7 +51,7 @@ def route_backward(
     d_weights: np.ndarray,
     expert_idx: np.ndarray,
     probs: np.ndarray,
-    score: str = "softmax",
+    score: f32.Score = "softmax",
     normalize: bool = True,
 ) -> np.ndarray:
     """:func:`moecore.moe_kernels.route_backward` (float32)."""
@@ -114,9 +114,7 @@ def grouped_matmul_dx(dy: np.ndarray, counts: np.ndarray, w: np.ndarray) -> np.n
 def grouped_matmul_dw(x_sorted: np.ndarray, dy: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Gradient of :func:`grouped_matmul` with respect to ``w``: ``[E, d_in, d_out]``
     float32."""
-    result: np.ndarray = _core.moe_grouped_matmul_dw_bf16(
-        bits(x_sorted), bits(dy), _counts(counts)
-    )
+    result: np.ndarray = _core.moe_grouped_matmul_dw_bf16(bits(x_sorted), bits(dy), _counts(counts))
     return result
 
 
