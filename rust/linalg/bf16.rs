@@ -193,11 +193,13 @@ pub(crate) fn matmul_elem<A: Elem, B: Elem>(
 
 /// Rows per block of [`matmul_bf16`]: each block is one task with its own panels and an
 /// f32 result of `MC × n` before it is rounded to bf16.
+#[cfg_attr(not(feature = "python"), allow(dead_code))] // the dense entry point is Python's
 const MC: usize = 128;
 
 /// `out[m × n] = lhs[m × k] · rhs[k × n]` for row-major (or, with `rhs_transposed`,
 /// `rhs` stored `[n, k]`) bf16 operands, accumulated in f32 and rounded once into bf16.
 /// Blocks of [`MC`] rows run side by side on rayon's threads.
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
 pub(crate) fn matmul_bf16(
     (m, n, k): (usize, usize, usize),
     lhs: &[bf16],
