@@ -17,9 +17,10 @@ use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray, PyUntype
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use super::fused::attention_shape;
 use super::gil::detached;
 use super::moe::{borrow, data, i32_1d, internal, out2};
-use crate::fused::attention::{attention_backward_bf16, attention_forward_bf16, AttentionShape};
+use crate::fused::attention::{attention_backward_bf16, attention_forward_bf16};
 use crate::fused::norm::{norm_backward_bf16, norm_forward_bf16, NormGrads, NormShape};
 use crate::linalg::bf16::matmul_bf16;
 use crate::sparse::moe::{self as kernels, Matrix, MatrixStack};
@@ -366,21 +367,6 @@ pub fn fused_norm_backward_bf16<'py>(
     ))
 }
 
-fn attention_shape(qkv: &PyReadonlyArray<'_, u16, Ix3>, heads: usize) -> PyResult<AttentionShape> {
-    let s = qkv.shape();
-    if heads == 0 || s[2] % (3 * heads) != 0 {
-        return Err(PyValueError::new_err(format!(
-            "qkv: expected shape [batch, T, 3 * heads * head_dim] with heads = {heads}, got {s:?}"
-        )));
-    }
-    Ok(AttentionShape {
-        batch: s[0],
-        seq: s[1],
-        heads,
-        head_dim: s[2] / (3 * heads),
-    })
-}
-
 /// Attention forward from a bf16 `qkv [B, T, 3·H·D]` → `(out bf16 [B, T, H·D], probs f32
 /// [B, H, T, T])`.
 #[pyfunction]
@@ -391,7 +377,7 @@ pub fn fused_attention_forward_bf16<'py>(
     causal: bool,
 ) -> PyResult<(U16Array3<'py>, Bound<'py, numpy::PyArray4<f32>>)> {
     let qkv = bf16_3d("qkv", qkv)?;
-    let s = attention_shape(&qkv, heads)?;
+    let s = attention_shape(qkv.shape(), heads)?;
     let src = bits("qkv", &qkv)?;
     let (out, probs) = detached(py, "attention forward (bf16)", || {
         attention_forward_bf16(src, s, causal)
@@ -417,7 +403,7 @@ pub fn fused_attention_backward_bf16<'py>(
 ) -> PyResult<U16Array3<'py>> {
     let (qkv, d_out) = (bf16_3d("qkv", qkv)?, bf16_3d("d_out", d_out)?);
     let probs = borrow::<f32, numpy::ndarray::Ix4>("probs", "float32", probs)?;
-    let s = attention_shape(&qkv, heads)?;
+    let s = attention_shape(qkv.shape(), heads)?;
     let (src, p, g) = (
         bits("qkv", &qkv)?,
         data("probs", &probs)?,

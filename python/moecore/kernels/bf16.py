@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from moecore import _core
+from moecore.kernels.norm import RustNorm
 
 #: numpy's dtype for bf16 (``ml_dtypes.bfloat16``).
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -64,15 +65,9 @@ class BF16Norm:
     """LayerNorm or RMSNorm of bf16 rows through one Rust pass each way: statistics in
     float32, ``x`` and the output bf16, the parameters float32."""
 
-    @staticmethod
-    def accepts(x: Any, *params: Any) -> bool:
-        """Whether the kernel takes these arrays: numpy, ``x`` at least 1-D, 1-D
-        parameters."""
-        return (
-            type(x) is np.ndarray
-            and x.ndim >= 1
-            and all(p is None or (type(p) is np.ndarray and p.ndim == 1) for p in params)
-        )
+    #: The arrays it takes are the float32 Rust kernel's: numpy, ``x`` at least 1-D, 1-D
+    #: parameters.
+    accepts = staticmethod(RustNorm.accepts)
 
     @staticmethod
     def forward(

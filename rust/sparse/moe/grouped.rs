@@ -225,6 +225,40 @@ pub(super) fn offsets(
     Ok(off)
 }
 
+/// The expert blocks of `x_sorted` for a product with `w`, after checking that its width is
+/// `w`'s `d_in` and that `counts` splits its rows.
+fn forward_offsets<T>(
+    x_sorted: Matrix<'_, T>,
+    counts: &[i32],
+    w: MatrixStack<'_, T>,
+) -> Result<Vec<usize>, MoeError> {
+    if x_sorted.cols() != w.rows {
+        return Err(MoeError::shape(
+            "x_sorted",
+            format!("[R, {}] (d_in of w)", w.rows),
+            x_sorted.shape(),
+        ));
+    }
+    offsets(counts, w.n, x_sorted.rows(), "x_sorted")
+}
+
+/// The expert blocks of `dy` for a product with `w`ᵀ, after checking that its width is
+/// `w`'s `d_out` and that `counts` splits its rows.
+fn dx_offsets<T>(
+    dy: Matrix<'_, T>,
+    counts: &[i32],
+    w: MatrixStack<'_, T>,
+) -> Result<Vec<usize>, MoeError> {
+    if dy.cols() != w.cols {
+        return Err(MoeError::shape(
+            "dy",
+            format!("[R, {}] (d_out of w)", w.cols),
+            dy.shape(),
+        ));
+    }
+    offsets(counts, w.n, dy.rows(), "dy")
+}
+
 /// `out[R, d_out]`: the rows of expert e in `x_sorted` (`[R, d_in]`, blocks given by
 /// `counts`) times `w[e]` (`w`: `[E, d_in, d_out]`).
 pub fn grouped_matmul(
@@ -232,16 +266,7 @@ pub fn grouped_matmul(
     counts: &[i32],
     w: MatrixStack<'_>,
 ) -> Result<Vec<f32>, MoeError> {
-    x_sorted
-        .expect_shape("x_sorted", x_sorted.rows(), w.rows)
-        .map_err(|_| {
-            MoeError::shape(
-                "x_sorted",
-                format!("[R, {}] (d_in of w)", w.rows),
-                x_sorted.shape(),
-            )
-        })?;
-    let off = offsets(counts, w.n, x_sorted.rows(), "x_sorted")?;
+    let off = forward_offsets(x_sorted, counts, w)?;
     let d_out = w.cols;
     rows_times_experts("out", x_sorted.data(), (w.rows, d_out), &off, |e| Strided {
         data: w.matrix(e),
@@ -256,14 +281,7 @@ pub fn grouped_matmul_dx(
     counts: &[i32],
     w: MatrixStack<'_>,
 ) -> Result<Vec<f32>, MoeError> {
-    if dy.cols() != w.cols {
-        return Err(MoeError::shape(
-            "dy",
-            format!("[R, {}] (d_out of w)", w.cols),
-            dy.shape(),
-        ));
-    }
-    let off = offsets(counts, w.n, dy.rows(), "dy")?;
+    let off = dx_offsets(dy, counts, w)?;
     let d_out = w.cols;
     // w[e]ᵀ: element (i, j) of the [d_out, d_in] transpose is w[e][j, i].
     rows_times_experts("dx", dy.data(), (d_out, w.rows), &off, |e| Strided {
@@ -308,14 +326,7 @@ pub fn grouped_matmul_bf16(
     counts: &[i32],
     w: MatrixStack<'_, bf16>,
 ) -> Result<Vec<bf16>, MoeError> {
-    if x_sorted.cols() != w.rows {
-        return Err(MoeError::shape(
-            "x_sorted",
-            format!("[R, {}] (d_in of w)", w.rows),
-            x_sorted.shape(),
-        ));
-    }
-    let off = offsets(counts, w.n, x_sorted.rows(), "x_sorted")?;
+    let off = forward_offsets(x_sorted, counts, w)?;
     let d_out = w.cols;
     rows_times_experts_bf16("out", x_sorted.data(), (w.rows, d_out), &off, |e| View {
         data: w.matrix(e),
@@ -330,14 +341,7 @@ pub fn grouped_matmul_dx_bf16(
     counts: &[i32],
     w: MatrixStack<'_, bf16>,
 ) -> Result<Vec<bf16>, MoeError> {
-    if dy.cols() != w.cols {
-        return Err(MoeError::shape(
-            "dy",
-            format!("[R, {}] (d_out of w)", w.cols),
-            dy.shape(),
-        ));
-    }
-    let off = offsets(counts, w.n, dy.rows(), "dy")?;
+    let off = dx_offsets(dy, counts, w)?;
     let d_out = w.cols;
     rows_times_experts_bf16("dx", dy.data(), (d_out, w.rows), &off, |e| View {
         data: w.matrix(e),
