@@ -57,9 +57,10 @@ EXPECTED = {
     ("activation", "cpu", "float64"): "moecore.kernels.activation.ArrayActivation",
     ("activation", "cuda", "float32"): "moecore.kernels.activation.ArrayActivation",
     ("activation", "cuda", "float64"): "moecore.kernels.activation.ArrayActivation",
-    ("attention", "cpu", "bfloat16"): "moecore.kernels.lowp.DoorwayAttention",
+    ("moe", "cpu", "bfloat16"): "moecore.kernels.moe_bf16",
+    ("attention", "cpu", "bfloat16"): "moecore.kernels.bf16.BF16Attention",
     ("attention", "cpu", "float16"): "moecore.kernels.lowp.DoorwayAttention",
-    ("norm", "cpu", "bfloat16"): "moecore.kernels.lowp.DoorwayNorm",
+    ("norm", "cpu", "bfloat16"): "moecore.kernels.bf16.BF16Norm",
     ("norm", "cpu", "float16"): "moecore.kernels.lowp.DoorwayNorm",
 }
 
@@ -206,7 +207,12 @@ def test_the_protocol_names_what_ops_moe_calls():
 
 @pytest.mark.parametrize(
     "module",
-    ["moecore.moe_kernels", "moecore.kernels.cuda.moe_kernels", "moecore.kernels.generic"],
+    [
+        "moecore.moe_kernels",
+        "moecore.kernels.cuda.moe_kernels",
+        "moecore.kernels.generic",
+        "moecore.kernels.moe_bf16",
+    ],
 )
 def test_each_moe_backend_satisfies_the_protocol(module):
     backend = __import__(module, fromlist=["_"])

@@ -7,14 +7,18 @@ so a slow phase of the shared machine hits all alike. Reported: median tokens/s 
 steps after ``--skip``, the median per-step time ratio against float32 with its 95 %
 interval, peak RSS.
 
-Kernels (in this process, interleaved rounds, ratios against float32 per round):
-- GEMM ``[M, K] @ [K, N]``: float32 numpy (OpenBLAS); bf16 through the float32 doorway
-  (operands converted to float32, the float32 GEMM, the result stored as bf16 —
-  what ``kernels/lowp.py`` does for the norm and attention families); ml_dtypes' own bf16
-  ``matmul`` (numpy's generic loop);
-- attention forward + backward: the float32 Rust kernel; its bf16 doorway;
-- MoE layer forward + backward (``nn.MoE``): float32; with bf16 rounding as a bf16 run
-  does it (``nn/precision.py``: weights' compute copies, rounded input/output).
+Kernels (in this process, interleaved rounds, ratios against float32 per round), float32
+against bf16 both through moecore's Rust kernels:
+- GEMM ``[M, K] @ [K, N]``: moecore's GEMM doorway (the grouped matmul with one expert) on
+  float32 operands and on bf16 ones (widened to float32 panel by panel while packing, bf16
+  result); the dense bf16 entry point (``kernels.bf16.matmul``) and numpy's float32
+  OpenBLAS for reference;
+- attention forward + backward: the float32 Rust kernel; the bf16 one; the float32 doorway
+  bf16 used before (whole arrays converted to float32 and back);
+- the MoE layer's kernels forward + backward (router, top-k, permute, fused GELU FFN,
+  unpermute and their backward — what ``ops/moe.py`` runs, without autograd): float32
+  (``moecore.moe_kernels``) against bf16 (``moecore.kernels.moe_bf16``); and the fused
+  expert FFN alone.
 
 Run:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/precision.py
@@ -81,48 +85,58 @@ def train_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _moe_layer_step(kern: Any, x: Any, router_w: Any, w1: Any, w2: Any, k: int) -> None:
+    """One MoE layer's kernels forward and backward (what ``ops/moe.py`` calls, without
+    autograd): router, top-k, permute, fused GELU FFN, unpermute, and their backward."""
+    t, e = x.shape[0], router_w.shape[0]
+    logits = kern.router_logits(x, router_w)
+    idx, weights, probs = kern.route(logits, k)
+    x_sorted, order, counts = kern.permute(x, idx, e)
+    h, a, y_sorted = kern.gelu_ffn(x_sorted, counts, w1, w2)
+    y = kern.unpermute(y_sorted, order, weights)
+    d_y_sorted, d_weights = kern.unpermute_backward(y, y_sorted, order, weights)
+    d_x_sorted, _, _ = kern.gelu_ffn_backward(x_sorted, counts, w1, w2, h, a, d_y_sorted)
+    d_x = kern.permute_backward(d_x_sorted, order, t, k)
+    d_logits = kern.route_backward(d_weights, idx, probs)
+    kern.router_backward(d_logits, x, router_w, d_x)
+
+
 def kernels_side_by_side(rounds: int) -> dict[str, Any]:
-    """bf16 against float32 for the GEMM, attention and the MoE layer."""
+    """bf16 against float32 through moecore's kernels: the GEMM, attention, the MoE layer."""
     import ml_dtypes
 
-    import moecore
-    from moecore import nn
+    from moecore import moe_kernels
+    from moecore.kernels import bf16 as bf16_kernels
+    from moecore.kernels import moe_bf16
     from moecore.kernels.attention import RustAttention
-    from moecore.kernels.registry import select_for
-    from moecore.nn.precision import apply_precision, compute_copy_fn
-    from moecore.optim import MasterWeights
+    from moecore.kernels.lowp import DoorwayAttention
 
     bf16 = np.dtype(ml_dtypes.bfloat16)
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {}
 
-    a = rng.standard_normal((1024, 512)).astype(np.float32)
-    b = rng.standard_normal((512, 1024)).astype(np.float32)
-    ab, bb = a.astype(bf16), b.astype(bf16)
-    small_a, small_b = ab[:256, :256], bb[:256, :256]
-    out["gemm 1024x512x1024"] = paired_times(
-        {
-            "float32": lambda: a @ b,
-            "bf16 doorway": lambda: (ab.astype(np.float32) @ bb.astype(np.float32)).astype(bf16),
-        },
-        rounds,
-    )
-    out["gemm 256x256x256"] = paired_times(
-        {
-            "float32": lambda: a[:256, :256] @ b[:256, :256],
-            "bf16 doorway": lambda: (
-                small_a.astype(np.float32) @ small_b.astype(np.float32)
-            ).astype(bf16),
-            "bf16 ml_dtypes matmul": lambda: small_a @ small_b,
-        },
-        rounds,
-    )
+    # The GEMM: moecore's GEMM doorway (rust/linalg) through the grouped matmul with one
+    # expert, float32 against bf16 operands (widened while packing); numpy's OpenBLAS and
+    # the dense bf16 entry point for reference.
+    for m, kk, n in ((2048, 256, 512), (2048, 512, 256)):
+        a = rng.standard_normal((m, kk)).astype(np.float32)
+        w = (rng.standard_normal((1, kk, n)) / np.sqrt(kk)).astype(np.float32)
+        ab, wb = a.astype(bf16), w.astype(bf16)
+        one = np.array([m], np.int32)
+        out[f"gemm {m}x{kk}x{n}"] = paired_times(
+            {
+                "float32": lambda a=a, w=w, one=one: moe_kernels.grouped_matmul(a, one, w),
+                "bf16": lambda ab=ab, wb=wb, one=one: moe_bf16.grouped_matmul(ab, one, wb),
+                "bf16 dense entry": lambda ab=ab, wb=wb: bf16_kernels.matmul(ab, wb[0]),
+                "float32 numpy (OpenBLAS)": lambda a=a, w=w: a @ w[0],
+            },
+            rounds,
+        )
 
     bsz, t, h, hd = 8, 256, 4, 32
     qkv = rng.standard_normal((bsz, t, 3 * h * hd)).astype(np.float32)
     g = rng.standard_normal((bsz, t, h * hd)).astype(np.float32)
     qkv_b, g_b = qkv.astype(bf16), g.astype(bf16)
-    doorway = select_for("attention", qkv_b)
     dims = (bsz, t, h, h * hd)
 
     def attention(impl: Any, x: Any, dy: Any) -> None:
@@ -132,30 +146,39 @@ def kernels_side_by_side(rounds: int) -> dict[str, Any]:
     out["attention fwd+bwd 8x256x128"] = paired_times(
         {
             "float32": lambda: attention(RustAttention, qkv, g),
-            "bf16 doorway": lambda: attention(doorway, qkv_b, g_b),
+            "bf16": lambda: attention(bf16_kernels.BF16Attention, qkv_b, g_b),
+            "bf16 float32 doorway (before)": lambda: attention(DoorwayAttention, qkv_b, g_b),
         },
         rounds,
     )
 
-    moecore.manual_seed(0)
-    layers = {}
-    for name in ("float32", "bf16"):
-        moecore.manual_seed(0)
-        layer = nn.MoE(256, 512, 8, top_k=2)
-        masters = MasterWeights(layer.parameters(), bf16, compute_copy_fn(layer, name))
-        apply_precision(layer, name)
-        layers[name] = (layer, masters)
-    x = rng.standard_normal((8 * 256, 256)).astype(np.float32)
-
-    def moe(name: str) -> None:
-        layer, masters = layers[name]
-        with masters.compute_copies():
-            xt = moecore.Tensor(x, requires_grad=True)
-            layer(xt).sum().backward()
-        layer.zero_grad()
-
-    out["MoE layer fwd+bwd 2048 tok, d 256, 8 experts top-2"] = paired_times(
-        {"float32": lambda: moe("float32"), "bf16 rounding": lambda: moe("bf16")}, rounds
+    tokens, d, hidden, e, k = 2048, 256, 512, 8, 2
+    x = rng.standard_normal((tokens, d)).astype(np.float32)
+    router_w = (rng.standard_normal((e, d)) * 0.02).astype(np.float32)
+    w1 = (rng.standard_normal((e, d, hidden)) / np.sqrt(d)).astype(np.float32)
+    w2 = (rng.standard_normal((e, hidden, d)) / np.sqrt(hidden)).astype(np.float32)
+    xb, w1b, w2b = x.astype(bf16), w1.astype(bf16), w2.astype(bf16)
+    out["MoE layer kernels fwd+bwd 2048 tok, d 256, h 512, 8 experts top-2"] = paired_times(
+        {
+            "float32": lambda: _moe_layer_step(moe_kernels, x, router_w, w1, w2, k),
+            "bf16": lambda: _moe_layer_step(moe_bf16, xb, router_w, w1b, w2b, k),
+        },
+        rounds,
+    )
+    h_x = x.astype(bf16)
+    counts = np.full(e, tokens * k // e, np.int32)
+    xs = np.repeat(x, k, axis=0)
+    xsb = np.repeat(h_x, k, axis=0)
+    out["expert FFN fwd+bwd (fused GELU) 4096 rows"] = paired_times(
+        {
+            "float32": lambda: moe_kernels.gelu_ffn_backward(
+                xs, counts, w1, w2, *moe_kernels.gelu_ffn(xs, counts, w1, w2)[:2], xs
+            ),
+            "bf16": lambda: moe_bf16.gelu_ffn_backward(
+                xsb, counts, w1b, w2b, *moe_bf16.gelu_ffn(xsb, counts, w1b, w2b)[:2], xsb
+            ),
+        },
+        rounds,
     )
     return out
 

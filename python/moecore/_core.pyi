@@ -35,7 +35,52 @@ def adamw_step(
     eps: float,
     weight_decay: float,
     step: int,
+    compute_copies: list[Any] | None = None,
 ) -> None: ...
+
+# bf16 kernels (rust/py/bf16.rs): bf16 arrays as uint16 views; documented in
+# moecore.kernels.bf16 and moecore.kernels.moe_bf16.
+
+def bf16_matmul(a: np.ndarray, b: np.ndarray, transpose_b: bool = False) -> np.ndarray: ...
+def moe_grouped_matmul_bf16(
+    x_sorted: np.ndarray, counts: np.ndarray, w: np.ndarray
+) -> np.ndarray: ...
+def moe_grouped_matmul_dx_bf16(dy: np.ndarray, counts: np.ndarray, w: np.ndarray) -> np.ndarray: ...
+def moe_grouped_matmul_dw_bf16(
+    x_sorted: np.ndarray, dy: np.ndarray, counts: np.ndarray
+) -> np.ndarray: ...
+def moe_gelu_ffn_bf16(
+    x_sorted: np.ndarray, counts: np.ndarray, w1: np.ndarray, w2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def moe_gelu_ffn_backward_bf16(
+    x_sorted: np.ndarray,
+    counts: np.ndarray,
+    w1: np.ndarray,
+    w2: np.ndarray,
+    h: np.ndarray,
+    a: np.ndarray,
+    d_y: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def fused_norm_forward_bf16(
+    x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, eps: float, center: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def fused_norm_backward_bf16(
+    g: np.ndarray,
+    x: np.ndarray,
+    mean: np.ndarray,
+    rstd: np.ndarray,
+    weight: np.ndarray | None,
+    eps: float,
+    center: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]: ...
+def fused_attention_forward_bf16(
+    qkv: np.ndarray, heads: int, causal: bool
+) -> tuple[np.ndarray, np.ndarray]: ...
+def fused_attention_backward_bf16(
+    qkv: np.ndarray, probs: np.ndarray, d_out: np.ndarray, heads: int, causal: bool
+) -> np.ndarray: ...
 
 # MoE kernels (rust/py/moe.rs); documented in moecore.moe_kernels.
 

@@ -15,7 +15,12 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::linalg::buffers::{assume_init, filled, filled_pair, write_zeros, OutOfMemory};
+use half::bf16;
+
+use crate::linalg::bf16::Elem;
+use crate::linalg::buffers::{
+    as_uninit, assume_init, filled, filled_pair, write_zeros, zeroed, OutOfMemory,
+};
 use crate::linalg::fastmath::{dot_lanes, exp_nonpositive, max_lanes, sum_lanes};
 use crate::linalg::gemm::{matmul, matmul_tile, matmul_uninit, Strided};
 use crate::linalg::simd::vectorized;
@@ -262,6 +267,69 @@ pub fn attention_backward(
         |d_qkv: &mut [MaybeUninit<f32>]| backward_into(qkv, probs, d_out, shape, causal, d_qkv);
     // SAFETY: `backward_into` writes every element (see there).
     Ok(unsafe { filled("d_qkv", shape.qkv_len(), fill) }?)
+}
+
+/// [`attention_forward`] for a bf16 `qkv`: one batch row at a time, its `[T, 3·H·D]` slice
+/// is widened to f32 (exact), the f32 kernel runs on it (its heads side by side), and its
+/// output is rounded once into the bf16 `out`; `probs` stay f32 (softmax in f32).
+pub fn attention_forward_bf16(
+    qkv: &[bf16],
+    shape: AttentionShape,
+    causal: bool,
+) -> Result<(Vec<bf16>, Vec<f32>), AttentionError> {
+    shape.check_nonempty()?;
+    shape.check("qkv", shape.qkv_len(), qkv.len())?;
+    let mut out: Vec<bf16> = zeroed("out", shape.out_len())?;
+    let mut probs: Vec<f32> = zeroed("probs", shape.probs_len())?;
+    let one = AttentionShape { batch: 1, ..shape };
+    if one.out_len() == 0 {
+        return Ok((out, probs));
+    }
+    let (mut wide, mut acc) = (Vec::new(), Vec::new());
+    let rows = qkv
+        .chunks(one.qkv_len())
+        .zip(out.chunks_mut(one.out_len()))
+        .zip(probs.chunks_mut(one.probs_len()));
+    for ((q, o), p) in rows {
+        let q = bf16::widen(q, &mut wide);
+        bf16::through_f32(o, &mut acc, |o| {
+            forward_into(q, one, causal, as_uninit(o), as_uninit(p))
+        });
+    }
+    Ok((out, probs))
+}
+
+/// [`attention_backward`] for a bf16 `qkv` and `d_out` (f32 `probs`): batch row by batch row
+/// as [`attention_forward_bf16`], `d_qkv` rounded once into bf16.
+pub fn attention_backward_bf16(
+    qkv: &[bf16],
+    probs: &[f32],
+    d_out: &[bf16],
+    shape: AttentionShape,
+    causal: bool,
+) -> Result<Vec<bf16>, AttentionError> {
+    shape.check_nonempty()?;
+    shape.check("qkv", shape.qkv_len(), qkv.len())?;
+    shape.check("probs", shape.probs_len(), probs.len())?;
+    shape.check("d_out", shape.out_len(), d_out.len())?;
+    let mut d_qkv: Vec<bf16> = zeroed("d_qkv", shape.qkv_len())?;
+    let one = AttentionShape { batch: 1, ..shape };
+    if one.out_len() == 0 {
+        return Ok(d_qkv);
+    }
+    let (mut wide_q, mut wide_d, mut acc) = (Vec::new(), Vec::new(), Vec::new());
+    let rows = qkv
+        .chunks(one.qkv_len())
+        .zip(probs.chunks(one.probs_len()))
+        .zip(d_out.chunks(one.out_len()))
+        .zip(d_qkv.chunks_mut(one.qkv_len()));
+    for (((q, p), g), dq) in rows {
+        let (q, g) = (bf16::widen(q, &mut wide_q), bf16::widen(g, &mut wide_d));
+        bf16::through_f32(dq, &mut acc, |dq| {
+            backward_into(q, p, g, one, causal, as_uninit(dq))
+        });
+    }
+    Ok(d_qkv)
 }
 
 /// The `[T, D]` tiles of dQ, dK and dV of each pair, in pair order, from the tiles of a

@@ -8,8 +8,10 @@
 //! LayerNorm: `x̂ = (x − mean) · rstd`, `rstd = 1/√(var + eps)`. RMSNorm (`center = false`):
 //! mean is 0 and `rstd = 1/√(mean(x²) + eps)`. Then `y = x̂ · w + b` (each optional).
 
+use half::bf16;
 use rayon::prelude::*;
 
+use crate::linalg::bf16::Elem;
 use crate::linalg::fastmath::{dot_lanes, sum_lanes};
 use crate::linalg::simd::vectorized;
 
@@ -72,6 +74,32 @@ pub fn norm_forward(
     mean: &mut [f32],
     rstd: &mut [f32],
 ) -> Result<(), NormError> {
+    forward_of(s, x, weight, bias, out, mean, rstd)
+}
+
+/// [`norm_forward`] for bf16 `x` and `out`: each task's rows are widened to f32, normalised
+/// in f32 (statistics, weight and bias f32) and rounded once into `out`.
+pub fn norm_forward_bf16(
+    s: NormShape,
+    x: &[bf16],
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    out: &mut [bf16],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) -> Result<(), NormError> {
+    forward_of(s, x, weight, bias, out, mean, rstd)
+}
+
+fn forward_of<T: Elem>(
+    s: NormShape,
+    x: &[T],
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    out: &mut [T],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) -> Result<(), NormError> {
     s.validate()?;
     let n = s.rows * s.cols;
     check("x", n, x.len())?;
@@ -92,55 +120,72 @@ pub fn norm_forward(
         .zip(x.par_chunks(ROWS * c))
         .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
         .for_each(|((out, x), (mean, rstd))| {
-            vectorized(
-                #[inline(always)]
-                || {
-                    for (((o, x), mu), r) in out
-                        .chunks_mut(c)
-                        .zip(x.chunks(c))
-                        .zip(mean.iter_mut())
-                        .zip(rstd.iter_mut())
-                    {
-                        let m = if s.center {
-                            sum_lanes(x) / c as f32
-                        } else {
-                            0.0
-                        };
-                        // Two passes over a cached row: the centred variance, not E[x²] − m².
-                        for (o, &v) in o.iter_mut().zip(x) {
-                            *o = v - m;
-                        }
-                        let var = dot_lanes(o, o) / c as f32;
-                        let inv = 1.0 / (var + s.eps).sqrt();
-                        *mu = m;
-                        *r = inv;
-                        match (weight, bias) {
-                            (Some(w), Some(b)) => {
-                                for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
-                                    *o = *o * inv * w + b;
-                                }
-                            }
-                            (Some(w), None) => {
-                                for (o, &w) in o.iter_mut().zip(w) {
-                                    *o = *o * inv * w;
-                                }
-                            }
-                            (None, Some(b)) => {
-                                for (o, &b) in o.iter_mut().zip(b) {
-                                    *o = *o * inv + b;
-                                }
-                            }
-                            (None, None) => {
-                                for o in o.iter_mut() {
-                                    *o *= inv;
-                                }
-                            }
-                        }
-                    }
-                },
-            )
+            let mut wide = Vec::new();
+            let x = T::widen(x, &mut wide);
+            T::through_f32(out, &mut Vec::new(), |out| {
+                forward_rows(s, x, weight, bias, out, (mean, rstd))
+            });
         });
     Ok(())
+}
+
+/// The forward of a task's rows, in f32.
+fn forward_rows(
+    s: NormShape,
+    x: &[f32],
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    (mean, rstd): (&mut [f32], &mut [f32]),
+) {
+    let c = s.cols;
+    vectorized(
+        #[inline(always)]
+        || {
+            for (((o, x), mu), r) in out
+                .chunks_mut(c)
+                .zip(x.chunks(c))
+                .zip(mean.iter_mut())
+                .zip(rstd.iter_mut())
+            {
+                let m = if s.center {
+                    sum_lanes(x) / c as f32
+                } else {
+                    0.0
+                };
+                // Two passes over a cached row: the centred variance, not E[x²] − m².
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = v - m;
+                }
+                let var = dot_lanes(o, o) / c as f32;
+                let inv = 1.0 / (var + s.eps).sqrt();
+                *mu = m;
+                *r = inv;
+                match (weight, bias) {
+                    (Some(w), Some(b)) => {
+                        for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
+                            *o = *o * inv * w + b;
+                        }
+                    }
+                    (Some(w), None) => {
+                        for (o, &w) in o.iter_mut().zip(w) {
+                            *o = *o * inv * w;
+                        }
+                    }
+                    (None, Some(b)) => {
+                        for (o, &b) in o.iter_mut().zip(b) {
+                            *o = *o * inv + b;
+                        }
+                    }
+                    (None, None) => {
+                        for o in o.iter_mut() {
+                            *o *= inv;
+                        }
+                    }
+                }
+            }
+        },
+    )
 }
 
 /// `Σ a·b·c` as 16 interleaved partial sums (vectorises).
@@ -163,10 +208,10 @@ fn dot3_lanes(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// Gradients of one norm call.
-pub struct NormGrads<'a> {
+/// Gradients of one norm call (`dx` in the type of `x`, f32 or bf16).
+pub struct NormGrads<'a, T = f32> {
     /// `rows × cols`: the gradient of `x`.
-    pub dx: &'a mut [f32],
+    pub dx: &'a mut [T],
     /// `cols`: the gradient of the weight, if wanted.
     pub dw: Option<&'a mut [f32]>,
     /// `cols`: the gradient of the bias, if wanted.
@@ -182,6 +227,31 @@ pub fn norm_backward(
     rstd: &[f32],
     weight: Option<&[f32]>,
     grads: NormGrads<'_>,
+) -> Result<(), NormError> {
+    backward_of(s, g, x, (mean, rstd), weight, grads)
+}
+
+/// [`norm_backward`] for bf16 `g`, `x` and `dx`: each task's rows widened to f32, the
+/// gradient computed in f32 and `dx` rounded once; `dw`, `db` f32.
+pub fn norm_backward_bf16(
+    s: NormShape,
+    g: &[bf16],
+    x: &[bf16],
+    mean: &[f32],
+    rstd: &[f32],
+    weight: Option<&[f32]>,
+    grads: NormGrads<'_, bf16>,
+) -> Result<(), NormError> {
+    backward_of(s, g, x, (mean, rstd), weight, grads)
+}
+
+fn backward_of<T: Elem>(
+    s: NormShape,
+    g: &[T],
+    x: &[T],
+    (mean, rstd): (&[f32], &[f32]),
+    weight: Option<&[f32]>,
+    grads: NormGrads<'_, T>,
 ) -> Result<(), NormError> {
     s.validate()?;
     let (n, c) = (s.rows * s.cols, s.cols);
@@ -214,47 +284,51 @@ pub fn norm_backward(
         .map(|(((dx, g), x), (mean, rstd))| {
             let mut dw = if want_w { vec![0.0f32; c] } else { Vec::new() };
             let mut db = if want_b { vec![0.0f32; c] } else { Vec::new() };
-            vectorized(
-                #[inline(always)]
-                || {
-                    let rows = dx.chunks_mut(c).zip(g.chunks(c)).zip(x.chunks(c));
-                    for (((dx, g), x), (&m, &r)) in rows.zip(mean.iter().zip(rstd)) {
-                        // dx holds x̂ for now; gh = g·w is formed on the fly.
-                        for (d, &v) in dx.iter_mut().zip(x) {
-                            *d = (v - m) * r;
-                        }
-                        if want_w {
-                            for ((a, &gv), &h) in dw.iter_mut().zip(g).zip(dx.iter()) {
-                                *a += gv * h;
+            let (mut wide_g, mut wide_x) = (Vec::new(), Vec::new());
+            let (g, x) = (T::widen(g, &mut wide_g), T::widen(x, &mut wide_x));
+            T::through_f32(dx, &mut Vec::new(), |dx| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let rows = dx.chunks_mut(c).zip(g.chunks(c)).zip(x.chunks(c));
+                        for (((dx, g), x), (&m, &r)) in rows.zip(mean.iter().zip(rstd)) {
+                            // dx holds x̂ for now; gh = g·w is formed on the fly.
+                            for (d, &v) in dx.iter_mut().zip(x) {
+                                *d = (v - m) * r;
                             }
-                        }
-                        if want_b {
-                            for (a, &gv) in db.iter_mut().zip(g) {
-                                *a += gv;
-                            }
-                        }
-                        let (sum_gh, sum_ghx) = match weight {
-                            Some(w) => (dot_lanes(g, w), dot3_lanes(g, w, dx)),
-                            None => (sum_lanes(g), dot_lanes(g, dx)),
-                        };
-                        let inv_c = 1.0 / c as f32;
-                        let a = if s.center { sum_gh * inv_c } else { 0.0 };
-                        let b = sum_ghx * inv_c;
-                        match weight {
-                            Some(w) => {
-                                for ((d, &gv), &wv) in dx.iter_mut().zip(g).zip(w) {
-                                    *d = r * (gv * wv - a - *d * b);
+                            if want_w {
+                                for ((a, &gv), &h) in dw.iter_mut().zip(g).zip(dx.iter()) {
+                                    *a += gv * h;
                                 }
                             }
-                            None => {
-                                for (d, &gv) in dx.iter_mut().zip(g) {
-                                    *d = r * (gv - a - *d * b);
+                            if want_b {
+                                for (a, &gv) in db.iter_mut().zip(g) {
+                                    *a += gv;
+                                }
+                            }
+                            let (sum_gh, sum_ghx) = match weight {
+                                Some(w) => (dot_lanes(g, w), dot3_lanes(g, w, dx)),
+                                None => (sum_lanes(g), dot_lanes(g, dx)),
+                            };
+                            let inv_c = 1.0 / c as f32;
+                            let a = if s.center { sum_gh * inv_c } else { 0.0 };
+                            let b = sum_ghx * inv_c;
+                            match weight {
+                                Some(w) => {
+                                    for ((d, &gv), &wv) in dx.iter_mut().zip(g).zip(w) {
+                                        *d = r * (gv * wv - a - *d * b);
+                                    }
+                                }
+                                None => {
+                                    for (d, &gv) in dx.iter_mut().zip(g) {
+                                        *d = r * (gv - a - *d * b);
+                                    }
                                 }
                             }
                         }
-                    }
-                },
-            );
+                    },
+                );
+            });
             (dw, db)
         })
         .collect();

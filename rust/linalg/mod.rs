@@ -2,6 +2,7 @@
 //! doorway, fast math and SIMD dispatch, and their output buffers (fallible, unzeroed
 //! allocation, and disjoint tiles that tasks write side by side).
 
+pub(crate) mod bf16;
 pub(crate) mod buffers;
 pub(crate) mod fastmath;
 pub(crate) mod gemm;

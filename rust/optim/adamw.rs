@@ -1,6 +1,7 @@
 //! AdamW (Loshchilov & Hutter): decoupled weight decay, bias-corrected moments, one pass over
 //! memory per tensor, every tensor of a parameter group in one parallel call.
 
+use half::bf16;
 use rayon::prelude::*;
 
 use crate::linalg::simd::vectorized;
@@ -72,15 +73,21 @@ impl AdamW {
         Ok(())
     }
 
+    /// The step's constants: `(step_size, 1/sqrt(bc2), decay)`.
+    fn constants(&self) -> (f32, f32, f32) {
+        let bc1 = 1.0 - (self.beta1 as f64).powi(self.step.min(i32::MAX as u64) as i32) as f32;
+        let bc2 = 1.0 - (self.beta2 as f64).powi(self.step.min(i32::MAX as u64) as i32) as f32;
+        (
+            self.lr / bc1,
+            1.0 / bc2.sqrt(),
+            1.0 - self.lr * self.weight_decay,
+        )
+    }
+
     /// Updates one tensor in place: `m`, `v` moments and the parameter `p`.
     pub fn update(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-        let (b1, b2) = (self.beta1, self.beta2);
-        let bc1 = 1.0 - (b1 as f64).powi(self.step.min(i32::MAX as u64) as i32) as f32;
-        let bc2 = 1.0 - (b2 as f64).powi(self.step.min(i32::MAX as u64) as i32) as f32;
-        let step_size = self.lr / bc1;
-        let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
-        let decay = 1.0 - self.lr * self.weight_decay;
-        let eps = self.eps;
+        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+        let (step_size, inv_sqrt_bc2, decay) = self.constants();
         vectorized(
             #[inline(always)]
             || {
@@ -93,6 +100,33 @@ impl AdamW {
             },
         )
     }
+
+    /// As [`update`](Self::update) for an f32 master `p`, and in the same pass writes the
+    /// updated value rounded to bf16 (nearest even) into its compute copy `copy`.
+    pub fn update_with_copy(
+        &self,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        copy: &mut [bf16],
+    ) {
+        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+        let (step_size, inv_sqrt_bc2, decay) = self.constants();
+        vectorized(
+            #[inline(always)]
+            || {
+                let state = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+                for ((((p, &g), m), v), c) in state.zip(copy.iter_mut()) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let denom = v.sqrt() * inv_sqrt_bc2 + eps;
+                    *p = *p * decay - step_size * *m / denom;
+                    *c = bf16::from_f32(*p);
+                }
+            },
+        )
+    }
 }
 
 /// One parameter tensor with its gradient and moment buffers.
@@ -101,6 +135,9 @@ pub struct Slot<'a> {
     pub grad: &'a [f32],
     pub exp_avg: &'a mut [f32],
     pub exp_avg_sq: &'a mut [f32],
+    /// The parameter's bf16 compute copy, rewritten from the updated master in the same pass
+    /// (`None`: no copy).
+    pub compute_copy: Option<&'a mut [bf16]>,
 }
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to
@@ -116,6 +153,10 @@ pub fn adamw_step(hp: &AdamW, slots: &mut [Slot<'_>]) -> Result<(), AdamWError> 
             ("grad", s.grad.len()),
             ("exp_avg", s.exp_avg.len()),
             ("exp_avg_sq", s.exp_avg_sq.len()),
+            (
+                "compute_copy",
+                s.compute_copy.as_ref().map_or(n, |c| c.len()),
+            ),
         ] {
             if got != n {
                 return Err(AdamWError::LengthMismatch {
@@ -135,18 +176,21 @@ pub fn adamw_step(hp: &AdamW, slots: &mut [Slot<'_>]) -> Result<(), AdamWError> 
             .zip(s.grad.chunks(CHUNK))
             .zip(s.exp_avg.chunks_mut(CHUNK))
             .zip(s.exp_avg_sq.chunks_mut(CHUNK));
+        let mut copies = s.compute_copy.as_deref_mut().map(|c| c.chunks_mut(CHUNK));
         for (((param, grad), exp_avg), exp_avg_sq) in chunks {
             tasks.push(Slot {
                 param,
                 grad,
                 exp_avg,
                 exp_avg_sq,
+                compute_copy: copies.as_mut().and_then(|c| c.next()),
             });
         }
     }
-    tasks
-        .into_par_iter()
-        .for_each(|s| hp.update(s.param, s.grad, s.exp_avg, s.exp_avg_sq));
+    tasks.into_par_iter().for_each(|s| match s.compute_copy {
+        Some(copy) => hp.update_with_copy(s.param, s.grad, s.exp_avg, s.exp_avg_sq, copy),
+        None => hp.update(s.param, s.grad, s.exp_avg, s.exp_avg_sq),
+    });
     Ok(())
 }
 
@@ -193,6 +237,7 @@ mod tests {
                 grad: &g,
                 exp_avg: &mut m,
                 exp_avg_sq: &mut v,
+                compute_copy: None,
             }];
             adamw_step(&hp, &mut slots).unwrap();
             reference(&hp, &mut pr, &gr, &mut mr, &mut vr);
@@ -226,6 +271,7 @@ mod tests {
             grad: &g,
             exp_avg: &mut m,
             exp_avg_sq: &mut v,
+            compute_copy: None,
         }];
         let err = adamw_step(&hp, &mut slots).unwrap_err();
         assert_eq!(
@@ -244,5 +290,64 @@ mod tests {
         ));
         let zero = AdamW { step: 0, ..hp };
         assert_eq!(adamw_step(&zero, &mut []), Err(AdamWError::StepZero));
+    }
+
+    #[test]
+    fn compute_copy_is_the_updated_master_rounded_to_bf16() {
+        let hp = AdamW {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 3,
+        };
+        let n = CHUNK + 1000; // two chunks, the second ragged
+        let g: Vec<f32> = (0..n).map(|i| ((i % 23) as f32 - 11.0) / 7.0).collect();
+        let init: Vec<f32> = (0..n).map(|i| ((i % 31) as f32 - 15.0) / 9.0).collect();
+        let (mut p1, mut m1, mut v1) = (init.clone(), vec![0.1f32; n], vec![0.2f32; n]);
+        let (mut p2, mut m2, mut v2) = (init, vec![0.1f32; n], vec![0.2f32; n]);
+        let mut copy = vec![bf16::NAN; n];
+        let mut with = [Slot {
+            param: &mut p1,
+            grad: &g,
+            exp_avg: &mut m1,
+            exp_avg_sq: &mut v1,
+            compute_copy: Some(&mut copy),
+        }];
+        adamw_step(&hp, &mut with).unwrap();
+        let mut without = [Slot {
+            param: &mut p2,
+            grad: &g,
+            exp_avg: &mut m2,
+            exp_avg_sq: &mut v2,
+            compute_copy: None,
+        }];
+        adamw_step(&hp, &mut without).unwrap();
+        assert_eq!(p1, p2, "the master update does not change with a copy");
+        assert_eq!((m1, v1), (m2, v2));
+        for (i, (c, p)) in copy.iter().zip(&p1).enumerate() {
+            assert_eq!(*c, bf16::from_f32(*p), "[{i}]");
+        }
+        let mut short = vec![bf16::ZERO; 3];
+        let (mut p, mut m, mut v) = (vec![0.0f32; 4], vec![0.0f32; 4], vec![0.0f32; 4]);
+        let err = adamw_step(
+            &hp,
+            &mut [Slot {
+                param: &mut p,
+                grad: &[0.0; 4],
+                exp_avg: &mut m,
+                exp_avg_sq: &mut v,
+                compute_copy: Some(&mut short),
+            }],
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            AdamWError::LengthMismatch {
+                what: "compute_copy",
+                ..
+            }
+        ));
     }
 }

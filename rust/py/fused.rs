@@ -31,8 +31,12 @@ fn contiguous<'a>(name: &str, a: &'a PyReadonlyArrayDyn<'_, f32>) -> PyResult<&'
 }
 
 fn shape_of(qkv: &PyReadonlyArrayDyn<'_, f32>, heads: usize) -> PyResult<AttentionShape> {
-    let s = qkv.shape();
-    if s.len() != 3 || heads == 0 || s[2] % (3 * heads) != 0 {
+    attention_shape(qkv.shape(), heads)
+}
+
+/// The attention shape of a packed `qkv` of shape `s` split into `heads` heads.
+pub(super) fn attention_shape(s: &[usize], heads: usize) -> PyResult<AttentionShape> {
+    if s.len() != 3 || heads == 0 || !s[2].is_multiple_of(3 * heads) {
         return Err(PyValueError::new_err(format!(
             "qkv: expected shape [batch, T, 3 * heads * head_dim] with heads = {heads}, got {s:?}"
         )));

@@ -4,6 +4,7 @@
 //! [`gil::detached`] (which also keeps panics from reaching Python), call the pure-Rust
 //! function, and map the module's error enum to the exceptions defined in [`errors`].
 
+mod bf16;
 mod comm;
 mod compress;
 mod cuda;
@@ -24,6 +25,13 @@ mod sparse;
 
 #[pyo3::pymodule]
 mod _core {
+    #[pymodule_export]
+    use super::bf16::{
+        bf16_matmul, fused_attention_backward_bf16, fused_attention_forward_bf16,
+        fused_norm_backward_bf16, fused_norm_forward_bf16, moe_gelu_ffn_backward_bf16,
+        moe_gelu_ffn_bf16, moe_grouped_matmul_bf16, moe_grouped_matmul_dw_bf16,
+        moe_grouped_matmul_dx_bf16,
+    };
     #[pymodule_export]
     use super::comm::{comm_simulate, PyScheduler};
     #[pymodule_export]

@@ -30,7 +30,7 @@ impl From<MoeError> for PyErr {
 }
 
 /// What `obj` is, for an error message: dtype and shape of an array, else its type.
-fn describe(obj: &Bound<'_, PyAny>) -> String {
+pub(super) fn describe(obj: &Bound<'_, PyAny>) -> String {
     match obj.cast::<PyUntypedArray>() {
         Ok(a) => format!("an array of dtype {} and shape {:?}", a.dtype(), a.shape()),
         Err(_) => match obj.get_type().name() {
@@ -42,7 +42,7 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
 
 /// `obj` borrowed read-only as a C-contiguous `D`-dimensional array of `T` (named `dtype`),
 /// or a `ValueError` naming `arg`.
-fn borrow<'py, T: Element, D: Dimension>(
+pub(super) fn borrow<'py, T: Element, D: Dimension>(
     arg: &str,
     dtype: &str,
     obj: &Bound<'py, PyAny>,
@@ -73,12 +73,15 @@ fn i32_2d<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArray<'
     borrow(arg, "int32", obj)
 }
 
-fn i32_1d<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArray<'py, i32, Ix1>> {
+pub(super) fn i32_1d<'py>(
+    arg: &str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArray<'py, i32, Ix1>> {
     borrow(arg, "int32", obj)
 }
 
 /// The data of a borrowed C-contiguous array (checked by [`borrow`]).
-fn data<'a, T: Element, D: Dimension>(
+pub(super) fn data<'a, T: Element, D: Dimension>(
     arg: &str,
     a: &'a PyReadonlyArray<'_, T, D>,
 ) -> PyResult<&'a [T]> {
@@ -87,7 +90,7 @@ fn data<'a, T: Element, D: Dimension>(
 }
 
 /// A borrowed 2-D array as a kernel [`Matrix`].
-fn matrix<'a, T: Element>(
+pub(super) fn matrix<'a, T: Element>(
     arg: &'static str,
     a: &'a PyReadonlyArray<'_, T, Ix2>,
 ) -> PyResult<Matrix<'a, T>> {
@@ -102,7 +105,7 @@ fn non_negative(arg: &str, v: i64) -> PyResult<usize> {
     })
 }
 
-fn internal(what: &str) -> impl Fn(numpy::ndarray::ShapeError) -> PyErr + '_ {
+pub(super) fn internal(what: &str) -> impl Fn(numpy::ndarray::ShapeError) -> PyErr + '_ {
     move |e| InternalError::new_err(format!("{what}: result shape: {e}"))
 }
 
@@ -110,7 +113,7 @@ fn out1<'py, T: Element>(py: Python<'py>, v: Vec<T>) -> Bound<'py, PyArray1<T>> 
     Array1::from_vec(v).into_pyarray(py)
 }
 
-fn out2<'py, T: Element>(
+pub(super) fn out2<'py, T: Element>(
     py: Python<'py>,
     what: &str,
     v: Vec<T>,

@@ -42,8 +42,22 @@ class RustAdamW:
         eps: Any,
         weight_decay: Any,
         step: int,
+        compute_copies: list[Any] | None = None,
     ) -> None:
-        """One AdamW step of every tensor, in place, in one parallel call."""
+        """One AdamW step of every tensor, in place, in one parallel call. With
+        ``compute_copies`` (one C-contiguous ``ml_dtypes.bfloat16`` array per parameter), the
+        same pass writes each updated float32 parameter rounded to bf16 into its copy."""
+        copies = None
+        if compute_copies is not None:
+            from moecore.kernels.bf16 import BF16
+
+            copies = []
+            for i, c in enumerate(compute_copies):
+                if not (isinstance(c, np.ndarray) and c.dtype == BF16 and c.flags.c_contiguous):
+                    raise ValueError(
+                        f"compute_copies[{i}]: expected a C-contiguous bfloat16 numpy array"
+                    )
+                copies.append(c.view(np.uint16))
         _core.adamw_step(
             params,
             [np.ascontiguousarray(g, dtype=np.float32) for g in grads],
@@ -55,6 +69,7 @@ class RustAdamW:
             eps=float(eps),
             weight_decay=float(weight_decay),
             step=int(step),
+            compute_copies=copies,
         )
 
 
@@ -75,10 +90,19 @@ class _EachTensor:
         eps: Any,
         weight_decay: Any,
         step: int,
+        compute_copies: list[Any] | None = None,
     ) -> None:
-        """As :meth:`RustAdamW.adamw_step`, one tensor after another."""
-        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        """As :meth:`RustAdamW.adamw_step`, one tensor after another (each compute copy
+        written from its updated tensor right after it)."""
+        copies = [None] * len(params) if compute_copies is None else compute_copies
+        if len(copies) != len(params):
+            raise ValueError(
+                f"compute_copies: got {len(copies)} for {len(params)} params; all must match"
+            )
+        for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, copies, strict=True):
             cls.tensor_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+            if c is not None:
+                c[...] = p.astype(c.dtype)
 
     @staticmethod
     def tensor_step(

@@ -50,10 +50,12 @@ IMPLEMENTATIONS: dict[tuple[str, str, str], str] = {
     ("activation", "cpu", "float64"): "moecore.kernels.activation:ArrayActivation",
     ("activation", "cuda", "float32"): "moecore.kernels.activation:ArrayActivation",
     ("activation", "cuda", "float64"): "moecore.kernels.activation:ArrayActivation",
-    # bf16/fp16: the float32 kernel behind a converting doorway (kernels/lowp.py)
-    ("attention", "cpu", "bfloat16"): "moecore.kernels.lowp:DoorwayAttention",
+    # bf16: Rust kernels that read and write bf16 and accumulate in float32 (kernels/bf16.py)
+    ("moe", "cpu", "bfloat16"): "moecore.kernels.moe_bf16",
+    ("attention", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Attention",
+    ("norm", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Norm",
+    # fp16: the float32 kernel behind a converting doorway (kernels/lowp.py)
     ("attention", "cpu", "float16"): "moecore.kernels.lowp:DoorwayAttention",
-    ("norm", "cpu", "bfloat16"): "moecore.kernels.lowp:DoorwayNorm",
     ("norm", "cpu", "float16"): "moecore.kernels.lowp:DoorwayNorm",
 }
 

@@ -12,25 +12,28 @@
 use super::error::{shape_str, MoeError};
 use super::matrix::Matrix;
 use super::par::run;
+use half::bf16;
 use std::mem::MaybeUninit;
 
+use crate::linalg::bf16::{matmul_elem, Elem, Panels, View};
 use crate::linalg::buffers::{filled, zeroed};
-use crate::linalg::gemm::{matmul, matmul_uninit, Strided};
+use crate::linalg::gemm::{matmul_uninit, Strided};
 
-/// A stack of `n` row-major `rows × cols` matrices (`[E, d_in, d_out]` expert weights).
+/// A stack of `n` row-major `rows × cols` matrices (`[E, d_in, d_out]` expert weights) of
+/// f32 or bf16.
 #[derive(Debug, Clone, Copy)]
-pub struct MatrixStack<'a> {
-    data: &'a [f32],
+pub struct MatrixStack<'a, T = f32> {
+    data: &'a [T],
     pub(super) n: usize,
     pub(super) rows: usize,
     pub(super) cols: usize,
 }
 
-impl<'a> MatrixStack<'a> {
+impl<'a, T> MatrixStack<'a, T> {
     /// Views `data` as `[n, rows, cols]`; `arg` names the argument if the lengths disagree.
     pub fn new(
         arg: &'static str,
-        data: &'a [f32],
+        data: &'a [T],
         n: usize,
         rows: usize,
         cols: usize,
@@ -50,7 +53,7 @@ impl<'a> MatrixStack<'a> {
         }
     }
 
-    pub(super) fn matrix(&self, i: usize) -> &'a [f32] {
+    pub(super) fn matrix(&self, i: usize) -> &'a [T] {
         let size = self.rows * self.cols;
         &self.data[i * size..(i + 1) * size]
     }
@@ -222,6 +225,40 @@ pub(super) fn offsets(
     Ok(off)
 }
 
+/// The expert blocks of `x_sorted` for a product with `w`, after checking that its width is
+/// `w`'s `d_in` and that `counts` splits its rows.
+fn forward_offsets<T>(
+    x_sorted: Matrix<'_, T>,
+    counts: &[i32],
+    w: MatrixStack<'_, T>,
+) -> Result<Vec<usize>, MoeError> {
+    if x_sorted.cols() != w.rows {
+        return Err(MoeError::shape(
+            "x_sorted",
+            format!("[R, {}] (d_in of w)", w.rows),
+            x_sorted.shape(),
+        ));
+    }
+    offsets(counts, w.n, x_sorted.rows(), "x_sorted")
+}
+
+/// The expert blocks of `dy` for a product with `w`ᵀ, after checking that its width is
+/// `w`'s `d_out` and that `counts` splits its rows.
+fn dx_offsets<T>(
+    dy: Matrix<'_, T>,
+    counts: &[i32],
+    w: MatrixStack<'_, T>,
+) -> Result<Vec<usize>, MoeError> {
+    if dy.cols() != w.cols {
+        return Err(MoeError::shape(
+            "dy",
+            format!("[R, {}] (d_out of w)", w.cols),
+            dy.shape(),
+        ));
+    }
+    offsets(counts, w.n, dy.rows(), "dy")
+}
+
 /// `out[R, d_out]`: the rows of expert e in `x_sorted` (`[R, d_in]`, blocks given by
 /// `counts`) times `w[e]` (`w`: `[E, d_in, d_out]`).
 pub fn grouped_matmul(
@@ -229,16 +266,7 @@ pub fn grouped_matmul(
     counts: &[i32],
     w: MatrixStack<'_>,
 ) -> Result<Vec<f32>, MoeError> {
-    x_sorted
-        .expect_shape("x_sorted", x_sorted.rows(), w.rows)
-        .map_err(|_| {
-            MoeError::shape(
-                "x_sorted",
-                format!("[R, {}] (d_in of w)", w.rows),
-                x_sorted.shape(),
-            )
-        })?;
-    let off = offsets(counts, w.n, x_sorted.rows(), "x_sorted")?;
+    let off = forward_offsets(x_sorted, counts, w)?;
     let d_out = w.cols;
     rows_times_experts("out", x_sorted.data(), (w.rows, d_out), &off, |e| Strided {
         data: w.matrix(e),
@@ -253,14 +281,7 @@ pub fn grouped_matmul_dx(
     counts: &[i32],
     w: MatrixStack<'_>,
 ) -> Result<Vec<f32>, MoeError> {
-    if dy.cols() != w.cols {
-        return Err(MoeError::shape(
-            "dy",
-            format!("[R, {}] (d_out of w)", w.cols),
-            dy.shape(),
-        ));
-    }
-    let off = offsets(counts, w.n, dy.rows(), "dy")?;
+    let off = dx_offsets(dy, counts, w)?;
     let d_out = w.cols;
     // w[e]ᵀ: element (i, j) of the [d_out, d_in] transpose is w[e][j, i].
     rows_times_experts("dx", dy.data(), (d_out, w.rows), &off, |e| Strided {
@@ -298,11 +319,100 @@ fn rows_times_experts<'w>(
     Ok(unsafe { filled(what, rows.saturating_mul(n), fill) }?)
 }
 
+/// [`grouped_matmul`] for bf16 rows and weights: products accumulated in f32 (the bf16
+/// GEMM doorway, `linalg::bf16`), each output row rounded once to bf16.
+pub fn grouped_matmul_bf16(
+    x_sorted: Matrix<'_, bf16>,
+    counts: &[i32],
+    w: MatrixStack<'_, bf16>,
+) -> Result<Vec<bf16>, MoeError> {
+    let off = forward_offsets(x_sorted, counts, w)?;
+    let d_out = w.cols;
+    rows_times_experts_bf16("out", x_sorted.data(), (w.rows, d_out), &off, |e| View {
+        data: w.matrix(e),
+        rs: d_out,
+        cs: 1,
+    })
+}
+
+/// [`grouped_matmul_dx`] for bf16 `dy` and weights (f32 accumulation, bf16 result).
+pub fn grouped_matmul_dx_bf16(
+    dy: Matrix<'_, bf16>,
+    counts: &[i32],
+    w: MatrixStack<'_, bf16>,
+) -> Result<Vec<bf16>, MoeError> {
+    let off = dx_offsets(dy, counts, w)?;
+    let d_out = w.cols;
+    rows_times_experts_bf16("dx", dy.data(), (d_out, w.rows), &off, |e| View {
+        data: w.matrix(e),
+        rs: 1,
+        cs: d_out,
+    })
+}
+
+/// [`rows_times_experts`] for bf16: each tile's product is accumulated in an f32 scratch
+/// tile and rounded into the bf16 output.
+fn rows_times_experts_bf16<'w>(
+    what: &'static str,
+    a: &[bf16],
+    (k, n): (usize, usize),
+    off: &[usize],
+    right: impl Fn(usize) -> View<'w, bf16> + Sync,
+) -> Result<Vec<bf16>, MoeError> {
+    let rows = off.last().copied().unwrap_or(0);
+    let sizes: Vec<usize> = off.windows(2).map(|p| p[1] - p[0]).collect();
+    let work = tiles(&sizes, |_| k * n);
+    let mut out = zeroed(what, rows.saturating_mul(n))?;
+    execute(
+        split_by_tiles(&mut out, &work, off, n),
+        |tile, dst, threaded| {
+            let row0 = off[tile.expert] + tile.start;
+            let left = View {
+                data: &a[row0 * k..],
+                rs: k,
+                cs: 1,
+            };
+            let mut panels = Panels::default();
+            <bf16 as Elem>::through_f32(dst, &mut Vec::new(), |d| {
+                matmul_elem(
+                    (tile.len, n, k),
+                    d,
+                    n,
+                    left,
+                    right(tile.expert),
+                    threaded,
+                    false,
+                    &mut panels,
+                )
+            });
+        },
+    );
+    Ok(out)
+}
+
 /// `dw[E, d_in, d_out]`: `x_eᵀ · dy_e` per expert (rows of expert e in `x_sorted` `[R, d_in]`
 /// and `dy` `[R, d_out]`), zeros for experts with no rows.
 pub fn grouped_matmul_dw(
     x_sorted: Matrix<'_, f32>,
     dy: Matrix<'_, f32>,
+    counts: &[i32],
+) -> Result<Vec<f32>, MoeError> {
+    dw_of(x_sorted, dy, counts)
+}
+
+/// [`grouped_matmul_dw`] for bf16 `x_sorted` and `dy`: the gradient is f32 (it feeds the
+/// f32 master weights), accumulated in f32.
+pub fn grouped_matmul_dw_bf16(
+    x_sorted: Matrix<'_, bf16>,
+    dy: Matrix<'_, bf16>,
+    counts: &[i32],
+) -> Result<Vec<f32>, MoeError> {
+    dw_of(x_sorted, dy, counts)
+}
+
+fn dw_of<T: Elem>(
+    x_sorted: Matrix<'_, T>,
+    dy: Matrix<'_, T>,
     counts: &[i32],
 ) -> Result<Vec<f32>, MoeError> {
     let (rows, d_in, d_out) = (x_sorted.rows(), x_sorted.cols(), dy.cols());
@@ -326,23 +436,25 @@ pub fn grouped_matmul_dw(
         split_by_tiles(&mut dw, &work, &base, d_out),
         |tile, dst, threaded| {
             let (r0, n_e) = (off[tile.expert], off[tile.expert + 1] - off[tile.expert]);
-            matmul(
+            matmul_elem(
                 (tile.len, d_out, n_e),
                 dst,
                 d_out,
                 // x_eᵀ restricted to d_in rows [start, start + len): element (i, r) is
                 // x_sorted[r0 + r, start + i].
-                Strided {
+                View {
                     data: &x_sorted.data()[r0 * d_in + tile.start..],
                     rs: 1,
                     cs: d_in,
                 },
-                Strided {
+                View {
                     data: &dy.data()[r0 * d_out..],
                     rs: d_out,
                     cs: 1,
                 },
                 threaded,
+                false,
+                &mut Panels::default(),
             );
         },
     );

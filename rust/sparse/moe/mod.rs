@@ -15,6 +15,8 @@
 //!   each expert's contiguous block of rows times that expert's weight matrix.
 //! - [`gelu_ffn_forward`] / [`gelu_ffn_backward`]: the whole GELU expert FFN (two grouped
 //!   matmuls and the GELU between them) as one tiled kernel each way.
+//! - `*_bf16`: the grouped matmuls and the FFN for bf16 activations and weights (`half::bf16`),
+//!   accumulated in f32 through the bf16 GEMM doorway (`linalg::bf16`); weight gradients f32.
 //! - [`router_logits`] / [`router_backward`]: the router's products `x · wᵀ` and back.
 //!
 //! Every function validates its inputs (shapes, index ranges, consistency of `order` and
@@ -36,8 +38,14 @@ mod router_matmul;
 mod unpermute;
 
 pub use error::MoeError;
-pub use ffn::{gelu_ffn_backward, gelu_ffn_forward, FfnForward, FfnGrads};
-pub use grouped::{grouped_matmul, grouped_matmul_dw, grouped_matmul_dx, MatrixStack};
+pub use ffn::{
+    gelu_ffn_backward, gelu_ffn_backward_bf16, gelu_ffn_forward, gelu_ffn_forward_bf16, FfnForward,
+    FfnGrads,
+};
+pub use grouped::{
+    grouped_matmul, grouped_matmul_bf16, grouped_matmul_dw, grouped_matmul_dw_bf16,
+    grouped_matmul_dx, grouped_matmul_dx_bf16, MatrixStack,
+};
 pub use matrix::Matrix;
 pub use permute::{permute, permute_order, PermuteOptions, Permuted};
 pub use route::{route, route_backward, RouteOptions, Routing, Score};

@@ -1,0 +1,136 @@
+"""The bf16 kernels of ``moecore._core`` on numpy arrays of ``ml_dtypes.bfloat16``.
+
+Each kernel reads and writes bf16 and accumulates in float32 (the GEMMs through the bf16
+GEMM doorway, which widens the operands panel by panel while packing them; the norms and
+attention widen a block of rows at a time): no float32 copy of a whole operand is made, and
+the results are rounded to bf16 once. What the kernels keep in float32: norm statistics,
+attention probabilities (softmax in float32) and parameter gradients (they feed the float32
+master weights).
+
+How the arrays cross into Rust: numpy has no bf16 of its own, so each bf16 array is passed
+as a ``uint16`` view of the same memory (:func:`bits`, no copy) and the ``uint16`` results
+are viewed back as bf16 (:func:`from_bits`).
+
+The registry (:mod:`moecore.kernels.registry`) serves ``("norm" | "attention", "cpu",
+"bfloat16")`` from :class:`BF16Norm` and :class:`BF16Attention`; the MoE family's bf16
+implementation is :mod:`moecore.kernels.moe_bf16`. :func:`matmul` is the dense bf16 GEMM
+(a ``Linear`` layer's product).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from moecore import _core
+from moecore.kernels.norm import RustNorm
+
+#: numpy's dtype for bf16 (``ml_dtypes.bfloat16``).
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def bits(a: Any) -> np.ndarray:
+    """``a`` (bf16) as a C-contiguous ``uint16`` view of the same memory; a non-contiguous
+    ``a`` is copied first. Raises ``TypeError`` for another dtype."""
+    if not isinstance(a, np.ndarray) or a.dtype != BF16:
+        raise TypeError(
+            f"expected a numpy array of bfloat16, got {getattr(a, 'dtype', type(a).__name__)}"
+        )
+    return np.ascontiguousarray(a).view(np.uint16)
+
+
+def from_bits(u: np.ndarray) -> np.ndarray:
+    """A ``uint16`` array returned by a bf16 kernel, viewed as bf16 (no copy)."""
+    return u.view(BF16)
+
+
+def _f32(a: Any) -> Any:
+    return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
+
+
+def matmul(a: np.ndarray, b: np.ndarray, transpose_b: bool = False) -> np.ndarray:
+    """``a @ b`` (or ``a @ b.T`` with ``transpose_b``, ``b`` stored ``[n, k]``) for 2-D bf16
+    arrays, accumulated in float32 and rounded once to bf16; on rayon's threads with the
+    GIL released.
+
+    Raises:
+        ValueError: the inner dimensions do not match.
+    """
+    return from_bits(_core.bf16_matmul(bits(a), bits(b), transpose_b))
+
+
+class BF16Norm:
+    """LayerNorm or RMSNorm of bf16 rows through one Rust pass each way: statistics in
+    float32, ``x`` and the output bf16, the parameters float32."""
+
+    #: The arrays it takes are the float32 Rust kernel's: numpy, ``x`` at least 1-D, 1-D
+    #: parameters.
+    accepts = staticmethod(RustNorm.accepts)
+
+    @staticmethod
+    def forward(
+        x: Any, weight: Any, bias: Any, eps: float, center: bool
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """The normalised ``x`` (bf16) and what :meth:`backward` needs."""
+        x2 = bits(x.reshape(-1, x.shape[-1]))
+        w, b = _f32(weight), _f32(bias)
+        out, mean, rstd = _core.fused_norm_forward_bf16(x2, w, b, float(eps), center)
+        saved = (from_bits(x2), mean, rstd, w, x.shape, float(eps), center)
+        return from_bits(out).reshape(x.shape), saved
+
+    @staticmethod
+    def backward(
+        g: Any, saved: tuple[Any, ...], need_x: bool, need_w: bool, need_b: bool
+    ) -> tuple[Any, Any, Any]:
+        """``(dx, dw, db)``: ``dx`` in bf16, ``dw``, ``db`` float32."""
+        x2, mean, rstd, w, shape, eps, center = saved
+        g2 = bits(np.asarray(g).astype(BF16, copy=False).reshape(x2.shape))
+        dx, dw, db = _core.fused_norm_backward_bf16(
+            g2, bits(x2), mean, rstd, w, eps, center, bool(need_w), bool(need_b)
+        )
+        return from_bits(dx).reshape(shape), dw, db
+
+
+class BF16Attention:
+    """Attention from a packed bf16 projection: ``qkv`` and the output bf16, the
+    probabilities float32 (rotary embeddings are applied in float32 and rounded to bf16)."""
+
+    @staticmethod
+    def accepts(qkv: Any) -> bool:
+        """Whether the kernel takes ``qkv``: a numpy array."""
+        return isinstance(qkv, np.ndarray)
+
+    @staticmethod
+    def forward(qkv: Any, n_heads: int, causal: bool, rope: Any) -> tuple[Any, tuple[Any, ...]]:
+        """As :meth:`moecore.kernels.attention.ArrayAttention.forward`, in bf16."""
+        from moecore.kernels.attention import _rotate_packed_qk, apply_rope
+
+        b, t, three_d = qkv.shape
+        hd = three_d // 3 // n_heads
+        src = qkv
+        if rope is not None:
+            wide = qkv.astype(np.float32)
+            _rotate_packed_qk(wide.reshape(b, t, 3, n_heads, hd), rope, apply_rope)
+            src = wide.astype(BF16)
+        src = np.ascontiguousarray(src)
+        out, probs = _core.fused_attention_forward_bf16(bits(src), n_heads, causal)
+        return from_bits(out), (src, probs)
+
+    @staticmethod
+    def backward(
+        g: Any, saved: tuple[Any, ...], dims: tuple[int, int, int, int], causal: bool, rope: Any
+    ) -> Any:
+        """As :meth:`moecore.kernels.attention.ArrayAttention.backward`: ``d_qkv`` in bf16."""
+        from moecore.kernels.attention import _rotate_packed_qk, rope_backward
+
+        b, t, h, d = dims
+        src, probs = saved
+        g16 = bits(np.asarray(g).astype(BF16, copy=False))
+        d_qkv = from_bits(_core.fused_attention_backward_bf16(bits(src), probs, g16, h, causal))
+        if rope is not None:
+            wide = d_qkv.astype(np.float32)
+            _rotate_packed_qk(wide.reshape(b, t, 3, h, d // h), rope, rope_backward)
+            d_qkv = wide.astype(BF16)
+        return d_qkv
