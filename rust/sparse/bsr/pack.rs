@@ -24,6 +24,8 @@ pub(crate) struct Workspace {
 pub(crate) struct Stage {
     /// Row groups of the row-major operand (forward, dX), or the column panels of `x` (dW).
     pub packed: Vec<f32>,
+    /// The column panels of `dy` (dW only).
+    pub packed_dy: Vec<f32>,
 }
 
 thread_local! {

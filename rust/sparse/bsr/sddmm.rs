@@ -119,20 +119,7 @@ fn weight_grad(
         return;
     }
     let kernel = sddmm_kernel(usable(isa), b);
-    // Row tiles of the block: full tiles of `mr` rows, then the tail kernel's rows.
-    let mut row_tiles = Vec::new();
-    let full = b / kernel.mr;
-    assert_eq!(
-        full * kernel.mr + kernel.tail_mr,
-        b,
-        "SDDMM tiles must cover the block"
-    );
-    for t in 0..full {
-        row_tiles.push((t * kernel.mr, kernel.run));
-    }
-    if let Some(tail) = kernel.tail {
-        row_tiles.push((full * kernel.mr, tail));
-    }
+    let row_tiles = kernel.row_tiles(b);
     // Super-panels of rows keep the `x` and `dy` rows being reduced in the last-level cache
     // while every block passes over them; each block's accumulator is carried between
     // super-panels in `dw` itself (4 bytes per kept weight, far less than re-reading x and dy).
@@ -144,10 +131,12 @@ fn weight_grad(
         let spans = superpanels(n, rows + cols, ROW_CHUNK, superpanel_bytes);
         let pack = |(s0, s1), stage: &mut Stage| {
             pack_column_panels(x, cols, s0, s1, b, &mut stage.packed);
+            pack_column_panels(dy, rows, s0, s1, b, &mut stage.packed_dy);
         };
         pipeline(&spans, &mut ws.stages, pack, |(s0, s1), stage| {
             let h = s1 - s0;
             let xp = &stage.packed[..h * cols];
+            let dyp = &stage.packed_dy[..h * rows];
             dw.par_chunks_mut(b * b).enumerate().for_each(|(blk, out)| {
                 let i = pattern.block_row_of()[blk] as usize;
                 let j = pattern.indices()[blk] as usize;
@@ -156,10 +145,10 @@ fn weight_grad(
                     for &(o0, run) in &row_tiles {
                         for c0 in (0..b).step_by(kernel.nr) {
                             let args = SddmmArgs {
-                                // SAFETY (pointer arithmetic): row s0 + r0 < n of dy, column
-                                // i·B + o0 < rows.
-                                dy: unsafe { dy.as_ptr().add((s0 + r0) * rows + i * b + o0) },
-                                lddy: rows,
+                                // SAFETY (pointer arithmetic): panel i of dyp holds h·B floats
+                                // and r0 < h, o0 < B.
+                                dy: unsafe { dyp.as_ptr().add((i * h + r0) * b + o0) },
+                                lddy: b,
                                 // SAFETY (pointer arithmetic): panel j of xp holds h·B floats
                                 // and r0 < h, c0 < B.
                                 x: unsafe { xp.as_ptr().add((j * h + r0) * b + c0) },
