@@ -130,13 +130,13 @@ fn weight_grad(
     with_workspace(|ws| {
         let spans = superpanels(n, rows + cols, ROW_CHUNK, superpanel_bytes);
         let pack = |(s0, s1), stage: &mut Stage| {
-            pack_column_panels(x, cols, s0, s1, b, &mut stage.packed);
-            pack_column_panels(dy, rows, s0, s1, b, &mut stage.packed_dy);
+            pack_column_panels(x, cols, s0, s1, b, &mut stage.x_panels);
+            pack_column_panels(dy, rows, s0, s1, b, &mut stage.dy_panels);
         };
         pipeline(&spans, &mut ws.stages, pack, |(s0, s1), stage| {
             let h = s1 - s0;
-            let xp = &stage.packed[..h * cols];
-            let dyp = &stage.packed_dy[..h * rows];
+            let xp = stage.x_panels.get(h * cols);
+            let dyp = stage.dy_panels.get(h * rows);
             dw.par_chunks_mut(b * b).enumerate().for_each(|(blk, out)| {
                 let i = pattern.block_row_of()[blk] as usize;
                 let j = pattern.indices()[blk] as usize;
