@@ -3,18 +3,19 @@
 //! nothing.
 //!
 //! Rows are taken in super-panels that fit the last-level cache, and each super-panel of `x`
-//! is packed into one contiguous `[rows, B]` panel per block-column (read in place, every row
-//! of a block is on another page), the next one while the current one is reduced
-//! ([`pipeline`]). Within one, one task per run of consecutive kept blocks (rayon splits the
-//! block list), each block written by exactly one task. Rows are reduced in chunks small
-//! enough that the `x` and `dy` rows of a chunk stay in L1 while every tile of the block
-//! passes over them.
+//! and of `dy` is packed into one contiguous `[rows, B]` panel per block-column, starting on a
+//! cache line, the next super-panel while the current one is reduced ([`pipeline`]). Within
+//! one, one task per run of consecutive kept blocks (rayon splits the block list, so a task's
+//! blocks mostly share their block-row and its `dy` panel stays in L1/L2), each block written
+//! by exactly one task. Rows are reduced in chunks small enough that the `x` and `dy` rows of
+//! a chunk stay in L1 while every tile of the block passes over them.
 //!
-//! `dy` is read in place, not packed: consecutive blocks share their block-row, so one chunk
-//! of `dy` rows (64 rows × B floats, on as many pages) serves every block of the row from L1/L2
-//! while only `x` streams. Packing it too doubled the packing traffic for no faster kernel:
-//! measured at N = 4096, B = 32, dW went from 53–67 % to 65–66 % of dense GFLOP/s on two
-//! threads, and from 69 % to 70 % on one (`memmove` had been 15 % of dW's samples).
+//! Why `dy` is packed too: read in place, the rows of a block are `rows · 4` bytes apart
+//! (16 KiB at 4096 rows), so all of a chunk's rows fall into one L1 set (and a few L2 sets)
+//! and evict each other: every tile re-read `dy` from L3. On Zen 3 (AVX2, one thread, CPU
+//! time) packing it took dW at B = 32, N = 512 from 21–24 to 39–49 GFLOP/s, with the
+//! 6-row AVX2 tiles and the unrolled reduction (`kernels.rs`); packing is ~12 % of dW's
+//! samples on one thread and overlaps the reduction on two.
 
 use std::mem::MaybeUninit;
 
@@ -123,10 +124,10 @@ fn weight_grad(
     // Super-panels of rows keep the `x` and `dy` rows being reduced in the last-level cache
     // while every block passes over them; each block's accumulator is carried between
     // super-panels in `dw` itself (4 bytes per kept weight, far less than re-reading x and dy).
-    // Each super-panel of `x` is first packed into one contiguous `[h, B]` panel per
+    // Each super-panel of `x` and `dy` is first packed into one contiguous `[h, B]` panel per
     // block-column, so the kernel walks consecutive addresses (in place, every row of a block
-    // is on another page: one TLB miss per row and no hardware prefetch); `dy` is read in
-    // place (see the module doc).
+    // is on another page: one TLB miss per row, no hardware prefetch, and cache-set
+    // conflicts; see the module doc).
     with_workspace(|ws| {
         let spans = superpanels(n, rows + cols, ROW_CHUNK, superpanel_bytes);
         let pack = |(s0, s1), stage: &mut Stage| {
@@ -161,9 +162,8 @@ fn weight_grad(
                                 accumulate: s0 + r0 > 0,
                             };
                             // SAFETY: the kernel matches a supported ISA. It reads rows
-                            // s0+r0 .. s0+r0+depth ≤ s1 ≤ n of dy (`[n, rows]`, checked;
-                            // columns i·B + o0 .. + tile rows ≤ (i+1)·B ≤ rows), rows
-                            // r0..r0+depth ≤ h of panel j of xp
+                            // r0..r0+depth ≤ h of panel i of dyp (i < rows/B; columns
+                            // o0 .. o0 + tile rows ≤ B), rows r0..r0+depth ≤ h of panel j of xp
                             // (j < cols/B; columns c0..c0+nr ≤ B), and reads/writes tile rows
                             // ≤ B and columns c0..c0+nr ≤ B of `out`, this task's own block.
                             unsafe { run(&args) };
