@@ -63,6 +63,9 @@ pub(crate) struct PanelKernel {
     pub run: unsafe fn(&PanelArgs<'_>),
 }
 
+/// One SDDMM tile kernel; calling it is unsafe on the terms of [`PanelKernel::run`].
+pub(crate) type SddmmFn = unsafe fn(&SddmmArgs);
+
 /// An SDDMM kernel: a main tile height and, when it does not divide the block, a shorter
 /// tail tile that fills the rest.
 #[derive(Clone, Copy)]
@@ -81,7 +84,7 @@ impl SddmmKernel {
     /// as leave a multiple of the tail's height, then tails (at B = 32 with 6-row main and
     /// 4-row tail tiles: four of 6 and two of 4, rather than five of 6 and a 2-row tile with
     /// too few accumulators to hide the FMA latency).
-    pub fn row_tiles(&self, b: usize) -> Vec<(usize, unsafe fn(&SddmmArgs))> {
+    pub fn row_tiles(&self, b: usize) -> Vec<(usize, SddmmFn)> {
         let mut main = b / self.mr;
         if self.tail.is_some() {
             while main > 0 && !(b - main * self.mr).is_multiple_of(self.tail_mr) {
@@ -91,7 +94,7 @@ impl SddmmKernel {
         let rest = b - main * self.mr;
         let mut tiles: Vec<_> = (0..main).map(|t| (t * self.mr, self.run)).collect();
         match self.tail {
-            Some(tail) if rest % self.tail_mr == 0 => {
+            Some(tail) if rest.is_multiple_of(self.tail_mr) => {
                 tiles.extend(
                     (0..rest / self.tail_mr).map(|t| (main * self.mr + t * self.tail_mr, tail)),
                 );
