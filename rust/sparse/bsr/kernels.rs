@@ -74,9 +74,9 @@ pub(crate) struct SddmmKernel {
     pub nr: usize,
     /// # Safety
     /// As for [`PanelKernel::run`].
-    pub run: unsafe fn(&SddmmArgs),
+    pub run: SddmmFn,
     pub tail_mr: usize,
-    pub tail: Option<unsafe fn(&SddmmArgs)>,
+    pub tail: Option<SddmmFn>,
 }
 
 impl SddmmKernel {
@@ -209,9 +209,9 @@ macro_rules! simd_kernels {
                         }
                     }
                 };
-                // Unrolled by four: the loop's own instructions (counter, compare, branch,
-                // pointer updates) otherwise take as many dispatch slots as the loads and
-                // FMAs of one update, and those slots, not the FMA units, bound the tile.
+                // Unrolled by four: rolled, the loop's own instructions (counter, compare,
+                // branch, pointer updates, the prefetch test) took about as many dispatch slots
+                // per update as its loads and FMAs (counted in the disassembly).
                 let body = args.n / 4 * 4;
                 for k in (0..body).step_by(4) {
                     step(&mut acc, k);
