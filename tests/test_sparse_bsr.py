@@ -88,6 +88,24 @@ def test_deep_reduction_in_dw():
     check_all_kernels(w, 1000, seed=9)
 
 
+@pytest.mark.parametrize("block", SUPPORTED_BLOCKS)
+@pytest.mark.parametrize("n", [3, 64, 67, 130])
+def test_dw_every_row_tile_of_the_block(block, n):
+    # dW's AVX2 tiles split a block's rows unevenly (B = 32: four tiles of 6 rows, two of 4;
+    # B = 16: 6, 6, 4; B = 64: ten of 6, one of 4) and unroll the reduction by 4: a wrong tile
+    # origin, a row left out or the unrolled loop's remainder (n mod 4 != 0, across the 64-row
+    # chunk) shows in some element of some block. Against float64 numpy, with rows wide enough
+    # (16 block-columns) that the packed dy and x panels sit at many offsets.
+    w = BsrMatrix.random((4 * block, 16 * block), block, density=0.4, seed=block * n)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, w.shape[1])).astype(np.float32)
+    dy = rng.standard_normal((n, w.shape[0])).astype(np.float32)
+    got = bsr_linear_dw(dy, x, w)
+    want, bound = dense_dw(dy, x, w)
+    assert got.shape == want.shape
+    assert np.all(np.abs(got - want) <= bound + 1e-30)
+
+
 def test_leading_batch_dimensions():
     w = BsrMatrix.random((64, 96), 32, density=0.5, seed=10)
     rng = np.random.default_rng(11)

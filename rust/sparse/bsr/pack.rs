@@ -22,8 +22,42 @@ pub(crate) struct Workspace {
 /// The packed operand of one super-panel.
 #[derive(Default)]
 pub(crate) struct Stage {
-    /// Row groups of the row-major operand (forward, dX), or the column panels of `x` (dW).
+    /// Row groups of the row-major operand (forward, dX).
     pub packed: Vec<f32>,
+    /// The column panels of `x` and of `dy` (dW).
+    pub x_panels: LineAligned,
+    pub dy_panels: LineAligned,
+}
+
+/// A reusable buffer whose contents start on a 64-byte cache line. A large `Vec<f32>` starts
+/// 16 bytes past a page boundary (the allocator's header), so every other 32-byte row load of
+/// a panel would straddle two cache lines and cost two loads.
+#[derive(Default)]
+pub(crate) struct LineAligned {
+    buf: Vec<f32>,
+}
+
+impl LineAligned {
+    /// Floats of slack kept so that the contents can start on a cache line.
+    const SLACK: usize = 16;
+
+    fn offset(&self) -> usize {
+        // An f32 pointer is 4-byte aligned, so at most 15 floats separate it from a line.
+        self.buf.as_ptr().align_offset(64).min(Self::SLACK - 1)
+    }
+
+    /// The first `len` floats, after growing the buffer to hold them (contents unspecified).
+    pub fn resized(&mut self, len: usize) -> &mut [f32] {
+        self.buf.resize(len + Self::SLACK, 0.0);
+        let at = self.offset();
+        &mut self.buf[at..at + len]
+    }
+
+    /// The first `len` floats, as [`LineAligned::resized`] last gave them.
+    pub fn get(&self, len: usize) -> &[f32] {
+        let at = self.offset();
+        &self.buf[at..at + len]
+    }
 }
 
 thread_local! {
@@ -115,8 +149,9 @@ pub(crate) fn pack_row_groups(
 /// Packs rows `n0..n1` of the row-major `[_, width]` matrix `src` into one contiguous
 /// `[n1 - n0, b]` panel per block-column `j`: `dst[(j·h + r)·b + k] = src[n0 + r, j·b + k]` with
 /// `h = n1 - n0`. A kernel that walks the rows of one block-column then reads consecutive
-/// addresses instead of one row per page (TLB misses, no hardware prefetch across pages).
-/// `dst` is resized to fit.
+/// addresses instead of one row per page (TLB misses, no hardware prefetch across pages, and
+/// rows a multiple of 4 KiB apart all falling into one cache set). `dst` is resized to fit;
+/// `dst.get(h · width)` reads the panels back.
 ///
 /// Each parallel task fills a few neighbouring panels row by row, so it reads `src` in
 /// contiguous runs of [`PANEL_GROUP_BYTES`]. Filling one panel at a time would read it a
@@ -127,17 +162,16 @@ pub(crate) fn pack_column_panels(
     n0: usize,
     n1: usize,
     b: usize,
-    dst: &mut Vec<f32>,
+    dst: &mut LineAligned,
 ) {
     let h = n1 - n0;
-    dst.resize(h * width, 0.0);
+    let dst = dst.resized(h * width);
     if h == 0 || width == 0 {
         return;
     }
     let panel = h * b;
     let group = (PANEL_GROUP_BYTES / (4 * b)).max(1);
-    dst[..h * width]
-        .par_chunks_mut(group * panel)
+    dst.par_chunks_mut(group * panel)
         .enumerate()
         .for_each(|(g, panels)| {
             let j0 = g * group;
@@ -242,12 +276,14 @@ mod tests {
     fn packs_column_panels() {
         // 3 rows × 4 columns in blocks of 2; rows 1..3 give two 2 × 2 panels.
         let src: Vec<f32> = (1..=12).map(|v| v as f32).collect();
-        let mut dst = vec![f32::NAN; 64];
+        let mut dst = LineAligned::default();
+        dst.resized(64).fill(f32::NAN);
         pack_column_panels(&src, 4, 1, 3, 2, &mut dst);
-        assert_eq!(dst, [5.0, 6.0, 9.0, 10.0, 7.0, 8.0, 11.0, 12.0]);
+        assert_eq!(dst.get(8), [5.0, 6.0, 9.0, 10.0, 7.0, 8.0, 11.0, 12.0]);
+        assert!(dst.get(8).as_ptr().addr().is_multiple_of(64));
         pack_column_panels(&src, 4, 0, 3, 2, &mut dst);
         assert_eq!(
-            dst,
+            dst.get(12),
             [1.0, 2.0, 5.0, 6.0, 9.0, 10.0, 3.0, 4.0, 7.0, 8.0, 11.0, 12.0]
         );
     }
@@ -257,10 +293,10 @@ mod tests {
         // b = 8: 64 panels per task; 80 block-columns make one full task and a partial one.
         let (rows, width, b) = (5, 80 * 8, 8);
         let src: Vec<f32> = (0..rows * width).map(|v| v as f32).collect();
-        let mut dst = Vec::new();
+        let mut dst = LineAligned::default();
         pack_column_panels(&src, width, 1, rows, b, &mut dst);
         let h = rows - 1;
-        assert_eq!(dst.len(), h * width);
+        let dst = dst.get(h * width);
         for j in 0..width / b {
             for r in 0..h {
                 for k in 0..b {

@@ -3,18 +3,19 @@
 //! nothing.
 //!
 //! Rows are taken in super-panels that fit the last-level cache, and each super-panel of `x`
-//! is packed into one contiguous `[rows, B]` panel per block-column (read in place, every row
-//! of a block is on another page), the next one while the current one is reduced
-//! ([`pipeline`]). Within one, one task per run of consecutive kept blocks (rayon splits the
-//! block list), each block written by exactly one task. Rows are reduced in chunks small
-//! enough that the `x` and `dy` rows of a chunk stay in L1 while every tile of the block
-//! passes over them.
+//! and of `dy` is packed into one contiguous `[rows, B]` panel per block-column, starting on a
+//! cache line, the next super-panel while the current one is reduced ([`pipeline`]). Within
+//! one, one task per run of consecutive kept blocks (rayon splits the block list, so a task's
+//! blocks mostly share their block-row and its `dy` panel stays in L1/L2), each block written
+//! by exactly one task. Rows are reduced in chunks small enough that the `x` and `dy` rows of
+//! a chunk stay in L1 while every tile of the block passes over them.
 //!
-//! `dy` is read in place, not packed: consecutive blocks share their block-row, so one chunk
-//! of `dy` rows (64 rows × B floats, on as many pages) serves every block of the row from L1/L2
-//! while only `x` streams. Packing it too doubled the packing traffic for no faster kernel:
-//! measured at N = 4096, B = 32, dW went from 53–67 % to 65–66 % of dense GFLOP/s on two
-//! threads, and from 69 % to 70 % on one (`memmove` had been 15 % of dW's samples).
+//! Why `dy` is packed too: read in place, the rows of a block are `rows · 4` bytes apart
+//! (16 KiB at 4096 rows), so all of a chunk's rows fall into one L1 set (and a few L2 sets)
+//! and evict each other: every tile re-read `dy` from L3. On Zen 3 (AVX2, one thread, CPU
+//! time) packing it took dW at B = 32, N = 512 from 21–24 to 39–49 GFLOP/s, with the
+//! 6-row AVX2 tiles and the unrolled reduction (`kernels.rs`); packing is ~12 % of dW's
+//! samples on one thread and overlaps the reduction on two.
 
 use std::mem::MaybeUninit;
 
@@ -119,35 +120,24 @@ fn weight_grad(
         return;
     }
     let kernel = sddmm_kernel(usable(isa), b);
-    // Row tiles of the block: full tiles of `mr` rows, then the tail kernel's rows.
-    let mut row_tiles = Vec::new();
-    let full = b / kernel.mr;
-    assert_eq!(
-        full * kernel.mr + kernel.tail_mr,
-        b,
-        "SDDMM tiles must cover the block"
-    );
-    for t in 0..full {
-        row_tiles.push((t * kernel.mr, kernel.run));
-    }
-    if let Some(tail) = kernel.tail {
-        row_tiles.push((full * kernel.mr, tail));
-    }
+    let row_tiles = kernel.row_tiles(b);
     // Super-panels of rows keep the `x` and `dy` rows being reduced in the last-level cache
     // while every block passes over them; each block's accumulator is carried between
     // super-panels in `dw` itself (4 bytes per kept weight, far less than re-reading x and dy).
-    // Each super-panel of `x` is first packed into one contiguous `[h, B]` panel per
+    // Each super-panel of `x` and `dy` is first packed into one contiguous `[h, B]` panel per
     // block-column, so the kernel walks consecutive addresses (in place, every row of a block
-    // is on another page: one TLB miss per row and no hardware prefetch); `dy` is read in
-    // place (see the module doc).
+    // is on another page: one TLB miss per row, no hardware prefetch, and cache-set
+    // conflicts; see the module doc).
     with_workspace(|ws| {
         let spans = superpanels(n, rows + cols, ROW_CHUNK, superpanel_bytes);
         let pack = |(s0, s1), stage: &mut Stage| {
-            pack_column_panels(x, cols, s0, s1, b, &mut stage.packed);
+            pack_column_panels(x, cols, s0, s1, b, &mut stage.x_panels);
+            pack_column_panels(dy, rows, s0, s1, b, &mut stage.dy_panels);
         };
         pipeline(&spans, &mut ws.stages, pack, |(s0, s1), stage| {
             let h = s1 - s0;
-            let xp = &stage.packed[..h * cols];
+            let xp = stage.x_panels.get(h * cols);
+            let dyp = stage.dy_panels.get(h * rows);
             dw.par_chunks_mut(b * b).enumerate().for_each(|(blk, out)| {
                 let i = pattern.block_row_of()[blk] as usize;
                 let j = pattern.indices()[blk] as usize;
@@ -156,10 +146,10 @@ fn weight_grad(
                     for &(o0, run) in &row_tiles {
                         for c0 in (0..b).step_by(kernel.nr) {
                             let args = SddmmArgs {
-                                // SAFETY (pointer arithmetic): row s0 + r0 < n of dy, column
-                                // i·B + o0 < rows.
-                                dy: unsafe { dy.as_ptr().add((s0 + r0) * rows + i * b + o0) },
-                                lddy: rows,
+                                // SAFETY (pointer arithmetic): panel i of dyp holds h·B floats
+                                // and r0 < h, o0 < B.
+                                dy: unsafe { dyp.as_ptr().add((i * h + r0) * b + o0) },
+                                lddy: b,
                                 // SAFETY (pointer arithmetic): panel j of xp holds h·B floats
                                 // and r0 < h, c0 < B.
                                 x: unsafe { xp.as_ptr().add((j * h + r0) * b + c0) },
@@ -172,9 +162,8 @@ fn weight_grad(
                                 accumulate: s0 + r0 > 0,
                             };
                             // SAFETY: the kernel matches a supported ISA. It reads rows
-                            // s0+r0 .. s0+r0+depth ≤ s1 ≤ n of dy (`[n, rows]`, checked;
-                            // columns i·B + o0 .. + tile rows ≤ (i+1)·B ≤ rows), rows
-                            // r0..r0+depth ≤ h of panel j of xp
+                            // r0..r0+depth ≤ h of panel i of dyp (i < rows/B; columns
+                            // o0 .. o0 + tile rows ≤ B), rows r0..r0+depth ≤ h of panel j of xp
                             // (j < cols/B; columns c0..c0+nr ≤ B), and reads/writes tile rows
                             // ≤ B and columns c0..c0+nr ≤ B of `out`, this task's own block.
                             unsafe { run(&args) };

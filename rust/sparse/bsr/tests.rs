@@ -264,8 +264,8 @@ fn products_cross_superpanels() {
 
 #[test]
 fn dw_accumulates_across_superpanels() {
-    // Super-panels of 64 rows (the packed x panels are rebuilt for each, dy is read in place
-    // at each one's rows, and dW carries the sum across them), the last one partial:
+    // Super-panels of 64 rows (the packed x and dy panels are rebuilt for each, and dW
+    // carries the sum across them), the last one partial:
     // 300 = 4·64 + 44.
     let (n, rows, cols) = (300, 64, 256);
     for isa in Isa::available() {
