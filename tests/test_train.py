@@ -122,7 +122,17 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, corpus)
     )  # the killed writer's temporary is cleaned
 
 
-def test_ctrl_c_inside_a_step_lets_it_finish_then_saves(tmp_path, corpus):
+@pytest.fixture
+def ctrl_c():
+    """SIGINT as a terminal delivers it. A shell starts background jobs with SIGINT
+    ignored, and the trainer keeps an inherited ignore (as ``nohup`` asks), so these tests
+    set Python's default handler for their duration."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_inside_a_step_lets_it_finish_then_saves(tmp_path, corpus, ctrl_c):
     """Ctrl-C right after the optimizer's update, before the step is counted: the step
     finishes, its metrics line is written, the checkpoint holds it, and resuming equals the
     uninterrupted run bit for bit. (A KeyboardInterrupt there saved step N's weights under
@@ -153,7 +163,7 @@ def test_ctrl_c_inside_a_step_lets_it_finish_then_saves(tmp_path, corpus):
     assert [r["loss"] for r in part] == [r["loss"] for r in full]  # bit-exact
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, corpus):
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, corpus, ctrl_c):
     """Two Ctrl-C inside one step: KeyboardInterrupt at once, nothing saved (the update may
     be half applied), the last checkpoint stays the latest."""
     config = tiny(corpus, steps=8, eval_every=0, checkpoint_every=2)
