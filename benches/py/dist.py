@@ -30,6 +30,9 @@ ranks' parameters are compared (they must be identical). Results go to
 With ``--shaped`` (root) the 2-rank run is repeated inside a network namespace whose
 loopback is shaped to 1 Gbit/s with ``tc … tbf`` (MPICH or Open MPI, whichever ``mpiexec``
 sits beside this Python, forced onto TCP), deleted afterwards.
+The ``*-bf16wire`` variants send each dense bucket as bfloat16 (``wire_dtype``; "bucket MiB"
+is what the all-reduces carry); the simulator counts float32 buckets, so they have no
+prediction. ``--variants a,b`` runs only those.
 Next to each measured step: the simulator's prediction (``moecore.comm.simulate``) from a
 profiled step of the same rank and an α–β link fitted to blocking all-reduces of 4 KiB and
 16 MiB on the same group.
@@ -65,6 +68,9 @@ VARIANTS = [
     ("dense-priority-credit16", {"policy": "priority", "credit_mb": 16}),
     ("topk-0.01", {"compress": "topk:0.01", "compress_when": "always"}),
     ("topk-0.001", {"compress": "topk:0.001", "compress_when": "always"}),
+    # The bf16 wire format (run key grad_wire_dtype): half the bytes of each bucket.
+    ("dense-fifo-bf16wire", {"policy": "fifo", "wire_dtype": "bfloat16"}),
+    ("dense-priority-bf16wire", {"policy": "priority", "wire_dtype": "bfloat16"}),
     (
         "topk-0.01-thread",
         {"compress": "topk:0.01", "compress_when": "always", "progress": "thread"},
@@ -160,7 +166,11 @@ def _comm_alone(dp, group, repeat: int = 3) -> float:
         t0 = time.perf_counter()
         reqs = []
         for b, buf in enumerate(dp.buffers):
-            if dp.compressor is None:
+            if dp._wire is not None:  # rounding, the bf16 all-reduce, widening
+                wire = dp._wire[b]
+                wire[...] = buf
+                reqs.append(group.iallreduce(wire, on_done=dp._widener(wire, buf)))
+            elif dp.compressor is None:
                 reqs.append(group.iallreduce(buf))
             else:
                 reqs.append(dp._launch_compressed(b, buf))
@@ -227,7 +237,8 @@ def worker(args: argparse.Namespace) -> None:
     rows = args.global_batch // group.size
     out = []
     link = _link(group) if group.size > 1 else None
-    variants = VARIANTS if group.size > 1 else VARIANTS[:1]
+    chosen = [v for v in VARIANTS if not args.variants or v[0] in args.variants.split(",")]
+    variants = chosen if group.size > 1 else VARIANTS[:1]
     runs = []
     for name, kw in variants:
         model, cfg = _model(args.preset, args.seq)
@@ -292,7 +303,10 @@ def worker(args: argparse.Namespace) -> None:
         if dp is not None:
             dp.remove_hooks()
             med["alone"] = _comm_alone(dp, group)
-            med["predicted"] = _predict(dp, profile, link, group)
+            if dp.wire_dtype == "float32":  # the simulator counts float32 buckets
+                med["predicted"] = _predict(dp, profile, link, group)
+            if dp.compressor is None:  # the buckets' bytes as all-reduced
+                med["wire_mb"] = sum(w.nbytes for w in (dp._wire or dp.buffers)) / 2**20
             med["link_gbit"] = link.gbit_per_s
             med["link_latency_us"] = link.latency_s * 1e6
             med["buckets"] = len(dp.buckets)
@@ -350,6 +364,7 @@ def main() -> None:
         action="store_true",
         help="also run 2 ranks in a network namespace shaped to 1 Gbit/s (root; cleaned up)",
     )
+    ap.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.seq is None or args.global_batch is None:
@@ -365,7 +380,7 @@ def main() -> None:
     me = [sys.executable, "-m", "mpi4py", __file__, "--worker"]
     opts = ["--preset", args.preset, "--seq", str(args.seq)]
     opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
-    opts += ["--rounds", str(args.rounds)]
+    opts += ["--rounds", str(args.rounds), "--variants", args.variants]
     mpiexec, family = mpi_launcher(env)
     runs = [("loopback", [*me, *opts]), ("loopback", [mpiexec, "-n", "2", *me, *opts])]
     if args.shaped:
@@ -389,6 +404,7 @@ def main() -> None:
                 f"{r['bwd'] * 1e3:.0f}",
                 f"{exposed * 1e3:.1f}",
                 "" if alone is None else f"{alone * 1e3:.1f}",
+                f"{r['wire_mb']:.1f}" if "wire_mb" in r else "",
                 hidden,
                 f"{r['step'] / base['step']:.2f}",
                 f"{r['predicted'] * 1e3:.0f}" if "predicted" in r else "",
@@ -409,6 +425,7 @@ def main() -> None:
                 "bwd ms",
                 "exposed ms",
                 "comm alone ms",
+                "bucket MiB",
                 "hidden",
                 "step / 1-rank",
                 "predicted ms",

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from moecore.comm import Action, GradSpec, Scheduler
@@ -36,6 +37,10 @@ from moecore.errors import NonFiniteGradient
 __all__ = ["DataParallel", "parse_compress"]
 
 _LIMIT = "DataParallel(timeout=...), comm_timeout_s in a run's config"
+
+
+#: ``wire_dtype`` → the numpy dtype of the bucket on the wire.
+WIRE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 def parse_compress(spec: str | TopK | None) -> TopK | None:
@@ -109,6 +114,12 @@ class DataParallel:
             ends the job (``group.abort``; a rank that hangs would otherwise hold every
             other rank forever); None: the group's timeout (:func:`moecore.distributed.init`),
             which also bounds every other blocking call, this class's broadcasts included.
+        wire_dtype: what an uncompressed bucket crosses the network as: ``"float32"``, or
+            ``"bfloat16"`` (half the bytes; like PyTorch's ``bf16_compress_hook``): the
+            float32 bucket is rounded to bfloat16, summed in float32 at each step of the
+            all-reduce and rounded again, then widened back and averaged. Each element
+            of the average then carries a relative error of about ``log2(P) + 1`` bf16
+            roundings (2⁻⁸ each). Compressed buckets keep their own format.
 
     Use::
 
@@ -137,8 +148,12 @@ class DataParallel:
         progress: str = "hooks",
         gradient_as_bucket_view: bool = False,
         timeout: float | None = None,
+        wire_dtype: str = "float32",
     ) -> None:
         self.timeout = check_timeout(timeout)
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire_dtype!r}")
+        self.wire_dtype = wire_dtype
         self.module = model
         self.gradient_as_bucket_view = bool(gradient_as_bucket_view)
         self.group = group
@@ -170,6 +185,7 @@ class DataParallel:
             "compress_when": compress_when,
             "compress": _wire_format(self.compressor),
             "zero": self._zero_stage,
+            "wire_dtype": wire_dtype,
         }
         check_ranks_agree(group, "DataParallel", named, wire)
         layers = self._grad_layers(named)
@@ -208,6 +224,12 @@ class DataParallel:
     def _layout(self) -> None:
         self.buckets = self.scheduler.buckets()
         self.buffers = [np.zeros(b.numel, dtype=np.float32) for b in self.buckets]
+        #: The bfloat16 copy each bucket crosses the network as (``wire_dtype``).
+        self._wire = (
+            [np.empty(b.numel, dtype=WIRE_DTYPES["bfloat16"]) for b in self.buckets]
+            if self.wire_dtype == "bfloat16"
+            else None
+        )
         # Parameter index -> (bucket, offset, numel).
         self._where: dict[int, tuple[int, int, int]] = {}
         for bi, b in enumerate(self.buckets):
@@ -287,7 +309,11 @@ class DataParallel:
         view = self.buffers[a.bucket][a.offset : a.offset + a.numel]
         if a.transport == "allreduce":
             self._fill(a.bucket, a.offset, a.offset + a.numel)
-            return self.group.iallreduce(view, on_done=self._scaler(view))
+            if self._wire is None:
+                return self.group.iallreduce(view, on_done=self._scaler(view))
+            wire = self._wire[a.bucket][a.offset : a.offset + a.numel]
+            wire[...] = view  # rounded to the nearest bfloat16 (ties to even)
+            return self.group.iallreduce(wire, on_done=self._widener(wire, view))
         # A compressed bucket goes whole, compressed straight from the gradients.
         return self._launch_compressed(a.bucket, view, self._pieces(a.bucket))
 
@@ -325,6 +351,14 @@ class DataParallel:
             np.multiply(view, inv, out=view)
 
         return scale
+
+    def _widener(self, wire: np.ndarray, view: np.ndarray) -> Callable[[], None]:
+        inv = np.float32(1.0 / self.group.size)
+
+        def widen() -> None:  # widened and averaged in one pass
+            np.multiply(wire, inv, out=view, dtype=np.float32)
+
+        return widen
 
     def _launch_compressed(
         self, bucket: int, view: np.ndarray, pieces: list[np.ndarray] | None = None

@@ -88,6 +88,28 @@ class _MPIRequest(Request):
             self._complete()
 
 
+_BF16_SUM: Any = None
+
+
+def _bf16_sum(mpi: Any) -> Any:
+    """MPI has no bfloat16 type: a user-defined sum over 2-byte elements that widens both
+    operands to float32, adds and rounds back (to nearest even), as NCCL's bf16 all-reduce
+    does at each hop. Created once per process."""
+    global _BF16_SUM
+    if _BF16_SUM is None:
+        import ml_dtypes
+
+        bf16 = np.dtype(ml_dtypes.bfloat16)
+
+        def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+            a = np.frombuffer(inbuf, dtype=bf16)
+            b = np.frombuffer(inoutbuf, dtype=bf16)
+            np.add(a, b, out=b, dtype=np.float32, casting="unsafe")
+
+        _BF16_SUM = mpi.Op.Create(add, commute=True)
+    return _BF16_SUM
+
+
 def _describe(buf: np.ndarray) -> str:
     return f"{buf.size} {buf.dtype}"
 
@@ -117,18 +139,28 @@ class MPIGroup(Group):
         self._send_counts = np.zeros(self.size, dtype=np.int64)
         self._recv_counts = np.zeros(self.size, dtype=np.int64)
 
-    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+    def _reduction(self, buf: Any, op: str) -> tuple[Any, Any]:
+        """The MPI buffer and operation reducing ``buf`` (bfloat16: 2-byte elements summed
+        by :func:`_bf16_sum`)."""
         check_buffer(buf, "buf", writable=True)
-        mpi_op = self._ops[self._check_op(op)]
+        op = self._check_op(op)
+        if buf.dtype.name != "bfloat16":
+            return buf, self._ops[op]
+        if op != "sum":
+            raise ValueError(f"a bfloat16 buffer is reduced by 'sum' only, got {op!r}")
+        return [buf.view(np.uint16), self.mpi.UINT16_T], _bf16_sum(self.mpi)
+
+    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+        target, mpi_op = self._reduction(buf, op)
         with self.watch(f"allreduce of {_describe(buf)}"):
-            self.comm.Allreduce(self.mpi.IN_PLACE, buf, op=mpi_op)
+            self.comm.Allreduce(self.mpi.IN_PLACE, target, op=mpi_op)
         return buf
 
     def iallreduce(
         self, buf: Any, op: str = "sum", on_done: Callable[[], None] | None = None
     ) -> Request:
-        check_buffer(buf, "buf", writable=True)
-        req = self.comm.Iallreduce(self.mpi.IN_PLACE, buf, op=self._ops[self._check_op(op)])
+        target, mpi_op = self._reduction(buf, op)
+        req = self.comm.Iallreduce(self.mpi.IN_PLACE, target, op=mpi_op)
         return _MPIRequest(self, f"an all-reduce of {_describe(buf)}", req, (buf,), on_done)
 
     def allgather(self, send: Any, recv: Any) -> Any:

@@ -85,6 +85,9 @@ class RunConfig(ModelConfig):
     compress_warmup: int = 0
     bucket_mb: float = 25.0
     comm_policy: str = "fifo"
+    # what uncompressed gradient buckets cross the network as: "float32", or "bf16" (half
+    # the bytes, summed in float32 at each step of the all-reduce); see docs/distributed.md
+    grad_wire_dtype: str = "float32"
     # ZeRO stage over the data-parallel ranks: 0 off, 1 optimizer state sharded, 2 also
     # gradients (reduce-scattered during backward), 3 also parameters (gathered per block
     # as it runs); see docs/zero.md
@@ -197,6 +200,7 @@ _CHOICES = {
     "dtype": ("float32", "bf16", "fp16", "fp8"),
     "precision_schedule": ("none", "hpts"),
     "comm_policy": ("fifo", "priority"),
+    "grad_wire_dtype": ("float32", "bf16"),
     "init": INITS,
     "optimizer": OPTIMIZERS,
     "spike_action": ("skip", "flag"),
@@ -358,6 +362,7 @@ def _check_values(c: RunConfig) -> list[str]:
         if not 0 < ratio <= 1:
             p.append(f"compress must be 'none' or 'topk:<ratio in (0, 1]>', got {c.compress!r}")
     p.extend(_check_zero(c))
+    p.extend(_check_grad_wire(c))
     if c.data.endswith((".bin", ".npy")) and c.vocab < 1:
         p.append(f"data {c.data} holds token ids: set vocab to the vocabulary size")
     try:
@@ -410,6 +415,27 @@ def _check_deepseek(c: RunConfig) -> list[str]:
     if c.mtp_depth >= c.seq_len:
         p.append(f"mtp_depth ({c.mtp_depth}) must be < seq_len ({c.seq_len})")
     return p
+
+
+def _check_grad_wire(c: RunConfig) -> list[str]:
+    """The bf16 wire format is for the all-reduce of uncompressed buckets only."""
+    if c.grad_wire_dtype == "float32":
+        return []
+    why = {
+        "compress": (c.compress != "none", "compressed buckets have their own wire format"),
+        "zero": (c.zero >= 2, "stages 2 and 3 reduce-scatter the gradients in float32"),
+        "pp": (c.pp > 1, "the pipeline step sums the gradients itself, in float32"),
+        "ranks_per_node": (
+            c.ranks_per_node > 1,
+            "the two-level all-reduce sums in float32 (not implemented for bf16)",
+        ),
+    }
+    return [
+        f"grad_wire_dtype {c.grad_wire_dtype!r} with {key} ({getattr(c, key)}) is not "
+        f"supported: {reason}"
+        for key, (clash, reason) in why.items()
+        if clash
+    ]
 
 
 def _check_zero(c: RunConfig) -> list[str]:

@@ -235,6 +235,7 @@ class Trainer:
             # The trainer never keeps a gradient across steps, so the copy is not needed.
             gradient_as_bucket_view=True,
             timeout=self.config.comm_timeout_s,
+            wire_dtype={"bf16": "bfloat16"}.get(self.config.grad_wire_dtype, "float32"),
         )
 
     # -- persistence ---------------------------------------------------------------------
