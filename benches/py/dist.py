@@ -31,8 +31,9 @@ With ``--shaped`` (root) the 2-rank run is repeated inside a network namespace w
 loopback is shaped to 1 Gbit/s with ``tc … tbf`` (MPICH or Open MPI, whichever ``mpiexec``
 sits beside this Python, forced onto TCP), deleted afterwards.
 The ``*-bf16wire`` variants send each dense bucket as bfloat16 (``wire_dtype``; "bucket MiB"
-is what the all-reduces carry); the simulator counts float32 buckets, so they have no
-prediction. ``--variants a,b`` runs only those.
+is what the all-reduces carry; the simulator sees them as 2-byte gradients under halved
+caps: the same buckets, with the bytes sent, but not the rounding and widening passes).
+``--variants a,b`` runs only those.
 Next to each measured step: the simulator's prediction (``moecore.comm.simulate``) from a
 profiled step of the same rank and an α–β link fitted to blocking all-reduces of 4 KiB and
 16 MiB on the same group.
@@ -203,7 +204,7 @@ def _link(group, nbytes: int = 16 << 20):
 
 
 def _predict(dp, profile, link, group) -> float:
-    from moecore.comm import CostModel, Scheduler, simulate
+    from moecore.comm import CostModel, GradSpec, Scheduler, simulate
     from moecore.train.plan import compression_costs, copy_cost
 
     ratio = None if dp.compressor is None else dp.compressor.ratio
@@ -216,12 +217,19 @@ def _predict(dp, profile, link, group) -> float:
         copy_s_per_byte=copy_cost(),
     )
     s = dp.scheduler
+    grads, shrink = s.grads, 1.0
+    if dp.wire_dtype != "float32":
+        # The simulator sizes buckets by bytes: 2-byte gradients under caps halved give the
+        # same buckets (in elements) with the bytes the bf16 wire sends.
+        grads = [GradSpec(g.name, g.numel, "float16", g.layer) for g in grads]
+        shrink = 0.5
     fresh = Scheduler(
-        s.grads,
+        grads,
         world=group.size,
-        bucket_mb=dp.settings["bucket_mb"],
+        bucket_mb=dp.settings["bucket_mb"] * shrink,
+        first_bucket_mb=dp.settings["first_bucket_mb"] * shrink,
         policy=s.policy,
-        credit_mb=dp.settings["credit_mb"],
+        credit_mb=dp.settings["credit_mb"] * shrink,
         compress_ratio=ratio,
         compress_when=dp.settings["compress_when"],
     )
@@ -251,7 +259,7 @@ def worker(args: argparse.Namespace) -> None:
             defaults = inspect.signature(dist.DataParallel).parameters
             dp.settings = {
                 k: kw.get(k, defaults[k].default)
-                for k in ("credit_mb", "bucket_mb", "compress_when")
+                for k in ("credit_mb", "bucket_mb", "first_bucket_mb", "compress_when")
             }
         rec: dict[str, list[float]] = {
             k: [] for k in ("fwd", "bwd", "finish", "step", "bwd_end", "finish_end", "held")
@@ -303,8 +311,7 @@ def worker(args: argparse.Namespace) -> None:
         if dp is not None:
             dp.remove_hooks()
             med["alone"] = _comm_alone(dp, group)
-            if dp.wire_dtype == "float32":  # the simulator counts float32 buckets
-                med["predicted"] = _predict(dp, profile, link, group)
+            med["predicted"] = _predict(dp, profile, link, group)
             if dp.compressor is None:  # the buckets' bytes as all-reduced
                 med["wire_mb"] = sum(w.nbytes for w in (dp._wire or dp.buffers)) / 2**20
             med["link_gbit"] = link.gbit_per_s
