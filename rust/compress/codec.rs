@@ -3,6 +3,7 @@
 //! and the size formula are in the docs of [`crate::compress`].
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use super::rng::uniform;
 use super::{CompressError, MAX_N};
@@ -212,7 +213,12 @@ fn varint_word(v: u32, len: usize) -> u64 {
 /// from "previous = −1" (u32::MAX, wrapping) makes the first gap the first index, with no
 /// special case.
 fn gaps(indices: &[u32]) -> impl Iterator<Item = u32> + '_ {
-    indices.iter().scan(u32::MAX, |previous, &i| {
+    gaps_after(u32::MAX, indices)
+}
+
+/// The gaps of `indices` when the index before them was `before`.
+fn gaps_after(before: u32, indices: &[u32]) -> impl Iterator<Item = u32> + '_ {
+    indices.iter().scan(before, |previous, &i| {
         let gap = i.wrapping_sub(*previous).wrapping_sub(1);
         *previous = i;
         Some(gap)
@@ -406,16 +412,48 @@ fn write_indices(format: IndexFormat, indices: &[u32], out: &mut [u8]) {
     }
 }
 
+/// Indices per piece of a varint section written in parallel.
+const VARINT_PIECE: usize = 1 << 14;
+
 /// Writes the varint section of `indices` at the start of `out` (grown as needed; bytes past
-/// the section are scratch) and returns its length: one pass both sizes and writes it, each
-/// varint stored as a whole 8-byte word that the next one partly overwrites.
+/// the section are scratch) and returns its length. One pass both sizes and writes it: each
+/// piece of [`VARINT_PIECE`] indices is written (in parallel) into a region with room for
+/// its longest encoding, then the pieces are moved together.
 fn varint_section(indices: &[u32], out: &mut Vec<u8>) -> usize {
-    let room = 5 * indices.len() + 8;
+    let region = 5 * VARINT_PIECE + 8;
+    let pieces = indices.len().div_ceil(VARINT_PIECE).max(1);
+    let room = 5 * indices.len() + 8 * pieces;
     if out.len() < room {
         out.resize(room, 0);
     }
+    if indices.len() <= 2 * VARINT_PIECE {
+        return varint_piece(u32::MAX, indices, out);
+    }
+    let lens: Vec<usize> = out[..room]
+        .par_chunks_mut(region)
+        .zip(indices.par_chunks(VARINT_PIECE))
+        .enumerate()
+        .map(|(p, (dst, piece))| {
+            let before = p
+                .checked_sub(1)
+                .map_or(u32::MAX, |q| indices[(q + 1) * VARINT_PIECE - 1]);
+            varint_piece(before, piece, dst)
+        })
+        .collect();
     let mut at = 0;
-    for d in gaps(indices) {
+    for (p, &len) in lens.iter().enumerate() {
+        out.copy_within(p * region..p * region + len, at);
+        at += len;
+    }
+    at
+}
+
+/// Writes the varints of `indices` (after index `before`) at the start of `out`, which has
+/// room for 5 bytes per index plus 8: each varint is stored as a whole 8-byte word that the
+/// next one partly overwrites. Returns the bytes written.
+fn varint_piece(before: u32, indices: &[u32], out: &mut [u8]) -> usize {
+    let mut at = 0;
+    for d in gaps_after(before, indices) {
         let len = varint_len(d);
         out[at..at + 8].copy_from_slice(&varint_word(d, len).to_le_bytes());
         at += len;
@@ -614,7 +652,14 @@ mod tests {
     fn varint_section_is_sized_and_written_in_one_pass_as_leb128() {
         // Gaps of every LEB128 length; a reused scratch longer than the section is fine.
         let mut scratch = vec![0xAAu8; 3];
-        for k in [1usize, 100, 1 << 15, (1 << 15) + 1, 81_927, 20] {
+        for k in [
+            1usize,
+            100,
+            2 * VARINT_PIECE,
+            2 * VARINT_PIECE + 1,
+            5 * VARINT_PIECE + 7,
+            20,
+        ] {
             // The first index needs 5 bytes; every 64th gap up to 4, the others up to 2.
             let mut at = 300_000_000u32;
             let indices: Vec<u32> = (0..k as u64)

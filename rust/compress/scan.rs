@@ -335,11 +335,8 @@ impl Sweep<'_> {
     }
 }
 
-/// Below this many candidates the selection's finishing passes run on one thread: a pass
-/// costs about a nanosecond per candidate, less than handing half of it to a second thread
-/// that a loaded machine may not schedule for a while (a sampled top-k of 10⁷ at ratio 0.01
-/// finishes about 1.1·10⁵ candidates).
-pub(crate) const PAR_CANDIDATES: usize = 1 << 20;
+/// Below this many candidates the selection's finishing passes run on one thread.
+pub(crate) const PAR_CANDIDATES: usize = 1 << 15;
 
 /// Entries of a sweep at or above a threshold, increasing, as the per-task lists the sweep
 /// produced (not concatenated: the selection reads them once more and keeps k).
@@ -397,8 +394,8 @@ impl Candidates {
     }
 
     /// The pairs for which `keep` holds, in increasing index order, into `out` (replacing
-    /// its contents, reusing its memory), branch-free. Up to [`PAR_CANDIDATES`] in one
-    /// serial pass; above, each part is filtered in place, then the parts are copied into the
+    /// its contents, reusing its memory), branch-free. Below [`PAR_CANDIDATES`] in one
+    /// serial pass; from there, each part is filtered in place, then the parts are copied into the
     /// result at their offsets, both in parallel over parts.
     pub(crate) fn into_selection(
         mut self,

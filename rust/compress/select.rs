@@ -446,7 +446,7 @@ mod tests {
         use super::super::scan::{PAR_CANDIDATES, TASK};
         // n not a multiple of the task size; k small (serial finish, about 1.1·k candidates)
         // and large enough that the candidates exceed PAR_CANDIDATES (parallel finish).
-        let n = 3 * TASK * 11 + 4_097;
+        let n = 7 * TASK + 4_097;
         let x = quantized(n, 21);
         for k in [n / 100, PAR_CANDIDATES + 12_345] {
             let want = reference(&x, k);
