@@ -356,6 +356,15 @@ pub(crate) struct Selection {
     pub(crate) val: Vec<f32>,
 }
 
+impl Selection {
+    /// Makes both lists `len` long, keeping old contents (about to be overwritten): zeroing
+    /// memory that is written next would cost a pass over it.
+    fn set_len(&mut self, len: usize) {
+        self.idx.resize(len, 0);
+        self.val.resize(len, 0.0);
+    }
+}
+
 impl Candidates {
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -404,10 +413,7 @@ impl Candidates {
     ) {
         if !self.parallel() {
             // One pass: every pair is stored at the cursor, which advances past the kept ones.
-            out.idx.clear();
-            out.idx.resize(self.len, 0);
-            out.val.clear();
-            out.val.resize(self.len, 0.0);
+            out.set_len(self.len);
             let mut kept = 0;
             for c in &self.parts {
                 for (&i, &v) in c.idx.iter().zip(&c.val) {
@@ -433,10 +439,7 @@ impl Candidates {
         };
         self.parts.par_iter_mut().for_each(filter);
         let total: usize = self.parts.iter().map(|c| c.idx.len()).sum();
-        out.idx.clear();
-        out.idx.resize(total, 0);
-        out.val.clear();
-        out.val.resize(total, 0.0);
+        out.set_len(total);
         // Disjoint destination slices, one per part, in order.
         let mut dst = Vec::with_capacity(self.parts.len());
         let (mut idx, mut val) = (&mut out.idx[..], &mut out.val[..]);
