@@ -4,6 +4,7 @@
 
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 use super::rng::uniform;
 use super::{CompressError, MAX_N};
@@ -318,12 +319,53 @@ pub(crate) fn encode_checked(
     rounding: Rounding,
     decoded: Option<&mut Vec<f32>>,
 ) -> Result<Vec<u8>, CompressError> {
-    VARINTS.with_borrow_mut(|varints| {
-        let payload = encode_with(n, indices, values, encoding, rounding, decoded, varints);
-        if varints.capacity() > KEEP_VARINTS {
-            *varints = Vec::new();
+    with_scratch(|varints| {
+        let k = indices.len();
+        // Whenever the varint section gets sized, it is written too (into `varints`).
+        let mut written = None;
+        let mut write_varints = || *written.insert(varint_section(indices, varints));
+        let (index, section) = match encoding.index {
+            Some(IndexFormat::Varint) => (IndexFormat::Varint, write_varints()),
+            Some(f) => (f, index_bytes(f, n, indices)),
+            None => choose_with(n, k, write_varints),
+        };
+        let chunk = if encoding.values == ValueFormat::Int8 {
+            encoding.chunk
+        } else {
+            0
+        };
+        let header = Header {
+            index,
+            values: encoding.values,
+            n: n as u64,
+            k: k as u64,
+            index_bytes: section as u64,
+            chunk,
+        };
+        let total = header
+            .total_len()
+            .and_then(|t| usize::try_from(t).ok())
+            .ok_or(CompressError::BadK { k, n })?;
+        let mut out = vec![0u8; total];
+        header.write(&mut out[..HEADER_LEN]);
+        let body_end = total - TRAILER_LEN;
+        let index_section = &mut out[HEADER_LEN..HEADER_LEN + section];
+        match (index, written) {
+            (IndexFormat::Varint, Some(len)) => index_section.copy_from_slice(&varints[..len]),
+            _ => write_indices(index, indices, index_section),
         }
-        payload
+        let value_section = &mut out[HEADER_LEN + header.index_bytes as usize..body_end];
+        write_values(
+            encoding.values,
+            chunk,
+            values,
+            value_section,
+            rounding,
+            decoded,
+        );
+        let crc = crc32c::crc32c(&out[..body_end]);
+        out[body_end..].copy_from_slice(&crc.to_le_bytes());
+        Ok(out)
     })
 }
 
@@ -331,67 +373,25 @@ thread_local! {
     /// The varint section is written here in the pass that sizes it, then copied into the
     /// payload (whose size depends on it); reused so that large sections do not page-fault
     /// on every call.
-    static VARINTS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static VARINTS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Largest varint scratch (bytes) kept for the next call.
 const KEEP_VARINTS: usize = 1 << 23;
 
-fn encode_with(
-    n: usize,
-    indices: &[u32],
-    values: &[f32],
-    encoding: &Encoding,
-    rounding: Rounding,
-    decoded: Option<&mut Vec<f32>>,
-    varints: &mut Vec<u8>,
-) -> Result<Vec<u8>, CompressError> {
-    let k = indices.len();
-    // Whenever the varint section gets sized, it is written too (into `varints`).
-    let mut written = None;
-    let mut write_varints = || *written.insert(varint_section(indices, varints));
-    let (index, section) = match encoding.index {
-        Some(IndexFormat::Varint) => (IndexFormat::Varint, write_varints()),
-        Some(f) => (f, index_bytes(f, n, indices)),
-        None => choose_with(n, k, write_varints),
-    };
-    let chunk = if encoding.values == ValueFormat::Int8 {
-        encoding.chunk
-    } else {
-        0
-    };
-    let header = Header {
-        index,
-        values: encoding.values,
-        n: n as u64,
-        k: k as u64,
-        index_bytes: section as u64,
-        chunk,
-    };
-    let total = header
-        .total_len()
-        .and_then(|t| usize::try_from(t).ok())
-        .ok_or(CompressError::BadK { k, n })?;
-    let mut out = vec![0u8; total];
-    header.write(&mut out[..HEADER_LEN]);
-    let body_end = total - TRAILER_LEN;
-    let index_section = &mut out[HEADER_LEN..HEADER_LEN + section];
-    match (index, written) {
-        (IndexFormat::Varint, Some(len)) => index_section.copy_from_slice(&varints[..len]),
-        _ => write_indices(index, indices, index_section),
-    }
-    let value_section = &mut out[HEADER_LEN + header.index_bytes as usize..body_end];
-    write_values(
-        encoding.values,
-        chunk,
-        values,
-        value_section,
-        rounding,
-        decoded,
-    );
-    let crc = crc32c::crc32c(&out[..body_end]);
-    out[body_end..].copy_from_slice(&crc.to_le_bytes());
-    Ok(out)
+/// Runs `f` with this thread's varint scratch, or a fresh one in a nested call (a pool thread
+/// waiting inside one encoding may pick up another's job).
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    VARINTS.with(|kept| match kept.try_borrow_mut() {
+        Ok(mut varints) => {
+            let done = f(&mut varints);
+            if varints.capacity() > KEEP_VARINTS {
+                *varints = Vec::new();
+            }
+            done
+        }
+        Err(_) => f(&mut Vec::new()),
+    })
 }
 
 /// Writes the bitmap or raw index section into `out` (exactly the section; the varint
