@@ -3,10 +3,11 @@
 //! and the size formula are in the docs of [`crate::compress`].
 
 use half::{bf16, f16};
+use rayon::prelude::*;
+use std::cell::RefCell;
 
 use super::rng::uniform;
 use super::{CompressError, MAX_N};
-use rayon::prelude::*;
 
 pub const MAGIC: [u8; 4] = *b"MoEC";
 pub const VERSION: u8 = 1;
@@ -218,11 +219,11 @@ fn gaps(indices: &[u32]) -> impl Iterator<Item = u32> + '_ {
 
 /// The gaps of `indices` when the index before them was `before`.
 fn gaps_after(before: u32, indices: &[u32]) -> impl Iterator<Item = u32> + '_ {
-    let previous = std::iter::once(before).chain(indices.iter().copied());
-    indices
-        .iter()
-        .zip(previous)
-        .map(|(&i, p)| i.wrapping_sub(p).wrapping_sub(1))
+    indices.iter().scan(before, |previous, &i| {
+        let gap = i.wrapping_sub(*previous).wrapping_sub(1);
+        *previous = i;
+        Some(gap)
+    })
 }
 
 /// Bytes of the index section for `indices` (increasing, < n) in `format`.
@@ -238,14 +239,22 @@ pub fn index_bytes(format: IndexFormat, n: usize, indices: &[u32]) -> usize {
 /// The index format `auto` picks and its section size: dense when k = n, else the smallest
 /// of varint, bitmap, raw (in that order on ties).
 pub fn choose_index(n: usize, indices: &[u32]) -> (IndexFormat, usize) {
-    if indices.len() == n {
+    choose_with(n, indices.len(), || {
+        index_bytes(IndexFormat::Varint, n, indices)
+    })
+}
+
+/// [`choose_index`] for k indices, `varint` giving the varint section's size (called only
+/// when varint could win).
+fn choose_with(n: usize, k: usize, varint: impl FnOnce() -> usize) -> (IndexFormat, usize) {
+    if k == n {
         return (IndexFormat::Dense, 0);
     }
-    let raw = 4 * indices.len();
+    let raw = 4 * k;
     let bitmap = n.div_ceil(8);
     // Varint costs at least one byte per index: skip counting when that already loses.
-    if indices.len() <= raw.min(bitmap) {
-        let varint = index_bytes(IndexFormat::Varint, n, indices);
+    if k <= raw.min(bitmap) {
+        let varint = varint();
         if varint <= raw.min(bitmap) {
             return (IndexFormat::Varint, varint);
         }
@@ -310,51 +319,85 @@ pub(crate) fn encode_checked(
     rounding: Rounding,
     decoded: Option<&mut Vec<f32>>,
 ) -> Result<Vec<u8>, CompressError> {
-    let k = indices.len();
-    let (index, section) = match encoding.index {
-        Some(f) => (f, index_bytes(f, n, indices)),
-        None => choose_index(n, indices),
-    };
-    let chunk = if encoding.values == ValueFormat::Int8 {
-        encoding.chunk
-    } else {
-        0
-    };
-    let header = Header {
-        index,
-        values: encoding.values,
-        n: n as u64,
-        k: k as u64,
-        index_bytes: section as u64,
-        chunk,
-    };
-    let total = header
-        .total_len()
-        .and_then(|t| usize::try_from(t).ok())
-        .ok_or(CompressError::BadK { k, n })?;
-    let mut out = vec![0u8; total];
-    header.write(&mut out[..HEADER_LEN]);
-    let body_end = total - TRAILER_LEN;
-    write_indices(index, indices, &mut out[HEADER_LEN..body_end]);
-    let value_section = &mut out[HEADER_LEN + header.index_bytes as usize..body_end];
-    write_values(
-        encoding.values,
-        chunk,
-        values,
-        value_section,
-        rounding,
-        decoded,
-    );
-    let crc = crc32c::crc32c(&out[..body_end]);
-    out[body_end..].copy_from_slice(&crc.to_le_bytes());
-    Ok(out)
+    with_scratch(|varints| {
+        let k = indices.len();
+        // Whenever the varint section gets sized, it is written too (into `varints`).
+        let mut written = None;
+        let mut write_varints = || *written.insert(varint_section(indices, varints));
+        let (index, section) = match encoding.index {
+            Some(IndexFormat::Varint) => (IndexFormat::Varint, write_varints()),
+            Some(f) => (f, index_bytes(f, n, indices)),
+            None => choose_with(n, k, write_varints),
+        };
+        let chunk = if encoding.values == ValueFormat::Int8 {
+            encoding.chunk
+        } else {
+            0
+        };
+        let header = Header {
+            index,
+            values: encoding.values,
+            n: n as u64,
+            k: k as u64,
+            index_bytes: section as u64,
+            chunk,
+        };
+        let total = header
+            .total_len()
+            .and_then(|t| usize::try_from(t).ok())
+            .ok_or(CompressError::BadK { k, n })?;
+        let mut out = vec![0u8; total];
+        header.write(&mut out[..HEADER_LEN]);
+        let body_end = total - TRAILER_LEN;
+        let index_section = &mut out[HEADER_LEN..HEADER_LEN + section];
+        match (index, written) {
+            (IndexFormat::Varint, Some(len)) => index_section.copy_from_slice(&varints[..len]),
+            _ => write_indices(index, indices, index_section),
+        }
+        let value_section = &mut out[HEADER_LEN + header.index_bytes as usize..body_end];
+        write_values(
+            encoding.values,
+            chunk,
+            values,
+            value_section,
+            rounding,
+            decoded,
+        );
+        let crc = crc32c::crc32c(&out[..body_end]);
+        out[body_end..].copy_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    })
 }
 
-/// Writes the index section at the start of `out`, which may extend past the section (the
-/// varint writer stores whole words there; later sections overwrite the spill).
+thread_local! {
+    /// The varint section is written here in the pass that sizes it, then copied into the
+    /// payload (whose size depends on it); reused so that large sections do not page-fault
+    /// on every call.
+    static VARINTS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Largest varint scratch (bytes) kept for the next call.
+const KEEP_VARINTS: usize = 1 << 23;
+
+/// Runs `f` with this thread's varint scratch, or a fresh one in a nested call (a pool thread
+/// waiting inside one encoding may pick up another's job).
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    VARINTS.with(|kept| match kept.try_borrow_mut() {
+        Ok(mut varints) => {
+            let done = f(&mut varints);
+            if varints.capacity() > KEEP_VARINTS {
+                *varints = Vec::new();
+            }
+            done
+        }
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// Writes the bitmap or raw index section into `out` (exactly the section; the varint
+/// section is written by [`varint_section`]).
 fn write_indices(format: IndexFormat, indices: &[u32], out: &mut [u8]) {
     match format {
-        IndexFormat::Varint => write_varints(indices, out),
         IndexFormat::Bitmap => {
             for &i in indices {
                 out[i as usize / 8] |= 1 << (i % 8);
@@ -365,61 +408,57 @@ fn write_indices(format: IndexFormat, indices: &[u32], out: &mut [u8]) {
                 dst.copy_from_slice(&i.to_le_bytes());
             }
         }
-        IndexFormat::Dense => {}
+        IndexFormat::Varint | IndexFormat::Dense => {}
     }
 }
 
-/// Indices per piece of the varint section written in parallel.
+/// Indices per piece of a varint section written in parallel.
 const VARINT_PIECE: usize = 1 << 14;
 
-/// The varint index section. Each piece's bytes start where the sizes of the pieces before
-/// it end, so large sections are written in parallel, each piece into its own slice.
-fn write_varints(indices: &[u32], out: &mut [u8]) {
-    if indices.len() <= 2 * VARINT_PIECE {
-        write_varint_piece(u32::MAX, indices, out);
-        return;
+/// Writes the varint section of `indices` at the start of `out` (grown as needed; bytes past
+/// the section are scratch) and returns its length. One pass both sizes and writes it: each
+/// piece of [`VARINT_PIECE`] indices is written (in parallel) into a region with room for
+/// its longest encoding, then the pieces are moved together.
+fn varint_section(indices: &[u32], out: &mut Vec<u8>) -> usize {
+    let region = 5 * VARINT_PIECE + 8;
+    let pieces = indices.len().div_ceil(VARINT_PIECE).max(1);
+    let room = 5 * indices.len() + 8 * pieces;
+    if out.len() < room {
+        out.resize(room, 0);
     }
-    let pieces: Vec<(u32, &[u32])> = indices
-        .chunks(VARINT_PIECE)
+    if indices.len() <= 2 * VARINT_PIECE {
+        return varint_piece(u32::MAX, indices, out);
+    }
+    let lens: Vec<usize> = out[..room]
+        .par_chunks_mut(region)
+        .zip(indices.par_chunks(VARINT_PIECE))
         .enumerate()
-        .map(|(p, piece)| {
-            let before = match p {
-                0 => u32::MAX,
-                _ => indices[p * VARINT_PIECE - 1],
-            };
-            (before, piece)
+        .map(|(p, (dst, piece))| {
+            let before = p
+                .checked_sub(1)
+                .map_or(u32::MAX, |q| indices[(q + 1) * VARINT_PIECE - 1]);
+            varint_piece(before, piece, dst)
         })
         .collect();
-    let sizes: Vec<usize> = pieces
-        .par_iter()
-        .map(|&(before, piece)| gaps_after(before, piece).map(varint_len).sum())
-        .collect();
-    let mut rest = out;
-    let mut jobs = Vec::with_capacity(pieces.len());
-    for (&(before, piece), &size) in pieces.iter().zip(&sizes) {
-        let size = size.min(rest.len());
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(size);
-        jobs.push((before, piece, head));
-        rest = tail;
+    let mut at = 0;
+    for (p, &len) in lens.iter().enumerate() {
+        out.copy_within(p * region..p * region + len, at);
+        at += len;
     }
-    jobs.into_par_iter()
-        .for_each(|(before, piece, dst)| write_varint_piece(before, piece, dst));
+    at
 }
 
-/// Writes the varints of `indices` (after index `before`) at the start of `out`: whole
-/// 8-byte words while they fit (later bytes overwrite the spill), exact bytes at the end.
-fn write_varint_piece(before: u32, indices: &[u32], out: &mut [u8]) {
+/// Writes the varints of `indices` (after index `before`) at the start of `out`, which has
+/// room for 5 bytes per index plus 8: each varint is stored as a whole 8-byte word that the
+/// next one partly overwrites. Returns the bytes written.
+fn varint_piece(before: u32, indices: &[u32], out: &mut [u8]) -> usize {
     let mut at = 0;
     for d in gaps_after(before, indices) {
         let len = varint_len(d);
-        let word = varint_word(d, len).to_le_bytes();
-        if at + 8 <= out.len() {
-            out[at..at + 8].copy_from_slice(&word);
-        } else {
-            out[at..at + len].copy_from_slice(&word[..len]);
-        }
+        out[at..at + 8].copy_from_slice(&varint_word(d, len).to_le_bytes());
         at += len;
     }
+    at
 }
 
 fn write_values(
@@ -588,8 +627,9 @@ mod tests {
             (u32::MAX, 5),
         ] {
             assert_eq!(varint_len(v), len, "{v}");
-            let mut out = vec![0u8; 5];
-            write_indices(IndexFormat::Varint, &[v], &mut out);
+            let mut out = Vec::new();
+            // The single index v is stored as the gap v.
+            assert_eq!(varint_section(&[v], &mut out), len);
             assert_eq!(out[len - 1] & 0x80, 0);
             assert!(out[..len - 1].iter().all(|b| b & 0x80 != 0));
         }
@@ -609,14 +649,16 @@ mod tests {
     }
 
     #[test]
-    fn parallel_varint_section_equals_leb128() {
-        // Gaps of every LEB128 length, across several pieces (and a final short one).
+    fn varint_section_is_sized_and_written_in_one_pass_as_leb128() {
+        // Gaps of every LEB128 length; a reused scratch longer than the section is fine.
+        let mut scratch = vec![0xAAu8; 3];
         for k in [
             1usize,
             100,
             2 * VARINT_PIECE,
             2 * VARINT_PIECE + 1,
             5 * VARINT_PIECE + 7,
+            20,
         ] {
             // The first index needs 5 bytes; every 64th gap up to 4, the others up to 2.
             let mut at = 300_000_000u32;
@@ -633,9 +675,35 @@ mod tests {
                 index_bytes(IndexFormat::Varint, usize::MAX, &indices),
                 want.len()
             );
-            let mut out = vec![0xAAu8; want.len()];
-            write_indices(IndexFormat::Varint, &indices, &mut out);
-            assert_eq!(out, want, "k = {k}");
+            let len = varint_section(&indices, &mut scratch);
+            assert_eq!(len, want.len(), "k = {k}");
+            assert_eq!(scratch[..len], want[..], "k = {k}");
+            // The payload carries exactly that section, whether varint was asked for or
+            // chosen by `auto` (here whenever it beats raw).
+            let auto = (choose_index(u32::MAX as usize, &indices).0 == IndexFormat::Varint)
+                .then_some(None);
+            for index in [Some(Some(IndexFormat::Varint)), auto]
+                .into_iter()
+                .flatten()
+            {
+                let enc = Encoding {
+                    index,
+                    values: ValueFormat::F32,
+                    chunk: 0,
+                };
+                let values = vec![1.0f32; k];
+                let p = encode(
+                    u32::MAX as usize,
+                    &indices,
+                    &values,
+                    &enc,
+                    Rounding::Nearest,
+                    None,
+                )
+                .unwrap();
+                assert_eq!(p[5], 0, "varint index encoding");
+                assert_eq!(p[HEADER_LEN..HEADER_LEN + len], want[..], "k = {k}");
+            }
         }
     }
 

@@ -19,10 +19,14 @@
 //!
 //! Collecting is branch-free (`collect`: AVX-512 `vpcompressd` into a register, or an AVX2
 //! permutation table, or a scalar unconditional store, picked at run time), into one list
-//! per parallel task. Finishing never concatenates the lists serially: a parallel histogram
-//! of the candidates' keys finds the bucket of the k-th largest, only that bucket's packed
-//! (key, !index) ranks go through introselect, and the lists are filtered in place and
-//! copied to their offsets of the result in parallel.
+//! per parallel task. Finishing: a histogram of the candidates' keys finds the bucket of the
+//! k-th largest, only that bucket's packed (key, !index) ranks go through introselect, and
+//! the kept entries go into the result: below 2¹⁵ candidates in one serial branch-free pass,
+//! from there in parallel over the lists, filtered in place and copied to their offsets.
+//!
+//! Encoding sizes and writes the varint index section in the same pass, in parallel pieces,
+//! into a reused per-thread scratch; it is then copied after the header, whose size fields
+//! depend on it.
 //!
 //! # Error feedback and momentum correction ([`feedback`])
 //! With a residual `r`, the pass that selects also accumulates: `r ← r + g` and the candidates

@@ -336,7 +336,7 @@ impl Sweep<'_> {
 }
 
 /// Below this many candidates the selection's finishing passes run on one thread.
-const PAR_CANDIDATES: usize = 1 << 15;
+pub(crate) const PAR_CANDIDATES: usize = 1 << 15;
 
 /// Entries of a sweep at or above a threshold, increasing, as the per-task lists the sweep
 /// produced (not concatenated: the selection reads them once more and keeps k).
@@ -354,6 +354,15 @@ pub(crate) struct Candidates {
 pub(crate) struct Selection {
     pub(crate) idx: Vec<u32>,
     pub(crate) val: Vec<f32>,
+}
+
+impl Selection {
+    /// Makes both lists `len` long, keeping old contents (about to be overwritten): zeroing
+    /// memory that is written next would cost a pass over it.
+    fn set_len(&mut self, len: usize) {
+        self.idx.resize(len, 0);
+        self.val.resize(len, 0.0);
+    }
 }
 
 impl Candidates {
@@ -394,14 +403,29 @@ impl Candidates {
     }
 
     /// The pairs for which `keep` holds, in increasing index order, into `out` (replacing
-    /// its contents, reusing its memory): each part is filtered in place (branch-free), then
-    /// the parts are copied into the result at their offsets, both in parallel over parts.
+    /// its contents, reusing its memory), branch-free. Below [`PAR_CANDIDATES`] in one
+    /// serial pass; from there, each part is filtered in place, then the parts are copied into the
+    /// result at their offsets, both in parallel over parts.
     pub(crate) fn into_selection(
         mut self,
         keep: impl Fn(u32, f32) -> bool + Sync,
         out: &mut Selection,
     ) {
-        let parallel = self.parallel();
+        if !self.parallel() {
+            // One pass: every pair is stored at the cursor, which advances past the kept ones.
+            out.set_len(self.len);
+            let mut kept = 0;
+            for c in &self.parts {
+                for (&i, &v) in c.idx.iter().zip(&c.val) {
+                    out.idx[kept] = i;
+                    out.val[kept] = v;
+                    kept += usize::from(keep(i, v));
+                }
+            }
+            out.idx.truncate(kept);
+            out.val.truncate(kept);
+            return;
+        }
         let filter = |c: &mut Collect| {
             let mut kept = 0;
             for r in 0..c.idx.len() {
@@ -413,16 +437,9 @@ impl Candidates {
             c.idx.truncate(kept);
             c.val.truncate(kept);
         };
-        if parallel {
-            self.parts.par_iter_mut().for_each(filter);
-        } else {
-            self.parts.iter_mut().for_each(filter);
-        }
+        self.parts.par_iter_mut().for_each(filter);
         let total: usize = self.parts.iter().map(|c| c.idx.len()).sum();
-        out.idx.clear();
-        out.idx.resize(total, 0);
-        out.val.clear();
-        out.val.resize(total, 0.0);
+        out.set_len(total);
         // Disjoint destination slices, one per part, in order.
         let mut dst = Vec::with_capacity(self.parts.len());
         let (mut idx, mut val) = (&mut out.idx[..], &mut out.val[..]);
@@ -436,11 +453,7 @@ impl Candidates {
             i.copy_from_slice(&c.idx);
             v.copy_from_slice(&c.val);
         };
-        if parallel {
-            dst.into_par_iter().for_each(copy);
-        } else {
-            dst.into_iter().for_each(copy);
-        }
+        dst.into_par_iter().for_each(copy);
     }
 
     fn from_parts(parts: Vec<Collect>) -> Self {

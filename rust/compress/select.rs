@@ -432,6 +432,37 @@ mod tests {
         assert_eq!(kth_largest(&mut [0, 0, 0], 2), 0);
     }
 
+    /// Values on a coarse grid: the threshold and the k-th largest land on long runs of
+    /// equal magnitudes, of both signs.
+    fn quantized(n: usize, seed: u64) -> Vec<f32> {
+        gaussianish(n, seed)
+            .iter()
+            .map(|&v| (v * 16.0).round() / 16.0)
+            .collect()
+    }
+
+    #[test]
+    fn threshold_on_ties_matches_reference_serial_and_parallel_finish() {
+        use super::super::scan::{PAR_CANDIDATES, TASK};
+        // n not a multiple of the task size; k small (serial finish, about 1.1·k candidates)
+        // and large enough that the candidates exceed PAR_CANDIDATES (parallel finish).
+        let n = 7 * TASK + 4_097;
+        let x = quantized(n, 21);
+        for k in [n / 100, PAR_CANDIDATES + 12_345] {
+            let want = reference(&x, k);
+            // The k-th largest magnitude is shared by entries kept and entries dropped.
+            let kth = want
+                .iter()
+                .map(|&i| x[i as usize].abs())
+                .fold(f32::MAX, f32::min);
+            let kept = want.iter().filter(|&&i| x[i as usize].abs() == kth).count();
+            assert!(x.iter().filter(|v| v.abs() == kth).count() > kept);
+            for m in [Method::Exact, SAMPLED] {
+                assert_eq!(select_topk(&x, k, m).unwrap(), want, "{m:?} k={k}");
+            }
+        }
+    }
+
     #[test]
     fn bad_k_is_an_error() {
         assert!(matches!(
