@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import ml_dtypes
+import numpy as np
+
 if TYPE_CHECKING:
     from moecore.autograd.function import Context
     from moecore.autograd.tensor import Tensor
@@ -46,8 +49,29 @@ def _graph(root_ctx: Context) -> tuple[list[Context], dict[int, int]]:
     return order, leaf_uses
 
 
+#: bf16 (``ml_dtypes``): the one format whose arrays a low-precision run stores between ops.
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _conform(grad: Any, target: Tensor) -> Any:
+    """The gradient of a bf16 array (or a bf16 gradient of a float32 array) in the format it
+    is kept in: a leaf's (a parameter's compute copy) in float32, as the float32 master
+    accumulates it; an intermediate's in bf16, its stored format. Anything else as given."""
+    want = target.data.dtype
+    if want == _BF16 and target._ctx is None:
+        want = np.dtype(np.float32)
+    if grad.dtype == want or (want != _BF16 and grad.dtype != _BF16):
+        return grad
+    if grad.dtype == _BF16 and want == np.float32:
+        from moecore.kernels.bf16 import widen
+
+        return widen(grad)
+    return grad.astype(want)
+
+
 def _check(grad: Any, target: Tensor, ctx: Context, position: int) -> None:
-    if grad.shape != target.data.shape or grad.dtype != target.data.dtype:
+    low = target.data.dtype == _BF16 and grad.dtype in (_BF16, np.float32)
+    if grad.shape != target.data.shape or (grad.dtype != target.data.dtype and not low):
         raise RuntimeError(
             f"{ctx.fn.__name__}.backward returned a gradient of shape {tuple(grad.shape)} "
             f"and dtype {grad.dtype} for input {position}, whose shape is "
@@ -118,6 +142,7 @@ def run_backward(root: Tensor, grad: Any, retain_graph: bool = False) -> None:
             if parent is None or not parent.requires_grad:
                 continue
             if g is not None:
+                g = _conform(g, parent)
                 _check(g, parent, ctx, position)
                 if parent._ctx is not None:
                     _add(grads, (id(parent._ctx), parent._out_index), g)

@@ -117,5 +117,8 @@ class ArrayNorm:
 
 def norm_kernels(x: Any, weight: Any, bias: Any) -> Any:
     """The implementation of LayerNorm/RMSNorm for these arrays (``None`` parameters
-    skipped)."""
+    skipped). A bf16 ``x`` chooses alone: the parameters of a norm stay float32 in a
+    low-precision run (the bf16 kernel takes float32 parameters)."""
+    if x.dtype.kind == "V":  # ml_dtypes' bfloat16
+        return select_for("norm", x)
     return select_for("norm", x, weight, bias)

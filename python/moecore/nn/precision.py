@@ -26,9 +26,11 @@ does it chunk by chunk).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from moecore.autograd.function import Context, Function
@@ -56,6 +58,59 @@ class RoundTo(Function):
     @staticmethod
     def backward(ctx: Context, g: Any) -> Any:
         return round_to(g, ctx.dtype), None
+
+
+class StoreAs(Function):
+    """``x`` stored in ``dtype`` — a real ``ml_dtypes.bfloat16`` array, a copy only when
+    ``x`` is in another format; the gradient goes back in ``x``'s format."""
+
+    @staticmethod
+    def forward(ctx: Context, x: Any, dtype: Any) -> Any:
+        ctx.dtype = x.dtype
+        return x if x.dtype == dtype else x.astype(dtype)
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        return (g if g.dtype == ctx.dtype else g.astype(ctx.dtype)), None
+
+
+class Widen(Function):
+    """``x`` as float32 (exact from bf16): the input of a float32 island (the output
+    layer, whose logits and loss stay float32); the gradient stored back in ``x``'s format."""
+
+    @staticmethod
+    def forward(ctx: Context, x: Any) -> Any:
+        ctx.dtype = x.dtype
+        if x.dtype == _BF16:
+            from moecore.kernels.bf16 import widen
+
+            return widen(x)
+        return x.astype(np.float32, copy=False)
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        return g if g.dtype == ctx.dtype else g.astype(ctx.dtype)
+
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+#: Whether the modules :func:`apply_precision` wrapped with real storage store their
+#: activations in bf16 now: only inside :func:`bf16_storage` (a training step's forward and
+#: backward, where the weights are bf16 compute copies); outside it they compute as float32.
+_storing = [False]
+
+
+@contextlib.contextmanager
+def bf16_storage() -> Iterator[None]:
+    """Within the block, modules wrapped by ``apply_precision(..., storage=True)`` store
+    their activations as real bf16 arrays (pair it with bf16 compute copies of the weights:
+    :class:`moecore.optim.MasterWeights`)."""
+    before = _storing[0]
+    _storing[0] = True
+    try:
+        yield
+    finally:
+        _storing[0] = before
 
 
 class Fp8Input(Function):
@@ -111,15 +166,22 @@ def parameter_roles(model: Module) -> dict[int, str]:
 
 
 def compute_copy_fn(
-    model: Module, dtype_name: str, scheduled: dict[int, Any] | None = None
+    model: Module,
+    dtype_name: str,
+    scheduled: dict[int, Any] | None = None,
+    storage: bool = False,
 ) -> Callable[[Tensor], np.ndarray | None]:
     """The function making a parameter's compute copy from its float32 master under
     ``dtype_name`` (None: the master itself, for float32 and the float32-kept roles).
     ``scheduled`` (``id(parameter)`` → a dtype, read at each call) overrides the format of
-    the parameters it names (the HPTS scheduler's decisions)."""
+    the parameters it names (the HPTS scheduler's decisions). ``storage`` (bf16 only): the
+    copies are real ``ml_dtypes.bfloat16`` arrays rather than float32 ones holding bf16
+    values."""
     dtype = COMPUTE_DTYPES[dtype_name]
     roles = parameter_roles(model)
     fp8 = dtype_name == "fp8"
+    if storage and dtype_name != "bf16":
+        raise ValueError(f"real low-precision storage is bf16 only, got dtype {dtype_name!r}")
 
     def copy(p: Tensor) -> np.ndarray | None:
         if scheduled is not None and id(p) in scheduled:
@@ -130,6 +192,8 @@ def compute_copy_fn(
             return None
         if fp8 and role in (GEMM, EXPERT):
             return fake_quantize_weight(p.data)
+        if storage:
+            return p.data.astype(dtype)
         return round_to(p.data, dtype)
 
     return copy
@@ -145,7 +209,10 @@ def _wrap(module: Module, around: Callable[[Callable[..., Tensor], Any], Tensor]
 
 
 def apply_precision(
-    model: Module, dtype_name: str, residual: tuple[type[Module], ...] = ()
+    model: Module,
+    dtype_name: str,
+    residual: tuple[type[Module], ...] = (),
+    storage: bool = False,
 ) -> None:
     """Makes ``model``'s forward and backward round activations as a ``dtype_name`` run
     stores them (see the module docs); float32 changes nothing. Call once, after any
@@ -157,14 +224,25 @@ def apply_precision(
         dtype_name: ``"float32"``, ``"bf16"``, ``"fp16"`` or ``"fp8"``.
         residual: module types whose output is the residual stream (a transformer's block),
             stored in the compute format too.
+        storage: bf16 only — store the activations as real ``ml_dtypes.bfloat16`` arrays
+            (inside :func:`bf16_storage`; the ops run their bf16 kernels) rather than round
+            float32 ones; the output of a norm outside the ``residual`` modules (the final
+            norm, read by the output layer) is widened to float32 there, so the logits and
+            the loss stay float32.
 
     Raises:
-        ValueError: ``dtype_name`` is not one of ``float32``, ``bf16``, ``fp16``, ``fp8``.
+        ValueError: ``dtype_name`` is not one of ``float32``, ``bf16``, ``fp16``, ``fp8``,
+            or ``storage`` is asked of another format than bf16.
     """
     if dtype_name not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(COMPUTE_DTYPES)}, got {dtype_name!r}")
     dtype = COMPUTE_DTYPES[dtype_name]
     if not is_low_precision(dtype):
+        return
+    if storage:
+        if dtype_name != "bf16":
+            raise ValueError(f"real low-precision storage is bf16 only, got {dtype_name!r}")
+        _store_bf16(model, residual)
         return
     fp8 = dtype_name == "fp8"
 
@@ -187,3 +265,30 @@ def apply_precision(
             _wrap(module, experts)
         elif isinstance(module, Embedding | LayerNorm | RMSNorm) or isinstance(module, residual):
             _wrap(module, rounded)
+
+
+def _store(x: Any) -> Any:
+    return StoreAs.apply(x, _BF16) if _storing[0] and isinstance(x, Tensor) else x
+
+
+def _store_bf16(model: Module, residual: tuple[type[Module], ...]) -> None:
+    """:func:`apply_precision` with real bf16 storage."""
+    inside = {id(m) for r in model.modules() if isinstance(r, residual) for m in r.modules()}
+
+    def stored(fn: Callable[..., Tensor], x: Any) -> Tensor:
+        return _store(fn(x))
+
+    def stored_input(fn: Callable[..., Tensor], x: Any) -> Tensor:
+        return _store(fn(_store(x)))
+
+    def widened(fn: Callable[..., Tensor], x: Any) -> Tensor:
+        y = _store(fn(x))
+        return Widen.apply(y) if _storing[0] else y
+
+    for module in model.modules():
+        if isinstance(module, Linear | MoE):
+            _wrap(module, stored_input)
+        elif isinstance(module, LayerNorm | RMSNorm) and id(module) not in inside:
+            _wrap(module, widened)
+        elif isinstance(module, Embedding | LayerNorm | RMSNorm) or isinstance(module, residual):
+            _wrap(module, stored)

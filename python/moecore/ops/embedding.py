@@ -23,7 +23,8 @@ class EmbeddingFn(Function):
             )
         ctx.save_for_backward(ids)
         ctx.weight_shape = weight.shape
-        ctx.dtype = weight.dtype
+        # A bf16 table (a compute copy) gets its gradient in float32, as its master keeps it.
+        ctx.dtype = np.float32 if weight.dtype.kind == "V" else weight.dtype
         return weight[ids]
 
     @staticmethod
@@ -31,6 +32,10 @@ class EmbeddingFn(Function):
         (ids,) = ctx.saved_tensors
         xp = xp_of(g)
         gw = xp.zeros(ctx.weight_shape, dtype=ctx.dtype)
+        if g.dtype.kind == "V":  # bf16 rows: summed in float32 (numpy's bf16 ufuncs are slow)
+            from moecore.kernels.bf16 import widen
+
+            g = widen(g)
         flat, rows = ids.reshape(-1), g.reshape(-1, ctx.weight_shape[1])
         if xp is np and flat.size:
             # Sorted segment sums: numpy's add.at is an unbuffered per-element loop, many

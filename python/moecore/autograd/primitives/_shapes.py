@@ -9,6 +9,12 @@ def unbroadcast(grad: Any, shape: tuple[int, ...]) -> Any:
     """Sums ``grad`` over the axes broadcasting added or stretched, back to ``shape``."""
     if grad.shape == shape:
         return grad
+    if grad.dtype.kind == "V":
+        # bf16 (ml_dtypes): summed in float32, which is also where a parameter's gradient
+        # (the usual broadcast operand) accumulates; numpy's bf16 reductions are slow.
+        from moecore.kernels.bf16 import widen
+
+        grad = widen(grad)
     extra = grad.ndim - len(shape)
     if extra > 0:
         grad = grad.sum(axis=tuple(range(extra)))
