@@ -152,7 +152,7 @@ class BF16Attention:
         hd = three_d // 3 // n_heads
         src = qkv
         if rope is not None:
-            wide = qkv.astype(np.float32)
+            wide = widen(qkv)
             _rotate_packed_qk(wide.reshape(b, t, 3, n_heads, hd), rope, apply_rope)
             src = wide.astype(BF16)
         src = np.ascontiguousarray(src)
@@ -171,7 +171,7 @@ class BF16Attention:
         g16 = bits(np.asarray(g).astype(BF16, copy=False))
         d_qkv = from_bits(_core.fused_attention_backward_bf16(bits(src), probs, g16, h, causal))
         if rope is not None:
-            wide = d_qkv.astype(np.float32)
+            wide = widen(d_qkv)
             _rotate_packed_qk(wide.reshape(b, t, 3, h, d // h), rope, rope_backward)
             d_qkv = wide.astype(BF16)
         return d_qkv

@@ -18,11 +18,11 @@ import numpy as np
 
 from moecore import _core
 from moecore import moe_kernels as f32
-from moecore.kernels.bf16 import BF16, bits, from_bits
+from moecore.kernels.bf16 import BF16, bits, from_bits, widen
 
 
 def _wide(a: Any) -> Any:
-    return a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == BF16 else a
+    return widen(a) if isinstance(a, np.ndarray) and a.dtype == BF16 else a
 
 
 def _counts(counts: Any) -> np.ndarray:

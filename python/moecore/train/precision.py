@@ -20,6 +20,14 @@ from moecore.optim.master_weights import MasterWeights
 from moecore.train.hpts import HPTSScheduler
 
 
+def stores_bf16(config: Any) -> bool:
+    """Whether a run stores its weights' compute copies and activations as real
+    ``ml_dtypes.bfloat16`` arrays: a bf16 run without HPTS. HPTS's per-group formats (fp16
+    and float32 among them) do not fit bf16 storage, and fp16 and fp8 have no fast numpy or
+    kernel path here: those runs keep float32 arrays holding the format's values."""
+    return bool(config.dtype == "bf16" and config.precision_schedule != "hpts")
+
+
 class RunPrecision:
     """What ``config.dtype`` changes in a step.
 
@@ -34,9 +42,8 @@ class RunPrecision:
     ) -> None:
         self.dtype_name = config.dtype
         hpts = config.precision_schedule == "hpts"
-        #: Real bf16 arrays between ops: a bf16 run without HPTS (whose per-group formats,
-        #: fp16 and float32 among them, do not fit bf16 storage; it keeps the emulation).
-        self.storage = config.dtype == "bf16" and not hpts
+        #: Real bf16 arrays between ops (:func:`stores_bf16`).
+        self.storage = stores_bf16(config)
         apply_precision(model, config.dtype, residual, storage=self.storage)
         #: ``precision_schedule = "hpts"``: the sensitive groups' formats, step by step.
         self.hpts = HPTSScheduler(model, config.hpts_threshold) if hpts else None
