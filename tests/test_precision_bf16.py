@@ -329,7 +329,7 @@ def test_adamw_writes_the_bf16_compute_copy_in_the_same_pass():
         RustAdamW.adamw_step(params, grads, m, v, **hp, compute_copies=copies[:1])
 
 
-@pytest.mark.parametrize("family", ["topk", "bsr", "activation"])
+@pytest.mark.parametrize("family", ["topk", "bsr"])
 def test_a_family_without_a_bf16_kernel_raises_naming_family_device_and_dtype(family):
     with pytest.raises(NotImplementedError) as info:
         registry.select(family, "cpu", BF16)

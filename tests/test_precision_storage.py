@@ -14,9 +14,9 @@ from moecore import nn, ops
 from moecore.autograd.primitives.matmul import Linear as LinearFn
 from moecore.kernels.lowp import unit_roundoff
 from moecore.models.transformer import Block
+from moecore.nn.precision import StoreAs
 from moecore.ops.attention import PackedCausalAttention
 from moecore.ops.moe import MoEFunction
-from moecore.nn.precision import StoreAs
 from moecore.ops.norm import NormFn
 from moecore.train import Trainer, build_config
 from moecore.train import precision as run_precision
@@ -92,9 +92,52 @@ def _graph(loss):
     return out
 
 
-def test_a_bf16_step_stores_weights_and_activations_in_bf16():
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_on_bf16_arrays_against_float64(approximate):
+    """GELU and its gradient of bf16 x: computed in float32 and rounded once, so within
+    u·|ref| plus float32's (and the erf approximation's, 1.5e-7) error of the reference."""
+    rng = np.random.default_rng(2)
+    x0 = moecore.Tensor(_bf16(rng, 64, 40, scale=3).astype(np.float32), requires_grad=True)
+    x = StoreAs.apply(x0, BF16)
+    y = ops.gelu(x, approximate=approximate)
+    assert y.dtype == BF16
+    g = _bf16(rng, 64, 40)
+    y.backward(g)
+    xd, gd = x.data.astype(np.float64), g.astype(np.float64)
+    if approximate == "tanh":
+        inner = np.sqrt(2 / np.pi) * (xd + 0.044715 * xd**3)
+        t = np.tanh(inner)
+        ref = 0.5 * xd * (1 + t)
+        dref = gd * (
+            0.5 * (1 + t) + 0.5 * xd * (1 - t * t) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * xd**2)
+        )
+    else:
+        from scipy.special import erf
+
+        cdf = 0.5 * (1 + erf(xd / np.sqrt(2)))
+        ref = xd * cdf
+        dref = gd * (cdf + xd * np.exp(-0.5 * xd**2) / np.sqrt(2 * np.pi))
+    slack = 64 * F32_EPS + 1e-6
+    assert np.all(
+        np.abs(y.data.astype(np.float64) - ref) <= U * np.abs(ref) + slack * (1 + np.abs(xd))
+    )
+    got = x0.grad.astype(np.float64)
+    assert np.all(
+        np.abs(got - dref) <= U * np.abs(dref) + slack * (1 + np.abs(xd)) * (1 + np.abs(gd))
+    )
+
+
+SHAPES = {
+    "moe-tiny": {},
+    # a dense first layer (GELU on bf16), RMSNorm and rotary embeddings
+    "dense-rope-rmsnorm": {"first_dense_layers": 1, "norm": "rmsnorm", "position": "rope"},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_bf16_step_stores_weights_and_activations_in_bf16(shape):
     moecore.manual_seed(0)
-    cfg = build_config("moe-tiny")
+    cfg = build_config("moe-tiny", overrides=SHAPES[shape])
     model = build_model(cfg)
     model.train()
     prec = _precision(model)
@@ -132,7 +175,8 @@ def test_a_bf16_step_stores_weights_and_activations_in_bf16():
     # parameter gradients float32 for the float32 masters, which are back in place
     for p in model.parameters():
         assert p.data.dtype == np.float32
-        assert p.grad is None or p.grad.dtype == np.float32
+        assert p.grad is not None and p.grad.dtype == np.float32
+        assert np.all(np.isfinite(p.grad))
 
 
 def _losses(tmp_path, corpus, name, storage, monkeypatch):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import ml_dtypes
 import numpy as np
+
+from moecore.backend import is_bf16, widen_bf16
 
 if TYPE_CHECKING:
     from moecore.autograd.function import Context
@@ -49,28 +50,22 @@ def _graph(root_ctx: Context) -> tuple[list[Context], dict[int, int]]:
     return order, leaf_uses
 
 
-#: bf16 (``ml_dtypes``): the one format whose arrays a low-precision run stores between ops.
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
 def _conform(grad: Any, target: Tensor) -> Any:
     """The gradient of a bf16 array (or a bf16 gradient of a float32 array) in the format it
     is kept in: a leaf's (a parameter's compute copy) in float32, as the float32 master
     accumulates it; an intermediate's in bf16, its stored format. Anything else as given."""
     want = target.data.dtype
-    if want == _BF16 and target._ctx is None:
+    if is_bf16(want) and target._ctx is None:
         want = np.dtype(np.float32)
-    if grad.dtype == want or (want != _BF16 and grad.dtype != _BF16):
+    if grad.dtype == want or not (is_bf16(want) or is_bf16(grad.dtype)):
         return grad
-    if grad.dtype == _BF16 and want == np.float32:
-        from moecore.kernels.bf16 import widen
-
-        return widen(grad)
+    if is_bf16(grad.dtype) and want == np.float32:
+        return widen_bf16(grad)
     return grad.astype(want)
 
 
 def _check(grad: Any, target: Tensor, ctx: Context, position: int) -> None:
-    low = target.data.dtype == _BF16 and grad.dtype in (_BF16, np.float32)
+    low = is_bf16(target.data.dtype) and (is_bf16(grad.dtype) or grad.dtype == np.float32)
     if grad.shape != target.data.shape or (grad.dtype != target.data.dtype and not low):
         raise RuntimeError(
             f"{ctx.fn.__name__}.backward returned a gradient of shape {tuple(grad.shape)} "

@@ -21,14 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from moecore import _core
+from moecore.kernels.lowp import BF16, widen_bf16
 from moecore.kernels.norm import RustNorm
-
-#: numpy's dtype for bf16 (``ml_dtypes.bfloat16``).
-BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def bits(a: Any) -> np.ndarray:
@@ -46,12 +43,8 @@ def from_bits(u: np.ndarray) -> np.ndarray:
     return u.view(BF16)
 
 
-def widen(a: np.ndarray) -> np.ndarray:
-    """A bf16 array as float32 (exact): the bits shifted into the upper half of each word,
-    several times faster than ``ml_dtypes``' cast."""
-    u = bits(a).astype(np.uint32)
-    u <<= 16
-    return u.view(np.float32).reshape(a.shape)
+#: A bf16 array as float32, exactly (:func:`moecore.kernels.lowp.widen_bf16`).
+widen = widen_bf16
 
 
 def _f32(a: Any) -> Any:
@@ -100,6 +93,33 @@ class BF16Linear:
             gw = np.ascontiguousarray(gw_t.T)
         gb = widen(g2).sum(axis=0) if need_b else None
         return gx, gw, gb
+
+
+class BF16Activation:
+    """GELU of bf16 arrays: widened to float32 (exactly, by a shift of the bits), the
+    float32 kernel run (the fused Rust tanh-GELU, or the erf form), the result rounded once
+    to bf16."""
+
+    @staticmethod
+    def accepts(x: Any, *_: Any) -> bool:
+        """Whether it takes ``x``: a numpy array."""
+        return isinstance(x, np.ndarray)
+
+    @staticmethod
+    def gelu_forward(x: Any, approximate: str) -> tuple[Any, Any]:
+        """GELU of ``x`` in bf16 and what :meth:`gelu_backward` needs (float32, if any)."""
+        from moecore.kernels.activation import RustActivation
+
+        out, saved = RustActivation.gelu_forward(widen(x), approximate)
+        return out.astype(BF16), saved
+
+    @staticmethod
+    def gelu_backward(g: Any, x: Any, saved: Any, approximate: str) -> Any:
+        """Gradient of GELU at bf16 ``x``, in bf16 (computed in float32)."""
+        from moecore.kernels.activation import RustActivation
+
+        g32 = widen(g) if g.dtype == BF16 else np.ascontiguousarray(g, dtype=np.float32)
+        return RustActivation.gelu_backward(g32, widen(x), saved, approximate).astype(BF16)
 
 
 class BF16Norm:

@@ -13,17 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
+from moecore.backend import is_bf16, widen_bf16
 from moecore.kernels.registry import select_for
 
 
 def _wide(a: Any) -> Any:
-    if a is not None and a.dtype.kind == "V":  # ml_dtypes' bfloat16 (numpy has no bf16)
-        from moecore.kernels.bf16 import widen
-
-        return widen(a)
-    return a
+    return widen_bf16(a) if a is not None and is_bf16(a.dtype) else a
 
 
 class ArrayLinear:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from moecore.backend import is_bf16
 from moecore.kernels.registry import select_for
 
 
@@ -117,6 +118,6 @@ def moe_kernels_for(*arrays: Any) -> MoEKernels:
     array-module ones for float64 or mixed arrays (see :mod:`moecore.kernels.registry`)."""
     # bf16 rows (x, router_w, w1, w2…) choose with the experts' weights alone: the router
     # stays float32 in a low-precision run (the bf16 family runs it in float32).
-    chosen = (arrays[0], *arrays[2:]) if arrays[0].dtype.kind == "V" else arrays
+    chosen = (arrays[0], *arrays[2:]) if is_bf16(arrays[0].dtype) else arrays
     impl: MoEKernels = select_for("moe", *chosen)
     return impl

@@ -59,6 +59,7 @@ IMPLEMENTATIONS: dict[tuple[str, str, str], str] = {
     # bf16: Rust kernels that read and write bf16 and accumulate in float32 (kernels/bf16.py)
     ("moe", "cpu", "bfloat16"): "moecore.kernels.moe_bf16",
     ("linear", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Linear",
+    ("activation", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Activation",
     ("attention", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Attention",
     ("norm", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Norm",
     # fp16: the float32 kernel behind a converting doorway (kernels/lowp.py)

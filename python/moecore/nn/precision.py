@@ -36,7 +36,7 @@ import numpy as np
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
 from moecore.kernels.fp8 import fake_quantize_activation, fake_quantize_weight
-from moecore.kernels.lowp import COMPUTE_DTYPES, is_low_precision, round_to
+from moecore.kernels.lowp import COMPUTE_DTYPES, is_low_precision, round_to, widen_bf16
 from moecore.nn.layers import Embedding, LayerNorm, Linear, RMSNorm
 from moecore.nn.module import Module
 from moecore.nn.moe import MoE
@@ -82,9 +82,7 @@ class Widen(Function):
     def forward(ctx: Context, x: Any) -> Any:
         ctx.dtype = x.dtype
         if x.dtype == _BF16:
-            from moecore.kernels.bf16 import widen
-
-            return widen(x)
+            return widen_bf16(x)
         return x.astype(np.float32, copy=False)
 
     @staticmethod

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 from moecore.autograd.function import Context, Function
 from moecore.autograd.primitives._shapes import unbroadcast
 from moecore.backend import xp_of
-from moecore.kernels.linear import linear_kernels
 
 if TYPE_CHECKING:
     from moecore.autograd.tensor import Tensor  # Tensor's methods call these
@@ -54,6 +53,8 @@ class Linear(Function):
             raise ValueError(
                 f"linear: input has {x.shape[-1]} features, weight expects {w.shape[1]}"
             )
+        from moecore.kernels.linear import linear_kernels  # the kernels load after Tensor
+
         x2 = x.reshape(-1, x.shape[-1])
         ctx.kernels = linear_kernels(x2, w, bias)
         y, saved = ctx.kernels.forward(x2, w, bias)
