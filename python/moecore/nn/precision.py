@@ -1,9 +1,15 @@
-"""Mixed precision for a model: where values are rounded to the compute format.
+"""Mixed precision for a model: where values are stored in, or rounded to, a low format.
 
-:func:`apply_precision` makes a model compute as a bf16, fp16 or fp8 run does, by rounding
-values at the points where such a run stores them in the low format, while every op keeps
-computing in float32 (the CPU kernels are float32; the bf16 numbers they read are exactly
-representable in it):
+bf16 with ``storage=True`` (what a plain bf16 training run uses): :func:`apply_precision`
+stores the activations as real ``ml_dtypes.bfloat16`` arrays (:class:`StoreAs`) while
+:func:`bf16_storage` is active, the weights' compute copies are bf16 arrays
+(:func:`compute_copy_fn`), and every op runs its bf16 kernel; the final norm's output is
+widened to float32 (:class:`Widen`) so the logits and the loss stay float32.
+
+Otherwise (fp16, fp8, bf16 under HPTS) :func:`apply_precision` makes a model compute as
+such a run does, by rounding values at the points where it stores them in the low format,
+while every op keeps computing in float32 (the values of the format are exactly
+representable in float32):
 
 - **weights**: the compute copies of :class:`moecore.optim.MasterWeights` — each float32
   master rounded to the format (fp8: GEMM weights block-quantized to e4m3, 128 × 128
@@ -60,6 +66,9 @@ class RoundTo(Function):
         return round_to(g, ctx.dtype), None
 
 
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
 class StoreAs(Function):
     """``x`` stored in ``dtype`` — a real ``ml_dtypes.bfloat16`` array, a copy only when
     ``x`` is in another format; the gradient goes back in ``x``'s format."""
@@ -89,8 +98,6 @@ class Widen(Function):
     def backward(ctx: Context, g: Any) -> Any:
         return g if g.dtype == ctx.dtype else g.astype(ctx.dtype)
 
-
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 #: Whether the modules :func:`apply_precision` wrapped with real storage store their
 #: activations in bf16 now: only inside :func:`bf16_storage` (a training step's forward and
