@@ -62,6 +62,14 @@ EXPECTED = {
     ("attention", "cpu", "float16"): "moecore.kernels.lowp.DoorwayAttention",
     ("norm", "cpu", "bfloat16"): "moecore.kernels.bf16.BF16Norm",
     ("norm", "cpu", "float16"): "moecore.kernels.lowp.DoorwayNorm",
+    ("linear", "cpu", "float32"): "moecore.kernels.linear.ArrayLinear",
+    ("linear", "cpu", "float64"): "moecore.kernels.linear.ArrayLinear",
+    ("linear", "cpu", "float16"): "moecore.kernels.linear.ArrayLinear",
+    ("linear", "cuda", "float32"): "moecore.kernels.linear.ArrayLinear",
+    ("linear", "cuda", "float64"): "moecore.kernels.linear.ArrayLinear",
+    ("linear", "cuda", "float16"): "moecore.kernels.linear.ArrayLinear",
+    ("linear", "cpu", "bfloat16"): "moecore.kernels.bf16.BF16Linear",
+    ("activation", "cpu", "bfloat16"): "moecore.kernels.bf16.BF16Activation",
 }
 
 
@@ -84,7 +92,7 @@ class FakeCupyArray:
 # --- the selector -----------------------------------------------------------------------------
 
 
-def test_the_table_covers_the_seven_families_and_no_more():
+def test_the_table_covers_the_eight_families_and_no_more():
     assert set(registry.FAMILIES) == {
         "moe",
         "bsr",
@@ -93,6 +101,7 @@ def test_the_table_covers_the_seven_families_and_no_more():
         "attention",
         "norm",
         "activation",
+        "linear",
     }
     assert set(registry.IMPLEMENTATIONS) == set(EXPECTED)
 

@@ -23,12 +23,15 @@ against bf16 both through moecore's Rust kernels:
 Run:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/precision.py
 Options: ``--preset`` (moe-small), ``--steps`` (12), ``--skip`` (2), ``--set key=value``,
-``--threads`` (2), ``--rounds`` (15, kernel rounds), ``--no-train`` / ``--no-kernels``.
+``--threads`` (2), ``--rounds`` (15, kernel rounds), ``--no-train`` / ``--no-kernels``,
+``--baseline DIR`` (another tree's float32 and bf16 trainers in the same lock-step, for a
+before/after).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -50,17 +53,34 @@ def train_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = build_config(args.preset, None, parse_overrides(args.set))
     tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    # Each run: label → (dtype, PYTHONPATH or None for this tree's). ``--baseline DIR`` adds
+    # bf16 and float32 runs of another tree (DIR/python), stepped in the same lock-step.
+    runs: dict[str, tuple[str, str | None]] = {d: (d, None) for d in DTYPES}
+    if args.baseline:
+        base = str(Path(args.baseline).resolve() / "python")
+        for d in ("float32", "bf16"):
+            runs[f"{d} (baseline)"] = (d, base)
     workers = {}
-    for d in DTYPES:
+    for label, (d, path) in runs.items():
         argv = ["--preset", args.preset, "--set", f"dtype={d}"]
         for pair in args.set:
             argv += ["--set", pair]
-        workers[d] = start_worker("moecore", argv, args.threads)
-    times: dict[str, list[float]] = {d: [] for d in DTYPES}
+        before = os.environ.get("PYTHONPATH")
+        if path is not None:
+            os.environ["PYTHONPATH"] = path  # the worker inherits it
+        try:
+            workers[label] = start_worker("moecore", argv, args.threads)
+        finally:
+            if before is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = before
+    labels = list(runs)
+    times: dict[str, list[float]] = {d: [] for d in labels}
     losses: dict[str, float] = {}
     try:
         for step in range(args.steps):
-            order = DTYPES[step % len(DTYPES) :] + DTYPES[: step % len(DTYPES)]
+            order = labels[step % len(labels) :] + labels[: step % len(labels)]
             for d in order:
                 r = workers[d].ask("step")
                 times[d].append(r["seconds"])
@@ -70,7 +90,7 @@ def train_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
         for w in workers.values():
             w.close()
     out = {}
-    for d in DTYPES:
+    for d in labels:
         kept = times[d][args.skip :]
         ratios = [t / b for t, b in zip(kept, times["float32"][args.skip :])]
         low, high = median_interval(ratios)
@@ -193,6 +213,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="another moecore tree: its float32 and bf16 runs join the lock-step",
+    )
     args = ap.parse_args()
     if args.steps <= args.skip:
         raise SystemExit(f"--steps ({args.steps}) must exceed --skip ({args.skip})")

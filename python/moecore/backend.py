@@ -123,3 +123,23 @@ def as_array(obj: Any, what: str, *, gpu: bool = False) -> Any:
             f"{what}: could not view {kind} through DLPack on {where} without a copy "
             f"(a tensor that requires grad needs .detach()): {exc}"
         ) from exc
+
+
+def is_bf16(dtype: Any) -> bool:
+    """Whether ``dtype`` is bf16 (``ml_dtypes.bfloat16``; numpy has none of its own, and
+    this check does not import ``ml_dtypes``)."""
+    return bool(getattr(dtype, "kind", None) == "V" and getattr(dtype, "name", "") == "bfloat16")
+
+
+def widen_bf16(a: Any) -> Any:
+    """A bf16 numpy array as a new float32 one, exactly: each value's 16 bits shifted into
+    the upper half of a 32-bit word (several times faster than ``ml_dtypes``' cast).
+
+    Raises:
+        TypeError: ``a`` is not a bf16 numpy array.
+    """
+    if not isinstance(a, np.ndarray) or not is_bf16(a.dtype):
+        raise TypeError(f"expected a numpy array of bfloat16, got {getattr(a, 'dtype', a)!r}")
+    u = np.ascontiguousarray(a).view(np.uint16).astype(np.uint32)
+    u <<= 16
+    return u.view(np.float32).reshape(a.shape)

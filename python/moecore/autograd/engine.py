@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from moecore.backend import is_bf16, widen_bf16
+
 if TYPE_CHECKING:
     from moecore.autograd.function import Context
     from moecore.autograd.tensor import Tensor
@@ -46,8 +50,23 @@ def _graph(root_ctx: Context) -> tuple[list[Context], dict[int, int]]:
     return order, leaf_uses
 
 
+def _conform(grad: Any, target: Tensor) -> Any:
+    """The gradient of a bf16 array (or a bf16 gradient of a float32 array) in the format it
+    is kept in: a leaf's (a parameter's compute copy) in float32, as the float32 master
+    accumulates it; an intermediate's in bf16, its stored format. Anything else as given."""
+    want = target.data.dtype
+    if is_bf16(want) and target._ctx is None:
+        want = np.dtype(np.float32)
+    if grad.dtype == want or not (is_bf16(want) or is_bf16(grad.dtype)):
+        return grad
+    if is_bf16(grad.dtype) and want == np.float32:
+        return widen_bf16(grad)
+    return grad.astype(want)
+
+
 def _check(grad: Any, target: Tensor, ctx: Context, position: int) -> None:
-    if grad.shape != target.data.shape or grad.dtype != target.data.dtype:
+    low = is_bf16(target.data.dtype) and (is_bf16(grad.dtype) or grad.dtype == np.float32)
+    if grad.shape != target.data.shape or (grad.dtype != target.data.dtype and not low):
         raise RuntimeError(
             f"{ctx.fn.__name__}.backward returned a gradient of shape {tuple(grad.shape)} "
             f"and dtype {grad.dtype} for input {position}, whose shape is "
@@ -118,6 +137,7 @@ def run_backward(root: Tensor, grad: Any, retain_graph: bool = False) -> None:
             if parent is None or not parent.requires_grad:
                 continue
             if g is not None:
+                g = _conform(g, parent)
                 _check(g, parent, ctx, position)
                 if parent._ctx is not None:
                     _add(grads, (id(parent._ctx), parent._out_index), g)

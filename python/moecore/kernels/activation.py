@@ -94,9 +94,9 @@ def gelu_forward(x: Any, approximate: str) -> tuple[Any, Any]:
 
 def gelu_backward(g: Any, x: Any, saved: Any, approximate: str) -> Any:
     """Gradient of GELU at ``x`` given ``saved`` from :func:`gelu_forward`."""
-    if saved is None:  # only the Rust kernel saves nothing
-        return RustActivation.gelu_backward(g, x, saved, approximate)
-    return ArrayActivation.gelu_backward(g, x, saved, approximate)
+    # x is the array forward was given, so this is the implementation that ran it (the
+    # Rust one hands arrays it saved state for to the array-module backward).
+    return select_for("activation", x).gelu_backward(g, x, saved, approximate)
 
 
 def activate(h: Any, activation: str) -> tuple[Any, Any]:

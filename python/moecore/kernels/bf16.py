@@ -21,14 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from moecore import _core
+from moecore.kernels.lowp import BF16, widen_bf16
 from moecore.kernels.norm import RustNorm
-
-#: numpy's dtype for bf16 (``ml_dtypes.bfloat16``).
-BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def bits(a: Any) -> np.ndarray:
@@ -46,6 +43,10 @@ def from_bits(u: np.ndarray) -> np.ndarray:
     return u.view(BF16)
 
 
+#: A bf16 array as float32, exactly (:func:`moecore.kernels.lowp.widen_bf16`).
+widen = widen_bf16
+
+
 def _f32(a: Any) -> Any:
     return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
 
@@ -59,6 +60,66 @@ def matmul(a: np.ndarray, b: np.ndarray, transpose_b: bool = False) -> np.ndarra
         ValueError: the inner dimensions do not match.
     """
     return from_bits(_core.bf16_matmul(bits(a), bits(b), transpose_b))
+
+
+class BF16Linear:
+    """``x @ w.T + bias`` (a ``Linear`` layer) for bf16 ``x`` and ``w``: the product through
+    the bf16 GEMM doorway, bf16 out; in backward the input gradient bf16 and the weight and
+    bias gradients float32 (they feed the float32 masters)."""
+
+    @staticmethod
+    def forward(x2: Any, w: Any, bias: Any) -> tuple[Any, tuple[Any, ...]]:
+        """``(y, saved)`` for 2-D ``x2 [T, in]`` and ``w [out, in]``."""
+        y = matmul(x2, w, transpose_b=True)
+        if bias is not None:
+            # Added in float32 and rounded again: bf16 has no fused bias epilogue here.
+            y = (widen(y) + np.asarray(bias, dtype=np.float32)).astype(BF16)
+        return y, (x2, w)
+
+    @staticmethod
+    def backward(
+        g2: Any, saved: tuple[Any, ...], need_x: bool, need_w: bool, need_b: bool
+    ) -> tuple[Any, Any, Any]:
+        """``(gx [T, in] bf16, gw [out, in] float32, gb [out] float32)``."""
+        x2, w = saved
+        g2 = np.asarray(g2).astype(BF16, copy=False)
+        gx = matmul(g2, w) if need_x else None
+        gw = None
+        if need_w:
+            # gwᵀ = x2ᵀ·g2 is the grouped kernel's weight gradient for one group of all rows:
+            # bf16 operands, float32 accumulation and result.
+            counts = np.array([x2.shape[0]], dtype=np.int32)
+            gw_t = _core.moe_grouped_matmul_dw_bf16(bits(x2), bits(g2), counts)[0]
+            gw = np.ascontiguousarray(gw_t.T)
+        gb = widen(g2).sum(axis=0) if need_b else None
+        return gx, gw, gb
+
+
+class BF16Activation:
+    """GELU of bf16 arrays: widened to float32 (exactly, by a shift of the bits), the
+    float32 kernel run (the fused Rust tanh-GELU, or the erf form), the result rounded once
+    to bf16."""
+
+    @staticmethod
+    def accepts(x: Any, *_: Any) -> bool:
+        """Whether it takes ``x``: a numpy array."""
+        return isinstance(x, np.ndarray)
+
+    @staticmethod
+    def gelu_forward(x: Any, approximate: str) -> tuple[Any, Any]:
+        """GELU of ``x`` in bf16 and what :meth:`gelu_backward` needs (float32, if any)."""
+        from moecore.kernels.activation import RustActivation
+
+        out, saved = RustActivation.gelu_forward(widen(x), approximate)
+        return out.astype(BF16), saved
+
+    @staticmethod
+    def gelu_backward(g: Any, x: Any, saved: Any, approximate: str) -> Any:
+        """Gradient of GELU at bf16 ``x``, in bf16 (computed in float32)."""
+        from moecore.kernels.activation import RustActivation
+
+        g32 = widen(g) if g.dtype == BF16 else np.ascontiguousarray(g, dtype=np.float32)
+        return RustActivation.gelu_backward(g32, widen(x), saved, approximate).astype(BF16)
 
 
 class BF16Norm:
@@ -111,7 +172,7 @@ class BF16Attention:
         hd = three_d // 3 // n_heads
         src = qkv
         if rope is not None:
-            wide = qkv.astype(np.float32)
+            wide = widen(qkv)
             _rotate_packed_qk(wide.reshape(b, t, 3, n_heads, hd), rope, apply_rope)
             src = wide.astype(BF16)
         src = np.ascontiguousarray(src)
@@ -130,7 +191,7 @@ class BF16Attention:
         g16 = bits(np.asarray(g).astype(BF16, copy=False))
         d_qkv = from_bits(_core.fused_attention_backward_bf16(bits(src), probs, g16, h, causal))
         if rope is not None:
-            wide = d_qkv.astype(np.float32)
+            wide = widen(d_qkv)
             _rotate_packed_qk(wide.reshape(b, t, 3, h, d // h), rope, rope_backward)
             d_qkv = wide.astype(BF16)
         return d_qkv

@@ -25,6 +25,18 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from moecore.backend import widen_bf16
+
+__all__ = [
+    "BF16",
+    "COMPUTE_DTYPES",
+    "float32_doorway",
+    "is_low_precision",
+    "round_to",
+    "unit_roundoff",
+    "widen_bf16",
+]
+
 #: The run config's ``dtype`` values → the format weights and activations are stored in.
 #: ``fp8`` stores them in bf16 and runs the GEMMs' operands in e4m3 (:mod:`moecore.kernels.fp8`).
 COMPUTE_DTYPES: dict[str, Any] = {
@@ -73,6 +85,10 @@ def unit_roundoff(dtype: Any) -> float:
         else float(np.finfo(dt).eps)
     )
     return eps / 2
+
+
+#: numpy's dtype for bf16 (``ml_dtypes.bfloat16``; numpy has none of its own).
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _to_f32(a: Any) -> Any:

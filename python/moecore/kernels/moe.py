@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from moecore.backend import is_bf16
 from moecore.kernels.registry import select_for
 
 
@@ -115,5 +116,8 @@ class MoEKernels(Protocol):
 def moe_kernels_for(*arrays: Any) -> MoEKernels:
     """The MoE kernels for these arrays: Rust for float32 numpy, CUDA for float32 CuPy, the
     array-module ones for float64 or mixed arrays (see :mod:`moecore.kernels.registry`)."""
-    impl: MoEKernels = select_for("moe", *arrays)
+    # bf16 rows (x, router_w, w1, w2…) choose with the experts' weights alone: the router
+    # stays float32 in a low-precision run (the bf16 family runs it in float32).
+    chosen = (arrays[0], *arrays[2:]) if is_bf16(arrays[0].dtype) else arrays
+    impl: MoEKernels = select_for("moe", *chosen)
     return impl

@@ -18,11 +18,11 @@ import numpy as np
 
 from moecore import _core
 from moecore import moe_kernels as f32
-from moecore.kernels.bf16 import BF16, bits, from_bits
+from moecore.kernels.bf16 import BF16, bits, from_bits, widen
 
 
 def _wide(a: Any) -> Any:
-    return a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == BF16 else a
+    return widen(a) if isinstance(a, np.ndarray) and a.dtype == BF16 else a
 
 
 def _counts(counts: Any) -> np.ndarray:
@@ -66,7 +66,23 @@ def permute(
     weights: np.ndarray | None = None,
     pad_to: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`moecore.moe_kernels.permute`; ``x_sorted`` in bf16."""
+    """:func:`moecore.moe_kernels.permute`; ``x_sorted`` in bf16. Without a capacity or
+    padding the rows are gathered as they are (a stable sort of the flat assignments by
+    expert, as the kernel orders them), with no float32 copy."""
+    flat = np.asarray(expert_idx).reshape(-1)
+    if (
+        capacity is None
+        and pad_to == 1
+        and expert_idx.ndim == 2
+        and x.ndim == 2
+        and x.shape[0] == expert_idx.shape[0]
+        and flat.size
+        and 0 <= int(flat.min())
+        and int(flat.max()) < n_experts
+    ):
+        order = np.argsort(flat, kind="stable").astype(np.int32)
+        counts = np.bincount(flat, minlength=n_experts).astype(np.int32)
+        return from_bits(bits(x)[order // expert_idx.shape[1]]), order, counts
     x_sorted, order, counts = f32.permute(
         _wide(x), expert_idx, n_experts, capacity, _wide(weights), pad_to
     )

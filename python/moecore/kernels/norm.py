@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from moecore import _core
-from moecore.backend import xp_of
+from moecore.backend import is_bf16, xp_of
 from moecore.kernels.registry import select_for
 
 
@@ -117,5 +117,8 @@ class ArrayNorm:
 
 def norm_kernels(x: Any, weight: Any, bias: Any) -> Any:
     """The implementation of LayerNorm/RMSNorm for these arrays (``None`` parameters
-    skipped)."""
+    skipped). A bf16 ``x`` chooses alone: the parameters of a norm stay float32 in a
+    low-precision run (the bf16 kernel takes float32 parameters)."""
+    if is_bf16(x.dtype):
+        return select_for("norm", x)
     return select_for("norm", x, weight, bias)

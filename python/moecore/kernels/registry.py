@@ -50,8 +50,16 @@ IMPLEMENTATIONS: dict[tuple[str, str, str], str] = {
     ("activation", "cpu", "float64"): "moecore.kernels.activation:ArrayActivation",
     ("activation", "cuda", "float32"): "moecore.kernels.activation:ArrayActivation",
     ("activation", "cuda", "float64"): "moecore.kernels.activation:ArrayActivation",
+    ("linear", "cpu", "float32"): "moecore.kernels.linear:ArrayLinear",
+    ("linear", "cpu", "float64"): "moecore.kernels.linear:ArrayLinear",
+    ("linear", "cpu", "float16"): "moecore.kernels.linear:ArrayLinear",
+    ("linear", "cuda", "float32"): "moecore.kernels.linear:ArrayLinear",
+    ("linear", "cuda", "float64"): "moecore.kernels.linear:ArrayLinear",
+    ("linear", "cuda", "float16"): "moecore.kernels.linear:ArrayLinear",
     # bf16: Rust kernels that read and write bf16 and accumulate in float32 (kernels/bf16.py)
     ("moe", "cpu", "bfloat16"): "moecore.kernels.moe_bf16",
+    ("linear", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Linear",
+    ("activation", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Activation",
     ("attention", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Attention",
     ("norm", "cpu", "bfloat16"): "moecore.kernels.bf16:BF16Norm",
     # fp16: the float32 kernel behind a converting doorway (kernels/lowp.py)
@@ -68,6 +76,7 @@ ARRAY_MODULE: dict[str, str] = {
     "attention": "moecore.kernels.attention:ArrayAttention",
     "norm": "moecore.kernels.norm:ArrayNorm",
     "activation": "moecore.kernels.activation:ArrayActivation",
+    "linear": "moecore.kernels.linear:ArrayLinear",
 }
 
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(f for f, _, _ in IMPLEMENTATIONS))

@@ -1,9 +1,15 @@
-"""Mixed precision for a model: where values are rounded to the compute format.
+"""Mixed precision for a model: where values are stored in, or rounded to, a low format.
 
-:func:`apply_precision` makes a model compute as a bf16, fp16 or fp8 run does, by rounding
-values at the points where such a run stores them in the low format, while every op keeps
-computing in float32 (the CPU kernels are float32; the bf16 numbers they read are exactly
-representable in it):
+bf16 with ``storage=True`` (what a plain bf16 training run uses): :func:`apply_precision`
+stores the activations as real ``ml_dtypes.bfloat16`` arrays (:class:`StoreAs`) while
+:func:`bf16_storage` is active, the weights' compute copies are bf16 arrays
+(:func:`compute_copy_fn`), and every op runs its bf16 kernel; the final norm's output is
+widened to float32 (:class:`Widen`) so the logits and the loss stay float32.
+
+Otherwise (fp16, fp8, bf16 under HPTS) :func:`apply_precision` makes a model compute as
+such a run does, by rounding values at the points where it stores them in the low format,
+while every op keeps computing in float32 (the values of the format are exactly
+representable in float32):
 
 - **weights**: the compute copies of :class:`moecore.optim.MasterWeights` — each float32
   master rounded to the format (fp8: GEMM weights block-quantized to e4m3, 128 × 128
@@ -26,15 +32,17 @@ does it chunk by chunk).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
 from moecore.kernels.fp8 import fake_quantize_activation, fake_quantize_weight
-from moecore.kernels.lowp import COMPUTE_DTYPES, is_low_precision, round_to
+from moecore.kernels.lowp import COMPUTE_DTYPES, is_low_precision, round_to, widen_bf16
 from moecore.nn.layers import Embedding, LayerNorm, Linear, RMSNorm
 from moecore.nn.module import Module
 from moecore.nn.moe import MoE
@@ -56,6 +64,58 @@ class RoundTo(Function):
     @staticmethod
     def backward(ctx: Context, g: Any) -> Any:
         return round_to(g, ctx.dtype), None
+
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+class StoreAs(Function):
+    """``x`` stored in ``dtype`` — a real ``ml_dtypes.bfloat16`` array, a copy only when
+    ``x`` is in another format; the gradient goes back in ``x``'s format."""
+
+    @staticmethod
+    def forward(ctx: Context, x: Any, dtype: Any) -> Any:
+        ctx.dtype = x.dtype
+        return x if x.dtype == dtype else x.astype(dtype)
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        return (g if g.dtype == ctx.dtype else g.astype(ctx.dtype)), None
+
+
+class Widen(Function):
+    """``x`` as float32 (exact from bf16): the input of a float32 island (the output
+    layer, whose logits and loss stay float32); the gradient stored back in ``x``'s format."""
+
+    @staticmethod
+    def forward(ctx: Context, x: Any) -> Any:
+        ctx.dtype = x.dtype
+        if x.dtype == _BF16:
+            return widen_bf16(x)
+        return x.astype(np.float32, copy=False)
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> Any:
+        return g if g.dtype == ctx.dtype else g.astype(ctx.dtype)
+
+
+#: Whether the modules :func:`apply_precision` wrapped with real storage store their
+#: activations in bf16 now: only inside :func:`bf16_storage` (a training step's forward and
+#: backward, where the weights are bf16 compute copies); outside it they compute as float32.
+_storing = [False]
+
+
+@contextlib.contextmanager
+def bf16_storage() -> Iterator[None]:
+    """Within the block, modules wrapped by ``apply_precision(..., storage=True)`` store
+    their activations as real bf16 arrays (pair it with bf16 compute copies of the weights:
+    :class:`moecore.optim.MasterWeights`)."""
+    before = _storing[0]
+    _storing[0] = True
+    try:
+        yield
+    finally:
+        _storing[0] = before
 
 
 class Fp8Input(Function):
@@ -111,15 +171,22 @@ def parameter_roles(model: Module) -> dict[int, str]:
 
 
 def compute_copy_fn(
-    model: Module, dtype_name: str, scheduled: dict[int, Any] | None = None
+    model: Module,
+    dtype_name: str,
+    scheduled: dict[int, Any] | None = None,
+    storage: bool = False,
 ) -> Callable[[Tensor], np.ndarray | None]:
     """The function making a parameter's compute copy from its float32 master under
     ``dtype_name`` (None: the master itself, for float32 and the float32-kept roles).
     ``scheduled`` (``id(parameter)`` → a dtype, read at each call) overrides the format of
-    the parameters it names (the HPTS scheduler's decisions)."""
+    the parameters it names (the HPTS scheduler's decisions). ``storage`` (bf16 only): the
+    copies are real ``ml_dtypes.bfloat16`` arrays rather than float32 ones holding bf16
+    values."""
     dtype = COMPUTE_DTYPES[dtype_name]
     roles = parameter_roles(model)
     fp8 = dtype_name == "fp8"
+    if storage and dtype_name != "bf16":
+        raise ValueError(f"real low-precision storage is bf16 only, got dtype {dtype_name!r}")
 
     def copy(p: Tensor) -> np.ndarray | None:
         if scheduled is not None and id(p) in scheduled:
@@ -130,6 +197,8 @@ def compute_copy_fn(
             return None
         if fp8 and role in (GEMM, EXPERT):
             return fake_quantize_weight(p.data)
+        if storage:
+            return p.data.astype(dtype)
         return round_to(p.data, dtype)
 
     return copy
@@ -145,7 +214,10 @@ def _wrap(module: Module, around: Callable[[Callable[..., Tensor], Any], Tensor]
 
 
 def apply_precision(
-    model: Module, dtype_name: str, residual: tuple[type[Module], ...] = ()
+    model: Module,
+    dtype_name: str,
+    residual: tuple[type[Module], ...] = (),
+    storage: bool = False,
 ) -> None:
     """Makes ``model``'s forward and backward round activations as a ``dtype_name`` run
     stores them (see the module docs); float32 changes nothing. Call once, after any
@@ -157,14 +229,25 @@ def apply_precision(
         dtype_name: ``"float32"``, ``"bf16"``, ``"fp16"`` or ``"fp8"``.
         residual: module types whose output is the residual stream (a transformer's block),
             stored in the compute format too.
+        storage: bf16 only — store the activations as real ``ml_dtypes.bfloat16`` arrays
+            (inside :func:`bf16_storage`; the ops run their bf16 kernels) rather than round
+            float32 ones; the output of a norm outside the ``residual`` modules (the final
+            norm, read by the output layer) is widened to float32 there, so the logits and
+            the loss stay float32.
 
     Raises:
-        ValueError: ``dtype_name`` is not one of ``float32``, ``bf16``, ``fp16``, ``fp8``.
+        ValueError: ``dtype_name`` is not one of ``float32``, ``bf16``, ``fp16``, ``fp8``,
+            or ``storage`` is asked of another format than bf16.
     """
     if dtype_name not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(COMPUTE_DTYPES)}, got {dtype_name!r}")
     dtype = COMPUTE_DTYPES[dtype_name]
     if not is_low_precision(dtype):
+        return
+    if storage:
+        if dtype_name != "bf16":
+            raise ValueError(f"real low-precision storage is bf16 only, got {dtype_name!r}")
+        _store_bf16(model, residual)
         return
     fp8 = dtype_name == "fp8"
 
@@ -187,3 +270,30 @@ def apply_precision(
             _wrap(module, experts)
         elif isinstance(module, Embedding | LayerNorm | RMSNorm) or isinstance(module, residual):
             _wrap(module, rounded)
+
+
+def _store(x: Any) -> Any:
+    return StoreAs.apply(x, _BF16) if _storing[0] and isinstance(x, Tensor) else x
+
+
+def _store_bf16(model: Module, residual: tuple[type[Module], ...]) -> None:
+    """:func:`apply_precision` with real bf16 storage."""
+    inside = {id(m) for r in model.modules() if isinstance(r, residual) for m in r.modules()}
+
+    def stored(fn: Callable[..., Tensor], x: Any) -> Tensor:
+        return _store(fn(x))
+
+    def stored_input(fn: Callable[..., Tensor], x: Any) -> Tensor:
+        return _store(fn(_store(x)))
+
+    def widened(fn: Callable[..., Tensor], x: Any) -> Tensor:
+        y = _store(fn(x))
+        return Widen.apply(y) if _storing[0] else y
+
+    for module in model.modules():
+        if isinstance(module, Linear | MoE):
+            _wrap(module, stored_input)
+        elif isinstance(module, LayerNorm | RMSNorm) and id(module) not in inside:
+            _wrap(module, widened)
+        elif isinstance(module, Embedding | LayerNorm | RMSNorm) or isinstance(module, residual):
+            _wrap(module, stored)

@@ -8,7 +8,7 @@ import numpy as np
 
 from moecore.autograd.function import Context, Function
 from moecore.autograd.tensor import Tensor
-from moecore.backend import xp_of
+from moecore.backend import is_bf16, widen_bf16, xp_of
 
 
 class EmbeddingFn(Function):
@@ -23,7 +23,8 @@ class EmbeddingFn(Function):
             )
         ctx.save_for_backward(ids)
         ctx.weight_shape = weight.shape
-        ctx.dtype = weight.dtype
+        # A bf16 table (a compute copy) gets its gradient in float32, as its master keeps it.
+        ctx.dtype = np.float32 if is_bf16(weight.dtype) else weight.dtype
         return weight[ids]
 
     @staticmethod
@@ -31,6 +32,8 @@ class EmbeddingFn(Function):
         (ids,) = ctx.saved_tensors
         xp = xp_of(g)
         gw = xp.zeros(ctx.weight_shape, dtype=ctx.dtype)
+        if is_bf16(g.dtype):  # bf16 rows: summed in float32 (numpy's bf16 ufuncs are slow)
+            g = widen_bf16(g)
         flat, rows = ids.reshape(-1), g.reshape(-1, ctx.weight_shape[1])
         if xp is np and flat.size:
             # Sorted segment sums: numpy's add.at is an unbuffered per-element loop, many

@@ -3,8 +3,9 @@
 A parameter's array *is* its float32 master: the optimizer steps it, gradient clipping and
 the optimizer state see float32, and a checkpoint saves it as it is, so a run resumes in any
 ``dtype``. Around the forward and backward passes, :meth:`MasterWeights.compute_copies` puts
-in each parameter the copy the low-precision step computes from — the master rounded to the
-compute format (:func:`moecore.kernels.lowp.round_to`) — and puts the master back after.
+in each parameter the copy the low-precision step computes from — for a bf16 run a real
+``ml_dtypes.bfloat16`` array, otherwise the master rounded to the compute format in a
+float32 array (:func:`moecore.kernels.lowp.round_to`) — and puts the master back after.
 Gradients arrive in float32 (see :mod:`moecore.nn.precision`), so the optimizer step is
 float32 throughout, as the DeepSeek-V3 recipe keeps it.
 

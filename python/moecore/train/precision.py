@@ -14,10 +14,18 @@ import numpy as np
 from moecore import nn
 from moecore.autograd.tensor import Tensor
 from moecore.kernels.lowp import COMPUTE_DTYPES
-from moecore.nn.precision import apply_precision, compute_copy_fn
+from moecore.nn.precision import apply_precision, bf16_storage, compute_copy_fn
 from moecore.optim.loss_scaler import LossScaler
 from moecore.optim.master_weights import MasterWeights
 from moecore.train.hpts import HPTSScheduler
+
+
+def stores_bf16(config: Any) -> bool:
+    """Whether a run stores its weights' compute copies and activations as real
+    ``ml_dtypes.bfloat16`` arrays: a bf16 run without HPTS. HPTS's per-group formats (fp16
+    and float32 among them) do not fit bf16 storage, and fp16 and fp8 have no fast numpy or
+    kernel path here: those runs keep float32 arrays holding the format's values."""
+    return bool(config.dtype == "bf16" and config.precision_schedule != "hpts")
 
 
 class RunPrecision:
@@ -33,17 +41,21 @@ class RunPrecision:
         self, model: nn.Module, config: Any, residual: tuple[type[nn.Module], ...] = ()
     ) -> None:
         self.dtype_name = config.dtype
-        apply_precision(model, config.dtype, residual)
+        hpts = config.precision_schedule == "hpts"
+        #: Real bf16 arrays between ops (:func:`stores_bf16`).
+        self.storage = stores_bf16(config)
+        apply_precision(model, config.dtype, residual, storage=self.storage)
         #: ``precision_schedule = "hpts"``: the sensitive groups' formats, step by step.
-        self.hpts = (
-            HPTSScheduler(model, config.hpts_threshold)
-            if config.precision_schedule == "hpts"
-            else None
-        )
+        self.hpts = HPTSScheduler(model, config.hpts_threshold) if hpts else None
         self.masters = MasterWeights(
             model.parameters(),
             COMPUTE_DTYPES[config.dtype],
-            compute_copy_fn(model, config.dtype, self.hpts.scheduled if self.hpts else None),
+            compute_copy_fn(
+                model,
+                config.dtype,
+                self.hpts.scheduled if self.hpts else None,
+                storage=self.storage,
+            ),
         )
         self._hpts_ran: dict[str, str] = {}
         self.scaler = (
@@ -65,7 +77,8 @@ class RunPrecision:
             if self.scaler is not None
             else contextlib.nullcontext()
         )
-        with self.masters.compute_copies(), quiet:
+        storing = bf16_storage() if self.storage else contextlib.nullcontext()
+        with self.masters.compute_copies(), quiet, storing:
             yield
 
     def scaled(self, loss: Tensor) -> Tensor:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from moecore.backend import is_bf16, widen_bf16
+
 
 def unbroadcast(grad: Any, shape: tuple[int, ...]) -> Any:
     """Sums ``grad`` over the axes broadcasting added or stretched, back to ``shape``."""
     if grad.shape == shape:
         return grad
+    if is_bf16(grad.dtype):
+        # summed in float32, which is also where a parameter's gradient (the usual
+        # broadcast operand) accumulates; numpy's bf16 reductions are slow
+        grad = widen_bf16(grad)
     extra = grad.ndim - len(shape)
     if extra > 0:
         grad = grad.sum(axis=tuple(range(extra)))

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from moecore.autograd.function import Context, Function
 from moecore.autograd.primitives._shapes import shape_of, unbroadcast
-from moecore.backend import xp_of
+from moecore.backend import is_bf16, xp_of
 
 if TYPE_CHECKING:
     from moecore.autograd.tensor import Tensor  # Tensor's methods call these
@@ -22,7 +22,11 @@ def _grad_for(g: Any, x: Any, needed: bool) -> Any:
         return None
     shape, dtype = x if isinstance(x, tuple) else _meta(x)
     out = unbroadcast(g, shape)
-    return out if dtype is None else out.astype(dtype, copy=False)
+    if dtype is None or (is_bf16(dtype) and out.dtype.kind == "f"):
+        # A bf16 operand's gradient summed over broadcast axes stays float32 (the engine
+        # stores it in the operand's format: float32 for a parameter's compute copy).
+        return out
+    return out.astype(dtype, copy=False)
 
 
 class Add(Function):

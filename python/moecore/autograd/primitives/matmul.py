@@ -43,7 +43,9 @@ class MatMul(Function):
 
 
 class Linear(Function):
-    """``x @ w.T + bias`` over the last axis of ``x``: one GEMM however many leading axes."""
+    """``x @ w.T + bias`` over the last axis of ``x``: one GEMM however many leading axes,
+    by the kernel chosen for the arrays (:func:`moecore.kernels.linear.linear_kernels`:
+    bf16 ``x`` and ``w`` run the bf16 GEMM, bf16 out)."""
 
     @staticmethod
     def forward(ctx: Context, x: Any, w: Any, bias: Any = None) -> Any:
@@ -51,23 +53,21 @@ class Linear(Function):
             raise ValueError(
                 f"linear: input has {x.shape[-1]} features, weight expects {w.shape[1]}"
             )
+        from moecore.kernels.linear import linear_kernels  # the kernels load after Tensor
+
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2 @ w.T
-        if bias is not None:
-            y += bias
-        ctx.save_for_backward(x2, w)
+        ctx.kernels = linear_kernels(x2, w, bias)
+        y, saved = ctx.kernels.forward(x2, w, bias)
+        ctx.save_for_backward(*saved)
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> Any:
-        x2, w = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad
         g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ w).reshape(ctx.x_shape) if nx else None
-        gw = g2.T @ x2 if nw else None
-        gb = g2.sum(axis=0) if nb else None
-        return gx, gw, gb
+        gx, gw, gb = ctx.kernels.backward(g2, ctx.saved_tensors, nx, nw, nb)
+        return (gx.reshape(ctx.x_shape) if gx is not None else None), gw, gb
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
