@@ -30,6 +30,13 @@ def test_bf16_allreduce_sums_in_float32_and_every_rank_gets_the_same_bits(n):
 # loss follow through AdamW's normalised updates. Measured worst over 20 steps (AMD EPYC
 # Zen 3, MPICH): loss 2.7e-4 (absolute), gradient norm 7.1e-4 (relative), parameter
 # checksums 2.4e-3. Bounds: 2^-8 for the gradient norm, the others ~4-7x what was measured.
+# ZeRO stage 1 and plain data parallelism, both with the bf16 wire. Their float32 gradients
+# differ by rounding; where that moves an element across a bf16 rounding boundary, the wire
+# turns it into a 2^-8 step, which the parameter checksums show. Measured worst over 20
+# steps (Zen 3, MPICH): loss 4.8e-7, gradient norm 3.6e-7, checksums 1.3e-5 — against 2.7e-4,
+# 7.1e-4 and 2.4e-3 between the bf16 and the float32 wire, so a ZeRO that ignored the wire
+# would fail the loss and gradient-norm bounds (ZeRO's own 1e-5) by far.
+ZERO1_BF16_WIRE = Tolerance("ZeRO-1 and plain DP, both on the bf16 wire", 1e-5, 1e-5, 1e-4)
 BF16_WIRE = Tolerance(
     "gradients rounded to bf16 on the wire", loss=2e-3, grad_norm=2**-8, params=1e-2
 )
@@ -46,6 +53,28 @@ def test_dp2_with_the_bf16_wire_follows_the_float32_run(tmp_path, corpus):
     got = train_run(tmp_path / "bf16", 2, [*args, "--set", "grad_wire_dtype=bf16"])
     worst = assert_runs_agree(ref, got, BF16_WIRE)
     assert worst["grad_norm"] > 0, "the gradients were not rounded: is the wire float32?"
+
+
+@pytest.mark.mpi
+def test_zero1_with_the_bf16_wire_equals_plain_data_parallelism_with_it(tmp_path, corpus):
+    """ZeRO stage 1 all-reduces the same buckets through the same wire, then each rank
+    updates its part: the curve of plain data parallelism with the bf16 wire (bounds
+    beside ``ZERO1_BF16_WIRE``)."""
+    args = ["--preset", "moe-tiny", "--data", str(corpus), "--dp", "2", "--set", "steps=20"]
+    args += ["eval_every=0", "checkpoint_every=0", "seq_len=32", "batch_size=8"]
+    args += ["grad_wire_dtype=bf16"]
+    plain = train_run(tmp_path / "plain", 2, args)
+    zero1 = train_run(tmp_path / "zero1", 2, [*args, "--set", "zero=1"])
+    assert_runs_agree(plain, zero1, ZERO1_BF16_WIRE)
+
+
+def test_zero_refuses_the_bf16_wire_from_stage_2():
+    import moecore.distributed as dist
+    from moecore import nn
+    from moecore.distributed.zero import ZeRO
+
+    with pytest.raises(ValueError, match="stages 2 and 3 reduce-scatter"):
+        ZeRO(nn.Linear(4, 4), dist.init(), stage=2, wire_dtype="bfloat16")
 
 
 @pytest.mark.parametrize(

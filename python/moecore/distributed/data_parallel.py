@@ -203,6 +203,7 @@ class DataParallel:
             split_layers=self._split_layers,
         )
         self._layout()
+        self._wire = self._wire_buffers()
         self._requests: dict[int, Request] = {}
         # Parameters with no gradient this step, sent as zeros: known only at `finish` (the
         # scheduler releases a bucket during backward only once all its gradients are ready).
@@ -224,12 +225,6 @@ class DataParallel:
     def _layout(self) -> None:
         self.buckets = self.scheduler.buckets()
         self.buffers = [np.zeros(b.numel, dtype=np.float32) for b in self.buckets]
-        #: The bfloat16 copy each bucket crosses the network as (``wire_dtype``).
-        self._wire = (
-            [np.empty(b.numel, dtype=WIRE_DTYPES["bfloat16"]) for b in self.buckets]
-            if self.wire_dtype == "bfloat16"
-            else None
-        )
         # Parameter index -> (bucket, offset, numel).
         self._where: dict[int, tuple[int, int, int]] = {}
         for bi, b in enumerate(self.buckets):
@@ -352,6 +347,13 @@ class DataParallel:
 
         return scale
 
+    def _wire_buffers(self) -> list[np.ndarray] | None:
+        """The bfloat16 copy each all-reduced bucket crosses the network as (None: the
+        float32 bucket itself goes)."""
+        if self.wire_dtype == "float32":
+            return None
+        return [np.empty(buf.size, dtype=WIRE_DTYPES[self.wire_dtype]) for buf in self.buffers]
+
     def _widener(self, wire: np.ndarray, view: np.ndarray) -> Callable[[], None]:
         inv = np.float32(1.0 / self.group.size)
 
@@ -460,6 +462,7 @@ class DataParallel:
         residuals = self._residuals_by_param(old)
         self.scheduler.rebuild(order.tolist())
         self._layout()
+        self._wire = self._wire_buffers()
         self._load_residuals(residuals)
 
     def _residuals_by_param(self, buckets: list[Any]) -> dict[int, np.ndarray]:

@@ -65,6 +65,11 @@ class ZeRO(DataParallel):
                 "ZeRO: compression composes with stage 1 only (stage 2 reduce-scatters the "
                 "gradients, there is no all-reduce left to compress)"
             )
+        if stage >= 2 and kwargs.get("wire_dtype", "float32") != "float32":
+            raise ValueError(
+                f"ZeRO: wire_dtype {kwargs['wire_dtype']!r} is for all-reduced buckets (stage "
+                "1); stages 2 and 3 reduce-scatter the gradients in float32"
+            )
         if module is not None and stage != 3:
             raise ValueError("ZeRO: module= is for stage 3 (the blocks it gathers one by one)")
         if stage == 3:
