@@ -122,6 +122,21 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, corpus)
     )  # the killed writer's temporary is cleaned
 
 
+def test_resuming_a_finished_run_says_so(tmp_path, corpus, capsys):
+    from moecore.cli import main
+
+    out = tmp_path / "run"
+    run(tiny(corpus, steps=2, eval_every=0), out)
+    before = ckpt.latest(out)
+    assert main(["train", "--resume", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"nothing to do: {out} is already at step 2" in said
+    assert "nan" not in said  # it used to print "finished after 2 steps in 0 s: loss nan"
+    assert ckpt.latest(out) == before  # no new checkpoint written
+    assert main(["train", "--resume", str(out), "--set", "steps=3"]) == 0
+    assert "finished after 3 steps" in capsys.readouterr().out
+
+
 @pytest.fixture
 def ctrl_c():
     """SIGINT as a terminal delivers it. A shell starts background jobs with SIGINT

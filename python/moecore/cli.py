@@ -224,6 +224,12 @@ def _train(args: argparse.Namespace) -> int:
             f"saved; continue with --resume {result.run_dir} (exit {PREEMPTED_EXIT})"
         )
         return PREEMPTED_EXIT
+    if result.steps_run == 0 and not result.interrupted:
+        print(
+            f"nothing to do: {result.run_dir} is already at step {result.steps_done}, its "
+            "last; give it more with --set steps=N"
+        )
+        return 0
     status = "interrupted" if result.interrupted else "finished"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(

@@ -61,6 +61,9 @@ class TrainResult:
     run_dir: Path
     #: Set when SIGTERM/SIGUSR1 stopped the run (after a checkpoint): what was received.
     preempted_by: str | None = None
+    #: Steps this call ran: 0 when a resumed run had already reached ``config.steps``
+    #: (``final_loss`` is then NaN: no step was taken to measure it).
+    steps_run: int = 0
 
 
 def build_model(config: RunConfig) -> MoETransformer:
@@ -670,4 +673,5 @@ class Trainer:
             time.perf_counter() - start,
             self.run_dir,
             preempted_by,
+            self.step - first_step,
         )
