@@ -9,16 +9,22 @@ Run (release build and the ``mpi`` extra installed)::
 It launches itself under ``mpiexec -n P`` (one BLAS thread per rank) and, in each rank:
 builds ``--preset`` (moe-small) once per stage 0 (plain :class:`DataParallel`, the buckets
 as the trainer keeps them) … 3 (:class:`ZeRO` with :class:`ShardedOptimizer` over AdamW),
-profiles one step of it before wrapping (forward, each gradient's ready time, the
-optimizer; for stage 3 also each block's forward), then in ``--rounds`` rounds times
-``--steps`` steps of every stage in turn (2 warm-up steps first), each step from a barrier
-to the end of the optimizer (stages 1–2 include the all-gather of the parameters, stage 3
-its gathers). Medians over all steps of rank 0.
+and beside each an unwrapped twin (same seed) that is only profiled. In each of ``--rounds``
+rounds, for every stage in turn, it profiles the twin (forward, each gradient's ready time,
+the optimizer; for stage 3 also each block's forward), then times ``--steps`` steps of the
+wrapped model (2 warm-up steps first), each from a barrier to the end of the optimizer
+(stages 1–2 include the all-gather of the parameters, stage 3 its gathers). The profile is
+taken in the same round as the steps it predicts: the speed of this shared 2-vCPU machine
+drifts by 10–35 % over minutes, and a profile taken once at the start compared a slow
+phase's steps with a fast phase's compute. Measured: the median over all steps of rank 0;
+predicted: the median of the rounds' predictions; the error: the median of the rounds'
+prediction / measured − 1.
 
 The prediction: ``simulate`` replays the stage's own scheduler on an α–β link fitted to
 blocking all-reduces of 4 KiB and 16 MiB on the same group (as ``dist.py``), with the
 measured cost of copying a byte (``moecore.train.plan.copy_cost``), from each rank's own
-profile; the largest of the ranks' predictions is the step's (the slowest rank sets it). It assumes operations progress while compute runs; ``--progress thread`` runs
+profile; the largest of the ranks' predictions is the step's (the slowest rank sets it).
+It assumes operations progress while compute runs; ``--progress thread`` runs
 the wrappers with their polling thread, which does that, and ``hooks`` (the trainer's
 default) progresses MPI only at gradient hooks and waits.
 Results go to ``benches/results/zero_steps.json``.
@@ -101,10 +107,7 @@ def worker(args: argparse.Namespace) -> None:
     runs = []
     for stage in args.stages:
         model, cfg = _model(args.preset, args.seq)
-        x, y = _batch(cfg, 0, rows, group.rank)
-        plain_opt = optim.AdamW(model.parameters(), lr=1e-4)
-        profile = profile_step(model, x, y, plain_opt, repeat=5)  # before the hooks exist
-        units_fwd = _unit_forward_times(model, x, y) if stage == 3 else []
+        twin, _ = _model(args.preset, args.seq)  # profiled beside the steps, never wrapped
         kw = {"progress": args.progress}
         if stage == 0:
             wrapper = dist.DataParallel(model, group, gradient_as_bucket_view=True, **kw)
@@ -112,35 +115,64 @@ def worker(args: argparse.Namespace) -> None:
         else:
             wrapper = ZeRO(model, group, stage=stage, **kw)
             opt = ShardedOptimizer(optim.AdamW(model.parameters(), lr=1e-4), [wrapper])
-        runs.append((stage, model, cfg, wrapper, opt, profile, units_fwd, []))
+        runs.append(
+            {
+                "stage": stage,
+                "model": model,
+                "cfg": cfg,
+                "wrapper": wrapper,
+                "opt": opt,
+                "twin": (twin, optim.AdamW(twin.parameters(), lr=1e-4)),
+                "times": [],
+                "rounds": [],
+            }
+        )
     done = [0] * len(runs)
     for r in range(args.rounds):
         for v in [(r + j) % len(runs) for j in range(len(runs))]:
-            stage, model, cfg, wrapper, opt, profile, units_fwd, times = runs[v]
+            run = runs[v]
+            twin, twin_opt = run["twin"]
+            x, y = _batch(run["cfg"], 0, rows, group.rank)
+            profile = profile_step(twin, x, y, twin_opt, repeat=args.profile_repeat)
+            units_fwd = (
+                _unit_forward_times(twin, x, y, args.profile_repeat) if run["stage"] == 3 else []
+            )
+            mine = _predict(run["wrapper"], run["stage"], profile, units_fwd, link)
+            # A synchronous step lasts as long as its slowest rank's: each rank predicts from
+            # its own profile, the step is the largest prediction.
+            predicted = float(group.allreduce(np.array([mine]), op="max")[0])
+            steps = []
             for _ in range((2 if r == 0 else 0) + args.steps):
                 step, done[v] = done[v], done[v] + 1
-                x, y = _batch(cfg, step, rows, group.rank)
+                x, y = _batch(run["cfg"], step, rows, group.rank)
                 group.barrier()
                 t0 = time.perf_counter()
-                loss = model(x, y)
+                loss = run["model"](x, y)
                 t1 = time.perf_counter()
                 loss.backward()
-                wrapper.finish()
+                run["wrapper"].finish()
                 t2 = time.perf_counter()
-                opt.step()
-                opt.zero_grad()
+                run["opt"].step()
+                run["opt"].zero_grad()
                 t3 = time.perf_counter()
                 if step >= 2:
-                    times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
+                    steps.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
+            run["times"] += steps
+            run["rounds"].append(
+                {
+                    "predicted_s": predicted,
+                    "step_s": float(np.median([t[0] for t in steps])),
+                    "profile_compute_s": profile.forward_s
+                    + sum(profile.backward_s)
+                    + profile.optimizer_s,
+                }
+            )
     out = []
-    for stage, _, _cfg, wrapper, _opt, profile, units_fwd, times in runs:
-        # A synchronous step lasts as long as its slowest rank's: each rank predicts from
-        # its own profile, the step is the largest prediction.
-        mine = np.array([_predict(wrapper, stage, profile, units_fwd, link)])
-        predicted = float(group.allreduce(mine, op="max")[0])
+    for run in runs:
+        times, rounds = run["times"], run["rounds"]
         out.append(
             {
-                "stage": stage,
+                "stage": run["stage"],
                 "ranks": group.size,
                 "step_s": float(np.median([t[0] for t in times])),
                 # Medians of the parts: forward; backward with finish; optimizer step
@@ -149,16 +181,13 @@ def worker(args: argparse.Namespace) -> None:
                 "backward_s": float(np.median([t[2] for t in times])),
                 "optimizer_s": float(np.median([t[3] for t in times])),
                 "steps": [t[0] for t in times],
-                "profile_forward_s": profile.forward_s,
-                "profile_backward_s": sum(profile.backward_s),
-                "profile_optimizer_s": profile.optimizer_s,
-                "predicted_s": predicted,
-                "profile_compute_s": profile.forward_s
-                + sum(profile.backward_s)
-                + profile.optimizer_s,
+                "rounds": rounds,
+                "predicted_s": float(np.median([q["predicted_s"] for q in rounds])),
+                "error": float(np.median([q["predicted_s"] / q["step_s"] - 1 for q in rounds])),
+                "profile_compute_s": float(np.median([q["profile_compute_s"] for q in rounds])),
                 "link_gbit": link.gbit_per_s,
                 "link_latency_us": link.latency_s * 1e6,
-                "buckets": len(wrapper.buckets),
+                "buckets": len(run["wrapper"].buckets),
             }
         )
     if group.rank == 0:
@@ -174,7 +203,10 @@ def main() -> None:
     )
     ap.add_argument("--ranks", type=int, nargs="+", default=[2])
     ap.add_argument("--steps", type=int, default=3, help="timed steps per stage and round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--profile-repeat", type=int, default=2, help="profiled steps per stage and round"
+    )
     ap.add_argument("--progress", choices=("hooks", "thread"), default="hooks")
     ap.add_argument("--stages", type=int, nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--shaped", action="store_true", help="also on a 1 Gbit/s loopback (root)")
@@ -194,6 +226,7 @@ def main() -> None:
     opts = ["--preset", args.preset, "--seq", str(args.seq), "--progress", args.progress]
     opts += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
     opts += ["--rounds", str(args.rounds), "--stages", *map(str, args.stages)]
+    opts += ["--profile-repeat", str(args.profile_repeat)]
     mpiexec, family = mpi_launcher(env)
     runs = [("loopback", [mpiexec, "-n", str(p), *me, *opts]) for p in args.ranks]
     if args.shaped:
@@ -204,7 +237,7 @@ def main() -> None:
     for r in results:
         same = [q for q in results if q["link"] == r["link"] and q["ranks"] == r["ranks"]]
         plain = next((q for q in same if q["stage"] == 0), None)
-        err = r["predicted_s"] / r["step_s"] - 1
+        err = r["error"]
         rows.append(
             [
                 r["link"],
