@@ -187,11 +187,71 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def write_results(name: str, payload: dict[str, Any]) -> Path:
-    """Writes ``benches/results/<name>.json``."""
+LEVELS = ("avx512", "avx2", "baseline")
+# Set in the per-level runs of `rerun_per_level`, so they measure their one level.
+_ONE_LEVEL = "MOECORE_BENCH_ONE_LEVEL"
+
+
+def add_cpu_levels_option(parser: argparse.ArgumentParser) -> None:
+    """``--cpu-levels``: the kernel paths to measure side by side (see :func:`cpu_levels`)."""
+    parser.add_argument(
+        "--cpu-levels",
+        default=None,
+        help="comma-separated kernel paths, e.g. avx2,baseline (default: the CPU's own, "
+        "and avx2 beside it on an AVX-512 CPU)",
+    )
+
+
+def cpu_levels(requested: str | None = None) -> list[str]:
+    """The kernel paths a benchmark measures (``MOECORE_CPU_LEVEL`` values): ``requested``
+    (comma-separated) or by default the CPU's own path and, on an AVX-512 CPU, the AVX2 path
+    beside it, the one users of Zen 3 and of older Intel CPUs run. The cap does not reach the
+    `gemm` crate (README, "which CPU path"): GEMM-bound rows keep the CPU's widest GEMM."""
+    if requested:
+        levels = [x.strip() for x in requested.split(",") if x.strip()]
+        bad = [x for x in levels if x not in LEVELS]
+        if bad or not levels:
+            raise SystemExit(f"--cpu-levels: unknown level(s) {bad}; use {', '.join(LEVELS)}")
+        return levels
+    from moecore import build_info
+
+    native = str(build_info()["cpu_level_native"])
+    return ["avx512", "avx2"] if native == "avx512" else [native]
+
+
+def level_env(env: dict[str, str], level: str) -> dict[str, str]:
+    """``env`` with moecore's kernels capped at ``level``."""
+    return {**env, "MOECORE_CPU_LEVEL": level}
+
+
+def rerun_per_level(levels: list[str]) -> bool:
+    """For benchmarks that time moecore in their own process: with more than one level (and
+    not already one level's run), runs this script again once per level, under
+    ``MOECORE_CPU_LEVEL``, each printing its tables under a heading, and returns True (the
+    caller is done); otherwise returns False and the caller measures here."""
+    if len(levels) < 2 or os.environ.get(_ONE_LEVEL):
+        return False
+    for level in levels:
+        print(f"\n===== moecore kernels at MOECORE_CPU_LEVEL={level} =====", flush=True)
+        env = {**level_env(dict(os.environ), level), _ONE_LEVEL: "1"}
+        done = subprocess.run([sys.executable, *sys.argv], env=env, check=False)
+        if done.returncode:
+            raise SystemExit(f"the run at level {level} failed (exit {done.returncode})")
+    return True
+
+
+def results_path(name: str) -> Path:
+    """``benches/results/<name>.json``, or ``<name>_<level>.json`` in one level's run of
+    :func:`rerun_per_level` (so the levels do not overwrite each other); the folder exists."""
+    level = os.environ.get("MOECORE_CPU_LEVEL") if os.environ.get(_ONE_LEVEL) else None
     out = Path(__file__).resolve().parent.parent / "results"
     out.mkdir(exist_ok=True)
-    path = out / f"{name}.json"
+    return out / (f"{name}_{level}.json" if level else f"{name}.json")
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """Writes :func:`results_path` ``(name)``."""
+    path = results_path(name)
     path.write_text(json.dumps(payload, indent=1))
     return path
 

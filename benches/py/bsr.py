@@ -29,7 +29,10 @@ core for core, which a shared 2-core machine's noise disturbs much less than two
 
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/bsr.py``
 (add ``PYTHONPATH=/path/to/torch`` to include PyTorch). ``--quick`` runs B = 32, N = 512 only.
-Writes ``benches/results/bsr.json``.
+``--cpu-levels avx2,baseline`` runs it once per moecore kernel level (``MOECORE_CPU_LEVEL``,
+its own process each); by default the CPU's own level, and AVX2 after it on an AVX-512 CPU.
+
+Writes ``benches/results/bsr.json`` (``bsr_<level>.json`` per level when there are several).
 """
 
 from __future__ import annotations
@@ -42,11 +45,18 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import scipy
-from _common import add_threads_option, median_interval, run_on_threads
+from _common import (
+    add_cpu_levels_option,
+    add_threads_option,
+    cpu_levels,
+    median_interval,
+    rerun_per_level,
+    results_path,
+    run_on_threads,
+)
 from threadpoolctl import threadpool_info
 
 from moecore import build_info
@@ -286,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", default="16,32,64", help="block sizes, comma-separated")
     ap.add_argument("--ns", default="512,4096", help="rows of X, comma-separated")
     add_threads_option(ap)
+    add_cpu_levels_option(ap)
     args = ap.parse_args(argv)
+    if rerun_per_level(cpu_levels(args.cpu_levels)):
+        return 0
     run_on_threads(args.threads, torch)
 
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
@@ -343,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'met' if speed >= 10 else 'NOT met'}), {dense_part}"
             )
 
-    out = Path(__file__).resolve().parents[1] / "results" / "bsr.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path("bsr")
     meta = {
         "machine": platform.machine(),
         "cpu_threads": os.cpu_count(),

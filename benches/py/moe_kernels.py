@@ -9,6 +9,9 @@ benches/results/moe_kernels.json.
 Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_kernels.py [--numpy-first]
 (add PYTHONPATH=<dir with torch> to include PyTorch; it is skipped when not importable).
 ``--threads T`` runs every implementation on T threads (``--threads 1``: core for core).
+``--cpu-levels avx2,baseline`` runs the whole benchmark once per moecore kernel level (its
+own process each, under ``MOECORE_CPU_LEVEL``; results in ``moe_kernels_<level>.json``); by
+default the CPU's own level, and the AVX2 path after it on an AVX-512 CPU.
 """
 
 # ruff: noqa: I001
@@ -19,7 +22,6 @@ import json
 import os
 import platform
 from collections.abc import Callable
-from pathlib import Path
 
 import sys
 
@@ -35,7 +37,15 @@ from threadpoolctl import threadpool_info
 
 from moecore import build_info
 from moecore import moe_kernels as mk
-from _common import add_threads_option, interleaved_samples, run_on_threads
+from _common import (
+    add_cpu_levels_option,
+    add_threads_option,
+    cpu_levels,
+    interleaved_samples,
+    rerun_per_level,
+    results_path,
+    run_on_threads,
+)
 
 T, D, E, K, H = 4096, 256, 8, 2, 512
 
@@ -205,7 +215,10 @@ def main() -> int:
         help="import numpy before moecore (OpenBLAS's idle threads then spin after each call)",
     )
     add_threads_option(parser)
+    add_cpu_levels_option(parser)
     args = parser.parse_args()
+    if rerun_per_level(cpu_levels(args.cpu_levels)):
+        return 0
     run_on_threads(args.threads, torch)
 
     rng = np.random.default_rng(0)
@@ -340,7 +353,7 @@ def main() -> int:
         f"moecore {info['version']} ({info['profile']}, {info['rayon_threads']} threads), "
         f"numpy {np.__version__}"
     )
-    print(f"BLAS: {blas}")
+    print(f"BLAS: {blas}; moecore kernel level {info['cpu_level']} ({info['cpu_level_source']})")
     print(f"torch: {torch.__version__ if torch is not None else 'not importable (skipped)'}")
     print(
         f"shapes: T={T} d={D} E={E} k={K} hidden={H}, "
@@ -386,8 +399,7 @@ def main() -> int:
             )
         print()
 
-    out = Path(__file__).resolve().parents[1] / "results" / "moe_kernels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path("moe_kernels")
     out.write_text(
         json.dumps(
             {
@@ -398,6 +410,7 @@ def main() -> int:
                 "torch": torch.__version__ if torch is not None else None,
                 "machine": platform.processor() or platform.machine(),
                 "load_average": os.getloadavg()[0],
+                "cpu_level": info["cpu_level"],
                 "results": results,
             },
             indent=2,

@@ -8,6 +8,8 @@ against ``torch.nn.functional.scaled_dot_product_attention``.
 Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/py/moe_layer.py [--rounds=21]
 [--baseline=OTHER/python] (the last adds the moecore layers of another tree, imported from
 OTHER/python with its extension built or copied there: a before/after in one run)
+[--cpu-levels=avx512,avx2] (moecore's workers once per kernel level, side by side; by
+default the CPU's own level, and avx2 beside it on an AVX-512 CPU)
 [--torch-python=/work/venv-torch/bin/python] (torch from PyPI, for the benchmark only: the
 interpreter of another venv runs the torch workers, "moecore beside torch" included, so torch
 need not be installed beside moecore; without the option the torch workers use this
@@ -37,7 +39,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import Worker, blas_info, paired_stats, table, torch_python, write_results
+from _common import (
+    Worker,
+    blas_info,
+    cpu_levels,
+    level_env,
+    paired_stats,
+    table,
+    torch_python,
+    write_results,
+)
 
 from moecore import ops
 
@@ -237,6 +248,7 @@ def worker(kind: str, out: str) -> None:
     """Serves one implementation: saves its outputs to ``out``, says ready, then times one
     call per ``run`` command (after the untimed ``before`` call, if the kind has one)."""
     kind = kind.removesuffix(BASELINE)  # the worker's PYTHONPATH chose the tree
+    kind = kind.split(" [")[0]  # so did its MOECORE_CPU_LEVEL (see `with_levels`)
     if "--keep-freed-memory" in sys.argv:
         from moecore.train.memory import keep_freed_memory
 
@@ -254,10 +266,21 @@ def worker(kind: str, out: str) -> None:
         print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
 
 
-def worker_env(kind: str, baseline: str | None) -> dict[str, str]:
+def with_levels(kinds: list[str], levels: list[str]) -> list[str]:
+    """``kinds`` with moecore's own kind once per kernel level after the first, named
+    ``"<kind> [<level>]"``, right after it (the first level runs under the plain name)."""
+    extra = [f"{kinds[0]} [{level}]" for level in levels[1:]]
+    return [kinds[0], *extra, *kinds[1:]]
+
+
+def worker_env(kind: str, baseline: str | None, levels: list[str] | None = None) -> dict[str, str]:
     """The environment of ``kind``'s worker: the baseline tree first on its path if it is one
-    of the baseline kinds."""
+    of the baseline kinds; moecore's kernels capped at the kind's level (``[level]`` in its
+    name, else the first of ``levels``)."""
     env = dict(os.environ)
+    if kind.startswith("moecore") and levels:
+        named = kind.split(" [")[1].split("]")[0] if " [" in kind else levels[0]
+        env = level_env(env, named)
     if baseline and kind.endswith(BASELINE):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [baseline, env.get("PYTHONPATH")]))
     return env
@@ -270,6 +293,7 @@ def run_workers(
     warmup: int = 2,
     baseline: str | None = None,
     torch_py: str | None = None,
+    levels: list[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Starts one worker per kind (the kinds with torch under ``torch_py``), checks every
     worker's outputs against the first's, and times ``rounds`` calls each, in turn, the order
@@ -280,7 +304,7 @@ def run_workers(
                 __file__,
                 k,
                 ["--out", str(Path(tmp) / f"{i}.npz"), *flags],
-                worker_env(k, baseline),
+                worker_env(k, baseline, levels),
                 python=torch_py if "torch" in k else None,
             )
             for i, k in enumerate(kinds)
@@ -318,8 +342,11 @@ def main() -> None:
         next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--torch-python=")), None)
     )
     have_torch = torch_py is not None
-    moe_kinds = [k for k in MOE_KINDS if have_torch or "torch" not in k]
-    att_kinds = [k for k in ATT_KINDS if have_torch or "torch" not in k]
+    levels = cpu_levels(
+        next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--cpu-levels=")), None)
+    )
+    moe_kinds = with_levels([k for k in MOE_KINDS if have_torch or "torch" not in k], levels)
+    att_kinds = with_levels([k for k in ATT_KINDS if have_torch or "torch" not in k], levels)
     if baseline:
         moe_kinds.insert(1, MOE_KINDS[0] + BASELINE)
         att_kinds.insert(1, ATT_KINDS[0] + BASELINE)
@@ -328,20 +355,24 @@ def main() -> None:
         result["baseline"] = baseline
     if torch_py:
         result["torch_python"] = torch_py
-    result["moe"] = run_workers(moe_kinds, rounds, flags, baseline=baseline, torch_py=torch_py)
+    result["cpu_levels"] = levels
+    result["moe"] = run_workers(
+        moe_kinds, rounds, flags, baseline=baseline, torch_py=torch_py, levels=levels
+    )
     print(f"BLAS: {result['blas']}; load average {result['load_average']:.2f}")
+    print(f"moecore kernel levels: {', '.join(levels)} (the first under the plain name)")
     print(f"\nMoE layer fwd+bwd: T={T} d={D} E={E} k={K} hidden={H}; {rounds} paired rounds")
     print(report(result["moe"]))
     torch_ms = [t["median_s"] * 1e3 for n, t in result["moe"].items() if n.startswith("torch")]
     if torch_ms:
         floor_ms = result["moe"][MOE_KINDS[-1]]["median_s"] * 1e3
         print(
-            f"1.5x the faster torch version is {min(torch_ms) / 1.5:.1f} ms; the six products "
-            f"alone take {floor_ms:.1f} ms, leaving {min(torch_ms) / 1.5 - floor_ms:.1f} ms for "
+            f"1.25x the faster torch version is {min(torch_ms) / 1.25:.1f} ms; the six products "
+            f"alone take {floor_ms:.1f} ms, leaving {min(torch_ms) / 1.25 - floor_ms:.1f} ms for "
             "routing, GELU, gathers, scatters and the aux loss"
         )
     result["attention"] = run_workers(
-        att_kinds, rounds, flags, baseline=baseline, torch_py=torch_py
+        att_kinds, rounds, flags, baseline=baseline, torch_py=torch_py, levels=levels
     )
     print(
         f"\nattention fwd+bwd: batch {B}, heads {NH}, T {S}, head dim {HD}; {rounds} paired rounds"

@@ -19,6 +19,10 @@ With ``--baseline DIR`` (a directory holding another build's ``_core*.so``, e.g.
 error feedback, runs as two more contenders, so a before/after comparison is measured side
 by side in one run.
 
+``--cpu-levels avx2,baseline`` runs it once per moecore kernel level (``MOECORE_CPU_LEVEL``,
+its own process each; ``topk_<level>.json``); by default the CPU's own level, and AVX2 after
+it on an AVX-512 CPU.
+
 It reports medians, GB/s over the gradient's bytes, and the ratio to the streaming read; the
 encoded sizes against raw (u32 index + f32 value); and ``decompress_sum`` of 8 payloads
 (ratio 0.01, n = 1e7) against one ``numpy.add`` over n. Correctness is checked first. Results
@@ -37,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import add_cpu_levels_option, cpu_levels, rerun_per_level, results_path
 
 from moecore import _core
 from moecore.compress import TopK, decompress_sum
@@ -45,8 +50,6 @@ try:
     import torch
 except ImportError:  # torch is optional: the table says it was skipped
     torch = None
-
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "topk.json"
 
 
 def blas_info() -> str:
@@ -223,14 +226,18 @@ def main() -> None:
     ap.add_argument("--max-n", type=float, default=1e8, help="largest n (default 1e8)")
     ap.add_argument("--repeats", type=int, default=15, help="timed runs at n = 1e6")
     ap.add_argument("--baseline", help="directory with another build's _core*.so to compare")
+    add_cpu_levels_option(ap)
     args = ap.parse_args()
+    if rerun_per_level(cpu_levels(args.cpu_levels)):
+        return
     baseline = load_baseline(args.baseline) if args.baseline else None
     rng = np.random.default_rng(0)
     print(f"moecore top-k benchmark; numpy {np.__version__}; BLAS: {blas_info()}")
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"rayon threads {_core.build_info()['rayon_threads']}"
+        f"rayon threads {_core.build_info()['rayon_threads']}; moecore kernel level "
+        f"{_core.build_info()['cpu_level']} ({_core.build_info()['cpu_level_source']})"
     )
     if torch is None:
         print("torch: not importable, torch.topk column skipped")
@@ -278,10 +285,11 @@ def main() -> None:
         "torch": None if torch is None else torch.__version__,
         "blas": blas_info(),
         "rayon_threads": _core.build_info()["rayon_threads"],
+        "cpu_level": _core.build_info()["cpu_level"],
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {RESULTS}")
+    out = results_path("topk")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
