@@ -248,7 +248,7 @@ def worker(kind: str, out: str) -> None:
     """Serves one implementation: saves its outputs to ``out``, says ready, then times one
     call per ``run`` command (after the untimed ``before`` call, if the kind has one)."""
     kind = kind.removesuffix(BASELINE)  # the worker's PYTHONPATH chose the tree
-    kind = kind.split(" [")[0]  # so did its MOECORE_CPU_LEVEL (see `with_levels`)
+    kind, _ = split_level(kind)  # and its MOECORE_CPU_LEVEL its kernels (`worker_env`)
     if "--keep-freed-memory" in sys.argv:
         from moecore.train.memory import keep_freed_memory
 
@@ -266,6 +266,13 @@ def worker(kind: str, out: str) -> None:
         print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
 
 
+def split_level(kind: str) -> tuple[str, str | None]:
+    """``"<kind> [<level>]"`` (see :func:`with_levels`) as (kind, level); (kind, None)
+    for a name without a level."""
+    base, sep, rest = kind.partition(" [")
+    return base, rest.removesuffix("]") if sep else None
+
+
 def with_levels(kinds: list[str], levels: list[str]) -> list[str]:
     """``kinds`` with moecore's own kind once per kernel level after the first, named
     ``"<kind> [<level>]"``, right after it (the first level runs under the plain name)."""
@@ -279,8 +286,7 @@ def worker_env(kind: str, baseline: str | None, levels: list[str] | None = None)
     name, else the first of ``levels``)."""
     env = dict(os.environ)
     if kind.startswith("moecore") and levels:
-        named = kind.split(" [")[1].split("]")[0] if " [" in kind else levels[0]
-        env = level_env(env, named)
+        env = level_env(env, split_level(kind)[1] or levels[0])
     if baseline and kind.endswith(BASELINE):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [baseline, env.get("PYTHONPATH")]))
     return env

@@ -54,6 +54,9 @@ class TrainResult:
     """What a call to :meth:`Trainer.train` did."""
 
     steps_done: int
+    #: Steps this call ran: 0 when a resumed run had already reached ``config.steps``
+    #: (``final_loss`` is then NaN: no step was taken to measure it).
+    steps_run: int
     final_loss: float
     val_loss: float | None
     interrupted: bool
@@ -61,9 +64,6 @@ class TrainResult:
     run_dir: Path
     #: Set when SIGTERM/SIGUSR1 stopped the run (after a checkpoint): what was received.
     preempted_by: str | None = None
-    #: Steps this call ran: 0 when a resumed run had already reached ``config.steps``
-    #: (``final_loss`` is then NaN: no step was taken to measure it).
-    steps_run: int = 0
 
 
 def build_model(config: RunConfig) -> MoETransformer:
@@ -666,12 +666,12 @@ class Trainer:
         self.stop.restore()
         metrics.close()
         return TrainResult(
-            self.step,
-            float(record["loss"]),
-            self.last_val,
-            interrupted,
-            time.perf_counter() - start,
-            self.run_dir,
-            preempted_by,
-            self.step - first_step,
+            steps_done=self.step,
+            steps_run=self.step - first_step,
+            final_loss=float(record["loss"]),
+            val_loss=self.last_val,
+            interrupted=interrupted,
+            seconds=time.perf_counter() - start,
+            run_dir=self.run_dir,
+            preempted_by=preempted_by,
         )
