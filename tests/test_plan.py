@@ -73,6 +73,8 @@ def test_the_ranks_own_work_delays_the_step():
     assert extra == pytest.approx((1 << 20) * 1e-9 + 8 * 10486 * 1e-6, rel=1e-6)
     with pytest.raises(SchedulerMisuse, match="copy_s_per_byte"):
         simulate(four_buckets(2), profile(0.01), CostModel(copy_s_per_byte=float("nan")))
+    with pytest.raises(SchedulerMisuse, match="fault_s_per_byte"):
+        simulate(four_buckets(2), profile(0.01), CostModel(fault_s_per_byte=-1.0))
 
 
 def test_bad_profile_raises():

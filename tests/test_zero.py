@@ -265,3 +265,17 @@ def test_stage3_refuses_parameters_outside_its_module_and_module_without_stage_3
         ZeRO(model, SingleProcess(), stage=2, module=model)
     with pytest.raises(TypeError, match="or module= the model"):
         ZeRO(_Subset(list(model.named_parameters())), SingleProcess(), stage=3)
+
+
+def test_released_memory_reads_zero_and_refaulting_costs_are_measured():
+    from moecore.distributed.zero.memory import anonymous, refault_cost, release
+
+    memory, view = anonymous(3 * 1000 * 4)
+    assert view.shape == (3000,) and view.dtype == np.float32
+    view[...] = np.arange(3000, dtype=np.float32)
+    release(memory, view)
+    np.testing.assert_array_equal(view, np.zeros(3000, np.float32))
+    view[::7] = 1.5  # written again after the release: the values are the new ones
+    assert view.sum() == pytest.approx(1.5 * len(range(0, 3000, 7)))
+    cost = refault_cost(1 << 22, repeat=3)
+    assert np.isfinite(cost) and cost >= 0.0

@@ -22,8 +22,9 @@ prediction / measured − 1.
 
 The prediction: ``simulate`` replays the stage's own scheduler on an α–β link fitted to
 blocking all-reduces of 4 KiB and 16 MiB on the same group (as ``dist.py``), with the
-measured cost of copying a byte (``moecore.train.plan.copy_cost``), from each rank's own
-profile; the largest of the ranks' predictions is the step's (the slowest rank sets it).
+measured cost of copying a byte (``moecore.train.plan.copy_cost``) and, for stage 3, of
+faulting back a released one (``moecore.distributed.zero.memory.refault_cost``), from each
+rank's own profile; the largest of the ranks' predictions is the step's (the slowest rank sets it).
 It assumes operations progress while compute runs; ``--progress thread`` runs
 the wrappers with their polling thread, which does that, and ``hooks`` (the trainer's
 default) progresses MPI only at gradient hooks and waits.
@@ -86,9 +87,12 @@ def _unit_forward_times(model, x, y, repeat: int = 3) -> list[float]:
 
 def _predict(wrapper, stage: int, profile, units_fwd, link) -> float:
     from moecore.comm import CostModel, simulate
+    from moecore.distributed.zero.memory import refault_cost
     from moecore.train.plan import copy_cost
 
-    cost = CostModel(intra=link, inter=link, copy_s_per_byte=copy_cost())
+    cost = CostModel(
+        intra=link, inter=link, copy_s_per_byte=copy_cost(), fault_s_per_byte=refault_cost()
+    )
     units = ()
     if stage == 3:
         units = [(u.params, fwd) for u, fwd in zip(wrapper.sharded.units, units_fwd)]

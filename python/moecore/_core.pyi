@@ -348,6 +348,7 @@ def comm_simulate(
     compress_s_per_elem: float = 0.0,
     decode_s_per_entry: float = 0.0,
     copy_s_per_byte: float = 0.0,
+    fault_s_per_byte: float = 0.0,
     zero: int = 0,
     units: Sequence[tuple[Sequence[int], float]] = ...,
 ) -> dict[str, Any]: ...

@@ -246,8 +246,10 @@ class Link:
 class CostModel:
     """Two-level topology (``ranks_per_node`` consecutive ranks share a node) and the work
     each rank does for the communication: seconds per element to compress, per received
-    entry to decode, per byte to copy gradients into an all-reduce's buffer. That work runs
-    on the rank's compute timeline (see :func:`simulate`)."""
+    entry to decode, per byte to copy gradients into an all-reduce's buffer, and per byte
+    to fault back the released pages ZeRO stage 3 gathers into (beyond writing resident
+    memory; :func:`moecore.distributed.zero.memory.refault_cost` measures it). That work
+    runs on the rank's compute timeline (see :func:`simulate`)."""
 
     ranks_per_node: int = 1
     intra: Link = Link(5e-6, 100.0)
@@ -256,6 +258,7 @@ class CostModel:
     compress_s_per_elem: float = 0.0
     decode_s_per_entry: float = 0.0
     copy_s_per_byte: float = 0.0
+    fault_s_per_byte: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,9 @@ def simulate(
     unit in forward order, the root (embeddings, head: what is outside the blocks) first,
     every gradient in one unit — their forward times replace ``profile.forward_s``. Each
     unit is gathered before its forward and again before its backward, the next unit's
-    gather launched as one starts (FSDP's prefetch); no all-gather at the end.
+    gather launched as one starts (FSDP's prefetch), straight into its parameters' released
+    pages: no unpacking, but ``cost.fault_s_per_byte`` for each byte when the rank waits for
+    it; no all-gather at the end.
 
     Returns ``step_s``, ``compute_s``, ``exposed_s`` (step minus compute), ``comm_s`` (sum
     of operation times), ``ops`` and ``compressed_buckets``."""
@@ -314,6 +319,7 @@ def simulate(
             compress_s_per_elem=cost.compress_s_per_elem,
             decode_s_per_entry=cost.decode_s_per_entry,
             copy_s_per_byte=cost.copy_s_per_byte,
+            fault_s_per_byte=cost.fault_s_per_byte,
             zero=zero,
             units=[(list(grads), float(fwd)) for grads, fwd in units],
         )

@@ -17,7 +17,8 @@
 //! ring all-reduce on the link; each rank adds its received part into its shard), the
 //! optimizer updates 1/P of the elements, and stages 1–2 end with an all-gather of every
 //! bucket's parameters. Stage 3 keeps no all-gather at the end but gathers each unit (a
-//! block) before its forward and again before its backward, the next unit's gather
+//! block) straight into its parameters' released pages (faulting them back, not unpacking)
+//! before its forward and again before its backward, the next unit's gather
 //! launched when the current one starts (FSDP's prefetch); the root unit (embeddings, head)
 //! is gathered first in forward and first in backward, behind the last block's prefetch.
 //! Its buckets are the first step's (ZeRO cuts its shards from them and never rebuilds).
@@ -51,6 +52,10 @@ pub struct CostModel {
     pub decode_s_per_entry: f64,
     /// Seconds per byte to copy gradients into an all-reduce's buffer.
     pub copy_s_per_byte: f64,
+    /// Seconds per byte that writing into memory released after its last use costs beyond
+    /// writing into resident memory (page faults, the kernel's zeroing): ZeRO stage 3
+    /// gathers each unit straight into its parameters' pages, released after each use.
+    pub fault_s_per_byte: f64,
 }
 
 /// The compute of one step, from a profile or given.
@@ -289,6 +294,7 @@ pub fn simulate_sharded(
         ("compress_s_per_elem", model.compress_s_per_elem),
         ("decode_s_per_entry", model.decode_s_per_entry),
         ("copy_s_per_byte", model.copy_s_per_byte),
+        ("fault_s_per_byte", model.fault_s_per_byte),
     ];
     if let Some((name, v)) = per_unit.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
         return Err(CommError::BadConfig(format!(
@@ -344,7 +350,12 @@ pub fn simulate_sharded(
                          wire: &mut Wire,
                          gather: &mut Vec<Option<(f64, f64)>>| {
         if u < units.len() && gather[u].is_none() {
-            let c = half_ring_cost(model, unit_bytes[u], world, true);
+            // Received straight into the parameters: no unpacking, but their pages fault
+            // back in as the bytes arrive (paid by the rank when it waits).
+            let c = OpCost {
+                after_s: model.fault_s_per_byte * unit_bytes[u],
+                ..half_ring_cost(model, unit_bytes[u], world, true)
+            };
             gather[u] = Some(wire.launch(c, t, res));
         }
     };
@@ -474,6 +485,7 @@ mod tests {
             compress_s_per_elem: 0.0,
             decode_s_per_entry: 0.0,
             copy_s_per_byte: 0.0,
+            fault_s_per_byte: 0.0,
         }
     }
 

@@ -38,6 +38,7 @@ fn setup() -> (Vec<GradInfo>, SchedulerConfig, CostModel, StepProfile) {
         compress_s_per_elem: 0.0,
         decode_s_per_entry: 0.0,
         copy_s_per_byte: 0.0,
+        fault_s_per_byte: 0.0,
     };
     let profile = StepProfile {
         forward_s: 0.5,
@@ -109,6 +110,33 @@ fn stage_three_prefetches_by_hand() {
     assert!(close(r.step_s, 0.575), "{r:?}");
     assert!(close(r.compute_s, 0.4 + 0.04 + 0.125), "{r:?}");
     assert_eq!(r.ops, 4 + 4 + 4);
+}
+
+#[test]
+fn stage_three_pays_the_refaults_at_each_wait() {
+    let (g, cfg, mut m, p) = setup();
+    m.intra.bytes_per_s = 1e18;
+    m.inter.bytes_per_s = 1e18;
+    m.copy_s_per_byte = 0.0;
+    let units: Vec<Unit> = (0..4)
+        .map(|u| Unit {
+            grads: vec![u],
+            forward_s: 0.1,
+        })
+        .collect();
+    let sharding = Sharding { stage: 3, units };
+    let free = simulate_sharded(&g, cfg, &m, &p, &sharding).unwrap();
+    assert!(close(free.step_s, 0.4 + 0.04 + 0.125), "{free:?}");
+    // 4 ms to fault back each unit's 4000 bytes, paid when the rank waits for its gather:
+    // every unit once in forward and once in backward, nothing hides it.
+    m.fault_s_per_byte = 1e-6;
+    let r = simulate_sharded(&g, cfg, &m, &p, &sharding).unwrap();
+    assert!(close(r.step_s, free.step_s + 8.0 * 0.004), "{r:?}");
+    // Stages 1–2 gather into buffers they unpack: no refaults there.
+    let r2 = simulate_sharded(&g, cfg, &m, &p, &stage(2)).unwrap();
+    m.fault_s_per_byte = 0.0;
+    let r2_free = simulate_sharded(&g, cfg, &m, &p, &stage(2)).unwrap();
+    assert!(close(r2.step_s, r2_free.step_s), "{r2:?}");
 }
 
 #[test]

@@ -221,7 +221,7 @@ impl PyScheduler {
 #[pyo3(signature = (scheduler, *, forward_s, ready_order, backward_s, optimizer_s,
     ranks_per_node, intra_latency_s, intra_bytes_per_s, inter_latency_s, inter_bytes_per_s,
     hierarchical=false, compress_s_per_elem=0.0, decode_s_per_entry=0.0, copy_s_per_byte=0.0,
-    zero=0, units=Vec::new()))]
+    fault_s_per_byte=0.0, zero=0, units=Vec::new()))]
 pub fn comm_simulate<'py>(
     py: Python<'py>,
     scheduler: PyRef<'py, PyScheduler>,
@@ -238,6 +238,7 @@ pub fn comm_simulate<'py>(
     compress_s_per_elem: f64,
     decode_s_per_entry: f64,
     copy_s_per_byte: f64,
+    fault_s_per_byte: f64,
     zero: i128,
     units: Vec<(Vec<usize>, f64)>,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -265,6 +266,7 @@ pub fn comm_simulate<'py>(
         compress_s_per_elem,
         decode_s_per_entry,
         copy_s_per_byte,
+        fault_s_per_byte,
     };
     let profile = StepProfile {
         forward_s,

@@ -12,10 +12,11 @@ parameters is no unit of it, and its root may be empty (it still marks where for
 backward begin). The two hook each block's ``forward`` through
 :func:`moecore.distributed.zero.forward_hooks.add_forward_hook`, removable in any order.
 
-Each parameter's whole array lives in the unit's anonymous private mapping: freeing it is
-``madvise(MADV_DONTNEED)``, which returns the pages to the system while the arrays (which
-the autograd graph saved for backward) keep their identity; the gather before backward
-writes the values back into them. The truth between steps is this
+Each parameter's whole array lives in the unit's anonymous private mapping
+(:mod:`moecore.distributed.zero.memory`), laid out in the order of the buckets' elements so
+that each gather receives straight into it: freeing it is ``madvise(MADV_DONTNEED)``, which
+returns the pages to the system while the arrays (which the autograd graph saved for
+backward) keep their identity; the gather before backward writes the values back into them. The truth between steps is this
 rank's part of every bucket (:attr:`ShardedParams.shards`), which the optimizer updates.
 
 The gathers go over their own communicator (a duplicate of the group): the gradients'
@@ -27,7 +28,6 @@ communicator. The gathers themselves follow the modules' order, the same on ever
 from __future__ import annotations
 
 import contextlib
-import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ from moecore.autograd.grad_mode import is_grad_enabled
 from moecore.autograd.tensor import Tensor
 from moecore.distributed.group import Request
 from moecore.distributed.zero.forward_hooks import add_forward_hook
+from moecore.distributed.zero.memory import anonymous, release
 from moecore.distributed.zero.shards import reduce_scatter_counts
 from moecore.errors import UnusedParameters
 
@@ -53,12 +54,13 @@ class _Unit:
     label: str
     module: Any
     params: list[int]
-    #: (bucket, lo, hi): runs of the unit's consecutive elements in the buckets.
-    ranges: list[tuple[int, int, int]] = field(default_factory=list)
+    #: (bucket, lo, hi, at): runs of the unit's consecutive elements in the buckets, each
+    #: at ``flat[at : at + hi - lo]``.
+    ranges: list[tuple[int, int, int, int]] = field(default_factory=list)
     memory: Any = None
     flat: Any = None
     gathered: bool = False
-    pending: list[tuple[Request, np.ndarray, int, int]] = field(default_factory=list)
+    pending: list[Request] = field(default_factory=list)
     ran: bool = False
     ready: set[int] = field(default_factory=set)
 
@@ -92,23 +94,6 @@ def units(model: Any, index: dict[int, int]) -> list[tuple[str, Any, list[int]]]
 
 
 _EMPTY = np.zeros(0, dtype=np.float32)
-
-
-def _anonymous(nbytes: int) -> tuple[Any, np.ndarray]:
-    """A private anonymous mapping (pages released by :func:`_release`) and a float32
-    view of it."""
-    size = max(nbytes, 1)
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    memory = mmap.mmap(-1, size, flags=flags) if flags else bytearray(size)
-    return memory, np.frombuffer(memory, dtype=np.uint8)[:nbytes].view(np.float32)
-
-
-def _release(memory: Any, view: np.ndarray) -> None:
-    advise = getattr(memory, "madvise", None)
-    if advise is not None and hasattr(mmap, "MADV_DONTNEED"):
-        advise(mmap.MADV_DONTNEED)
-    else:  # no madvise here: at least the values are gone
-        view.fill(0.0)
 
 
 class ShardedParams:
@@ -150,27 +135,29 @@ class ShardedParams:
     # --- layout ---------------------------------------------------------------------------
 
     def _place(self, unit: _Unit) -> None:
-        """Moves the unit's parameters into one mapping and finds its bucket ranges."""
-        params = [self.zero.params[g] for g in unit.params]
-        total = sum(p.data.size for p in params)
-        unit.memory, flat = _anonymous(4 * total)
+        """Moves the unit's parameters into one mapping, in the order of their elements in
+        the buckets, and finds its bucket ranges: each range is then one slice of the
+        mapping, which its gather receives into (no receive buffer, no copy after)."""
+        order = sorted(unit.params, key=lambda g: self.zero._where[g])
+        total = sum(self.zero.params[g].data.size for g in order)
+        unit.memory, flat = anonymous(4 * total)
         at = 0
-        for p in params:
-            n = p.data.size
+        # Runs of consecutive elements (the root's parameters come before and after the
+        # blocks'): one gather each, into flat[at : at + hi - lo].
+        runs: list[list[int]] = []
+        for g in order:
+            p = self.zero.params[g]
+            bi, off, n = self.zero._where[g]
             view = flat[at : at + n].reshape(p.data.shape)
             view[...] = p.data
             p.data = view
-            at += n
-        unit.flat = flat
-        # Runs of consecutive elements (the root's parameters come before and after the
-        # blocks'): one gather each.
-        runs: list[list[int]] = []
-        for bi, off, n in sorted(self.zero._where[g] for g in unit.params):
             if runs and runs[-1][0] == bi and runs[-1][2] == off:
                 runs[-1][2] = off + n
             else:
-                runs.append([bi, off, off + n])
-        unit.ranges = [(bi, lo, hi) for bi, lo, hi in runs]
+                runs.append([bi, off, off + n, at])
+            at += n
+        unit.flat = flat
+        unit.ranges = [(bi, lo, hi, at) for bi, lo, hi, at in runs]
 
     def state_bytes(self) -> int:
         """Bytes of parameters this rank holds at rest (its parts)."""
@@ -183,7 +170,7 @@ class ShardedParams:
         if unit.gathered or unit.pending:
             return
         world = self.comm.size
-        for bi, lo, hi in unit.ranges:
+        for bi, lo, hi, at in unit.ranges:
             numel = self.zero.buckets[bi].numel
             counts = reduce_scatter_counts(numel, lo, hi, world)
             own_lo, own_hi = self.zero.owned[bi]
@@ -191,27 +178,23 @@ class ShardedParams:
             # This rank's piece of the range (the shards split each bucket, not the unit:
             # pieces differ in length, and an equal-slot all-gather would send padding).
             send = self.shards[bi][a - own_lo : e - own_lo] if a < e else _EMPTY
-            recv = np.empty(hi - lo, dtype=np.float32)
+            # Received straight into the parameters (their pages come back as MPI writes).
+            recv = unit.flat[at : at + hi - lo]
             req = self.comm.iallgather_counts(send, recv, counts)
             # The wrapper's driver progresses it with the gradients' operations (at the
             # hooks, or on the polling thread while this rank computes): MPI moves no
             # bytes otherwise, and a prefetch would only start when it is waited for.
             self.zero._driver.add(req)
-            unit.pending.append((req, recv, bi, lo))
+            unit.pending.append(req)
 
     def _complete(self, u: int) -> None:
         unit = self.units[u]
         if unit.gathered:
             return
         self._launch(u)
-        for req, flat, bi, lo in unit.pending:
+        for req in unit.pending:
             with self.comm.watch(f"ZeRO stage 3: gather of {unit.label}", self.zero.timeout):
                 self.zero._driver.wait(req)
-            hi = lo + flat.size
-            for g in unit.params:
-                b, off, n = self.zero._where[g]
-                if b == bi and lo <= off < hi:
-                    self.zero.params[g].data.reshape(-1)[...] = flat[off - lo : off - lo + n]
         unit.pending = []
         unit.gathered = True
 
@@ -220,7 +203,7 @@ class ShardedParams:
         if unit.pending:  # a prefetch nobody used: complete it, MPI needs its buffers
             self._complete(u)
         if unit.gathered:
-            _release(unit.memory, unit.flat)
+            release(unit.memory, unit.flat)
             unit.gathered = False
 
     def _free_all(self) -> None:
