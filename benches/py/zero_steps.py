@@ -13,10 +13,11 @@ and beside each an unwrapped twin (same seed) that is only profiled. In each of 
 rounds, for every stage in turn, it profiles the twin (forward, each gradient's ready time,
 the optimizer; for stage 3 also each block's forward), then times ``--steps`` steps of the
 wrapped model (2 warm-up steps first), each from a barrier to the end of the optimizer
-(stages 1–2 include the all-gather of the parameters, stage 3 its gathers). The profile is
-taken in the same round as the steps it predicts: the speed of this shared 2-vCPU machine
-drifts by 10–35 % over minutes, and a profile taken once at the start compared a slow
-phase's steps with a fast phase's compute. Measured: the median over all steps of rank 0;
+(stages 1–2 include the all-gather of the parameters, stage 3 its gathers), then profiles
+the twin again; the round's prediction is the mean of the two profiles'. The profiles are
+taken in the same round as the steps they predict, on both sides of them: the speed of
+this shared 2-vCPU machine drifts by 10–35 % over minutes, and a profile taken once at the
+start compared a slow phase's steps with a fast phase's compute. Measured: the median over all steps of rank 0;
 predicted: the median of the rounds' predictions; the error: the median of the rounds'
 prediction / measured − 1.
 
@@ -136,15 +137,24 @@ def worker(args: argparse.Namespace) -> None:
         for v in [(r + j) % len(runs) for j in range(len(runs))]:
             run = runs[v]
             twin, twin_opt = run["twin"]
-            x, y = _batch(run["cfg"], 0, rows, group.rank)
-            profile = profile_step(twin, x, y, twin_opt, repeat=args.profile_repeat)
-            units_fwd = (
-                _unit_forward_times(twin, x, y, args.profile_repeat) if run["stage"] == 3 else []
-            )
-            mine = _predict(run["wrapper"], run["stage"], profile, units_fwd, link)
-            # A synchronous step lasts as long as its slowest rank's: each rank predicts from
-            # its own profile, the step is the largest prediction.
-            predicted = float(group.allreduce(np.array([mine]), op="max")[0])
+
+            def predict(run=run, twin=twin, twin_opt=twin_opt) -> tuple[float, float]:
+                """(prediction, profiled compute) from a profile of the twin taken now."""
+                x, y = _batch(run["cfg"], 0, rows, group.rank)
+                group.barrier()
+                profile = profile_step(twin, x, y, twin_opt, repeat=args.profile_repeat)
+                units_fwd = (
+                    _unit_forward_times(twin, x, y, args.profile_repeat)
+                    if run["stage"] == 3
+                    else []
+                )
+                mine = _predict(run["wrapper"], run["stage"], profile, units_fwd, link)
+                # A synchronous step lasts as long as its slowest rank's: each rank predicts
+                # from its own profile, the step is the largest prediction.
+                top = float(group.allreduce(np.array([mine]), op="max")[0])
+                return top, profile.forward_s + sum(profile.backward_s) + profile.optimizer_s
+
+            before = predict()
             steps = []
             for _ in range((2 if r == 0 else 0) + args.steps):
                 step, done[v] = done[v], done[v] + 1
@@ -161,14 +171,16 @@ def worker(args: argparse.Namespace) -> None:
                 t3 = time.perf_counter()
                 if step >= 2:
                     steps.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
+            after = predict()
             run["times"] += steps
             run["rounds"].append(
                 {
-                    "predicted_s": predicted,
+                    # The profiles bracket the steps: their mean cancels a drift in speed
+                    # within the round.
+                    "predicted_s": (before[0] + after[0]) / 2,
+                    "predicted_before_after_s": [before[0], after[0]],
                     "step_s": float(np.median([t[0] for t in steps])),
-                    "profile_compute_s": profile.forward_s
-                    + sum(profile.backward_s)
-                    + profile.optimizer_s,
+                    "profile_compute_s": (before[1] + after[1]) / 2,
                 }
             )
     out = []
