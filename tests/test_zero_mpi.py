@@ -258,6 +258,14 @@ def test_stage3_gathers_per_block_with_prefetch_and_frees(tmp_path, corpus, n):
     _worker(n, "stage3", corpus, tmp_path)
 
 
+def test_an_error_in_forward_with_a_gather_in_flight_ends_the_process_cleanly(tmp_path, corpus):
+    """Every rank raises in a block's forward while the next block's gather is in flight,
+    then exits: MPI may still deliver into that gather's buffer (the block's parameter
+    memory) inside MPI_Finalize, after Python freed everything — Open MPI did, and the
+    ranks died of a segmentation fault. The buffers of operations in flight outlive it."""
+    _worker(2, "stage3_error", corpus, tmp_path)
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_two_stage3_zeros_hook_the_same_blocks_and_refuse_unused_ones(tmp_path, corpus, n):
     """Two stage-3 ZeROs over parts of one model (as the replicated parameters and the

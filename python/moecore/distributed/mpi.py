@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from moecore.distributed import in_flight
 from moecore.distributed.group import (
     DEFAULT_TIMEOUT,
     Group,
@@ -59,7 +60,7 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
 
 
 class _MPIRequest(Request):
-    """An MPI request; ``keep`` holds the buffers alive while MPI may still touch them."""
+    """An MPI request; ``keep``: the buffers, held alive while MPI may still touch them."""
 
     def __init__(
         self,
@@ -72,11 +73,13 @@ class _MPIRequest(Request):
         super().__init__(on_done)
         self._group, self._what = group, what
         self._req = req
-        self._keep: tuple[Any, ...] | None = keep
+        # Held outside the request too: a request dropped (or left behind by an error)
+        # before it completed must not free what MPI may still write (in_flight.py).
+        in_flight.hold(self, (req, *keep))
 
     def test(self) -> bool:
         if not self._done and self._req.Test():
-            self._keep = None
+            in_flight.release(self)
             self._complete()
         return self._done
 
@@ -84,7 +87,7 @@ class _MPIRequest(Request):
         if not self._done:
             with self._group.watch(f"waiting for {self._what}"):
                 self._req.Wait()
-            self._keep = None
+            in_flight.release(self)
             self._complete()
 
 

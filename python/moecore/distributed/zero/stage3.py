@@ -278,6 +278,11 @@ class ShardedParams:
     def _check_all_ran(self) -> None:
         idle = [unit for unit in self.units if not unit.ran]
         if idle:
+            # Every rank refuses here alike: finish the gathers the forward prefetched (a
+            # skipped block's) so that none is left in flight behind the error.
+            for u in range(len(self.units)):
+                if self.units[u].pending:
+                    self._free(u)
             names = [self.zero.names[g] for unit in idle for g in unit.params]
             raise UnusedParameters(
                 f"ZeRO stage 3: modules {[unit.label for unit in idle]} took no part in "
