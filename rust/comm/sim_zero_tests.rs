@@ -88,18 +88,22 @@ fn stage_two_pays_the_copies_on_the_compute_timeline() {
     assert!(close(r.step_s, want), "{r:?} vs {want}");
 }
 
-#[test]
-fn stage_three_prefetches_by_hand() {
-    let (g, cfg, m, p) = setup();
-    // Units: the root holds gradient 0, blocks 1–3 one gradient each; 0.1 s forward each.
+/// Stage 3 over 4 units: the root holds gradient 0, blocks 1–3 one gradient each; 0.1 s
+/// forward each.
+fn four_units() -> Sharding {
     let units = (0..4)
         .map(|u| Unit {
             grads: vec![u],
             forward_s: 0.1,
         })
         .collect();
-    let sharding = Sharding { stage: 3, units };
-    let r = simulate_sharded(&g, cfg, &m, &p, &sharding).unwrap();
+    Sharding { stage: 3, units }
+}
+
+#[test]
+fn stage_three_prefetches_by_hand() {
+    let (g, cfg, m, p) = setup();
+    let r = simulate_sharded(&g, cfg, &m, &p, &four_units()).unwrap();
     // Forward: the root's gather (2 ms) is exposed; block 1's (launched behind it) is
     // waited for at 4 ms; every later gather hides behind the block before: 0.004 + 0.4.
     // Backward from 0.404: block 3's prefetch then the root's gather, waited for (0.408);
@@ -118,13 +122,7 @@ fn stage_three_pays_the_refaults_at_each_wait() {
     m.intra.bytes_per_s = 1e18;
     m.inter.bytes_per_s = 1e18;
     m.copy_s_per_byte = 0.0;
-    let units: Vec<Unit> = (0..4)
-        .map(|u| Unit {
-            grads: vec![u],
-            forward_s: 0.1,
-        })
-        .collect();
-    let sharding = Sharding { stage: 3, units };
+    let sharding = four_units();
     let free = simulate_sharded(&g, cfg, &m, &p, &sharding).unwrap();
     assert!(close(free.step_s, 0.4 + 0.04 + 0.125), "{free:?}");
     // 4 ms to fault back each unit's 4000 bytes, paid when the rank waits for its gather:
