@@ -279,3 +279,10 @@ def test_released_memory_reads_zero_and_refaulting_costs_are_measured():
     assert view.sum() == pytest.approx(1.5 * len(range(0, 3000, 7)))
     cost = refault_cost(1 << 22, repeat=3)
     assert np.isfinite(cost) and cost >= 0.0
+    for bad in (-4, 6, 2.0, True):
+        with pytest.raises(ValueError, match="nbytes must be a non-negative int, a multiple of 4"):
+            anonymous(bad)
+    with pytest.raises(ValueError, match="nbytes must be > 0"):
+        refault_cost(0)
+    with pytest.raises(ValueError, match="repeat must be an int >= 1"):
+        refault_cost(4096, repeat=0)

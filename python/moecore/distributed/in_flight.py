@@ -17,7 +17,7 @@ import atexit
 import ctypes
 from typing import Any
 
-__all__ = ["hold", "in_flight", "release"]
+__all__ = ["count", "hold", "release"]
 
 # id(request) -> (request, its buffers): the request is held too, so that its id is not
 # reused by another while it is here.
@@ -39,7 +39,7 @@ def release(owner: object) -> None:
     _HELD.pop(id(owner), None)
 
 
-def in_flight() -> int:
+def count() -> int:
     """How many operations still hold buffers."""
     return len(_HELD)
 

@@ -16,8 +16,9 @@ Each parameter's whole array lives in the unit's anonymous private mapping
 (:mod:`moecore.distributed.zero.memory`), laid out in the order of the buckets' elements so
 that each gather receives straight into it: freeing it is ``madvise(MADV_DONTNEED)``, which
 returns the pages to the system while the arrays (which the autograd graph saved for
-backward) keep their identity; the gather before backward writes the values back into them. The truth between steps is this
-rank's part of every bucket (:attr:`ShardedParams.shards`), which the optimizer updates.
+backward) keep their identity; the gather before backward writes the values back into
+them. The truth between steps is this rank's part of every bucket
+(:attr:`ShardedParams.shards`), which the optimizer updates.
 
 The gathers go over their own communicator (a duplicate of the group): the gradients'
 reduce-scatters are issued when buckets complete, which may differ between ranks (an
