@@ -70,7 +70,9 @@ if __name__ == "__main__":
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    try:
-        {"equal": equal, "train": train}[mode](rank, out)
-    finally:
-        dist.destroy_process_group()
+    {"equal": equal, "train": train}[mode](rank, out)
+    # Both ranks done before either tears gloo down: a rank that destroyed the group while
+    # its peer was still finishing once died in gloo's teardown ("terminate called without
+    # an active exception", exit -6) after writing its results.
+    dist.barrier()
+    dist.destroy_process_group()
